@@ -1,0 +1,23 @@
+//! Compiles `sluice/v1/*.proto` with protox (pure Rust, no system `protoc`)
+//! and generates prost messages and tonic services from the descriptor set.
+//! The descriptor set is also written to OUT_DIR for gRPC server reflection.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const PROTOS: &[&str] = &["sluice/v1/connector.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["."])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("sluice_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}
