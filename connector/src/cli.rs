@@ -1,0 +1,570 @@
+//! The `sluice` command line: the daemon (`serve`), a client (`query`,
+//! `tables`, `whoami`), and tools (`init`, `certs`, `config`).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use datafusion::arrow::array::{Array, BinaryArray, StringArray};
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+
+use crate::client::{Connection, TlsFiles};
+use crate::config::{self, Config, LogFormat};
+use crate::pki::{self, Authority, ClientIdentity, Validity};
+use crate::state::{DEFAULT_IDENTITY, StateDir};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A privacy-preserving data-space connector: partners query your data over Arrow Flight SQL with mTLS; the data never leaves.",
+    after_help = "Start the demo with `sluice serve`, then in another terminal: sluice query \"SELECT count(*) FROM trips\""
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the connector (the demo when no --config is given).
+    Serve(ServeArgs),
+    /// Create the state directory (development PKI and demo datasets) and exit.
+    Init {
+        /// State directory to prepare.
+        #[arg(long, env = "SLUICE_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Run a SQL query against a connector and print the result.
+    Query(QueryArgs),
+    /// List the tables a connector serves, with their columns.
+    Tables(ConnArgs),
+    /// Show the principal a connector derives from your client certificate.
+    Whoami(ConnArgs),
+    /// Create a certificate authority and issue server and client certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Print or check configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML). Without it, the embedded demo configuration is used.
+    #[arg(long, short = 'c', env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:50051 (port 0 picks a free port). Overrides server.listen.
+    #[arg(long)]
+    listen: Option<String>,
+    /// State directory (development PKI, demo data). Overrides server.state_dir.
+    #[arg(long, env = "SLUICE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Prometheus endpoint address, or `off`. Overrides metrics.listen.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Log format. Overrides log.format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `sluice=debug`. Overrides log.level; RUST_LOG overrides both.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct ConnArgs {
+    /// Connector endpoint.
+    #[arg(
+        long,
+        env = "SLUICE_ENDPOINT",
+        default_value = "grpc+tls://127.0.0.1:50051"
+    )]
+    endpoint: String,
+    /// State directory whose development PKI supplies --ca/--cert/--key by default.
+    #[arg(long, env = "SLUICE_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Demo identity in <state-dir>/pki to use: `planning` or `supplier`.
+    #[arg(long, default_value = DEFAULT_IDENTITY)]
+    identity: String,
+    /// CA certificate that signed the server's certificate (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Server name to verify the server certificate against (default: the endpoint's host).
+    #[arg(long)]
+    tls_domain: Option<String>,
+}
+
+impl ConnArgs {
+    fn tls_files(&self) -> TlsFiles {
+        let demo = TlsFiles::from_state_dir(&self.state_dir, &self.identity);
+        TlsFiles {
+            ca: self.ca.clone().unwrap_or(demo.ca),
+            cert: self.cert.clone().unwrap_or(demo.cert),
+            key: self.key.clone().unwrap_or(demo.key),
+            domain: self.tls_domain.clone(),
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection> {
+        Connection::connect(&self.endpoint, &self.tls_files()).await
+    }
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value = "table")]
+    format: OutputFormat,
+    /// The SQL query; `-` reads it from standard input.
+    sql: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header row.
+    Csv,
+    /// A JSON array of objects.
+    Json,
+    /// An Arrow IPC stream (binary).
+    Arrow,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a certificate authority: DIR/ca.pem and DIR/ca.key.
+    Ca {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Common name of the CA.
+        #[arg(long, default_value = "Sluice CA")]
+        name: String,
+        /// Organization of the CA.
+        #[arg(long)]
+        org: Option<String>,
+        #[command(flatten)]
+        validity: ValidityArgs,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a server certificate signed by DIR/ca.pem: DIR/NAME.pem and DIR/NAME.key.
+    Server {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        #[arg(long, default_value = "server")]
+        name: String,
+        /// DNS names the server answers to (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// IP addresses the server answers on (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        #[command(flatten)]
+        validity: ValidityArgs,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a client certificate signed by DIR/ca.pem: DIR/NAME.pem and DIR/NAME.key.
+    Client {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// File stem of the certificate and key.
+        #[arg(long)]
+        name: String,
+        /// Subject common name (default: NAME).
+        #[arg(long)]
+        cn: Option<String>,
+        /// Subject organization: the organization budgets and quotas are kept for.
+        #[arg(long)]
+        org: Option<String>,
+        /// SAN URI identifying the principal, e.g. spiffe://city.example/org/planning (repeatable; the first is the principal id).
+        #[arg(long = "uri")]
+        uris: Vec<String>,
+        #[command(flatten)]
+        validity: ValidityArgs,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+struct ValidityArgs {
+    /// Validity in days from now.
+    #[arg(long)]
+    days: Option<i64>,
+    /// Start of validity (YYYY-MM-DD, UTC); overrides --days.
+    #[arg(long)]
+    not_before: Option<String>,
+    /// End of validity (YYYY-MM-DD, UTC); overrides --days.
+    #[arg(long)]
+    not_after: Option<String>,
+}
+
+impl ValidityArgs {
+    fn resolve(&self, default_days: i64) -> Result<Validity> {
+        let mut v = Validity::days_from_now(self.days.unwrap_or(default_days));
+        if let Some(d) = &self.not_before {
+            v.not_before = parse_date(d).context("--not-before")?;
+        }
+        if let Some(d) = &self.not_after {
+            v.not_after = parse_date(d).context("--not-after")?;
+        }
+        if v.not_after <= v.not_before {
+            bail!("the certificate would end before it starts");
+        }
+        Ok(v)
+    }
+}
+
+fn parse_date(s: &str) -> Result<time::OffsetDateTime> {
+    let parts: Vec<&str> = s.split('-').collect();
+    let bad = || anyhow::anyhow!("`{s}` is not a date: write YYYY-MM-DD");
+    let [y, m, d] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let month = time::Month::try_from(m.parse::<u8>().map_err(|_| bad())?).map_err(|_| bad())?;
+    let date = time::Date::from_calendar_date(
+        y.parse().map_err(|_| bad())?,
+        month,
+        d.parse().map_err(|_| bad())?,
+    )
+    .map_err(|_| bad())?;
+    Ok(date.midnight().assume_utc())
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the embedded demo configuration (a starting point for your own).
+    Example,
+    /// Validate a configuration file, including that its paths exist.
+    Check { file: PathBuf },
+}
+
+/// Entry point of the `sluice` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve(args) => serve(args),
+        Command::Init { state_dir } => {
+            let state = StateDir::new(config::absolute(&state_dir));
+            report_created(&state.prepare(true)?);
+            println!("state directory ready: {}", state.root().display());
+            Ok(())
+        }
+        Command::Query(args) => client_runtime()?.block_on(query(args)),
+        Command::Tables(args) => client_runtime()?.block_on(tables(args)),
+        Command::Whoami(args) => client_runtime()?.block_on(whoami(args)),
+        Command::Certs(cmd) => certs(cmd),
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", Config::embedded_default_text());
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let cfg = Config::load(&file)?;
+            cfg.check_paths()?;
+            println!(
+                "{}: valid ({} dataset(s), listen {})",
+                file.display(),
+                cfg.datasets.len(),
+                cfg.server.listen
+            );
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded_default(
+            args.state_dir
+                .as_deref()
+                .unwrap_or(Path::new(config::DEFAULT_STATE_DIR)),
+        ),
+    };
+    if let Some(dir) = &args.state_dir {
+        cfg.server.state_dir = config::absolute(dir);
+    }
+    if let Some(listen) = &args.listen {
+        cfg.server.listen =
+            config::parse_addr(listen).map_err(|r| anyhow::anyhow!("--listen: {r}"))?;
+    }
+    if let Some(m) = &args.metrics_listen {
+        cfg.metrics.listen = match m.as_str() {
+            "off" => None,
+            addr => Some(
+                config::parse_addr(addr).map_err(|r| anyhow::anyhow!("--metrics-listen: {r}"))?,
+            ),
+        };
+    }
+    if let Some(format) = args.log_format {
+        cfg.log.format = format;
+    }
+    if let Some(level) = &args.log_level {
+        cfg.log.level = level.clone();
+    }
+    crate::telemetry::init(cfg.log.format, &cfg.log.level);
+
+    let demo = matches!(cfg.source, config::Source::Embedded);
+    if demo || cfg.tls.is_none() {
+        let state = StateDir::new(&cfg.server.state_dir);
+        report_created(&state.prepare(demo)?);
+    }
+
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let query_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("sluice-query")
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()?;
+    // Planning runs on these threads. SQL parsing and DataFusion planning
+    // are iterative or heap-grown for deep inputs, but dropping and printing
+    // a deep expression tree recurse natively; a generous (lazily committed)
+    // stack lets `query::plan::check_depth` refuse such a query instead of
+    // the thread overflowing while it does.
+    let io_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(2))
+        .thread_name("sluice-io")
+        .thread_stack_size(256 << 20)
+        .enable_all()
+        .build()?;
+    let result = io_runtime.block_on(crate::server::serve(cfg, query_runtime.handle().clone()));
+    query_runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    io_runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+fn report_created(created: &[String]) {
+    if created.is_empty() {
+        return;
+    }
+    eprintln!("first start: created");
+    for line in created {
+        eprintln!("  {line}");
+    }
+}
+
+fn client_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn query(args: QueryArgs) -> Result<()> {
+    let sql = if args.sql == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading SQL from standard input")?
+    } else {
+        args.sql.clone()
+    };
+    let mut conn = args.conn.connect().await?;
+    let (schema, batches) = conn.query_stream(&sql).await?;
+    let mut batches = std::pin::pin!(batches);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match args.format {
+        OutputFormat::Table => {
+            let all: Vec<RecordBatch> = batches.try_collect().await?;
+            let rows: usize = all.iter().map(RecordBatch::num_rows).sum();
+            if all.is_empty() {
+                let empty = RecordBatch::new_empty(schema);
+                writeln!(
+                    out,
+                    "{}",
+                    datafusion::arrow::util::pretty::pretty_format_batches(&[empty])?
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "{}",
+                    datafusion::arrow::util::pretty::pretty_format_batches(&all)?
+                )?;
+            }
+            writeln!(out, "{rows} row(s)")?;
+        }
+        OutputFormat::Csv => {
+            let mut writer = datafusion::arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            let mut wrote = false;
+            while let Some(batch) = batches.try_next().await? {
+                writer.write(&batch)?;
+                wrote = true;
+            }
+            if !wrote {
+                writer.write(&RecordBatch::new_empty(schema))?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut writer = datafusion::arrow::json::ArrayWriter::new(&mut out);
+            while let Some(batch) = batches.try_next().await? {
+                writer.write(&batch)?;
+            }
+            writer.finish()?;
+            drop(writer);
+            writeln!(out)?;
+        }
+        OutputFormat::Arrow => {
+            let mut writer =
+                datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema)?;
+            while let Some(batch) = batches.try_next().await? {
+                writer.write(&batch)?;
+            }
+            writer.finish()?;
+        }
+    }
+    Ok(())
+}
+
+async fn tables(args: ConnArgs) -> Result<()> {
+    let mut conn = args.connect().await?;
+    let result = conn.tables().await?;
+    for batch in &result.batches {
+        let names = column::<StringArray>(batch, "table_name")?;
+        let schemas = column::<BinaryArray>(batch, "table_schema")?;
+        for row in 0..batch.num_rows() {
+            println!("{}", names.value(row));
+            if schemas.is_valid(row) {
+                for field in decode_ipc_schema(schemas.value(row))?.fields() {
+                    println!(
+                        "    {:<20} {}{}",
+                        field.name(),
+                        field.data_type(),
+                        if field.is_nullable() { "" } else { " NOT NULL" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            anyhow::anyhow!("the server's GetTables result has no usable `{name}` column")
+        })
+}
+
+/// GetTables carries each table's schema as an IPC schema message.
+fn decode_ipc_schema(bytes: &[u8]) -> Result<datafusion::arrow::datatypes::SchemaRef> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    Ok(reader.schema())
+}
+
+async fn whoami(args: ConnArgs) -> Result<()> {
+    let conn = args.connect().await?;
+    let mut client =
+        sluice_proto::v1::connector_service_client::ConnectorServiceClient::new(conn.channel());
+    let me = client
+        .who_am_i(sluice_proto::v1::WhoAmIRequest {})
+        .await
+        .map_err(crate::client::status_error)?
+        .into_inner();
+    println!("principal:    {}", me.principal_id);
+    println!("organization: {}", me.organization);
+    println!("common name:  {}", me.common_name);
+    for uri in &me.san_uris {
+        println!("SAN URI:      {uri}");
+    }
+    println!("certificate:  sha256:{}", me.certificate_sha256);
+    Ok(())
+}
+
+fn certs(cmd: CertsCommand) -> Result<()> {
+    match cmd {
+        CertsCommand::Ca {
+            dir,
+            name,
+            org,
+            validity,
+            force,
+        } => {
+            let ca = pki::create_ca(&name, org.as_deref(), validity.resolve(3650)?)?;
+            let (cert, key) = pki::write_pair(&dir, "ca", &ca, force)?;
+            println!(
+                "CA certificate: {}\nCA key:         {} (keep it offline)",
+                cert.display(),
+                key.display()
+            );
+        }
+        CertsCommand::Server {
+            dir,
+            name,
+            dns,
+            ips,
+            validity,
+            force,
+        } => {
+            let authority = load_authority(&dir)?;
+            let issued = authority.issue_server(&dns, &ips, validity.resolve(397)?)?;
+            let (cert, key) = pki::write_pair(&dir, &name, &issued, force)?;
+            println!(
+                "server certificate: {}\nserver key:         {}",
+                cert.display(),
+                key.display()
+            );
+        }
+        CertsCommand::Client {
+            dir,
+            name,
+            cn,
+            org,
+            uris,
+            validity,
+            force,
+        } => {
+            let authority = load_authority(&dir)?;
+            let who = ClientIdentity {
+                common_name: cn.unwrap_or_else(|| name.clone()),
+                organization: org,
+                uris,
+            };
+            let issued = authority.issue_client(&who, validity.resolve(397)?)?;
+            let (cert, key) = pki::write_pair(&dir, &name, &issued, force)?;
+            println!(
+                "client certificate: {}\nclient key:         {}",
+                cert.display(),
+                key.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn load_authority(dir: &Path) -> Result<Authority> {
+    Authority::load(&dir.join("ca.pem"), &dir.join("ca.key")).with_context(|| {
+        format!(
+            "loading the CA from {} (create one with `sluice certs ca --dir {}`)",
+            dir.display(),
+            dir.display()
+        )
+    })
+}

@@ -1,0 +1,781 @@
+//! The connector's configuration: the TOML file format, its defaults, and
+//! validation that names the file, the field and what is wrong.
+//!
+//! Without `--config`, [`Config::embedded_default`] describes the demo: the
+//! state directory's development PKI and the two generated demo datasets.
+//! Relative paths in a config file are resolved against the file's directory;
+//! relative paths in the embedded default against the state directory.
+//!
+//! ```
+//! let cfg = sluice::config::Config::from_toml_str(
+//!     r#"
+//!     [server]
+//!     listen = "0.0.0.0:50051"
+//!
+//!     [limits]
+//!     query_timeout = "30s"
+//!     query_memory = "512MiB"
+//!
+//!     [[datasets]]
+//!     name = "trips"
+//!     format = "parquet"
+//!     path = "/data/trips/"
+//!     "#,
+//!     std::path::Path::new("/etc/sluice/sluice.toml"),
+//! )
+//! .unwrap();
+//! assert_eq!(cfg.limits.query_timeout.as_secs(), 30);
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::DataType;
+use serde::Deserialize;
+
+/// Where a configuration came from, for error messages.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Embedded,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Embedded => f.write_str("<embedded default config>"),
+        }
+    }
+}
+
+/// A configuration problem: which file, which field, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration in {source_name}: {field}: {reason}")]
+pub struct ConfigError {
+    pub source_name: String,
+    /// Dotted path of the field, e.g. `limits.query_timeout` or `datasets[1].path`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// The complete, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Source,
+    pub server: ServerConfig,
+    /// `None`: use (and create on first start) the development PKI in the
+    /// state directory.
+    pub tls: Option<TlsConfig>,
+    pub limits: Limits,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    pub datasets: Vec<DatasetConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    /// How long a SIGTERM waits for in-flight streams before exiting anyway.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to.
+    pub client_ca: PathBuf,
+}
+
+/// Per-query and per-server resource limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Memory one query may hold (DataFusion memory pool), in bytes.
+    pub query_memory: usize,
+    /// Wall-clock limit from the start of execution to the last batch.
+    pub query_timeout: Duration,
+    /// Queries executing at once; further queries wait (up to their timeout).
+    pub max_concurrent_queries: usize,
+    /// Longest SQL text accepted, in bytes.
+    pub max_sql_bytes: usize,
+    /// How long a ticket from GetFlightInfo stays redeemable.
+    pub ticket_ttl: Duration,
+    /// Tickets issued but not yet redeemed, over all principals.
+    pub max_outstanding_tickets: usize,
+    /// Open prepared statements per principal.
+    pub max_prepared_statements: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Prometheus endpoint; `None` disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter directive, e.g. `info` or `sluice=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    Parquet,
+    Csv,
+    /// Newline-delimited JSON.
+    Json,
+}
+
+impl DatasetFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            DatasetFormat::Parquet => ".parquet",
+            DatasetFormat::Csv => ".csv",
+            DatasetFormat::Json => ".json",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DatasetConfig {
+    pub name: String,
+    pub format: DatasetFormat,
+    /// A file, or a directory whose files (with the format's extension) form
+    /// the dataset. Absolute after loading.
+    pub path: PathBuf,
+    pub description: Option<String>,
+    /// Declared schema; inferred from the files when absent.
+    pub schema: Option<Vec<ColumnConfig>>,
+    pub csv: CsvOptions,
+}
+
+#[derive(Debug, Clone)]
+pub struct ColumnConfig {
+    pub name: String,
+    pub data_type: DataType,
+    pub nullable: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CsvOptions {
+    pub has_header: bool,
+    pub delimiter: u8,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        Self {
+            has_header: true,
+            delimiter: b',',
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            query_memory: 1 << 30,
+            query_timeout: Duration::from_secs(300),
+            max_concurrent_queries: 16,
+            max_sql_bytes: 256 * 1024,
+            ticket_ttl: Duration::from_secs(300),
+            max_outstanding_tickets: 10_000,
+            max_prepared_statements: 256,
+        }
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+pub const DEFAULT_STATE_DIR: &str = ".sluice";
+
+/// The demo configuration used when `serve` runs without `--config`.
+const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: path.display().to_string(),
+            field: "(file)".into(),
+            reason: format!("cannot read the file: {e}"),
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates config text as if read from `path` (used to name
+    /// the file in errors and to resolve relative paths).
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = absolute(&base);
+        parse(text, Source::File(absolute(path)), &base)
+    }
+
+    /// The demo configuration, with relative paths resolved against
+    /// `state_dir`.
+    pub fn embedded_default(state_dir: &Path) -> Config {
+        let state_dir = absolute(state_dir);
+        let mut cfg = parse(EMBEDDED_DEFAULT, Source::Embedded, &state_dir)
+            .expect("the embedded default config is valid");
+        cfg.server.state_dir = state_dir;
+        cfg
+    }
+
+    /// The embedded default config text, for `sluice config example`.
+    pub fn embedded_default_text() -> &'static str {
+        EMBEDDED_DEFAULT
+    }
+
+    fn error(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            source_name: self.source.to_string(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Checks what can only be checked against the file system: dataset paths
+    /// exist and have the declared kind. Called by `serve` before start-up, so
+    /// that the embedded default can be checked after demo data is created.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        for (i, ds) in self.datasets.iter().enumerate() {
+            let meta = std::fs::metadata(&ds.path).map_err(|e| {
+                self.error(
+                    format!("datasets[{i}].path"),
+                    format!(
+                        "dataset `{}`: cannot open {}: {e}",
+                        ds.name,
+                        ds.path.display()
+                    ),
+                )
+            })?;
+            if !meta.is_file() && !meta.is_dir() {
+                return Err(self.error(
+                    format!("datasets[{i}].path"),
+                    format!("{} is neither a file nor a directory", ds.path.display()),
+                ));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (field, path) in [
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+                ("tls.client_ca", &tls.client_ca),
+            ] {
+                if !path.is_file() {
+                    return Err(self.error(field, format!("no such file: {}", path.display())));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes `p` absolute against the current directory without touching the
+/// file system (paths need not exist yet).
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+// ---------------------------------------------------------------------------
+// The file format. Raw structs mirror the TOML; `parse` validates them into
+// the types above, naming the field on every error.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    datasets: Vec<RawDataset>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    state_dir: Option<PathBuf>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    query_memory: Option<String>,
+    query_timeout: Option<String>,
+    max_concurrent_queries: Option<usize>,
+    max_sql_bytes: Option<String>,
+    ticket_ttl: Option<String>,
+    max_outstanding_tickets: Option<usize>,
+    max_prepared_statements: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// An address, or "off".
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataset {
+    name: String,
+    format: DatasetFormat,
+    path: PathBuf,
+    description: Option<String>,
+    schema: Option<Vec<RawColumn>>,
+    csv: Option<RawCsv>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumn {
+    name: String,
+    #[serde(rename = "type")]
+    data_type: String,
+    #[serde(default = "yes")]
+    nullable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCsv {
+    has_header: Option<bool>,
+    delimiter: Option<String>,
+}
+
+fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError> {
+    let raw = deserialize(text, &source)?;
+    let err = |field: String, reason: String| ConfigError {
+        source_name: source.to_string(),
+        field,
+        reason,
+    };
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+
+    let listen = parse_addr(raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN))
+        .map_err(|r| err("server.listen".into(), r))?;
+    let state_dir = resolve(
+        raw.server
+            .state_dir
+            .as_deref()
+            .unwrap_or(Path::new(DEFAULT_STATE_DIR)),
+    );
+    let shutdown_grace = parse_duration(raw.server.shutdown_grace.as_deref().unwrap_or("30s"))
+        .map_err(|r| err("server.shutdown_grace".into(), r))?;
+
+    let tls = raw.tls.map(|t| TlsConfig {
+        cert: resolve(&t.cert),
+        key: resolve(&t.key),
+        client_ca: resolve(&t.client_ca),
+    });
+
+    let limits = parse_limits(raw.limits).map_err(|(f, r)| err(format!("limits.{f}"), r))?;
+
+    let metrics_listen = match raw
+        .metrics
+        .listen
+        .as_deref()
+        .unwrap_or(DEFAULT_METRICS_LISTEN)
+    {
+        "off" => None,
+        addr => Some(parse_addr(addr).map_err(|r| err("metrics.listen".into(), r))?),
+    };
+
+    let level = raw.log.level.unwrap_or_else(|| "info".into());
+    tracing_subscriber::EnvFilter::try_new(&level)
+        .map_err(|e| err("log.level".into(), format!("invalid filter `{level}`: {e}")))?;
+
+    let mut datasets: Vec<DatasetConfig> = Vec::new();
+    for (i, ds) in raw.datasets.into_iter().enumerate() {
+        let field = |f: &str| format!("datasets[{i}].{f}");
+        if !is_identifier(&ds.name) {
+            return Err(err(
+                field("name"),
+                format!(
+                    "`{}` is not a valid table name: use lowercase letters, digits and `_`, starting with a letter or `_`",
+                    ds.name
+                ),
+            ));
+        }
+        if datasets.iter().any(|d| d.name == ds.name) {
+            return Err(err(
+                field("name"),
+                format!("dataset `{}` is defined twice", ds.name),
+            ));
+        }
+        let schema = match ds.schema {
+            None => None,
+            Some(cols) => Some(parse_columns(cols).map_err(|(f, r)| err(field(&f), r))?),
+        };
+        if ds.csv.is_some() && ds.format != DatasetFormat::Csv {
+            return Err(err(
+                field("csv"),
+                "CSV options given for a dataset whose format is not csv".into(),
+            ));
+        }
+        let csv = parse_csv(ds.csv).map_err(|(f, r)| err(field(&f), r))?;
+        datasets.push(DatasetConfig {
+            name: ds.name,
+            format: ds.format,
+            path: resolve(&ds.path),
+            description: ds.description,
+            schema,
+            csv,
+        });
+    }
+
+    Ok(Config {
+        source,
+        server: ServerConfig {
+            listen,
+            state_dir,
+            shutdown_grace,
+        },
+        tls,
+        limits,
+        metrics: MetricsConfig {
+            listen: metrics_listen,
+        },
+        log: LogConfig {
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+            level,
+        },
+        datasets,
+    })
+}
+
+/// TOML → raw structs, reporting the dotted field path and the line.
+fn deserialize(text: &str, source: &Source) -> Result<RawConfig, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+        source_name: source.to_string(),
+        field: "(syntax)".into(),
+        reason: one_line(&e.to_string()),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError {
+            source_name: source.to_string(),
+            field: if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            },
+            reason: one_line(&e.into_inner().to_string()),
+        }
+    })
+}
+
+/// toml renders errors as a multi-line snippet; keep the line number and the
+/// message, which is what a log line needs.
+fn one_line(msg: &str) -> String {
+    let lines: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let location = lines
+        .iter()
+        .find(|l| l.starts_with("TOML parse error at"))
+        .map(|l| l.trim_start_matches("TOML parse error at ").to_string());
+    let message = lines
+        .iter()
+        .rev()
+        .find(|l| !l.starts_with('|') && !l.starts_with("TOML parse error") && !l.contains(" | "))
+        .copied()
+        .unwrap_or(msg);
+    match location {
+        Some(loc) => format!("{message} (at {loc})"),
+        None => message.to_string(),
+    }
+}
+
+fn parse_limits(raw: RawLimits) -> Result<Limits, (String, String)> {
+    let d = Limits::default();
+    let positive = |name: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err((name.to_string(), "must be at least 1".to_string())),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let field = |name: &'static str| move |r: String| (name.to_string(), r);
+    Ok(Limits {
+        query_memory: match raw.query_memory {
+            Some(s) => parse_size(&s).map_err(field("query_memory"))?,
+            None => d.query_memory,
+        },
+        query_timeout: match raw.query_timeout {
+            Some(s) => parse_duration(&s).map_err(field("query_timeout"))?,
+            None => d.query_timeout,
+        },
+        max_concurrent_queries: positive(
+            "max_concurrent_queries",
+            raw.max_concurrent_queries,
+            d.max_concurrent_queries,
+        )?,
+        max_sql_bytes: match raw.max_sql_bytes {
+            Some(s) => parse_size(&s).map_err(field("max_sql_bytes"))?,
+            None => d.max_sql_bytes,
+        },
+        ticket_ttl: match raw.ticket_ttl {
+            Some(s) => parse_duration(&s).map_err(field("ticket_ttl"))?,
+            None => d.ticket_ttl,
+        },
+        max_outstanding_tickets: positive(
+            "max_outstanding_tickets",
+            raw.max_outstanding_tickets,
+            d.max_outstanding_tickets,
+        )?,
+        max_prepared_statements: positive(
+            "max_prepared_statements",
+            raw.max_prepared_statements,
+            d.max_prepared_statements,
+        )?,
+    })
+}
+
+fn parse_columns(cols: Vec<RawColumn>) -> Result<Vec<ColumnConfig>, (String, String)> {
+    if cols.is_empty() {
+        return Err((
+            "schema".into(),
+            "a declared schema needs at least one column".into(),
+        ));
+    }
+    let mut out: Vec<ColumnConfig> = Vec::with_capacity(cols.len());
+    for (j, c) in cols.into_iter().enumerate() {
+        if out.iter().any(|o| o.name == c.name) {
+            return Err((
+                format!("schema[{j}].name"),
+                format!("column `{}` is declared twice", c.name),
+            ));
+        }
+        let data_type = DataType::from_str(c.data_type.trim()).map_err(|_| {
+            (
+                format!("schema[{j}].type"),
+                format!(
+                    "`{}` is not an Arrow type; write e.g. Int64, Float64, Utf8, Boolean, Date32, Timestamp(Microsecond, \"UTC\") or Decimal128(12, 2)",
+                    c.data_type
+                ),
+            )
+        })?;
+        out.push(ColumnConfig {
+            name: c.name,
+            data_type,
+            nullable: c.nullable,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_csv(raw: Option<RawCsv>) -> Result<CsvOptions, (String, String)> {
+    let mut opts = CsvOptions::default();
+    let Some(raw) = raw else { return Ok(opts) };
+    if let Some(h) = raw.has_header {
+        opts.has_header = h;
+    }
+    if let Some(d) = raw.delimiter {
+        let bytes = d.as_bytes();
+        if bytes.len() != 1 {
+            return Err((
+                "csv.delimiter".into(),
+                format!("must be a single ASCII character, got {d:?}"),
+            ));
+        }
+        opts.delimiter = bytes[0];
+    }
+    Ok(opts)
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Parses `host:port` (IPv4 or bracketed IPv6).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("`{s}` is not an address: write IP:PORT, e.g. 127.0.0.1:50051 or [::1]:50051")
+    })
+}
+
+/// Parses `250ms`, `30s`, `5m`, `2h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a duration: write e.g. 500ms, 30s, 5m, 2h or 1d");
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "s" => n.checked_mul(1_000).ok_or_else(bad)?,
+        "m" => n.checked_mul(60_000).ok_or_else(bad)?,
+        "h" => n.checked_mul(3_600_000).ok_or_else(bad)?,
+        "d" => n.checked_mul(86_400_000).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    if ms == 0 {
+        return Err(format!("`{s}`: must be longer than zero"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// Parses `1048576`, `512KiB`, `256MiB`, `2GiB` (also `KB`/`MB`/`GB` as
+/// powers of 1000).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let bad = || format!("`{s}` is not a size: write e.g. 65536, 512KiB, 256MiB or 2GiB");
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().map_err(|_| bad())?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    let v = n.checked_mul(mult).ok_or_else(bad)?;
+    if v == 0 {
+        return Err(format!("`{s}`: must be larger than zero"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("/etc/sluice/sluice.toml"))
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_resolves_against_state_dir() {
+        let cfg = Config::embedded_default(Path::new("/var/lib/sluice"));
+        assert_eq!(cfg.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(cfg.datasets.len(), 2);
+        assert!(cfg.datasets[0].path.starts_with("/var/lib/sluice"));
+        assert!(cfg.tls.is_none());
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../../examples/sluice.toml");
+        let cfg = Config::from_toml_str(text, Path::new("/repo/examples/sluice.toml")).unwrap();
+        assert_eq!(cfg.datasets.len(), 2);
+        assert_eq!(
+            cfg.tls.unwrap().client_ca,
+            PathBuf::from("/repo/examples/../.sluice/pki/ca.pem")
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_file() {
+        let cfg = load("[[datasets]]\nname='t'\nformat='csv'\npath='data/t.csv'\n").unwrap();
+        assert_eq!(
+            cfg.datasets[0].path,
+            PathBuf::from("/etc/sluice/data/t.csv")
+        );
+    }
+
+    #[test]
+    fn errors_name_file_field_and_reason() {
+        let e = load("[limits]\nquery_timeout = \"soon\"\n").unwrap_err();
+        assert_eq!(e.field, "limits.query_timeout");
+        assert!(e.to_string().contains("/etc/sluice/sluice.toml"), "{e}");
+        assert!(e.reason.contains("not a duration"), "{e}");
+
+        let e = load("[limits]\nmax_concurrent_queries = \"many\"\n").unwrap_err();
+        assert_eq!(e.field, "limits.max_concurrent_queries");
+        assert!(e.reason.contains("line 2"), "{e}");
+
+        let e = load("[server]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(e.reason.contains("unknown field `listen_addr`"), "{e}");
+
+        let e = load(
+            "[[datasets]]\nname='a'\nformat='csv'\npath='x'\n[[datasets]]\nname='b'\nformat='csv'\npath='y'\n[[datasets.schema]]\nname='c'\ntype='int'\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "datasets[1].schema[0].type");
+
+        let e = load("[[datasets]]\nname='Trips'\nformat='csv'\npath='x'\n").unwrap_err();
+        assert_eq!(e.field, "datasets[0].name");
+
+        let e = load("[[datasets]]\nname='t'\nformat='xlsx'\npath='x'\n").unwrap_err();
+        assert_eq!(e.field, "datasets[0].format");
+        assert!(e.reason.contains("parquet"), "{e}");
+
+        let e = load("[server\n").unwrap_err();
+        assert_eq!(e.field, "(syntax)");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn metrics_can_be_turned_off() {
+        let cfg = load("[metrics]\nlisten = \"off\"\n").unwrap();
+        assert!(cfg.metrics.listen.is_none());
+    }
+}

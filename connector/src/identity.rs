@@ -1,0 +1,173 @@
+//! Step 1 of every query: who is asking.
+//!
+//! rustls has already verified the client certificate against the configured
+//! CA (chain, validity period, client-auth key usage) during the handshake; a
+//! connection without a valid certificate never reaches a handler. The
+//! [`authenticate`] interceptor then turns the verified leaf certificate into
+//! a [`Principal`] and stores it in the request's extensions, so every
+//! handler of every service reads the same identity with [`principal`].
+
+use std::sync::Arc;
+
+use ring::digest;
+use sluice_policy::Principal;
+use tonic::{Request, Status};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// The principal of a request, plus facts about the certificate it came from.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    /// SHA-256 of the DER certificate, lowercase hex.
+    pub certificate_sha256: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// tonic interceptor: derives the [`Caller`] from the verified client
+/// certificate, or refuses the call with UNAUTHENTICATED.
+pub fn authenticate(mut request: Request<()>) -> Result<Request<()>, Status> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required (mTLS)"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required (mTLS)"))?;
+    let caller = caller_from_der(leaf.as_ref()).map_err(|reason| {
+        Status::unauthenticated(format!("client certificate not usable: {reason}"))
+    })?;
+    request.extensions_mut().insert(Arc::new(caller));
+    Ok(request)
+}
+
+/// The caller of a request that passed [`authenticate`].
+pub fn caller<T>(request: &Request<T>) -> Result<Arc<Caller>, Status> {
+    request
+        .extensions()
+        .get::<Arc<Caller>>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("request carries no authenticated identity"))
+}
+
+/// The principal of a request that passed [`authenticate`].
+pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    caller(request).map(|c| c.principal.clone())
+}
+
+/// Derives the principal from a DER certificate: the first SAN URI, else
+/// `O=<org>,CN=<cn>` from the subject.
+pub fn principal_from_der(der: &[u8]) -> Result<Principal, String> {
+    caller_from_der(der).map(|c| c.principal)
+}
+
+fn caller_from_der(der: &[u8]) -> Result<Caller, String> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    let subject = cert.subject();
+    let organization = subject
+        .iter_organization()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .map(str::to_string);
+    let common_name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .map(str::to_string);
+    let san_uris: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(uri) => Some(uri.to_string()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(format!("malformed subjectAltName: {e}")),
+    };
+    let id = match san_uris.first() {
+        Some(uri) => uri.clone(),
+        None => match (&organization, &common_name) {
+            (Some(o), Some(cn)) => format!("O={o},CN={cn}"),
+            (None, Some(cn)) => format!("CN={cn}"),
+            (Some(o), None) => format!("O={o}"),
+            (None, None) => {
+                return Err("the certificate has neither a SAN URI nor a subject O/CN".into());
+            }
+        },
+    };
+    Ok(Caller {
+        principal: Principal {
+            id,
+            organization,
+            common_name,
+            san_uris,
+        },
+        certificate_sha256: hex(digest::digest(&digest::SHA256, der).as_ref()),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Lowercase hex encoding.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, ClientIdentity, Validity, create_ca, write_pair};
+
+    fn client_der(who: ClientIdentity) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = create_ca("CA", None, Validity::days_from_now(1)).unwrap();
+        write_pair(dir.path(), "ca", &ca, false).unwrap();
+        let auth = Authority::load(&dir.path().join("ca.pem"), &dir.path().join("ca.key")).unwrap();
+        let issued = auth.issue_client(&who, Validity::days_from_now(1)).unwrap();
+        x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes())
+            .unwrap()
+            .1
+            .contents
+    }
+
+    #[test]
+    fn san_uri_wins_over_subject() {
+        let der = client_der(ClientIdentity {
+            common_name: "bob".into(),
+            organization: Some("Acme".into()),
+            uris: vec!["spiffe://acme.example/org/acme".into(), "urn:x:y".into()],
+        });
+        let p = principal_from_der(&der).unwrap();
+        assert_eq!(p.id, "spiffe://acme.example/org/acme");
+        assert_eq!(p.san_uris.len(), 2);
+        assert_eq!(p.common_name.as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn subject_o_cn_without_san_uri() {
+        let der = client_der(ClientIdentity {
+            common_name: "bob".into(),
+            organization: Some("Acme GmbH".into()),
+            uris: vec![],
+        });
+        assert_eq!(principal_from_der(&der).unwrap().id, "O=Acme GmbH,CN=bob");
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(principal_from_der(b"not a certificate").is_err());
+    }
+
+    #[test]
+    fn hex_encodes() {
+        assert_eq!(hex(&[0x00, 0xab, 0xff]), "00abff");
+    }
+}

@@ -1,0 +1,42 @@
+//! # Sluice
+//!
+//! A privacy-preserving data-space connector: partners send SQL over Arrow
+//! Flight SQL on mutual TLS; Sluice plans it with DataFusion, checks the plan
+//! against the provider's rules, runs it beside the data and streams back
+//! only what may leave.
+//!
+//! The modules follow the life of a query:
+//!
+//! | step | module |
+//! |---|---|
+//! | 1. identity: the principal from the client certificate | [`identity`] |
+//! | 2. plan: SQL → analyzed `LogicalPlan` | [`query::plan`] |
+//! | 3–4. decision and rewrite | `sluice_policy::PlanGate` |
+//! | 5. signed, single-use ticket | [`query::ticket`] |
+//! | 6. execution under memory and time limits | [`query::execute`] |
+//! | 7. release: the advertised schema, exactly | [`query::release`] |
+//!
+//! Around them: [`flight`] (the Flight SQL protocol), [`control`] (Sluice's
+//! own gRPC services), [`catalog`] (datasets as tables), [`server`]
+//! (assembly, TLS, shutdown), [`config`], [`state`] (dev PKI and demo data),
+//! [`pki`] (`sluice certs`), [`metrics`], [`telemetry`], [`client`] and
+//! [`cli`].
+
+pub mod catalog;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod flight;
+pub mod identity;
+pub mod metrics;
+pub mod pki;
+pub mod query;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+
+/// Major version of the Arrow libraries Sluice speaks (arrow-rs 59, as used
+/// by DataFusion 55).
+pub const ARROW_VERSION: &str = "59";

@@ -1,0 +1,268 @@
+//! Certificates for mTLS: a certificate authority, server certificates and
+//! client certificates that carry the identity policies match on.
+//!
+//! Used by `sluice certs` for real deployments and by the state directory to
+//! create the development PKI on first start. Keys are ECDSA P-256, generated
+//! at run time and written with mode 0600; nothing here is ever committed.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// A PEM certificate and its PEM private key.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Validity window of a new certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From an hour ago (tolerates clock skew) for `days` days.
+    pub fn days_from_now(days: i64) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(days),
+        }
+    }
+}
+
+/// What a client certificate says about its holder.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub common_name: String,
+    pub organization: Option<String>,
+    /// URI SANs, e.g. `spiffe://city.example/org/planning`; the first one
+    /// becomes the principal id.
+    pub uris: Vec<String>,
+}
+
+/// Creates a self-signed CA.
+pub fn create_ca(
+    common_name: &str,
+    organization: Option<&str>,
+    validity: Validity,
+) -> Result<Issued> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name, organization);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut params, validity);
+    let cert = params.self_signed(&key)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A CA loaded from its PEM certificate and key, ready to issue.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Authority {
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self> {
+        let cert_pem = fs::read_to_string(cert_path)
+            .with_context(|| format!("reading CA certificate {}", cert_path.display()))?;
+        let key_pem = fs::read_to_string(key_path)
+            .with_context(|| format!("reading CA key {}", key_path.display()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .with_context(|| format!("{} is not a usable CA certificate", cert_path.display()))?;
+        Ok(Self { issuer })
+    }
+
+    /// Issues a TLS server certificate for the given DNS names and IPs.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        validity: Validity,
+    ) -> Result<Issued> {
+        if dns_names.is_empty() && ips.is_empty() {
+            bail!("a server certificate needs at least one DNS name or IP address");
+        }
+        let key = KeyPair::generate()?;
+        let cn = dns_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| ips[0].to_string());
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&cn, None);
+        for dns in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                dns.as_str()
+                    .try_into()
+                    .with_context(|| format!("`{dns}` is not a valid DNS name"))?,
+            ));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        set_validity(&mut params, validity);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a TLS client certificate carrying `who`.
+    pub fn issue_client(&self, who: &ClientIdentity, validity: Validity) -> Result<Issued> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&who.common_name, who.organization.as_deref());
+        for uri in &who.uris {
+            params.subject_alt_names.push(SanType::URI(
+                uri.as_str()
+                    .try_into()
+                    .with_context(|| format!("`{uri}` is not a valid URI"))?,
+            ));
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut params, validity);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn name(common_name: &str, organization: Option<&str>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    if let Some(org) = organization {
+        dn.push(DnType::OrganizationName, org);
+    }
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Validity) {
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+}
+
+/// Paths of a certificate and key named `name` in `dir`: `NAME.pem`, `NAME.key`.
+pub fn pair_paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+/// Writes `NAME.pem` and `NAME.key` (mode 0600) into `dir`, refusing to
+/// overwrite existing files unless `overwrite`.
+pub fn write_pair(
+    dir: &Path,
+    name: &str,
+    issued: &Issued,
+    overwrite: bool,
+) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = pair_paths(dir, name);
+    if !overwrite {
+        for p in [&cert, &key] {
+            if p.exists() {
+                bail!(
+                    "{} already exists (pass --force to replace it)",
+                    p.display()
+                );
+            }
+        }
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_file(&key, issued.key_pem.as_bytes(), 0o600)?;
+    write_file(&cert, issued.cert_pem.as_bytes(), 0o644)?;
+    Ok((cert, key))
+}
+
+/// Writes a file atomically (temp file + rename) with the given Unix mode.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(mode);
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_server_and_client_certificates_from_a_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = create_ca("Test CA", Some("Test"), Validity::days_from_now(1)).unwrap();
+        write_pair(dir.path(), "ca", &ca, false).unwrap();
+        let authority =
+            Authority::load(&dir.path().join("ca.pem"), &dir.path().join("ca.key")).unwrap();
+        let server = authority
+            .issue_server(
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                Validity::days_from_now(1),
+            )
+            .unwrap();
+        assert!(server.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        let client = authority
+            .issue_client(
+                &ClientIdentity {
+                    common_name: "analyst".into(),
+                    organization: Some("Org".into()),
+                    uris: vec!["spiffe://example.org/org/a".into()],
+                },
+                Validity::days_from_now(1),
+            )
+            .unwrap();
+        let der = rustls_pemfile_der(&client.cert_pem);
+        let principal = crate::identity::principal_from_der(&der).unwrap();
+        assert_eq!(principal.id, "spiffe://example.org/org/a");
+        assert_eq!(principal.organization.as_deref(), Some("Org"));
+        // Existing files are not overwritten by accident.
+        assert!(write_pair(dir.path(), "ca", &ca, false).is_err());
+    }
+
+    fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
+        x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .unwrap()
+            .1
+            .contents
+    }
+}

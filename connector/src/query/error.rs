@@ -1,0 +1,214 @@
+//! What can go wrong with a query, and the gRPC status each failure gets.
+//!
+//! Messages name the rule, table, column or limit involved. Errors raised
+//! while reading data are reduced to their kind ("division by zero"), because
+//! the underlying messages can quote the values that caused them.
+
+use std::fmt;
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::error::DataFusionError;
+use sluice_policy::{Denial, DenialKind};
+use tonic::{Code, Status};
+
+#[derive(Debug, Clone)]
+pub enum QueryError {
+    /// The request is malformed: SQL syntax, unknown column, wrong types,
+    /// SQL too long, bad parameters. INVALID_ARGUMENT.
+    InvalidRequest(String),
+    /// A named object does not exist: a table, a prepared statement. NOT_FOUND.
+    NotFound(String),
+    /// The plan gate refused the plan.
+    Denied(Denial),
+    /// A ticket failed verification: altered, expired, or another principal's.
+    /// PERMISSION_DENIED.
+    TicketRejected(String),
+    /// A memory, concurrency or ticket limit was reached. RESOURCE_EXHAUSTED.
+    ResourcesExhausted(String),
+    /// The query ran past its time limit. DEADLINE_EXCEEDED.
+    Timeout(String),
+    /// The data made the query fail (division by zero, failed cast); the
+    /// message gives only the kind of failure. INVALID_ARGUMENT.
+    DataDependent(String),
+    /// A fault on our side. INTERNAL.
+    Internal(String),
+}
+
+impl fmt::Display for QueryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueryError::InvalidRequest(m)
+            | QueryError::NotFound(m)
+            | QueryError::TicketRejected(m)
+            | QueryError::ResourcesExhausted(m)
+            | QueryError::Timeout(m)
+            | QueryError::DataDependent(m)
+            | QueryError::Internal(m) => f.write_str(m),
+            QueryError::Denied(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+impl std::error::Error for QueryError {}
+
+impl QueryError {
+    pub fn code(&self) -> Code {
+        match self {
+            QueryError::InvalidRequest(_) | QueryError::DataDependent(_) => Code::InvalidArgument,
+            QueryError::NotFound(_) => Code::NotFound,
+            QueryError::Denied(d) => match d.kind {
+                DenialKind::Forbidden => Code::PermissionDenied,
+                DenialKind::QuotaExceeded => Code::ResourceExhausted,
+                DenialKind::Precondition => Code::FailedPrecondition,
+            },
+            QueryError::TicketRejected(_) => Code::PermissionDenied,
+            QueryError::ResourcesExhausted(_) => Code::ResourceExhausted,
+            QueryError::Timeout(_) => Code::DeadlineExceeded,
+            QueryError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// A short label for metrics and logs.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            QueryError::InvalidRequest(_) => "invalid",
+            QueryError::NotFound(_) => "not_found",
+            QueryError::Denied(_) => "denied",
+            QueryError::TicketRejected(_) => "ticket_rejected",
+            QueryError::ResourcesExhausted(_) => "resource_exhausted",
+            QueryError::Timeout(_) => "timeout",
+            QueryError::DataDependent(_) => "data_error",
+            QueryError::Internal(_) => "internal",
+        }
+    }
+
+    /// Classifies an error raised while parsing, planning or analyzing. These
+    /// never read data, so DataFusion's message (which names tables, columns
+    /// and types from the query and the catalog) is passed on.
+    pub fn from_planning(err: DataFusionError) -> Self {
+        match err.find_root() {
+            DataFusionError::SQL(e, _) => {
+                QueryError::InvalidRequest(format!("SQL syntax error: {e}"))
+            }
+            DataFusionError::ParquetError(_)
+            | DataFusionError::ObjectStore(_)
+            | DataFusionError::IoError(_)
+            | DataFusionError::Internal(_) => {
+                QueryError::Internal(format!("planning failed: {err}"))
+            }
+            DataFusionError::ResourcesExhausted(m) => QueryError::ResourcesExhausted(m.clone()),
+            DataFusionError::NotImplemented(m) => {
+                QueryError::InvalidRequest(format!("not supported: {m}"))
+            }
+            root => QueryError::InvalidRequest(strip_prefixes(&root.to_string())),
+        }
+    }
+
+    /// Classifies an error raised while executing. Only the kind of a
+    /// data-dependent failure is reported, never the message, which may
+    /// contain the offending value.
+    pub fn from_execution(err: &DataFusionError, memory_limit: usize) -> Self {
+        match err.find_root() {
+            DataFusionError::ResourcesExhausted(_) => QueryError::ResourcesExhausted(format!(
+                "the query needs more memory than its limit of {} (limits.query_memory)",
+                human_bytes(memory_limit)
+            )),
+            DataFusionError::ArrowError(e, _) => QueryError::DataDependent(arrow_error_kind(e).into()),
+            DataFusionError::Execution(_) => {
+                QueryError::DataDependent("the query failed while reading data (details withheld: error messages never carry data)".into())
+            }
+            _ => QueryError::Internal("query execution failed (see the connector log)".into()),
+        }
+    }
+}
+
+fn arrow_error_kind(e: &ArrowError) -> &'static str {
+    match e {
+        ArrowError::DivideByZero => "division by zero while evaluating the query",
+        ArrowError::ArithmeticOverflow(_) => "arithmetic overflow while evaluating the query",
+        ArrowError::CastError(_) | ArrowError::ParseError(_) => {
+            "a value could not be converted to the requested type (the value is withheld)"
+        }
+        ArrowError::ComputeError(_) | ArrowError::InvalidArgumentError(_) => {
+            "a function failed on a value (the value is withheld)"
+        }
+        _ => "the query failed while reading data (details withheld)",
+    }
+}
+
+/// DataFusion prefixes messages with their category; the gRPC code already
+/// says that.
+fn strip_prefixes(msg: &str) -> String {
+    let mut m = msg;
+    for prefix in [
+        "Error during planning: ",
+        "Schema error: ",
+        "Optimizer rule ",
+    ] {
+        m = m.strip_prefix(prefix).unwrap_or(m);
+    }
+    m.to_string()
+}
+
+pub fn human_bytes(n: usize) -> String {
+    const UNITS: [(&str, usize); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} bytes")
+}
+
+impl From<QueryError> for Status {
+    fn from(e: QueryError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<Denial> for QueryError {
+    fn from(d: Denial) -> Self {
+        QueryError::Denied(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn execution_errors_never_carry_the_message() {
+        let err = DataFusionError::ArrowError(
+            Box::new(ArrowError::CastError(
+                "Cannot cast string 'secret-value' to Int64".into(),
+            )),
+            None,
+        );
+        let q = QueryError::from_execution(&err, 1 << 20);
+        assert_eq!(q.code(), Code::InvalidArgument);
+        assert!(!q.to_string().contains("secret-value"), "{q}");
+        let exec = DataFusionError::Execution("value 'secret-value' is bad".into());
+        assert!(
+            !QueryError::from_execution(&exec, 1)
+                .to_string()
+                .contains("secret")
+        );
+    }
+
+    #[test]
+    fn memory_errors_name_the_limit() {
+        let err = DataFusionError::ResourcesExhausted("pool".into());
+        let q = QueryError::from_execution(
+            &DataFusionError::Context("x".into(), Box::new(err)),
+            256 << 20,
+        );
+        assert_eq!(q.code(), Code::ResourceExhausted);
+        assert!(q.to_string().contains("256 MiB"), "{q}");
+    }
+
+    #[test]
+    fn denials_map_by_kind() {
+        let d = Denial::forbidden("read-only", "COPY is not accepted");
+        assert_eq!(QueryError::from(d).code(), Code::PermissionDenied);
+    }
+}

@@ -1,0 +1,125 @@
+//! Step 6: running an approved plan under the query's limits.
+//!
+//! Execution happens on a dedicated runtime, apart from the one serving
+//! gRPC, so a heavy scan cannot starve handshakes, health checks or other
+//! clients' small queries. Each query gets its own memory pool (spilling is
+//! disabled), a deadline covering the whole stream, and a bounded channel to
+//! the client: a slow reader slows the scan instead of buffering the result.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::execute_stream;
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::Instant;
+
+use super::QueryError;
+use super::deadline::{is_deadline, with_deadline};
+use crate::catalog::Catalog;
+
+/// Batches in flight between execution and the client stream.
+const CHANNEL_DEPTH: usize = 2;
+
+/// Spawns query executions on the query runtime.
+#[derive(Clone)]
+pub struct Executor {
+    runtime: tokio::runtime::Handle,
+}
+
+/// Limits one execution runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecutionLimits {
+    pub memory: usize,
+    pub deadline: Instant,
+    /// The configured timeout, for the error message.
+    pub timeout: Duration,
+}
+
+impl Executor {
+    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+        Self { runtime }
+    }
+
+    /// Starts executing `plan`; batches (or the error that ended the query)
+    /// arrive on the returned channel. Dropping the receiver cancels the
+    /// query. The permit is held until execution ends.
+    pub fn start(
+        &self,
+        catalog: Arc<Catalog>,
+        plan: LogicalPlan,
+        limits: ExecutionLimits,
+        permit: OwnedSemaphorePermit,
+    ) -> mpsc::Receiver<Result<RecordBatch, QueryError>> {
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        self.runtime.spawn(async move {
+            let _permit = permit;
+            let run =
+                tokio::time::timeout_at(limits.deadline, produce(&catalog, plan, limits, &tx));
+            let failure = match run.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(timeout_error(limits.timeout)),
+            };
+            if let Some(e) = failure {
+                // The client may be gone already; nothing to do then.
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+}
+
+async fn produce(
+    catalog: &Catalog,
+    plan: LogicalPlan,
+    limits: ExecutionLimits,
+    tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
+) -> Result<(), QueryError> {
+    let failed = |e: DataFusionError| execution_error(&e, limits);
+    let state = catalog.session().state();
+    let physical = state.create_physical_plan(&plan).await.map_err(failed)?;
+    let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
+    let mut stream =
+        execute_stream(physical, catalog.task_context(limits.memory)).map_err(failed)?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(failed)?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        if tx.send(Ok(batch)).await.is_err() {
+            // The client went away: dropping the stream cancels the plan.
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The full error stays in the provider's log; the client gets its kind.
+fn execution_error(e: &DataFusionError, limits: ExecutionLimits) -> QueryError {
+    if is_deadline(e) {
+        return timeout_error(limits.timeout);
+    }
+    tracing::warn!(error = %e, "query execution failed");
+    QueryError::from_execution(e, limits.memory)
+}
+
+fn timeout_error(timeout: Duration) -> QueryError {
+    QueryError::Timeout(format!(
+        "the query ran longer than its limit of {} (limits.query_timeout)",
+        human_duration(timeout)
+    ))
+}
+
+pub fn human_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
+    }
+}

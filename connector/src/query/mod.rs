@@ -1,0 +1,230 @@
+//! The life of a query, one module per step:
+//!
+//! ```text
+//! GetFlightInfo:  plan::parse → plan::plan → plan::analyze → PlanGate::decide → release::advertised_schema → ticket
+//! DoGet:          ticket::verify → ticket::redeem → execute::start → release::conform → client
+//! ```
+//!
+//! Identity (step 1) comes from [`crate::identity`]; the decision and rewrite
+//! (steps 3–4) from the [`PlanGate`] in `sluice-policy`. [`QueryEngine`] ties
+//! the steps together and knows nothing about Flight: the protocol layer in
+//! [`crate::flight`] translates requests into these calls.
+
+pub mod deadline;
+mod error;
+pub mod execute;
+pub mod plan;
+pub mod release;
+pub mod ticket;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::LogicalPlan;
+use futures::Stream;
+use ring::digest;
+use sluice_policy::{DecisionRecord, PlanGate, Principal};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+pub use error::{QueryError, human_bytes};
+use execute::{ExecutionLimits, Executor};
+use ticket::{Claims, PendingQueries, PendingQuery, TicketSigner};
+
+use crate::catalog::Catalog;
+use crate::config::Limits;
+
+/// A query approved at GetFlightInfo, described by its signed ticket.
+#[derive(Debug, Clone)]
+pub struct IssuedTicket {
+    /// Hex id, for logs.
+    pub query_id: String,
+    /// Opaque signed ticket bytes.
+    pub ticket: Vec<u8>,
+    /// The schema DoGet will stream.
+    pub schema: SchemaRef,
+    pub expires_at: SystemTime,
+    /// Whether the result order is meaningful (the plan sorts at the top).
+    pub ordered: bool,
+    pub decision: DecisionRecord,
+}
+
+/// A query being executed for DoGet.
+pub struct QueryRun {
+    pub query_id: String,
+    pub schema: SchemaRef,
+    pub batches: std::pin::Pin<Box<dyn Stream<Item = Result<RecordBatch, QueryError>> + Send>>,
+}
+
+/// Plans, decides, issues tickets for and executes queries.
+pub struct QueryEngine {
+    catalog: Arc<Catalog>,
+    gate: Arc<dyn PlanGate>,
+    signer: TicketSigner,
+    pending: PendingQueries,
+    limits: Limits,
+    executor: Executor,
+    permits: Arc<Semaphore>,
+}
+
+impl QueryEngine {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        gate: Arc<dyn PlanGate>,
+        limits: Limits,
+        executor: Executor,
+    ) -> Self {
+        Self {
+            pending: PendingQueries::new(limits.max_outstanding_tickets),
+            permits: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
+            signer: TicketSigner::generate(),
+            catalog,
+            gate,
+            limits,
+            executor,
+        }
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn policy_version(&self) -> &str {
+        self.gate.version()
+    }
+
+    /// Tickets issued and not yet redeemed or expired.
+    pub fn outstanding_tickets(&self) -> usize {
+        self.pending.purge_expired(SystemTime::now());
+        self.pending.len()
+    }
+
+    /// Parses and plans SQL; the plan may hold parameter placeholders.
+    pub async fn plan_sql(&self, sql: &str) -> Result<LogicalPlan, QueryError> {
+        let state = self.catalog.session().state();
+        let statement = plan::parse(&state, sql, self.limits.max_sql_bytes)?;
+        plan::plan(&state, &self.catalog, statement).await
+    }
+
+    /// GetFlightInfo for a SQL statement.
+    pub async fn issue_for_sql(
+        &self,
+        principal: &Principal,
+        sql: &str,
+    ) -> Result<IssuedTicket, QueryError> {
+        let plan = self.plan_sql(sql).await?;
+        self.issue(principal, plan, None)
+    }
+
+    /// Analyzes a plan (binding `params` first, if any), asks the gate, and
+    /// issues a ticket for the approved plan.
+    pub fn issue(
+        &self,
+        principal: &Principal,
+        plan: LogicalPlan,
+        params: Option<Vec<ScalarValue>>,
+    ) -> Result<IssuedTicket, QueryError> {
+        let state = self.catalog.session().state();
+        let plan = match params {
+            Some(values) => plan::bind(plan, values)?,
+            None => plan,
+        };
+        let analyzed = plan::analyze(&state, plan)?;
+        let approval = self.gate.decide(principal, analyzed)?;
+        let schema = release::advertised_schema(&approval.plan);
+        let ordered = matches!(approval.plan, LogicalPlan::Sort(_));
+        let plan_hash = plan_hash(&approval.plan);
+        let now = SystemTime::now();
+        let expires_at = now + self.limits.ticket_ttl;
+        let decision = approval.record.clone();
+        let id = self.pending.insert(
+            PendingQuery {
+                principal_id: principal.id.clone(),
+                approval,
+                schema: schema.clone(),
+                plan_hash: plan_hash.clone(),
+                expires_at,
+            },
+            now,
+        )?;
+        let ticket = self.signer.sign(&Claims {
+            version: 1,
+            query_id: id.to_vec(),
+            principal_id: principal.id.clone(),
+            expires_at_ms: ticket::unix_ms(expires_at),
+            plan_hash,
+            policy_version: decision.policy_version.clone(),
+        });
+        Ok(IssuedTicket {
+            query_id: crate::identity::hex(&id),
+            ticket,
+            schema,
+            expires_at,
+            ordered,
+            decision,
+        })
+    }
+
+    /// DoGet: verifies the ticket for `principal` and starts executing the
+    /// plan it names. Waits for a free execution slot up to the query's
+    /// deadline.
+    pub async fn redeem(
+        &self,
+        principal: &Principal,
+        ticket: &[u8],
+    ) -> Result<QueryRun, QueryError> {
+        let claims = self.signer.verify(ticket, principal, SystemTime::now())?;
+        let pending = self.pending.redeem(&claims)?;
+        let query_id = crate::identity::hex(&claims.query_id);
+        let deadline = Instant::now() + self.limits.query_timeout;
+        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                QueryError::ResourcesExhausted(format!(
+                    "the connector is busy: {} queries are running (limits.max_concurrent_queries) and none finished within the query's time limit",
+                    self.limits.max_concurrent_queries
+                ))
+            })?
+            .map_err(|_| QueryError::Internal("the connector is shutting down".into()))?;
+        let limits = ExecutionLimits {
+            memory: self.limits.query_memory,
+            deadline,
+            timeout: self.limits.query_timeout,
+        };
+        let receiver =
+            self.executor
+                .start(self.catalog.clone(), pending.approval.plan, limits, permit);
+        let schema = pending.schema;
+        let conform_to = schema.clone();
+        let batches = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        let batches = futures::StreamExt::map(batches, move |item| {
+            item.and_then(|batch| release::conform(batch, &conform_to))
+        });
+        Ok(QueryRun {
+            query_id,
+            schema,
+            batches: Box::pin(batches),
+        })
+    }
+
+    /// The ticket lifetime, for FlightEndpoint.expiration_time.
+    pub fn ticket_ttl(&self) -> Duration {
+        self.limits.ticket_ttl
+    }
+}
+
+/// SHA-256 of the plan's canonical text (with schemas), binding a ticket to
+/// the exact plan that was approved.
+fn plan_hash(plan: &LogicalPlan) -> Vec<u8> {
+    let text = plan.display_indent_schema().to_string();
+    digest::digest(&digest::SHA256, text.as_bytes())
+        .as_ref()
+        .to_vec()
+}

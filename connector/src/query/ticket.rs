@@ -1,0 +1,252 @@
+//! Step 5: the ticket that links GetFlightInfo to DoGet.
+//!
+//! A ticket is a signed claim, not the query: it names an approved plan held
+//! by this connector, the principal it was issued to, the plan's hash, the
+//! policy version and an expiry, under an HMAC-SHA256 tag. DoGet verifies the
+//! tag, the expiry and the principal before it looks the plan up, and then
+//! runs exactly that plan: SQL is never re-planned from a ticket, so a stolen
+//! or replayed ticket is useless to anyone else and after expiry.
+//!
+//! The signing key is generated at start-up and never leaves memory; tickets
+//! do not survive a restart (neither do the plans they name).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use prost::Message;
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use sluice_policy::{Approval, Principal};
+
+use super::QueryError;
+
+/// Signed content of a ticket.
+#[derive(Clone, PartialEq, Message)]
+pub struct Claims {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub query_id: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub principal_id: String,
+    /// Unix milliseconds.
+    #[prost(int64, tag = "4")]
+    pub expires_at_ms: i64,
+    /// SHA-256 of the approved plan.
+    #[prost(bytes = "vec", tag = "5")]
+    pub plan_hash: Vec<u8>,
+    #[prost(string, tag = "6")]
+    pub policy_version: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct SignedTicket {
+    #[prost(bytes = "vec", tag = "1")]
+    claims: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    tag: Vec<u8>,
+}
+
+const CLAIMS_VERSION: u32 = 1;
+
+/// Signs and verifies tickets.
+pub struct TicketSigner {
+    key: hmac::Key,
+}
+
+impl TicketSigner {
+    /// A signer with a fresh random key.
+    pub fn generate() -> Self {
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
+            .expect("the system random source is available");
+        Self { key }
+    }
+
+    pub fn sign(&self, claims: &Claims) -> Vec<u8> {
+        let claims = claims.encode_to_vec();
+        let tag = hmac::sign(&self.key, &claims).as_ref().to_vec();
+        SignedTicket { claims, tag }.encode_to_vec()
+    }
+
+    /// Checks the tag, the expiry and the holder, in that order.
+    pub fn verify(
+        &self,
+        ticket: &[u8],
+        holder: &Principal,
+        now: SystemTime,
+    ) -> Result<Claims, QueryError> {
+        let reject = |why: &str| QueryError::TicketRejected(format!("ticket rejected: {why}"));
+        let signed =
+            SignedTicket::decode(ticket).map_err(|_| reject("it is not a Sluice ticket"))?;
+        hmac::verify(&self.key, &signed.claims, &signed.tag)
+            .map_err(|_| reject("its signature does not match (altered, or issued by another connector or before a restart)"))?;
+        let claims =
+            Claims::decode(signed.claims.as_slice()).map_err(|_| reject("malformed claims"))?;
+        if claims.version != CLAIMS_VERSION {
+            return Err(reject("unsupported ticket version"));
+        }
+        if unix_ms(now) >= claims.expires_at_ms {
+            return Err(reject("it has expired; call GetFlightInfo again"));
+        }
+        if claims.principal_id != holder.id {
+            return Err(reject("it was issued to a different principal"));
+        }
+        Ok(claims)
+    }
+}
+
+/// An approved plan waiting for its DoGet.
+pub struct PendingQuery {
+    pub principal_id: String,
+    pub approval: Approval,
+    /// The schema advertised in FlightInfo; DoGet streams exactly this.
+    pub schema: SchemaRef,
+    pub plan_hash: Vec<u8>,
+    pub expires_at: SystemTime,
+}
+
+/// Approved plans by query id. Each is redeemed at most once and dropped at
+/// expiry, so the map stays bounded by the ticket rate × TTL and by a cap.
+pub struct PendingQueries {
+    inner: Mutex<HashMap<[u8; 16], PendingQuery>>,
+    capacity: usize,
+}
+
+impl PendingQueries {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    /// Stores an approved plan under a fresh random id.
+    pub fn insert(&self, pending: PendingQuery, now: SystemTime) -> Result<[u8; 16], QueryError> {
+        let mut id = [0u8; 16];
+        SystemRandom::new()
+            .fill(&mut id)
+            .map_err(|_| QueryError::Internal("the system random source failed".into()))?;
+        let mut map = self.inner.lock().expect("pending queries lock");
+        if map.len() >= self.capacity {
+            map.retain(|_, p| p.expires_at > now);
+            if map.len() >= self.capacity {
+                return Err(QueryError::ResourcesExhausted(format!(
+                    "{} tickets are waiting to be redeemed (limits.max_outstanding_tickets); redeem or let them expire",
+                    map.len()
+                )));
+            }
+        }
+        map.insert(id, pending);
+        Ok(id)
+    }
+
+    /// Takes the plan a verified ticket names. The claims were verified, so
+    /// a missing entry means it was already redeemed or the connector
+    /// restarted.
+    pub fn redeem(&self, claims: &Claims) -> Result<PendingQuery, QueryError> {
+        let id: [u8; 16] = claims.query_id.as_slice().try_into().map_err(|_| {
+            QueryError::TicketRejected("ticket rejected: malformed query id".into())
+        })?;
+        let pending = self
+            .inner
+            .lock()
+            .expect("pending queries lock")
+            .remove(&id)
+            .ok_or_else(|| {
+                QueryError::NotFound(
+                    "the ticket was already redeemed (tickets are single-use); call GetFlightInfo again".into(),
+                )
+            })?;
+        if pending.plan_hash != claims.plan_hash || pending.principal_id != claims.principal_id {
+            return Err(QueryError::TicketRejected(
+                "ticket rejected: it does not match the approved plan".into(),
+            ));
+        }
+        Ok(pending)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("pending queries lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops expired entries.
+    pub fn purge_expired(&self, now: SystemTime) {
+        self.inner
+            .lock()
+            .expect("pending queries lock")
+            .retain(|_, p| p.expires_at > now);
+    }
+}
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(expires_at_ms: i64) -> Claims {
+        Claims {
+            version: CLAIMS_VERSION,
+            query_id: vec![7; 16],
+            principal_id: "spiffe://a/org/x".into(),
+            expires_at_ms,
+            plan_hash: vec![1; 32],
+            policy_version: "none".into(),
+        }
+    }
+
+    #[test]
+    fn verifies_its_own_tickets() {
+        let signer = TicketSigner::generate();
+        let now = SystemTime::now();
+        let c = claims(unix_ms(now) + 60_000);
+        let t = signer.sign(&c);
+        assert_eq!(
+            signer
+                .verify(&t, &Principal::new("spiffe://a/org/x"), now)
+                .unwrap(),
+            c
+        );
+    }
+
+    #[test]
+    fn refuses_altered_expired_foreign_tickets() {
+        let signer = TicketSigner::generate();
+        let now = SystemTime::now();
+        let owner = Principal::new("spiffe://a/org/x");
+        let t = signer.sign(&claims(unix_ms(now) + 60_000));
+
+        for i in 0..t.len() {
+            let mut altered = t.clone();
+            altered[i] ^= 0x01;
+            assert!(
+                signer.verify(&altered, &owner, now).is_err(),
+                "byte {i} flipped"
+            );
+        }
+        let e = signer
+            .verify(&t, &Principal::new("spiffe://b/org/y"), now)
+            .unwrap_err();
+        assert!(e.to_string().contains("different principal"), "{e}");
+
+        let expired = signer.sign(&claims(unix_ms(now) - 1));
+        let e = signer.verify(&expired, &owner, now).unwrap_err();
+        assert!(e.to_string().contains("expired"), "{e}");
+
+        let other = TicketSigner::generate();
+        assert!(
+            other.verify(&t, &owner, now).is_err(),
+            "another key's ticket"
+        );
+    }
+}

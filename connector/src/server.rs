@@ -1,0 +1,221 @@
+//! Assembles and runs the daemon: mTLS listener, Flight SQL, Sluice's own
+//! services, health, reflection, metrics, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use arrow_flight::flight_service_server::FlightServiceServer;
+use sluice_policy::ReadOnlyGate;
+use sluice_proto::v1::connector_service_server::ConnectorServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::service::InterceptorLayer;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::catalog::Catalog;
+use crate::config::{Config, Source, TlsConfig};
+use crate::control::ConnectorInfo;
+use crate::flight::FlightSql;
+use crate::identity;
+use crate::metrics::{self, Metrics};
+use crate::query::QueryEngine;
+use crate::query::execute::Executor;
+use crate::state::{DEFAULT_IDENTITY, StateDir};
+
+/// TLS handshakes that take longer are dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until SIGTERM/SIGINT, then drains in-flight streams for up to
+/// `server.shutdown_grace`. Queries execute on `query_runtime`.
+pub async fn serve(config: Config, query_runtime: tokio::runtime::Handle) -> Result<()> {
+    let state = StateDir::new(&config.server.state_dir);
+    let tls_files = tls_files(&config, &state);
+    config.check_paths()?;
+    let tls = server_tls(&tls_files)?;
+
+    let catalog = Arc::new(Catalog::open(&config.datasets).await?);
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(QueryEngine::new(
+        catalog,
+        Arc::new(ReadOnlyGate),
+        config.limits.clone(),
+        Executor::new(query_runtime),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FlightServiceServer<FlightSql>>().await;
+    health
+        .set_serving::<ConnectorServiceServer<ConnectorInfo>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let reflection_v1 = reflection.build_v1().context("building gRPC reflection")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building gRPC reflection")?;
+
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding {} (server.listen / --listen)",
+                config.server.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let (stop, stopped) = watch::channel(false);
+    let metrics_addr = match config.metrics.listen {
+        Some(listen) => Some(metrics::serve(listen, metrics.clone(), wait(stopped.clone())).await?),
+        None => None,
+    };
+
+    let server = Server::builder()
+        .tls_config(tls)
+        .context("configuring TLS")?
+        .layer(InterceptorLayer::new(identity::authenticate))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(FlightSql::new(engine.clone(), metrics.clone()).into_service())
+        .add_service(ConnectorInfo::new(engine).into_service())
+        .serve_with_incoming_shutdown(incoming, wait(stopped));
+
+    print_banner(&config, &state, addr, metrics_addr, &tls_files);
+    tracing::info!(%addr, metrics = ?metrics_addr, datasets = config.datasets.len(), "serving Flight SQL over mTLS");
+
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result.context("the gRPC server stopped")?,
+        signal = shutdown_signal() => {
+            let grace = config.server.shutdown_grace;
+            tracing::info!(signal, grace_s = grace.as_secs_f64(), "shutting down: refusing new connections, finishing in-flight queries");
+            health.set_not_serving::<FlightServiceServer<FlightSql>>().await;
+            let _ = stop.send(true);
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(result) => result.context("the gRPC server stopped")?,
+                Err(_) => tracing::warn!("shutdown grace period over; closing the remaining streams"),
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The configured TLS files, or the state directory's development PKI.
+fn tls_files(config: &Config, state: &StateDir) -> TlsConfig {
+    config.tls.clone().unwrap_or_else(|| {
+        let (cert, key) = state.pair("server");
+        TlsConfig {
+            cert,
+            key,
+            client_ca: state.ca_cert(),
+        }
+    })
+}
+
+fn server_tls(files: &TlsConfig) -> Result<ServerTlsConfig> {
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
+    };
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&files.cert, "server certificate")?,
+            read(&files.key, "server key")?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(&files.client_ca, "client CA")?))
+        .client_auth_optional(false)
+        .timeout(HANDSHAKE_TIMEOUT))
+}
+
+async fn wait(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+/// Tells a newcomer what is running and how to reach it. The first line is
+/// stable: scripts and tests wait for `listening on grpc+tls://ADDR`.
+fn print_banner(
+    config: &Config,
+    state: &StateDir,
+    addr: SocketAddr,
+    metrics: Option<SocketAddr>,
+    tls: &TlsConfig,
+) {
+    let endpoint = format!("grpc+tls://{addr}");
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Sluice {} listening on {endpoint} (mTLS: client certificates required)\n",
+        env!("CARGO_PKG_VERSION")
+    ));
+    if let Some(m) = metrics {
+        out.push_str(&format!("  metrics on http://{m}/metrics\n"));
+    }
+    out.push_str(&format!("  config:    {}\n", config.source));
+    out.push_str(&format!("  state dir: {}\n", state.root().display()));
+    let names: Vec<&str> = config.datasets.iter().map(|d| d.name.as_str()).collect();
+    out.push_str(&format!("  datasets:  {}\n", names.join(", ")));
+    out.push_str(
+        "  policy:    none loaded: every authenticated client may run read-only queries\n",
+    );
+    if matches!(config.source, Source::Embedded) {
+        let (cert, key) = state.pair(DEFAULT_IDENTITY);
+        let state_arg = if state.root() == crate::config::absolute(std::path::Path::new(".sluice"))
+        {
+            String::new()
+        } else {
+            format!(" --state-dir {}", state.root().display())
+        };
+        out.push_str(&format!(
+            "\nTry it (demo identity `{DEFAULT_IDENTITY}`; `--identity supplier` for the other demo organization):\n  \
+             cargo run --release -- query{state_arg} \"SELECT mode, count(*) AS trips, round(avg(fare_eur), 2) AS avg_fare FROM trips GROUP BY mode ORDER BY trips DESC\"\n  \
+             sluice query --endpoint {endpoint} --ca {ca} --cert {cert} --key {key} \"SELECT count(*) FROM machine_events\"\n",
+            ca = tls.client_ca.display(),
+            cert = cert.display(),
+            key = key.display(),
+        ));
+        out.push_str(&format!(
+            "\nPython (pip install adbc-driver-flightsql pyarrow):\n\
+             \x20 import adbc_driver_flightsql.dbapi as flightsql\n\
+             \x20 read = lambda p: open(p).read()\n\
+             \x20 conn = flightsql.connect(\"{endpoint}\", db_kwargs={{\n\
+             \x20     \"adbc.flight.sql.client_option.tls_root_certs\": read(\"{ca}\"),\n\
+             \x20     \"adbc.flight.sql.client_option.mtls_cert_chain\": read(\"{cert}\"),\n\
+             \x20     \"adbc.flight.sql.client_option.mtls_private_key\": read(\"{key}\"),\n\
+             \x20 }})\n\
+             \x20 cur = conn.cursor()\n\
+             \x20 cur.execute(\"SELECT start_zone, count(*) AS trips FROM trips GROUP BY start_zone ORDER BY trips DESC LIMIT 5\")\n\
+             \x20 print(cur.fetch_arrow_table())\n",
+            ca = tls.client_ca.display(),
+            cert = cert.display(),
+            key = key.display(),
+        ));
+    }
+    print!("{out}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}

@@ -1,0 +1,216 @@
+//! The state directory (default `./.sluice/`): what a connector creates for
+//! itself on first start and keeps across restarts.
+//!
+//! ```text
+//! .sluice/
+//! ├── pki/      ca.pem ca.key  server.pem server.key  planning.pem planning.key  supplier.pem supplier.key
+//! └── data/     trips.parquet  machine_events.csv
+//! ```
+//!
+//! Preparation is idempotent and safe to run from several processes at once:
+//! it holds an exclusive lock on `.lock` and writes every file atomically, so
+//! a half-written certificate or dataset is never visible.
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::demo;
+use crate::pki::{self, Authority, ClientIdentity, Validity};
+
+/// A demo organization with a client certificate in the development PKI.
+pub struct DemoClient {
+    /// File stem in `pki/`, and the `--identity` name in the CLI.
+    pub name: &'static str,
+    pub common_name: &'static str,
+    pub organization: &'static str,
+    pub uri: &'static str,
+}
+
+/// The two demo organizations: a city planning agency (consumer of the
+/// transport agency's trips) and a supplier consortium (consumer of machine
+/// telemetry).
+pub const DEMO_CLIENTS: [DemoClient; 2] = [
+    DemoClient {
+        name: "planning",
+        common_name: "planning-analyst",
+        organization: "City Planning Agency",
+        uri: "spiffe://sluice.demo/org/city-planning",
+    },
+    DemoClient {
+        name: "supplier",
+        common_name: "supplier-analyst",
+        organization: "Axle Supplier Consortium",
+        uri: "spiffe://sluice.demo/org/axle-suppliers",
+    },
+];
+
+/// The identity the CLI uses when none is given.
+pub const DEFAULT_IDENTITY: &str = "planning";
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn pki_dir(&self) -> PathBuf {
+        self.root.join("pki")
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.pki_dir().join("ca.pem")
+    }
+    /// `(NAME.pem, NAME.key)` in `pki/`.
+    pub fn pair(&self, name: &str) -> (PathBuf, PathBuf) {
+        pki::pair_paths(&self.pki_dir(), name)
+    }
+
+    /// Creates whatever is missing: the development PKI and, when `demo_data`,
+    /// the demo datasets. Returns a line per item created.
+    pub fn prepare(&self, demo_data: bool) -> Result<Vec<String>> {
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating state directory {}", self.root.display()))?;
+        restrict_to_owner(&self.root)?;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".lock"))
+            .with_context(|| format!("opening {}", self.root.join(".lock").display()))?;
+        lock.lock().context("locking the state directory")?;
+        let mut created = self.ensure_dev_pki()?;
+        if demo_data {
+            created.extend(self.ensure_demo_data()?);
+        }
+        lock.unlock().ok();
+        Ok(created)
+    }
+
+    fn ensure_dev_pki(&self) -> Result<Vec<String>> {
+        let dir = self.pki_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        restrict_to_owner(&dir)?;
+        let mut created = Vec::new();
+        let (ca_cert, ca_key) = self.pair("ca");
+        if !ca_cert.exists() {
+            let ca = pki::create_ca(
+                "Sluice development CA",
+                Some("Sluice demo"),
+                Validity::days_from_now(3650),
+            )?;
+            pki::write_pair(&dir, "ca", &ca, true)?;
+            created.push(format!("development CA        {}", ca_cert.display()));
+        }
+        let authority = Authority::load(&ca_cert, &ca_key)?;
+        if !self.pair("server").0.exists() {
+            let ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
+            let server = authority.issue_server(
+                &["localhost".into()],
+                &ips,
+                Validity::days_from_now(825),
+            )?;
+            pki::write_pair(&dir, "server", &server, true)?;
+            created.push(format!(
+                "server certificate    {}",
+                self.pair("server").0.display()
+            ));
+        }
+        for client in &DEMO_CLIENTS {
+            if self.pair(client.name).0.exists() {
+                continue;
+            }
+            let issued = authority.issue_client(
+                &ClientIdentity {
+                    common_name: client.common_name.into(),
+                    organization: Some(client.organization.into()),
+                    uris: vec![client.uri.into()],
+                },
+                Validity::days_from_now(825),
+            )?;
+            pki::write_pair(&dir, client.name, &issued, true)?;
+            created.push(format!(
+                "client certificate    {} ({})",
+                self.pair(client.name).0.display(),
+                client.organization
+            ));
+        }
+        Ok(created)
+    }
+
+    fn ensure_demo_data(&self) -> Result<Vec<String>> {
+        let dir = self.data_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut created = Vec::new();
+        let trips = dir.join("trips.parquet");
+        if !trips.exists() {
+            demo::write_trips(&trips)?;
+            created.push(format!(
+                "demo dataset trips    {} ({} rows)",
+                trips.display(),
+                demo::TRIPS_ROWS
+            ));
+        }
+        let events = dir.join("machine_events.csv");
+        if !events.exists() {
+            demo::write_machine_events(&events)?;
+            created.push(format!(
+                "demo dataset machine_events {} ({} rows)",
+                events.display(),
+                demo::MACHINE_EVENTS_ROWS
+            ));
+        }
+        Ok(created)
+    }
+}
+
+#[cfg(unix)]
+fn restrict_to_owner(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {} to its owner", dir.display()))
+}
+
+#[cfg(not(unix))]
+fn restrict_to_owner(_dir: &Path) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepares_the_pki_once_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let first = state.prepare(false).unwrap();
+        assert_eq!(first.len(), 2 + DEMO_CLIENTS.len());
+        let ca_before = fs::read(state.ca_cert()).unwrap();
+        assert!(state.prepare(false).unwrap().is_empty());
+        assert_eq!(fs::read(state.ca_cert()).unwrap(), ca_before);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(state.pair("server").1)
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "private keys are readable by the owner only"
+            );
+        }
+    }
+}
