@@ -1,0 +1,353 @@
+//! Shared harness for the integration tests: starts the real `sluice` binary
+//! on an ephemeral port and connects to it with arrow-flight's
+//! `FlightSqlServiceClient` over mTLS.
+//!
+//! Every test binary shares one prepared state directory (development PKI and
+//! demo data) under Cargo's per-target temporary directory, so the 1M-row
+//! demo table is generated once per build, not once per test.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::{FlightInfo, Ticket};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// How long a daemon may take to print its banner.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The `sluice` binary Cargo built for this test run.
+pub fn sluice() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// A state directory with the development PKI and the demo datasets,
+/// prepared once with `sluice init` and shared by all tests.
+pub fn shared_state_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sluice-demo-state");
+        let out = sluice()
+            .args(["init", "--state-dir"])
+            .arg(&dir)
+            .output()
+            .expect("running sluice init");
+        assert!(
+            out.status.success(),
+            "sluice init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .clone()
+}
+
+/// A fresh, empty directory that lives as long as the returned guard.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sluice-it-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("creating a temporary directory")
+}
+
+/// A running `sluice serve` process; killed when dropped.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// The embedded demo configuration on the shared state directory.
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// The demo configuration plus extra `serve` arguments.
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let state_dir = shared_state_dir();
+        let mut args = vec!["--state-dir".to_string(), state_dir.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(&args, state_dir)
+    }
+
+    /// `sluice serve --config FILE` (its state directory is the shared one
+    /// unless the file says otherwise; the file's own settings apply).
+    pub fn start_config(config: &Path) -> Daemon {
+        let args = vec![
+            "--config".to_string(),
+            config.display().to_string(),
+            "--state-dir".to_string(),
+            shared_state_dir().display().to_string(),
+        ];
+        Self::spawn(&args, shared_state_dir())
+    }
+
+    fn spawn(args: &[String], state_dir: PathBuf) -> Daemon {
+        let mut child = sluice()
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning sluice serve");
+
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+
+        let (lines_tx, lines_rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining so the daemon never blocks on stdout.
+                }
+            }
+        });
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut addr = None;
+        let mut metrics = None;
+        while Instant::now() < deadline {
+            match lines_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening on grpc+tls://").nth(1) {
+                        addr = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
+                    } else if let Some(rest) = line.split("metrics on http://").nth(1) {
+                        metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+                    } else if addr.is_some() {
+                        break; // the banner's next line: metrics would have come by now
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if addr.is_some() {
+                        break;
+                    }
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!(
+                            "sluice serve exited with {status}: {}",
+                            stderr.lock().unwrap()
+                        );
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            panic!("sluice serve printed no banner: {}", stderr.lock().unwrap());
+        };
+        Daemon {
+            child,
+            addr,
+            metrics,
+            state_dir,
+            stderr,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("grpc+tls://{}", self.addr)
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.state_dir.join("pki")
+    }
+
+    /// An mTLS channel as demo identity `identity` (`planning` or `supplier`).
+    pub async fn channel(&self, identity: &str) -> Channel {
+        let pki = self.pki();
+        self.channel_with(
+            &pki.join("ca.pem"),
+            &pki.join(format!("{identity}.pem")),
+            &pki.join(format!("{identity}.key")),
+        )
+        .await
+        .expect("connecting over mTLS")
+    }
+
+    /// A channel with explicit files; `Err` if the handshake fails.
+    pub async fn channel_with(
+        &self,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+            .identity(Identity::from_pem(
+                std::fs::read(cert).unwrap(),
+                std::fs::read(key).unwrap(),
+            ))
+            .domain_name("localhost");
+        Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+    }
+
+    pub async fn client(&self, identity: &str) -> FlightSqlServiceClient<Channel> {
+        FlightSqlServiceClient::new(self.channel(identity).await)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// GET a path on the metrics endpoint; returns (status line, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        let addr = self.metrics.expect("the metrics endpoint is on");
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The gRPC status behind a Flight client error.
+pub fn status(error: FlightError) -> tonic::Status {
+    match error {
+        FlightError::Tonic(status) => *status,
+        other => panic!("expected a gRPC status, got {other}"),
+    }
+}
+
+/// The ticket of a FlightInfo's single endpoint.
+pub fn ticket(info: &FlightInfo) -> Ticket {
+    assert_eq!(info.endpoint.len(), 1, "one endpoint per query");
+    info.endpoint[0]
+        .ticket
+        .clone()
+        .expect("the endpoint has a ticket")
+}
+
+/// DoGet on the FlightInfo's ticket, collecting the stream's schema and batches.
+pub async fn fetch(
+    client: &mut FlightSqlServiceClient<Channel>,
+    info: &FlightInfo,
+) -> Result<(SchemaRef, Vec<RecordBatch>), FlightError> {
+    let mut stream = client.do_get(ticket(info)).await?;
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.try_next().await? {
+        batches.push(batch);
+    }
+    let schema = stream
+        .schema()
+        .cloned()
+        .ok_or_else(|| FlightError::ProtocolError("the stream carried no schema".into()))?;
+    Ok((schema, batches))
+}
+
+/// GetFlightInfo + DoGet for a SQL statement.
+pub async fn query(
+    client: &mut FlightSqlServiceClient<Channel>,
+    sql: &str,
+) -> Result<(SchemaRef, Vec<RecordBatch>), FlightError> {
+    let info = client.execute(sql.to_string(), None).await?;
+    fetch(client, &info).await
+}
+
+/// Runs `sql` on plain in-process DataFusion over the same demo files.
+pub async fn datafusion_answer(state_dir: &Path, sql: &str) -> Vec<RecordBatch> {
+    use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+    let ctx = SessionContext::new();
+    let data = state_dir.join("data");
+    ctx.register_parquet(
+        "trips",
+        data.join("trips.parquet").to_str().unwrap(),
+        ParquetReadOptions::default(),
+    )
+    .await
+    .unwrap();
+    ctx.register_csv(
+        "machine_events",
+        data.join("machine_events.csv").to_str().unwrap(),
+        CsvReadOptions::new(),
+    )
+    .await
+    .unwrap();
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
+/// Batches rendered as text, for comparing values independent of batch boundaries.
+pub fn render(batches: &[RecordBatch]) -> String {
+    datafusion::arrow::util::pretty::pretty_format_batches(batches)
+        .unwrap()
+        .to_string()
+}
+
+pub fn rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}

@@ -1,0 +1,370 @@
+//! Bad input, resource limits and shutdown: each gives a precise status, no
+//! data in the message, and the server keeps serving.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use common::{Daemon, fetch, query, rows, status};
+use futures::TryStreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn still_serving(client: &mut FlightSqlServiceClient<Channel>) {
+    let (_, batches) = query(client, "SELECT count(*) AS n FROM machine_events")
+        .await
+        .unwrap();
+    assert_eq!(rows(&batches), 1);
+}
+
+/// GetFlightInfo + DoGet; the status of whichever step refused.
+async fn refusal(client: &mut FlightSqlServiceClient<Channel>, sql: &str) -> tonic::Status {
+    match client.execute(sql.to_string(), None).await {
+        Err(e) => status(e),
+        Ok(info) => status(
+            fetch(client, &info)
+                .await
+                .expect_err("the query should fail"),
+        ),
+    }
+}
+
+#[tokio::test]
+async fn bad_sql_gets_a_precise_status_and_the_server_stays_up() {
+    let mut daemon = Daemon::start();
+    let mut client = daemon.client("planning").await;
+    let deep_parens = format!(
+        "SELECT {}1{} FROM trips",
+        "(".repeat(2_000),
+        ")".repeat(2_000)
+    );
+    let long_sum = format!("SELECT {} AS s", vec!["1"; 20_000].join(" + "));
+    let long_or = format!(
+        "SELECT count(*) FROM trips WHERE {}",
+        (0..5_000)
+            .map(|i| format!("trip_id = {i}"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    );
+    let many_unions = vec!["SELECT 1 AS x"; 5_000].join(" UNION ALL ");
+    let nested_subqueries = (0..300).fold("SELECT 1 AS x".to_string(), |q, _| {
+        format!("SELECT x FROM ({q}) t")
+    });
+    let one_megabyte = format!("SELECT 1 /* {} */", "x".repeat(1 << 20));
+    let cases: Vec<(&str, &str, Code, &str)> = vec![
+        (
+            "syntax error",
+            "SELEC mode FROM trips",
+            Code::InvalidArgument,
+            "syntax",
+        ),
+        (
+            "unknown table",
+            "SELECT * FROM nonexistent_table",
+            Code::NotFound,
+            "nonexistent_table",
+        ),
+        (
+            "unknown column",
+            "SELECT no_such_column FROM trips",
+            Code::InvalidArgument,
+            "no_such_column",
+        ),
+        (
+            "unknown function",
+            "SELECT frobnicate(mode) FROM trips",
+            Code::InvalidArgument,
+            "frobnicate",
+        ),
+        ("empty", "   ", Code::InvalidArgument, "empty"),
+        (
+            "two statements",
+            "SELECT 1; SELECT 2",
+            Code::InvalidArgument,
+            "one statement per query",
+        ),
+        (
+            "1 MB of SQL",
+            &one_megabyte,
+            Code::InvalidArgument,
+            "max_sql_bytes",
+        ),
+        (
+            "2,000 nested parentheses",
+            &deep_parens,
+            Code::InvalidArgument,
+            "recursion",
+        ),
+        (
+            "20,000-term sum",
+            &long_sum,
+            Code::InvalidArgument,
+            "limit is 256",
+        ),
+        (
+            "5,000-term OR",
+            &long_or,
+            Code::InvalidArgument,
+            "limit is 256",
+        ),
+        (
+            "5,000-way UNION ALL",
+            &many_unions,
+            Code::InvalidArgument,
+            "limit is 256",
+        ),
+        (
+            "300 nested subqueries",
+            &nested_subqueries,
+            Code::InvalidArgument,
+            "",
+        ),
+        (
+            "unbound parameter",
+            "SELECT * FROM trips WHERE trip_id = $1",
+            Code::InvalidArgument,
+            "unbound",
+        ),
+    ];
+    for (what, sql, code, mentions) in cases {
+        let err = refusal(&mut client, sql).await;
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(
+            err.message()
+                .to_lowercase()
+                .contains(&mentions.to_lowercase()),
+            "{what}: message `{}` should mention `{mentions}`",
+            err.message()
+        );
+        assert!(
+            err.message().len() < 2_000,
+            "{what}: the message echoes the input"
+        );
+        assert!(daemon.is_running(), "{what}: the server died");
+        still_serving(&mut client).await;
+    }
+}
+
+#[tokio::test]
+async fn data_dependent_errors_never_carry_values() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client("planning").await;
+    for (sql, mentions) in [
+        ("SELECT CAST(card_id AS INT) FROM trips", "withheld"),
+        (
+            "SELECT CAST(machine_serial AS BIGINT) FROM machine_events",
+            "withheld",
+        ),
+        (
+            "SELECT trip_id / (trip_id - trip_id) FROM trips",
+            "division by zero",
+        ),
+    ] {
+        let err = refusal(&mut client, sql).await;
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
+        assert!(err.message().contains(mentions), "{sql}: {}", err.message());
+        // Card ids look like C0001234 and serials like AX-2042-0007.
+        let leaks_value = err
+            .message()
+            .split(|c: char| !c.is_ascii_alphanumeric() && c != '-')
+            .any(|w| {
+                (w.len() == 8 && w.starts_with('C') && w[1..].bytes().all(|b| b.is_ascii_digit()))
+                    || (w.len() > 8 && w.matches('-').count() == 2)
+            });
+        assert!(!leaks_value, "{sql}: {}", err.message());
+    }
+}
+
+fn config_with(limits: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = common::temp_dir();
+    let data = common::shared_state_dir().join("data");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nshutdown_grace = \"20s\"\n\n[limits]\n{limits}\n\n\
+             [[datasets]]\nname = \"trips\"\nformat = \"parquet\"\npath = \"{}\"\n\n\
+             [[datasets]]\nname = \"machine_events\"\nformat = \"csv\"\npath = \"{}\"\n",
+            data.join("trips.parquet").display(),
+            data.join("machine_events.csv").display()
+        ),
+    )
+    .unwrap();
+    (dir, config)
+}
+
+#[tokio::test]
+async fn memory_limit_gives_resource_exhausted_and_others_continue() {
+    let (_dir, config) = config_with("query_memory = \"2MiB\"");
+    let mut daemon = Daemon::start_config(&config);
+    let mut client = daemon.client("planning").await;
+    let err = refusal(
+        &mut client,
+        "SELECT card_id, count(*) AS n, array_agg(trip_id) AS ids FROM trips GROUP BY card_id ORDER BY n DESC",
+    )
+    .await;
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("limits.query_memory"),
+        "{}",
+        err.message()
+    );
+    assert!(daemon.is_running());
+    still_serving(&mut client).await;
+}
+
+#[tokio::test]
+async fn timeout_gives_deadline_exceeded_and_others_continue() {
+    let (_dir, config) = config_with("query_timeout = \"1500ms\"");
+    let mut daemon = Daemon::start_config(&config);
+    let mut slow = daemon.client("planning").await;
+    let mut other = daemon.client("supplier").await;
+    let slow_query = tokio::spawn(async move {
+        let started = Instant::now();
+        let err = refusal(
+            &mut slow,
+            "SELECT count(*) FROM trips a JOIN trips b ON a.trip_id < b.trip_id",
+        )
+        .await;
+        (err, started.elapsed())
+    });
+    // Meanwhile another client is served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_serving(&mut other).await;
+    let (err, took) = slow_query.await.unwrap();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("limits.query_timeout"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the timeout fired late: {took:?}"
+    );
+    assert!(daemon.is_running());
+    still_serving(&mut other).await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_in_flight_stream_then_exits_cleanly() {
+    let mut daemon = Daemon::start();
+    let mut client = daemon.client("planning").await;
+    let info = client
+        .execute("SELECT * FROM trips".into(), None)
+        .await
+        .unwrap();
+    let mut stream = client.do_get(common::ticket(&info)).await.unwrap();
+    let first = stream.try_next().await.unwrap().expect("a first batch");
+    daemon.terminate();
+    let mut total = first.num_rows();
+    while let Some(batch) = stream.try_next().await.unwrap() {
+        total += batch.num_rows();
+    }
+    assert_eq!(total, 1_000_000, "the in-flight stream was cut short");
+    let exit = daemon
+        .wait(Duration::from_secs(20))
+        .expect("the daemon exits after SIGTERM");
+    assert!(exit.success(), "{exit}");
+    assert!(daemon.logs().contains("shutting down"), "{}", daemon.logs());
+}
+
+#[tokio::test]
+async fn health_reflection_and_metrics() {
+    let daemon = Daemon::start();
+    let channel = daemon.channel("planning").await;
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "arrow.flight.protocol.FlightService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "sluice.v1.ConnectorService"),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n == "grpc.health.v1.Health"),
+        "{names:?}"
+    );
+
+    // A query and a failure show up in the Prometheus metrics.
+    let mut client = FlightSqlServiceClient::new(channel);
+    query(&mut client, "SELECT 1").await.unwrap();
+    let _ = refusal(&mut client, "SELECT * FROM nonexistent").await;
+    let (status_line, body) = daemon.http_get("/metrics");
+    assert!(status_line.contains("200"), "{status_line}");
+    for metric in [
+        "sluice_queries_total",
+        "sluice_rpc_errors_total",
+        "sluice_result_bytes_total",
+        "sluice_query_duration_seconds_bucket",
+    ] {
+        assert!(body.contains(metric), "{metric} missing from\n{body}");
+    }
+    let (status_line, _) = daemon.http_get("/healthz");
+    assert!(status_line.contains("200"), "{status_line}");
+}
+
+#[tokio::test]
+async fn each_query_is_logged_in_one_span_as_json() {
+    let daemon = Daemon::start_with(&["--log-format", "json"]);
+    let mut client = daemon.client("supplier").await;
+    query(&mut client, "SELECT * FROM machine_events LIMIT 7")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = daemon.logs();
+        let done = logs.lines().find(|l| l.contains("query finished"));
+        if let Some(line) = done {
+            let record: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+            let span = &record["span"];
+            assert_eq!(
+                span["principal"], "spiffe://sluice.demo/org/axle-suppliers",
+                "{line}"
+            );
+            assert!(
+                span["query_id"].as_str().is_some_and(|s| !s.is_empty()),
+                "{line}"
+            );
+            assert_eq!(record["fields"]["rows"], 7, "{line}");
+            assert!(record["fields"]["bytes"].as_u64().unwrap() > 0, "{line}");
+            assert!(record["fields"]["duration_ms"].is_number(), "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `query finished` record in\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one test command. On a fresh machine it installs what the tests need
+# (the pinned Python clients, into a virtualenv), builds Sluice in the debug
+# profile, and runs every test: Rust unit and integration tests against the
+# real binary, then the Python interop tests (ADBC, pyarrow.flight).
+#
+#   ./tests/run.sh            everything
+#   ./tests/run.sh --rust     Rust tests only
+#   ./tests/run.sh --python   Python interop tests only (builds the binary first)
+#
+# Environment: CARGO_TARGET_DIR (default ~/.cache/sluice-target, kept between
+# runs so CI reuses what is built), SLUICE_VENV (default ~/.cache/sluice-venv).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/sluice-target}
+VENV=${SLUICE_VENV:-$HOME/.cache/sluice-venv}
+which=${1:-all}
+
+step() { printf '\n==> %s\n' "$*"; }
+started=$SECONDS
+
+if [[ $which != --rust ]]; then
+    step "Python test clients (pinned in tests/python/requirements.txt) into $VENV"
+    if [[ ! -x $VENV/bin/python ]]; then
+        python3 -m venv "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "build (debug profile, target dir $CARGO_TARGET_DIR)"
+cargo build --workspace --all-targets --locked
+
+# One prepared state directory (development PKI + demo data) for all tests.
+STATE_DIR=$CARGO_TARGET_DIR/tmp/sluice-demo-state
+"$CARGO_TARGET_DIR/debug/sluice" init --state-dir "$STATE_DIR" >/dev/null
+
+if [[ $which != --python ]]; then
+    step "Rust unit, integration and doc tests"
+    cargo test --workspace --locked
+fi
+
+if [[ $which != --rust ]]; then
+    step "Python interop tests against the real daemon"
+    SLUICE_BIN=$CARGO_TARGET_DIR/debug/sluice SLUICE_TEST_STATE_DIR=$STATE_DIR \
+        "$VENV/bin/python" -m pytest tests/python -q -p no:cacheprovider
+fi
+
+step "all tests passed in $((SECONDS - started)) s"
