@@ -28,6 +28,53 @@ fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+#[tokio::test]
+async fn first_start_creates_the_pki_and_demo_data_and_explains_itself() {
+    let dir = common::temp_dir();
+    let state = dir.path().join("fresh-state");
+    let daemon = Daemon::start_fresh(&state);
+    for file in [
+        "pki/ca.pem",
+        "pki/ca.key",
+        "pki/server.pem",
+        "pki/server.key",
+        "pki/planning.pem",
+        "pki/planning.key",
+        "pki/supplier.pem",
+        "pki/supplier.key",
+        "data/trips.parquet",
+        "data/machine_events.csv",
+    ] {
+        assert!(state.join(file).is_file(), "{file} missing");
+    }
+    // The banner is complete once the Python snippet's last line is out.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !daemon.banner().contains("fetch_arrow_table") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let banner = daemon.banner();
+    assert!(
+        banner.contains(&format!("--endpoint {}", daemon.endpoint())),
+        "{banner}"
+    );
+    assert!(banner.contains("query --state-dir"), "{banner}");
+    assert!(banner.contains("adbc_driver_flightsql"), "{banner}");
+    // The demo data is there and identical to the shared, separately created copy.
+    let mut client = daemon.client("planning").await;
+    let (_, got) = query(
+        &mut client,
+        "SELECT count(*) AS n, sum(trip_id) AS s FROM trips",
+    )
+    .await
+    .unwrap();
+    let want = common::datafusion_answer(
+        &common::shared_state_dir(),
+        "SELECT count(*) AS n, sum(trip_id) AS s FROM trips",
+    )
+    .await;
+    assert_eq!(render(&got), render(&want));
+}
+
 #[test]
 fn query_prints_table_csv_json_and_arrow() {
     let daemon = Daemon::start();

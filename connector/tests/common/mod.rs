@@ -67,6 +67,7 @@ pub struct Daemon {
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
     pub state_dir: PathBuf,
+    stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -125,11 +126,13 @@ impl Daemon {
 
         let (lines_tx, lines_rx) = mpsc::channel();
         let out = child.stdout.take().unwrap();
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let banner = stdout.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if lines_tx.send(line).is_err() {
-                    // Nobody listens any more; keep draining so the daemon never blocks on stdout.
-                }
+                banner.lock().unwrap().push_str(&format!("{line}\n"));
+                // Once nobody listens, keep draining so the daemon never blocks on stdout.
+                let _ = lines_tx.send(line);
             }
         });
 
@@ -170,6 +173,7 @@ impl Daemon {
             addr,
             metrics,
             state_dir,
+            stdout,
             stderr,
         }
     }
@@ -243,6 +247,18 @@ impl Daemon {
 
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Everything the daemon printed to standard output so far (the banner).
+    pub fn banner(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// `sluice serve` on the embedded demo with a state directory that does
+    /// not exist yet: the first start of a newcomer.
+    pub fn start_fresh(state_dir: &Path) -> Daemon {
+        let args = vec!["--state-dir".to_string(), state_dir.display().to_string()];
+        Self::spawn(&args, state_dir.to_path_buf())
     }
 
     /// Everything the daemon logged so far.
