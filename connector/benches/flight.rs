@@ -14,6 +14,7 @@
 //! Set `SLUICE_BENCH_RUNS` / `SLUICE_BENCH_LATENCY_RUNS` to change the counts.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -205,7 +206,16 @@ struct Server {
 
 impl Server {
     fn start(state_dir: &Path) -> anyhow::Result<Server> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        // The server dies with the benchmark, even if it is killed.
+        // SAFETY: prctl is async-signal-safe and touches only this process.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command
             .args([
                 "serve",
                 "--listen",

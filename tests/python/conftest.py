@@ -5,8 +5,10 @@ The binary comes from $SLUICE_BIN (tests/run.sh sets it); the state directory
 `sluice init` if needed.
 """
 
+import ctypes
 import os
 import re
+import signal
 import subprocess
 import tempfile
 import threading
@@ -22,6 +24,12 @@ def sluice_bin() -> str:
     return os.environ.get("SLUICE_BIN", str(default))
 
 
+def _die_with_parent():
+    """If pytest is killed without cleaning up, the daemon dies with it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Daemon:
     def __init__(self, state_dir: Path, *extra: str):
         self.state_dir = state_dir
@@ -29,6 +37,7 @@ class Daemon:
             [sluice_bin(), "serve", "--state-dir", str(state_dir), "--listen", "127.0.0.1:0",
              "--metrics-listen", "off", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=_die_with_parent,
         )
         self.logs: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()

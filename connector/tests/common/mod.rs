@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -98,7 +99,17 @@ impl Daemon {
     }
 
     fn spawn(args: &[String], state_dir: PathBuf) -> Daemon {
-        let mut child = sluice()
+        let mut command = sluice();
+        // If the test process dies without unwinding (killed by a timeout),
+        // the daemon dies with it instead of running on as an orphan.
+        // SAFETY: prctl is async-signal-safe and touches only this process.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
