@@ -10,6 +10,15 @@
 //! (b) End-to-end latency of a small aggregate (GetFlightInfo + DoGet on an
 //!     open mTLS channel), p50/p99 over many runs, with DataFusion's
 //!     in-process latency for the same query beside it.
+//! (c) The usage policy: the time `PolicyGate::decide` takes (check and
+//!     rewrite, in process, p50/p99), and the end-to-end latency of a small
+//!     aggregate under the demo policy next to the same query with
+//!     enforcement off, both through an in-process server over mTLS. "Off"
+//!     is a pass-through gate handed to `server::serve_with` by this
+//!     benchmark; no CLI flag or config setting can turn enforcement off.
+//!
+//! (a) and (b) measure the transport, so the daemon runs them under the open
+//! test policy (`connector/tests/policies/open.yaml`).
 //!
 //! Set `SLUICE_BENCH_RUNS` / `SLUICE_BENCH_LATENCY_RUNS` to change the counts.
 
@@ -47,7 +56,8 @@ fn main() -> anyhow::Result<()> {
     let server = Server::start(&state_dir)?;
     let result = runtime.block_on(run(&server, &state_dir, runs, latency_runs));
     drop(server);
-    result
+    result?;
+    runtime.block_on(policy::run(&state_dir, latency_runs))
 }
 
 async fn run(
@@ -224,6 +234,8 @@ impl Server {
                 "off",
                 "--log-level",
                 "warn",
+                "--policy",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/policies/open.yaml"),
                 "--state-dir",
             ])
             .arg(state_dir)
@@ -294,4 +306,229 @@ fn percentile(times: &mut [Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// (c): what enforcing the usage policy costs.
+mod policy {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use datafusion::logical_expr::LogicalPlan;
+    use sluice::catalog::Catalog;
+    use sluice::config::Config;
+    use sluice::server::{ServeHooks, serve_with};
+    use sluice_policy::{
+        Approval, Denial, PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext,
+    };
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+    use super::{flight_scan, ms, percentile};
+
+    /// The supplier's small aggregate: row filter, masks, allowed functions.
+    const SUPPLIER_AGGREGATE: &str = "SELECT site, count(*) AS events, avg(energy_kwh) AS kwh FROM machine_events WHERE event_type = 'fault' GROUP BY site";
+    /// The planning agency's join: k suppression, row filter, join grant.
+    const PLANNING_JOIN: &str = "SELECT z.district, count(*) AS n, avg(t.fare_eur) AS fare FROM trips t JOIN zones z ON t.start_zone = z.zone_id WHERE t.mode = 'tram' GROUP BY z.district";
+
+    /// Enforcement off: approves every plan unchanged. Exists only here.
+    struct PassThrough;
+
+    impl PlanGate for PassThrough {
+        fn version(&self) -> &str {
+            "enforcement-off"
+        }
+        fn decide(&self, _: &QueryContext, plan: LogicalPlan) -> Result<Approval, Denial> {
+            Ok(Approval {
+                plan,
+                record: sluice_policy::DecisionRecord::explain("enforcement-off"),
+            })
+        }
+        fn visible_columns(&self, _: &Principal, _: &str) -> Option<Vec<String>> {
+            None
+        }
+    }
+
+    pub async fn run(state_dir: &Path, runs: usize) -> anyhow::Result<()> {
+        let config = Config::embedded_default(state_dir);
+        // The supplier's daily query quota would run out over repeated runs.
+        let _ = std::fs::remove_file(state_dir.join("quota.json"));
+        let catalog = Catalog::open(&config.datasets).await?;
+        let gate = demo_gate(&catalog, &config, state_dir)?;
+
+        println!("\n(c) the usage policy (demo policy), {runs} runs each:");
+        for (who, sql) in [
+            ("supplier", SUPPLIER_AGGREGATE),
+            ("planning", PLANNING_JOIN),
+        ] {
+            let (p50, p99) = decision_time(&catalog, &gate, who, sql, runs * 10).await?;
+            println!(
+                "    decide + rewrite, {who:<8} : p50 {:>7.1} µs  p99 {:>7.1} µs   {sql}",
+                p50 * 1e6,
+                p99 * 1e6
+            );
+        }
+
+        let enforced = start(config.clone(), None).await?;
+        let off = start(config, Some(Arc::new(PassThrough))).await?;
+        let mut with_policy = client(enforced, state_dir).await?;
+        let mut without = client(off, state_dir).await?;
+        for _ in 0..20 {
+            flight_scan(&mut with_policy, SUPPLIER_AGGREGATE).await?;
+            flight_scan(&mut without, SUPPLIER_AGGREGATE).await?;
+        }
+        let (mut on_times, mut off_times) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+        for _ in 0..runs {
+            let started = Instant::now();
+            flight_scan(&mut with_policy, SUPPLIER_AGGREGATE).await?;
+            on_times.push(started.elapsed());
+            let started = Instant::now();
+            flight_scan(&mut without, SUPPLIER_AGGREGATE).await?;
+            off_times.push(started.elapsed());
+        }
+        let (on50, on99) = (
+            percentile(&mut on_times, 50.0),
+            percentile(&mut on_times, 99.0),
+        );
+        let (off50, off99) = (
+            percentile(&mut off_times, 50.0),
+            percentile(&mut off_times, 99.0),
+        );
+        println!("    end to end over mTLS, supplier aggregate:");
+        println!(
+            "      policy enforced : p50 {:>6.2} ms  p99 {:>6.2} ms",
+            ms(on50),
+            ms(on99)
+        );
+        println!(
+            "      enforcement off : p50 {:>6.2} ms  p99 {:>6.2} ms",
+            ms(off50),
+            ms(off99)
+        );
+        println!(
+            "      ratio enforced / off at p50 : {:.3}",
+            on50.as_secs_f64() / off50.as_secs_f64()
+        );
+        Ok(())
+    }
+
+    fn demo_gate(
+        catalog: &Catalog,
+        config: &Config,
+        state_dir: &Path,
+    ) -> anyhow::Result<PolicyGate> {
+        struct Context<'a>(&'a Catalog);
+        impl PlanningContext for Context<'_> {
+            fn dataset_schema(
+                &self,
+                name: &str,
+            ) -> Option<datafusion::arrow::datatypes::SchemaRef> {
+                self.0.dataset(name).map(|d| d.schema.clone())
+            }
+            fn parse_predicate(
+                &self,
+                sql: &str,
+                schema: &datafusion::common::DFSchema,
+            ) -> Result<datafusion::logical_expr::Expr, String> {
+                self.0
+                    .session()
+                    .state()
+                    .create_logical_expr(sql, schema)
+                    .map_err(|e| e.to_string())
+            }
+        }
+        let file = config
+            .policy
+            .clone()
+            .unwrap_or_else(|| state_dir.join("policy.yaml"));
+        let text = std::fs::read_to_string(&file)?;
+        let policy = PolicySet::compile(
+            &file.display().to_string(),
+            &text,
+            &Context(catalog),
+            b"bench",
+        )?;
+        Ok(PolicyGate::new(policy))
+    }
+
+    async fn decision_time(
+        catalog: &Catalog,
+        gate: &PolicyGate,
+        who: &str,
+        sql: &str,
+        runs: usize,
+    ) -> anyhow::Result<(f64, f64)> {
+        let state = catalog.session().state();
+        let plan = state.create_logical_plan(sql).await?;
+        let analyzed =
+            state
+                .analyzer()
+                .execute_and_check(plan, state.config_options(), |_, _| {})?;
+        let request = QueryContext::new(principal(who)).with_purpose("research");
+        gate.decide(&request, analyzed.clone())
+            .map_err(|d| anyhow::anyhow!("{d}"))?;
+        let mut times: Vec<Duration> = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let plan = analyzed.clone();
+            let started = Instant::now();
+            let approval = gate.decide(&request, plan);
+            times.push(started.elapsed());
+            std::hint::black_box(approval).map_err(|d| anyhow::anyhow!("{d}"))?;
+        }
+        Ok((
+            percentile(&mut times, 50.0).as_secs_f64(),
+            percentile(&mut times, 99.0).as_secs_f64(),
+        ))
+    }
+
+    fn principal(who: &str) -> Principal {
+        let client = sluice::state::DEMO_CLIENTS
+            .iter()
+            .find(|c| c.name == who)
+            .expect("a demo client");
+        let mut principal = Principal::new(client.uri);
+        principal.organization = Some(client.organization.into());
+        principal.common_name = Some(client.common_name.into());
+        principal.san_uris = vec![client.uri.into()];
+        principal
+    }
+
+    async fn start(
+        mut config: Config,
+        gate: Option<Arc<dyn PlanGate>>,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        config.server.listen = "127.0.0.1:0".parse()?;
+        config.metrics.listen = None;
+        let (bound, address) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::spawn(serve_with(
+            config,
+            runtime,
+            ServeHooks {
+                gate,
+                bound: Some(bound),
+            },
+        ));
+        Ok(address.await?)
+    }
+
+    async fn client(
+        addr: std::net::SocketAddr,
+        state_dir: &Path,
+    ) -> anyhow::Result<FlightSqlServiceClient<tonic::transport::Channel>> {
+        let pki = state_dir.join("pki");
+        let read = |name: &str| std::fs::read(pki.join(name));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+            .identity(Identity::from_pem(
+                read("supplier.pem")?,
+                read("supplier.key")?,
+            ))
+            .domain_name("localhost");
+        let channel = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok(FlightSqlServiceClient::new(channel))
+    }
 }

@@ -65,6 +65,9 @@ struct ServeArgs {
     /// State directory (development PKI, demo data). Overrides server.state_dir.
     #[arg(long, env = "SLUICE_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Usage policy file (YAML, see docs/policy.md). Overrides policy.file.
+    #[arg(long, env = "SLUICE_POLICY")]
+    policy: Option<PathBuf>,
     /// Prometheus endpoint address, or `off`. Overrides metrics.listen.
     #[arg(long)]
     metrics_listen: Option<String>,
@@ -128,7 +131,11 @@ struct QueryArgs {
     /// Output format.
     #[arg(long, short = 'f', value_enum, default_value = "table")]
     format: OutputFormat,
-    /// The SQL query; `-` reads it from standard input.
+    /// Declared purpose of the query (sent as the x-sluice-purpose header),
+    /// e.g. `research`; policies may require one.
+    #[arg(long, short = 'p', env = "SLUICE_PURPOSE")]
+    purpose: Option<String>,
+    /// The SQL query (or `EXPLAIN POLICY <query>`); `-` reads it from standard input.
     sql: String,
 }
 
@@ -314,6 +321,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         cfg.server.listen =
             config::parse_addr(listen).map_err(|r| anyhow::anyhow!("--listen: {r}"))?;
     }
+    if let Some(policy) = &args.policy {
+        cfg.policy = Some(config::absolute(policy));
+    }
     if let Some(m) = &args.metrics_listen {
         cfg.metrics.listen = match m.as_str() {
             "off" => None,
@@ -383,6 +393,9 @@ async fn query(args: QueryArgs) -> Result<()> {
         args.sql.clone()
     };
     let mut conn = args.conn.connect().await?;
+    if let Some(purpose) = &args.purpose {
+        conn.set_purpose(purpose)?;
+    }
     let (schema, batches) = conn.query_stream(&sql).await?;
     let mut batches = std::pin::pin!(batches);
     let stdout = std::io::stdout();

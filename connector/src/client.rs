@@ -64,6 +64,7 @@ impl QueryResult {
 pub struct Connection {
     client: FlightServiceClient<Channel>,
     channel: Channel,
+    purpose: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 /// `grpc+tls://host:port` (or `https://`) to the URI tonic dials.
@@ -106,7 +107,18 @@ impl Connection {
         Ok(Self {
             client: FlightServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             channel,
+            purpose: None,
         })
+    }
+
+    /// Declares the purpose of the following queries (the
+    /// `x-sluice-purpose` header), as policies may require.
+    pub fn set_purpose(&mut self, purpose: &str) -> Result<()> {
+        self.purpose =
+            Some(purpose.parse().map_err(|_| {
+                anyhow::anyhow!("the purpose must be ASCII text without line breaks")
+            })?);
+        Ok(())
     }
 
     pub fn channel(&self) -> Channel {
@@ -148,9 +160,15 @@ impl Connection {
     }
 
     async fn flight_info(&mut self, cmd: Vec<u8>) -> Result<FlightInfo> {
+        let mut request = tonic::Request::new(FlightDescriptor::new_cmd(cmd));
+        if let Some(purpose) = &self.purpose {
+            request
+                .metadata_mut()
+                .insert(crate::identity::PURPOSE_HEADER, purpose.clone());
+        }
         let info = self
             .client
-            .get_flight_info(FlightDescriptor::new_cmd(cmd))
+            .get_flight_info(request)
             .await
             .map_err(status_error)?
             .into_inner();

@@ -74,6 +74,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub datasets: Vec<DatasetConfig>,
+    /// The usage policy file (YAML, `docs/policy.md`). `None`: no policy, and
+    /// every query is refused (deny by default).
+    pub policy: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -312,6 +315,13 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     datasets: Vec<RawDataset>,
+    policy: Option<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    file: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -492,6 +502,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
             level,
         },
         datasets,
+        policy: raw.policy.map(|p| resolve(&p.file)),
     })
 }
 
@@ -706,8 +717,12 @@ mod tests {
     fn embedded_default_is_valid_and_resolves_against_state_dir() {
         let cfg = Config::embedded_default(Path::new("/var/lib/sluice"));
         assert_eq!(cfg.server.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(cfg.datasets.len(), 2);
+        assert_eq!(cfg.datasets.len(), 3);
         assert!(cfg.datasets[0].path.starts_with("/var/lib/sluice"));
+        assert_eq!(
+            cfg.policy.as_deref(),
+            Some(Path::new("/var/lib/sluice/policy.yaml"))
+        );
         assert!(cfg.tls.is_none());
     }
 

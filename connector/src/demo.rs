@@ -5,6 +5,10 @@
 //!   Personal mobility data: `card_id` is the privacy unit.
 //! * `machine_events` (CSV, 50,000 rows): synthetic factory telemetry from
 //!   three manufacturers.
+//! * `zones` (newline-delimited JSON, 40 rows): public reference data on the
+//!   fare zones that `trips` starts and ends in.
+//!
+//! The demo usage policy over them is `demo_policy.yaml` next to this file.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -32,6 +36,40 @@ const ZONES: u64 = 40;
 const EPOCH_2026_US: i64 = 1_767_225_600_000_000;
 const DAY_US: i64 = 86_400_000_000;
 const MINUTE_US: i64 = 60_000_000;
+
+/// The demo usage policy, written to `<state_dir>/policy.yaml` on first start.
+pub const DEMO_POLICY: &str = include_str!("demo_policy.yaml");
+
+const DISTRICTS: [&str; 8] = [
+    "Old Town",
+    "Harbour",
+    "North Hills",
+    "Riverside",
+    "University",
+    "Eastgate",
+    "Airport",
+    "Lakeside",
+];
+
+/// Writes the `zones` table to `path` (one JSON object per line).
+pub fn write_zones(path: &Path) -> Result<()> {
+    let tmp = path.with_extension("json.partial");
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut out = BufWriter::new(file);
+    for z in 0..ZONES {
+        let district = DISTRICTS[(z % DISTRICTS.len() as u64) as usize];
+        let population = 2_000 + mix(z ^ 0x20E5) % 48_000;
+        let area = 0.5 + (mix(z ^ 0xA4EA) % 900) as f64 / 100.0;
+        writeln!(
+            out,
+            r#"{{"zone_id":"{}","district":"{district}","population":{population},"area_km2":{area:.2}}}"#,
+            zone_name(z)
+        )?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
 
 /// SplitMix64: tiny, fast, and the same sequence on every platform.
 struct Rng(u64);

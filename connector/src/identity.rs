@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use ring::digest;
-use sluice_policy::Principal;
+use sluice_policy::{Principal, QueryContext};
 use tonic::{Request, Status};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -52,6 +52,32 @@ pub fn caller<T>(request: &Request<T>) -> Result<Arc<Caller>, Status> {
 /// The principal of a request that passed [`authenticate`].
 pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
     caller(request).map(|c| c.principal.clone())
+}
+
+/// The request header in which a query declares its purpose.
+pub const PURPOSE_HEADER: &str = "x-sluice-purpose";
+
+/// Who asks and why: the principal and the declared purpose (the
+/// `x-sluice-purpose` header), for the policy decision.
+pub fn query_context<T>(request: &Request<T>) -> Result<QueryContext, Status> {
+    let principal = principal(request)?;
+    let purpose = match request.metadata().get(PURPOSE_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "the {PURPOSE_HEADER} header must be ASCII text"
+                    ))
+                })?
+                .trim()
+                .to_string(),
+        ),
+    };
+    let mut context = QueryContext::new(principal);
+    context.purpose = purpose.filter(|p| !p.is_empty());
+    Ok(context)
 }
 
 /// Derives the principal from a DER certificate: the first SAN URI, else

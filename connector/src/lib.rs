@@ -11,7 +11,8 @@
 //! |---|---|
 //! | 1. identity: the principal from the client certificate | [`identity`] |
 //! | 2. plan: SQL → analyzed `LogicalPlan` | [`query::plan`] |
-//! | 3–4. decision and rewrite | `sluice_policy::PlanGate` |
+//! | 3–4. decision and rewrite: the usage policy on the plan | [`usage_policy`] (loading, reload) and `sluice_policy` (the engine) |
+//! | quotas per organization and day | [`quota`] |
 //! | 5. signed, single-use ticket | [`query::ticket`] |
 //! | 6. execution under memory and time limits | [`query::execute`] |
 //! | 7. release: the advertised schema, exactly | [`query::release`] |
@@ -33,9 +34,11 @@ pub mod identity;
 pub mod metrics;
 pub mod pki;
 pub mod query;
+pub mod quota;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod usage_policy;
 
 /// Major version of the Arrow libraries Sluice speaks (arrow-rs 59, as used
 /// by DataFusion 55).

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use arrow_flight::flight_service_server::FlightServiceServer;
-use sluice_policy::ReadOnlyGate;
 use sluice_proto::v1::connector_service_server::ConnectorServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -24,7 +23,9 @@ use crate::identity;
 use crate::metrics::{self, Metrics};
 use crate::query::QueryEngine;
 use crate::query::execute::Executor;
+use crate::quota::QuotaStore;
 use crate::state::{DEFAULT_IDENTITY, StateDir};
+use crate::usage_policy::PolicyHandle;
 
 /// TLS handshakes that take longer are dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +33,24 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves until SIGTERM/SIGINT, then drains in-flight streams for up to
 /// `server.shutdown_grace`. Queries execute on `query_runtime`.
 pub async fn serve(config: Config, query_runtime: tokio::runtime::Handle) -> Result<()> {
+    serve_with(config, query_runtime, ServeHooks::default()).await
+}
+
+/// For benchmarks and embedding, never reachable from the CLI or a config
+/// file: a gate that replaces the configured policy, and a channel that
+/// receives the bound address instead of the banner being printed.
+#[derive(Default)]
+pub struct ServeHooks {
+    pub gate: Option<Arc<dyn sluice_policy::PlanGate>>,
+    pub bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+}
+
+/// [`serve`] with [`ServeHooks`].
+pub async fn serve_with(
+    config: Config,
+    query_runtime: tokio::runtime::Handle,
+    mut hooks: ServeHooks,
+) -> Result<()> {
     let state = StateDir::new(&config.server.state_dir);
     let tls_files = tls_files(&config, &state);
     config.check_paths()?;
@@ -39,9 +58,26 @@ pub async fn serve(config: Config, query_runtime: tokio::runtime::Handle) -> Res
 
     let catalog = Arc::new(Catalog::open(&config.datasets).await?);
     let metrics = Arc::new(Metrics::new());
+    state.ensure_mask_key()?;
+    let mask_key = std::fs::read(state.mask_key())
+        .with_context(|| format!("reading the masking key {}", state.mask_key().display()))?;
+    let policy = Arc::new(match hooks.gate.take() {
+        Some(gate) => PolicyHandle::fixed(gate),
+        None => PolicyHandle::load(config.policy.as_deref(), mask_key, catalog.clone())?,
+    });
+    match policy.file() {
+        Some(file) => {
+            tracing::info!(file = %file.display(), version = %policy.version(), "usage policy loaded")
+        }
+        None => tracing::warn!(
+            "no usage policy configured ([policy] file): every query will be refused"
+        ),
+    }
+    let quotas = Arc::new(QuotaStore::open(state.quota_file())?);
     let engine = Arc::new(QueryEngine::new(
         catalog,
-        Arc::new(ReadOnlyGate),
+        policy.clone(),
+        quotas,
         config.limits.clone(),
         Executor::new(query_runtime),
     ));
@@ -73,6 +109,10 @@ pub async fn serve(config: Config, query_runtime: tokio::runtime::Handle) -> Res
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
     let (stop, stopped) = watch::channel(false);
+    tokio::spawn(crate::usage_policy::watch_for_changes(
+        policy.clone(),
+        stopped.clone(),
+    ));
     let metrics_addr = match config.metrics.listen {
         Some(listen) => Some(metrics::serve(listen, metrics.clone(), wait(stopped.clone())).await?),
         None => None,
@@ -89,7 +129,18 @@ pub async fn serve(config: Config, query_runtime: tokio::runtime::Handle) -> Res
         .add_service(ConnectorInfo::new(engine).into_service())
         .serve_with_incoming_shutdown(incoming, wait(stopped));
 
-    print_banner(&config, &state, addr, metrics_addr, &tls_files);
+    match hooks.bound.take() {
+        Some(bound) => {
+            let _ = bound.send(addr);
+        }
+        None => {
+            let policy = match policy.file() {
+                Some(file) => format!("{} ({})", file.display(), policy.version()),
+                None => "none: every query is refused until [policy] file is set".into(),
+            };
+            print_banner(&config, &state, addr, metrics_addr, &tls_files, &policy)
+        }
+    }
     tracing::info!(%addr, metrics = ?metrics_addr, datasets = config.datasets.len(), "serving Flight SQL over mTLS");
 
     tokio::pin!(server);
@@ -165,6 +216,7 @@ fn print_banner(
     addr: SocketAddr,
     metrics: Option<SocketAddr>,
     tls: &TlsConfig,
+    policy: &str,
 ) {
     let endpoint = format!("grpc+tls://{addr}");
     let mut out = String::new();
@@ -179,9 +231,7 @@ fn print_banner(
     out.push_str(&format!("  state dir: {}\n", state.root().display()));
     let names: Vec<&str> = config.datasets.iter().map(|d| d.name.as_str()).collect();
     out.push_str(&format!("  datasets:  {}\n", names.join(", ")));
-    out.push_str(
-        "  policy:    none loaded: every authenticated client may run read-only queries\n",
-    );
+    out.push_str(&format!("  policy:    {policy}\n"));
     if matches!(config.source, Source::Embedded) {
         let (cert, key) = state.pair(DEFAULT_IDENTITY);
         let state_arg = if state.root() == crate::config::absolute(std::path::Path::new(".sluice"))
@@ -191,9 +241,11 @@ fn print_banner(
             format!(" --state-dir {}", state.root().display())
         };
         out.push_str(&format!(
-            "\nTry it (demo identity `{DEFAULT_IDENTITY}`; `--identity supplier` for the other demo organization):\n  \
-             cargo run --release -- query{state_arg} \"SELECT mode, count(*) AS trips, round(avg(fare_eur), 2) AS avg_fare FROM trips GROUP BY mode ORDER BY trips DESC\"\n  \
-             sluice query --endpoint {endpoint} --ca {ca} --cert {cert} --key {key} \"SELECT count(*) FROM machine_events\"\n",
+            "\nTry it (demo identity `{DEFAULT_IDENTITY}`, whose policy releases trips only as aggregates, for a declared purpose):\n  \
+             cargo run --release -- query{state_arg} -p research \"SELECT mode, count(*) AS trips, round(avg(fare_eur), 2) AS avg_fare FROM trips GROUP BY mode ORDER BY trips DESC\"\n  \
+             cargo run --release -- query{state_arg} -p research \"EXPLAIN POLICY SELECT fare_eur FROM trips\"\n  \
+             cargo run --release -- query{state_arg} --identity supplier \"SELECT event_id, machine_serial, event_time FROM machine_events LIMIT 5\"\n  \
+             sluice query --endpoint {endpoint} --ca {ca} --cert {cert} --key {key} \"SELECT district, count(*) FROM zones GROUP BY district\"\n",
             ca = tls.client_ca.display(),
             cert = cert.display(),
             key = key.display(),
@@ -206,6 +258,7 @@ fn print_banner(
              \x20     \"adbc.flight.sql.client_option.tls_root_certs\": read(\"{ca}\"),\n\
              \x20     \"adbc.flight.sql.client_option.mtls_cert_chain\": read(\"{cert}\"),\n\
              \x20     \"adbc.flight.sql.client_option.mtls_private_key\": read(\"{key}\"),\n\
+             \x20     \"adbc.flight.sql.rpc.call_header.x-sluice-purpose\": \"research\",\n\
              \x20 }})\n\
              \x20 cur = conn.cursor()\n\
              \x20 cur.execute(\"SELECT start_zone, count(*) AS trips FROM trips GROUP BY start_zone ORDER BY trips DESC LIMIT 5\")\n\

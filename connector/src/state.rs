@@ -4,7 +4,10 @@
 //! ```text
 //! .sluice/
 //! ├── pki/      ca.pem ca.key  server.pem server.key  planning.pem planning.key  supplier.pem supplier.key
-//! └── data/     trips.parquet  machine_events.csv
+//! ├── data/     trips.parquet  machine_events.csv  zones.json
+//! ├── secrets/  mask.key (keys the per-consumer hashes of masked columns)
+//! ├── quota.json  (queries and rows used per organization today)
+//! └── policy.yaml (the demo usage policy; edit it, Sluice reloads it)
 //! ```
 //!
 //! Preparation is idempotent and safe to run from several processes at once:
@@ -90,6 +93,7 @@ impl StateDir {
             .with_context(|| format!("opening {}", self.root.join(".lock").display()))?;
         lock.lock().context("locking the state directory")?;
         let mut created = self.ensure_dev_pki()?;
+        created.extend(self.ensure_mask_key()?);
         if demo_data {
             created.extend(self.ensure_demo_data()?);
         }
@@ -148,6 +152,33 @@ impl StateDir {
         Ok(created)
     }
 
+    /// The secret behind `masked: hash` columns: generated once, kept so that
+    /// hashed values stay stable across restarts.
+    pub fn mask_key(&self) -> PathBuf {
+        self.root.join("secrets").join("mask.key")
+    }
+
+    /// Creates the masking key if it is missing.
+    pub fn ensure_mask_key(&self) -> Result<Vec<String>> {
+        let path = self.mask_key();
+        if path.exists() {
+            return Ok(vec![]);
+        }
+        let dir = self.root.join("secrets");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        restrict_to_owner(&dir)?;
+        let mut key = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+        write_atomically(&path, &key)?;
+        Ok(vec![format!("masking key           {}", path.display())])
+    }
+
+    /// Where quota usage is kept across restarts.
+    pub fn quota_file(&self) -> PathBuf {
+        self.root.join("quota.json")
+    }
+
     fn ensure_demo_data(&self) -> Result<Vec<String>> {
         let dir = self.data_dir();
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -160,6 +191,16 @@ impl StateDir {
                 trips.display(),
                 demo::TRIPS_ROWS
             ));
+        }
+        let zones = dir.join("zones.json");
+        if !zones.exists() {
+            demo::write_zones(&zones)?;
+            created.push(format!("demo dataset zones    {}", zones.display()));
+        }
+        let policy = self.root.join("policy.yaml");
+        if !policy.exists() {
+            write_atomically(&policy, demo::DEMO_POLICY.as_bytes())?;
+            created.push(format!("demo usage policy     {}", policy.display()));
         }
         let events = dir.join("machine_events.csv");
         if !events.exists() {
@@ -186,6 +227,24 @@ fn restrict_to_owner(_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to `path` through a temporary file and a rename, readable
+/// by the owner only.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("partial");
+    let mut options = fs::OpenOptions::new();
+    options.create(true).truncate(true).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,7 +254,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path().join("state"));
         let first = state.prepare(false).unwrap();
-        assert_eq!(first.len(), 2 + DEMO_CLIENTS.len());
+        // CA, server certificate, the clients' certificates, the masking key.
+        assert_eq!(first.len(), 3 + DEMO_CLIENTS.len());
         let ca_before = fs::read(state.ca_cert()).unwrap();
         assert!(state.prepare(false).unwrap().is_empty());
         assert_eq!(fs::read(state.ca_cert()).unwrap(), ca_before);

@@ -60,19 +60,25 @@ async fn first_start_creates_the_pki_and_demo_data_and_explains_itself() {
     assert!(banner.contains("query --state-dir"), "{banner}");
     assert!(banner.contains("adbc_driver_flightsql"), "{banner}");
     // The demo data is there and identical to the shared, separately created copy.
+    // Under the demo policy: aggregates only, ferries filtered out, k = 10.
     let mut client = daemon.client("planning").await;
+    client.set_header("x-sluice-purpose", "research");
     let (_, got) = query(
         &mut client,
-        "SELECT count(*) AS n, sum(trip_id) AS s FROM trips",
+        "SELECT mode, count(*) AS n, round(sum(fare_eur), 2) AS fares FROM trips GROUP BY mode ORDER BY mode",
     )
     .await
     .unwrap();
     let want = common::datafusion_answer(
         &common::shared_state_dir(),
-        "SELECT count(*) AS n, sum(trip_id) AS s FROM trips",
+        "SELECT mode, count(*) AS n, round(sum(fare_eur), 2) AS fares FROM trips WHERE mode <> 'ferry' GROUP BY mode HAVING count(DISTINCT card_id) >= 10 ORDER BY mode",
     )
     .await;
     assert_eq!(render(&got), render(&want));
+    assert!(
+        state.join("policy.yaml").is_file(),
+        "the demo policy is written"
+    );
 }
 
 #[test]
@@ -319,7 +325,17 @@ async fn datasets_from_csv_json_parquet_files_and_directories() {
         "[[datasets]]\nname = \"readings\"\nformat = \"json\"\npath = \"readings\"\n\n\
          [[datasets]]\nname = \"stations\"\nformat = \"csv\"\npath = \"stations.tsv\"\ncsv = { delimiter = \"\\t\" }\n\
          schema = [{ name = \"id\", type = \"Int32\", nullable = false }, { name = \"name\", type = \"Utf8\" }]\n\n\
-         [[datasets]]\nname = \"trips\"\nformat = \"parquet\"\npath = \"trips\"\n",
+         [[datasets]]\nname = \"trips\"\nformat = \"parquet\"\npath = \"trips\"\n\n\
+         [policy]\nfile = \"policy.yaml\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("policy.yaml"),
+        "version: 1\ndatasets:\n  readings: {}\n  stations: {}\n  trips: {}\n\
+         consumers:\n  - name: planning\n    match: { organization: City Planning Agency }\n    grants:\n\
+         \x20     readings: { columns: { sensor: raw, value: aggregate_only } }\n\
+         \x20     stations: { columns: { id: raw, name: raw } }\n\
+         \x20     trips: { columns: { mode: raw } }\n",
     )
     .unwrap();
     let daemon = Daemon::start_config(&d.join("sluice.toml"));

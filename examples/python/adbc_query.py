@@ -18,8 +18,11 @@ with flightsql.connect(endpoint, db_kwargs={
     "adbc.flight.sql.client_option.tls_root_certs": (pki / "ca.pem").read_text(),
     "adbc.flight.sql.client_option.mtls_cert_chain": (pki / "planning.pem").read_text(),
     "adbc.flight.sql.client_option.mtls_private_key": (pki / "planning.key").read_text(),
+    # The demo policy lets the planning agency use trips for declared purposes only.
+    "adbc.flight.sql.rpc.call_header.x-sluice-purpose": "research",
 }, autocommit=True) as conn, conn.cursor() as cur:
-    # A prepared statement with a bound parameter.
+    # A prepared statement with a bound parameter. The demo policy releases
+    # only aggregates of trips, over groups of at least 10 distinct cards.
     cur.execute(
         "SELECT start_zone, count(*) AS trips, round(avg(distance_km), 2) AS avg_km "
         "FROM trips WHERE mode = ? GROUP BY start_zone ORDER BY trips DESC LIMIT 5",

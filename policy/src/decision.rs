@@ -2,6 +2,8 @@ use std::fmt;
 
 use datafusion_expr::LogicalPlan;
 
+use crate::document::{Class, Quotas, Tag};
+
 /// A plan the gate allowed, ready to execute exactly as given.
 #[derive(Debug, Clone)]
 pub struct Approval {
@@ -16,11 +18,56 @@ pub struct Approval {
 /// audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecisionRecord {
-    /// Content hash of the policy in force (`"none"` when no usage policy is
-    /// loaded).
+    /// Content hash of the policy in force.
     pub policy_version: String,
-    /// Names of the rules that allowed the plan, in the order they applied.
+    /// The consumer entries the principal matched.
+    pub consumers: Vec<String>,
+    /// Names of the rules that allowed and shaped the plan, in order.
     pub rules: Vec<String>,
+    /// Datasets the query reads.
+    pub datasets: Vec<String>,
+    /// The purpose the query declared.
+    pub purpose: Option<String>,
+    /// The highest class of any column that flowed into the output.
+    pub output_class: Class,
+    /// Personal-data tags of the columns that flowed into the output.
+    pub output_tags: Vec<Tag>,
+    /// The quota this query counts against, if any.
+    pub quota: Option<QuotaCharge>,
+    /// The row cap applied to the output.
+    pub max_rows: Option<u64>,
+}
+
+/// The rule name recorded for an `EXPLAIN POLICY` answer.
+pub const EXPLAIN_RULE: &str = "explain-policy";
+
+impl DecisionRecord {
+    /// The record of an `EXPLAIN POLICY` answer: the connector's own text
+    /// about a decision, reading no data.
+    pub fn explain(policy_version: &str) -> Self {
+        Self {
+            policy_version: policy_version.to_string(),
+            consumers: vec![],
+            rules: vec![EXPLAIN_RULE.to_string()],
+            datasets: vec![],
+            purpose: None,
+            output_class: Class::General,
+            output_tags: vec![],
+            quota: None,
+            max_rows: None,
+        }
+    }
+
+    pub fn is_explanation(&self) -> bool {
+        self.rules == [EXPLAIN_RULE] && self.datasets.is_empty()
+    }
+}
+
+/// A quota to charge: the key (the organization) and its allowances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaCharge {
+    pub key: String,
+    pub quotas: Quotas,
 }
 
 /// Which family of refusal this is; the connector maps each family to one
@@ -51,6 +98,16 @@ impl Denial {
     pub fn forbidden(rule: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             kind: DenialKind::Forbidden,
+            rule: rule.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Denial {
+    pub fn quota(rule: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: DenialKind::QuotaExceeded,
             rule: rule.into(),
             message: message.into(),
         }

@@ -1,7 +1,43 @@
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
 use datafusion_common::tree_node::TreeNodeRecursion;
 use datafusion_expr::LogicalPlan;
+use ring::hmac;
 
-use crate::{Approval, DecisionRecord, Denial, Principal};
+use crate::checks::{Checker, DENY_BY_DEFAULT};
+use crate::compile::{ConsumerRules, DatasetGrant, PolicySet};
+use crate::document::{Class, Matcher, Quotas, Tag, Visibility};
+use crate::lineage::Level;
+use crate::rewrite::Rewriter;
+use crate::{Approval, DecisionRecord, Denial, DenialKind, Principal};
+
+/// Who asks, why, and when: everything a decision may depend on besides the
+/// plan. Never data.
+#[derive(Debug, Clone)]
+pub struct QueryContext {
+    pub principal: Principal,
+    /// Declared purpose (the `x-sluice-purpose` request header).
+    pub purpose: Option<String>,
+    pub at: SystemTime,
+}
+
+impl QueryContext {
+    pub fn new(principal: Principal) -> Self {
+        Self {
+            principal,
+            purpose: None,
+            at: SystemTime::now(),
+        }
+    }
+
+    pub fn with_purpose(mut self, purpose: impl Into<String>) -> Self {
+        self.purpose = Some(purpose.into());
+        self
+    }
+}
 
 /// The extension point every query passes between planning and execution.
 ///
@@ -13,131 +49,488 @@ pub trait PlanGate: Send + Sync {
     /// Content hash of the rules in force; recorded with every decision.
     fn version(&self) -> &str;
 
-    /// Approve (and possibly rewrite) `plan` for `principal`, or deny it.
-    fn decide(&self, principal: &Principal, plan: LogicalPlan) -> Result<Approval, Denial>;
+    /// Approve (and possibly rewrite) `plan` for the request, or deny it.
+    fn decide(&self, request: &QueryContext, plan: LogicalPlan) -> Result<Approval, Denial>;
+
+    /// The columns of `dataset` that `principal` may see in catalog
+    /// listings; `None` when the dataset is not theirs to see at all.
+    fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<String>>;
+
+    /// An approved plan as text for `EXPLAIN POLICY`, with the names of
+    /// columns hidden from `principal` replaced by `<hidden>`.
+    fn describe_plan(&self, principal: &Principal, plan: &LogicalPlan) -> String {
+        let _ = principal;
+        plan.display_indent().to_string()
+    }
 }
 
-/// The gate used while no usage policy is configured: any authenticated
-/// principal may run any read-only query over the served datasets.
+/// The gate that enforces a [`PolicySet`].
 ///
-/// It still denies by default at the level of plan nodes: only relational
-/// query operators are allowed; statements that write, create objects, copy
-/// files, change session settings or call unknown extension nodes are refused.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ReadOnlyGate;
+/// ```
+/// # use sluice_policy::*;
+/// # use datafusion_common::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+/// # use datafusion_common::DFSchema;
+/// # use datafusion_expr::{Expr, logical_plan::table_scan};
+/// # use std::sync::Arc;
+/// struct Datasets(SchemaRef);
+/// impl PlanningContext for Datasets {
+///     fn dataset_schema(&self, name: &str) -> Option<SchemaRef> {
+///         (name == "trips").then(|| self.0.clone())
+///     }
+///     fn parse_predicate(&self, sql: &str, _: &DFSchema) -> Result<Expr, String> {
+///         Err(format!("no parser in this example: {sql}"))
+///     }
+/// }
+/// let schema = Arc::new(Schema::new(vec![Field::new("zone", DataType::Utf8, true)]));
+/// let yaml = r#"
+/// version: 1
+/// datasets:
+///   trips: {}
+/// consumers:
+///   - name: planning
+///     match: { organization: City Planning }
+///     grants:
+///       trips:
+///         columns: { zone: raw }
+/// "#;
+/// let policy = PolicySet::compile("policy.yaml", yaml, &Datasets(schema.clone()), b"secret").unwrap();
+/// let gate = PolicyGate::new(policy);
+/// let plan = table_scan(Some("trips"), &schema, None).unwrap().build().unwrap();
+///
+/// let mut planner = Principal::new("spiffe://city/planning");
+/// planner.organization = Some("City Planning".into());
+/// assert!(gate.decide(&QueryContext::new(planner), plan.clone()).is_ok());
+///
+/// let stranger = Principal::new("spiffe://elsewhere/x");
+/// let denial = gate.decide(&QueryContext::new(stranger), plan).unwrap_err();
+/// assert_eq!(denial.rule, "deny-by-default");
+/// ```
+pub struct PolicyGate {
+    policy: PolicySet,
+}
 
-/// The rule name reported by [`ReadOnlyGate`].
-pub const READ_ONLY_RULE: &str = "read-only";
-
-impl PlanGate for ReadOnlyGate {
-    fn version(&self) -> &str {
-        "none"
+impl PolicyGate {
+    pub fn new(policy: PolicySet) -> Self {
+        Self { policy }
     }
 
-    fn decide(&self, _principal: &Principal, plan: LogicalPlan) -> Result<Approval, Denial> {
-        let mut refusal = None;
-        // Walk every node, including subquery plans inside expressions.
-        plan.apply_with_subqueries(|node| match refused_node_kind(node) {
-            Some(kind) => {
-                refusal = Some(Denial::forbidden(
-                    READ_ONLY_RULE,
-                    format!("{kind} is not accepted: Sluice answers read-only queries"),
-                ));
-                Ok(TreeNodeRecursion::Stop)
-            }
-            None => Ok(TreeNodeRecursion::Continue),
-        })
-        .map_err(|e| Denial::forbidden(READ_ONLY_RULE, format!("plan inspection failed: {e}")))?;
-        if let Some(denial) = refusal {
-            return Err(denial);
-        }
-        Ok(Approval {
-            plan,
-            record: DecisionRecord {
-                policy_version: self.version().to_string(),
-                rules: vec![READ_ONLY_RULE.to_string()],
-            },
-        })
+    pub fn policy(&self) -> &PolicySet {
+        &self.policy
     }
 }
 
-/// Names the node kinds a read-only gate refuses; `None` for allowed nodes.
-/// The match is exhaustive on purpose: a new DataFusion node kind fails to
-/// compile here until someone decides whether it is a read-only operator.
-fn refused_node_kind(node: &LogicalPlan) -> Option<&'static str> {
-    match node {
-        LogicalPlan::Projection(_)
-        | LogicalPlan::Filter(_)
-        | LogicalPlan::Window(_)
-        | LogicalPlan::Aggregate(_)
-        | LogicalPlan::Sort(_)
-        | LogicalPlan::Join(_)
-        | LogicalPlan::Repartition(_)
-        | LogicalPlan::Union(_)
-        | LogicalPlan::TableScan(_)
-        | LogicalPlan::EmptyRelation(_)
-        | LogicalPlan::Subquery(_)
-        | LogicalPlan::SubqueryAlias(_)
-        | LogicalPlan::Limit(_)
-        | LogicalPlan::Values(_)
-        | LogicalPlan::Explain(_)
-        | LogicalPlan::Analyze(_)
-        | LogicalPlan::Distinct(_)
-        | LogicalPlan::Unnest(_)
-        | LogicalPlan::RecursiveQuery(_) => None,
-        LogicalPlan::Statement(_) => Some("a session or transaction statement"),
-        LogicalPlan::Dml(_) => Some("a data-modifying statement (INSERT/UPDATE/DELETE)"),
-        LogicalPlan::Ddl(_) => Some("a DDL statement (CREATE/DROP)"),
-        LogicalPlan::Copy(_) => Some("COPY"),
-        LogicalPlan::DescribeTable(_) => Some("DESCRIBE"),
-        LogicalPlan::Extension(_) => Some("an extension plan node"),
+/// What applies to one principal: the consumers it matches and their grants
+/// combined (most restrictive wins).
+struct Resolved<'a> {
+    consumers: Vec<&'a ConsumerRules>,
+    grants: BTreeMap<String, DatasetGrant>,
+    attributes: BTreeMap<String, String>,
+    quotas: Option<Quotas>,
+}
+
+impl PolicySet {
+    fn resolve(&self, principal: &Principal) -> Option<Resolved<'_>> {
+        let consumers: Vec<&ConsumerRules> = self
+            .consumers
+            .iter()
+            .filter(|c| self.matches(&c.matcher, principal))
+            .collect();
+        if consumers.is_empty() {
+            return None;
+        }
+        let mut grants: BTreeMap<String, DatasetGrant> = BTreeMap::new();
+        let mut attributes = BTreeMap::new();
+        let mut quotas: Option<Quotas> = None;
+        for consumer in &consumers {
+            for (dataset, grant) in &consumer.grants {
+                let merged = match grants.remove(dataset) {
+                    Some(existing) => existing.restrict(grant),
+                    None => grant.clone(),
+                };
+                grants.insert(dataset.clone(), merged);
+            }
+            attributes.extend(consumer.attributes.clone());
+            quotas = match (quotas, consumer.quotas) {
+                (Some(a), Some(b)) => Some(Quotas {
+                    queries_per_day: min_option(a.queries_per_day, b.queries_per_day),
+                    rows_per_day: min_option(a.rows_per_day, b.rows_per_day),
+                }),
+                (a, b) => a.or(b),
+            };
+        }
+        // Certificate attributes win over declared ones of the same name.
+        attributes.insert("principal".into(), principal.id.clone());
+        if let Some(org) = &principal.organization {
+            attributes.insert("organization".into(), org.clone());
+        }
+        if let Some(cn) = &principal.common_name {
+            attributes.insert("common_name".into(), cn.clone());
+        }
+        Some(Resolved {
+            consumers,
+            grants,
+            attributes,
+            quotas,
+        })
     }
+
+    fn matches(&self, matcher: &Matcher, principal: &Principal) -> bool {
+        let field_ok = |want: &Option<String>, have: Option<&String>| {
+            want.as_ref().is_none_or(|w| have == Some(w))
+        };
+        field_ok(&matcher.organization, principal.organization.as_ref())
+            && field_ok(&matcher.common_name, principal.common_name.as_ref())
+            && matcher.san_uri.as_ref().is_none_or(|pattern| {
+                principal
+                    .san_uris
+                    .iter()
+                    .any(|uri| wildcard_match(pattern, uri))
+            })
+            && matcher.group.as_ref().is_none_or(|group| {
+                self.groups
+                    .get(group)
+                    .is_some_and(|members| members.iter().any(|m| self.matches(m, principal)))
+            })
+    }
+
+    /// The key for `masked: hash` columns: one per set of matched consumers,
+    /// so two consumers cannot join their hashed ids.
+    fn hash_key(&self, consumers: &[&ConsumerRules]) -> [u8; 32] {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.mask_secret);
+        let names: Vec<&str> = consumers.iter().map(|c| c.name.as_str()).collect();
+        let tag = hmac::sign(
+            &key,
+            format!("sluice-mask-v1:{}", names.join("\n")).as_bytes(),
+        );
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+}
+
+impl PlanGate for PolicyGate {
+    fn version(&self) -> &str {
+        self.policy.version()
+    }
+
+    fn decide(&self, request: &QueryContext, plan: LogicalPlan) -> Result<Approval, Denial> {
+        let resolved = self.policy.resolve(&request.principal).ok_or_else(|| {
+            Denial::forbidden(
+                DENY_BY_DEFAULT,
+                format!(
+                    "no consumer in the usage policy matches `{}`",
+                    request.principal
+                ),
+            )
+        })?;
+        let scanned = scanned_datasets(&plan);
+        for dataset in &scanned {
+            if let Some(grant) = resolved.grants.get(dataset) {
+                check_conditions(grant, dataset, request)?;
+            }
+        }
+        let checker = Checker {
+            policy: &self.policy,
+            grants: &resolved.grants,
+        };
+        let lineage = checker.node(&plan)?;
+        checker.output(&plan, &lineage)?;
+
+        let (output_class, output_tags) = self.output_class(&lineage);
+        let max_rows = scanned
+            .iter()
+            .filter_map(|d| resolved.grants.get(d)?.max_rows)
+            .min();
+        let rewriter = Rewriter {
+            policy: &self.policy,
+            grants: &resolved.grants,
+            attributes: &resolved.attributes,
+            hash_key: self.policy.hash_key(&resolved.consumers),
+            next_column: Cell::new(0),
+        };
+        let rewritten = rewriter.rewrite(plan, max_rows).map_err(|e| {
+            Denial::forbidden(
+                DENY_BY_DEFAULT,
+                format!("the plan cannot be rewritten safely: {e}"),
+            )
+        })?;
+        let record = DecisionRecord {
+            policy_version: self.policy.version().to_string(),
+            consumers: resolved.consumers.iter().map(|c| c.name.clone()).collect(),
+            rules: self.rules_applied(&resolved, &scanned, max_rows),
+            datasets: scanned.iter().cloned().collect(),
+            purpose: request.purpose.clone(),
+            output_class,
+            output_tags,
+            quota: resolved.quotas.map(|quotas| crate::QuotaCharge {
+                key: request
+                    .principal
+                    .organization
+                    .clone()
+                    .unwrap_or_else(|| request.principal.id.clone()),
+                quotas,
+            }),
+            max_rows,
+        };
+        Ok(Approval {
+            plan: rewritten,
+            record,
+        })
+    }
+
+    fn describe_plan(&self, principal: &Principal, plan: &LogicalPlan) -> String {
+        let mut text = plan.display_indent().to_string();
+        for (dataset, column) in self.hidden_columns(principal) {
+            text = replace_word(
+                &text,
+                &format!("{dataset}.{column}"),
+                &format!("{dataset}.<hidden>"),
+            );
+            text = replace_word(&text, &column, "<hidden>");
+        }
+        text
+    }
+
+    fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<String>> {
+        let resolved = self.policy.resolve(principal)?;
+        let grant = resolved.grants.get(dataset)?;
+        let schema = &self.policy.datasets.get(dataset)?.schema;
+        Some(
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .filter(|name| grant.visibility(name) != Visibility::Hidden)
+                .collect(),
+        )
+    }
+}
+
+impl PolicyGate {
+    fn hidden_columns(&self, principal: &Principal) -> Vec<(String, String)> {
+        let granted = self
+            .policy
+            .resolve(principal)
+            .map(|r| r.grants)
+            .unwrap_or_default();
+        let mut hidden = Vec::new();
+        for (name, dataset) in &self.policy.datasets {
+            for field in dataset.schema.fields() {
+                let visible = granted
+                    .get(name)
+                    .is_some_and(|g| g.visibility(field.name()) != Visibility::Hidden);
+                if !visible {
+                    hidden.push((name.clone(), field.name().clone()));
+                }
+            }
+        }
+        hidden
+    }
+
+    fn output_class(&self, lineage: &crate::lineage::NodeLineage) -> (Class, Vec<Tag>) {
+        let mut class = Class::General;
+        let mut tags = BTreeSet::new();
+        for column in &lineage.columns {
+            if column.level == Level::Constant {
+                continue;
+            }
+            for source in &column.sources {
+                let column_class = self.policy.datasets[&source.dataset].class_of(&source.column);
+                class = class.max(column_class.class);
+                tags.extend(column_class.tags);
+            }
+        }
+        (class, tags.into_iter().collect())
+    }
+
+    fn rules_applied(
+        &self,
+        resolved: &Resolved,
+        scanned: &BTreeSet<String>,
+        max_rows: Option<u64>,
+    ) -> Vec<String> {
+        let mut rules = Vec::new();
+        for dataset in scanned {
+            let Some(grant) = resolved.grants.get(dataset) else {
+                continue;
+            };
+            rules.push(grant.rule.clone());
+            if grant.row_filter.is_some() {
+                rules.push(format!("{}.row_filter", grant.rule));
+            }
+            let masked: Vec<&String> = grant
+                .columns
+                .iter()
+                .filter(|(_, v)| matches!(v, Visibility::Masked(_)))
+                .map(|(c, _)| c)
+                .collect();
+            if !masked.is_empty() {
+                rules.push(format!(
+                    "{}.columns (masked: {})",
+                    grant.rule,
+                    join(&masked)
+                ));
+            }
+            if let Some(k) = grant.min_group_size {
+                rules.push(format!(
+                    "{}.aggregation (k = {k} distinct privacy units)",
+                    grant.rule
+                ));
+            }
+        }
+        if let Some(n) = max_rows {
+            rules.push(format!("max_rows = {n}"));
+        }
+        rules
+    }
+}
+
+/// Purpose and validity window: conditions of use, checked before the plan.
+fn check_conditions(
+    grant: &DatasetGrant,
+    dataset: &str,
+    request: &QueryContext,
+) -> Result<(), Denial> {
+    let precondition = |rule: String, message: String| Denial {
+        kind: DenialKind::Precondition,
+        rule,
+        message,
+    };
+    let now: DateTime<Utc> = request.at.into();
+    if let Some(from) = grant.valid_from
+        && now < from
+    {
+        return Err(precondition(
+            format!("{}.valid_from", grant.rule),
+            format!(
+                "your grant for dataset `{dataset}` is valid from {}",
+                from.to_rfc3339()
+            ),
+        ));
+    }
+    if let Some(until) = grant.valid_until
+        && now > until
+    {
+        return Err(precondition(
+            format!("{}.valid_until", grant.rule),
+            format!(
+                "your grant for dataset `{dataset}` expired at {}",
+                until.to_rfc3339()
+            ),
+        ));
+    }
+    if let Some(purposes) = &grant.purposes {
+        let allowed: Vec<&String> = purposes.iter().collect();
+        match request.purpose.as_deref() {
+            Some(purpose) if purposes.contains(purpose) => {}
+            Some(purpose) => {
+                return Err(precondition(
+                    format!("{}.purposes", grant.rule),
+                    format!(
+                        "purpose `{purpose}` is not allowed for dataset `{dataset}`; allowed: {}",
+                        join(&allowed)
+                    ),
+                ));
+            }
+            None => {
+                return Err(precondition(
+                    format!("{}.purposes", grant.rule),
+                    format!(
+                        "dataset `{dataset}` requires a declared purpose: send the x-sluice-purpose header with one of: {}",
+                        join(&allowed)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scanned_datasets(plan: &LogicalPlan) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            out.insert(scan.table_name.table().to_string());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
+}
+
+fn min_option(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn join(items: &[&String]) -> String {
+    items
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Replaces `word` in `text` where it is not part of a longer identifier.
+fn replace_word(text: &str, word: &str, with: &str) -> String {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(word) {
+        let before = rest[..at].chars().next_back();
+        let after = rest[at + word.len()..].chars().next();
+        out.push_str(&rest[..at]);
+        if before.is_some_and(is_ident) || after.is_some_and(is_ident) {
+            out.push_str(word);
+        } else {
+            out.push_str(with);
+        }
+        rest = &rest[at + word.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `*` matches any run of characters; everything else literally.
+fn wildcard_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(at) => rest = &rest[at + middle.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use datafusion_common::arrow::datatypes::{DataType, Field, Schema};
-    use datafusion_expr::logical_plan::builder::LogicalTableSource;
-    use datafusion_expr::logical_plan::{DmlStatement, WriteOp, table_scan};
-    use datafusion_expr::{LogicalPlanBuilder, col, lit};
-    use std::sync::Arc;
+    use super::wildcard_match;
 
-    fn scan() -> LogicalPlanBuilder {
-        let schema = Schema::new(vec![
-            Field::new("zone", DataType::Utf8, true),
-            Field::new("fare", DataType::Float64, true),
-        ]);
-        table_scan(Some("trips"), &schema, None).unwrap()
+    #[test]
+    fn replaces_whole_identifiers_only() {
+        assert_eq!(
+            super::replace_word("t.card_id, card_ids, card_id", "card_id", "<h>"),
+            "t.<h>, card_ids, <h>"
+        );
     }
 
     #[test]
-    fn approves_a_query_and_records_the_rule() {
-        let plan = scan()
-            .filter(col("fare").gt(lit(2.0)))
-            .unwrap()
-            .build()
-            .unwrap();
-        let approval = ReadOnlyGate
-            .decide(&Principal::new("p"), plan.clone())
-            .unwrap();
-        assert_eq!(approval.plan, plan);
-        assert_eq!(approval.record.rules, vec!["read-only".to_string()]);
-    }
-
-    #[test]
-    fn refuses_dml_naming_the_rule() {
-        let input = scan().build().unwrap();
-        let dml = LogicalPlan::Dml(DmlStatement::new(
-            "trips".into(),
-            Arc::new(LogicalTableSource::new(Arc::new(
-                input.schema().as_arrow().clone(),
-            ))),
-            WriteOp::Delete,
-            Arc::new(input),
-        ));
-        let denial = ReadOnlyGate.decide(&Principal::new("p"), dml).unwrap_err();
-        assert_eq!(denial.rule, "read-only");
-        assert!(denial.message.contains("data-modifying"), "{denial}");
+    fn wildcards() {
+        assert!(wildcard_match("spiffe://city/*", "spiffe://city/org/a"));
+        assert!(wildcard_match("spiffe://*/org/a", "spiffe://city/org/a"));
+        assert!(!wildcard_match("spiffe://city/*", "spiffe://town/org/a"));
+        assert!(wildcard_match("exact", "exact"));
+        assert!(!wildcard_match("a*b*c", "acb"));
+        assert!(!wildcard_match("ab*ba", "aba"));
     }
 }

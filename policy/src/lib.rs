@@ -1,37 +1,35 @@
 //! # sluice-policy
 //!
-//! The seam between planning and execution. Every query Sluice answers is a
-//! DataFusion [`LogicalPlan`] that passes through a [`PlanGate`] before a
-//! single row is read:
+//! Usage policies, decided on query plans. Every query Sluice answers is a
+//! DataFusion [`LogicalPlan`](datafusion_expr::LogicalPlan) that passes
+//! through a [`PlanGate`] before a single row is read:
 //!
 //! ```text
-//! identity ─▶ plan ─▶ PlanGate::decide ─▶ (rewritten plan) ─▶ execute ─▶ release
-//!                          │
-//!                          └─▶ Denial { rule, kind, message }
+//! identity ─▶ plan ─▶ PlanGate::decide ─┬─▶ Approval { rewritten plan, DecisionRecord } ─▶ execute
+//!                                       └─▶ Denial { kind, rule, message }
 //! ```
 //!
 //! This crate is a pure library: no networking, no async runtime, no file
-//! I/O. It sees a [`Principal`] (who asks), a plan (what they ask), and
-//! returns either an [`Approval`] (the plan to run, possibly rewritten, plus
-//! the [`DecisionRecord`] that explains it) or a [`Denial`] naming the rule.
+//! I/O. The connector reads the policy file and hands its text to
+//! [`PolicySet::compile`]; [`PolicyGate`] then decides each query:
 //!
-//! ```
-//! use sluice_policy::{PlanGate, Principal, ReadOnlyGate};
-//! use datafusion_expr::{LogicalPlanBuilder, logical_plan::table_scan};
-//! use datafusion_common::arrow::datatypes::{DataType, Field, Schema};
-//!
-//! let schema = Schema::new(vec![Field::new("zone", DataType::Utf8, true)]);
-//! let plan = table_scan(Some("trips"), &schema, None).unwrap().build().unwrap();
-//! let who = Principal::new("spiffe://city.example/org/planning");
-//!
-//! let approval = ReadOnlyGate.decide(&who, plan).unwrap();
-//! assert_eq!(approval.record.policy_version, "none");
-//! ```
+//! - [`document`]: the YAML file as written (`docs/policy.md`).
+//! - [`compile`]: checks it against the served datasets.
+//! - [`lineage`] and [`checks`]: the decision, on the plan with column lineage.
+//! - [`rewrite`] and [`mask`]: row filters, masks, minimum group sizes, row caps.
 
+pub mod checks;
+pub mod compile;
 mod decision;
+pub mod document;
 mod gate;
+pub mod lineage;
+pub mod mask;
 mod principal;
+pub mod rewrite;
 
-pub use decision::{Approval, DecisionRecord, Denial, DenialKind};
-pub use gate::{PlanGate, READ_ONLY_RULE, ReadOnlyGate};
+pub use compile::{PlanningContext, PolicyError, PolicySet};
+pub use decision::{Approval, DecisionRecord, Denial, DenialKind, QuotaCharge};
+pub use document::{Class, Tag};
+pub use gate::{PlanGate, PolicyGate, QueryContext};
 pub use principal::Principal;

@@ -84,21 +84,39 @@ def state_dir() -> Path:
     return path
 
 
+OPEN_POLICY = ROOT / "connector" / "tests" / "policies" / "open.yaml"
+# The source tree's demo policy: a reused state directory keeps the copy it
+# was created with, which may be older.
+DEMO_POLICY = ROOT / "connector" / "src" / "demo_policy.yaml"
+
+
 @pytest.fixture(scope="session")
 def daemon(state_dir):
-    d = Daemon(state_dir)
+    """For transport tests: the open test policy (every demo column raw)."""
+    d = Daemon(state_dir, "--policy", str(OPEN_POLICY))
     yield d
     d.stop()
 
 
-def adbc_connect(daemon: Daemon, identity: str = "planning"):
+@pytest.fixture(scope="session")
+def demo_daemon(state_dir):
+    """The embedded default as a newcomer runs it: the demo usage policy."""
+    d = Daemon(state_dir, "--policy", str(DEMO_POLICY))
+    yield d
+    d.stop()
+
+
+def adbc_connect(daemon: Daemon, identity: str = "planning", purpose: str | None = None):
     import adbc_driver_flightsql.dbapi as flightsql
 
-    return flightsql.connect(daemon.uri, db_kwargs={
+    options = {
         "adbc.flight.sql.client_option.tls_root_certs": daemon.pem("ca.pem").decode(),
         "adbc.flight.sql.client_option.mtls_cert_chain": daemon.pem(f"{identity}.pem").decode(),
         "adbc.flight.sql.client_option.mtls_private_key": daemon.pem(f"{identity}.key").decode(),
-    }, autocommit=True)
+    }
+    if purpose:
+        options["adbc.flight.sql.rpc.call_header.x-sluice-purpose"] = purpose
+    return flightsql.connect(daemon.uri, db_kwargs=options, autocommit=True)
 
 
 def flight_client(daemon: Daemon, identity: str = "planning"):

@@ -49,7 +49,7 @@ def test_get_objects_lists_catalog_schema_tables_and_columns(daemon):
     schemas = {s["db_schema_name"]: s for s in catalogs["sluice"]["catalog_db_schemas"]}
     assert list(schemas) == ["public"]
     tables = {t["table_name"]: t for t in schemas["public"]["db_schema_tables"]}
-    assert set(tables) == {"trips", "machine_events"}
+    assert set(tables) == {"trips", "machine_events", "zones"}
     assert tables["trips"]["table_type"] == "TABLE"
     columns = [c["column_name"] for c in tables["trips"]["table_columns"]]
     assert columns[:3] == ["trip_id", "card_id", "start_time"]
@@ -93,7 +93,8 @@ def test_bad_sql_raises_and_the_connection_still_works(daemon):
     assert daemon.running()
 
 
-def test_the_readme_example_runs(daemon):
+def test_the_readme_example_runs(demo_daemon):
+    daemon = demo_daemon
     import subprocess
     import sys
 

@@ -63,7 +63,7 @@ impl ConnectorService for ConnectorInfo {
             query_memory_limit_bytes: limits.query_memory as u64,
             query_timeout_ms: limits.query_timeout.as_millis() as u64,
             ticket_ttl_ms: limits.ticket_ttl.as_millis() as u64,
-            policy_version: self.engine.policy_version().into(),
+            policy_version: self.engine.policy_version(),
         }))
     }
 }

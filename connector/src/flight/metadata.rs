@@ -11,6 +11,7 @@ use arrow_flight::sql::{
     Searchable, SqlInfo, SqlNullOrdering, SqlSupportedCaseSensitivity, SqlSupportedTransaction,
     XdbcDataType,
 };
+use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::catalog::{CATALOG, Catalog, SCHEMA, TABLE_TYPE};
@@ -187,11 +188,28 @@ pub fn table_types(cmd: CommandGetTableTypes) -> Result<RecordBatch, QueryError>
 }
 
 /// GetTables, honouring the catalog/schema/table filters, the table types and
-/// `include_schema` (each table's Arrow schema, IPC-encoded).
-pub fn tables(cmd: CommandGetTables, catalog: &Catalog) -> Result<RecordBatch, QueryError> {
+/// `include_schema` (each table's Arrow schema, IPC-encoded). Only the
+/// datasets `visible` names columns for are listed, with those columns only:
+/// a consumer never learns the name of a dataset or column it may not use.
+pub fn tables(
+    cmd: CommandGetTables,
+    catalog: &Catalog,
+    visible: impl Fn(&str) -> Option<Vec<String>>,
+) -> Result<RecordBatch, QueryError> {
     let mut b = cmd.into_builder();
     for ds in catalog.datasets() {
-        b.append(CATALOG, SCHEMA, &ds.name, TABLE_TYPE, &ds.schema)
+        let Some(columns) = visible(&ds.name) else {
+            continue;
+        };
+        let fields: Vec<_> = ds
+            .schema
+            .fields()
+            .iter()
+            .filter(|f| columns.contains(f.name()))
+            .cloned()
+            .collect();
+        let schema = Schema::new(fields);
+        b.append(CATALOG, SCHEMA, &ds.name, TABLE_TYPE, &schema)
             .map_err(internal)?;
     }
     b.build().map_err(internal)

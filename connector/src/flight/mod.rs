@@ -41,7 +41,7 @@ use tonic::{Request, Response, Status};
 
 use crate::identity;
 use crate::metrics::Metrics;
-use crate::query::{IssuedTicket, QueryEngine, QueryError, release};
+use crate::query::{IssuedTicket, QueryEngine, QueryError};
 use prepared::PreparedStatements;
 
 /// The Flight SQL service.
@@ -145,6 +145,9 @@ impl FlightSql {
             query_id = %issued.query_id,
             principal = %principal,
             policy_version = %issued.decision.policy_version,
+            consumers = ?issued.decision.consumers,
+            purpose = issued.decision.purpose.as_deref().unwrap_or("-"),
+            output_class = %issued.decision.output_class,
             rules = ?issued.decision.rules,
             plan_ms = started.elapsed().as_secs_f64() * 1e3,
             "query approved"
@@ -216,9 +219,10 @@ impl FlightSqlService for FlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let principal = identity::principal(&request)?;
+        let context = identity::query_context(&request)?;
+        let principal = context.principal.clone();
         let started = Instant::now();
-        let issued = self.engine.issue_for_sql(&principal, &query.query).await;
+        let issued = self.engine.issue_for_sql(&context, &query.query).await;
         self.issued_info(&principal, started, issued, request.into_inner())
     }
 
@@ -227,7 +231,8 @@ impl FlightSqlService for FlightSql {
         cmd: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let principal = identity::principal(&request)?;
+        let context = identity::query_context(&request)?;
+        let principal = context.principal.clone();
         let started = Instant::now();
         let issued = self
             .prepared
@@ -237,7 +242,7 @@ impl FlightSqlService for FlightSql {
                     // A statement without placeholders needs no DoPut.
                     stmt.parameter_schema.fields().is_empty().then(Vec::new)
                 });
-                self.engine.issue(&principal, stmt.plan, params)
+                self.engine.issue(&context, stmt.plan, params)
             });
         self.issued_info(&principal, started, issued, request.into_inner())
     }
@@ -265,11 +270,15 @@ impl FlightSqlService for FlightSql {
         query: ActionCreatePreparedStatementRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let principal = identity::principal(&request)?;
+        let context = identity::query_context(&request)?;
+        let principal = context.principal.clone();
         let refuse = |e| self.refuse("CreatePreparedStatement", Some(&principal.id), e);
         let plan = self.engine.plan_sql(&query.query).await.map_err(refuse)?;
         let parameter_schema = crate::query::plan::parameter_schema(&plan).map_err(refuse)?;
-        let dataset_schema = release::advertised_schema(&plan);
+        let dataset_schema = self
+            .engine
+            .prepared_schema(&context, &plan)
+            .map_err(refuse)?;
         let result = ActionCreatePreparedStatementResult {
             dataset_schema: ipc_schema(&dataset_schema)?.into(),
             parameter_schema: ipc_schema(&parameter_schema)?.into(),
@@ -382,9 +391,12 @@ impl FlightSqlService for FlightSql {
         query: CommandGetTables,
         request: Request<arrow_flight::Ticket>,
     ) -> DoGetResult {
-        identity::principal(&request)?;
+        let principal = identity::principal(&request)?;
         let schema = query.clone().into_builder().schema();
-        let batch = metadata::tables(query, self.engine.catalog()).map_err(Status::from)?;
+        let batch = metadata::tables(query, self.engine.catalog(), |dataset| {
+            self.engine.visible_columns(&principal, dataset)
+        })
+        .map_err(Status::from)?;
         Ok(Response::new(stream::encode_batch(schema, batch)))
     }
 

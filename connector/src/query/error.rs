@@ -147,7 +147,27 @@ fn strip_prefixes(msg: &str) -> String {
     ] {
         m = m.strip_prefix(prefix).unwrap_or(m);
     }
-    m.to_string()
+    without_field_hints(m)
+}
+
+/// DataFusion lists the valid fields (or suggests a close name) after an
+/// unknown column; those lists include columns the policy hides, so they
+/// are cut and the caller is pointed to the catalog listing instead.
+fn without_field_hints(msg: &str) -> String {
+    let Some(start) = msg.find("No field named") else {
+        return msg.to_string();
+    };
+    let tail = &msg[start..];
+    let end = ["Valid fields", "Did you mean", "Column names"]
+        .iter()
+        .filter_map(|hint| tail.find(hint))
+        .min()
+        .unwrap_or(tail.len());
+    format!(
+        "{}{}. The columns you may use are listed by GetTables (`sluice tables`)",
+        &msg[..start],
+        tail[..end].trim_end().trim_end_matches('.')
+    )
 }
 
 pub fn human_bytes(n: usize) -> String {
@@ -175,6 +195,17 @@ impl From<Denial> for QueryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_column_errors_do_not_list_other_columns() {
+        let m = strip_prefixes(
+            "Schema error: No field named nope. Valid fields are trips.card_id, trips.mode.",
+        );
+        assert!(!m.contains("card_id"), "{m}");
+        assert!(m.starts_with("No field named nope. The columns"), "{m}");
+        let m = strip_prefixes("Schema error: No field named card. Did you mean 'trips.card_id'?.");
+        assert!(!m.contains("card_id"), "{m}");
+    }
 
     #[test]
     fn execution_errors_never_carry_the_message() {

@@ -13,6 +13,7 @@
 pub mod deadline;
 mod error;
 pub mod execute;
+mod explain;
 pub mod plan;
 pub mod release;
 pub mod ticket;
@@ -26,7 +27,7 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
 use futures::Stream;
 use ring::digest;
-use sluice_policy::{DecisionRecord, PlanGate, Principal};
+use sluice_policy::{Approval, DecisionRecord, Principal, QueryContext};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -36,6 +37,8 @@ use ticket::{Claims, PendingQueries, PendingQuery, TicketSigner};
 
 use crate::catalog::Catalog;
 use crate::config::Limits;
+use crate::quota::QuotaStore;
+use crate::usage_policy::PolicyHandle;
 
 /// A query approved at GetFlightInfo, described by its signed ticket.
 #[derive(Debug, Clone)]
@@ -62,7 +65,8 @@ pub struct QueryRun {
 /// Plans, decides, issues tickets for and executes queries.
 pub struct QueryEngine {
     catalog: Arc<Catalog>,
-    gate: Arc<dyn PlanGate>,
+    policy: Arc<PolicyHandle>,
+    quotas: Arc<QuotaStore>,
     signer: TicketSigner,
     pending: PendingQueries,
     limits: Limits,
@@ -73,7 +77,8 @@ pub struct QueryEngine {
 impl QueryEngine {
     pub fn new(
         catalog: Arc<Catalog>,
-        gate: Arc<dyn PlanGate>,
+        policy: Arc<PolicyHandle>,
+        quotas: Arc<QuotaStore>,
         limits: Limits,
         executor: Executor,
     ) -> Self {
@@ -82,7 +87,8 @@ impl QueryEngine {
             permits: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
             signer: TicketSigner::generate(),
             catalog,
-            gate,
+            policy,
+            quotas,
             limits,
             executor,
         }
@@ -96,8 +102,17 @@ impl QueryEngine {
         &self.limits
     }
 
-    pub fn policy_version(&self) -> &str {
-        self.gate.version()
+    pub fn policy_version(&self) -> String {
+        self.policy.version()
+    }
+
+    pub fn policy(&self) -> &Arc<PolicyHandle> {
+        &self.policy
+    }
+
+    /// The columns of `dataset` that `principal` may see in listings.
+    pub fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<String>> {
+        self.policy.current().visible_columns(principal, dataset)
     }
 
     /// Tickets issued and not yet redeemed or expired.
@@ -113,21 +128,37 @@ impl QueryEngine {
         plan::plan(&state, &self.catalog, statement).await
     }
 
-    /// GetFlightInfo for a SQL statement.
+    /// GetFlightInfo for a SQL statement (or `EXPLAIN POLICY <query>`).
     pub async fn issue_for_sql(
         &self,
-        principal: &Principal,
+        request: &QueryContext,
         sql: &str,
     ) -> Result<IssuedTicket, QueryError> {
+        if let Some(query) = explain::strip_explain_policy(sql) {
+            let plan = self.plan_sql(query).await?;
+            let state = self.catalog.session().state();
+            let analyzed = plan::analyze(&state, plan)?;
+            let gate = self.policy.current();
+            let explanation =
+                explain::explain(gate.decide(request, analyzed), gate.version(), |plan| {
+                    gate.describe_plan(&request.principal, plan)
+                })?;
+            return self.ticket(
+                request,
+                explanation,
+                DecisionRecord::explain(gate.version()),
+                None,
+            );
+        }
         let plan = self.plan_sql(sql).await?;
-        self.issue(principal, plan, None)
+        self.issue(request, plan, None)
     }
 
-    /// Analyzes a plan (binding `params` first, if any), asks the gate, and
-    /// issues a ticket for the approved plan.
+    /// Analyzes a plan (binding `params` first, if any), asks the policy,
+    /// charges the quota and issues a ticket for the approved plan.
     pub fn issue(
         &self,
-        principal: &Principal,
+        request: &QueryContext,
         plan: LogicalPlan,
         params: Option<Vec<ScalarValue>>,
     ) -> Result<IssuedTicket, QueryError> {
@@ -137,20 +168,71 @@ impl QueryEngine {
             None => plan,
         };
         let analyzed = plan::analyze(&state, plan)?;
-        let approval = self.gate.decide(principal, analyzed)?;
-        let schema = release::advertised_schema(&approval.plan);
-        let ordered = matches!(approval.plan, LogicalPlan::Sort(_));
-        let plan_hash = plan_hash(&approval.plan);
+        let Approval { plan, record } = self.policy.current().decide(request, analyzed)?;
+        // The rewrite injected filters and masks: coerce their types too.
+        let mut plan = plan::analyze(&state, plan)?;
+        let mut rows_quota = None;
+        if let Some(charge) = &record.quota {
+            let reservation = self.quotas.reserve(charge, record.max_rows, request.at)?;
+            if let Some(rows) = reservation.rows {
+                plan = plan::cap_rows(plan, rows)?;
+                rows_quota = Some(RowsReserved {
+                    key: charge.key.clone(),
+                    rows,
+                    at: request.at,
+                });
+            }
+        }
+        self.ticket(request, plan, record, rows_quota)
+    }
+
+    /// The result schema announced when a statement is prepared. Without
+    /// parameters the policy decides now, so a forbidden statement fails at
+    /// once and the schema is the one DoGet will stream; with parameters
+    /// the decision waits for the bound values.
+    pub fn prepared_schema(
+        &self,
+        request: &QueryContext,
+        plan: &LogicalPlan,
+    ) -> Result<SchemaRef, QueryError> {
+        if !plan::parameter_names(plan)?.is_empty() {
+            return Ok(release::advertised_schema(plan));
+        }
+        let state = self.catalog.session().state();
+        let analyzed = plan::analyze(&state, plan.clone())?;
+        let Approval { plan, record } = self.policy.current().decide(request, analyzed)?;
+        let plan = plan::analyze(&state, plan)?;
+        Ok(release::with_classification(
+            release::advertised_schema(&plan),
+            &record,
+        ))
+    }
+
+    /// Signs a ticket for an approved plan and keeps the plan until DoGet.
+    fn ticket(
+        &self,
+        request: &QueryContext,
+        plan: LogicalPlan,
+        decision: DecisionRecord,
+        rows_quota: Option<RowsReserved>,
+    ) -> Result<IssuedTicket, QueryError> {
+        let schema = release::with_classification(release::advertised_schema(&plan), &decision);
+        let ordered = release::is_ordered(&plan);
+        let plan_hash = plan_hash(&plan);
         let now = SystemTime::now();
         let expires_at = now + self.limits.ticket_ttl;
-        let decision = approval.record.clone();
+        let principal = &request.principal;
         let id = self.pending.insert(
             PendingQuery {
                 principal_id: principal.id.clone(),
-                approval,
+                approval: Approval {
+                    plan,
+                    record: decision.clone(),
+                },
                 schema: schema.clone(),
                 plan_hash: plan_hash.clone(),
                 expires_at,
+                rows_quota,
             },
             now,
         )?;
@@ -182,6 +264,13 @@ impl QueryEngine {
     ) -> Result<QueryRun, QueryError> {
         let claims = self.signer.verify(ticket, principal, SystemTime::now())?;
         let pending = self.pending.redeem(&claims)?;
+        let in_force = self.policy.version();
+        if !pending.approval.record.is_explanation() && claims.policy_version != in_force {
+            return Err(QueryError::TicketRejected(format!(
+                "ticket rejected: the usage policy changed since it was issued ({} → {in_force}); call GetFlightInfo again",
+                claims.policy_version
+            )));
+        }
         let query_id = crate::identity::hex(&claims.query_id);
         let deadline = Instant::now() + self.limits.query_timeout;
         let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
@@ -204,8 +293,15 @@ impl QueryEngine {
         let schema = pending.schema;
         let conform_to = schema.clone();
         let batches = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        let rows = pending
+            .rows_quota
+            .map(|reserved| RowCounter::new(self.quotas.clone(), reserved));
         let batches = futures::StreamExt::map(batches, move |item| {
-            item.and_then(|batch| release::conform(batch, &conform_to))
+            let batch = item.and_then(|batch| release::conform(batch, &conform_to))?;
+            if let Some(counter) = &rows {
+                counter.sent(batch.num_rows());
+            }
+            Ok(batch)
         });
         Ok(QueryRun {
             query_id,
@@ -217,6 +313,47 @@ impl QueryEngine {
     /// The ticket lifetime, for FlightEndpoint.expiration_time.
     pub fn ticket_ttl(&self) -> Duration {
         self.limits.ticket_ttl
+    }
+}
+
+/// Rows reserved against a daily quota when the ticket was issued.
+#[derive(Debug, Clone)]
+pub struct RowsReserved {
+    pub key: String,
+    pub rows: u64,
+    pub at: SystemTime,
+}
+
+/// Counts the rows a stream sends; when the stream ends (or is dropped)
+/// returns the unsent part of the reservation and writes the usage.
+struct RowCounter {
+    quotas: Arc<QuotaStore>,
+    reserved: RowsReserved,
+    sent: std::sync::atomic::AtomicU64,
+}
+
+impl RowCounter {
+    fn new(quotas: Arc<QuotaStore>, reserved: RowsReserved) -> Self {
+        Self {
+            quotas,
+            reserved,
+            sent: Default::default(),
+        }
+    }
+
+    fn sent(&self, rows: usize) {
+        self.sent
+            .fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for RowCounter {
+    fn drop(&mut self) {
+        let sent = self.sent.load(std::sync::atomic::Ordering::Relaxed);
+        let r = &self.reserved;
+        self.quotas
+            .settle(&r.key, r.rows, sent, r.at, SystemTime::now());
+        self.quotas.flush();
     }
 }
 

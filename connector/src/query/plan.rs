@@ -19,7 +19,10 @@ use datafusion::sql::sqlparser::ast::{
 };
 use datafusion::sql::sqlparser::dialect::dialect_from_str;
 
-use sluice_policy::{Denial, READ_ONLY_RULE};
+use sluice_policy::Denial;
+
+/// The rule reported when a statement other than a query is sent.
+pub const READ_ONLY_RULE: &str = "read-only";
 
 use super::QueryError;
 use crate::catalog::{CATALOG, Catalog, SCHEMA};
@@ -88,7 +91,7 @@ fn refuse_non_queries(statement: &Statement) -> Result<(), QueryError> {
     Err(QueryError::Denied(Denial::forbidden(
         READ_ONLY_RULE,
         format!(
-            "{kind} is not accepted: Sluice answers read-only queries (SELECT, WITH, VALUES, EXPLAIN)"
+            "{kind} is not accepted: Sluice answers read-only queries (SELECT, WITH, VALUES, EXPLAIN POLICY)"
         ),
     )))
 }
@@ -338,7 +341,7 @@ fn parameter_types(plan: &LogicalPlan) -> Result<Vec<(String, Option<DataType>)>
     Ok(by_index.into_values().collect())
 }
 
-fn parameter_names(plan: &LogicalPlan) -> Result<Vec<String>, QueryError> {
+pub(crate) fn parameter_names(plan: &LogicalPlan) -> Result<Vec<String>, QueryError> {
     let mut names: Vec<String> = plan
         .get_parameter_types()
         .map_err(QueryError::from_planning)?
@@ -388,4 +391,13 @@ fn number_question_marks(statement: &mut Statement) {
         Statement::Explain(explain) => number_question_marks(&mut explain.statement),
         _ => {}
     }
+}
+
+/// Caps the rows a plan returns (the day's remaining row quota).
+pub fn cap_rows(plan: LogicalPlan, rows: u64) -> Result<LogicalPlan, QueryError> {
+    let rows = usize::try_from(rows).unwrap_or(usize::MAX);
+    datafusion::logical_expr::LogicalPlanBuilder::from(plan)
+        .limit(0, Some(rows))
+        .and_then(|b| b.build())
+        .map_err(|e| QueryError::Internal(format!("capping the result rows: {e}")))
 }

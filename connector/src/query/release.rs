@@ -14,6 +14,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::logical_expr::LogicalPlan;
+use sluice_policy::DecisionRecord;
 
 use super::QueryError;
 
@@ -30,6 +31,32 @@ pub fn advertised_schema(plan: &LogicalPlan) -> SchemaRef {
             .collect::<Vec<_>>(),
         schema.metadata().clone(),
     ))
+}
+
+/// Schema metadata keys that carry the decision with the result.
+pub const CLASSIFICATION_KEY: &str = "sluice.classification";
+pub const TAGS_KEY: &str = "sluice.tags";
+pub const POLICY_VERSION_KEY: &str = "sluice.policy_version";
+
+/// `schema` with the output classification and policy version in its
+/// metadata, so every client sees what class of data it received.
+pub fn with_classification(schema: SchemaRef, decision: &DecisionRecord) -> SchemaRef {
+    let mut metadata = schema.metadata().clone();
+    metadata.insert(CLASSIFICATION_KEY.into(), decision.output_class.to_string());
+    let tags: Vec<String> = decision.output_tags.iter().map(|t| t.to_string()).collect();
+    metadata.insert(TAGS_KEY.into(), tags.join(","));
+    metadata.insert(POLICY_VERSION_KEY.into(), decision.policy_version.clone());
+    Arc::new(Schema::new_with_metadata(schema.fields().clone(), metadata))
+}
+
+/// Whether the result order is meaningful: the plan sorts at the top
+/// (possibly under a row cap).
+pub fn is_ordered(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Sort(_) => true,
+        LogicalPlan::Limit(limit) => is_ordered(&limit.input),
+        _ => false,
+    }
 }
 
 fn hydrate_field(field: &FieldRef) -> Field {

@@ -105,6 +105,8 @@ pub struct PendingQuery {
     pub schema: SchemaRef,
     pub plan_hash: Vec<u8>,
     pub expires_at: SystemTime,
+    /// Rows reserved against a daily quota, settled when the stream ends.
+    pub rows_quota: Option<super::RowsReserved>,
 }
 
 /// Approved plans by query id. Each is redeemed at most once and dropped at

@@ -73,29 +73,64 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// The embedded demo configuration on the shared state directory.
+    /// The embedded demo configuration on the shared state directory, under
+    /// the open test policy (`tests/policies/open.yaml`): for tests of the
+    /// transport, not of the policy.
     pub fn start() -> Daemon {
         Self::start_with(&[])
     }
 
-    /// The demo configuration plus extra `serve` arguments.
+    /// [`Daemon::start`] plus extra `serve` arguments.
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Self::start_with_policy(&open_policy(), extra)
+    }
+
+    /// The embedded demo configuration with its demo usage policy (from the
+    /// source tree: the shared state directory keeps the copy it was created
+    /// with, which may be older).
+    pub fn start_demo_policy_with(extra: &[&str]) -> Daemon {
+        Self::start_with_policy(&demo_policy(), extra)
+    }
+
+    fn start_with_policy(policy: &Path, extra: &[&str]) -> Daemon {
         let state_dir = shared_state_dir();
-        let mut args = vec!["--state-dir".to_string(), state_dir.display().to_string()];
+        let mut args = vec![
+            "--state-dir".to_string(),
+            state_dir.display().to_string(),
+            "--policy".to_string(),
+            policy.display().to_string(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn(&args, state_dir)
     }
 
     /// `sluice serve --config FILE` (its state directory is the shared one
-    /// unless the file says otherwise; the file's own settings apply).
+    /// unless the file says otherwise; the file's own settings apply; the
+    /// open test policy unless the file names a policy).
     pub fn start_config(config: &Path) -> Daemon {
-        let args = vec![
+        let mut args = vec![
             "--config".to_string(),
             config.display().to_string(),
             "--state-dir".to_string(),
             shared_state_dir().display().to_string(),
         ];
+        let text = std::fs::read_to_string(config).unwrap_or_default();
+        if !text.contains("[policy]") {
+            args.extend(["--policy".to_string(), open_policy().display().to_string()]);
+        }
         Self::spawn(&args, shared_state_dir())
+    }
+
+    /// `sluice serve --config FILE` on a state directory of its own (its own
+    /// development PKI, quota usage and masking key).
+    pub fn start_isolated(config: &Path, state_dir: &Path) -> Daemon {
+        let args = vec![
+            "--config".to_string(),
+            config.display().to_string(),
+            "--state-dir".to_string(),
+            state_dir.display().to_string(),
+        ];
+        Self::spawn(&args, state_dir.to_path_buf())
     }
 
     fn spawn(args: &[String], state_dir: PathBuf) -> Daemon {
@@ -235,6 +270,15 @@ impl Daemon {
         FlightSqlServiceClient::new(self.channel(identity).await)
     }
 
+    /// Sends SIGHUP (reload the usage policy).
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")
@@ -303,6 +347,16 @@ impl Drop for Daemon {
     }
 }
 
+/// The demo usage policy, as the source tree has it.
+pub fn demo_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/demo_policy.yaml")
+}
+
+/// The open test policy: every demo column raw for both demo organizations.
+pub fn open_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policies/open.yaml")
+}
+
 /// The gRPC status behind a Flight client error.
 pub fn status(error: FlightError) -> tonic::Status {
     match error {
@@ -362,6 +416,13 @@ pub async fn datafusion_answer(state_dir: &Path, sql: &str) -> Vec<RecordBatch> 
         "machine_events",
         data.join("machine_events.csv").to_str().unwrap(),
         CsvReadOptions::new(),
+    )
+    .await
+    .unwrap();
+    ctx.register_json(
+        "zones",
+        data.join("zones.json").to_str().unwrap(),
+        datafusion::prelude::JsonReadOptions::default(),
     )
     .await
     .unwrap();

@@ -1,0 +1,371 @@
+//! The policy file as written: YAML deserialized into these types.
+//!
+//! Nothing here knows about plans. [`PolicyDocument::from_yaml`] checks the
+//! syntax and the shape (unknown fields are errors, with line and column);
+//! [`crate::PolicySet::compile`] then checks the meaning against the datasets
+//! the connector serves. See `docs/policy.md` for the reference.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::PolicyError;
+
+/// A whole policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// Format version; only `1` exists.
+    pub version: Spanned<u32>,
+    /// Named groups of principals that consumers can match on.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Spanned<Group>>,
+    /// What the provider publishes, keyed by the dataset (table) name.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, Spanned<DatasetPolicy>>,
+    /// Who may learn what. A principal no consumer matches is refused.
+    #[serde(default)]
+    pub consumers: Vec<Spanned<Consumer>>,
+}
+
+/// Dataset metadata (DCAT-like) and column classification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetPolicy {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub publisher: Option<String>,
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    #[serde(default)]
+    pub license: Option<String>,
+    /// The column naming the person, vehicle or company that k-anonymity (and
+    /// later differential privacy) protects.
+    #[serde(default)]
+    pub privacy_unit: Option<Spanned<String>>,
+    /// Classification per column. Columns not listed are `general`.
+    #[serde(default)]
+    pub columns: BTreeMap<String, Spanned<ColumnClass>>,
+}
+
+/// The classification of one column.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnClass {
+    #[serde(default)]
+    pub class: Class,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+/// Data grade in the style of GB/T 43697-2024, lowest to highest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    #[default]
+    General,
+    Important,
+    Core,
+}
+
+impl fmt::Display for Class {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Class::General => "general",
+            Class::Important => "important",
+            Class::Core => "core",
+        })
+    }
+}
+
+/// Personal-data tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tag {
+    Personal,
+    SensitivePersonal,
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tag::Personal => "personal",
+            Tag::SensitivePersonal => "sensitive_personal",
+        })
+    }
+}
+
+/// A named set of principals.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// A principal belongs to the group when it matches any member entry.
+    pub members: Vec<Matcher>,
+}
+
+/// Certificate attributes to match. Every field given must match.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Matcher {
+    /// Subject organization (O), exactly.
+    #[serde(default)]
+    pub organization: Option<String>,
+    /// A SAN URI pattern; `*` matches any run of characters.
+    #[serde(default)]
+    pub san_uri: Option<String>,
+    /// Subject common name (CN), exactly.
+    #[serde(default)]
+    pub common_name: Option<String>,
+    /// A group defined under `groups:`.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// A consumer: who it is and what it may learn from each dataset.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// Shown in decisions and audit records.
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: Spanned<Matcher>,
+    /// Values row filters can use as `$name` (besides the certificate's
+    /// `$organization`, `$common_name` and `$principal`).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Per organization and UTC day.
+    #[serde(default)]
+    pub quotas: Option<Quotas>,
+    #[serde(default)]
+    pub grants: BTreeMap<String, Spanned<Grant>>,
+}
+
+/// Allowances per organization per UTC day, persisted by the connector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    #[serde(default)]
+    pub queries_per_day: Option<u64>,
+    #[serde(default)]
+    pub rows_per_day: Option<u64>,
+}
+
+/// What one consumer may do with one dataset.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// Visibility per column; a column not listed is `hidden`.
+    #[serde(default)]
+    pub columns: BTreeMap<String, Spanned<Visibility>>,
+    /// A SQL predicate over this dataset's columns, applied at the scan.
+    #[serde(default)]
+    pub row_filter: Option<Spanned<String>>,
+    /// When present, only aggregates leave, over groups of at least
+    /// `min_group_size` distinct privacy units.
+    #[serde(default)]
+    pub aggregation: Option<Aggregation>,
+    /// Allowed functions; defaults in `docs/policy.md`.
+    #[serde(default)]
+    pub functions: Option<Functions>,
+    /// Allowed comparison operators; defaults in `docs/policy.md`.
+    #[serde(default)]
+    pub comparisons: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub joins: Vec<Spanned<JoinGrant>>,
+    /// Constructs denied by default that this grant allows.
+    #[serde(default)]
+    pub allow: Vec<Construct>,
+    /// Purposes this data may be used for; when given, every query must
+    /// declare one of them.
+    #[serde(default)]
+    pub purposes: Vec<String>,
+    #[serde(default)]
+    pub valid_from: Option<Spanned<String>>,
+    #[serde(default)]
+    pub valid_until: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_rows: Option<u64>,
+    /// Differential-privacy requirement; parsed and kept, enforced from the
+    /// differential-privacy release on.
+    #[serde(default)]
+    pub dp: Option<DpRule>,
+}
+
+/// How a column may be used.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    /// Values leave as stored.
+    Raw,
+    /// Values leave transformed at the scan.
+    Masked(Mask),
+    /// Only inside allowed aggregate functions.
+    AggregateOnly,
+    /// In GROUP BY, filters and as group keys in the output.
+    GroupByOnly,
+    /// Only in filter predicates.
+    FilterOnly,
+    /// Not usable at all.
+    Hidden,
+}
+
+impl fmt::Display for Visibility {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Visibility::Raw => f.write_str("raw"),
+            Visibility::Masked(mask) => write!(f, "masked ({mask})"),
+            Visibility::AggregateOnly => f.write_str("aggregate_only"),
+            Visibility::GroupByOnly => f.write_str("group_by_only"),
+            Visibility::FilterOnly => f.write_str("filter_only"),
+            Visibility::Hidden => f.write_str("hidden"),
+        }
+    }
+}
+
+/// Masks applied at the scan, before the query sees the column.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mask {
+    /// HMAC-SHA256 with a key per consumer, hex; stable across queries, so
+    /// the consumer can count and join on it but not reverse it.
+    Hash,
+    /// Replaced by NULL.
+    Redact,
+    /// Timestamps and dates truncated to `year`, `quarter`, `month`, `week`,
+    /// `day` or `hour`.
+    Truncate(String),
+    /// Numbers rounded down to a multiple of the width.
+    Bucket(f64),
+}
+
+impl fmt::Display for Mask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mask::Hash => f.write_str("keyed hash"),
+            Mask::Redact => f.write_str("redacted"),
+            Mask::Truncate(unit) => write!(f, "truncated to {unit}"),
+            Mask::Bucket(width) => write!(f, "bucketed by {width}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Aggregation {
+    /// Minimum number of distinct privacy units in every released group.
+    pub min_group_size: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Functions {
+    #[serde(default)]
+    pub aggregate: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub scalar: Option<Vec<Spanned<String>>>,
+}
+
+/// A join this dataset may take part in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinGrant {
+    /// The other dataset.
+    pub dataset: String,
+    /// Equality keys: `[column of this dataset, column of the other]`.
+    pub on: Vec<[String; 2]>,
+    /// Join types; `inner` when not given.
+    #[serde(default)]
+    pub types: Vec<JoinKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinKind {
+    Inner,
+    Left,
+    Right,
+    Full,
+}
+
+/// Plan constructs refused unless a grant allows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Construct {
+    /// UNION / UNION ALL.
+    Union,
+    /// Window functions (row-level output).
+    Window,
+    /// GROUPING SETS / ROLLUP / CUBE.
+    GroupingSets,
+    /// A join of a dataset with itself.
+    SelfJoin,
+}
+
+impl fmt::Display for Construct {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Construct::Union => "union",
+            Construct::Window => "window",
+            Construct::GroupingSets => "grouping_sets",
+            Construct::SelfJoin => "self_join",
+        })
+    }
+}
+
+/// The differential-privacy block, kept for the differential-privacy release.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpRule {
+    /// Largest ε one query may spend.
+    pub epsilon_per_query: f64,
+    /// Total budget per period, keyed to the organization.
+    #[serde(default)]
+    pub budget: Option<DpBudget>,
+    /// Rows one privacy unit may contribute.
+    #[serde(default)]
+    pub max_contributions: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpBudget {
+    pub epsilon: f64,
+    #[serde(default)]
+    pub delta: f64,
+    /// `day`, `month`, `year` or `total`.
+    #[serde(default = "default_period")]
+    pub period: String,
+}
+
+fn default_period() -> String {
+    "total".into()
+}
+
+impl PolicyDocument {
+    /// Parses a policy file. `file` only names the source in errors.
+    pub fn from_yaml(file: &str, text: &str) -> Result<Self, PolicyError> {
+        let document: PolicyDocument = serde_saphyr::from_str(text).map_err(|e| PolicyError {
+            file: file.to_string(),
+            line: e.location().map(|l| l.line()).filter(|l| *l > 0),
+            field: String::new(),
+            message: e.to_string(),
+        })?;
+        if document.version.value != 1 {
+            return Err(PolicyError::at(
+                file,
+                document.version.referenced.line(),
+                "version",
+                format!(
+                    "version {} is not supported; this connector reads version 1",
+                    document.version.value
+                ),
+            ));
+        }
+        Ok(document)
+    }
+}

@@ -1,0 +1,123 @@
+//! Column lineage: for every column a plan node outputs, which dataset
+//! columns flowed into it and at what level (row by row, as a group key, or
+//! through an aggregate).
+//!
+//! Lineage is what lets the checker follow a column through aliases,
+//! projections, CTEs, subqueries, unions, joins, windows and CASE: a CTE is
+//! only a `SubqueryAlias` over a `Projection`, so `WITH t AS (SELECT fare AS
+//! f FROM trips) SELECT f FROM t` still outputs `trips.fare`, row by row.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use datafusion_expr::{Expr, LogicalPlan};
+
+/// A column of a published dataset.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Source {
+    pub dataset: String,
+    pub column: String,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.dataset, self.column)
+    }
+}
+
+/// How a value relates to the rows it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Level {
+    /// No dataset column flowed into it (a literal).
+    #[default]
+    Constant,
+    /// One value per input row.
+    Row,
+    /// A GROUP BY key: one value per group.
+    GroupKey,
+    /// Computed by an aggregate function over a group.
+    Aggregated,
+}
+
+/// Lineage of one output column.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    pub sources: BTreeSet<Source>,
+    /// Set when the column is a dataset column passed through unchanged
+    /// (aliases and type-widening casts allowed).
+    pub plain: Option<Source>,
+    pub level: Level,
+    /// Set when the value is a COUNT, so HAVING on small counts can be seen.
+    pub is_count: bool,
+}
+
+impl Lineage {
+    pub fn of_source(source: Source) -> Self {
+        Self {
+            sources: BTreeSet::from([source.clone()]),
+            plain: Some(source),
+            level: Level::Row,
+            is_count: false,
+        }
+    }
+
+    /// Lineage of a value computed from `inputs`.
+    pub fn derived<'a>(inputs: impl IntoIterator<Item = &'a Lineage>) -> Self {
+        let mut out = Lineage::default();
+        for input in inputs {
+            out.sources.extend(input.sources.iter().cloned());
+            out.level = out.level.max(input.level);
+        }
+        out
+    }
+
+    /// Merges the lineage of the same column from two UNION branches.
+    pub fn union(&self, other: &Lineage) -> Self {
+        let mut out = Lineage::derived([self, other]);
+        if self.plain == other.plain {
+            out.plain = self.plain.clone();
+        }
+        out
+    }
+}
+
+/// The lineage of every output column of a plan node, plus what the checker
+/// needs to know about the subtree below it.
+#[derive(Debug, Clone, Default)]
+pub struct NodeLineage {
+    /// One entry per field of the node's output schema, in order.
+    pub columns: Vec<Lineage>,
+    /// Datasets scanned anywhere below (each scan once).
+    pub scans: Vec<String>,
+    /// Datasets that release only aggregates and whose rows have not yet
+    /// passed through an aggregate.
+    pub unaggregated: BTreeSet<String>,
+    /// Whether an aggregate sits below.
+    pub aggregated: bool,
+}
+
+impl NodeLineage {
+    /// The lineage of `column`, resolved against `plan`, the node this
+    /// lineage describes.
+    pub fn column(
+        &self,
+        plan: &LogicalPlan,
+        column: &datafusion_common::Column,
+    ) -> Option<&Lineage> {
+        let index = plan.schema().index_of_column(column).ok()?;
+        self.columns.get(index)
+    }
+}
+
+/// Strips aliases and casts that cannot change a value (type widening), to
+/// see whether an expression is a plain column reference. `schema` is the
+/// schema the expression is evaluated against.
+pub fn strip_plain<'e>(expr: &'e Expr, schema: &datafusion_common::DFSchema) -> &'e Expr {
+    match expr {
+        Expr::Alias(alias) => strip_plain(&alias.expr, schema),
+        Expr::Cast(cast) if crate::checks::is_lossless_cast(cast, schema) => {
+            strip_plain(&cast.expr, schema)
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,78 @@
+"""The demo usage policy through real clients: ADBC (Go Flight SQL driver) and
+pyarrow.flight, over mTLS, against the embedded default as a newcomer runs it."""
+
+import adbc_driver_manager
+import datafusion
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from conftest import adbc_connect, flight_client
+
+# The planning agency's view of trips, written out by hand: no ferries (row
+# filter), groups of at least 10 distinct cards (k).
+ORACLE = ("SELECT start_zone, count(*) AS trips, round(avg(distance_km), 4) AS km FROM trips "
+          "WHERE mode <> 'ferry' AND mode = 'tram' GROUP BY start_zone "
+          "HAVING count(DISTINCT card_id) >= 10 ORDER BY start_zone")
+QUERY = ("SELECT start_zone, count(*) AS trips, round(avg(distance_km), 4) AS km FROM trips "
+         "WHERE mode = 'tram' GROUP BY start_zone ORDER BY start_zone")
+
+
+def test_an_allowed_aggregate_matches_the_policy_applied_by_hand(demo_daemon):
+    ctx = datafusion.SessionContext()
+    ctx.register_parquet("trips", str(demo_daemon.state_dir / "data" / "trips.parquet"))
+    want = ctx.sql(ORACLE).to_arrow_table()
+    with adbc_connect(demo_daemon, purpose="urban-planning") as conn, conn.cursor() as cur:
+        cur.execute(QUERY)
+        got = cur.fetch_arrow_table()
+    assert got.num_rows > 0
+    assert got.to_pylist() == want.to_pylist()
+    assert got.schema.metadata[b"sluice.tags"] == b"personal"
+
+
+@pytest.mark.parametrize("sql, rule", [
+    ("SELECT card_id, fare_eur FROM trips", "grants.trips.aggregation"),
+    ("SELECT fare_eur FROM trips ORDER BY fare_eur DESC LIMIT 1", "fare_eur"),
+    ("SELECT max(fare_eur) FROM trips", "`max`"),
+])
+def test_forbidden_queries_are_refused_naming_the_rule(demo_daemon, sql, rule):
+    with adbc_connect(demo_daemon, purpose="research") as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error) as info:
+            cur.execute(sql)
+            cur.fetch_arrow_table()
+    message = str(info.value)
+    assert "PermissionDenied" in message, message
+    assert rule in message, message
+
+
+def test_a_missing_purpose_is_a_failed_precondition(demo_daemon):
+    client = flight_client(demo_daemon)
+    descriptor = flight.FlightDescriptor.for_command(_statement("SELECT count(*) FROM trips"))
+    # pyarrow maps FAILED_PRECONDITION to ArrowInvalid and names the code.
+    with pytest.raises(pa.ArrowException) as info:
+        client.get_flight_info(descriptor)
+    assert "precondition failed" in str(info.value), str(info.value)
+    assert "x-sluice-purpose" in str(info.value), str(info.value)
+    options = flight.FlightCallOptions(headers=[(b"x-sluice-purpose", b"research")])
+    info = client.get_flight_info(descriptor, options)
+    table = client.do_get(info.endpoints[0].ticket, options).read_all()
+    assert table.num_rows == 1
+
+
+def test_catalog_shows_each_consumer_only_its_columns(demo_daemon):
+    with adbc_connect(demo_daemon, "supplier") as conn:
+        objects = conn.adbc_get_objects(depth="columns").read_all().to_pylist()
+    tables = {
+        table["table_name"]: [c["column_name"] for c in table["table_columns"]]
+        for catalog in objects
+        for schema in catalog["catalog_db_schemas"]
+        for table in schema["db_schema_tables"]
+    }
+    assert set(tables) == {"machine_events", "zones"}
+    assert sorted(tables["zones"]) == ["district", "zone_id"]
+
+
+def _statement(sql: str) -> bytes:
+    """A CommandStatementQuery wrapped in google.protobuf.Any, by hand."""
+    from test_flight_tickets import statement_query
+    return statement_query(sql).command
