@@ -294,8 +294,16 @@ fn run(command: Command) -> Result<()> {
         Command::Config(ConfigCommand::Check { file }) => {
             let cfg = Config::load(&file)?;
             cfg.check_paths()?;
+            let policy = match &cfg.policy {
+                Some(policy_file) => {
+                    let version = client_runtime()?
+                        .block_on(crate::usage_policy::check(&cfg.datasets, policy_file))?;
+                    format!("policy {} {version}", policy_file.display())
+                }
+                None => "no policy: every query would be refused".into(),
+            };
             println!(
-                "{}: valid ({} dataset(s), listen {})",
+                "{}: valid ({} dataset(s), listen {}, {policy})",
                 file.display(),
                 cfg.datasets.len(),
                 cfg.server.listen

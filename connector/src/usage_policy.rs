@@ -98,6 +98,14 @@ fn compile(path: &Path, mask_secret: &[u8], catalog: &Catalog) -> Result<PolicyG
     Ok(PolicyGate::new(policy))
 }
 
+/// Compiles the policy file against the datasets of a config, as `serve`
+/// would, without serving: returns the policy version. (`sluice config check`.)
+pub async fn check(datasets: &[crate::config::DatasetConfig], file: &Path) -> Result<String> {
+    let catalog = Catalog::open(datasets).await?;
+    let gate = compile(file, b"check", &catalog)?;
+    Ok(gate.version().to_string())
+}
+
 /// Reloads the policy when its file changes (polled) or on SIGHUP, until
 /// `stop` turns true.
 pub async fn watch_for_changes(handle: Arc<PolicyHandle>, mut stop: watch::Receiver<bool>) {

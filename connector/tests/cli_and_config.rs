@@ -368,3 +368,35 @@ async fn datasets_from_csv_json_parquet_files_and_directories() {
         "+---------+\n| n       |\n+---------+\n| 1000000 |\n+---------+"
     );
 }
+
+#[test]
+fn config_check_compiles_the_policy_too() {
+    let dir = common::temp_dir();
+    let parquet = common::shared_state_dir().join("data/trips.parquet");
+    let config = format!(
+        "[policy]\nfile = \"policy.yaml\"\n\n[[datasets]]\nname = \"trips\"\nformat = \"parquet\"\npath = \"{}\"\n",
+        parquet.display()
+    );
+    let good = "version: 1\ndatasets:\n  trips: {}\nconsumers:\n  - name: a\n    match: { organization: A }\n    grants:\n      trips: { columns: { mode: raw } }\n";
+    std::fs::write(dir.path().join("policy.yaml"), good).unwrap();
+    let out = check(dir.path(), &config);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("policy.yaml sha256:"), "{stdout}");
+
+    let bad = good.replace("mode: raw", "mode: raw, colour: raw");
+    std::fs::write(dir.path().join("policy.yaml"), bad).unwrap();
+    let out = check(dir.path(), &config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("policy.yaml:8"), "{err}");
+    assert!(
+        err.contains("consumers[0].grants.trips.columns.colour"),
+        "{err}"
+    );
+    assert!(err.contains("no column `colour`"), "{err}");
+}
