@@ -27,6 +27,10 @@ use crate::quota::QuotaStore;
 use crate::state::{DEFAULT_IDENTITY, StateDir};
 use crate::usage_policy::PolicyHandle;
 
+/// How long the process lingers after the server stopped, so that
+/// connection tasks finish writing the final frames of drained streams.
+const FLUSH_BEFORE_EXIT: Duration = Duration::from_millis(500);
+
 /// TLS handshakes that take longer are dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -157,6 +161,10 @@ pub async fn serve_with(
             }
         }
     }
+    // The server future resolves once every stream has produced its last
+    // frame, but connection tasks may still be flushing those frames to the
+    // socket; exiting at once would drop them (and reset the connection).
+    tokio::time::sleep(FLUSH_BEFORE_EXIT).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -281,8 +281,18 @@ async fn sigterm_finishes_the_in_flight_stream_then_exits_cleanly() {
     let first = stream.try_next().await.unwrap().expect("a first batch");
     daemon.terminate();
     let mut total = first.num_rows();
-    while let Some(batch) = stream.try_next().await.unwrap() {
-        total += batch.num_rows();
+    loop {
+        match stream.try_next().await {
+            Ok(Some(batch)) => total += batch.num_rows(),
+            Ok(None) => break,
+            Err(e) => {
+                let _ = daemon.wait(Duration::from_secs(5));
+                panic!(
+                    "the stream failed after {total} rows: {e}\n{}",
+                    daemon.logs()
+                )
+            }
+        }
     }
     assert_eq!(total, 1_000_000, "the in-flight stream was cut short");
     let exit = daemon
