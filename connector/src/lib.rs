@@ -27,6 +27,7 @@ pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod demo;
 pub mod flight;

@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::catalog::Catalog;
 use crate::config::{Config, Source, TlsConfig};
+use crate::connections::OpenConnections;
 use crate::control::ConnectorInfo;
 use crate::flight::FlightSql;
 use crate::identity;
@@ -26,10 +27,6 @@ use crate::query::execute::Executor;
 use crate::quota::QuotaStore;
 use crate::state::{DEFAULT_IDENTITY, StateDir};
 use crate::usage_policy::PolicyHandle;
-
-/// How long the process lingers after the server stopped, so that
-/// connection tasks finish writing the final frames of drained streams.
-const FLUSH_BEFORE_EXIT: Duration = Duration::from_millis(500);
 
 /// TLS handshakes that take longer are dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,7 +107,12 @@ pub async fn serve_with(
             )
         })?;
     let addr = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let open = OpenConnections::default();
+    let tracker = open.clone();
+    let incoming = futures::StreamExt::map(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        move |accepted| accepted.map(|socket| tracker.track(socket)),
+    );
 
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(crate::usage_policy::watch_for_changes(
@@ -152,19 +154,24 @@ pub async fn serve_with(
         result = &mut server => result.context("the gRPC server stopped")?,
         signal = shutdown_signal() => {
             let grace = config.server.shutdown_grace;
+            let deadline = tokio::time::Instant::now() + grace;
             tracing::info!(signal, grace_s = grace.as_secs_f64(), "shutting down: refusing new connections, finishing in-flight queries");
             health.set_not_serving::<FlightServiceServer<FlightSql>>().await;
             let _ = stop.send(true);
-            match tokio::time::timeout(grace, &mut server).await {
+            match tokio::time::timeout_at(deadline, &mut server).await {
                 Ok(result) => result.context("the gRPC server stopped")?,
                 Err(_) => tracing::warn!("shutdown grace period over; closing the remaining streams"),
             }
+            // Streams are done, but their last frames may still wait for the
+            // client's flow-control window: let every connection close.
+            let left = open
+                .drained(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await;
+            if left > 0 {
+                tracing::warn!(connections = left, "shutdown grace period over; closing open connections");
+            }
         }
     }
-    // The server future resolves once every stream has produced its last
-    // frame, but connection tasks may still be flushing those frames to the
-    // socket; exiting at once would drop them (and reset the connection).
-    tokio::time::sleep(FLUSH_BEFORE_EXIT).await;
     tracing::info!("stopped");
     Ok(())
 }
