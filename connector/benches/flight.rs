@@ -344,7 +344,11 @@ mod policy {
                 record: sluice_policy::DecisionRecord::explain("enforcement-off"),
             })
         }
-        fn visible_columns(&self, _: &Principal, _: &str) -> Option<Vec<String>> {
+        fn visible_columns(
+            &self,
+            _: &Principal,
+            _: &str,
+        ) -> Option<Vec<datafusion::arrow::datatypes::Field>> {
             None
         }
     }

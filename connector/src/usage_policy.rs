@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{Field, SchemaRef};
 use datafusion::common::DFSchema;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use sluice_policy::{
@@ -203,7 +203,7 @@ impl PlanGate for NoPolicy {
         ))
     }
 
-    fn visible_columns(&self, _: &Principal, _: &str) -> Option<Vec<String>> {
+    fn visible_columns(&self, _: &Principal, _: &str) -> Option<Vec<Field>> {
         None
     }
 }

@@ -792,6 +792,12 @@ async fn catalog_listings_show_only_what_each_consumer_may_use() {
                 let schema =
                     datafusion::arrow::ipc::convert::try_schema_from_ipc_buffer(schemas.value(row))
                         .unwrap();
+                if let Ok(end_time) = schema.field_with_name("end_time") {
+                    assert!(
+                        end_time.is_nullable(),
+                        "a redacted column is listed as nullable"
+                    );
+                }
                 let mut columns: Vec<&str> =
                     schema.fields().iter().map(|f| f.name().as_str()).collect();
                 columns.sort_unstable();

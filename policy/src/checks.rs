@@ -98,7 +98,7 @@ impl Checker<'_> {
                 let columns = projection
                     .expr
                     .iter()
-                    .map(|e| self.value(e, &projection.input, &input, Use::Output))
+                    .map(|e| self.value(e, &projection.input, &input))
                     .collect::<Checked<Vec<_>>>()?;
                 Ok(NodeLineage { columns, ..input })
             }
@@ -114,7 +114,7 @@ impl Checker<'_> {
             LogicalPlan::Sort(sort) => {
                 let input = self.node(&sort.input)?;
                 for key in &sort.expr {
-                    let lineage = self.value(&key.expr, &sort.input, &input, Use::Output)?;
+                    let lineage = self.value(&key.expr, &sort.input, &input)?;
                     self.require_released(&lineage, "ORDER BY key")?;
                 }
                 Ok(input)
@@ -294,7 +294,7 @@ impl Checker<'_> {
         input_plan: &LogicalPlan,
         input: &NodeLineage,
     ) -> Checked<Lineage> {
-        let mut lineage = self.value(expr, input_plan, input, Use::GroupKey)?;
+        let mut lineage = self.value(expr, input_plan, input)?;
         self.require_use(&lineage, Use::GroupKey, "GROUP BY key")?;
         if lineage.level == Level::Row {
             lineage.level = Level::GroupKey;
@@ -567,16 +567,10 @@ impl Checker<'_> {
 
     /// Checks a value expression and returns its lineage. `usage` is how the
     /// value will be used if it is a plain column (checked by the caller).
-    fn value(
-        &self,
-        expr: &Expr,
-        plan: &LogicalPlan,
-        input: &NodeLineage,
-        usage: Use,
-    ) -> Checked<Lineage> {
+    fn value(&self, expr: &Expr, plan: &LogicalPlan, input: &NodeLineage) -> Checked<Lineage> {
         match expr {
             Expr::Column(column) => self.lineage_of(column, plan, input).cloned(),
-            Expr::Alias(alias) => self.value(&alias.expr, plan, input, usage),
+            Expr::Alias(alias) => self.value(&alias.expr, plan, input),
             Expr::Literal(..) => Ok(Lineage::default()),
             // Casting a constant cannot fail on data: it either plans or not.
             Expr::Cast(cast) if cast.expr.column_refs().is_empty() => Ok(Lineage::default()),
@@ -589,7 +583,7 @@ impl Checker<'_> {
                         ),
                     ));
                 }
-                let inner = self.value(&cast.expr, plan, input, usage)?;
+                let inner = self.value(&cast.expr, plan, input)?;
                 let plain = inner
                     .plain
                     .clone()
@@ -602,7 +596,7 @@ impl Checker<'_> {
                 Ok(Lineage { plain, ..inner })
             }
             Expr::TryCast(cast) => {
-                let inner = self.value(&cast.expr, plan, input, usage)?;
+                let inner = self.value(&cast.expr, plan, input)?;
                 self.no_masked_transform(&inner, "TRY_CAST", false)?;
                 Ok(Lineage {
                     plain: None,
@@ -614,7 +608,7 @@ impl Checker<'_> {
                 let args = function
                     .args
                     .iter()
-                    .map(|a| self.value(a, plan, input, usage))
+                    .map(|a| self.value(a, plan, input))
                     .collect::<Checked<Vec<_>>>()?;
                 let lineage = Lineage::derived(&args);
                 for arg in &args {
@@ -623,9 +617,9 @@ impl Checker<'_> {
                 self.require_function(&lineage, &name)?;
                 Ok(lineage)
             }
-            Expr::BinaryExpr(binary) => self.binary(binary, plan, input, usage),
+            Expr::BinaryExpr(binary) => self.binary(binary, plan, input),
             Expr::Negative(inner) => {
-                let lineage = self.value(inner, plan, input, usage)?;
+                let lineage = self.value(inner, plan, input)?;
                 Ok(Lineage {
                     plain: None,
                     is_count: false,
@@ -639,10 +633,10 @@ impl Checker<'_> {
                 }
                 for (when, then) in &case.when_then_expr {
                     parts.push(self.condition_value(when, plan, input)?);
-                    parts.push(self.value(then, plan, input, usage)?);
+                    parts.push(self.value(then, plan, input)?);
                 }
                 if let Some(otherwise) = &case.else_expr {
-                    parts.push(self.value(otherwise, plan, input, usage)?);
+                    parts.push(self.value(otherwise, plan, input)?);
                 }
                 Ok(Lineage::derived(&parts))
             }
@@ -727,7 +721,7 @@ impl Checker<'_> {
             }
             other => {
                 // A value used as a condition (a boolean column, a function).
-                let lineage = self.value(other, plan, input, Use::Filter)?;
+                let lineage = self.value(other, plan, input)?;
                 self.require_use(&lineage, Use::Filter, "condition")?;
                 return Ok(lineage);
             }
@@ -737,7 +731,7 @@ impl Checker<'_> {
             let lineage = if is_condition(operand) {
                 self.condition_value(operand, plan, input)?
             } else {
-                self.value(operand, plan, input, Use::Filter)?
+                self.value(operand, plan, input)?
             };
             if lineage.level == Level::Row || lineage.level == Level::GroupKey {
                 self.require_use(&lineage, Use::Filter, "condition")?;
@@ -747,7 +741,7 @@ impl Checker<'_> {
         let lineage = Lineage::derived(&parts);
         self.require_comparison(&lineage, operator, expr)?;
         if !matches!(operator, "and" | "or" | "not") {
-            self.refuse_unit_comparison(&parts, expr)?;
+            self.refuse_unit_comparison(&parts)?;
         }
         Ok(Lineage {
             plain: None,
@@ -761,13 +755,12 @@ impl Checker<'_> {
         binary: &BinaryExpr,
         plan: &LogicalPlan,
         input: &NodeLineage,
-        usage: Use,
     ) -> Checked<Lineage> {
         if comparison_name(binary.op).is_some() {
             return self.condition_value(&Expr::BinaryExpr(binary.clone()), plan, input);
         }
-        let left = self.value(&binary.left, plan, input, usage)?;
-        let right = self.value(&binary.right, plan, input, usage)?;
+        let left = self.value(&binary.left, plan, input)?;
+        let right = self.value(&binary.right, plan, input)?;
         match binary.op {
             Operator::Plus | Operator::Minus | Operator::Multiply => {}
             Operator::Divide | Operator::Modulo => {
@@ -811,13 +804,13 @@ impl Checker<'_> {
         };
         let mut parts = Vec::new();
         for arg in &window.params.args {
-            parts.push(self.value(arg, plan, input, Use::Output)?);
+            parts.push(self.value(arg, plan, input)?);
         }
         for key in &window.params.partition_by {
-            parts.push(self.value(key, plan, input, Use::Filter)?);
+            parts.push(self.value(key, plan, input)?);
         }
         for key in &window.params.order_by {
-            parts.push(self.value(&key.expr, plan, input, Use::Filter)?);
+            parts.push(self.value(&key.expr, plan, input)?);
         }
         let mut lineage = Lineage::derived(&parts);
         lineage.level = lineage.level.max(Level::Row);
@@ -924,7 +917,7 @@ impl Checker<'_> {
     }
 
     /// Literal comparisons on the privacy unit single out one person.
-    fn refuse_unit_comparison(&self, operands: &[Lineage], _expr: &Expr) -> Checked<()> {
+    fn refuse_unit_comparison(&self, operands: &[Lineage]) -> Checked<()> {
         for operand in operands {
             for source in &operand.sources {
                 let unit = self.policy.datasets[&source.dataset]

@@ -9,10 +9,11 @@ use ring::hmac;
 
 use crate::checks::{Checker, DENY_BY_DEFAULT};
 use crate::compile::{ConsumerRules, DatasetGrant, PolicySet};
-use crate::document::{Class, Matcher, Quotas, Tag, Visibility};
+use crate::document::{Class, Mask, Matcher, Quotas, Tag, Visibility};
 use crate::lineage::Level;
 use crate::rewrite::Rewriter;
 use crate::{Approval, DecisionRecord, Denial, DenialKind, Principal};
+use datafusion_common::arrow::datatypes::{DataType, Field};
 
 /// Who asks, why, and when: everything a decision may depend on besides the
 /// plan. Never data.
@@ -53,8 +54,9 @@ pub trait PlanGate: Send + Sync {
     fn decide(&self, request: &QueryContext, plan: LogicalPlan) -> Result<Approval, Denial>;
 
     /// The columns of `dataset` that `principal` may see in catalog
-    /// listings; `None` when the dataset is not theirs to see at all.
-    fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<String>>;
+    /// listings, typed as queries return them (a hashed column is text, a
+    /// redacted one nullable); `None` when the dataset is not theirs to see.
+    fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<Field>>;
 
     /// An approved plan as text for `EXPLAIN POLICY`, with the names of
     /// columns hidden from `principal` replaced by `<hidden>`.
@@ -291,18 +293,22 @@ impl PlanGate for PolicyGate {
         text
     }
 
-    fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<String>> {
+    fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<Field>> {
         let resolved = self.policy.resolve(principal)?;
         let grant = resolved.grants.get(dataset)?;
         let schema = &self.policy.datasets.get(dataset)?.schema;
-        Some(
-            schema
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .filter(|name| grant.visibility(name) != Visibility::Hidden)
-                .collect(),
-        )
+        let listed = schema.fields().iter().filter_map(|field| {
+            let field = field.as_ref().clone();
+            match grant.visibility(field.name()) {
+                Visibility::Hidden => None,
+                Visibility::Masked(Mask::Hash) => {
+                    Some(field.with_data_type(DataType::Utf8).with_nullable(true))
+                }
+                Visibility::Masked(Mask::Redact) => Some(field.with_nullable(true)),
+                _ => Some(field),
+            }
+        });
+        Some(listed.collect())
     }
 }
 

@@ -11,7 +11,7 @@ use arrow_flight::sql::{
     Searchable, SqlInfo, SqlNullOrdering, SqlSupportedCaseSensitivity, SqlSupportedTransaction,
     XdbcDataType,
 };
-use datafusion::arrow::datatypes::Schema;
+use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::catalog::{CATALOG, Catalog, SCHEMA, TABLE_TYPE};
@@ -194,20 +194,13 @@ pub fn table_types(cmd: CommandGetTableTypes) -> Result<RecordBatch, QueryError>
 pub fn tables(
     cmd: CommandGetTables,
     catalog: &Catalog,
-    visible: impl Fn(&str) -> Option<Vec<String>>,
+    visible: impl Fn(&str) -> Option<Vec<Field>>,
 ) -> Result<RecordBatch, QueryError> {
     let mut b = cmd.into_builder();
     for ds in catalog.datasets() {
-        let Some(columns) = visible(&ds.name) else {
+        let Some(fields) = visible(&ds.name) else {
             continue;
         };
-        let fields: Vec<_> = ds
-            .schema
-            .fields()
-            .iter()
-            .filter(|f| columns.contains(f.name()))
-            .cloned()
-            .collect();
         let schema = Schema::new(fields);
         b.append(CATALOG, SCHEMA, &ds.name, TABLE_TYPE, &schema)
             .map_err(internal)?;

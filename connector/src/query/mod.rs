@@ -111,7 +111,11 @@ impl QueryEngine {
     }
 
     /// The columns of `dataset` that `principal` may see in listings.
-    pub fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<String>> {
+    pub fn visible_columns(
+        &self,
+        principal: &Principal,
+        dataset: &str,
+    ) -> Option<Vec<datafusion::arrow::datatypes::Field>> {
         self.policy.current().visible_columns(principal, dataset)
     }
 
