@@ -844,3 +844,45 @@ async fn explain_policy_shows_the_decision_without_running_the_query() {
     assert!(text.contains("deny"), "{text}");
     assert!(text.contains("grants.trips.aggregation"), "{text}");
 }
+
+#[tokio::test]
+async fn prepared_statements_are_decided_when_prepared_and_when_executed() {
+    let daemon = Daemon::start_demo_policy_with(&[]);
+    let mut client = client_for(&daemon, PLANNING, RESEARCH).await;
+    // Forbidden whatever the parameter: refused at once, naming the rule.
+    let err = status(
+        client
+            .prepare("SELECT * FROM trips WHERE mode = ?".into(), None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code(), DENIED, "{err:?}");
+    assert!(err.message().contains("grants.trips"), "{}", err.message());
+
+    // Allowed: the announced schema is the rewritten plan's, with the
+    // decision's metadata, and execution with a bound value matches it.
+    let sql = "SELECT start_zone, count(*) AS n FROM trips WHERE mode = ? GROUP BY start_zone ORDER BY start_zone";
+    let mut prepared = client.prepare(sql.into(), None).await.unwrap();
+    let announced = prepared.dataset_schema().unwrap().clone();
+    assert_eq!(announced.metadata()["sluice.tags"], "personal");
+    let value = datafusion::arrow::array::StringArray::from(vec!["tram"]);
+    let params = RecordBatch::try_from_iter(vec![(
+        "$1",
+        std::sync::Arc::new(value) as datafusion::arrow::array::ArrayRef,
+    )])
+    .unwrap();
+    prepared.set_parameters(params).unwrap();
+    let info = prepared.execute().await.unwrap();
+    let (schema, got) = fetch(&mut client, &info).await.unwrap();
+    assert_eq!(schema.fields(), announced.fields());
+    let want = datafusion_answer(
+        &common::shared_state_dir(),
+        concat!(
+            "SELECT start_zone, count(*) AS n FROM ",
+            planning_trips!(),
+            " t WHERE mode = 'tram' GROUP BY start_zone HAVING count(DISTINCT card_id) >= 10 ORDER BY start_zone"
+        ),
+    )
+    .await;
+    assert_eq!(render(&got), render(&want));
+}

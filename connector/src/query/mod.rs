@@ -190,20 +190,28 @@ impl QueryEngine {
         self.ticket(request, plan, record, rows_quota)
     }
 
-    /// The result schema announced when a statement is prepared. Without
-    /// parameters the policy decides now, so a forbidden statement fails at
-    /// once and the schema is the one DoGet will stream; with parameters
-    /// the decision waits for the bound values.
+    /// The result schema announced when a statement is prepared. The policy
+    /// decides now, with every parameter bound to a NULL of its type (a
+    /// decision never depends on values), so a forbidden statement fails at
+    /// once and the schema is the one DoGet will stream. Execution decides
+    /// again with the bound values.
     pub fn prepared_schema(
         &self,
         request: &QueryContext,
         plan: &LogicalPlan,
     ) -> Result<SchemaRef, QueryError> {
-        if !plan::parameter_names(plan)?.is_empty() {
-            return Ok(release::advertised_schema(plan));
-        }
         let state = self.catalog.session().state();
-        let analyzed = plan::analyze(&state, plan.clone())?;
+        let plan = match plan::parameter_schema(plan)?.fields() {
+            fields if fields.is_empty() => plan.clone(),
+            fields => {
+                let nulls = fields
+                    .iter()
+                    .map(|f| ScalarValue::try_from(f.data_type()).unwrap_or(ScalarValue::Null))
+                    .collect();
+                plan::bind(plan.clone(), nulls)?
+            }
+        };
+        let analyzed = plan::analyze(&state, plan)?;
         let Approval { plan, record } = self.policy.current().decide(request, analyzed)?;
         let plan = plan::analyze(&state, plan)?;
         Ok(release::with_classification(
