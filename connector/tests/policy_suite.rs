@@ -554,6 +554,16 @@ fn cases() -> Vec<Case> {
             Denied(DENIED, "subquery"),
         ),
         planning(
+            "a scalar subquery hidden in a cast of a constant",
+            "SELECT CAST((SELECT max(fare_eur) FROM trips) AS VARCHAR) AS x",
+            Denied(DENIED, "subquery"),
+        ),
+        planning(
+            "a scalar subquery hidden in VALUES",
+            "VALUES ((SELECT count(*) FROM trips WHERE start_zone = 'Z01'))",
+            Denied(DENIED, "subquery"),
+        ),
+        planning(
             "EXISTS subquery as an oracle",
             "SELECT count(*) FROM trips WHERE EXISTS (SELECT 1 FROM zones WHERE population > 40000)",
             Denied(DENIED, "subquery"),

@@ -119,7 +119,17 @@ impl Checker<'_> {
                 }
                 Ok(input)
             }
-            LogicalPlan::Limit(limit) => self.node(&limit.input),
+            LogicalPlan::Limit(limit) => {
+                let input = self.node(&limit.input)?;
+                // LIMIT and OFFSET are constants; checked like any value.
+                for bound in limit.skip.iter().chain(limit.fetch.iter()) {
+                    let lineage = self.value(bound, &limit.input, &input)?;
+                    if !lineage.sources.is_empty() {
+                        return Err(refused("a LIMIT computed from data"));
+                    }
+                }
+                Ok(input)
+            }
             LogicalPlan::SubqueryAlias(alias) => self.node(&alias.input),
             LogicalPlan::Join(join) => self.join(join),
             LogicalPlan::Union(union) => {
@@ -151,10 +161,17 @@ impl Checker<'_> {
                 }
                 Ok(input)
             }
-            LogicalPlan::Values(values) => Ok(NodeLineage {
-                columns: vec![Lineage::default(); values.schema.fields().len()],
-                ..NodeLineage::default()
-            }),
+            LogicalPlan::Values(values) => {
+                // Constants only; checked so that no subquery hides in a row.
+                let empty = NodeLineage::default();
+                for expr in values.values.iter().flatten() {
+                    self.value(expr, plan, &empty)?;
+                }
+                Ok(NodeLineage {
+                    columns: vec![Lineage::default(); values.schema.fields().len()],
+                    ..NodeLineage::default()
+                })
+            }
             LogicalPlan::EmptyRelation(empty) => Ok(NodeLineage {
                 columns: vec![Lineage::default(); empty.schema.fields().len()],
                 ..NodeLineage::default()
@@ -565,16 +582,20 @@ impl Checker<'_> {
         ))
     }
 
-    /// Checks a value expression and returns its lineage. `usage` is how the
-    /// value will be used if it is a plain column (checked by the caller).
+    /// Checks a value expression and returns its lineage; how the value is
+    /// used (output, key, condition) is checked by the caller.
     fn value(&self, expr: &Expr, plan: &LogicalPlan, input: &NodeLineage) -> Checked<Lineage> {
         match expr {
             Expr::Column(column) => self.lineage_of(column, plan, input).cloned(),
             Expr::Alias(alias) => self.value(&alias.expr, plan, input),
             Expr::Literal(..) => Ok(Lineage::default()),
-            // Casting a constant cannot fail on data: it either plans or not.
-            Expr::Cast(cast) if cast.expr.column_refs().is_empty() => Ok(Lineage::default()),
             Expr::Cast(cast) => {
+                // Checked first: the operand may hide a subquery.
+                let inner = self.value(&cast.expr, plan, input)?;
+                if inner.sources.is_empty() {
+                    // A cast of a constant cannot fail on data.
+                    return Ok(inner);
+                }
                 if !is_lossless_cast(cast, plan.schema()) && !cannot_fail(cast, plan.schema()) {
                     return Err(Denial::forbidden(
                         DENY_BY_DEFAULT,
@@ -583,7 +604,6 @@ impl Checker<'_> {
                         ),
                     ));
                 }
-                let inner = self.value(&cast.expr, plan, input)?;
                 let plain = inner
                     .plain
                     .clone()
@@ -802,6 +822,9 @@ impl Checker<'_> {
         let Expr::WindowFunction(window) = strip_alias(expr) else {
             return Err(refused(&format!("`{expr}` in a window")));
         };
+        if window.params.filter.is_some() {
+            return Err(refused("FILTER (WHERE …) in a window function"));
+        }
         let mut parts = Vec::new();
         for arg in &window.params.args {
             parts.push(self.value(arg, plan, input)?);
