@@ -333,7 +333,7 @@ async fn datasets_from_csv_json_parquet_files_and_directories() {
         d.join("policy.yaml"),
         "version: 1\ndatasets:\n  readings: {}\n  stations: {}\n  trips: {}\n\
          consumers:\n  - name: planning\n    match: { organization: City Planning Agency }\n    grants:\n\
-         \x20     readings: { columns: { sensor: raw, value: aggregate_only } }\n\
+         \x20     readings: { columns: { sensor: raw, value: raw } }\n\
          \x20     stations: { columns: { id: raw, name: raw } }\n\
          \x20     trips: { columns: { mode: raw } }\n",
     )

@@ -218,7 +218,7 @@ fn cases() -> Vec<Case> {
             "row filter on a consumer attribute",
             "SELECT manufacturer, count(*) AS n FROM machine_events GROUP BY manufacturer",
             Same(
-                "SELECT manufacturer, count(*) AS n FROM machine_events WHERE manufacturer = 'Kessler Werke' GROUP BY manufacturer",
+                "SELECT manufacturer, count(*) AS n FROM machine_events WHERE manufacturer = 'Kessler Werke' GROUP BY manufacturer HAVING count(DISTINCT machine_serial) >= 2",
             ),
         ),
         supplier(
@@ -239,21 +239,21 @@ fn cases() -> Vec<Case> {
             "filter_only column in WHERE",
             "SELECT site, count(*) AS n FROM machine_events WHERE fault_code = 'E-110' GROUP BY site ORDER BY site",
             Same(
-                "SELECT site, count(*) AS n FROM machine_events WHERE manufacturer = 'Kessler Werke' AND fault_code = 'E-110' GROUP BY site ORDER BY site",
+                "SELECT site, count(*) AS n FROM machine_events WHERE manufacturer = 'Kessler Werke' AND fault_code = 'E-110' GROUP BY site HAVING count(DISTINCT machine_serial) >= 2 ORDER BY site",
             ),
         ),
         supplier(
             "aggregate_only column in sum",
             "SELECT site, round(sum(energy_kwh), 3) AS kwh FROM machine_events GROUP BY site ORDER BY site",
             Same(
-                "SELECT site, round(sum(energy_kwh), 3) AS kwh FROM machine_events WHERE manufacturer = 'Kessler Werke' GROUP BY site ORDER BY site",
+                "SELECT site, round(sum(energy_kwh), 3) AS kwh FROM machine_events WHERE manufacturer = 'Kessler Werke' GROUP BY site HAVING count(DISTINCT machine_serial) >= 2 ORDER BY site",
             ),
         ),
         supplier(
             "max over a raw column",
             "SELECT site, max(vibration_mm_s) AS peak FROM machine_events GROUP BY site ORDER BY site",
             Same(
-                "SELECT site, max(vibration_mm_s) AS peak FROM machine_events WHERE manufacturer = 'Kessler Werke' GROUP BY site ORDER BY site",
+                "SELECT site, max(vibration_mm_s) AS peak FROM machine_events WHERE manufacturer = 'Kessler Werke' GROUP BY site HAVING count(DISTINCT machine_serial) >= 2 ORDER BY site",
             ),
         ),
         supplier(
@@ -272,7 +272,7 @@ fn cases() -> Vec<Case> {
             "<> allowed where the grant lists it",
             "SELECT event_type, count(*) AS n FROM machine_events WHERE event_type <> 'run' GROUP BY event_type ORDER BY event_type",
             Same(
-                "SELECT event_type, count(*) AS n FROM machine_events WHERE manufacturer = 'Kessler Werke' AND event_type <> 'run' GROUP BY event_type ORDER BY event_type",
+                "SELECT event_type, count(*) AS n FROM machine_events WHERE manufacturer = 'Kessler Werke' AND event_type <> 'run' GROUP BY event_type HAVING count(DISTINCT machine_serial) >= 2 ORDER BY event_type",
             ),
         ),
         // ---- deny by default ----
@@ -552,6 +552,38 @@ fn cases() -> Vec<Case> {
             "IN subquery as an oracle",
             "SELECT count(*) FROM trips WHERE start_zone IN (SELECT zone_id FROM zones WHERE population > 40000)",
             Denied(DENIED, "subquery"),
+        ),
+        supplier(
+            "aggregate_only values grouped by a unique key are suppressed",
+            "SELECT event_id, sum(energy_kwh) AS e FROM machine_events GROUP BY event_id",
+            Empty,
+        ),
+        planning(
+            "LIMIT before aggregating picks single rows",
+            "SELECT sum(fare_eur) FROM (SELECT fare_eur FROM trips ORDER BY start_time LIMIT 11) t",
+            Denied(DENIED, "picks individual rows"),
+        ),
+        supplier(
+            "LIMIT before aggregating, on a dataset whose rows may leave",
+            "SELECT sum(energy_kwh) FROM (SELECT energy_kwh FROM machine_events ORDER BY event_id LIMIT 11) t",
+            Denied(DENIED, "picks individual rows"),
+        ),
+        supplier(
+            "DISTINCT over a filter_only column",
+            "SELECT count(*) FROM (SELECT DISTINCT fault_code FROM machine_events) d",
+            Denied(DENIED, "fault_code"),
+        ),
+        supplier(
+            "a simple CASE comparing the privacy unit",
+            "SELECT count(*) FROM machine_events WHERE CASE machine_serial WHEN 'x' THEN true ELSE false END",
+            Denied(DENIED, "privacy unit"),
+        ),
+        supplier(
+            "an aggregate of the privacy unit may be compared",
+            "SELECT site, count(*) AS n FROM machine_events GROUP BY site HAVING count(DISTINCT machine_serial) > 3 ORDER BY site",
+            Same(
+                "SELECT site, count(*) AS n FROM machine_events WHERE manufacturer = 'Kessler Werke' GROUP BY site HAVING count(DISTINCT machine_serial) >= 2 AND count(DISTINCT machine_serial) > 3 ORDER BY site",
+            ),
         ),
         planning(
             "a scalar subquery hidden in a cast of a constant",

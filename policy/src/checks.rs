@@ -112,7 +112,12 @@ impl Checker<'_> {
             }
             LogicalPlan::Aggregate(aggregate) => self.aggregate(aggregate),
             LogicalPlan::Sort(sort) => {
-                let input = self.node(&sort.input)?;
+                let mut input = self.node(&sort.input)?;
+                if sort.fetch.is_some() {
+                    input
+                        .position_selected
+                        .extend(input.unaggregated.iter().cloned());
+                }
                 for key in &sort.expr {
                     let lineage = self.value(&key.expr, &sort.input, &input)?;
                     self.require_released(&lineage, "ORDER BY key")?;
@@ -120,7 +125,10 @@ impl Checker<'_> {
                 Ok(input)
             }
             LogicalPlan::Limit(limit) => {
-                let input = self.node(&limit.input)?;
+                let mut input = self.node(&limit.input)?;
+                input
+                    .position_selected
+                    .extend(input.unaggregated.iter().cloned());
                 // LIMIT and OFFSET are constants; checked like any value.
                 for bound in limit.skip.iter().chain(limit.fetch.iter()) {
                     let lineage = self.value(bound, &limit.input, &input)?;
@@ -145,12 +153,22 @@ impl Checker<'_> {
                         .collect();
                     merged.scans.extend(branch.scans);
                     merged.unaggregated.extend(branch.unaggregated);
+                    merged.position_selected.extend(branch.position_selected);
                     merged.aggregated |= branch.aggregated;
                 }
                 self.require_construct(&merged.scans, Construct::Union, "UNION")?;
                 Ok(merged)
             }
-            LogicalPlan::Distinct(Distinct::All(input)) => self.node(input),
+            LogicalPlan::Distinct(Distinct::All(input)) => {
+                // DISTINCT groups by every column: each is a key.
+                let lineage = self.node(input)?;
+                for column in &lineage.columns {
+                    if column.level == Level::Row {
+                        self.require_use(column, Use::GroupKey, "SELECT DISTINCT")?;
+                    }
+                }
+                Ok(lineage)
+            }
             LogicalPlan::Distinct(Distinct::On(_)) => Err(refused("DISTINCT ON")),
             LogicalPlan::Window(window) => {
                 let mut input = self.node(&window.input)?;
@@ -198,7 +216,11 @@ impl Checker<'_> {
     /// The final output: every row-level column must be releasable, and no
     /// aggregation-only dataset may leave row by row.
     pub fn output(&self, plan: &LogicalPlan, lineage: &NodeLineage) -> Checked<()> {
-        if let Some(dataset) = lineage.unaggregated.iter().next() {
+        let rows_forbidden = lineage
+            .unaggregated
+            .iter()
+            .find(|d| !self.grants[*d].rows_allowed);
+        if let Some(dataset) = rows_forbidden {
             let grant = &self.grants[dataset];
             return Err(Denial::forbidden(
                 format!("{}.aggregation", grant.rule),
@@ -270,6 +292,7 @@ impl Checker<'_> {
 
     fn aggregate(&self, aggregate: &Aggregate) -> Checked<NodeLineage> {
         let input = self.node(&aggregate.input)?;
+        self.refuse_position_selected(&input)?;
         if input.aggregated {
             return Err(Denial::forbidden(
                 DENY_BY_DEFAULT,
@@ -300,8 +323,8 @@ impl Checker<'_> {
         Ok(NodeLineage {
             columns,
             scans: input.scans,
-            unaggregated: BTreeSet::new(),
             aggregated: true,
+            ..NodeLineage::default()
         })
     }
 
@@ -417,13 +440,30 @@ impl Checker<'_> {
         Ok(lineage)
     }
 
+    /// Picking rows by position before they are aggregated isolates single
+    /// rows of a dataset whose aggregates are protected by k (the sum over
+    /// rows 1–11 minus the sum over rows 1–10 is row 11's value).
+    fn refuse_position_selected(&self, input: &NodeLineage) -> Checked<()> {
+        if let Some(dataset) = input.position_selected.iter().next() {
+            let grant = &self.grants[dataset];
+            return Err(Denial::forbidden(
+                format!("{}.aggregation", grant.rule),
+                format!(
+                    "LIMIT / OFFSET on rows of dataset `{dataset}` before they are aggregated picks individual rows; apply it to the aggregated result"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// MIN, MAX and friends return one row's value: allowed only where that
     /// value could leave anyway (raw or masked, no aggregation requirement).
     fn require_value_revealing(&self, source: &Lineage, name: &str) -> Checked<()> {
         for column in &source.sources {
             let grant = &self.grants[&column.dataset];
             let visibility = grant.visibility(&column.column);
-            if grant.min_group_size.is_some() || !Use::Output.admits(&visibility) {
+            let rows_withheld = grant.min_group_size.is_some() && !grant.rows_allowed;
+            if rows_withheld || !Use::Output.admits(&visibility) {
                 return Err(Denial::forbidden(
                     format!("{}.columns.{}", grant.rule, column.column),
                     format!(
@@ -488,11 +528,13 @@ impl Checker<'_> {
             columns: left.columns,
             scans: left.scans,
             unaggregated: left.unaggregated,
+            position_selected: left.position_selected,
             aggregated: left.aggregated || right.aggregated,
         };
         out.columns.extend(right.columns);
         out.scans.extend(right.scans);
         out.unaggregated.extend(right.unaggregated);
+        out.position_selected.extend(right.position_selected);
         Ok(out)
     }
 
@@ -648,11 +690,13 @@ impl Checker<'_> {
             }
             Expr::Case(case) => {
                 let mut parts = Vec::new();
-                if let Some(base) = &case.expr {
-                    parts.push(self.condition_value(base, plan, input)?);
-                }
                 for (when, then) in &case.when_then_expr {
-                    parts.push(self.condition_value(when, plan, input)?);
+                    // `CASE x WHEN v` compares x = v.
+                    let condition = match &case.expr {
+                        Some(base) => base.as_ref().clone().eq(when.as_ref().clone()),
+                        None => when.as_ref().clone(),
+                    };
+                    parts.push(self.condition_value(&condition, plan, input)?);
                     parts.push(self.value(then, plan, input)?);
                 }
                 if let Some(otherwise) = &case.else_expr {
@@ -941,7 +985,8 @@ impl Checker<'_> {
 
     /// Literal comparisons on the privacy unit single out one person.
     fn refuse_unit_comparison(&self, operands: &[Lineage]) -> Checked<()> {
-        for operand in operands {
+        // An aggregate of the unit (count of distinct cards) is not the unit.
+        for operand in operands.iter().filter(|o| o.level != Level::Aggregated) {
             for source in &operand.sources {
                 let unit = self.policy.datasets[&source.dataset]
                     .privacy_unit
@@ -1186,10 +1231,19 @@ fn cannot_fail(cast: &Cast, schema: &DFSchema) -> bool {
     let Ok(from) = cast.expr.get_type(schema) else {
         return false;
     };
-    matches!(
-        to,
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-    ) || (from.is_numeric() && matches!(to, DataType::Float64 | DataType::Float32))
+    let binary = matches!(
+        from,
+        DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+            | DataType::FixedSizeBinary(_)
+    );
+    (!binary
+        && matches!(
+            to,
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        ))
+        || (from.is_numeric() && matches!(to, DataType::Float64 | DataType::Float32))
         || (matches!(from, DataType::Timestamp(..))
             && matches!(to, DataType::Timestamp(..) | DataType::Date32))
 }

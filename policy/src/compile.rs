@@ -131,6 +131,8 @@ pub struct DatasetGrant {
     /// Column names unqualified; `$name` placeholders for attributes.
     pub row_filter: Option<Expr>,
     pub min_group_size: Option<u64>,
+    /// With a minimum group size: whether rows may leave too.
+    pub rows_allowed: bool,
     pub aggregates: BTreeSet<String>,
     pub scalars: BTreeSet<String>,
     pub comparisons: BTreeSet<String>,
@@ -171,6 +173,10 @@ impl DatasetGrant {
             (a, b) => a.or(b),
         };
         self.min_group_size = self.min_group_size.max(other.min_group_size);
+        self.rows_allowed = match (self.min_group_size, other.min_group_size) {
+            (Some(_), Some(_)) => self.rows_allowed && other.rows_allowed,
+            _ => self.rows_allowed || other.rows_allowed,
+        } && self.min_group_size.is_some();
         self.aggregates = &self.aggregates & &other.aggregates;
         self.scalars = &self.scalars & &other.scalars;
         self.comparisons = &self.comparisons & &other.comparisons;
@@ -515,6 +521,18 @@ impl Compiler<'_> {
                 ));
             }
         }
+        if grant.aggregation.is_none()
+            && let Some((column, visibility)) = grant
+                .columns
+                .iter()
+                .find(|(_, v)| v.value == Visibility::AggregateOnly)
+        {
+            return Err(self.error(
+                visibility.referenced.line(),
+                format!("{field}.columns.{column}"),
+                "`aggregate_only` needs `aggregation: { min_group_size: k }` in the same grant (add `rows: true` there to release other columns row by row): without a minimum group size, an aggregate over one row is that row's value",
+            ));
+        }
         let functions = grant.functions.clone().unwrap_or_default();
         for name in functions
             .aggregate
@@ -590,6 +608,7 @@ impl Compiler<'_> {
             columns,
             row_filter,
             min_group_size: grant.aggregation.map(|a| a.min_group_size),
+            rows_allowed: grant.aggregation.is_some_and(|a| a.rows),
             aggregates,
             scalars,
             comparisons,

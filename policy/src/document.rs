@@ -259,6 +259,12 @@ impl fmt::Display for Mask {
 pub struct Aggregation {
     /// Minimum number of distinct privacy units in every released group.
     pub min_group_size: u64,
+    /// Whether rows may also leave (as column visibility allows). Default
+    /// `false`: only aggregates. With `true`, k still applies to every
+    /// aggregate, which is what gives `aggregate_only` columns meaning on a
+    /// dataset whose other columns are released row by row.
+    #[serde(default)]
+    pub rows: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -62,11 +62,18 @@ impl Lineage {
     }
 
     /// Lineage of a value computed from `inputs`.
+    /// A value computed from a row-level value is row-level, whatever else
+    /// went into it (a row value plus an aggregate still reveals the row).
     pub fn derived<'a>(inputs: impl IntoIterator<Item = &'a Lineage>) -> Self {
         let mut out = Lineage::default();
+        let mut row_level = false;
         for input in inputs {
             out.sources.extend(input.sources.iter().cloned());
             out.level = out.level.max(input.level);
+            row_level |= input.level == Level::Row;
+        }
+        if row_level {
+            out.level = Level::Row;
         }
         out
     }
@@ -92,6 +99,9 @@ pub struct NodeLineage {
     /// Datasets that release only aggregates and whose rows have not yet
     /// passed through an aggregate.
     pub unaggregated: BTreeSet<String>,
+    /// Of those, datasets whose rows were picked by position (LIMIT, OFFSET)
+    /// before any aggregate: aggregating them would isolate single rows.
+    pub position_selected: BTreeSet<String>,
     /// Whether an aggregate sits below.
     pub aggregated: bool,
 }
