@@ -354,7 +354,10 @@ mod policy {
     }
 
     pub async fn run(state_dir: &Path, runs: usize) -> anyhow::Result<()> {
-        let config = Config::embedded_default(state_dir);
+        let mut config = Config::embedded_default(state_dir);
+        // The source tree's demo policy: the state directory keeps the copy it
+        // was created with, which may be older.
+        config.policy = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/src/demo_policy.yaml").into());
         // The supplier's daily query quota would run out over repeated runs.
         let _ = std::fs::remove_file(state_dir.join("quota.json"));
         let catalog = Catalog::open(&config.datasets).await?;
