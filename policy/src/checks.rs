@@ -409,32 +409,22 @@ impl Checker<'_> {
                 }
             }
         }
-        for source in &lineage.sources {
-            let grant = &self.grants[&source.dataset];
+        // count(*) reads no column: every scanned dataset must allow it.
+        let datasets = if lineage.sources.is_empty() {
+            input.scans.iter().collect()
+        } else {
+            datasets_of(&lineage)
+        };
+        for dataset in datasets {
+            let grant = &self.grants[dataset];
             if !grant.aggregates.contains(&name) {
                 return Err(Denial::forbidden(
                     format!("{}.functions.aggregate", grant.rule),
                     format!(
-                        "aggregate function `{name}` is not allowed on dataset `{}` (allowed: {})",
-                        source.dataset,
+                        "aggregate function `{name}` is not allowed on dataset `{dataset}` (allowed: {})",
                         list(&grant.aggregates)
                     ),
                 ));
-            }
-        }
-        if lineage.sources.is_empty() {
-            // count(*): allowed when every scanned dataset allows count.
-            for dataset in &input.scans {
-                let grant = &self.grants[dataset];
-                if !grant.aggregates.contains(&name) {
-                    return Err(Denial::forbidden(
-                        format!("{}.functions.aggregate", grant.rule),
-                        format!(
-                            "aggregate function `{name}` is not allowed on dataset `{dataset}` (allowed: {})",
-                            list(&grant.aggregates)
-                        ),
-                    ));
-                }
             }
         }
         Ok(lineage)
@@ -941,12 +931,7 @@ impl Checker<'_> {
     }
 
     fn require_function(&self, lineage: &Lineage, name: &str) -> Checked<()> {
-        for dataset in lineage
-            .sources
-            .iter()
-            .map(|s| &s.dataset)
-            .collect::<BTreeSet<_>>()
-        {
+        for dataset in datasets_of(lineage) {
             let grant = &self.grants[dataset];
             if !grant.scalars.contains(name) {
                 return Err(Denial::forbidden(
@@ -962,12 +947,7 @@ impl Checker<'_> {
     }
 
     fn require_comparison(&self, lineage: &Lineage, operator: &str, expr: &Expr) -> Checked<()> {
-        for dataset in lineage
-            .sources
-            .iter()
-            .map(|s| &s.dataset)
-            .collect::<BTreeSet<_>>()
-        {
+        for dataset in datasets_of(lineage) {
             let grant = &self.grants[dataset];
             if !grant.comparisons.contains(operator) {
                 return Err(Denial::forbidden(
@@ -1060,6 +1040,11 @@ impl Checker<'_> {
         }
         Ok(())
     }
+}
+
+/// The datasets whose columns flow into a value, each once.
+fn datasets_of(lineage: &Lineage) -> BTreeSet<&String> {
+    lineage.sources.iter().map(|s| &s.dataset).collect()
 }
 
 fn refused(what: &str) -> Denial {

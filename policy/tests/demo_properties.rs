@@ -3,8 +3,11 @@
 //! memory where every row is its own card, so a group's row count is its
 //! unit count.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{analyzed, execute};
 use datafusion::arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
@@ -20,11 +23,6 @@ const DEMO_POLICY: &str = include_str!("../../connector/src/demo_policy.yaml");
 const K: i64 = 10;
 const ROWS: usize = 70;
 const MODES: [&str; 4] = ["bus", "tram", "metro", "ferry"];
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RUNTIME.get_or_init(|| tokio::runtime::Runtime::new().expect("a tokio runtime"))
-}
 
 fn fare(i: usize) -> f64 {
     1.0 + (i as f64 + 3.0).sqrt() * 0.731
@@ -190,31 +188,13 @@ fn query() -> impl Strategy<Value = String> {
         })
 }
 
-fn execute(ctx: &SessionContext, plan: datafusion::logical_expr::LogicalPlan) -> Vec<RecordBatch> {
-    runtime().block_on(async {
-        let state = ctx.state();
-        let plan = state
-            .analyzer()
-            .execute_and_check(plan, state.config_options(), |_, _| {})
-            .unwrap();
-        let physical = state.create_physical_plan(&plan).await.unwrap();
-        datafusion::physical_plan::collect(physical, ctx.task_ctx())
-            .await
-            .unwrap()
-    })
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn the_demo_policy_releases_nothing_it_should_not(sql in query()) {
         let (ctx, gate) = setup();
-        let state = ctx.state();
-        let Ok(plan) = runtime().block_on(state.create_logical_plan(&sql)) else { return Ok(()) };
-        let Ok(analyzed) = state.analyzer().execute_and_check(plan, state.config_options(), |_, _| {}) else {
-            return Ok(());
-        };
+        let Some(analyzed) = analyzed(&ctx, &sql) else { return Ok(()) };
         let Ok(approval) = gate.decide(&planning(), analyzed) else { return Ok(()) };
         let batches = execute(&ctx, approval.plan);
         let raw: Vec<String> = (0..ROWS).flat_map(|i| [format!("{}", fare(i)), format!("{}", distance(i))]).collect();
@@ -239,18 +219,10 @@ proptest! {
 #[test]
 fn bike_trips_are_a_group_below_k_and_are_suppressed() {
     let (ctx, gate) = setup();
-    let state = ctx.state();
-    let plan =
-        runtime()
-            .block_on(state.create_logical_plan(
-                "SELECT mode, count(*) FROM trips GROUP BY mode ORDER BY mode",
-            ))
-            .unwrap();
-    let analyzed = state
-        .analyzer()
-        .execute_and_check(plan, state.config_options(), |_, _| {})
+    let sql = "SELECT mode, count(*) FROM trips GROUP BY mode ORDER BY mode";
+    let approval = gate
+        .decide(&planning(), analyzed(&ctx, sql).unwrap())
         .unwrap();
-    let approval = gate.decide(&planning(), analyzed).unwrap();
     let batches = execute(&ctx, approval.plan);
     let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
         .unwrap()
@@ -267,18 +239,10 @@ fn the_generator_produces_allowed_demo_queries_too() {
     use proptest::strategy::ValueTree;
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let (ctx, gate) = setup();
-    let state = ctx.state();
     let mut allowed = 0;
     for _ in 0..300 {
         let sql = query().new_tree(&mut runner).unwrap().current();
-        let Ok(plan) = runtime().block_on(state.create_logical_plan(&sql)) else {
-            continue;
-        };
-        let Ok(analyzed) =
-            state
-                .analyzer()
-                .execute_and_check(plan, state.config_options(), |_, _| {})
-        else {
+        let Some(analyzed) = analyzed(&ctx, &sql) else {
             continue;
         };
         allowed += usize::from(gate.decide(&planning(), analyzed).is_ok());

@@ -5,26 +5,23 @@
 //! holds at least k distinct privacy units. Random SQL also doubles as a
 //! fuzzer: no input may panic the engine.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{analyzed, execute};
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::DFSchema;
 use datafusion::datasource::MemTable;
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
 use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
 
 const K: usize = 3;
-
-/// DataFusion executes (and plans some nodes) on tokio.
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RUNTIME.get_or_init(|| tokio::runtime::Runtime::new().expect("a tokio runtime"))
-}
 const ROWS: usize = 40;
 
 /// Every row is its own privacy unit (`unit`), so a group's row count is its
@@ -210,20 +207,6 @@ fn query() -> impl Strategy<Value = String> {
         })
 }
 
-fn run(ctx: &SessionContext, plan: LogicalPlan) -> Vec<RecordBatch> {
-    runtime().block_on(async {
-        let state = ctx.state();
-        let analyzed = state
-            .analyzer()
-            .execute_and_check(plan, state.config_options(), |_, _| {})
-            .unwrap();
-        let physical = state.create_physical_plan(&analyzed).await.unwrap();
-        datafusion::physical_plan::collect(physical, ctx.task_ctx())
-            .await
-            .unwrap()
-    })
-}
-
 /// Every released value, as text.
 fn values(batches: &[RecordBatch]) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -264,14 +247,9 @@ proptest! {
     #[test]
     fn allowed_plans_release_nothing_they_should_not(sql in query()) {
         let (ctx, gate) = setup();
-        let planned = runtime().block_on(ctx.state().create_logical_plan(&sql));
-        let Ok(plan) = planned else { return Ok(()) };
-        let state = ctx.state();
-        let Ok(analyzed) = state.analyzer().execute_and_check(plan, state.config_options(), |_, _| {}) else {
-            return Ok(());
-        };
+        let Some(analyzed) = analyzed(&ctx, &sql) else { return Ok(()) };
         let Ok(approval) = gate.decide(&analyst(), analyzed) else { return Ok(()) };
-        let batches = run(&ctx, approval.plan);
+        let batches = execute(&ctx, approval.plan);
         let raw_a: Vec<String> = (0..ROWS).map(|i| format!("{}", raw_a(i))).collect();
         for (column, value) in values(&batches) {
             prop_assert!(!value.contains("SECRET"), "{sql}: hidden value {value} released in {column}");
@@ -289,11 +267,8 @@ proptest! {
     fn arbitrary_sql_never_panics(sql in "[ -~]{0,80}", prefix in prop::sample::select(vec!["", "SELECT ", "SELECT g, count(*) FROM t ", "SELECT * FROM t WHERE "])) {
         let (ctx, gate) = setup();
         let sql = format!("{prefix}{sql}");
-        if let Ok(plan) = runtime().block_on(ctx.state().create_logical_plan(&sql)) {
-            let state = ctx.state();
-            if let Ok(analyzed) = state.analyzer().execute_and_check(plan, state.config_options(), |_, _| {}) {
-                let _ = gate.decide(&analyst(), analyzed);
-            }
+        if let Some(analyzed) = analyzed(&ctx, &sql) {
+            let _ = gate.decide(&analyst(), analyzed);
         }
     }
 }
@@ -305,18 +280,10 @@ fn the_generator_produces_allowed_queries_too() {
     use proptest::strategy::ValueTree;
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let (ctx, gate) = setup();
-    let state = ctx.state();
     let mut allowed = 0;
     for _ in 0..400 {
         let sql = query().new_tree(&mut runner).unwrap().current();
-        let Ok(plan) = runtime().block_on(state.create_logical_plan(&sql)) else {
-            continue;
-        };
-        let Ok(analyzed) =
-            state
-                .analyzer()
-                .execute_and_check(plan, state.config_options(), |_, _| {})
-        else {
+        let Some(analyzed) = analyzed(&ctx, &sql) else {
             continue;
         };
         allowed += usize::from(gate.decide(&analyst(), analyzed).is_ok());
@@ -327,13 +294,10 @@ fn the_generator_produces_allowed_queries_too() {
     );
 
     let sql = "SELECT g, count(*), avg(a) FROM t WHERE f > 2 GROUP BY g";
-    let plan = runtime().block_on(state.create_logical_plan(sql)).unwrap();
-    let analyzed = state
-        .analyzer()
-        .execute_and_check(plan, state.config_options(), |_, _| {})
+    let approval = gate
+        .decide(&analyst(), analyzed(&ctx, sql).unwrap())
         .unwrap();
-    let approval = gate.decide(&analyst(), analyzed).unwrap();
-    let batches = run(&ctx, approval.plan);
+    let batches = execute(&ctx, approval.plan);
     let counts = row_counts(&batches);
     assert!(!counts.is_empty());
     assert!(counts.iter().all(|n| *n >= K as i64));
