@@ -216,3 +216,28 @@ async fn wait_for_log(daemon: &Daemon, text: &str) {
     }
     panic!("the daemon never logged {text:?}:\n{}", daemon.logs());
 }
+
+#[tokio::test]
+async fn without_a_policy_every_query_is_refused() {
+    let (dir, _, state) = deployment(POLICY);
+    let config = dir.path().join("no-policy.toml");
+    std::fs::write(
+        &config,
+        "[[datasets]]\nname = \"people\"\nformat = \"csv\"\npath = \"people.csv\"\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start_isolated(&config, &state);
+    let mut client = daemon.client("planning").await;
+    let err = status(client.execute("SELECT 1".into(), None).await.unwrap_err());
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("no usage policy is configured"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        daemon.banner().contains("every query is refused"),
+        "{}",
+        daemon.banner()
+    );
+}
