@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["sluice/v1/connector.proto"];
+const PROTOS: &[&str] = &["sluice/v1/connector.proto", "sluice/v1/budget.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -37,6 +37,9 @@ cargo build --workspace --all-targets --locked
 # One prepared state directory (development PKI + demo data) for all tests.
 STATE_DIR=$CARGO_TARGET_DIR/tmp/sluice-demo-state
 "$CARGO_TARGET_DIR/debug/sluice" init --state-dir "$STATE_DIR" >/dev/null
+# The demo's privacy budget (10 ε a month) would run out over repeated runs
+# on one machine: every run starts from an empty ledger.
+rm -f "$STATE_DIR"/privacy-ledger.sqlite*
 
 if [[ $which != --python ]]; then
     step "Rust unit, integration and doc tests"

@@ -17,6 +17,14 @@
 //!     is a pass-through gate handed to `server::serve_with` by this
 //!     benchmark; no CLI flag or config setting can turn enforcement off.
 //!
+//! (d) Differential privacy: a DP `GROUP BY` with COUNT/SUM/AVG over
+//!     Flight SQL with mTLS (the demo research identity, ε = 0.5, private
+//!     group selection, answer cache off) next to the same query without
+//!     privacy in DataFusion in-process, on the demo trips (1M rows) and on
+//!     a 10M-row version (ten copies of the demo file, so each card has ten
+//!     times the trips); then the median relative error of each aggregate
+//!     at ε = 0.1 and ε = 1 against the exact answer.
+//!
 //! (a) and (b) measure the transport, so the daemon runs them under the open
 //! test policy (`connector/tests/policies/open.yaml`).
 //!
@@ -57,7 +65,11 @@ fn main() -> anyhow::Result<()> {
     let result = runtime.block_on(run(&server, &state_dir, runs, latency_runs));
     drop(server);
     result?;
-    runtime.block_on(policy::run(&state_dir, latency_runs))
+    runtime.block_on(policy::run(&state_dir, latency_runs))?;
+    runtime.block_on(privacy::run(
+        &state_dir,
+        env_usize("SLUICE_BENCH_DP_RUNS", 5),
+    ))
 }
 
 async fn run(
@@ -342,6 +354,7 @@ mod policy {
             Ok(Approval {
                 plan,
                 record: sluice_policy::DecisionRecord::explain("enforcement-off"),
+                dp: None,
             })
         }
         fn visible_columns(
@@ -537,5 +550,213 @@ mod policy {
             .connect()
             .await?;
         Ok(FlightSqlServiceClient::new(channel))
+    }
+}
+
+/// (d): what differential privacy costs in time, and its accuracy.
+mod privacy {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use datafusion::arrow::array::{AsArray, RecordBatch};
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{DataType, Float64Type};
+    use datafusion::prelude::{ParquetReadOptions, SessionContext};
+    use futures::TryStreamExt;
+    use sluice::config::Config;
+    use sluice::server::{ServeHooks, serve_with};
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+    use super::{median, ms};
+
+    /// The research institute's DP query: 40 zones chosen by noisy threshold.
+    const DP_QUERY: &str = "SELECT start_zone, count(*) AS n, sum(fare_eur) AS fares, avg(distance_km) AS km FROM trips GROUP BY start_zone";
+    /// The exact answer, as the policy's row filter defines the data.
+    const EXACT: &str = "SELECT start_zone, count(*) AS n, sum(fare_eur) AS fares, avg(distance_km) AS km FROM trips WHERE mode <> 'ferry' GROUP BY start_zone";
+
+    pub async fn run(state_dir: &Path, runs: usize) -> anyhow::Result<()> {
+        let policy = bench_policy(state_dir)?;
+        let big = ten_million(state_dir)?;
+        println!(
+            "\n(d) differential privacy (research identity, Laplace, private group selection, cache off), {runs} runs each:"
+        );
+        println!("    {DP_QUERY}");
+        for (label, trips) in [
+            ("1M rows ", state_dir.join("data/trips.parquet")),
+            ("10M rows", big),
+        ] {
+            let (client, ctx) = setup(state_dir, &policy, &trips).await?;
+            time_one(label, client, &ctx, runs).await?;
+        }
+        let (mut client, ctx) =
+            setup(state_dir, &policy, &state_dir.join("data/trips.parquet")).await?;
+        let exact = answers(&collect(&ctx, EXACT).await?);
+        println!("    median relative error over groups and {runs} answers (1M rows):");
+        for epsilon in ["0.1", "1"] {
+            client.set_header("x-sluice-epsilon", epsilon);
+            let mut errors: [Vec<f64>; 3] = Default::default();
+            for _ in 0..runs {
+                let noisy = answers(&flight(&mut client, DP_QUERY).await?);
+                for (zone, values) in &noisy {
+                    let Some(truth) = exact.get(zone) else {
+                        continue;
+                    };
+                    for i in 0..3 {
+                        errors[i].push((values[i] - truth[i]).abs() / truth[i].abs().max(1e-9));
+                    }
+                }
+            }
+            let [n, fares, km] = errors.map(|mut e| {
+                e.sort_by(f64::total_cmp);
+                e.get(e.len() / 2).copied().unwrap_or(f64::NAN)
+            });
+            println!(
+                "      ε = {epsilon:<3}: count {:>8.5}  sum(fare_eur) {:>8.5}  avg(distance_km) {:>8.5}",
+                n, fares, km
+            );
+        }
+        Ok(())
+    }
+
+    async fn time_one(
+        label: &str,
+        mut client: FlightSqlServiceClient<Channel>,
+        ctx: &SessionContext,
+        runs: usize,
+    ) -> anyhow::Result<()> {
+        flight(&mut client, DP_QUERY).await?;
+        collect(ctx, DP_QUERY).await?;
+        let (mut dp, mut plain) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let started = Instant::now();
+            flight(&mut client, DP_QUERY).await?;
+            dp.push(started.elapsed());
+            let started = Instant::now();
+            collect(ctx, DP_QUERY).await?;
+            plain.push(started.elapsed());
+        }
+        let (dp, plain): (Duration, Duration) = (median(&mut dp), median(&mut plain));
+        println!(
+            "    {label}: DP over Flight SQL + mTLS {:>8.1} ms   non-private DataFusion in-process {:>7.1} ms   ratio {:.2}",
+            ms(dp),
+            ms(plain),
+            dp.as_secs_f64() / plain.as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// The demo policy with an unlimited budget and the answer cache off, so
+    /// every run pays for fresh noise.
+    fn bench_policy(state_dir: &Path) -> anyhow::Result<PathBuf> {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/demo_policy.yaml"))?;
+        let limited = "budget: { epsilon: 10.0, delta: 1.0e-6, period: month }";
+        anyhow::ensure!(
+            text.contains(limited),
+            "the demo policy's DP budget changed"
+        );
+        let text = text.replace(
+            limited,
+            "budget: { epsilon: 1.0e9, delta: 1.0e-4, period: total }\n          cache: false",
+        );
+        let path = state_dir.join("bench-policy.yaml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Ten copies of the demo trips file in one dataset directory.
+    fn ten_million(state_dir: &Path) -> anyhow::Result<PathBuf> {
+        let dir = state_dir.join("trips-10m");
+        std::fs::create_dir_all(&dir)?;
+        for i in 0..10 {
+            let copy = dir.join(format!("part-{i}.parquet"));
+            if !copy.exists() {
+                std::fs::copy(state_dir.join("data/trips.parquet"), copy)?;
+            }
+        }
+        Ok(dir)
+    }
+
+    async fn setup(
+        state_dir: &Path,
+        policy: &Path,
+        trips: &Path,
+    ) -> anyhow::Result<(FlightSqlServiceClient<Channel>, SessionContext)> {
+        let mut config = Config::embedded_default(state_dir);
+        config.policy = Some(policy.to_path_buf());
+        for dataset in &mut config.datasets {
+            if dataset.name == "trips" {
+                dataset.path = trips.to_path_buf();
+            }
+        }
+        let _ = std::fs::remove_file(state_dir.join("privacy-ledger.sqlite"));
+        config.server.listen = "127.0.0.1:0".parse()?;
+        config.metrics.listen = None;
+        let (bound, address) = tokio::sync::oneshot::channel();
+        tokio::spawn(serve_with(
+            config,
+            tokio::runtime::Handle::current(),
+            ServeHooks {
+                gate: None,
+                bound: Some(bound),
+            },
+        ));
+        let addr = address.await?;
+        let pki = state_dir.join("pki");
+        let read = |name: &str| std::fs::read(pki.join(name));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+            .identity(Identity::from_pem(
+                read("research.pem")?,
+                read("research.key")?,
+            ))
+            .domain_name("localhost");
+        let channel = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        let mut client = FlightSqlServiceClient::new(channel);
+        client.set_header("x-sluice-purpose", "research");
+        client.set_header("x-sluice-epsilon", "0.5");
+        let ctx = SessionContext::new();
+        ctx.register_parquet(
+            "trips",
+            trips.to_str().unwrap(),
+            ParquetReadOptions::default(),
+        )
+        .await?;
+        Ok((client, ctx))
+    }
+
+    async fn flight(
+        client: &mut FlightSqlServiceClient<Channel>,
+        sql: &str,
+    ) -> anyhow::Result<Vec<RecordBatch>> {
+        let info = client.execute(sql.to_string(), None).await?;
+        let ticket = info.endpoint[0].ticket.clone().expect("a ticket");
+        Ok(client.do_get(ticket).await?.try_collect().await?)
+    }
+
+    async fn collect(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
+        Ok(ctx.sql(sql).await?.collect().await?)
+    }
+
+    /// Zone → (count, sum, avg).
+    fn answers(batches: &[RecordBatch]) -> HashMap<String, [f64; 3]> {
+        let mut out = HashMap::new();
+        for batch in batches {
+            let zones = cast(batch.column(0), &DataType::Utf8).unwrap();
+            let zones = zones.as_string::<i32>();
+            let numbers: Vec<_> = (1..4)
+                .map(|i| cast(batch.column(i), &DataType::Float64).unwrap())
+                .collect();
+            for row in 0..batch.num_rows() {
+                let value = |i: usize| numbers[i].as_primitive::<Float64Type>().value(row);
+                out.insert(zones.value(row).to_string(), [value(0), value(1), value(2)]);
+            }
+        }
+        out
     }
 }

@@ -46,6 +46,8 @@ enum Command {
     Tables(ConnArgs),
     /// Show the principal a connector derives from your client certificate.
     Whoami(ConnArgs),
+    /// Show your organization's differential-privacy budget: spent and remaining per dataset.
+    Budget(BudgetArgs),
     /// Create a certificate authority and issue server and client certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -91,7 +93,7 @@ struct ConnArgs {
     /// State directory whose development PKI supplies --ca/--cert/--key by default.
     #[arg(long, env = "SLUICE_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
-    /// Demo identity in <state-dir>/pki to use: `planning` or `supplier`.
+    /// Demo identity in <state-dir>/pki to use: `planning`, `supplier` or `research`.
     #[arg(long, default_value = DEFAULT_IDENTITY)]
     identity: String,
     /// CA certificate that signed the server's certificate (PEM).
@@ -135,8 +137,21 @@ struct QueryArgs {
     /// e.g. `research`; policies may require one.
     #[arg(long, short = 'p', env = "SLUICE_PURPOSE")]
     purpose: Option<String>,
+    /// ε to spend on a differentially private query (sent as the
+    /// x-sluice-epsilon header), up to the policy's per-query cap.
+    #[arg(long, short = 'e', env = "SLUICE_EPSILON")]
+    epsilon: Option<f64>,
     /// The SQL query (or `EXPLAIN POLICY <query>`); `-` reads it from standard input.
     sql: String,
+}
+
+#[derive(Args)]
+struct BudgetArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Only this dataset.
+    #[arg(long)]
+    dataset: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -286,6 +301,7 @@ fn run(command: Command) -> Result<()> {
         Command::Query(args) => client_runtime()?.block_on(query(args)),
         Command::Tables(args) => client_runtime()?.block_on(tables(args)),
         Command::Whoami(args) => client_runtime()?.block_on(whoami(args)),
+        Command::Budget(args) => client_runtime()?.block_on(budget(args)),
         Command::Certs(cmd) => certs(cmd),
         Command::Config(ConfigCommand::Example) => {
             print!("{}", Config::embedded_default_text());
@@ -404,6 +420,9 @@ async fn query(args: QueryArgs) -> Result<()> {
     if let Some(purpose) = &args.purpose {
         conn.set_purpose(purpose)?;
     }
+    if let Some(epsilon) = args.epsilon {
+        conn.set_epsilon(epsilon);
+    }
     let (schema, batches) = conn.query_stream(&sql).await?;
     let mut batches = std::pin::pin!(batches);
     let stdout = std::io::stdout();
@@ -460,6 +479,54 @@ async fn query(args: QueryArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn budget(args: BudgetArgs) -> Result<()> {
+    use sluice_proto::v1::GetBudgetRequest;
+    use sluice_proto::v1::budget_service_client::BudgetServiceClient;
+    let conn = args.conn.connect().await?;
+    let mut client = BudgetServiceClient::new(conn.channel());
+    let response = client
+        .get_budget(GetBudgetRequest {
+            dataset: args.dataset.unwrap_or_default(),
+        })
+        .await
+        .map_err(crate::client::status_error)?
+        .into_inner();
+    println!("privacy budget of {}", response.organization);
+    if response.budgets.is_empty() {
+        println!("no differentially private queries charged yet");
+    }
+    for line in &response.budgets {
+        let limit = if line.unlimited {
+            "no limit".to_string()
+        } else {
+            format!("{} ε, {:e} δ", line.epsilon_limit, line.delta_limit)
+        };
+        println!(
+            "  {} ({}): spent {} ε and {:e} δ in {} queries (of which {} ε reserved); remaining {}; limit {limit}",
+            line.dataset,
+            line.period,
+            round9(line.epsilon_spent),
+            line.delta_spent,
+            line.queries,
+            round9(line.epsilon_reserved),
+            if line.unlimited {
+                "unlimited".to_string()
+            } else {
+                format!(
+                    "{} ε, {:e} δ",
+                    round9(line.epsilon_remaining),
+                    line.delta_remaining
+                )
+            },
+        );
+    }
+    Ok(())
+}
+
+fn round9(x: f64) -> f64 {
+    (x * 1e9).round() / 1e9
 }
 
 async fn tables(args: ConnArgs) -> Result<()> {

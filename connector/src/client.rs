@@ -65,6 +65,7 @@ pub struct Connection {
     client: FlightServiceClient<Channel>,
     channel: Channel,
     purpose: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    epsilon: Option<f64>,
 }
 
 /// `grpc+tls://host:port` (or `https://`) to the URI tonic dials.
@@ -108,6 +109,7 @@ impl Connection {
             client: FlightServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             channel,
             purpose: None,
+            epsilon: None,
         })
     }
 
@@ -119,6 +121,12 @@ impl Connection {
                 anyhow::anyhow!("the purpose must be ASCII text without line breaks")
             })?);
         Ok(())
+    }
+
+    /// The ε the following differentially private queries spend (the
+    /// `x-sluice-epsilon` header); the policy's default otherwise.
+    pub fn set_epsilon(&mut self, epsilon: f64) {
+        self.epsilon = Some(epsilon);
     }
 
     pub fn channel(&self) -> Channel {
@@ -165,6 +173,15 @@ impl Connection {
             request
                 .metadata_mut()
                 .insert(crate::identity::PURPOSE_HEADER, purpose.clone());
+        }
+        if let Some(epsilon) = self.epsilon {
+            let value = epsilon
+                .to_string()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("ε must be a number"))?;
+            request
+                .metadata_mut()
+                .insert(crate::identity::EPSILON_HEADER, value);
         }
         let info = self
             .client

@@ -77,7 +77,32 @@ pub fn query_context<T>(request: &Request<T>) -> Result<QueryContext, Status> {
     };
     let mut context = QueryContext::new(principal);
     context.purpose = purpose.filter(|p| !p.is_empty());
+    context.epsilon = epsilon(request)?;
     Ok(context)
+}
+
+/// The request header in which a differentially private query picks its ε.
+pub const EPSILON_HEADER: &str = "x-sluice-epsilon";
+
+fn epsilon<T>(request: &Request<T>) -> Result<Option<f64>, Status> {
+    let Some(value) = request.metadata().get(EPSILON_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || {
+        Status::invalid_argument(format!(
+            "the {EPSILON_HEADER} header must be a number above 0, e.g. `0.5`"
+        ))
+    };
+    let epsilon: f64 = value
+        .to_str()
+        .map_err(|_| bad())?
+        .trim()
+        .parse()
+        .map_err(|_| bad())?;
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(bad());
+    }
+    Ok(Some(epsilon))
 }
 
 /// Derives the principal from a DER certificate: the first SAN URI, else

@@ -16,6 +16,8 @@
 //! | 5. signed, single-use ticket | [`query::ticket`] |
 //! | 6. execution under memory and time limits | [`query::execute`] |
 //! | 7. release: the advertised schema, exactly | [`query::release`] |
+//! | 7a. differential privacy: bounded statistics + OpenDP noise | [`privacy`] |
+//! | 8. privacy budget: reserved before reading, in SQLite | [`ledger`] |
 //!
 //! Around them: [`flight`] (the Flight SQL protocol), [`control`] (Sluice's
 //! own gRPC services), [`catalog`] (datasets as tables), [`server`]
@@ -32,8 +34,10 @@ pub mod control;
 pub mod demo;
 pub mod flight;
 pub mod identity;
+pub mod ledger;
 pub mod metrics;
 pub mod pki;
+pub mod privacy;
 pub mod query;
 pub mod quota;
 pub mod server;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use arrow_flight::flight_service_server::FlightServiceServer;
+use sluice_proto::v1::budget_service_server::BudgetServiceServer;
 use sluice_proto::v1::connector_service_server::ConnectorServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,10 +19,12 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::catalog::Catalog;
 use crate::config::{Config, Source, TlsConfig};
 use crate::connections::OpenConnections;
-use crate::control::ConnectorInfo;
+use crate::control::{Budgets, ConnectorInfo};
 use crate::flight::FlightSql;
 use crate::identity;
+use crate::ledger::Ledger;
 use crate::metrics::{self, Metrics};
+use crate::privacy::Privacy;
 use crate::query::QueryEngine;
 use crate::query::execute::Executor;
 use crate::quota::QuotaStore;
@@ -75,10 +78,13 @@ pub async fn serve_with(
         ),
     }
     let quotas = Arc::new(QuotaStore::open(state.quota_file())?);
+    let ledger = Arc::new(Ledger::open(&state.ledger_file())?);
+    let privacy = Arc::new(Privacy::new(ledger));
     let engine = Arc::new(QueryEngine::new(
         catalog,
         policy.clone(),
         quotas,
+        privacy,
         config.limits.clone(),
         Executor::new(query_runtime),
     ));
@@ -88,6 +94,23 @@ pub async fn serve_with(
     health
         .set_serving::<ConnectorServiceServer<ConnectorInfo>>()
         .await;
+    health.set_serving::<BudgetServiceServer<Budgets>>().await;
+    // Reservations of tickets that expired unredeemed read no data: return
+    // them to their budgets.
+    {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                let privacy = engine.privacy().clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    privacy.expire(std::time::SystemTime::now())
+                })
+                .await;
+            }
+        });
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
@@ -132,7 +155,8 @@ pub async fn serve_with(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(FlightSql::new(engine.clone(), metrics.clone()).into_service())
-        .add_service(ConnectorInfo::new(engine).into_service())
+        .add_service(Budgets::new(engine.privacy().clone()).into_service())
+        .add_service(ConnectorInfo::new(engine.clone()).into_service())
         .serve_with_incoming_shutdown(incoming, wait(stopped));
 
     match hooks.bound.take() {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! .sluice/
-//! ├── pki/      ca.pem ca.key  server.pem server.key  planning.pem planning.key  supplier.pem supplier.key
+//! ├── pki/      ca.pem ca.key  server.pem server.key  planning.pem planning.key  supplier.pem supplier.key  research.pem research.key
 //! ├── data/     trips.parquet  machine_events.csv  zones.json
 //! ├── secrets/  mask.key (keys the per-consumer hashes of masked columns)
 //! ├── quota.json  (queries and rows used per organization today)
@@ -32,10 +32,10 @@ pub struct DemoClient {
     pub uri: &'static str,
 }
 
-/// The two demo organizations: a city planning agency (consumer of the
-/// transport agency's trips) and a supplier consortium (consumer of machine
-/// telemetry).
-pub const DEMO_CLIENTS: [DemoClient; 2] = [
+/// The demo organizations: a city planning agency (aggregates of the
+/// transport agency's trips), a supplier consortium (machine telemetry) and
+/// a research institute (differentially private answers on trips).
+pub const DEMO_CLIENTS: [DemoClient; 3] = [
     DemoClient {
         name: "planning",
         common_name: "planning-analyst",
@@ -47,6 +47,12 @@ pub const DEMO_CLIENTS: [DemoClient; 2] = [
         common_name: "supplier-analyst",
         organization: "Axle Supplier Consortium",
         uri: "spiffe://sluice.demo/org/axle-suppliers",
+    },
+    DemoClient {
+        name: "research",
+        common_name: "research-analyst",
+        organization: "City Research Institute",
+        uri: "spiffe://sluice.demo/org/city-research",
     },
 ];
 
@@ -177,6 +183,11 @@ impl StateDir {
     /// Where quota usage is kept across restarts.
     pub fn quota_file(&self) -> PathBuf {
         self.root.join("quota.json")
+    }
+
+    /// The privacy-budget ledger (SQLite).
+    pub fn ledger_file(&self) -> PathBuf {
+        self.root.join("privacy-ledger.sqlite")
     }
 
     fn ensure_demo_data(&self) -> Result<Vec<String>> {

@@ -389,14 +389,27 @@ impl Checker<'_> {
                             ),
                         ));
                     }
-                    if VALUE_REVEALING_AGGREGATES.contains(&name.as_str()) {
+                    // Under dp only noisy statistics leave (median and
+                    // quantiles from declared candidates); min/max are
+                    // refused by the DP planner.
+                    let private = source
+                        .sources
+                        .iter()
+                        .all(|c| self.grants[&c.dataset].dp.is_some());
+                    if VALUE_REVEALING_AGGREGATES.contains(&name.as_str()) && !private {
                         self.require_value_revealing(source, &name)?;
                     }
-                    self.require_use(
-                        source,
-                        Use::AggregateArgument,
-                        &format!("argument of `{name}`"),
-                    )?;
+                    // Under dp, counting distinct privacy units is the
+                    // canonical noisy statistic, even of a hidden unit.
+                    let counts_units =
+                        name == "count" && params.distinct && self.is_private_unit(source);
+                    if !counts_units {
+                        self.require_use(
+                            source,
+                            Use::AggregateArgument,
+                            &format!("argument of `{name}`"),
+                        )?;
+                    }
                     lineage.sources.extend(source.sources.iter().cloned());
                 }
                 other => {
@@ -428,6 +441,15 @@ impl Checker<'_> {
             }
         }
         Ok(lineage)
+    }
+
+    /// Whether `source` is the privacy unit of a dataset granted under dp.
+    fn is_private_unit(&self, source: &Lineage) -> bool {
+        source.plain.as_ref().is_some_and(|plain| {
+            self.grants[&plain.dataset].dp.is_some()
+                && self.policy.datasets[&plain.dataset].privacy_unit.as_deref()
+                    == Some(plain.column.as_str())
+        })
     }
 
     /// Picking rows by position before they are aggregated isolates single

@@ -17,9 +17,10 @@ use ring::digest;
 use serde_saphyr::Spanned;
 
 use crate::document::{
-    Class, ColumnClass, Construct, DatasetPolicy, DpRule, Grant, JoinGrant, JoinKind, Mask,
-    Matcher, PolicyDocument, Quotas, Tag, Visibility,
+    Class, ColumnClass, Construct, DatasetPolicy, Grant, JoinGrant, JoinKind, Mask, Matcher,
+    PolicyDocument, Quotas, Tag, Visibility,
 };
+use crate::dp::DpGrant;
 
 /// A problem in a policy file: where it is and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,7 +145,8 @@ pub struct DatasetGrant {
     pub valid_from: Option<DateTime<Utc>>,
     pub valid_until: Option<DateTime<Utc>>,
     pub max_rows: Option<u64>,
-    pub dp: Option<DpRule>,
+    /// Only differentially private aggregates leave.
+    pub dp: Option<DpGrant>,
 }
 
 impl DatasetGrant {
@@ -211,9 +213,9 @@ impl DatasetGrant {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        self.dp = match (self.dp.take(), other.dp.clone()) {
-            (Some(a), Some(b)) if b.epsilon_per_query < a.epsilon_per_query => Some(b),
-            (a, b) => a.or(b),
+        self.dp = match (self.dp.take(), &other.dp) {
+            (Some(a), Some(b)) => Some(a.restrict(b)),
+            (a, b) => a.or(b.clone()),
         };
         self
     }
@@ -522,6 +524,7 @@ impl Compiler<'_> {
             }
         }
         if grant.aggregation.is_none()
+            && grant.dp.is_none()
             && let Some((column, visibility)) = grant
                 .columns
                 .iter()
@@ -533,6 +536,23 @@ impl Compiler<'_> {
                 "`aggregate_only` needs `aggregation: { min_group_size: k }` in the same grant (add `rows: true` there to release other columns row by row): without a minimum group size, an aggregate over one row is that row's value",
             ));
         }
+        let dp = match &grant.dp {
+            Some(rule) => {
+                if dataset.privacy_unit.is_none() {
+                    return Err(self.error(
+                        grant_line,
+                        format!("{field}.dp"),
+                        format!("differential privacy protects privacy units, but dataset `{}` declares no privacy_unit", dataset.name),
+                    ));
+                }
+                Some(
+                    DpGrant::compile(rule, &dataset.schema).map_err(|(at, why)| {
+                        self.error(grant_line, format!("{field}.dp.{at}"), why)
+                    })?,
+                )
+            }
+            None => None,
+        };
         let functions = grant.functions.clone().unwrap_or_default();
         for name in functions
             .aggregate
@@ -607,8 +627,14 @@ impl Compiler<'_> {
             rule,
             columns,
             row_filter,
-            min_group_size: grant.aggregation.map(|a| a.min_group_size),
-            rows_allowed: grant.aggregation.is_some_and(|a| a.rows),
+            // Under dp, rows never leave: the grant is aggregation-only and
+            // noisy group selection takes the place of k.
+            min_group_size: match (&grant.aggregation, &dp) {
+                (Some(a), _) => Some(a.min_group_size),
+                (None, Some(_)) => Some(1),
+                (None, None) => None,
+            },
+            rows_allowed: grant.aggregation.is_some_and(|a| a.rows) && dp.is_none(),
             aggregates,
             scalars,
             comparisons,
@@ -620,7 +646,7 @@ impl Compiler<'_> {
             valid_until: self
                 .instant(grant.valid_until.as_ref(), &format!("{field}.valid_until"))?,
             max_rows: grant.max_rows,
-            dp: grant.dp.clone(),
+            dp,
         })
     }
 

@@ -3,6 +3,7 @@ use std::fmt;
 use datafusion_expr::LogicalPlan;
 
 use crate::document::{Class, Quotas, Tag};
+use crate::dp::{Budget, DpQuery};
 
 /// A plan the gate allowed, ready to execute exactly as given.
 #[derive(Debug, Clone)]
@@ -12,11 +13,14 @@ pub struct Approval {
     pub plan: LogicalPlan,
     /// Why the plan was allowed.
     pub record: DecisionRecord,
+    /// For a differentially private query: the bounded statistics to noise
+    /// and how to finish the answer; `plan` then only describes the result.
+    pub dp: Option<Box<DpQuery>>,
 }
 
 /// What a decision rested on; carried with the ticket and, later, into the
 /// audit log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DecisionRecord {
     /// Content hash of the policy in force.
     pub policy_version: String,
@@ -36,6 +40,19 @@ pub struct DecisionRecord {
     pub quota: Option<QuotaCharge>,
     /// The row cap applied to the output.
     pub max_rows: Option<u64>,
+    /// The privacy budget a differentially private query spends.
+    pub privacy: Option<PrivacyCharge>,
+}
+
+/// What a differentially private query costs, and whose budget pays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyCharge {
+    /// The organization (or principal) whose budget is charged.
+    pub key: String,
+    pub dataset: String,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub budget: Option<Budget>,
 }
 
 /// The rule name recorded for an `EXPLAIN POLICY` answer.
@@ -55,6 +72,7 @@ impl DecisionRecord {
             output_tags: vec![],
             quota: None,
             max_rows: None,
+            privacy: None,
         }
     }
 

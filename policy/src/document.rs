@@ -51,6 +51,10 @@ pub struct DatasetPolicy {
     /// Classification per column. Columns not listed are `general`.
     #[serde(default)]
     pub columns: BTreeMap<String, Spanned<ColumnClass>>,
+    /// Public reference data (no personal data): differentially private
+    /// queries may join it.
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// The classification of one column.
@@ -190,8 +194,7 @@ pub struct Grant {
     pub valid_until: Option<Spanned<String>>,
     #[serde(default)]
     pub max_rows: Option<u64>,
-    /// Differential-privacy requirement; parsed and kept, enforced from the
-    /// differential-privacy release on.
+    /// Differential privacy: only noisy aggregates leave (`docs/privacy.md`).
     #[serde(default)]
     pub dp: Option<DpRule>,
 }
@@ -323,18 +326,84 @@ impl fmt::Display for Construct {
     }
 }
 
-/// The differential-privacy block, kept for the differential-privacy release.
+/// The differential-privacy block of a grant: with it, the consumer gets
+/// only differentially private aggregates of the dataset (`docs/privacy.md`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DpRule {
-    /// Largest ε one query may spend.
+    /// Largest ε one query may spend (the consumer picks up to this with
+    /// the `x-sluice-epsilon` header).
     pub epsilon_per_query: f64,
+    /// ε spent when the query does not say; `epsilon_per_query` by default.
+    #[serde(default)]
+    pub default_epsilon: Option<f64>,
+    /// δ one query spends where it needs one (private group selection,
+    /// Gaussian noise). Default 1e-7.
+    #[serde(default)]
+    pub delta_per_query: Option<f64>,
     /// Total budget per period, keyed to the organization.
     #[serde(default)]
     pub budget: Option<DpBudget>,
-    /// Rows one privacy unit may contribute.
+    /// Groups one privacy unit may contribute to (default 1).
     #[serde(default)]
-    pub max_contributions: Option<u64>,
+    pub max_groups: Option<u64>,
+    /// Rows one privacy unit may contribute to one group (default 1).
+    #[serde(default)]
+    pub max_rows: Option<u64>,
+    /// `laplace` (default) or `gaussian`.
+    #[serde(default)]
+    pub noise: NoiseKind,
+    /// Clamping bounds (and quantile candidates) per numeric column; a
+    /// column without bounds cannot be summed, averaged or ranked.
+    #[serde(default)]
+    pub columns: BTreeMap<String, Spanned<DpColumn>>,
+    /// Group keys the provider publishes, per column: every listed key is
+    /// reported (empty groups too) and no other, at no δ.
+    #[serde(default)]
+    pub public_keys: BTreeMap<String, Spanned<Vec<KeyValue>>>,
+    /// Whether identical repeated queries get the cached noisy answer at no
+    /// new cost (default true).
+    #[serde(default)]
+    pub cache: Option<bool>,
+}
+
+/// The noise family of a DP grant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseKind {
+    #[default]
+    Laplace,
+    Gaussian,
+}
+
+/// Bounds of one numeric column under DP.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpColumn {
+    /// `[lower, upper]`: values are clamped into this range before they are
+    /// aggregated; the sensitivity follows from it, never from the data.
+    pub bounds: [f64; 2],
+    /// Candidate values for median and quantiles: a list, or a number of
+    /// evenly spaced points between the bounds (default 101).
+    #[serde(default)]
+    pub candidates: Option<Candidates>,
+}
+
+/// One public group key as written in YAML.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum KeyValue {
+    Bool(bool),
+    Integer(i64),
+    Float(f64),
+    Text(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Candidates {
+    Count(u32),
+    List(Vec<f64>),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

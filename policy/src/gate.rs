@@ -3,16 +3,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
-use datafusion_common::tree_node::TreeNodeRecursion;
+use datafusion_common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion_expr::LogicalPlan;
 use ring::hmac;
 
 use crate::checks::{Checker, DENY_BY_DEFAULT};
 use crate::compile::{ConsumerRules, DatasetGrant, PolicySet};
 use crate::document::{Class, Mask, Matcher, Quotas, Tag, Visibility};
+use crate::dp::plan::DpRequest;
+use crate::dp::{DpQuery, SUPPORTED};
 use crate::lineage::Level;
 use crate::rewrite::Rewriter;
-use crate::{Approval, DecisionRecord, Denial, DenialKind, Principal};
+use crate::{Approval, DecisionRecord, Denial, DenialKind, Principal, PrivacyCharge};
 use datafusion_common::arrow::datatypes::{DataType, Field};
 
 /// Who asks, why, and when: everything a decision may depend on besides the
@@ -22,6 +24,9 @@ pub struct QueryContext {
     pub principal: Principal,
     /// Declared purpose (the `x-sluice-purpose` request header).
     pub purpose: Option<String>,
+    /// ε the query asks to spend under differential privacy (the
+    /// `x-sluice-epsilon` header); the policy's default when absent.
+    pub epsilon: Option<f64>,
     pub at: SystemTime,
 }
 
@@ -30,12 +35,18 @@ impl QueryContext {
         Self {
             principal,
             purpose: None,
+            epsilon: None,
             at: SystemTime::now(),
         }
     }
 
     pub fn with_purpose(mut self, purpose: impl Into<String>) -> Self {
         self.purpose = Some(purpose.into());
+        self
+    }
+
+    pub fn with_epsilon(mut self, epsilon: f64) -> Self {
+        self.epsilon = Some(epsilon);
         self
     }
 }
@@ -250,33 +261,77 @@ impl PlanGate for PolicyGate {
             hash_key: self.policy.hash_key(&resolved.consumers),
             next_column: Cell::new(0),
         };
-        let rewritten = rewriter.rewrite(plan, max_rows).map_err(|e| {
+        let cannot_rewrite = |e: datafusion_common::DataFusionError| {
             Denial::forbidden(
                 DENY_BY_DEFAULT,
                 format!("the plan cannot be rewritten safely: {e}"),
             )
-        })?;
+        };
+        let dp_datasets: Vec<&String> = scanned
+            .iter()
+            .filter(|d| resolved.grants.get(*d).is_some_and(|g| g.dp.is_some()))
+            .collect();
+        let (rewritten, dp) = match dp_datasets.as_slice() {
+            [] => (
+                rewriter.rewrite(plan, max_rows).map_err(cannot_rewrite)?,
+                None,
+            ),
+            [dataset] => {
+                let query =
+                    self.plan_private(request, &rewriter, &resolved, dataset, plan, max_rows)?;
+                (query.plan.clone(), Some(Box::new(query)))
+            }
+            several => {
+                return Err(Denial::forbidden(
+                    DENY_BY_DEFAULT,
+                    format!(
+                        "a differentially private query reads one dataset under dp (plus public ones); this one reads {}",
+                        join(several)
+                    ),
+                ));
+            }
+        };
+        let key = request
+            .principal
+            .organization
+            .clone()
+            .unwrap_or_else(|| request.principal.id.clone());
+        let mut rules = self.rules_applied(&resolved, &scanned, max_rows);
+        if let Some(query) = &dp {
+            rules.push(format!(
+                "{}.dp (ε = {}, δ = {}, max_groups = {}, max_rows = {})",
+                resolved.grants[&query.dataset].rule,
+                query.epsilon,
+                query.delta,
+                query.max_groups,
+                query.max_rows
+            ));
+        }
         let record = DecisionRecord {
             policy_version: self.policy.version().to_string(),
             consumers: resolved.consumers.iter().map(|c| c.name.clone()).collect(),
-            rules: self.rules_applied(&resolved, &scanned, max_rows),
+            rules,
             datasets: scanned.iter().cloned().collect(),
             purpose: request.purpose.clone(),
             output_class,
             output_tags,
             quota: resolved.quotas.map(|quotas| crate::QuotaCharge {
-                key: request
-                    .principal
-                    .organization
-                    .clone()
-                    .unwrap_or_else(|| request.principal.id.clone()),
+                key: key.clone(),
                 quotas,
             }),
             max_rows,
+            privacy: dp.as_ref().map(|q| PrivacyCharge {
+                key: key.clone(),
+                dataset: q.dataset.clone(),
+                epsilon: q.epsilon,
+                delta: q.delta,
+                budget: q.budget.clone(),
+            }),
         };
         Ok(Approval {
             plan: rewritten,
             record,
+            dp,
         })
     }
 
@@ -313,6 +368,77 @@ impl PlanGate for PolicyGate {
 }
 
 impl PolicyGate {
+    /// The DP form of an allowed query over `dataset` (a dataset under dp).
+    fn plan_private(
+        &self,
+        request: &QueryContext,
+        rewriter: &Rewriter,
+        resolved: &Resolved,
+        dataset: &str,
+        plan: LogicalPlan,
+        max_rows: Option<u64>,
+    ) -> Result<DpQuery, Denial> {
+        let grant = &resolved.grants[dataset];
+        let dp = grant.dp.as_ref().expect("called for dp grants only");
+        let rule = format!("{}.dp", grant.rule);
+        let refuse = |message: String| Denial::forbidden(rule.clone(), message);
+        let epsilon = request.epsilon.unwrap_or(dp.default_epsilon);
+        if !(epsilon.is_finite() && epsilon > 0.0) {
+            return Err(refuse(format!(
+                "ε must be a number above 0, found {epsilon}"
+            )));
+        }
+        if epsilon > dp.epsilon_cap {
+            return Err(refuse(format!(
+                "this query asks for ε = {epsilon}, above the {} allowed per query on dataset `{dataset}`",
+                dp.epsilon_cap
+            )));
+        }
+        for other in scanned_datasets(&plan) {
+            let public = self
+                .policy
+                .datasets
+                .get(&other)
+                .is_some_and(|d| d.metadata.public);
+            if other != dataset && !public {
+                return Err(refuse(format!(
+                    "under differential privacy `{dataset}` may be joined only with datasets the policy marks `public: true`; `{other}` is not"
+                )));
+            }
+        }
+        let unsupported = |e: datafusion_common::DataFusionError| {
+            refuse(
+                e.strip_backtrace()
+                    .trim_start_matches("Error during planning: ")
+                    .to_string(),
+            )
+        };
+        let rewritten = rewriter
+            .rewrite_scans(plan, max_rows)
+            .map_err(unsupported)?;
+        let aggregate = find_private_aggregate(&rewritten).map_err(&refuse)?;
+        let (input, units) = rewriter
+            .expose_units(std::sync::Arc::unwrap_or_clone(aggregate.input.clone()))
+            .map_err(unsupported)?;
+        let [(unit, _)] = units.as_slice() else {
+            return Err(refuse(format!(
+                "the privacy unit of `{dataset}` must reach the aggregate exactly once; supported: {SUPPORTED}"
+            )));
+        };
+        DpQuery::build(
+            rewritten.clone(),
+            &aggregate,
+            input,
+            DpRequest {
+                dataset,
+                unit: unit.clone(),
+                grant: dp,
+                epsilon,
+            },
+        )
+        .map_err(unsupported)
+    }
+
     fn hidden_columns(&self, principal: &Principal) -> Vec<(String, String)> {
         let granted = self
             .policy
@@ -388,6 +514,52 @@ impl PolicyGate {
             rules.push(format!("max_rows = {n}"));
         }
         rules
+    }
+}
+
+/// The one aggregate of a DP query, reached from the top through nodes that
+/// only post-process its output (projection, HAVING, ORDER BY, LIMIT); below
+/// it only row-wise nodes and inner joins.
+fn find_private_aggregate(
+    plan: &LogicalPlan,
+) -> Result<datafusion_expr::logical_plan::Aggregate, String> {
+    let unsupported = |what: &str| {
+        Err(format!(
+            "{what} is not supported under differential privacy; supported: {SUPPORTED}"
+        ))
+    };
+    let mut node = plan;
+    let aggregate = loop {
+        match node {
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::SubqueryAlias(_) => node = node.inputs()[0],
+            LogicalPlan::Aggregate(a) => break a,
+            LogicalPlan::TableScan(_) => return unsupported("releasing rows"),
+            other => return unsupported(&format!("`{}` above the aggregate", other.display())),
+        }
+    };
+    let mut problem = None;
+    let _ = aggregate.input.apply(|n| {
+        let fine = match n {
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::SubqueryAlias(_)
+            | LogicalPlan::TableScan(_) => true,
+            LogicalPlan::Join(j) => j.join_type == datafusion_common::JoinType::Inner,
+            _ => false,
+        };
+        if !fine {
+            problem = Some(format!("`{}` below the aggregate", n.display()));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    match problem {
+        Some(what) => unsupported(&what),
+        None => Ok(aggregate.clone()),
     }
 }
 

@@ -17,11 +17,13 @@
 //! - [`compile`]: checks it against the served datasets.
 //! - [`lineage`] and [`checks`]: the decision, on the plan with column lineage.
 //! - [`rewrite`] and [`mask`]: row filters, masks, minimum group sizes, row caps.
+//! - [`dp`]: differentially private aggregates with bounded contributions.
 
 pub mod checks;
 pub mod compile;
 mod decision;
 pub mod document;
+pub mod dp;
 mod gate;
 pub mod lineage;
 pub mod mask;
@@ -29,7 +31,7 @@ mod principal;
 pub mod rewrite;
 
 pub use compile::{PlanningContext, PolicyError, PolicySet};
-pub use decision::{Approval, DecisionRecord, Denial, DenialKind, QuotaCharge};
+pub use decision::{Approval, DecisionRecord, Denial, DenialKind, PrivacyCharge, QuotaCharge};
 pub use document::{Class, Tag};
 pub use gate::{PlanGate, PolicyGate, QueryContext};
 pub use principal::Principal;

@@ -45,13 +45,30 @@ impl Rewriter<'_> {
     }
 
     pub fn rewrite(&self, plan: LogicalPlan, max_rows: Option<u64>) -> Result<LogicalPlan> {
-        let plan = plan
+        let plan = self.guard_scans(plan)?;
+        let plan = self.enforce_group_size(plan)?;
+        cap_rows(plan, max_rows)
+    }
+
+    /// Row filters, masks and the row cap, without minimum group sizes:
+    /// the rewrite of a differentially private query, whose groups are
+    /// protected by noise instead.
+    pub fn rewrite_scans(&self, plan: LogicalPlan, max_rows: Option<u64>) -> Result<LogicalPlan> {
+        cap_rows(self.guard_scans(plan)?, max_rows)
+    }
+
+    fn guard_scans(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
+        Ok(plan
             .transform_up(|node| match node {
                 LogicalPlan::TableScan(scan) => self.guard_scan(scan).map(Transformed::yes),
                 other => other.recompute_schema().map(Transformed::yes),
             })?
-            .data;
-        let plan = self.enforce_group_size(plan)?;
+            .data)
+    }
+}
+
+fn cap_rows(plan: LogicalPlan, max_rows: Option<u64>) -> Result<LogicalPlan> {
+    {
         match max_rows {
             Some(n) => LogicalPlanBuilder::from(plan)
                 .limit(0, Some(n as usize))?
@@ -59,7 +76,9 @@ impl Rewriter<'_> {
             None => Ok(plan),
         }
     }
+}
 
+impl Rewriter<'_> {
     /// Scan → row filter → masks.
     fn guard_scan(&self, scan: TableScan) -> Result<LogicalPlan> {
         let dataset = scan.table_name.table().to_string();
@@ -145,7 +164,10 @@ impl Rewriter<'_> {
     /// Rebuilds `plan` so that its output also carries the privacy unit of
     /// every aggregation-only dataset below it; returns the unit columns
     /// (as seen at the output) with their k.
-    fn expose_units(&self, plan: LogicalPlan) -> Result<(LogicalPlan, Vec<(Column, u64)>)> {
+    pub(crate) fn expose_units(
+        &self,
+        plan: LogicalPlan,
+    ) -> Result<(LogicalPlan, Vec<(Column, u64)>)> {
         match plan {
             LogicalPlan::TableScan(ref scan) => {
                 let dataset = scan.table_name.table();

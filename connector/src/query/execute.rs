@@ -46,13 +46,13 @@ impl Executor {
 
     /// Starts executing `plan`; batches (or the error that ended the query)
     /// arrive on the returned channel. Dropping the receiver cancels the
-    /// query. The permit is held until execution ends.
+    /// query. The permit (if any) is held until execution ends.
     pub fn start(
         &self,
         catalog: Arc<Catalog>,
         plan: LogicalPlan,
         limits: ExecutionLimits,
-        permit: OwnedSemaphorePermit,
+        permit: Option<OwnedSemaphorePermit>,
     ) -> mpsc::Receiver<Result<RecordBatch, QueryError>> {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         self.runtime.spawn(async move {

@@ -25,10 +25,11 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use ring::digest;
+use sluice_policy::dp::DpQuery;
 use sluice_policy::{Approval, DecisionRecord, Principal, QueryContext};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 pub use error::{QueryError, human_bytes};
@@ -37,8 +38,12 @@ use ticket::{Claims, PendingQueries, PendingQuery, TicketSigner};
 
 use crate::catalog::Catalog;
 use crate::config::Limits;
+use crate::privacy::{self, Privacy, PrivacyTicket};
 use crate::quota::QuotaStore;
 use crate::usage_policy::PolicyHandle;
+
+/// An execution slot, held from DoGet until the stream ends.
+struct Slot(OwnedSemaphorePermit);
 
 /// A query approved at GetFlightInfo, described by its signed ticket.
 #[derive(Debug, Clone)]
@@ -67,6 +72,7 @@ pub struct QueryEngine {
     catalog: Arc<Catalog>,
     policy: Arc<PolicyHandle>,
     quotas: Arc<QuotaStore>,
+    privacy: Arc<Privacy>,
     signer: TicketSigner,
     pending: PendingQueries,
     limits: Limits,
@@ -79,6 +85,7 @@ impl QueryEngine {
         catalog: Arc<Catalog>,
         policy: Arc<PolicyHandle>,
         quotas: Arc<QuotaStore>,
+        privacy: Arc<Privacy>,
         limits: Limits,
         executor: Executor,
     ) -> Self {
@@ -89,6 +96,7 @@ impl QueryEngine {
             catalog,
             policy,
             quotas,
+            privacy,
             limits,
             executor,
         }
@@ -119,9 +127,14 @@ impl QueryEngine {
         self.policy.current().visible_columns(principal, dataset)
     }
 
+    pub fn privacy(&self) -> &Arc<Privacy> {
+        &self.privacy
+    }
+
     /// Tickets issued and not yet redeemed or expired.
     pub fn outstanding_tickets(&self) -> usize {
         self.pending.purge_expired(SystemTime::now());
+        self.privacy.expire(SystemTime::now());
         self.pending.len()
     }
 
@@ -172,9 +185,16 @@ impl QueryEngine {
             None => plan,
         };
         let analyzed = plan::analyze(&state, plan)?;
-        let Approval { plan, record } = self.policy.current().decide(request, analyzed)?;
+        let Approval { plan, record, dp } = self.policy.current().decide(request, analyzed)?;
         // The rewrite injected filters and masks: coerce their types too.
         let mut plan = plan::analyze(&state, plan)?;
+        let dp = match dp {
+            Some(mut query) => {
+                query.stats_plan = plan::analyze(&state, query.stats_plan)?;
+                Some(query)
+            }
+            None => None,
+        };
         let mut rows_quota = None;
         if let Some(charge) = &record.quota {
             let reservation = self.quotas.reserve(charge, record.max_rows, request.at)?;
@@ -187,7 +207,21 @@ impl QueryEngine {
                 });
             }
         }
-        self.ticket(request, plan, record, rows_quota)
+        let expires_at = SystemTime::now() + self.limits.ticket_ttl;
+        let privacy = match (&dp, &record.privacy) {
+            (Some(query), Some(charge)) => Some(
+                self.privacy
+                    .reserve(charge, query, request.at, expires_at)?,
+            ),
+            _ => None,
+        };
+        self.ticket_with(
+            request,
+            Approval { plan, record, dp },
+            rows_quota,
+            privacy,
+            expires_at,
+        )
     }
 
     /// The result schema announced when a statement is prepared. The policy
@@ -212,7 +246,7 @@ impl QueryEngine {
             }
         };
         let analyzed = plan::analyze(&state, plan)?;
-        let Approval { plan, record } = self.policy.current().decide(request, analyzed)?;
+        let Approval { plan, record, .. } = self.policy.current().decide(request, analyzed)?;
         let plan = plan::analyze(&state, plan)?;
         Ok(release::with_classification(
             release::advertised_schema(&plan),
@@ -228,26 +262,55 @@ impl QueryEngine {
         decision: DecisionRecord,
         rows_quota: Option<RowsReserved>,
     ) -> Result<IssuedTicket, QueryError> {
-        let schema = release::with_classification(release::advertised_schema(&plan), &decision);
-        let ordered = release::is_ordered(&plan);
-        let plan_hash = plan_hash(&plan);
+        let approval = Approval {
+            plan,
+            record: decision,
+            dp: None,
+        };
+        let expires_at = SystemTime::now() + self.limits.ticket_ttl;
+        self.ticket_with(request, approval, rows_quota, None, expires_at)
+    }
+
+    fn ticket_with(
+        &self,
+        request: &QueryContext,
+        approval: Approval,
+        rows_quota: Option<RowsReserved>,
+        privacy: Option<PrivacyTicket>,
+        expires_at: SystemTime,
+    ) -> Result<IssuedTicket, QueryError> {
+        let decision = approval.record.clone();
+        let mut schema =
+            release::with_classification(release::advertised_schema(&approval.plan), &decision);
+        if let Some(charge) = &decision.privacy {
+            schema = release::with_privacy(schema, charge, privacy.as_ref());
+        }
+        let ordered = release::is_ordered(&approval.plan);
+        let plan_hash = plan_hash(&approval.plan);
         let now = SystemTime::now();
-        let expires_at = now + self.limits.ticket_ttl;
         let principal = &request.principal;
-        let id = self.pending.insert(
-            PendingQuery {
-                principal_id: principal.id.clone(),
-                approval: Approval {
-                    plan,
-                    record: decision.clone(),
-                },
-                schema: schema.clone(),
-                plan_hash: plan_hash.clone(),
-                expires_at,
-                rows_quota,
-            },
-            now,
-        )?;
+        let reservation = privacy
+            .as_ref()
+            .and_then(|p| p.reservation.clone())
+            .unwrap_or_default();
+        let pending = PendingQuery {
+            principal_id: principal.id.clone(),
+            approval,
+            schema: schema.clone(),
+            plan_hash: plan_hash.clone(),
+            expires_at,
+            rows_quota,
+            privacy: privacy.clone(),
+        };
+        let id = match self.pending.insert(pending, now) {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(p) = &privacy {
+                    self.privacy.refund(p);
+                }
+                return Err(e);
+            }
+        };
         let ticket = self.signer.sign(&Claims {
             version: 1,
             query_id: id.to_vec(),
@@ -255,6 +318,7 @@ impl QueryEngine {
             expires_at_ms: ticket::unix_ms(expires_at),
             plan_hash,
             policy_version: decision.policy_version.clone(),
+            reservation,
         });
         Ok(IssuedTicket {
             query_id: crate::identity::hex(&id),
@@ -276,39 +340,46 @@ impl QueryEngine {
     ) -> Result<QueryRun, QueryError> {
         let claims = self.signer.verify(ticket, principal, SystemTime::now())?;
         let pending = self.pending.redeem(&claims)?;
-        let in_force = self.policy.version();
-        if !pending.approval.record.is_explanation() && claims.policy_version != in_force {
-            return Err(QueryError::TicketRejected(format!(
-                "ticket rejected: the usage policy changed since it was issued ({} → {in_force}); call GetFlightInfo again",
-                claims.policy_version
-            )));
+        let privacy = pending.privacy.clone();
+        let started = self.start_run(&claims, pending).await;
+        if started.is_err()
+            && let Some(ticket) = &privacy
+        {
+            // Nothing was read: the reservation comes back.
+            self.privacy.refund(ticket);
         }
+        let (pending, deadline, permit) = started?;
         let query_id = crate::identity::hex(&claims.query_id);
-        let deadline = Instant::now() + self.limits.query_timeout;
-        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| {
-                QueryError::ResourcesExhausted(format!(
-                    "the connector is busy: {} queries are running (limits.max_concurrent_queries) and none finished within the query's time limit",
-                    self.limits.max_concurrent_queries
-                ))
-            })?
-            .map_err(|_| QueryError::Internal("the connector is shutting down".into()))?;
         let limits = ExecutionLimits {
             memory: self.limits.query_memory,
             deadline,
             timeout: self.limits.query_timeout,
         };
-        let receiver =
-            self.executor
-                .start(self.catalog.clone(), pending.approval.plan, limits, permit);
-        let schema = pending.schema;
+        let PendingQuery {
+            approval,
+            schema,
+            rows_quota,
+            privacy,
+            ..
+        } = pending;
+        // A DP answer uses its slot for the statistics; finishing runs over
+        // a few noisy rows in memory.
+        let (plan, schema, permit) = match (approval.dp, privacy) {
+            (Some(query), Some(ticket)) => {
+                let (plan, schema) = self
+                    .private_answer(*query, &ticket, &schema, limits, permit.0)
+                    .await?;
+                (plan, schema, None)
+            }
+            _ => (approval.plan, schema, Some(permit.0)),
+        };
+        let receiver = self
+            .executor
+            .start(self.catalog.clone(), plan, limits, permit);
         let conform_to = schema.clone();
         let batches = tokio_stream::wrappers::ReceiverStream::new(receiver);
-        let rows = pending
-            .rows_quota
-            .map(|reserved| RowCounter::new(self.quotas.clone(), reserved));
-        let batches = futures::StreamExt::map(batches, move |item| {
+        let rows = rows_quota.map(|reserved| RowCounter::new(self.quotas.clone(), reserved));
+        let batches = batches.map(move |item| {
             let batch = item.and_then(|batch| release::conform(batch, &conform_to))?;
             if let Some(counter) = &rows {
                 counter.sent(batch.num_rows());
@@ -320,6 +391,117 @@ impl QueryEngine {
             schema,
             batches: Box::pin(batches),
         })
+    }
+
+    /// Checks what must hold before anything is read, and waits for an
+    /// execution slot.
+    async fn start_run(
+        &self,
+        claims: &Claims,
+        pending: PendingQuery,
+    ) -> Result<(PendingQuery, Instant, Slot), QueryError> {
+        let in_force = self.policy.version();
+        if !pending.approval.record.is_explanation() && claims.policy_version != in_force {
+            return Err(QueryError::TicketRejected(format!(
+                "ticket rejected: the usage policy changed since it was issued ({} → {in_force}); call GetFlightInfo again",
+                claims.policy_version
+            )));
+        }
+        let reservation = pending
+            .privacy
+            .as_ref()
+            .and_then(|p| p.reservation.clone())
+            .unwrap_or_default();
+        if claims.reservation != reservation {
+            return Err(QueryError::TicketRejected(
+                "ticket rejected: it names another privacy-budget reservation".into(),
+            ));
+        }
+        let deadline = Instant::now() + self.limits.query_timeout;
+        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                QueryError::ResourcesExhausted(format!(
+                    "the connector is busy: {} queries are running (limits.max_concurrent_queries) and none finished within the query's time limit",
+                    self.limits.max_concurrent_queries
+                ))
+            })?
+            .map_err(|_| QueryError::Internal("the connector is shutting down".into()))?;
+        if let Some(ticket) = &pending.privacy {
+            self.privacy.start(ticket)?;
+        }
+        Ok((pending, deadline, Slot(permit)))
+    }
+
+    /// Computes (or fetches from the cache) the noisy aggregate of a DP
+    /// query, commits its charge, and returns the plan that finishes the
+    /// answer from it with the schema it streams.
+    async fn private_answer(
+        &self,
+        query: DpQuery,
+        ticket: &PrivacyTicket,
+        advertised: &SchemaRef,
+        limits: ExecutionLimits,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(LogicalPlan, SchemaRef), QueryError> {
+        let noisy = match &ticket.cached {
+            Some(bytes) => {
+                drop(permit);
+                privacy::decode(bytes)?
+            }
+            None => {
+                let receiver = self.executor.start(
+                    self.catalog.clone(),
+                    query.stats_plan.clone(),
+                    limits,
+                    Some(permit),
+                );
+                let batches: Vec<RecordBatch> =
+                    tokio_stream::wrappers::ReceiverStream::new(receiver)
+                        .collect::<Vec<_>>()
+                        .await
+                        .into_iter()
+                        .collect::<Result<_, _>>()?;
+                let exact = privacy::release::exact_statistics(&query, &batches)
+                    .map_err(QueryError::Internal)?;
+                let for_noise = query.clone();
+                let noisy = tokio::task::spawn_blocking(move || {
+                    privacy::release::add_noise(&for_noise, exact)
+                })
+                .await
+                .map_err(|e| QueryError::Internal(format!("the noise task failed: {e}")))?
+                .map_err(|e| QueryError::Internal(format!("adding noise failed: {e}")))?;
+                let mut metadata = noisy.batch.schema().metadata().clone();
+                metadata.insert(privacy::release::BUDGET_SPLIT.into(), noisy.split.clone());
+                let schema = Arc::new(
+                    noisy
+                        .batch
+                        .schema()
+                        .as_ref()
+                        .clone()
+                        .with_metadata(metadata),
+                );
+                let batch = noisy
+                    .batch
+                    .with_schema(schema)
+                    .map_err(|e| QueryError::Internal(e.to_string()))?;
+                self.privacy.commit(ticket, &batch)?;
+                batch
+            }
+        };
+        let table =
+            datafusion::datasource::MemTable::try_new(noisy.schema(), vec![vec![noisy.clone()]])
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let source = datafusion::datasource::provider_as_source(Arc::new(table));
+        let plan = query
+            .finish_plan(source)
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let state = self.catalog.session().state();
+        let plan = plan::analyze(&state, plan)?;
+        let mut extra = noisy.schema().metadata().clone();
+        extra.insert(privacy::CACHED.into(), ticket.cached.is_some().to_string());
+        let schema = privacy::result_schema(advertised, plan.schema().as_arrow(), extra);
+        Ok((plan, schema))
     }
 
     /// The ticket lifetime, for FlightEndpoint.expiration_time.

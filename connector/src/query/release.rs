@@ -49,6 +49,30 @@ pub fn with_classification(schema: SchemaRef, decision: &DecisionRecord) -> Sche
     Arc::new(Schema::new_with_metadata(schema.fields().clone(), metadata))
 }
 
+/// Adds what a differentially private answer costs and what budget is left.
+pub fn with_privacy(
+    schema: SchemaRef,
+    charge: &sluice_policy::PrivacyCharge,
+    ticket: Option<&crate::privacy::PrivacyTicket>,
+) -> SchemaRef {
+    use crate::privacy::{self as p, release as r};
+    let mut metadata = schema.metadata().clone();
+    let cached = ticket.is_some_and(|t| t.cached.is_some());
+    let (epsilon, delta) = if cached {
+        (0.0, 0.0)
+    } else {
+        (charge.epsilon, charge.delta)
+    };
+    metadata.insert(r::QUERY_EPSILON.into(), epsilon.to_string());
+    metadata.insert(r::QUERY_DELTA.into(), delta.to_string());
+    metadata.insert(p::CACHED.into(), cached.to_string());
+    if let Some((eps, delta)) = ticket.and_then(|t| t.remaining) {
+        metadata.insert(p::REMAINING_EPSILON.into(), eps.to_string());
+        metadata.insert(p::REMAINING_DELTA.into(), delta.to_string());
+    }
+    Arc::new(Schema::new_with_metadata(schema.fields().clone(), metadata))
+}
+
 /// Whether the result order is meaningful: the plan sorts at the top
 /// (possibly under a row cap).
 pub fn is_ordered(plan: &LogicalPlan) -> bool {

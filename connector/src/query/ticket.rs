@@ -39,6 +39,9 @@ pub struct Claims {
     pub plan_hash: Vec<u8>,
     #[prost(string, tag = "6")]
     pub policy_version: String,
+    /// The privacy-budget reservation this ticket spends (empty when none).
+    #[prost(string, tag = "7")]
+    pub reservation: String,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -107,6 +110,8 @@ pub struct PendingQuery {
     pub expires_at: SystemTime,
     /// Rows reserved against a daily quota, settled when the stream ends.
     pub rows_quota: Option<super::RowsReserved>,
+    /// The privacy budget reserved for a differentially private query.
+    pub privacy: Option<crate::privacy::PrivacyTicket>,
 }
 
 /// Approved plans by query id. Each is redeemed at most once and dropped at
@@ -204,6 +209,7 @@ mod tests {
             expires_at_ms,
             plan_hash: vec![1; 32],
             policy_version: "none".into(),
+            reservation: String::new(),
         }
     }
 

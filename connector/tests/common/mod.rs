@@ -279,6 +279,12 @@ impl Daemon {
         assert!(status.success());
     }
 
+    /// Sends SIGKILL and reaps the process: a crash, no cleanup.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")

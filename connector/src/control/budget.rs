@@ -1,0 +1,90 @@
+//! `sluice.v1.BudgetService`: the caller's organization's privacy budget,
+//! read from the ledger.
+
+use std::sync::Arc;
+
+use sluice_proto::v1::budget_service_server::{BudgetService, BudgetServiceServer};
+use sluice_proto::v1::{BudgetLine, GetBudgetRequest, GetBudgetResponse};
+use tonic::{Request, Response, Status};
+
+use crate::identity;
+use crate::ledger::{self, Balance};
+use crate::privacy::Privacy;
+
+pub struct Budgets {
+    privacy: Arc<Privacy>,
+}
+
+impl Budgets {
+    pub fn new(privacy: Arc<Privacy>) -> Self {
+        Self { privacy }
+    }
+
+    pub fn into_service(self) -> BudgetServiceServer<Self> {
+        BudgetServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl BudgetService for Budgets {
+    async fn get_budget(
+        &self,
+        request: Request<GetBudgetRequest>,
+    ) -> Result<Response<GetBudgetResponse>, Status> {
+        let principal = identity::caller(&request)?.principal.clone();
+        // Budgets are kept per organization, as the policy charges them.
+        let organization = principal.organization.clone().unwrap_or(principal.id);
+        let wanted = request.into_inner().dataset;
+        let ledger = self.privacy.ledger().clone();
+        let owner = organization.clone();
+        let balances =
+            tokio::task::spawn_blocking(move || ledger.balances(Some(&owner), chrono::Utc::now()))
+                .await
+                .map_err(|e| Status::internal(format!("the ledger task failed: {e}")))?
+                .map_err(|e| Status::internal(format!("the privacy ledger failed: {e}")))?;
+        let budgets = balances
+            .iter()
+            .filter(|b| wanted.is_empty() || b.dataset == wanted)
+            .map(line)
+            .collect();
+        Ok(Response::new(GetBudgetResponse {
+            organization,
+            budgets,
+        }))
+    }
+}
+
+fn line(balance: &Balance) -> BudgetLine {
+    let unlimited = balance.limit_epsilon == i64::MAX;
+    let eps = ledger::epsilon_from_units;
+    let delta = ledger::delta_from_units;
+    BudgetLine {
+        dataset: balance.dataset.clone(),
+        period: balance.period_key.clone(),
+        epsilon_limit: if unlimited {
+            0.0
+        } else {
+            eps(balance.limit_epsilon)
+        },
+        epsilon_spent: eps(balance.spent_epsilon),
+        epsilon_remaining: if unlimited {
+            0.0
+        } else {
+            eps(balance.limit_epsilon - balance.spent_epsilon)
+        },
+        delta_limit: if unlimited {
+            0.0
+        } else {
+            delta(balance.limit_delta)
+        },
+        delta_spent: delta(balance.spent_delta),
+        delta_remaining: if unlimited {
+            0.0
+        } else {
+            delta(balance.limit_delta - balance.spent_delta)
+        },
+        epsilon_reserved: eps(balance.reserved_epsilon),
+        queries: balance.queries,
+        unlimited,
+    }
+}

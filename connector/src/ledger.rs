@@ -1,0 +1,1596 @@
+//! Step 8: the durable differential-privacy budget ledger, in embedded
+//! SQLite (`<state_dir>/privacy-ledger.sqlite`).
+//!
+//! # Accounting model (pre-charging)
+//!
+//! A query *reserves* its (ε, δ) before any data is read. The reservation is
+//! committed to disk (WAL, `synchronous=FULL`) before [`Ledger::reserve`]
+//! returns, so the caller never holds a ticket whose spend could vanish in a
+//! crash. Its life cycle is:
+//!
+//! ```text
+//! reserved ──start──▶ started ──commit──▶ committed
+//!    │                   │
+//!    └──refund/expire──▶ refunded ◀──refund (only if no data was read)
+//! ```
+//!
+//! Spend is `committed + reserved`: a reservation counts as spent until it is
+//! refunded. Refunds are only legitimate when the query failed before reading
+//! data, so after any crash the recorded spend is at least the spend of every
+//! answer that was released.
+//!
+//! # Exact amounts
+//!
+//! ε is stored in nano-units (1e-9) and δ in atto-units (1e-18), both `i64`,
+//! so that thousands of small charges add up exactly. See [`epsilon_units`]
+//! and [`delta_units`].
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+/// Nano-units of ε per 1.0 ε.
+pub const EPSILON_SCALE: f64 = 1e9;
+/// Atto-units of δ per 1.0 δ.
+pub const DELTA_SCALE: f64 = 1e18;
+/// Schema version written by (and the newest understood by) this build.
+pub const SCHEMA_VERSION: i64 = 1;
+/// How long a reservation made by [`Ledger::reserve`] may stay unstarted
+/// before [`Ledger::expire_unstarted`] may refund it.
+pub const DEFAULT_TICKET_TTL: TimeDelta = TimeDelta::minutes(15);
+/// How long a write waits for another connection (or process) holding the
+/// write lock before giving up with [`LedgerError::Busy`].
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors from the ledger. Database errors always name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The charge does not fit in the remaining budget. Amounts are in units
+    /// (nano-ε, atto-δ); the message shows them as plain ε and δ.
+    #[error(
+        "privacy budget exhausted for {organization} on {dataset} ({period_key}): \
+         {} ε and {} δ remain, this query needs {} ε and {} δ",
+        epsilon_from_units(*.remaining_epsilon),
+        delta_from_units(*.remaining_delta),
+        epsilon_from_units(*.needed_epsilon),
+        delta_from_units(*.needed_delta)
+    )]
+    Exhausted {
+        organization: String,
+        dataset: String,
+        period_key: String,
+        remaining_epsilon: i64,
+        remaining_delta: i64,
+        needed_epsilon: i64,
+        needed_delta: i64,
+    },
+    /// The file could not be opened or created at all.
+    #[error(
+        "cannot open ledger database {} (does the directory exist and is it writable?): {source}",
+        .path.display()
+    )]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The file exists but is not a readable SQLite database.
+    #[error("ledger database {} is corrupt or not an SQLite database: {source}", .path.display())]
+    Corrupt {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The file is a valid SQLite database that belongs to something else.
+    #[error("{} is an SQLite database but not a privacy ledger (it has unrelated tables)", .path.display())]
+    NotALedger { path: PathBuf },
+    /// The file was written by a newer build.
+    #[error(
+        "ledger database {} has schema version {found}; this build understands up to {supported}",
+        .path.display()
+    )]
+    UnsupportedSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// WAL could not be enabled (e.g. `:memory:` or a filesystem without
+    /// shared memory); we refuse to run without crash-safe commits.
+    #[error(
+        "ledger database {} could not switch to write-ahead logging (journal mode is {mode:?})",
+        .path.display()
+    )]
+    NoWal { path: PathBuf, mode: String },
+    /// Another writer held the lock for longer than [`BUSY_TIMEOUT`].
+    #[error(
+        "ledger database {} stayed locked by another writer for more than {:?}: {source}",
+        .path.display(),
+        BUSY_TIMEOUT
+    )]
+    Busy {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// Any other SQLite failure.
+    #[error("ledger database {}: {source}", .path.display())]
+    Database {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The stored totals disagree with the reservation rows.
+    #[error("ledger database {} is inconsistent: {detail}", .path.display())]
+    Inconsistent { path: PathBuf, detail: String },
+    /// No reservation has this id.
+    #[error("unknown privacy-budget reservation {id}")]
+    UnknownReservation { id: String },
+    /// A refunded reservation cannot be committed: its spend was returned.
+    #[error("privacy-budget reservation {id} was refunded and can no longer be committed")]
+    Refunded { id: String },
+    /// A float amount that cannot be converted to units.
+    #[error("invalid {what} {value}: must be finite, non-negative and not absurdly large")]
+    InvalidAmount { what: &'static str, value: f64 },
+    /// A negative amount in units.
+    #[error("invalid {what} {units} units: must not be negative")]
+    NegativeUnits { what: &'static str, units: i64 },
+}
+
+/// Which direction to round a float amount that is not a whole number of units.
+#[derive(Clone, Copy)]
+enum Rounding {
+    Up,
+    Down,
+}
+
+/// Converts a float amount to whole units.
+///
+/// Decimal inputs such as 0.01 are not exact in binary, so `value * scale`
+/// lands a few ulps off the integer the user meant (and `0.1 + 0.2` lands
+/// above 3e8). Within a tiny tolerance we snap to that integer; otherwise we
+/// round in the direction that is safe for privacy.
+fn to_units(
+    what: &'static str,
+    value: f64,
+    scale: f64,
+    rounding: Rounding,
+) -> Result<i64, LedgerError> {
+    let invalid = || LedgerError::InvalidAmount { what, value };
+    if !value.is_finite() || value < 0.0 {
+        return Err(invalid());
+    }
+    let scaled = value * scale;
+    let nearest = scaled.round();
+    let tolerance = (scaled * 4.0 * f64::EPSILON).max(1e-6);
+    let mut units = if (scaled - nearest).abs() <= tolerance {
+        nearest
+    } else {
+        match rounding {
+            Rounding::Up => scaled.ceil(),
+            Rounding::Down => scaled.floor(),
+        }
+    };
+    // A positive charge must never become free.
+    if matches!(rounding, Rounding::Up) && value > 0.0 && units == 0.0 {
+        units = 1.0;
+    }
+    // `i64::MAX as f64` is 2^63, which itself does not fit.
+    if units >= i64::MAX as f64 {
+        return Err(invalid());
+    }
+    Ok(units as i64)
+}
+
+/// ε as nano-units for a *charge*, rounding up (never under-charges).
+/// `0.01` → `10_000_000`, `1.0` → `1_000_000_000`.
+pub fn epsilon_units(eps: f64) -> Result<i64, LedgerError> {
+    to_units("epsilon", eps, EPSILON_SCALE, Rounding::Up)
+}
+
+/// δ as atto-units for a *charge*, rounding up. `1e-5` → `10_000_000_000_000`.
+pub fn delta_units(delta: f64) -> Result<i64, LedgerError> {
+    to_units("delta", delta, DELTA_SCALE, Rounding::Up)
+}
+
+/// ε as nano-units for a *limit*, rounding down (never over-grants).
+pub fn epsilon_limit_units(eps: f64) -> Result<i64, LedgerError> {
+    to_units("epsilon limit", eps, EPSILON_SCALE, Rounding::Down)
+}
+
+/// δ as atto-units for a *limit*, rounding down.
+pub fn delta_limit_units(delta: f64) -> Result<i64, LedgerError> {
+    to_units("delta limit", delta, DELTA_SCALE, Rounding::Down)
+}
+
+/// Nano-units back to ε, for display only.
+pub fn epsilon_from_units(units: i64) -> f64 {
+    units as f64 / EPSILON_SCALE
+}
+
+/// Atto-units back to δ, for display only.
+pub fn delta_from_units(units: i64) -> f64 {
+    units as f64 / DELTA_SCALE
+}
+
+/// The window a budget limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Month,
+    Year,
+    Total,
+}
+
+impl Period {
+    /// Parses `day`/`daily`, `month`/`monthly`, `year`/`yearly`/`annual`,
+    /// `total`/`lifetime`, case-insensitively.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "day" | "daily" => Some(Self::Day),
+            "month" | "monthly" => Some(Self::Month),
+            "year" | "yearly" | "annual" => Some(Self::Year),
+            "total" | "lifetime" => Some(Self::Total),
+            _ => None,
+        }
+    }
+
+    /// The canonical name, as stored in the database.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Month => "month",
+            Self::Year => "year",
+            Self::Total => "total",
+        }
+    }
+
+    /// The key of the window containing `at` (UTC): `2026-11-29`, `2026-11`,
+    /// `2026` or `total`.
+    pub fn key(&self, at: DateTime<Utc>) -> String {
+        match self {
+            Self::Day => at.format("%Y-%m-%d").to_string(),
+            Self::Month => at.format("%Y-%m").to_string(),
+            Self::Year => at.format("%Y").to_string(),
+            Self::Total => "total".to_string(),
+        }
+    }
+
+    const ALL: [Period; 4] = [Self::Day, Self::Month, Self::Year, Self::Total];
+}
+
+/// A budget: who spends, on what, over which window, and how much.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub organization: String,
+    pub dataset: String,
+    pub period: Period,
+    /// Nano-ε per period.
+    pub limit_epsilon: i64,
+    /// Atto-δ per period.
+    pub limit_delta: i64,
+}
+
+/// What one query costs, in units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    /// Nano-ε.
+    pub epsilon: i64,
+    /// Atto-δ.
+    pub delta: i64,
+}
+
+/// A durable reservation: the caller's ticket to run one query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: String,
+    pub period_key: String,
+    pub expires_at: DateTime<Utc>,
+    /// The account balance right after this reservation.
+    pub remaining: Balance,
+}
+
+/// Where a reservation is in its life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Budget held, no data read yet.
+    Reserved,
+    /// Data reading has begun; can no longer expire.
+    Started,
+    /// Answer released; final.
+    Committed,
+    /// Budget returned; final.
+    Refunded,
+}
+
+impl State {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Reserved => "reserved",
+            Self::Started => "started",
+            Self::Committed => "committed",
+            Self::Refunded => "refunded",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Reserved,
+            Self::Started,
+            Self::Committed,
+            Self::Refunded,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+}
+
+impl ToSql for State {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl FromSql for State {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let s = value.as_str()?;
+        State::parse(s)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown reservation state {s:?}").into()))
+    }
+}
+
+/// One reservation row, kept forever for audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRecord {
+    pub id: String,
+    pub organization: String,
+    pub dataset: String,
+    pub period_key: String,
+    pub epsilon: i64,
+    pub delta: i64,
+    pub state: State,
+    /// RFC 3339 UTC timestamps with microseconds.
+    pub created_at: String,
+    pub updated_at: String,
+    pub expires_at: String,
+}
+
+/// An account's standing in one period. `spent_*` includes `reserved_*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    pub organization: String,
+    pub dataset: String,
+    pub period_key: String,
+    pub limit_epsilon: i64,
+    pub spent_epsilon: i64,
+    pub limit_delta: i64,
+    pub spent_delta: i64,
+    /// The part of `spent_epsilon` that could still be refunded.
+    pub reserved_epsilon: i64,
+    /// The part of `spent_delta` that could still be refunded.
+    pub reserved_delta: i64,
+    /// Queries counted against this period (refunded ones excluded).
+    pub queries: i64,
+}
+
+impl Balance {
+    /// Nano-ε still available (0 if the limit was lowered below the spend).
+    pub fn remaining_epsilon(&self) -> i64 {
+        self.limit_epsilon.saturating_sub(self.spent_epsilon).max(0)
+    }
+
+    /// Atto-δ still available.
+    pub fn remaining_delta(&self) -> i64 {
+        self.limit_delta.saturating_sub(self.spent_delta).max(0)
+    }
+
+    fn empty(account: &Account, period_key: &str) -> Self {
+        Self {
+            organization: account.organization.clone(),
+            dataset: account.dataset.clone(),
+            period_key: period_key.to_string(),
+            limit_epsilon: account.limit_epsilon,
+            spent_epsilon: 0,
+            limit_delta: account.limit_delta,
+            spent_delta: 0,
+            reserved_epsilon: 0,
+            reserved_delta: 0,
+            queries: 0,
+        }
+    }
+
+    /// Whether `charge` fits; overflow counts as not fitting.
+    fn fits(&self, charge: Charge) -> bool {
+        let within = |spent: i64, add: i64, limit: i64| {
+            spent.checked_add(add).is_some_and(|total| total <= limit)
+        };
+        within(self.spent_epsilon, charge.epsilon, self.limit_epsilon)
+            && within(self.spent_delta, charge.delta, self.limit_delta)
+    }
+
+    fn exhausted(&self, charge: Charge) -> LedgerError {
+        LedgerError::Exhausted {
+            organization: self.organization.clone(),
+            dataset: self.dataset.clone(),
+            period_key: self.period_key.clone(),
+            remaining_epsilon: self.remaining_epsilon(),
+            remaining_delta: self.remaining_delta(),
+            needed_epsilon: charge.epsilon,
+            needed_delta: charge.delta,
+        }
+    }
+
+    fn with_reserved(mut self, charge: Charge) -> Self {
+        self.spent_epsilon += charge.epsilon;
+        self.spent_delta += charge.delta;
+        self.reserved_epsilon += charge.epsilon;
+        self.reserved_delta += charge.delta;
+        self.queries += 1;
+        self
+    }
+}
+
+const SCHEMA_V1: &str = "
+CREATE TABLE schema_version (
+    version INTEGER NOT NULL
+);
+CREATE TABLE accounts (
+    organization      TEXT    NOT NULL,
+    dataset           TEXT    NOT NULL,
+    period_key        TEXT    NOT NULL,
+    period            TEXT    NOT NULL CHECK (period IN ('day', 'month', 'year', 'total')),
+    limit_epsilon     INTEGER NOT NULL CHECK (limit_epsilon >= 0),
+    limit_delta       INTEGER NOT NULL CHECK (limit_delta >= 0),
+    committed_epsilon INTEGER NOT NULL DEFAULT 0 CHECK (committed_epsilon >= 0),
+    committed_delta   INTEGER NOT NULL DEFAULT 0 CHECK (committed_delta >= 0),
+    reserved_epsilon  INTEGER NOT NULL DEFAULT 0 CHECK (reserved_epsilon >= 0),
+    reserved_delta    INTEGER NOT NULL DEFAULT 0 CHECK (reserved_delta >= 0),
+    queries           INTEGER NOT NULL DEFAULT 0 CHECK (queries >= 0),
+    updated_at        TEXT    NOT NULL,
+    PRIMARY KEY (organization, dataset, period_key)
+);
+CREATE TABLE reservations (
+    id           TEXT    PRIMARY KEY,
+    organization TEXT    NOT NULL,
+    dataset      TEXT    NOT NULL,
+    period_key   TEXT    NOT NULL,
+    epsilon      INTEGER NOT NULL CHECK (epsilon >= 0),
+    delta        INTEGER NOT NULL CHECK (delta >= 0),
+    state        TEXT    NOT NULL CHECK (state IN ('reserved', 'started', 'committed', 'refunded')),
+    created_at   TEXT    NOT NULL,
+    updated_at   TEXT    NOT NULL,
+    expires_at   TEXT    NOT NULL,
+    FOREIGN KEY (organization, dataset, period_key)
+        REFERENCES accounts (organization, dataset, period_key)
+);
+CREATE INDEX reservations_by_expiry ON reservations (state, expires_at);
+CREATE INDEX reservations_by_account ON reservations (organization, dataset, period_key);
+CREATE TABLE answer_cache (
+    organization TEXT NOT NULL,
+    cache_key    TEXT NOT NULL,
+    period_key   TEXT NOT NULL,
+    answer       BLOB NOT NULL,
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (organization, cache_key, period_key)
+);
+";
+
+const BALANCE_COLUMNS: &str = "organization, dataset, period_key, limit_epsilon, limit_delta, \
+     committed_epsilon, committed_delta, reserved_epsilon, reserved_delta, queries";
+
+const RESERVATION_COLUMNS: &str = "id, organization, dataset, period_key, epsilon, delta, state, created_at, updated_at, expires_at";
+
+fn balance_from_row(row: &Row<'_>) -> rusqlite::Result<Balance> {
+    let committed_epsilon: i64 = row.get(5)?;
+    let committed_delta: i64 = row.get(6)?;
+    let reserved_epsilon: i64 = row.get(7)?;
+    let reserved_delta: i64 = row.get(8)?;
+    Ok(Balance {
+        organization: row.get(0)?,
+        dataset: row.get(1)?,
+        period_key: row.get(2)?,
+        limit_epsilon: row.get(3)?,
+        limit_delta: row.get(4)?,
+        spent_epsilon: committed_epsilon + reserved_epsilon,
+        spent_delta: committed_delta + reserved_delta,
+        reserved_epsilon,
+        reserved_delta,
+        queries: row.get(9)?,
+    })
+}
+
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<ReservationRecord> {
+    Ok(ReservationRecord {
+        id: row.get(0)?,
+        organization: row.get(1)?,
+        dataset: row.get(2)?,
+        period_key: row.get(3)?,
+        epsilon: row.get(4)?,
+        delta: row.get(5)?,
+        state: row.get(6)?,
+        created_at: row.get(7)?,
+        updated_at: row.get(8)?,
+        expires_at: row.get(9)?,
+    })
+}
+
+/// Fixed-width UTC timestamp, so that text comparison in SQL is
+/// chronological (`expires_at < ?`).
+fn timestamp(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// A unique, roughly time-ordered reservation id.
+fn new_reservation_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seq = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let now = Utc::now();
+    // RandomState is seeded from the OS RNG, so processes that share a clock
+    // tick and counter value still get different suffixes. The primary key
+    // would reject a collision rather than merge two reservations.
+    let noise =
+        RandomState::new().hash_one((seq, std::process::id(), now.timestamp_subsec_nanos()));
+    format!("r{}-{seq:x}-{noise:016x}", now.format("%Y%m%dT%H%M%S%6fZ"))
+}
+
+/// Attaches the database path to SQLite errors and sorts them into the
+/// variants a caller may want to handle differently.
+trait AtPath<T> {
+    fn at_path(self, path: &Path) -> Result<T, LedgerError>;
+}
+
+impl<T> AtPath<T> for rusqlite::Result<T> {
+    fn at_path(self, path: &Path) -> Result<T, LedgerError> {
+        self.map_err(|source| {
+            let path = path.to_path_buf();
+            match source.sqlite_error_code() {
+                Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+                    LedgerError::Corrupt { path, source }
+                }
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                    LedgerError::Busy { path, source }
+                }
+                Some(ErrorCode::CannotOpen) => LedgerError::Open { path, source },
+                _ => LedgerError::Database { path, source },
+            }
+        })
+    }
+}
+
+fn check_units(what: &'static str, units: i64) -> Result<(), LedgerError> {
+    if units < 0 {
+        return Err(LedgerError::NegativeUnits { what, units });
+    }
+    Ok(())
+}
+
+/// A durable privacy-budget ledger. Cheap to share: `Send + Sync`, all
+/// methods take `&self`. Several `Ledger`s (in one or many processes) may
+/// use the same file; SQLite's write lock serialises them.
+pub struct Ledger {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Opens or creates the ledger at `path`: enables WAL and
+    /// `synchronous=FULL` and creates or checks the schema.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let mut conn = Connection::open(path).at_path(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT).at_path(path)?;
+        enable_wal(&conn, path)?;
+        // FULL makes every commit fsync the WAL: a reservation survives
+        // power loss, not only a process crash.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .at_path(path)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .at_path(path)?;
+        migrate(&mut conn, path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reserves `charge` against `account` for the period containing `at`,
+    /// with the default ticket lifetime. See [`Ledger::reserve_with_ttl`].
+    pub fn reserve(
+        &self,
+        account: &Account,
+        charge: Charge,
+        at: DateTime<Utc>,
+    ) -> Result<Reservation, LedgerError> {
+        self.reserve_with_ttl(account, charge, at, DEFAULT_TICKET_TTL)
+    }
+
+    /// Reserves `charge` in one IMMEDIATE transaction: checks the limit,
+    /// records the reservation and raises the totals. When this returns `Ok`
+    /// the reservation is on disk. The account's limits are stored as given,
+    /// so [`Ledger::balances`] reports the latest configuration.
+    pub fn reserve_with_ttl(
+        &self,
+        account: &Account,
+        charge: Charge,
+        at: DateTime<Utc>,
+        ttl: TimeDelta,
+    ) -> Result<Reservation, LedgerError> {
+        check_units("epsilon limit", account.limit_epsilon)?;
+        check_units("delta limit", account.limit_delta)?;
+        check_units("epsilon charge", charge.epsilon)?;
+        check_units("delta charge", charge.delta)?;
+        let period_key = account.period.key(at);
+        let expires_at = at
+            .checked_add_signed(ttl)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let id = new_reservation_id();
+        self.write(|tx| {
+            upsert_account(tx, account, &period_key, at).at_path(&self.path)?;
+            let before = load_balance(tx, &account.organization, &account.dataset, &period_key)
+                .at_path(&self.path)?
+                .unwrap_or_else(|| Balance::empty(account, &period_key));
+            if !before.fits(charge) {
+                return Err(before.exhausted(charge));
+            }
+            insert_reservation(tx, &id, account, &period_key, charge, at, expires_at)
+                .at_path(&self.path)?;
+            self.add_reserved(tx, account, &period_key, charge)?;
+            Ok(Reservation {
+                id: id.clone(),
+                period_key: period_key.clone(),
+                expires_at,
+                remaining: before.with_reserved(charge),
+            })
+        })
+    }
+
+    /// Marks the start of data reading. Returns `false` unless the
+    /// reservation was in state `reserved`; the caller must then not read
+    /// data (the ticket was used, refunded, expired or never existed).
+    pub fn start(&self, id: &str) -> Result<bool, LedgerError> {
+        let conn = self.lock();
+        let changed = conn
+            .execute(
+                "UPDATE reservations SET state = 'started', updated_at = ?2 WHERE id = ?1 AND state = 'reserved'",
+                (id, timestamp(Utc::now())),
+            )
+            .at_path(&self.path)?;
+        Ok(changed == 1)
+    }
+
+    /// Makes a reservation final (`reserved`/`started` → `committed`).
+    /// Idempotent: committing twice is `Ok`. Committing a refunded or
+    /// unknown reservation is an error, because an answer is about to be
+    /// released whose spend is not recorded.
+    pub fn commit(&self, id: &str) -> Result<(), LedgerError> {
+        self.write(|tx| {
+            let record = load_reservation(tx, id)
+                .at_path(&self.path)?
+                .ok_or_else(|| LedgerError::UnknownReservation { id: id.to_string() })?;
+            match record.state {
+                State::Committed => Ok(()),
+                State::Refunded => Err(LedgerError::Refunded { id: id.to_string() }),
+                State::Reserved | State::Started => {
+                    set_state(tx, id, State::Committed).at_path(&self.path)?;
+                    self.move_to_committed(tx, &record)
+                }
+            }
+        })
+    }
+
+    /// Returns a reservation's budget. Only call it when the query read no
+    /// data. Returns whether budget came back: `false` if the reservation is
+    /// committed, already refunded or unknown (nothing changes then).
+    pub fn refund(&self, id: &str) -> Result<bool, LedgerError> {
+        self.write(|tx| {
+            let Some(record) = load_reservation(tx, id).at_path(&self.path)? else {
+                return Ok(false);
+            };
+            if !matches!(record.state, State::Reserved | State::Started) {
+                return Ok(false);
+            }
+            self.refund_record(tx, &record)?;
+            Ok(true)
+        })
+    }
+
+    /// Refunds every reservation still `reserved` whose ticket expired
+    /// before `before`: it was never started, so no data was read. Started
+    /// reservations are never expired; a crash mid-query keeps its spend.
+    pub fn expire_unstarted(&self, before: DateTime<Utc>) -> Result<u64, LedgerError> {
+        self.write(|tx| {
+            let expired = {
+                let sql = format!(
+                    "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'reserved' AND expires_at < ?1"
+                );
+                let mut stmt = tx.prepare(&sql).at_path(&self.path)?;
+                let rows = stmt.query_map([timestamp(before)], record_from_row).at_path(&self.path)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().at_path(&self.path)?
+            };
+            for record in &expired {
+                self.refund_record(tx, record)?;
+            }
+            Ok(expired.len() as u64)
+        })
+    }
+
+    /// Balances of every account in its current period at `at`, optionally
+    /// for one organization, with the limits last given to `reserve`.
+    pub fn balances(
+        &self,
+        organization: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<Balance>, LedgerError> {
+        let conn = self.lock();
+        let [day, month, year, total] = Period::ALL.map(|period| period.key(at));
+        let sql = format!(
+            "SELECT {BALANCE_COLUMNS} FROM accounts
+             WHERE (?1 IS NULL OR organization = ?1)
+               AND ((period = 'day' AND period_key = ?2) OR (period = 'month' AND period_key = ?3)
+                 OR (period = 'year' AND period_key = ?4) OR (period = 'total' AND period_key = ?5))
+             ORDER BY organization, dataset, period"
+        );
+        let mut stmt = conn.prepare(&sql).at_path(&self.path)?;
+        let rows = stmt
+            .query_map((organization, day, month, year, total), balance_from_row)
+            .at_path(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .at_path(&self.path)
+    }
+
+    /// The balance of `account` in the period containing `at`, with the
+    /// limits from `account` (the caller's current configuration). An
+    /// account never charged has spent nothing.
+    pub fn balance(&self, account: &Account, at: DateTime<Utc>) -> Result<Balance, LedgerError> {
+        let period_key = account.period.key(at);
+        let conn = self.lock();
+        let stored = load_balance(&conn, &account.organization, &account.dataset, &period_key)
+            .at_path(&self.path)?;
+        let mut balance = stored.unwrap_or_else(|| Balance::empty(account, &period_key));
+        balance.limit_epsilon = account.limit_epsilon;
+        balance.limit_delta = account.limit_delta;
+        Ok(balance)
+    }
+
+    /// One reservation row, for audit and for tests.
+    pub fn reservation(&self, id: &str) -> Result<Option<ReservationRecord>, LedgerError> {
+        load_reservation(&self.lock(), id).at_path(&self.path)
+    }
+
+    /// Checks that every account's totals equal the sums of its reservation
+    /// rows. Useful after a crash or as an operator health check.
+    pub fn verify(&self) -> Result<(), LedgerError> {
+        let conn = self.lock();
+        let mismatch: Option<String> = conn
+            .query_row(
+                "SELECT a.organization || '/' || a.dataset || '/' || a.period_key
+                 FROM accounts a LEFT JOIN reservations r USING (organization, dataset, period_key)
+                 GROUP BY a.organization, a.dataset, a.period_key
+                 HAVING a.committed_epsilon != coalesce(sum(CASE WHEN r.state = 'committed' THEN r.epsilon END), 0)
+                     OR a.committed_delta != coalesce(sum(CASE WHEN r.state = 'committed' THEN r.delta END), 0)
+                     OR a.reserved_epsilon != coalesce(sum(CASE WHEN r.state IN ('reserved', 'started') THEN r.epsilon END), 0)
+                     OR a.reserved_delta != coalesce(sum(CASE WHEN r.state IN ('reserved', 'started') THEN r.delta END), 0)
+                     OR a.queries != count(CASE WHEN r.state != 'refunded' THEN 1 END)
+                 LIMIT 1",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .at_path(&self.path)?;
+        match mismatch {
+            None => Ok(()),
+            Some(account) => Err(LedgerError::Inconsistent {
+                path: self.path.clone(),
+                detail: format!("totals of {account} differ from its reservations"),
+            }),
+        }
+    }
+
+    /// A cached answer to an identical DP query in the same period, if any.
+    /// Re-releasing the same noisy answer costs no extra budget.
+    pub fn cache_get(
+        &self,
+        organization: &str,
+        key: &str,
+        period_key: &str,
+    ) -> Result<Option<Vec<u8>>, LedgerError> {
+        self.lock()
+            .query_row(
+                "SELECT answer FROM answer_cache WHERE organization = ?1 AND cache_key = ?2 AND period_key = ?3",
+                (organization, key, period_key),
+                |row| row.get(0),
+            )
+            .optional()
+            .at_path(&self.path)
+    }
+
+    /// Stores an answer unless one is already stored (first writer wins) and
+    /// returns the stored answer. Callers must release what this returns: two
+    /// different noisy answers to one query would leak more than one ε.
+    pub fn cache_put(
+        &self,
+        organization: &str,
+        key: &str,
+        period_key: &str,
+        answer: &[u8],
+    ) -> Result<Vec<u8>, LedgerError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO answer_cache (organization, cache_key, period_key, answer, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                (organization, key, period_key, answer, timestamp(Utc::now())),
+            )
+            .at_path(&self.path)?;
+            tx.query_row(
+                "SELECT answer FROM answer_cache WHERE organization = ?1 AND cache_key = ?2 AND period_key = ?3",
+                (organization, key, period_key),
+                |row| row.get(0),
+            )
+            .at_path(&self.path)
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while the lock was held cannot leave half a change behind:
+        // an open Transaction rolls back when dropped. The connection is fine.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` in an IMMEDIATE transaction and commits if it returns `Ok`.
+    /// IMMEDIATE takes the write lock up front, so the read-check-write in
+    /// `f` cannot race another connection, and lock waits go through the busy
+    /// handler instead of failing at commit time.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at_path(&self.path)?;
+        let out = f(&tx)?;
+        tx.commit().at_path(&self.path)?;
+        Ok(out)
+    }
+
+    fn add_reserved(
+        &self,
+        tx: &Transaction<'_>,
+        account: &Account,
+        period_key: &str,
+        charge: Charge,
+    ) -> Result<(), LedgerError> {
+        let changed = tx
+            .execute(
+                "UPDATE accounts SET reserved_epsilon = reserved_epsilon + ?4, reserved_delta = reserved_delta + ?5,
+                     queries = queries + 1
+                 WHERE organization = ?1 AND dataset = ?2 AND period_key = ?3",
+                (&account.organization, &account.dataset, period_key, charge.epsilon, charge.delta),
+            )
+            .at_path(&self.path)?;
+        self.expect_one_account(changed, period_key)
+    }
+
+    fn move_to_committed(
+        &self,
+        tx: &Transaction<'_>,
+        record: &ReservationRecord,
+    ) -> Result<(), LedgerError> {
+        let changed = tx
+            .execute(
+                "UPDATE accounts SET reserved_epsilon = reserved_epsilon - ?4, reserved_delta = reserved_delta - ?5,
+                     committed_epsilon = committed_epsilon + ?4, committed_delta = committed_delta + ?5,
+                     updated_at = ?6
+                 WHERE organization = ?1 AND dataset = ?2 AND period_key = ?3",
+                (
+                    &record.organization,
+                    &record.dataset,
+                    &record.period_key,
+                    record.epsilon,
+                    record.delta,
+                    timestamp(Utc::now()),
+                ),
+            )
+            .at_path(&self.path)?;
+        self.expect_one_account(changed, &record.period_key)
+    }
+
+    fn refund_record(
+        &self,
+        tx: &Transaction<'_>,
+        record: &ReservationRecord,
+    ) -> Result<(), LedgerError> {
+        set_state(tx, &record.id, State::Refunded).at_path(&self.path)?;
+        let changed = tx
+            .execute(
+                "UPDATE accounts SET reserved_epsilon = reserved_epsilon - ?4, reserved_delta = reserved_delta - ?5,
+                     queries = queries - 1, updated_at = ?6
+                 WHERE organization = ?1 AND dataset = ?2 AND period_key = ?3",
+                (
+                    &record.organization,
+                    &record.dataset,
+                    &record.period_key,
+                    record.epsilon,
+                    record.delta,
+                    timestamp(Utc::now()),
+                ),
+            )
+            .at_path(&self.path)?;
+        self.expect_one_account(changed, &record.period_key)
+    }
+
+    fn expect_one_account(&self, changed: usize, period_key: &str) -> Result<(), LedgerError> {
+        if changed == 1 {
+            return Ok(());
+        }
+        Err(LedgerError::Inconsistent {
+            path: self.path.clone(),
+            detail: format!("expected one account row for period {period_key}, updated {changed}"),
+        })
+    }
+}
+
+/// Switches to WAL. Retries on BUSY because the switch needs an exclusive
+/// lock that a concurrently opening process may briefly hold, and SQLite
+/// does not always run the busy handler for it.
+fn enable_wal(conn: &Connection, path: &Path) -> Result<(), LedgerError> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        let result = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
+            .at_path(path);
+        match result {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(mode) => {
+                return Err(LedgerError::NoWal {
+                    path: path.to_path_buf(),
+                    mode,
+                });
+            }
+            Err(LedgerError::Busy { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Creates the schema in an empty file or checks the version of an
+/// existing one. Runs in an IMMEDIATE transaction so that processes opening
+/// a new file at the same time do not both create it.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .at_path(path)?;
+    let count_tables = |filter: &str| -> Result<i64, LedgerError> {
+        let sql = format!("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND {filter}");
+        tx.query_row(&sql, [], |row| row.get(0)).at_path(path)
+    };
+    if count_tables("name = 'schema_version'")? == 0 {
+        if count_tables("name NOT LIKE 'sqlite_%'")? > 0 {
+            return Err(LedgerError::NotALedger {
+                path: path.to_path_buf(),
+            });
+        }
+        tx.execute_batch(SCHEMA_V1).at_path(path)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [SCHEMA_VERSION],
+        )
+        .at_path(path)?;
+    } else {
+        let found: Option<i64> = tx
+            .query_row("SELECT max(version) FROM schema_version", [], |row| {
+                row.get(0)
+            })
+            .at_path(path)?;
+        let found = found.unwrap_or(0);
+        if found != SCHEMA_VERSION {
+            // Version 1 is the first; later builds add migrations here.
+            return Err(LedgerError::UnsupportedSchema {
+                path: path.to_path_buf(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+    }
+    tx.commit().at_path(path)
+}
+
+fn upsert_account(
+    tx: &Transaction<'_>,
+    account: &Account,
+    period_key: &str,
+    at: DateTime<Utc>,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO accounts (organization, dataset, period_key, period, limit_epsilon, limit_delta, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (organization, dataset, period_key) DO UPDATE SET
+             limit_epsilon = excluded.limit_epsilon, limit_delta = excluded.limit_delta,
+             updated_at = excluded.updated_at",
+        (
+            &account.organization,
+            &account.dataset,
+            period_key,
+            account.period.as_str(),
+            account.limit_epsilon,
+            account.limit_delta,
+            timestamp(at),
+        ),
+    )
+}
+
+fn load_balance(
+    conn: &Connection,
+    organization: &str,
+    dataset: &str,
+    period_key: &str,
+) -> rusqlite::Result<Option<Balance>> {
+    let sql = format!(
+        "SELECT {BALANCE_COLUMNS} FROM accounts WHERE organization = ?1 AND dataset = ?2 AND period_key = ?3"
+    );
+    conn.query_row(&sql, (organization, dataset, period_key), balance_from_row)
+        .optional()
+}
+
+fn insert_reservation(
+    tx: &Transaction<'_>,
+    id: &str,
+    account: &Account,
+    period_key: &str,
+    charge: Charge,
+    at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> rusqlite::Result<usize> {
+    let created = timestamp(at);
+    tx.execute(
+        "INSERT INTO reservations
+             (id, organization, dataset, period_key, epsilon, delta, state, created_at, updated_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+        (
+            id,
+            &account.organization,
+            &account.dataset,
+            period_key,
+            charge.epsilon,
+            charge.delta,
+            State::Reserved,
+            created,
+            timestamp(expires_at),
+        ),
+    )
+}
+
+fn load_reservation(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReservationRecord>> {
+    let sql = format!("SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = ?1");
+    conn.query_row(&sql, [id], record_from_row).optional()
+}
+
+fn set_state(tx: &Transaction<'_>, id: &str, state: State) -> rusqlite::Result<usize> {
+    tx.execute(
+        "UPDATE reservations SET state = ?2, updated_at = ?3 WHERE id = ?1",
+        (id, state, timestamp(Utc::now())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    const HUNDREDTH: i64 = 10_000_000;
+    const ONE: i64 = 1_000_000_000;
+    const MICRO_DELTA: i64 = 1_000_000_000_000;
+
+    fn at(year: i32, month: u32, day: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(year, month, day, 12, 0, 0).unwrap()
+    }
+
+    fn account(period: Period, limit_epsilon: i64) -> Account {
+        Account {
+            organization: "acme".into(),
+            dataset: "patients".into(),
+            period,
+            limit_epsilon,
+            limit_delta: 10 * MICRO_DELTA,
+        }
+    }
+
+    fn eps(epsilon: i64) -> Charge {
+        Charge { epsilon, delta: 0 }
+    }
+
+    fn temp_ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger.db")).unwrap();
+        (dir, ledger)
+    }
+
+    #[test]
+    fn units_are_exact_and_round_up() {
+        assert_eq!(epsilon_units(0.01).unwrap(), 10_000_000);
+        assert_eq!(epsilon_units(1.0).unwrap(), 1_000_000_000);
+        assert_eq!(epsilon_units(0.1 + 0.2).unwrap(), 300_000_000);
+        assert_eq!(epsilon_units(0.0).unwrap(), 0);
+        assert_eq!(epsilon_units(1.000_000_000_1).unwrap(), 1_000_000_001);
+        assert_eq!(epsilon_units(1.5e-9).unwrap(), 2);
+        assert_eq!(
+            epsilon_units(1e-15).unwrap(),
+            1,
+            "a positive charge is never free"
+        );
+        assert_eq!(epsilon_limit_units(1.000_000_000_9).unwrap(), 1_000_000_000);
+        assert_eq!(delta_units(1e-5).unwrap(), 10_000_000_000_000);
+        assert_eq!(delta_units(1e-9).unwrap(), 1_000_000_000);
+        assert_eq!(
+            (0..100).map(|_| epsilon_units(0.01).unwrap()).sum::<i64>(),
+            epsilon_units(1.0).unwrap()
+        );
+        assert_eq!(epsilon_from_units(10_000_000), 0.01);
+        assert_eq!(delta_from_units(10_000_000_000_000), 1e-5);
+        for bad in [f64::NAN, f64::INFINITY, -0.1, 1e20] {
+            assert!(
+                matches!(epsilon_units(bad), Err(LedgerError::InvalidAmount { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn period_keys_and_names() {
+        let t = Utc.with_ymd_and_hms(2026, 11, 29, 23, 59, 59).unwrap();
+        assert_eq!(Period::Day.key(t), "2026-11-29");
+        assert_eq!(Period::Month.key(t), "2026-11");
+        assert_eq!(Period::Year.key(t), "2026");
+        assert_eq!(Period::Total.key(t), "total");
+        assert_eq!(Period::parse(" Monthly "), Some(Period::Month));
+        assert_eq!(Period::parse("weekly"), None);
+        for period in Period::ALL {
+            assert_eq!(Period::parse(period.as_str()), Some(period));
+        }
+    }
+
+    /// Makes 1,000 reservations of 0.01 ε against 1.0 ε from `threads`
+    /// threads; `handle` gives each thread its ledger. Returns (ok, exhausted).
+    fn hammer(threads: usize, handle: impl Fn() -> Arc<Ledger> + Sync) -> (usize, usize) {
+        let next = AtomicUsize::new(0);
+        let acct = account(Period::Month, ONE);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let ledger = handle();
+                        let (mut ok, mut exhausted) = (0, 0);
+                        while next.fetch_add(1, Ordering::Relaxed) < 1_000 {
+                            match ledger.reserve(&acct, eps(HUNDREDTH), at(2026, 11, 29)) {
+                                Ok(_) => ok += 1,
+                                Err(LedgerError::Exhausted { .. }) => exhausted += 1,
+                                Err(err) => panic!("unexpected error: {err}"),
+                            }
+                        }
+                        (ok, exhausted)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().unwrap())
+                .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+        })
+    }
+
+    fn assert_exactly_one_epsilon_spent(ledger: &Ledger, (ok, exhausted): (usize, usize)) {
+        assert_eq!((ok, exhausted), (100, 900));
+        let balance = ledger
+            .balance(&account(Period::Month, ONE), at(2026, 11, 1))
+            .unwrap();
+        assert_eq!(balance.spent_epsilon, 1_000_000_000);
+        assert_eq!(balance.remaining_epsilon(), 0);
+        assert_eq!(balance.queries, 100);
+        ledger.verify().unwrap();
+    }
+
+    #[test]
+    fn concurrent_reservations_on_shared_handle_never_overspend() {
+        let (_dir, ledger) = temp_ledger();
+        let ledger = Arc::new(ledger);
+        let counts = hammer(16, || Arc::clone(&ledger));
+        assert_exactly_one_epsilon_spent(&ledger, counts);
+    }
+
+    #[test]
+    fn concurrent_reservations_on_independent_handles_never_overspend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        // Each thread opens its own connection, as separate processes would,
+        // and they race to create the file and schema too.
+        let counts = hammer(8, || Arc::new(Ledger::open(&path).unwrap()));
+        assert_exactly_one_epsilon_spent(&Ledger::open(&path).unwrap(), counts);
+    }
+
+    #[test]
+    fn refund_commit_start_and_expiry_follow_the_life_cycle() {
+        let (_dir, ledger) = temp_ledger();
+        let acct = account(Period::Month, ONE);
+        let t = at(2026, 11, 29);
+        let spent = || ledger.balance(&acct, t).unwrap().spent_epsilon;
+        let charge = Charge {
+            epsilon: 300_000_000,
+            delta: MICRO_DELTA,
+        };
+        let a = ledger.reserve(&acct, charge, t).unwrap();
+        let b = ledger.reserve(&acct, charge, t).unwrap();
+        assert_eq!(b.remaining.remaining_epsilon(), 400_000_000);
+        assert_eq!(spent(), 600_000_000);
+
+        assert!(ledger.refund(&a.id).unwrap());
+        assert_eq!(spent(), 300_000_000);
+        assert!(
+            !ledger.refund(&a.id).unwrap(),
+            "second refund gives nothing back"
+        );
+        assert!(matches!(
+            ledger.commit(&a.id),
+            Err(LedgerError::Refunded { .. })
+        ));
+        assert!(
+            !ledger.start(&a.id).unwrap(),
+            "a refunded ticket cannot start"
+        );
+
+        assert!(ledger.start(&b.id).unwrap());
+        assert!(!ledger.start(&b.id).unwrap(), "start is single-use");
+        ledger.commit(&b.id).unwrap();
+        ledger.commit(&b.id).unwrap();
+        let after_commit = ledger.balance(&acct, t).unwrap();
+        assert_eq!(
+            (after_commit.spent_epsilon, after_commit.reserved_epsilon),
+            (300_000_000, 0)
+        );
+        assert_eq!(
+            (after_commit.spent_delta, after_commit.queries),
+            (MICRO_DELTA, 1)
+        );
+        assert!(!ledger.refund(&b.id).unwrap(), "committed spend is final");
+        assert_eq!(ledger.balance(&acct, t).unwrap(), after_commit);
+
+        assert!(matches!(
+            ledger.commit("nope"),
+            Err(LedgerError::UnknownReservation { .. })
+        ));
+        assert!(!ledger.refund("nope").unwrap());
+        assert!(!ledger.start("nope").unwrap());
+        ledger.verify().unwrap();
+    }
+
+    #[test]
+    fn expire_unstarted_refunds_only_expired_unstarted_tickets() {
+        let (_dir, ledger) = temp_ledger();
+        let acct = account(Period::Month, ONE);
+        let t = at(2026, 11, 29);
+        let short = TimeDelta::minutes(1);
+        let expiring = ledger
+            .reserve_with_ttl(&acct, eps(HUNDREDTH), t, short)
+            .unwrap();
+        let running = ledger
+            .reserve_with_ttl(&acct, eps(HUNDREDTH), t, short)
+            .unwrap();
+        let fresh = ledger
+            .reserve_with_ttl(&acct, eps(HUNDREDTH), t, TimeDelta::hours(1))
+            .unwrap();
+        assert!(ledger.start(&running.id).unwrap());
+
+        assert_eq!(
+            ledger.expire_unstarted(t + TimeDelta::seconds(30)).unwrap(),
+            0
+        );
+        assert_eq!(
+            ledger.expire_unstarted(t + TimeDelta::minutes(2)).unwrap(),
+            1
+        );
+        assert_eq!(
+            ledger.expire_unstarted(t + TimeDelta::minutes(2)).unwrap(),
+            0
+        );
+
+        let state = |id: &str| ledger.reservation(id).unwrap().unwrap().state;
+        assert_eq!(state(&expiring.id), State::Refunded);
+        assert_eq!(state(&running.id), State::Started);
+        assert_eq!(state(&fresh.id), State::Reserved);
+        assert!(!ledger.start(&expiring.id).unwrap());
+        assert_eq!(
+            ledger.balance(&acct, t).unwrap().spent_epsilon,
+            2 * HUNDREDTH
+        );
+        ledger.verify().unwrap();
+    }
+
+    #[test]
+    fn spend_survives_reopen_and_periods_roll_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let monthly = account(Period::Month, 500_000_000);
+        let november = at(2026, 11, 30);
+        let december = at(2026, 12, 1);
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            ledger
+                .reserve(&monthly, eps(500_000_000), november)
+                .unwrap();
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(
+            ledger.balance(&monthly, november).unwrap().spent_epsilon,
+            500_000_000
+        );
+        assert!(matches!(
+            ledger.reserve(&monthly, eps(1), november),
+            Err(LedgerError::Exhausted { .. })
+        ));
+        assert_eq!(ledger.balance(&monthly, december).unwrap().spent_epsilon, 0);
+        let in_december = ledger
+            .reserve(&monthly, eps(500_000_000), december)
+            .unwrap();
+        assert_eq!(in_december.period_key, "2026-12");
+
+        let lifetime = account(Period::Total, ONE);
+        ledger.reserve(&lifetime, eps(HUNDREDTH), november).unwrap();
+        assert_eq!(
+            ledger
+                .balance(&lifetime, at(2030, 1, 1))
+                .unwrap()
+                .spent_epsilon,
+            HUNDREDTH
+        );
+
+        let now = ledger.balances(None, december).unwrap();
+        let keys: Vec<_> = now.iter().map(|b| b.period_key.as_str()).collect();
+        assert_eq!(keys, ["2026-12", "total"]);
+        assert!(
+            ledger
+                .balances(Some("other-org"), december)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(ledger.balances(Some("acme"), november).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn exhausted_error_names_the_remaining_budget() {
+        let (_dir, ledger) = temp_ledger();
+        let acct = account(Period::Month, ONE);
+        ledger
+            .reserve(&acct, eps(750_000_000), at(2026, 11, 29))
+            .unwrap();
+        let err = ledger
+            .reserve(&acct, eps(500_000_000), at(2026, 11, 29))
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("acme on patients (2026-11): 0.25 ε and 0.00001 δ remain"),
+            "{message}"
+        );
+        assert!(message.contains("needs 0.5 ε and 0 δ"), "{message}");
+        assert!(matches!(
+            err,
+            LedgerError::Exhausted {
+                remaining_epsilon: 250_000_000,
+                ..
+            }
+        ));
+
+        let too_much_delta = Charge {
+            epsilon: 1,
+            delta: 11 * MICRO_DELTA,
+        };
+        let err = ledger
+            .reserve(&acct, too_much_delta, at(2026, 11, 29))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("needs 0.000000001 ε and 0.000011 δ"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_paths_give_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no/such/dir/ledger.db");
+        let err = Ledger::open(&missing).unwrap_err();
+        assert!(matches!(err, LedgerError::Open { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, b"definitely not sqlite\n".repeat(300)).unwrap();
+        let err = Ledger::open(&garbage).unwrap_err();
+        assert!(matches!(err, LedgerError::Corrupt { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&garbage.display().to_string()),
+            "{err}"
+        );
+
+        let foreign = dir.path().join("foreign.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE users (name TEXT)")
+            .unwrap();
+        assert!(matches!(
+            Ledger::open(&foreign),
+            Err(LedgerError::NotALedger { .. })
+        ));
+
+        let newer = dir.path().join("newer.db");
+        drop(Ledger::open(&newer).unwrap());
+        Connection::open(&newer)
+            .unwrap()
+            .execute_batch("UPDATE schema_version SET version = 99")
+            .unwrap();
+        assert!(matches!(
+            Ledger::open(&newer),
+            Err(LedgerError::UnsupportedSchema { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn answer_cache_keeps_the_first_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            assert_eq!(ledger.cache_get("acme", "q1", "2026-11").unwrap(), None);
+            assert_eq!(
+                ledger.cache_put("acme", "q1", "2026-11", b"first").unwrap(),
+                b"first"
+            );
+            assert_eq!(
+                ledger
+                    .cache_put("acme", "q1", "2026-11", b"second")
+                    .unwrap(),
+                b"first"
+            );
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(
+            ledger
+                .cache_get("acme", "q1", "2026-11")
+                .unwrap()
+                .as_deref(),
+            Some(&b"first"[..])
+        );
+        assert_eq!(ledger.cache_get("acme", "q1", "2026-12").unwrap(), None);
+        assert_eq!(ledger.cache_get("globex", "q1", "2026-11").unwrap(), None);
+    }
+
+    const CRASH_CHILD_ENV: &str = "SLUICE_LEDGER_CRASH_CHILD_DB";
+    const CRASH_LINE: &str = "RESERVED ";
+    const CRASH_CHARGE: i64 = 1_000_000;
+
+    fn crash_account() -> Account {
+        account(Period::Total, 1_000_000 * ONE)
+    }
+
+    /// Not a test on its own: when the crash test re-runs this binary with
+    /// the env var set, this reserves in a loop until it is killed. The loop
+    /// is bounded so that an orphaned child stops by itself.
+    #[test]
+    fn crash_child() {
+        let Ok(db) = std::env::var(CRASH_CHILD_ENV) else {
+            return;
+        };
+        let ledger = Ledger::open(Path::new(&db)).unwrap();
+        for seq in 0..20_000 {
+            let reservation = ledger
+                .reserve(&crash_account(), eps(CRASH_CHARGE), Utc::now())
+                .unwrap();
+            // Stdout is line-buffered: the id reaches the pipe right here,
+            // strictly after reserve() returned.
+            println!("{CRASH_LINE}{}", reservation.id);
+            if seq % 2 == 0 {
+                ledger.start(&reservation.id).unwrap();
+                ledger.commit(&reservation.id).unwrap();
+            }
+        }
+    }
+
+    /// The test name of `crash_child`, wherever this module is mounted.
+    fn crash_child_name() -> String {
+        let module = module_path!();
+        let in_crate = module.split_once("::").map_or(module, |(_, rest)| rest);
+        format!("{in_crate}::crash_child")
+    }
+
+    /// Runs the child until it has printed `kill_after` ids, SIGKILLs it and
+    /// returns every id it printed.
+    fn run_and_kill_child(db: &Path, kill_after: usize, delay: Duration) -> Vec<String> {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                &crash_child_name(),
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_CHILD_ENV, db)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let id_of = |line: std::io::Result<String>| {
+            {
+                // The harness prints `test ... ` on the same line as the first id.
+                let line = line.unwrap();
+                line.split_once(CRASH_LINE).map(|(_, id)| id.to_string())
+            }
+        };
+        let mut ids = Vec::new();
+        for line in lines.by_ref() {
+            ids.extend(id_of(line));
+            if ids.len() >= kill_after {
+                break;
+            }
+        }
+        std::thread::sleep(delay);
+        child.kill().unwrap(); // SIGKILL on unix: no destructors, no flush.
+        // Ids still in the pipe were printed after reserve() returned too.
+        ids.extend(lines.filter_map(id_of));
+        child.wait().unwrap();
+        ids
+    }
+
+    #[test]
+    fn killed_process_never_loses_a_returned_reservation() {
+        for (round, kill_after) in [3usize, 17, 42, 88].into_iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("ledger.db");
+            let delay = Duration::from_micros(700 * round as u64);
+            let ids = run_and_kill_child(&db, kill_after, delay);
+            assert!(
+                ids.len() >= kill_after,
+                "child stopped early after {} ids",
+                ids.len()
+            );
+            assert!(ids.len() < 20_000, "child finished before it was killed");
+
+            let ledger = Ledger::open(&db).unwrap();
+            for id in &ids {
+                let record = ledger
+                    .reservation(id)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{id} lost"));
+                assert_ne!(record.state, State::Refunded, "{id}");
+            }
+            let spent = ledger
+                .balance(&crash_account(), Utc::now())
+                .unwrap()
+                .spent_epsilon;
+            assert!(
+                spent >= ids.len() as i64 * CRASH_CHARGE,
+                "round {round}: spent {spent} for {} ids",
+                ids.len()
+            );
+            ledger.verify().unwrap();
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! Differential privacy through the real daemon over Flight SQL and mTLS:
+//! noisy answers with their metadata, the budget ledger (exact under
+//! concurrency, never under-recording across SIGKILL), the answer cache, and
+//! the attacks the budget exists for.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use common::{Daemon, fetch, query, rows, status};
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type, SchemaRef};
+use sluice_proto::v1::GetBudgetRequest;
+use sluice_proto::v1::budget_service_client::BudgetServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// 40 people in three cities: 14, 13 and 13 (a fourth public key, Dublin,
+/// has nobody).
+fn people_csv() -> String {
+    let mut csv = String::from("id,city,score\n");
+    for i in 0..40 {
+        csv.push_str(&format!(
+            "{i},{},{}\n",
+            ["Aarhus", "Bergen", "Cork"][i % 3],
+            i * 7
+        ));
+    }
+    csv
+}
+
+const POLICY: &str = r#"
+version: 1
+datasets:
+  people:
+    privacy_unit: id
+consumers:
+  - name: planning
+    match: { organization: City Planning Agency }
+    grants:
+      people:
+        columns: { city: group_by_only, score: aggregate_only }
+        functions: { aggregate: [count, sum, avg, min] }
+        comparisons: ["=", "<>", in, and]
+        dp:
+          epsilon_per_query: 1.0
+          default_epsilon: 0.5
+          delta_per_query: 1.0e-7
+          budget: { epsilon: 3.0, delta: 1.0e-5, period: month }
+          max_groups: 1
+          max_rows: 1
+          columns: { score: { bounds: [0, 300] } }
+          public_keys: { city: [Aarhus, Bergen, Cork, Dublin] }
+"#;
+
+/// A deployment serving `people` under `policy` in its own state directory.
+fn deployment(policy: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = common::temp_dir();
+    let d = dir.path();
+    std::fs::write(d.join("people.csv"), people_csv()).unwrap();
+    std::fs::write(d.join("policy.yaml"), policy).unwrap();
+    let config = d.join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[policy]\nfile = \"policy.yaml\"\n\n[[datasets]]\nname = \"people\"\nformat = \"csv\"\npath = \"people.csv\"\n",
+    )
+    .unwrap();
+    let state = d.join("state");
+    (dir, config, state)
+}
+
+const BY_CITY: &str = "SELECT city, count(*) AS n, sum(score) AS total, avg(score) AS mean FROM people GROUP BY city ORDER BY city";
+
+fn meta<'a>(schema: &'a SchemaRef, key: &str) -> &'a str {
+    schema
+        .metadata()
+        .get(key)
+        .unwrap_or_else(|| panic!("schema metadata {key} missing: {:?}", schema.metadata()))
+}
+
+fn floats(batches: &[RecordBatch], column: usize) -> Vec<f64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let c = cast(b.column(column), &DataType::Float64).unwrap();
+            c.as_primitive::<Float64Type>()
+                .iter()
+                .map(|v| v.unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+async fn spent(channel: Channel) -> f64 {
+    let mut budget = BudgetServiceClient::new(channel);
+    let response = budget
+        .get_budget(GetBudgetRequest {
+            dataset: "people".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response.budgets.first().map_or(0.0, |b| b.epsilon_spent)
+}
+
+#[tokio::test]
+async fn answers_are_noisy_described_charged_and_cached() {
+    let (_dir, config, state) = deployment(POLICY);
+    let daemon = Daemon::start_isolated(&config, &state);
+    let mut client = daemon.client("planning").await;
+
+    let (schema, batches) = query(&mut client, BY_CITY).await.unwrap();
+    // Public keys: every listed city, the empty one too, and no other.
+    assert_eq!(rows(&batches), 4);
+    let cities: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let c = cast(b.column(0), &DataType::Utf8).unwrap();
+            c.as_string::<i32>()
+                .iter()
+                .map(|v| v.unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(cities, ["Aarhus", "Bergen", "Cork", "Dublin"]);
+    for (i, name) in ["n", "total", "mean"].iter().enumerate() {
+        let field = schema.field(i + 1);
+        assert_eq!(field.name(), name);
+        let m = field.metadata();
+        assert!(
+            m["sluice.dp.mechanism"].contains("discrete_laplace"),
+            "{m:?}"
+        );
+        assert!(m["sluice.dp.scale"].parse::<f64>().unwrap() > 0.0, "{m:?}");
+        assert!(
+            m["sluice.dp.ci95_half_width"].parse::<f64>().unwrap() > 0.0,
+            "{m:?}"
+        );
+        assert!(
+            m["sluice.dp.note"].contains("excludes bias from clamping"),
+            "{m:?}"
+        );
+    }
+    // count: one statistic of four (count, sum, count(score) for avg…) gets its share.
+    let n_eps: f64 = schema.field(1).metadata()["sluice.dp.epsilon"]
+        .parse()
+        .unwrap();
+    let mean_eps: f64 = schema.field(3).metadata()["sluice.dp.epsilon"]
+        .parse()
+        .unwrap();
+    assert!(
+        (mean_eps - 2.0 * 0.5 / 3.0).abs() < 1e-12,
+        "AVG pays for sum and count: {mean_eps}"
+    );
+    assert!((n_eps - 0.5 / 3.0).abs() < 1e-12, "{n_eps}");
+    assert!(meta(&schema, "sluice.dp.budget_split").contains("sum(score)"));
+    assert_eq!(meta(&schema, "sluice.dp.query_epsilon"), "0.5");
+    assert_eq!(meta(&schema, "sluice.dp.remaining_epsilon"), "2.5");
+    assert_eq!(meta(&schema, "sluice.dp.cached"), "false");
+    // Noise: the exact counts (14, 13, 13, 0) are not all reproduced
+    // (each is, with probability 0.083 at scale 6: false alarm 5e-5).
+    let counts = floats(&batches, 1);
+    assert_ne!(counts, vec![14.0, 13.0, 13.0, 0.0], "no noise added");
+    let means = floats(&batches, 3);
+    assert!(means.iter().all(|m| (0.0..=300.0).contains(m)), "{means:?}");
+
+    // An identical repeat is the cached answer, at no cost: averaging gains nothing.
+    for _ in 0..5 {
+        let (again_schema, again) = query(&mut client, BY_CITY).await.unwrap();
+        for column in 1..4 {
+            assert_eq!(floats(&again, column), floats(&batches, column));
+        }
+        assert_eq!(meta(&again_schema, "sluice.dp.cached"), "true");
+    }
+    assert!((spent(daemon.channel("planning").await).await - 0.5).abs() < 1e-9);
+
+    // A chosen ε is a different query: charged anew.
+    client.set_header("x-sluice-epsilon", "1");
+    let (schema, _) = query(&mut client, BY_CITY).await.unwrap();
+    assert_eq!(meta(&schema, "sluice.dp.remaining_epsilon"), "1.5");
+
+    // Above the cap: refused, nothing charged.
+    client.set_header("x-sluice-epsilon", "1.5");
+    let err = status(client.execute(BY_CITY.into(), None).await.unwrap_err());
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("above the 1 allowed per query"),
+        "{}",
+        err.message()
+    );
+    client.set_header("x-sluice-epsilon", "abc");
+    let err = status(client.execute(BY_CITY.into(), None).await.unwrap_err());
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Unsupported under DP: says what is supported.
+    client.set_header("x-sluice-epsilon", "0.5");
+    let err = status(
+        client
+            .execute("SELECT min(score) FROM people".into(), None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("supported: COUNT(*)"),
+        "{}",
+        err.message()
+    );
+    let err = status(
+        client
+            .execute("SELECT score FROM people".into(), None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // Differencing: two queries whose filters differ by one person each pay.
+    client.set_header("x-sluice-epsilon", "0.75");
+    query(
+        &mut client,
+        "SELECT count(*) FROM people WHERE city <> 'Cork'",
+    )
+    .await
+    .unwrap();
+    let (schema, _) = query(
+        &mut client,
+        "SELECT count(*) FROM people WHERE city IN ('Aarhus', 'Bergen')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(meta(&schema, "sluice.dp.remaining_epsilon"), "0");
+
+    // Over budget: RESOURCE_EXHAUSTED naming what remains; a cached repeat still answers.
+    let err = status(
+        client
+            .execute(
+                "SELECT count(*) FROM people WHERE city = 'Cork'".into(),
+                None,
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("0 ε") && err.message().contains("remain"),
+        "{}",
+        err.message()
+    );
+    client.set_header("x-sluice-epsilon", "0.5");
+    let (schema, _) = query(&mut client, BY_CITY).await.unwrap();
+    assert_eq!(meta(&schema, "sluice.dp.cached"), "true");
+    assert!((spent(daemon.channel("planning").await).await - 3.0).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn small_groups_stay_hidden_whatever_the_having_clause() {
+    // No public keys: groups are chosen by a noisy threshold. `Solo` has
+    // one person; at δ = 1e-7 per query it survives with probability
+    // below 1e-7 per query (false-alarm rate of this test: < 1e-5).
+    let policy = POLICY
+        .replace(
+            "public_keys: { city: [Aarhus, Bergen, Cork, Dublin] }",
+            "cache: false",
+        )
+        .replace("epsilon: 3.0", "epsilon: 100.0");
+    let (dir, config, state) = deployment(&policy);
+    let mut csv = people_csv();
+    csv.push_str("1000,Solo,5\n");
+    std::fs::write(dir.path().join("people.csv"), csv).unwrap();
+    let daemon = Daemon::start_isolated(&config, &state);
+    let mut client = daemon.client("planning").await;
+    for sql in [
+        "SELECT city, count(*) AS n FROM people GROUP BY city",
+        "SELECT city, count(*) AS n FROM people GROUP BY city HAVING count(*) > 0",
+        "SELECT city, count(*) AS n FROM people GROUP BY city HAVING count(*) >= 1 ORDER BY n LIMIT 1",
+        "SELECT city, sum(score) AS s FROM people WHERE city = 'Solo' GROUP BY city",
+    ] {
+        for _ in 0..20 {
+            let (_, batches) = query(&mut client, sql).await.unwrap();
+            for b in &batches {
+                let c = cast(b.column(0), &DataType::Utf8).unwrap();
+                assert!(
+                    c.as_string::<i32>().iter().all(|v| v != Some("Solo")),
+                    "{sql}: a one-person group was released"
+                );
+            }
+        }
+    }
+    drop(dir);
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_charges_give_exactly_the_budget() {
+    let policy = POLICY
+        .replace("epsilon_per_query: 1.0", "epsilon_per_query: 0.01")
+        .replace("default_epsilon: 0.5", "default_epsilon: 0.01")
+        .replace(
+            "budget: { epsilon: 3.0, delta: 1.0e-5, period: month }",
+            "budget: { epsilon: 1.0, period: total }\n          cache: false",
+        );
+    let (_dir, config, state) = deployment(&policy);
+    let daemon = Daemon::start_isolated(&config, &state);
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(daemon.client("planning").await);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let mut client = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let sql = "SELECT count(*) FROM people";
+            match client.execute(sql.into(), None).await {
+                Ok(info) => fetch(&mut client, &info)
+                    .await
+                    .map(|_| true)
+                    .map_err(status),
+                Err(e) => Err(status(e)),
+            }
+        }));
+    }
+    let mut answered = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => answered += 1,
+            Err(s) => assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}"),
+        }
+    }
+    assert_eq!(answered, 100, "1.0 / 0.01 answers, exactly");
+    assert!((spent(daemon.channel("planning").await).await - 1.0).abs() < 1e-12);
+}
+
+/// Runs queries in a loop until the daemon dies; counts released answers.
+async fn storm(
+    mut client: FlightSqlServiceClient<Channel>,
+    answers: Arc<AtomicUsize>,
+    seed: usize,
+) {
+    for i in 0.. {
+        let sql = format!("SELECT count(*) FROM people WHERE city <> 'X{seed}-{i}'");
+        let info = match client.execute(sql, None).await {
+            Ok(info) => info,
+            Err(e) => {
+                let s = status(e);
+                assert!(
+                    matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ),
+                    "only the crash may stop the storm: {s:?}"
+                );
+                return;
+            }
+        };
+        match fetch(&mut client, &info).await {
+            Ok(_) => {
+                answers.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigkill_never_leaves_recorded_spend_below_released_answers() {
+    let policy = POLICY
+        .replace("epsilon_per_query: 1.0", "epsilon_per_query: 0.01")
+        .replace("default_epsilon: 0.5", "default_epsilon: 0.01")
+        .replace(
+            "budget: { epsilon: 3.0, delta: 1.0e-5, period: month }",
+            "budget: { epsilon: 1000.0, period: total }\n          cache: false",
+        );
+    let (_dir, config, state) = deployment(&policy);
+    let mut released = 0;
+    for (round, after_ms) in [700u64, 1300, 2100].into_iter().enumerate() {
+        let mut daemon = Daemon::start_isolated(&config, &state);
+        let answers = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for seed in 0..4 {
+            let client = daemon.client("planning").await;
+            tasks.push(tokio::spawn(storm(
+                client,
+                answers.clone(),
+                round * 10 + seed,
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        daemon.kill_hard();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        released += answers.load(Ordering::SeqCst);
+        let daemon = Daemon::start_isolated(&config, &state);
+        let recorded = spent(daemon.channel("planning").await).await;
+        assert!(
+            recorded + 1e-9 >= released as f64 * 0.01,
+            "round {round}: {released} answers released but only {recorded} ε recorded"
+        );
+        assert!(
+            answers.load(Ordering::SeqCst) > 0,
+            "round {round}: the storm answered nothing"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! Differential privacy: the `dp` block of a grant ([`settings`]) and the
+//! plan that answers an aggregate query with bounded contributions
+//! ([`plan`]). Noise, the budget ledger and the release are the connector's.
+
+pub mod plan;
+pub mod settings;
+
+pub use plan::{DpQuery, Groups, Output, OutputKind, SUPPORTED, Statistic, StatisticKind};
+pub use settings::{Budget, ColumnBounds, DpGrant};

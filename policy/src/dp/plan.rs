@@ -1,0 +1,738 @@
+//! Turns an allowed aggregate query over a DP dataset into a [`DpQuery`]:
+//! a bounded statistics plan, the statistics to noise, and the plan that
+//! finishes the answer from the noisy aggregate.
+//!
+//! The statistics plan bounds each privacy unit's contribution before any
+//! group total is formed:
+//!
+//! ```text
+//! input (row filter, masks, WHERE, joins with public data)
+//!  └ per row:  unit, group keys, clamp(value) and its fixed-point form
+//!  └ per (unit, group): rows, non-NULL count, fixed-point sum and sum of squares, values
+//!  └ keep each unit's first `max_groups` groups (ROW_NUMBER over the unit)
+//!  └ cap each (unit, group) at `max_rows` rows: counts capped, sums rescaled
+//!    to at most `max_rows` rows' worth of the unit's own mean, still clamped
+//!  └ per group: totals, and the number of units
+//! ```
+//!
+//! Removing one unit therefore changes at most `max_groups` groups, each
+//! statistic by at most its [`Statistic::sensitivity`]: a fact of the plan,
+//! never of the data.
+
+use std::sync::Arc;
+
+use datafusion_common::arrow::datatypes::DataType;
+use datafusion_common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion_common::{Column, DFSchemaRef, Result, ScalarValue, plan_err};
+use datafusion_expr::expr::AggregateFunction;
+use datafusion_expr::logical_plan::{Aggregate, LogicalPlan, Projection};
+use datafusion_expr::{
+    Expr, ExprFunctionExt, LogicalPlanBuilder, TableSource, cast, col, lit, when,
+};
+use datafusion_functions_aggregate::array_agg::array_agg;
+use datafusion_functions_aggregate::count::count;
+use datafusion_functions_aggregate::sum::sum;
+
+use super::settings::{Budget, ColumnBounds, DpGrant};
+use crate::document::NoiseKind;
+use crate::rewrite::INTERNAL_PREFIX;
+
+/// Largest fixed-point magnitude of one clamped value (2^20): with at most
+/// 2^16 contributions per unit, sensitivities stay below 2^36 and noisy
+/// totals far from `i64` overflow.
+const FIXED_POINT_RANGE: f64 = (1u64 << 20) as f64;
+/// Most groups a public key set may produce.
+const MAX_PUBLIC_GROUPS: usize = 100_000;
+
+/// What a DP query needs at execution: approved together with its plan.
+#[derive(Debug, Clone)]
+pub struct DpQuery {
+    /// Per-group bounded statistics: the key columns (`key_count`), then one
+    /// column per [`StatisticColumn`].
+    pub stats_plan: LogicalPlan,
+    pub key_count: usize,
+    /// The statistics to release, each with its share of ε.
+    pub statistics: Vec<Statistic>,
+    /// One entry per aggregate expression, in the aggregate's order.
+    pub outputs: Vec<Output>,
+    /// The schema of the aggregate the noisy table stands in for.
+    pub aggregate_schema: DFSchemaRef,
+    /// The approved plan; the aggregate node is replaced by the noisy table
+    /// ([`DpQuery::finish_plan`]) so HAVING, ORDER BY and LIMIT apply after
+    /// noise.
+    pub plan: LogicalPlan,
+    pub groups: Groups,
+    /// ε and δ this query spends in total.
+    pub epsilon: f64,
+    pub delta: f64,
+    pub max_groups: u64,
+    pub max_rows: u64,
+    pub noise: NoiseKind,
+    /// The DP dataset (the budget is kept per organization and dataset).
+    pub dataset: String,
+    pub budget: Option<Budget>,
+    pub cache: bool,
+}
+
+/// Which groups the answer reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Groups {
+    /// No GROUP BY: one group, always reported.
+    Single,
+    /// Every combination of the provider's published keys, and no other.
+    Public(Vec<Vec<ScalarValue>>),
+    /// Groups chosen by a noisy threshold on the row counts (costs δ); the
+    /// row-count statistic carries the selection's share of ε.
+    Private,
+}
+
+/// One noisy release over all groups.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statistic {
+    pub kind: StatisticKind,
+    /// The statistics-plan column it reads.
+    pub column: String,
+    /// Its share of the query's ε (and δ, for Gaussian noise and selection).
+    pub epsilon: f64,
+    pub delta: f64,
+    /// Fixed-point units per value unit (1 for counts).
+    pub scale_factor: f64,
+    /// Most one unit changes this statistic in one group, fixed-point units.
+    pub sensitivity: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatisticKind {
+    /// Rows per group (also drives private group selection).
+    Rows,
+    /// Distinct privacy units per group.
+    Units,
+    /// Non-NULL values of a column.
+    Count(String),
+    Sum(String),
+    SumOfSquares(String),
+    /// One quantile of a column over its declared candidates.
+    Quantile {
+        column: String,
+        q: f64,
+        bounds: ColumnBounds,
+    },
+}
+
+/// How one aggregate expression is computed from noisy statistics
+/// (indices into [`DpQuery::statistics`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub name: String,
+    pub data_type: DataType,
+    pub kind: OutputKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputKind {
+    Count(usize),
+    Sum {
+        sum: usize,
+    },
+    Avg {
+        sum: usize,
+        count: usize,
+        bounds: ColumnBounds,
+    },
+    Variance {
+        sum: usize,
+        count: usize,
+        squares: usize,
+        bounds: ColumnBounds,
+        sample: bool,
+        root: bool,
+    },
+    Quantile(usize),
+}
+
+impl Output {
+    /// The statistics this output reads.
+    pub fn statistics(&self) -> Vec<usize> {
+        match &self.kind {
+            OutputKind::Count(i) | OutputKind::Sum { sum: i } | OutputKind::Quantile(i) => {
+                vec![*i]
+            }
+            OutputKind::Avg { sum, count, .. } => vec![*sum, *count],
+            OutputKind::Variance {
+                sum,
+                count,
+                squares,
+                ..
+            } => vec![*sum, *count, *squares],
+        }
+    }
+}
+
+/// The aggregates a DP query may use, for error messages.
+pub const SUPPORTED: &str = "COUNT(*), COUNT(column), COUNT(DISTINCT <privacy unit>), SUM, AVG, VAR/VAR_POP, STDDEV/STDDEV_POP, MEDIAN and APPROX_PERCENTILE_CONT over columns with declared bounds, with WHERE, GROUP BY, HAVING, ORDER BY and LIMIT, and inner joins with public datasets";
+
+/// The settings a DP plan is built with.
+pub struct DpRequest<'a> {
+    pub dataset: &'a str,
+    pub unit: Column,
+    pub grant: &'a DpGrant,
+    pub epsilon: f64,
+}
+
+impl DpQuery {
+    /// Builds the DP query for `plan` (already rewritten with row filters
+    /// and masks); `aggregate_input` is the aggregate's input with the
+    /// privacy unit exposed as `request.unit`.
+    pub fn build(
+        plan: LogicalPlan,
+        aggregate: &Aggregate,
+        aggregate_input: LogicalPlan,
+        request: DpRequest<'_>,
+    ) -> Result<Self> {
+        let grant = request.grant;
+        let keys = group_keys(aggregate)?;
+        let mut builder = StatsBuilder::new(grant, &request.unit);
+        let mut outputs = Vec::new();
+        for (expr, field) in aggregate
+            .aggr_expr
+            .iter()
+            .zip(aggregate.schema.fields().iter().skip(keys.len()))
+        {
+            let kind = builder.output(expr)?;
+            outputs.push(Output {
+                name: field.name().clone(),
+                data_type: field.data_type().clone(),
+                kind,
+            });
+        }
+        let groups = groups(&keys, aggregate, grant)?;
+        if groups == Groups::Private {
+            builder.require(StatisticKind::Rows);
+        }
+        let needs_delta = groups == Groups::Private || grant.noise == NoiseKind::Gaussian;
+        let delta = if needs_delta {
+            grant.delta_per_query
+        } else {
+            0.0
+        };
+        let mut statistics = builder.statistics();
+        split_budget(
+            &mut statistics,
+            request.epsilon,
+            delta,
+            grant.noise,
+            &groups,
+        );
+        let stats_plan = builder.plan(aggregate_input, &keys)?;
+        Ok(DpQuery {
+            stats_plan,
+            key_count: keys.len(),
+            statistics,
+            outputs,
+            aggregate_schema: aggregate.schema.clone(),
+            plan,
+            groups,
+            epsilon: request.epsilon,
+            delta,
+            max_groups: if keys.is_empty() { 1 } else { grant.max_groups },
+            max_rows: grant.max_rows,
+            noise: grant.noise,
+            dataset: request.dataset.to_string(),
+            budget: grant.budget.clone(),
+            cache: grant.cache,
+        })
+    }
+
+    /// The approved plan with its aggregate replaced by a scan of `noisy`,
+    /// a table with exactly the aggregate's columns.
+    pub fn finish_plan(&self, noisy: Arc<dyn TableSource>) -> Result<LogicalPlan> {
+        let scan =
+            LogicalPlanBuilder::scan(format!("{INTERNAL_PREFIX}noisy"), noisy, None)?.build()?;
+        let scan_schema = scan.schema().clone();
+        let exprs = self
+            .aggregate_schema
+            .iter()
+            .zip(scan_schema.columns())
+            .map(|((qualifier, field), column)| {
+                col(column).alias_qualified(qualifier.cloned(), field.name())
+            })
+            .collect::<Vec<_>>();
+        let replacement = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(scan))?);
+        let mut replaced = false;
+        let plan = self
+            .plan
+            .clone()
+            .transform_up(|node| match node {
+                LogicalPlan::Aggregate(_) if !replaced => {
+                    replaced = true;
+                    Ok(Transformed::new(
+                        replacement.clone(),
+                        true,
+                        TreeNodeRecursion::Jump,
+                    ))
+                }
+                other => other.recompute_schema().map(Transformed::yes),
+            })?
+            .data;
+        if !replaced {
+            return plan_err!("the approved plan has no aggregate to replace");
+        }
+        Ok(plan)
+    }
+}
+
+/// The group keys of a plain GROUP BY (grouping sets are refused).
+fn group_keys(aggregate: &Aggregate) -> Result<Vec<Expr>> {
+    aggregate
+        .group_expr
+        .iter()
+        .map(|e| match e {
+            Expr::GroupingSet(_) => {
+                plan_err!("GROUPING SETS / ROLLUP / CUBE are not supported under differential privacy; supported: {SUPPORTED}")
+            }
+            other => Ok(other.clone()),
+        })
+        .collect()
+}
+
+/// Public keys when every key column has them, else private selection.
+fn groups(keys: &[Expr], aggregate: &Aggregate, grant: &DpGrant) -> Result<Groups> {
+    if keys.is_empty() {
+        return Ok(Groups::Single);
+    }
+    let mut lists = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let Some(list) = key_column(key).and_then(|c| grant.public_keys.get(&c.name)) else {
+            return Ok(Groups::Private);
+        };
+        let data_type = aggregate.schema.field(i).data_type();
+        let cast = list
+            .iter()
+            .map(|v| v.cast_to(data_type))
+            .collect::<Result<Vec<_>>>()?;
+        lists.push(cast);
+    }
+    let mut rows: Vec<Vec<ScalarValue>> = vec![vec![]];
+    for list in lists {
+        rows = rows
+            .into_iter()
+            .flat_map(|row| {
+                list.iter().map(move |v| {
+                    let mut next = row.clone();
+                    next.push(v.clone());
+                    next
+                })
+            })
+            .collect();
+        if rows.len() > MAX_PUBLIC_GROUPS {
+            return plan_err!(
+                "the public keys of this GROUP BY make more than {MAX_PUBLIC_GROUPS} groups"
+            );
+        }
+    }
+    Ok(Groups::Public(rows))
+}
+
+fn key_column(expr: &Expr) -> Option<&Column> {
+    match expr {
+        Expr::Column(c) => Some(c),
+        Expr::Alias(a) => key_column(&a.expr),
+        Expr::Cast(c) => key_column(&c.expr),
+        _ => None,
+    }
+}
+
+/// Splits ε equally over the statistics and δ over those that need it.
+/// Private selection runs on the row counts, so the `Rows` statistic takes
+/// the selection's δ.
+fn split_budget(
+    statistics: &mut [Statistic],
+    epsilon: f64,
+    delta: f64,
+    noise: NoiseKind,
+    groups: &Groups,
+) {
+    let share = epsilon / statistics.len() as f64;
+    let takes_delta = |s: &Statistic| {
+        noise == NoiseKind::Gaussian && !matches!(s.kind, StatisticKind::Quantile { .. })
+            || (*groups == Groups::Private && s.kind == StatisticKind::Rows)
+    };
+    let with_delta = statistics.iter().filter(|s| takes_delta(s)).count().max(1);
+    for statistic in statistics.iter_mut() {
+        statistic.epsilon = share;
+        statistic.delta = if takes_delta(statistic) {
+            delta / with_delta as f64
+        } else {
+            0.0
+        };
+    }
+}
+
+/// Collects the statistics the outputs need and builds the plan computing
+/// them.
+struct StatsBuilder<'a> {
+    grant: &'a DpGrant,
+    unit: &'a Column,
+    /// Value columns in first-use order: (input column, bounds).
+    values: Vec<(Column, ColumnBounds)>,
+    statistics: Vec<StatisticKind>,
+}
+
+impl<'a> StatsBuilder<'a> {
+    fn new(grant: &'a DpGrant, unit: &'a Column) -> Self {
+        Self {
+            grant,
+            unit,
+            values: Vec::new(),
+            statistics: Vec::new(),
+        }
+    }
+
+    fn require(&mut self, kind: StatisticKind) -> usize {
+        if let Some(i) = self.statistics.iter().position(|s| *s == kind) {
+            return i;
+        }
+        self.statistics.push(kind);
+        self.statistics.len() - 1
+    }
+
+    /// The statistics, with their columns and sensitivities (ε set later).
+    fn statistics(&self) -> Vec<Statistic> {
+        self.statistics
+            .iter()
+            .map(|kind| {
+                let (column, scale_factor, per_row) = match kind {
+                    StatisticKind::Rows => ("rows".to_string(), 1.0, 1),
+                    StatisticKind::Units => ("units".to_string(), 1.0, 0),
+                    StatisticKind::Count(c) => (format!("n{}", self.value_index(c)), 1.0, 1),
+                    StatisticKind::Sum(c) => {
+                        let (scale, max) = fixed_point(self.bounds(c).max_abs());
+                        (format!("sum{}", self.value_index(c)), scale, max)
+                    }
+                    StatisticKind::SumOfSquares(c) => {
+                        let (scale, max) = fixed_point(self.bounds(c).max_abs().powi(2));
+                        (format!("sq{}", self.value_index(c)), scale, max)
+                    }
+                    StatisticKind::Quantile { column, .. } => {
+                        (format!("vals{}", self.value_index(column)), 1.0, 1)
+                    }
+                };
+                let sensitivity = match kind {
+                    // A unit adds or removes itself once per group.
+                    StatisticKind::Units => 1,
+                    _ => self.grant.max_rows * per_row,
+                };
+                Statistic {
+                    kind: kind.clone(),
+                    column: format!("{INTERNAL_PREFIX}{column}"),
+                    epsilon: 0.0,
+                    delta: 0.0,
+                    scale_factor,
+                    sensitivity,
+                }
+            })
+            .collect()
+    }
+
+    fn value_index(&self, name: &str) -> usize {
+        self.values
+            .iter()
+            .position(|(c, _)| c.name == name)
+            .expect("statistics name only registered value columns")
+    }
+
+    fn bounds(&self, name: &str) -> &ColumnBounds {
+        &self.values[self.value_index(name)].1
+    }
+
+    /// Registers what `expr` (one aggregate expression) needs.
+    fn output(&mut self, expr: &Expr) -> Result<OutputKind> {
+        let function = match expr {
+            Expr::Alias(a) => return self.output(&a.expr),
+            Expr::AggregateFunction(f) => f,
+            other => {
+                return plan_err!(
+                    "`{other}` is not supported under differential privacy; supported: {SUPPORTED}"
+                );
+            }
+        };
+        let AggregateFunction { func, params } = function;
+        let name = func.name().to_ascii_lowercase();
+        if params.filter.is_some() || !params.order_by.is_empty() {
+            return plan_err!(
+                "`{name}` with FILTER or ORDER BY is not supported under differential privacy; supported: {SUPPORTED}"
+            );
+        }
+        let column = match params.args.first().map(strip_cast) {
+            Some(Expr::Column(c)) => Some(c.clone()),
+            Some(Expr::Literal(..)) | None => None,
+            Some(other) => {
+                return plan_err!(
+                    "`{name}({other})`: aggregates under differential privacy take a plain column; supported: {SUPPORTED}"
+                );
+            }
+        };
+        if params.distinct {
+            return match (name.as_str(), &column) {
+                ("count", Some(c)) if c.name == self.unit.name => {
+                    Ok(OutputKind::Count(self.require(StatisticKind::Units)))
+                }
+                _ => plan_err!(
+                    "`{name}(DISTINCT …)` is supported only as COUNT(DISTINCT <privacy unit>) under differential privacy"
+                ),
+            };
+        }
+        match (name.as_str(), column) {
+            ("count", None) => Ok(OutputKind::Count(self.require(StatisticKind::Rows))),
+            ("count", Some(c)) => {
+                self.value(&c, false)?;
+                Ok(OutputKind::Count(
+                    self.require(StatisticKind::Count(c.name)),
+                ))
+            }
+            ("sum", Some(c)) => {
+                self.value(&c, true)?;
+                Ok(OutputKind::Sum {
+                    sum: self.require(StatisticKind::Sum(c.name)),
+                })
+            }
+            ("avg" | "mean", Some(c)) => {
+                let bounds = self.value(&c, true)?;
+                Ok(OutputKind::Avg {
+                    sum: self.require(StatisticKind::Sum(c.name.clone())),
+                    count: self.require(StatisticKind::Count(c.name)),
+                    bounds,
+                })
+            }
+            (
+                "var" | "var_samp" | "var_pop" | "variance" | "stddev" | "stddev_samp"
+                | "stddev_pop",
+                Some(c),
+            ) => {
+                let bounds = self.value(&c, true)?;
+                Ok(OutputKind::Variance {
+                    sum: self.require(StatisticKind::Sum(c.name.clone())),
+                    count: self.require(StatisticKind::Count(c.name.clone())),
+                    squares: self.require(StatisticKind::SumOfSquares(c.name)),
+                    bounds,
+                    sample: !name.ends_with("_pop"),
+                    root: name.starts_with("stddev"),
+                })
+            }
+            ("median" | "approx_percentile_cont", Some(c)) => {
+                let q = match name.as_str() {
+                    "median" => 0.5,
+                    _ => quantile_argument(&params.args)?,
+                };
+                let bounds = self.value(&c, true)?;
+                Ok(OutputKind::Quantile(self.require(
+                    StatisticKind::Quantile {
+                        column: c.name,
+                        q,
+                        bounds,
+                    },
+                )))
+            }
+            (other, _) => plan_err!(
+                "`{other}` is not supported under differential privacy; supported: {SUPPORTED}"
+            ),
+        }
+    }
+
+    /// Registers a value column; `needs_bounds`: it is summed or ranked.
+    fn value(&mut self, column: &Column, needs_bounds: bool) -> Result<ColumnBounds> {
+        let bounds = match self.grant.columns.get(&column.name) {
+            Some(b) => b.clone(),
+            None if !needs_bounds => ColumnBounds {
+                lower: 0.0,
+                upper: 1.0,
+                candidates: vec![],
+            },
+            None => {
+                return plan_err!(
+                    "column `{}` has no bounds in the policy's dp block, so it can be counted but not summed, averaged or ranked",
+                    column.name
+                );
+            }
+        };
+        if !self.values.iter().any(|(c, _)| c.name == column.name) {
+            self.values.push((column.clone(), bounds.clone()));
+        }
+        Ok(bounds)
+    }
+
+    /// The bounded per-group statistics plan (see the module docs).
+    fn plan(&self, input: LogicalPlan, keys: &[Expr]) -> Result<LogicalPlan> {
+        let p = |name: &str| format!("{INTERNAL_PREFIX}{name}");
+        let key_names: Vec<String> = (0..keys.len()).map(|i| p(&format!("k{i}"))).collect();
+        let key_cols = || key_names.iter().map(|k| col(Column::new_unqualified(k)));
+        let unit = col(Column::new_unqualified(p("unit")));
+
+        // Per row: keys, unit, clamped values and their fixed-point forms.
+        let mut row_exprs: Vec<Expr> = keys
+            .iter()
+            .zip(&key_names)
+            .map(|(k, name)| strip_alias(k).clone().alias(name))
+            .collect();
+        row_exprs.push(col(self.unit.clone()).alias(p("unit")));
+        for (j, (column, bounds)) in self.values.iter().enumerate() {
+            let clamped = clamp_value(col(column.clone()), bounds)?;
+            let (scale, _) = fixed_point(bounds.max_abs());
+            let (square_scale, _) = fixed_point(bounds.max_abs().powi(2));
+            row_exprs.push(clamped.clone().alias(p(&format!("v{j}"))));
+            row_exprs.push(to_fixed(clamped.clone() * lit(scale)).alias(p(&format!("s{j}"))));
+            row_exprs.push(
+                to_fixed(clamped.clone() * clamped * lit(square_scale)).alias(p(&format!("q{j}"))),
+            );
+        }
+        let rows = LogicalPlanBuilder::from(input).project(row_exprs)?;
+
+        // Per (unit, group).
+        let mut per_unit = vec![count(lit(1)).alias(p("rows"))];
+        for j in 0..self.values.len() {
+            let v = col(Column::new_unqualified(p(&format!("v{j}"))));
+            per_unit.push(count(v.clone()).alias(p(&format!("n{j}"))));
+            per_unit.push(
+                sum(col(Column::new_unqualified(p(&format!("s{j}"))))).alias(p(&format!("sum{j}"))),
+            );
+            per_unit.push(
+                sum(col(Column::new_unqualified(p(&format!("q{j}"))))).alias(p(&format!("sq{j}"))),
+            );
+            if self.quantiles_of(j) {
+                per_unit.push(array_agg(v).alias(p(&format!("vals{j}"))));
+            }
+        }
+        let mut by_unit = vec![unit.clone()];
+        by_unit.extend(key_cols());
+        let mut plan = rows.aggregate(by_unit, per_unit)?;
+
+        // Each unit keeps its first `max_groups` groups.
+        if !keys.is_empty() {
+            let rank = datafusion_functions_window::expr_fn::row_number()
+                .partition_by(vec![unit.clone()])
+                .order_by(key_cols().map(|k| k.sort(true, false)).collect())
+                .build()?
+                .alias(p("rank"));
+            plan = plan.window(vec![rank])?.filter(
+                col(Column::new_unqualified(p("rank"))).lt_eq(lit(self.grant.max_groups as i64)),
+            )?;
+        }
+
+        // Each (unit, group) counts at most `max_rows` rows.
+        let r = self.grant.max_rows as i64;
+        let cap = |e: Expr| when(e.clone().gt(lit(r)), lit(r)).otherwise(e);
+        let mut bounded: Vec<Expr> = key_cols().collect();
+        bounded.push(cap(col(Column::new_unqualified(p("rows"))))?.alias(p("rows")));
+        for (j, (_, bounds)) in self.values.iter().enumerate() {
+            let n = col(Column::new_unqualified(p(&format!("n{j}"))));
+            bounded.push(cap(n.clone())?.alias(p(&format!("n{j}"))));
+            let (_, max) = fixed_point(bounds.max_abs());
+            let (_, max_sq) = fixed_point(bounds.max_abs().powi(2));
+            for (name, max) in [(format!("sum{j}"), max), (format!("sq{j}"), max_sq)] {
+                let total = col(Column::new_unqualified(p(&name)));
+                bounded.push(rescale(total, n.clone(), r, max as i64 * r)?.alias(p(&name)));
+            }
+            if self.quantiles_of(j) {
+                bounded.push(col(Column::new_unqualified(p(&format!("vals{j}")))));
+            }
+        }
+        let plan = plan.project(bounded)?;
+
+        // Per group.
+        let mut totals = vec![
+            sum(col(Column::new_unqualified(p("rows")))).alias(p("rows")),
+            count(lit(1)).alias(p("units")),
+        ];
+        for j in 0..self.values.len() {
+            for name in [format!("n{j}"), format!("sum{j}"), format!("sq{j}")] {
+                totals.push(sum(col(Column::new_unqualified(p(&name)))).alias(p(&name)));
+            }
+            if self.quantiles_of(j) {
+                let name = p(&format!("vals{j}"));
+                totals.push(array_agg(col(Column::new_unqualified(&name))).alias(name));
+            }
+        }
+        plan.aggregate(key_cols(), totals)?.build()
+    }
+
+    fn quantiles_of(&self, j: usize) -> bool {
+        let name = &self.values[j].0.name;
+        self.statistics
+            .iter()
+            .any(|s| matches!(s, StatisticKind::Quantile { column, .. } if column == name))
+    }
+}
+
+/// Fixed-point scale (a power of two) and the largest scaled magnitude for
+/// values of at most `max_abs`.
+pub fn fixed_point(max_abs: f64) -> (f64, u64) {
+    if max_abs <= 0.0 {
+        return (1.0, 0);
+    }
+    let exponent = (FIXED_POINT_RANGE / max_abs).log2().floor() as i32;
+    let scale = 2f64.powi(exponent);
+    (scale, (max_abs * scale).round() as u64)
+}
+
+/// NULL for NULL and NaN; otherwise the value clamped into the bounds.
+fn clamp_value(value: Expr, bounds: &ColumnBounds) -> Result<Expr> {
+    let value = cast(value, DataType::Float64);
+    when(
+        value
+            .clone()
+            .is_null()
+            .or(datafusion_functions::math::expr_fn::isnan(value.clone())),
+        lit(ScalarValue::Float64(None)),
+    )
+    .when(value.clone().lt(lit(bounds.lower)), lit(bounds.lower))
+    .when(value.clone().gt(lit(bounds.upper)), lit(bounds.upper))
+    .otherwise(value)
+}
+
+fn to_fixed(value: Expr) -> Expr {
+    cast(
+        datafusion_functions::math::expr_fn::round(vec![value]),
+        DataType::Int64,
+    )
+}
+
+/// A (unit, group) total over `n` values, rescaled to at most `max_rows`
+/// values' worth (the unit's own mean times `max_rows`) and clamped to
+/// `±limit`. NULL sums (no values) count as 0.
+fn rescale(total: Expr, n: Expr, max_rows: i64, limit: i64) -> Result<Expr> {
+    let total = datafusion_functions::core::expr_fn::coalesce(vec![total, lit(0i64)]);
+    let scaled = to_fixed(
+        cast(total.clone(), DataType::Float64) * lit(max_rows as f64)
+            / cast(n.clone(), DataType::Float64),
+    );
+    let rescaled = when(n.gt(lit(max_rows)), scaled).otherwise(total)?;
+    when(rescaled.clone().gt(lit(limit)), lit(limit))
+        .when(rescaled.clone().lt(lit(-limit)), lit(-limit))
+        .otherwise(rescaled)
+}
+
+fn strip_cast(expr: &Expr) -> &Expr {
+    match expr {
+        Expr::Cast(c) => strip_cast(&c.expr),
+        Expr::TryCast(c) => strip_cast(&c.expr),
+        Expr::Alias(a) => strip_cast(&a.expr),
+        other => other,
+    }
+}
+
+fn strip_alias(expr: &Expr) -> &Expr {
+    match expr {
+        Expr::Alias(a) => strip_alias(&a.expr),
+        other => other,
+    }
+}
+
+fn quantile_argument(args: &[Expr]) -> Result<f64> {
+    match args.get(1).map(strip_cast) {
+        Some(Expr::Literal(value, _)) => match value.cast_to(&DataType::Float64)? {
+            ScalarValue::Float64(Some(q)) if (0.0..=1.0).contains(&q) => Ok(q),
+            _ => plan_err!("the quantile must be a number from 0 to 1"),
+        },
+        _ => plan_err!("the quantile must be a literal number from 0 to 1"),
+    }
+}

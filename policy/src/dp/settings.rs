@@ -1,0 +1,283 @@
+//! The `dp` block of a grant, checked against the dataset's schema.
+
+use std::collections::BTreeMap;
+
+use datafusion_common::ScalarValue;
+use datafusion_common::arrow::datatypes::{DataType, Schema};
+
+use crate::document::{Candidates, DpRule, KeyValue, NoiseKind};
+
+/// δ one query spends when the policy does not say.
+pub const DEFAULT_DELTA_PER_QUERY: f64 = 1e-7;
+/// Quantile candidates between the bounds when the policy does not list them.
+pub const DEFAULT_CANDIDATES: u32 = 101;
+/// Most candidates a column may declare (the mechanism scores each one).
+const MAX_CANDIDATES: usize = 10_000;
+/// Most rows or groups per unit a policy may allow: keeps the sensitivity,
+/// and so every fixed-point sum, far from overflow.
+const MAX_CONTRIBUTION: u64 = 1 << 16;
+
+/// A compiled `dp` block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpGrant {
+    pub epsilon_cap: f64,
+    pub default_epsilon: f64,
+    pub delta_per_query: f64,
+    pub budget: Option<Budget>,
+    pub max_groups: u64,
+    pub max_rows: u64,
+    pub noise: NoiseKind,
+    pub columns: BTreeMap<String, ColumnBounds>,
+    pub public_keys: BTreeMap<String, Vec<ScalarValue>>,
+    pub cache: bool,
+}
+
+/// Total budget per organization and period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub epsilon: f64,
+    pub delta: f64,
+    /// `day`, `month`, `year` or `total`.
+    pub period: String,
+}
+
+/// Clamping bounds and quantile candidates of one numeric column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnBounds {
+    pub lower: f64,
+    pub upper: f64,
+    pub candidates: Vec<f64>,
+}
+
+impl ColumnBounds {
+    /// The largest absolute value a clamped value can take.
+    pub fn max_abs(&self) -> f64 {
+        self.lower.abs().max(self.upper.abs())
+    }
+}
+
+/// A problem with the `dp` block: the field below `dp` and the reason.
+pub type DpError = (String, String);
+
+impl DpGrant {
+    /// Checks `rule` against the dataset's `schema`.
+    pub fn compile(rule: &DpRule, schema: &Schema) -> Result<Self, DpError> {
+        let epsilon_cap = positive("epsilon_per_query", rule.epsilon_per_query)?;
+        let default_epsilon = positive(
+            "default_epsilon",
+            rule.default_epsilon.unwrap_or(epsilon_cap),
+        )?;
+        if default_epsilon > epsilon_cap {
+            return Err(field(
+                "default_epsilon",
+                format!("{default_epsilon} is above epsilon_per_query ({epsilon_cap})"),
+            ));
+        }
+        let delta_per_query = rule.delta_per_query.unwrap_or(DEFAULT_DELTA_PER_QUERY);
+        if !(delta_per_query > 0.0 && delta_per_query < 1e-3) {
+            return Err(field(
+                "delta_per_query",
+                "must be above 0 and below 0.001 (δ is the chance the guarantee fails)",
+            ));
+        }
+        let budget = rule.budget.as_ref().map(budget).transpose()?;
+        let max_groups = contribution("max_groups", rule.max_groups)?;
+        let max_rows = contribution("max_rows", rule.max_rows)?;
+        let mut columns = BTreeMap::new();
+        for (name, column) in &rule.columns {
+            columns.insert(name.clone(), bounds(name, &column.value, schema)?);
+        }
+        let mut public_keys = BTreeMap::new();
+        for (name, keys) in &rule.public_keys {
+            public_keys.insert(name.clone(), public_key_values(name, &keys.value, schema)?);
+        }
+        Ok(Self {
+            epsilon_cap,
+            default_epsilon,
+            delta_per_query,
+            budget,
+            max_groups,
+            max_rows,
+            noise: rule.noise,
+            columns,
+            public_keys,
+            cache: rule.cache.unwrap_or(true),
+        })
+    }
+
+    /// The stricter of two blocks for the same dataset (a principal matching
+    /// two consumers): smaller ε, smaller contributions, tighter budget.
+    pub fn restrict(&self, other: &DpGrant) -> DpGrant {
+        let mut out = self.clone();
+        out.epsilon_cap = self.epsilon_cap.min(other.epsilon_cap);
+        out.default_epsilon = self.default_epsilon.min(other.default_epsilon);
+        out.delta_per_query = self.delta_per_query.min(other.delta_per_query);
+        out.max_groups = self.max_groups.min(other.max_groups);
+        out.max_rows = self.max_rows.min(other.max_rows);
+        out.budget = match (&self.budget, &other.budget) {
+            (Some(a), Some(b)) if b.epsilon < a.epsilon => Some(b.clone()),
+            (a, b) => a.clone().or(b.clone()),
+        };
+        out.columns
+            .retain(|name, _| other.columns.contains_key(name));
+        out.public_keys
+            .retain(|name, keys| other.public_keys.get(name) == Some(keys));
+        out.cache = self.cache && other.cache;
+        if other.noise == NoiseKind::Gaussian {
+            out.noise = NoiseKind::Gaussian;
+        }
+        out
+    }
+}
+
+fn field(name: &str, message: impl Into<String>) -> DpError {
+    (name.to_string(), message.into())
+}
+
+fn positive(name: &str, value: f64) -> Result<f64, DpError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(field(
+            name,
+            format!("must be a finite number above 0, found {value}"),
+        ))
+    }
+}
+
+fn contribution(name: &str, value: Option<u64>) -> Result<u64, DpError> {
+    match value.unwrap_or(1) {
+        0 => Err(field(name, "must be at least 1")),
+        n if n > MAX_CONTRIBUTION => Err(field(
+            name,
+            format!("at most {MAX_CONTRIBUTION}: a larger limit makes the noise useless"),
+        )),
+        n => Ok(n),
+    }
+}
+
+fn budget(budget: &crate::document::DpBudget) -> Result<Budget, DpError> {
+    let epsilon = positive("budget.epsilon", budget.epsilon)?;
+    if !(budget.delta.is_finite() && (0.0..1e-3).contains(&budget.delta)) {
+        return Err(field("budget.delta", "must be at least 0 and below 0.001"));
+    }
+    if !["day", "month", "year", "total"].contains(&budget.period.as_str()) {
+        return Err(field(
+            "budget.period",
+            format!(
+                "`{}` is not a period; use day, month, year or total",
+                budget.period
+            ),
+        ));
+    }
+    Ok(Budget {
+        epsilon,
+        delta: budget.delta,
+        period: budget.period.clone(),
+    })
+}
+
+fn bounds(
+    name: &str,
+    column: &crate::document::DpColumn,
+    schema: &Schema,
+) -> Result<ColumnBounds, DpError> {
+    let at = format!("columns.{name}");
+    let data_type = schema
+        .field_with_name(name)
+        .map_err(|_| field(&at, format!("the dataset has no column `{name}`")))?
+        .data_type();
+    if !data_type.is_numeric() {
+        return Err(field(
+            &at,
+            format!("bounds apply to numeric columns; `{name}` is {data_type}"),
+        ));
+    }
+    let [lower, upper] = column.bounds;
+    if !(lower.is_finite() && upper.is_finite() && lower < upper) {
+        return Err(field(
+            &format!("{at}.bounds"),
+            "must be two finite numbers, lower below upper",
+        ));
+    }
+    if lower.abs().max(upper.abs()) > 1e12 {
+        return Err(field(
+            &format!("{at}.bounds"),
+            "bounds beyond ±1e12 leave no room for fixed-point sums",
+        ));
+    }
+    let candidates = match &column.candidates {
+        None => evenly_spaced(lower, upper, DEFAULT_CANDIDATES),
+        Some(Candidates::Count(n)) if *n >= 2 && (*n as usize) <= MAX_CANDIDATES => {
+            evenly_spaced(lower, upper, *n)
+        }
+        Some(Candidates::List(list))
+            if !list.is_empty()
+                && list.len() <= MAX_CANDIDATES
+                && list.iter().all(|c| (lower..=upper).contains(c))
+                && list.windows(2).all(|w| w[0] < w[1]) =>
+        {
+            list.clone()
+        }
+        Some(_) => {
+            return Err(field(
+                &format!("{at}.candidates"),
+                format!(
+                    "a count from 2 to {MAX_CANDIDATES}, or a strictly increasing list within the bounds"
+                ),
+            ));
+        }
+    };
+    Ok(ColumnBounds {
+        lower,
+        upper,
+        candidates,
+    })
+}
+
+fn evenly_spaced(lower: f64, upper: f64, n: u32) -> Vec<f64> {
+    let step = (upper - lower) / f64::from(n - 1);
+    (0..n).map(|i| lower + step * f64::from(i)).collect()
+}
+
+fn public_key_values(
+    name: &str,
+    keys: &[KeyValue],
+    schema: &Schema,
+) -> Result<Vec<ScalarValue>, DpError> {
+    let at = format!("public_keys.{name}");
+    let data_type = schema
+        .field_with_name(name)
+        .map_err(|_| field(&at, format!("the dataset has no column `{name}`")))?
+        .data_type()
+        .clone();
+    if keys.is_empty() {
+        return Err(field(&at, "list at least one key"));
+    }
+    let mut out: Vec<ScalarValue> = Vec::with_capacity(keys.len());
+    for key in keys {
+        let value = match key {
+            KeyValue::Bool(b) => ScalarValue::Boolean(Some(*b)),
+            KeyValue::Integer(i) => ScalarValue::Int64(Some(*i)),
+            KeyValue::Float(f) => ScalarValue::Float64(Some(*f)),
+            KeyValue::Text(t) => ScalarValue::Utf8(Some(t.clone())),
+        };
+        let cast = value.cast_to(&data_type).map_err(|_| {
+            field(
+                &at,
+                format!("key `{value}` is not a value of the column's type {data_type}"),
+            )
+        })?;
+        if out.contains(&cast) {
+            return Err(field(&at, format!("key `{value}` is listed twice")));
+        }
+        out.push(cast);
+    }
+    if matches!(data_type, DataType::Float32 | DataType::Float64) {
+        return Err(field(
+            &at,
+            "public keys on a floating-point column are not supported (group on a bucketed or integer column)",
+        ));
+    }
+    Ok(out)
+}
