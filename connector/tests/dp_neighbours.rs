@@ -125,10 +125,10 @@ fn analyze(ctx: &SessionContext, plan: LogicalPlan) -> LogicalPlan {
 }
 
 /// The DP query for `sql` at ε = ln 3 and its exact bounded statistics.
-fn prepare(rows: &[(String, String, f64)], sql: &str) -> (DpQuery, ExactStatistics) {
+fn prepare(policy: &str, rows: &[(String, String, f64)], sql: &str) -> (DpQuery, ExactStatistics) {
     let ctx = session(rows);
     let policy =
-        PolicySet::compile("dp.yaml", POLICY, &Context { ctx: ctx.clone() }, b"secret").unwrap();
+        PolicySet::compile("dp.yaml", policy, &Context { ctx: ctx.clone() }, b"secret").unwrap();
     let gate = PolicyGate::new(policy);
     let mut principal = Principal::new("spiffe://test/analyst");
     principal.organization = Some("Analysts".into());
@@ -234,10 +234,14 @@ fn estimated_delta(a: &[Option<f64>], b: &[Option<f64>], epsilon: f64) -> f64 {
 }
 
 fn check(sql: &str, victim_group: &str) {
+    check_with(POLICY, sql, victim_group);
+}
+
+fn check_with(policy: &str, sql: &str, victim_group: &str) {
     let with = dataset(true, victim_group);
     let without = dataset(false, victim_group);
-    let (query, exact_with) = prepare(&with, sql);
-    let (_, exact_without) = prepare(&without, sql);
+    let (query, exact_with) = prepare(policy, &with, sql);
+    let (_, exact_without) = prepare(policy, &without, sql);
     let epsilon = 3f64.ln();
     let delta = estimated_delta(
         &draws(&query, &exact_with, 1),
@@ -279,4 +283,10 @@ fn avg_is_ln3_dp_on_neighbouring_datasets() {
 #[test]
 fn thresholded_group_by_is_ln3_dp_on_neighbouring_datasets() {
     check("SELECT g, count(*) FROM t GROUP BY g", "rare");
+}
+
+#[test]
+fn gaussian_sum_is_ln3_dp_on_neighbouring_datasets() {
+    let gaussian = POLICY.replace("cache: false", "cache: false\n          noise: gaussian");
+    check_with(&gaussian, "SELECT sum(x) FROM t", "common");
 }

@@ -406,3 +406,55 @@ async fn sigkill_never_leaves_recorded_spend_below_released_answers() {
         );
     }
 }
+
+/// The noise as a Flight client receives it follows the distribution the
+/// answer's metadata declares: 300 fresh answers (cache off) to a count of
+/// 40 people, Kolmogorov–Smirnov against the discrete Laplace of the
+/// declared scale, α = 1e-6 (critical D = √(ln(2/α) / 2n) ≈ 0.155). The
+/// in-process tests cover power and the full 100,000-answer versions.
+#[tokio::test]
+async fn noise_received_over_flight_fits_the_declared_distribution() {
+    let policy = POLICY
+        .replace("default_epsilon: 0.5", "default_epsilon: 0.1")
+        .replace(
+            "budget: { epsilon: 3.0, delta: 1.0e-5, period: month }",
+            "budget: { epsilon: 1000.0, period: total }\n          cache: false",
+        );
+    let (_dir, config, state) = deployment(&policy);
+    let daemon = Daemon::start_isolated(&config, &state);
+    let mut client = daemon.client("planning").await;
+    let n = 300;
+    let mut noise = Vec::with_capacity(n);
+    let mut scale = 0.0;
+    for _ in 0..n {
+        let (schema, batches) = query(&mut client, "SELECT count(*) AS n FROM people")
+            .await
+            .unwrap();
+        scale = schema.field(0).metadata()["sluice.dp.scale"]
+            .parse::<f64>()
+            .unwrap();
+        noise.push(floats(&batches, 0)[0] - 40.0);
+    }
+    assert!(
+        (scale - 10.0).abs() < 1e-6,
+        "scale = sensitivity 1 / ε 0.1: {scale}"
+    );
+    noise.sort_by(f64::total_cmp);
+    // Discrete Laplace: P(k) ∝ exp(-|k| / scale). Counts are clamped at 0,
+    // so values at -40 stand for "≤ -40" (probability ≈ 0.01).
+    let pmf = |k: i64| (-(k.abs() as f64) / scale).exp();
+    let total: f64 = (-2000..=2000).map(pmf).sum();
+    let cdf = |k: i64| (-2000..=k).map(pmf).sum::<f64>() / total;
+    let mut d: f64 = 0.0;
+    for k in -40..=200i64 {
+        let below = noise.partition_point(|&x| x < k as f64) as f64 / n as f64;
+        let at_or_below = noise.partition_point(|&x| x <= k as f64) as f64 / n as f64;
+        let model_below = cdf(k - 1);
+        let model = cdf(k);
+        d = d
+            .max((at_or_below - model).abs())
+            .max((below - model_below).abs());
+    }
+    let critical = ((2.0f64 / 1e-6).ln() / (2.0 * n as f64)).sqrt();
+    assert!(d < critical, "KS D = {d} ≥ {critical}");
+}

@@ -12,6 +12,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Sche
 use datafusion::common::ScalarValue;
 use sluice_policy::document::NoiseKind;
 use sluice_policy::dp::{ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind};
+use sluice_policy::rewrite::INTERNAL_PREFIX;
 
 use super::noise::{self, NoiseFamily, ReleaseInfo};
 
@@ -52,6 +53,7 @@ pub fn exact_statistics(
         ..Default::default()
     };
     for batch in batches {
+        check_no_overflow(query, batch)?;
         for row in 0..batch.num_rows() {
             let key = (0..query.key_count)
                 .map(|i| ScalarValue::try_from_array(batch.column(i), row))
@@ -81,6 +83,33 @@ pub fn exact_statistics(
         }
     }
     Ok(out)
+}
+
+/// Largest magnitude a fixed-point total may reach (2^62, half of `i64`).
+const TOTAL_LIMIT: u128 = 1 << 62;
+
+/// Each unit adds at most `sensitivity` to a group's total, so a group of
+/// `units` units stays within `units × sensitivity`: below 2^62, the `i64`
+/// sums in the plan cannot have overflowed. Refuse otherwise.
+fn check_no_overflow(query: &DpQuery, batch: &RecordBatch) -> Result<(), String> {
+    let Some(units) = batch.column_by_name(&format!("{INTERNAL_PREFIX}units")) else {
+        return Err("statistics column units missing".into());
+    };
+    let units = cast(units, &DataType::Int64).map_err(|e| e.to_string())?;
+    let units = units.as_primitive::<Int64Type>();
+    let widest = query
+        .statistics
+        .iter()
+        .map(|s| u128::from(s.sensitivity))
+        .max()
+        .unwrap_or(1);
+    for n in units.iter().flatten() {
+        if n as u128 * widest >= TOTAL_LIMIT {
+            // The message gives no count: it would be a data value.
+            return Err("a group holds too many privacy units for exact fixed-point sums at these bounds (reduce max_rows or the bounds)".into());
+        }
+    }
+    Ok(())
 }
 
 /// A group's values for a quantile: one list per unit, each capped at
@@ -349,12 +378,7 @@ fn describe(
     noisy: &[Vec<f64>],
     infos: &[ReleaseInfo],
 ) -> HashMap<String, String> {
-    let output = sluice_policy::dp::Output {
-        name: String::new(),
-        data_type: DataType::Null,
-        kind: kind.clone(),
-    };
-    let used = output.statistics();
+    let used = kind.statistics();
     let epsilon: f64 = used.iter().map(|i| query.statistics[*i].epsilon).sum();
     let delta: f64 = used.iter().map(|i| infos[*i].delta).sum();
     let mechanisms: Vec<&str> = used.iter().map(|i| infos[*i].mechanism).collect();

@@ -42,9 +42,6 @@ use crate::privacy::{self, Privacy, PrivacyTicket};
 use crate::quota::QuotaStore;
 use crate::usage_policy::PolicyHandle;
 
-/// An execution slot, held from DoGet until the stream ends.
-struct Slot(OwnedSemaphorePermit);
-
 /// A query approved at GetFlightInfo, described by its signed ticket.
 #[derive(Debug, Clone)]
 pub struct IssuedTicket {
@@ -134,7 +131,6 @@ impl QueryEngine {
     /// Tickets issued and not yet redeemed or expired.
     pub fn outstanding_tickets(&self) -> usize {
         self.pending.purge_expired(SystemTime::now());
-        self.privacy.expire(SystemTime::now());
         self.pending.len()
     }
 
@@ -367,11 +363,11 @@ impl QueryEngine {
         let (plan, schema, permit) = match (approval.dp, privacy) {
             (Some(query), Some(ticket)) => {
                 let (plan, schema) = self
-                    .private_answer(*query, &ticket, &schema, limits, permit.0)
+                    .private_answer(*query, &ticket, &schema, limits, permit)
                     .await?;
                 (plan, schema, None)
             }
-            _ => (approval.plan, schema, Some(permit.0)),
+            _ => (approval.plan, schema, Some(permit)),
         };
         let receiver = self
             .executor
@@ -399,7 +395,7 @@ impl QueryEngine {
         &self,
         claims: &Claims,
         pending: PendingQuery,
-    ) -> Result<(PendingQuery, Instant, Slot), QueryError> {
+    ) -> Result<(PendingQuery, Instant, OwnedSemaphorePermit), QueryError> {
         let in_force = self.policy.version();
         if !pending.approval.record.is_explanation() && claims.policy_version != in_force {
             return Err(QueryError::TicketRejected(format!(
@@ -430,7 +426,7 @@ impl QueryEngine {
         if let Some(ticket) = &pending.privacy {
             self.privacy.start(ticket)?;
         }
-        Ok((pending, deadline, Slot(permit)))
+        Ok((pending, deadline, permit))
     }
 
     /// Computes (or fetches from the cache) the noisy aggregate of a DP

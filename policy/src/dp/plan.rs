@@ -150,10 +150,10 @@ pub enum OutputKind {
     Quantile(usize),
 }
 
-impl Output {
+impl OutputKind {
     /// The statistics this output reads.
     pub fn statistics(&self) -> Vec<usize> {
-        match &self.kind {
+        match self {
             OutputKind::Count(i) | OutputKind::Sum { sum: i } | OutputKind::Quantile(i) => {
                 vec![*i]
             }
