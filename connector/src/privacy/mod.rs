@@ -236,6 +236,27 @@ pub fn decode(bytes: &[u8]) -> Result<RecordBatch, QueryError> {
     datafusion::arrow::compute::concat_batches(&schema, &batches).map_err(failed)
 }
 
+/// The schema announced at GetFlightInfo for a DP query: the finishing plan
+/// over an empty noisy table that carries each output's noise metadata, so
+/// clients that read the FlightInfo schema (ADBC does) see it too.
+pub fn announced_schema(
+    query: &DpQuery,
+    state: &datafusion::execution::SessionState,
+) -> Result<SchemaRef, QueryError> {
+    let internal = QueryError::Internal;
+    let (schema, split) = release::announced(query).map_err(internal)?;
+    let table = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])
+        .map_err(|e| QueryError::Internal(e.to_string()))?;
+    let source = datafusion::datasource::provider_as_source(Arc::new(table));
+    let plan = query
+        .finish_plan(source)
+        .map_err(|e| QueryError::Internal(e.to_string()))?;
+    let plan = crate::query::plan::analyze(state, plan)?;
+    let finished = plan.schema().as_arrow().clone();
+    let metadata = HashMap::from([(release::BUDGET_SPLIT.to_string(), split)]);
+    Ok(Arc::new(finished.with_metadata(metadata)))
+}
+
 /// The schema a DP answer streams with: the advertised one, with the noisy
 /// columns' metadata (carried through the finishing plan by position) and
 /// the query's budget facts.

@@ -149,10 +149,7 @@ pub struct NoisyAggregate {
 /// Adds noise to `exact` as `query` prescribes. Blocking: call it on a
 /// blocking thread.
 pub fn add_noise(query: &DpQuery, exact: ExactStatistics) -> Result<NoisyAggregate, String> {
-    let family = match query.noise {
-        NoiseKind::Laplace => NoiseFamily::Laplace,
-        NoiseKind::Gaussian => NoiseFamily::Gaussian,
-    };
+    let family = family(query.noise);
     let (keys, rows_kept, mut noisy, mut infos) = select_groups(query, &exact, family)?;
     for (i, statistic) in query.statistics.iter().enumerate() {
         if noisy[i].is_some() {
@@ -327,7 +324,7 @@ fn aggregate_batch(
         }
         .map_err(|e| e.to_string())?;
         columns.push(array);
-        let metadata = describe(&output.kind, query, noisy, infos);
+        let metadata = describe(&output.kind, query, Some(noisy), infos);
         fields.push(
             field
                 .as_ref()
@@ -372,10 +369,12 @@ fn finish(kind: &OutputKind, query: &DpQuery, noisy: &[Vec<f64>], g: usize) -> f
 }
 
 /// Field metadata of one noisy output.
+/// `noisy`: the released statistics, or `None` before release (AVG's
+/// half-width depends on the noisy count and is left out then).
 fn describe(
     kind: &OutputKind,
     query: &DpQuery,
-    noisy: &[Vec<f64>],
+    noisy: Option<&[Vec<f64>]>,
     infos: &[ReleaseInfo],
 ) -> HashMap<String, String> {
     let used = kind.statistics();
@@ -388,14 +387,16 @@ fn describe(
         OutputKind::Count(i) | OutputKind::Sum { sum: i } => (scale(*i), Some(ci(*i))),
         OutputKind::Avg { sum, count, bounds } => {
             // Widest over groups: the smallest noisy count.
-            let n = noisy[*count]
-                .iter()
-                .map(|c| c / query.statistics[*count].scale_factor)
-                .fold(f64::INFINITY, f64::min)
-                .max(1.0);
+            let n = noisy.map(|noisy| {
+                noisy[*count]
+                    .iter()
+                    .map(|c| c / query.statistics[*count].scale_factor)
+                    .fold(f64::INFINITY, f64::min)
+                    .max(1.0)
+            });
             (
                 scale(*sum),
-                Some((ci(*sum) + bounds.max_abs() * ci(*count)) / n),
+                n.map(|n| (ci(*sum) + bounds.max_abs() * ci(*count)) / n),
             )
         }
         OutputKind::Variance { squares, .. } => (scale(*squares), None),
@@ -412,6 +413,81 @@ fn describe(
         metadata.insert(CI95.to_string(), format!("{ci95}"));
     }
     metadata
+}
+
+/// The aggregate's schema with the noise each output will get, known before
+/// any data is read (for the schema announced at GetFlightInfo), and the
+/// budget split.
+pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), String> {
+    let family = family(query.noise);
+    let infos = query
+        .statistics
+        .iter()
+        .map(|s| planned_release(query, s, family))
+        .collect::<Result<Vec<_>, _>>()?;
+    let schema = query.aggregate_schema.as_arrow();
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, field)| {
+            let field = field.as_ref().clone().with_nullable(true);
+            match i.checked_sub(query.key_count) {
+                None => field,
+                Some(o) => {
+                    field.with_metadata(describe(&query.outputs[o].kind, query, None, &infos))
+                }
+            }
+        })
+        .collect();
+    Ok((Arc::new(Schema::new(fields)), budget_split(query)))
+}
+
+/// Scale and cost of a statistic's release, computed without data.
+fn planned_release(
+    query: &DpQuery,
+    statistic: &Statistic,
+    family: NoiseFamily,
+) -> Result<ReleaseInfo, String> {
+    let s = statistic;
+    let info = match s.kind {
+        StatisticKind::Quantile { .. } => Ok(ReleaseInfo {
+            mechanism: "private_quantile",
+            scale: 0.0,
+            epsilon: s.epsilon,
+            delta: 0.0,
+            ci95_half_width: 0.0,
+            threshold: None,
+        }),
+        StatisticKind::Rows if query.groups == Groups::Private => {
+            let selection = noise::select_partitions(
+                vec![],
+                s.sensitivity,
+                query.max_groups,
+                family,
+                s.epsilon,
+                s.delta,
+            );
+            selection.map(|(_, info)| info)
+        }
+        _ => noise::release_integers(
+            &[],
+            s.sensitivity,
+            query.max_groups,
+            family,
+            s.epsilon,
+            s.delta,
+        )
+        .map(|(_, info)| info),
+    };
+    info.map_err(|e| e.to_string())
+}
+
+fn family(noise: NoiseKind) -> NoiseFamily {
+    match noise {
+        NoiseKind::Laplace => NoiseFamily::Laplace,
+        NoiseKind::Gaussian => NoiseFamily::Gaussian,
+    }
 }
 
 /// How the query's ε was divided over its statistics.

@@ -278,7 +278,14 @@ impl QueryEngine {
         let decision = approval.record.clone();
         let mut schema =
             release::with_classification(release::advertised_schema(&approval.plan), &decision);
-        if let Some(charge) = &decision.privacy {
+        if let (Some(query), Some(charge)) = (&approval.dp, &decision.privacy) {
+            let state = self.catalog.session().state();
+            let announced = privacy::announced_schema(query, &state).inspect_err(|_| {
+                if let Some(ticket) = &privacy {
+                    self.privacy.refund(ticket);
+                }
+            })?;
+            schema = privacy::result_schema(&schema, &announced, announced.metadata().clone());
             schema = release::with_privacy(schema, charge, privacy.as_ref());
         }
         let ordered = release::is_ordered(&approval.plan);
