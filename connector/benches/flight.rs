@@ -18,8 +18,8 @@
 //!     benchmark; no CLI flag or config setting can turn enforcement off.
 //!
 //! (d) Differential privacy: a DP `GROUP BY` with COUNT/SUM/AVG over
-//!     Flight SQL with mTLS (the demo research identity, ε = 0.5, private
-//!     group selection, answer cache off) next to the same query without
+//!     Flight SQL with mTLS (the demo research identity, ε = 0.5, the
+//!     published zone keys, answer cache off) next to the same query without
 //!     privacy in DataFusion in-process, on the demo trips (1M rows) and on
 //!     a 10M-row version (ten copies of the demo file, so each card has ten
 //!     times the trips); then the median relative error of each aggregate
@@ -571,7 +571,7 @@ mod privacy {
 
     use super::{median, ms};
 
-    /// The research institute's DP query: 40 zones chosen by noisy threshold.
+    /// The research institute's DP query over the 40 published zones.
     const DP_QUERY: &str = "SELECT start_zone, count(*) AS n, sum(fare_eur) AS fares, avg(distance_km) AS km FROM trips GROUP BY start_zone";
     /// The exact answer, as the policy's row filter defines the data.
     const EXACT: &str = "SELECT start_zone, count(*) AS n, sum(fare_eur) AS fares, avg(distance_km) AS km FROM trips WHERE mode <> 'ferry' GROUP BY start_zone";
@@ -580,7 +580,7 @@ mod privacy {
         let policy = bench_policy(state_dir)?;
         let big = ten_million(state_dir)?;
         println!(
-            "\n(d) differential privacy (research identity, Laplace, private group selection, cache off), {runs} runs each:"
+            "\n(d) differential privacy (research identity, Laplace, published zone keys, cache off), {runs} runs each:"
         );
         println!("    {DP_QUERY}");
         for (label, trips) in [

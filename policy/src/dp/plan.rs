@@ -9,7 +9,7 @@
 //! input (row filter, masks, WHERE, joins with public data)
 //!  └ per row:  unit, group keys, clamp(value) and its fixed-point form
 //!  └ per (unit, group): rows, non-NULL count, fixed-point sum and sum of squares, values
-//!  └ keep each unit's first `max_groups` groups (ROW_NUMBER over the unit)
+//!  └ keep each unit's `max_groups` largest groups (ROW_NUMBER over the unit)
 //!  └ cap each (unit, group) at `max_rows` rows: counts capped, sums rescaled
 //!    to at most `max_rows` rows' worth of the unit's own mean, still clamped
 //!  └ per group: totals, and the number of units
@@ -580,10 +580,15 @@ impl<'a> StatsBuilder<'a> {
             let (scale, _) = fixed_point(bounds.max_abs());
             let (square_scale, _) = fixed_point(bounds.max_abs().powi(2));
             row_exprs.push(clamped.clone().alias(p(&format!("v{j}"))));
-            row_exprs.push(to_fixed(clamped.clone() * lit(scale)).alias(p(&format!("s{j}"))));
-            row_exprs.push(
-                to_fixed(clamped.clone() * clamped * lit(square_scale)).alias(p(&format!("q{j}"))),
-            );
+            if self.sums_of(j) {
+                row_exprs.push(to_fixed(clamped.clone() * lit(scale)).alias(p(&format!("s{j}"))));
+            }
+            if self.squares_of(j) {
+                row_exprs.push(
+                    to_fixed(clamped.clone() * clamped * lit(square_scale))
+                        .alias(p(&format!("q{j}"))),
+                );
+            }
         }
         let rows = LogicalPlanBuilder::from(input).project(row_exprs)?;
 
@@ -592,12 +597,14 @@ impl<'a> StatsBuilder<'a> {
         for j in 0..self.values.len() {
             let v = col(Column::new_unqualified(p(&format!("v{j}"))));
             per_unit.push(count(v.clone()).alias(p(&format!("n{j}"))));
-            per_unit.push(
-                sum(col(Column::new_unqualified(p(&format!("s{j}"))))).alias(p(&format!("sum{j}"))),
-            );
-            per_unit.push(
-                sum(col(Column::new_unqualified(p(&format!("q{j}"))))).alias(p(&format!("sq{j}"))),
-            );
+            if self.sums_of(j) {
+                let s = col(Column::new_unqualified(p(&format!("s{j}"))));
+                per_unit.push(sum(s).alias(p(&format!("sum{j}"))));
+            }
+            if self.squares_of(j) {
+                let q = col(Column::new_unqualified(p(&format!("q{j}"))));
+                per_unit.push(sum(q).alias(p(&format!("sq{j}"))));
+            }
             if self.quantiles_of(j) {
                 per_unit.push(array_agg(v).alias(p(&format!("vals{j}"))));
             }
@@ -606,11 +613,15 @@ impl<'a> StatsBuilder<'a> {
         by_unit.extend(key_cols());
         let mut plan = rows.aggregate(by_unit, per_unit)?;
 
-        // Each unit keeps its first `max_groups` groups.
+        // Each unit keeps the `max_groups` groups it has most rows in (ties
+        // by key): a choice that depends on the unit's own rows only, and
+        // keeps as much of its data as the limit allows.
         if !keys.is_empty() {
+            let mut order = vec![col(Column::new_unqualified(p("rows"))).sort(false, false)];
+            order.extend(key_cols().map(|k| k.sort(true, false)));
             let rank = datafusion_functions_window::expr_fn::row_number()
                 .partition_by(vec![unit.clone()])
-                .order_by(key_cols().map(|k| k.sort(true, false)).collect())
+                .order_by(order)
                 .build()?
                 .alias(p("rank"));
             plan = plan.window(vec![rank])?.filter(
@@ -628,7 +639,11 @@ impl<'a> StatsBuilder<'a> {
             bounded.push(cap(n.clone())?.alias(p(&format!("n{j}"))));
             let (_, max) = fixed_point(bounds.max_abs());
             let (_, max_sq) = fixed_point(bounds.max_abs().powi(2));
-            for (name, max) in [(format!("sum{j}"), max), (format!("sq{j}"), max_sq)] {
+            let totals = [
+                (format!("sum{j}"), max, self.sums_of(j)),
+                (format!("sq{j}"), max_sq, self.squares_of(j)),
+            ];
+            for (name, max, _) in totals.into_iter().filter(|t| t.2) {
                 let total = col(Column::new_unqualified(p(&name)));
                 bounded.push(rescale(total, n.clone(), r, max as i64 * r)?.alias(p(&name)));
             }
@@ -644,7 +659,12 @@ impl<'a> StatsBuilder<'a> {
             count(lit(1)).alias(p("units")),
         ];
         for j in 0..self.values.len() {
-            for name in [format!("n{j}"), format!("sum{j}"), format!("sq{j}")] {
+            let names = [
+                (format!("n{j}"), true),
+                (format!("sum{j}"), self.sums_of(j)),
+                (format!("sq{j}"), self.squares_of(j)),
+            ];
+            for (name, _) in names.into_iter().filter(|n| n.1) {
                 totals.push(sum(col(Column::new_unqualified(p(&name)))).alias(p(&name)));
             }
             if self.quantiles_of(j) {
@@ -653,6 +673,20 @@ impl<'a> StatsBuilder<'a> {
             }
         }
         plan.aggregate(key_cols(), totals)?.build()
+    }
+
+    fn sums_of(&self, j: usize) -> bool {
+        let name = &self.values[j].0.name;
+        self.statistics
+            .iter()
+            .any(|s| matches!(s, StatisticKind::Sum(c) if c == name))
+    }
+
+    fn squares_of(&self, j: usize) -> bool {
+        let name = &self.values[j].0.name;
+        self.statistics
+            .iter()
+            .any(|s| matches!(s, StatisticKind::SumOfSquares(c) if c == name))
     }
 
     fn quantiles_of(&self, j: usize) -> bool {
