@@ -501,14 +501,18 @@ async fn budget(args: BudgetArgs) -> Result<()> {
         let limit = if line.unlimited {
             "no limit".to_string()
         } else {
-            format!("{} ε, {:e} δ", line.epsilon_limit, line.delta_limit)
+            format!(
+                "{} ε, {} δ",
+                line.epsilon_limit,
+                delta_text(line.delta_limit)
+            )
         };
         println!(
-            "  {} ({}): spent {} ε and {:e} δ in {} queries (of which {} ε reserved); remaining {}; limit {limit}",
+            "  {} ({}): spent {} ε and {} δ in {} queries (of which {} ε reserved); remaining {}; limit {limit}",
             line.dataset,
             line.period,
             round9(line.epsilon_spent),
-            line.delta_spent,
+            delta_text(line.delta_spent),
             line.queries,
             round9(line.epsilon_reserved),
             if line.unlimited {
@@ -523,6 +527,14 @@ async fn budget(args: BudgetArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn delta_text(delta: f64) -> String {
+    if delta == 0.0 {
+        "0".into()
+    } else {
+        format!("{delta:e}")
+    }
 }
 
 fn round9(x: f64) -> f64 {

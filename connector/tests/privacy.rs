@@ -255,6 +255,18 @@ async fn answers_are_noisy_described_charged_and_cached() {
     let (schema, _) = query(&mut client, BY_CITY).await.unwrap();
     assert_eq!(meta(&schema, "sluice.dp.cached"), "true");
     assert!((spent(daemon.channel("planning").await).await - 3.0).abs() < 1e-9);
+
+    // The CLI shows the same ledger.
+    let out = common::sluice()
+        .args(["budget", "--endpoint", &daemon.endpoint(), "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("privacy budget of City Planning Agency"), "{text}");
+    assert!(text.contains("people (") && text.contains("spent 3 ε"), "{text}");
+    assert!(text.contains("remaining 0 ε") && text.contains("limit 3 ε"), "{text}");
 }
 
 #[tokio::test]

@@ -299,12 +299,13 @@ impl PlanGate for PolicyGate {
         let mut rules = self.rules_applied(&resolved, &scanned, max_rows);
         if let Some(query) = &dp {
             rules.push(format!(
-                "{}.dp (ε = {}, δ = {}, max_groups = {}, max_rows = {})",
+                "{}.dp (ε = {}, δ = {}, max_groups = {}, max_rows = {}; {})",
                 resolved.grants[&query.dataset].rule,
                 query.epsilon,
                 query.delta,
                 query.max_groups,
-                query.max_rows
+                query.max_rows,
+                query.split_summary()
             ));
         }
         let record = DecisionRecord {
@@ -503,7 +504,8 @@ impl PolicyGate {
                     join(&masked)
                 ));
             }
-            if let Some(k) = grant.min_group_size {
+            // Under dp, noise and group selection take the place of k.
+            if let Some(k) = grant.min_group_size.filter(|_| grant.dp.is_none()) {
                 rules.push(format!(
                     "{}.aggregation (k = {k} distinct privacy units)",
                     grant.rule

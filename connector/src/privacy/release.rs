@@ -187,7 +187,7 @@ pub fn add_noise(query: &DpQuery, exact: ExactStatistics) -> Result<NoisyAggrega
     let batch = aggregate_batch(query, &keys, &noisy, &infos)?;
     Ok(NoisyAggregate {
         batch,
-        split: budget_split(query),
+        split: query.split_summary(),
     })
 }
 
@@ -440,7 +440,7 @@ pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), String> {
             }
         })
         .collect();
-    Ok((Arc::new(Schema::new(fields)), budget_split(query)))
+    Ok((Arc::new(Schema::new(fields)), query.split_summary()))
 }
 
 /// Scale and cost of a statistic's release, computed without data.
@@ -488,31 +488,4 @@ fn family(noise: NoiseKind) -> NoiseFamily {
         NoiseKind::Laplace => NoiseFamily::Laplace,
         NoiseKind::Gaussian => NoiseFamily::Gaussian,
     }
-}
-
-/// How the query's ε was divided over its statistics.
-fn budget_split(query: &DpQuery) -> String {
-    query
-        .statistics
-        .iter()
-        .map(|s| {
-            let what = match &s.kind {
-                StatisticKind::Rows if query.groups == Groups::Private => {
-                    "count(*) with group selection".to_string()
-                }
-                StatisticKind::Rows => "count(*)".to_string(),
-                StatisticKind::Units => "count(DISTINCT unit)".to_string(),
-                StatisticKind::Count(c) => format!("count({c})"),
-                StatisticKind::Sum(c) => format!("sum({c})"),
-                StatisticKind::SumOfSquares(c) => format!("sum({c}²)"),
-                StatisticKind::Quantile { column, q, .. } => format!("quantile({column}, {q})"),
-            };
-            if s.delta > 0.0 {
-                format!("{what}: ε {} δ {}", s.epsilon, s.delta)
-            } else {
-                format!("{what}: ε {}", s.epsilon)
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
 }

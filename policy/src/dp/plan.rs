@@ -243,6 +243,33 @@ impl DpQuery {
         })
     }
 
+    /// How ε (and δ) is divided, e.g. `count(*) ε 0.25; sum(fare_eur) ε 0.25`.
+    pub fn split_summary(&self) -> String {
+        self.statistics
+            .iter()
+            .map(|s| {
+                let what = match &s.kind {
+                    StatisticKind::Rows if self.groups == Groups::Private => {
+                        "count(*) with group selection".to_string()
+                    }
+                    StatisticKind::Rows => "count(*)".to_string(),
+                    StatisticKind::Units => "count(DISTINCT unit)".to_string(),
+                    StatisticKind::Count(c) => format!("count({c})"),
+                    StatisticKind::Sum(c) => format!("sum({c})"),
+                    StatisticKind::SumOfSquares(c) => format!("sum({c}²)"),
+                    StatisticKind::Quantile { column, q, .. } => {
+                        format!("quantile({column}, {q})")
+                    }
+                };
+                match s.delta {
+                    d if d > 0.0 => format!("{what} ε {} δ {d}", s.epsilon),
+                    _ => format!("{what} ε {}", s.epsilon),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The approved plan with its aggregate replaced by a scan of `noisy`,
     /// a table with exactly the aggregate's columns.
     pub fn finish_plan(&self, noisy: Arc<dyn TableSource>) -> Result<LogicalPlan> {
