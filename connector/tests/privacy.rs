@@ -264,9 +264,18 @@ async fn answers_are_noisy_described_charged_and_cached() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("privacy budget of City Planning Agency"), "{text}");
-    assert!(text.contains("people (") && text.contains("spent 3 ε"), "{text}");
-    assert!(text.contains("remaining 0 ε") && text.contains("limit 3 ε"), "{text}");
+    assert!(
+        text.contains("privacy budget of City Planning Agency"),
+        "{text}"
+    );
+    assert!(
+        text.contains("people (") && text.contains("spent 3 ε"),
+        "{text}"
+    );
+    assert!(
+        text.contains("remaining 0 ε") && text.contains("limit 3 ε"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -28,6 +28,9 @@ version: 1
 datasets:
   t:
     privacy_unit: unit
+  labels:
+    public: true
+  secrets: {}
 consumers:
   - name: analyst
     match: { organization: Analysts }
@@ -38,13 +41,36 @@ consumers:
           x: aggregate_only
         functions:
           aggregate: [count, sum, avg, var_pop, stddev, median, min]
+        joins:
+          - dataset: labels
+            on: [[g, g]]
+          - dataset: secrets
+            on: [[g, g]]
         dp:
           epsilon_per_query: 1.0
           max_groups: 2
           max_rows: 3
           columns:
             x: { bounds: [-10, 25] }
+      labels:
+        columns: { g: raw, label: raw }
+        joins:
+          - dataset: t
+            on: [[g, g]]
+      secrets:
+        columns: { g: raw, label: raw }
+        joins:
+          - dataset: t
+            on: [[g, g]]
 "#;
+
+/// `labels` (public reference data) and `secrets` (not public): g → label.
+fn lookup_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("g", DataType::Utf8, true),
+        Field::new("label", DataType::Utf8, true),
+    ]))
+}
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -60,7 +86,11 @@ struct Context {
 
 impl PlanningContext for Context {
     fn dataset_schema(&self, name: &str) -> Option<SchemaRef> {
-        (name == "t").then(schema)
+        match name {
+            "t" => Some(schema()),
+            "labels" | "secrets" => Some(lookup_schema()),
+            _ => None,
+        }
     }
 
     fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> Result<Expr, String> {
@@ -90,6 +120,18 @@ fn session(rows: &[Row]) -> SessionContext {
     let batch = RecordBatch::try_new(schema(), columns).unwrap();
     let table = MemTable::try_new(schema(), vec![vec![batch]]).unwrap();
     ctx.register_table("t", Arc::new(table)).unwrap();
+    for name in ["labels", "secrets"] {
+        let lookup = RecordBatch::try_new(
+            lookup_schema(),
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b"])),
+                Arc::new(StringArray::from(vec!["A", "B"])),
+            ],
+        )
+        .unwrap();
+        let table = MemTable::try_new(lookup_schema(), vec![vec![lookup]]).unwrap();
+        ctx.register_table(name, Arc::new(table)).unwrap();
+    }
     ctx
 }
 
@@ -174,6 +216,7 @@ fn supported_queries_are_planned_and_others_refused() {
         "SELECT g, count(*), sum(x), avg(x) FROM t GROUP BY g",
         "SELECT g, var_pop(x), stddev(x), median(x) FROM t GROUP BY g HAVING count(*) > 5 ORDER BY g",
         "SELECT count(DISTINCT unit) FROM t WHERE g = 'a'",
+        "SELECT l.label, count(*), sum(x) FROM t JOIN labels l ON t.g = l.g GROUP BY l.label",
     ] {
         let plan = analyzed(&ctx, sql).unwrap();
         let approval = gate
