@@ -17,7 +17,7 @@ use datafusion::datasource::MemTable;
 use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
-use sluice_policy::dp::{DpQuery, StatisticKind};
+use sluice_policy::dp::{DpQuery, Groups, StatisticKind};
 use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
 
 const MAX_GROUPS: u64 = 2;
@@ -136,9 +136,22 @@ fn session(rows: &[Row]) -> SessionContext {
 }
 
 fn gate(ctx: &SessionContext) -> PolicyGate {
+    gate_with(ctx, POLICY)
+}
+
+fn gate_with(ctx: &SessionContext, policy: &str) -> PolicyGate {
     let context = Context { ctx: ctx.clone() };
-    let policy = PolicySet::compile("dp.yaml", POLICY, &context, b"secret").unwrap();
+    let policy = PolicySet::compile("dp.yaml", policy, &context, b"secret").unwrap();
     PolicyGate::new(policy)
+}
+
+/// The same grant with `g`'s keys published: two keys, no more than
+/// max_groups, so units need no group cap and only `a` and `b` are reported.
+fn public_keys_policy() -> String {
+    POLICY.replace(
+        "          max_rows: 3\n",
+        "          max_rows: 3\n          public_keys: { g: [a, b] }\n",
+    )
 }
 
 fn analyst() -> QueryContext {
@@ -147,9 +160,11 @@ fn analyst() -> QueryContext {
     QueryContext::new(principal)
 }
 
-fn dp_query(ctx: &SessionContext, sql: &str) -> DpQuery {
+fn dp_query(ctx: &SessionContext, sql: &str, policy: &str) -> DpQuery {
     let plan = analyzed(ctx, sql).expect("the query plans");
-    let approval = gate(ctx).decide(&analyst(), plan).expect("allowed");
+    let approval = gate_with(ctx, policy)
+        .decide(&analyst(), plan)
+        .expect("allowed");
     *approval.dp.expect("a DP query")
 }
 
@@ -292,15 +307,25 @@ proptest! {
         rows in dataset(),
         victim in prop_oneof![(0u8..8).prop_map(|u| format!("u{u}")), Just("heavy".to_string())],
         query in 0..QUERIES.len(),
+        public in any::<bool>(),
     ) {
+        let policy = if public { public_keys_policy() } else { POLICY.to_string() };
         let with = session(&rows);
         let without_rows: Vec<Row> = rows.iter().filter(|r| r.0 != victim).cloned().collect();
         let without = session(&without_rows);
-        let plan_with = dp_query(&with, QUERIES[query]);
-        let plan_without = dp_query(&without, QUERIES[query]);
+        let plan_with = dp_query(&with, QUERIES[query], &policy);
+        let plan_without = dp_query(&without, QUERIES[query], &policy);
         let a = statistics(&with, &plan_with);
         let b = statistics(&without, &plan_without);
-        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        if public && plan_with.key_count > 0 {
+            prop_assert!(matches!(plan_with.groups, Groups::Public(_)));
+        }
+        // With public keys only the listed groups are ever reported.
+        let reported = |key: &String| {
+            !matches!(plan_with.groups, Groups::Public(_)) || key == "a" || key == "b"
+        };
+        let keys: std::collections::BTreeSet<&String> =
+            a.keys().chain(b.keys()).filter(|k| reported(k)).collect();
         let zeros = vec![0.0; plan_with.statistics.len()];
         let mut changed_groups = 0;
         for key in keys {
@@ -319,6 +344,11 @@ proptest! {
             }
         }
         let max_groups = if plan_with.key_count == 0 { 1 } else { MAX_GROUPS };
-        prop_assert!(changed_groups <= max_groups, "{changed_groups} groups changed");
+        prop_assert!(plan_with.max_groups <= max_groups);
+        prop_assert!(
+            changed_groups <= plan_with.max_groups,
+            "{changed_groups} groups changed, the noise assumes at most {}",
+            plan_with.max_groups
+        );
     }
 }

@@ -223,7 +223,20 @@ impl DpQuery {
             grant.noise,
             &groups,
         );
-        let stats_plan = builder.plan(aggregate_input, &keys)?;
+        // A unit changes at most as many reported groups as there are: with
+        // few public keys, that (not max_groups) bounds it, so the noise is
+        // smaller and no unit needs its groups capped.
+        let max_groups = match &groups {
+            Groups::Single => 1,
+            Groups::Public(keys) => grant.max_groups.min(keys.len() as u64),
+            Groups::Private => grant.max_groups,
+        };
+        let cap_groups = match &groups {
+            Groups::Single => false,
+            Groups::Public(keys) => keys.len() as u64 > grant.max_groups,
+            Groups::Private => true,
+        };
+        let stats_plan = builder.plan(aggregate_input, &keys, cap_groups)?;
         Ok(DpQuery {
             stats_plan,
             key_count: keys.len(),
@@ -234,7 +247,7 @@ impl DpQuery {
             groups,
             epsilon: request.epsilon,
             delta,
-            max_groups: if keys.is_empty() { 1 } else { grant.max_groups },
+            max_groups,
             max_rows: grant.max_rows,
             noise: grant.noise,
             dataset: request.dataset.to_string(),
@@ -589,7 +602,7 @@ impl<'a> StatsBuilder<'a> {
     }
 
     /// The bounded per-group statistics plan (see the module docs).
-    fn plan(&self, input: LogicalPlan, keys: &[Expr]) -> Result<LogicalPlan> {
+    fn plan(&self, input: LogicalPlan, keys: &[Expr], cap_groups: bool) -> Result<LogicalPlan> {
         let p = |name: &str| format!("{INTERNAL_PREFIX}{name}");
         let key_names: Vec<String> = (0..keys.len()).map(|i| p(&format!("k{i}"))).collect();
         let key_cols = || key_names.iter().map(|k| col(Column::new_unqualified(k)));
@@ -643,7 +656,7 @@ impl<'a> StatsBuilder<'a> {
         // Each unit keeps the `max_groups` groups it has most rows in (ties
         // by key): a choice that depends on the unit's own rows only, and
         // keeps as much of its data as the limit allows.
-        if !keys.is_empty() {
+        if cap_groups {
             let mut order = vec![col(Column::new_unqualified(p("rows"))).sort(false, false)];
             order.extend(key_cols().map(|k| k.sort(true, false)));
             let rank = datafusion_functions_window::expr_fn::row_number()
