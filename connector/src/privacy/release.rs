@@ -27,7 +27,6 @@ pub const NOTE: &str = "sluice.dp.note";
 pub const BUDGET_SPLIT: &str = "sluice.dp.budget_split";
 pub const QUERY_EPSILON: &str = "sluice.dp.query_epsilon";
 pub const QUERY_DELTA: &str = "sluice.dp.query_delta";
-pub const GROUPS: &str = "sluice.dp.groups";
 
 const CI_NOTE: &str = "95% half-width of the added noise only; excludes bias from clamping to the declared bounds and from capping each unit's rows and groups";
 
@@ -142,7 +141,7 @@ fn group_values(column: &ArrayRef, row: usize, max_rows: u64) -> Vec<f64> {
 #[derive(Debug, Clone)]
 pub struct NoisyAggregate {
     pub batch: RecordBatch,
-    /// How ε was divided, e.g. `rows (group selection) 0.25; sum(fare_eur) 0.25; …`.
+    /// How ε was divided, e.g. `count(*) ε 0.25; sum(fare_eur) ε 0.25`.
     pub split: String,
 }
 
