@@ -479,3 +479,71 @@ async fn noise_received_over_flight_fits_the_declared_distribution() {
     let critical = ((2.0f64 / 1e-6).ln() / (2.0 * n as f64)).sqrt();
     assert!(d < critical, "KS D = {d} ≥ {critical}");
 }
+
+/// 1,000 answers through Flight.
+async fn counts_over_flight(daemon: &Daemon, n: usize) -> Vec<i64> {
+    let mut client = daemon.client("planning").await;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (_, batches) = query(&mut client, "SELECT count(*) AS n FROM people")
+            .await
+            .unwrap();
+        out.push(floats(&batches, 0)[0] as i64);
+    }
+    out
+}
+
+/// The neighbouring-datasets test, smaller and through Flight: two daemons,
+/// 40 and 41 people (one more privacy unit), ε = ln 3, 1,000 answers each,
+/// six bins. The in-process test (`dp_neighbours.rs`) has the 100,000-answer
+/// version; at this size the estimate's own error must be bounded: by
+/// Weissman's inequality, ‖p̂ − p‖₁ ≥ t with probability at most
+/// (2^k − 2)·e^(−n t²/2), so with t for a false-alarm rate of 1e-7 per sample,
+/// δ̂ ≤ δ + t·(1 + e^ε) always holds but for 2e-7. An answer without noise
+/// (δ̂ = 1) fails it.
+#[tokio::test]
+async fn neighbouring_datasets_over_flight_stay_within_ln3() {
+    let policy = POLICY
+        .replace("epsilon_per_query: 1.0", "epsilon_per_query: 2.0")
+        .replace(
+            "default_epsilon: 0.5",
+            "default_epsilon: 1.0986122886681098",
+        )
+        .replace(
+            "budget: { epsilon: 3.0, delta: 1.0e-5, period: month }",
+            "budget: { epsilon: 100000.0, period: total }\n          cache: false",
+        );
+    let (_dir_a, config_a, state_a) = deployment(&policy);
+    let (dir_b, config_b, state_b) = deployment(&policy);
+    let mut csv = people_csv();
+    csv.push_str("999,Aarhus,70\n");
+    std::fs::write(dir_b.path().join("people.csv"), csv).unwrap();
+    let without = Daemon::start_isolated(&config_a, &state_a);
+    let with = Daemon::start_isolated(&config_b, &state_b);
+    let n = 1000;
+    let (a, b) = tokio::join!(
+        counts_over_flight(&without, n),
+        counts_over_flight(&with, n)
+    );
+    // Bins: ≤ 37, 38, 39, 40, 41, ≥ 42 (true counts 40 and 41).
+    let bins = 6;
+    let histogram = |sample: &[i64]| {
+        let mut p = vec![0.0; bins];
+        for v in sample {
+            p[(v.clamp(&37, &42) - 37) as usize] += 1.0 / sample.len() as f64;
+        }
+        p
+    };
+    let (p, q) = (histogram(&a), histogram(&b));
+    let e = 3.0f64;
+    let one_way =
+        |p: &[f64], q: &[f64]| -> f64 { p.iter().zip(q).map(|(p, q)| (p - e * q).max(0.0)).sum() };
+    let delta = one_way(&p, &q).max(one_way(&q, &p));
+    let t = (2.0 * ((2f64.powi(bins as i32) - 2.0).ln() + 1e7f64.ln()) / n as f64).sqrt();
+    let limit = t * (1.0 + e);
+    assert!(limit < 1.0, "the test must be able to fail: limit {limit}");
+    assert!(
+        delta <= limit,
+        "estimated δ = {delta} > {limit} at ε = ln 3 (p = {p:?}, q = {q:?})"
+    );
+}
