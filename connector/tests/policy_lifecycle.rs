@@ -29,8 +29,6 @@ consumers:
 /// A config serving one small CSV dataset under `policy`, in its own
 /// state directory.
 fn deployment(policy: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let dir = common::temp_dir();
-    let d = dir.path();
     let mut csv = String::from("id,city,score\n");
     for i in 0..30 {
         csv.push_str(&format!(
@@ -39,16 +37,7 @@ fn deployment(policy: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
             i * 10
         ));
     }
-    std::fs::write(d.join("people.csv"), csv).unwrap();
-    std::fs::write(d.join("policy.yaml"), policy).unwrap();
-    let config = d.join("sluice.toml");
-    std::fs::write(
-        &config,
-        "[policy]\nfile = \"policy.yaml\"\n\n[[datasets]]\nname = \"people\"\nformat = \"csv\"\npath = \"people.csv\"\n",
-    )
-    .unwrap();
-    let state = d.join("state");
-    (dir, config, state)
+    common::people_deployment(&csv, policy)
 }
 
 const SQL: &str =

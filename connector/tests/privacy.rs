@@ -60,18 +60,7 @@ consumers:
 
 /// A deployment serving `people` under `policy` in its own state directory.
 fn deployment(policy: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let dir = common::temp_dir();
-    let d = dir.path();
-    std::fs::write(d.join("people.csv"), people_csv()).unwrap();
-    std::fs::write(d.join("policy.yaml"), policy).unwrap();
-    let config = d.join("sluice.toml");
-    std::fs::write(
-        &config,
-        "[policy]\nfile = \"policy.yaml\"\n\n[[datasets]]\nname = \"people\"\nformat = \"csv\"\npath = \"people.csv\"\n",
-    )
-    .unwrap();
-    let state = d.join("state");
-    (dir, config, state)
+    common::people_deployment(&people_csv(), policy)
 }
 
 const BY_CITY: &str = "SELECT city, count(*) AS n, sum(score) AS total, avg(score) AS mean FROM people GROUP BY city ORDER BY city";

@@ -7,17 +7,15 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{analyzed, execute};
+use common::{Context, analyzed, execute};
 use datafusion::arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use datafusion::common::DFSchema;
 use datafusion::datasource::MemTable;
-use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
-use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
+use sluice_policy::{PlanGate, PolicyGate, PolicySet, Principal, QueryContext};
 
 const DEMO_POLICY: &str = include_str!("../../connector/src/demo_policy.yaml");
 const K: i64 = 10;
@@ -88,23 +86,6 @@ fn trips() -> (SchemaRef, RecordBatch) {
     )
 }
 
-struct Context {
-    ctx: SessionContext,
-    schema: SchemaRef,
-}
-
-impl PlanningContext for Context {
-    fn dataset_schema(&self, name: &str) -> Option<SchemaRef> {
-        (name == "trips").then(|| self.schema.clone())
-    }
-    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> Result<Expr, String> {
-        self.ctx
-            .state()
-            .create_logical_expr(sql, schema)
-            .map_err(|e| e.to_string())
-    }
-}
-
 fn setup() -> (SessionContext, PolicyGate) {
     let (schema, batch) = trips();
     let ctx = SessionContext::new();
@@ -115,7 +96,7 @@ fn setup() -> (SessionContext, PolicyGate) {
     .unwrap();
     let context = Context {
         ctx: ctx.clone(),
-        schema,
+        datasets: vec![("trips", schema)],
     };
     let policy = PolicySet::compile("demo_policy.yaml", DEMO_POLICY, &context, b"k").unwrap();
     (ctx, PolicyGate::new(policy))

@@ -9,16 +9,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::{analyzed, execute};
+use common::{Context, analyzed, execute};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
-use datafusion::common::DFSchema;
 use datafusion::datasource::MemTable;
-use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
 use sluice_policy::dp::{DpQuery, Groups, StatisticKind};
-use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
+use sluice_policy::{PlanGate, PolicyGate, PolicySet, Principal, QueryContext};
 
 const MAX_GROUPS: u64 = 2;
 const MAX_ROWS: u64 = 3;
@@ -80,27 +78,6 @@ fn schema() -> SchemaRef {
     ]))
 }
 
-struct Context {
-    ctx: SessionContext,
-}
-
-impl PlanningContext for Context {
-    fn dataset_schema(&self, name: &str) -> Option<SchemaRef> {
-        match name {
-            "t" => Some(schema()),
-            "labels" | "secrets" => Some(lookup_schema()),
-            _ => None,
-        }
-    }
-
-    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> Result<Expr, String> {
-        self.ctx
-            .state()
-            .create_logical_expr(sql, schema)
-            .map_err(|e| e.to_string())
-    }
-}
-
 /// One row: (unit, group, value).
 type Row = (String, Option<String>, Option<f64>);
 
@@ -140,7 +117,14 @@ fn gate(ctx: &SessionContext) -> PolicyGate {
 }
 
 fn gate_with(ctx: &SessionContext, policy: &str) -> PolicyGate {
-    let context = Context { ctx: ctx.clone() };
+    let context = Context {
+        ctx: ctx.clone(),
+        datasets: vec![
+            ("t", schema()),
+            ("labels", lookup_schema()),
+            ("secrets", lookup_schema()),
+        ],
+    };
     let policy = PolicySet::compile("dp.yaml", policy, &context, b"secret").unwrap();
     PolicyGate::new(policy)
 }

@@ -9,17 +9,15 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{analyzed, execute};
+use common::{Context, analyzed, execute};
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::DFSchema;
 use datafusion::datasource::MemTable;
-use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
-use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
+use sluice_policy::{PlanGate, PolicyGate, PolicySet, Principal, QueryContext};
 
 const K: usize = 3;
 const ROWS: usize = 40;
@@ -88,24 +86,6 @@ consumers:
           scalar: [upper, lower, round]
 "#;
 
-struct Context {
-    ctx: SessionContext,
-    schema: SchemaRef,
-}
-
-impl PlanningContext for Context {
-    fn dataset_schema(&self, name: &str) -> Option<SchemaRef> {
-        (name == "t").then(|| self.schema.clone())
-    }
-
-    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> Result<Expr, String> {
-        self.ctx
-            .state()
-            .create_logical_expr(sql, schema)
-            .map_err(|e| e.to_string())
-    }
-}
-
 fn setup() -> (SessionContext, PolicyGate) {
     let (schema, batch) = table();
     let ctx = SessionContext::new();
@@ -113,7 +93,7 @@ fn setup() -> (SessionContext, PolicyGate) {
     ctx.register_table("t", Arc::new(provider)).unwrap();
     let context = Context {
         ctx: ctx.clone(),
-        schema,
+        datasets: vec![("t", schema)],
     };
     let policy = PolicySet::compile("test.yaml", POLICY, &context, b"test secret").unwrap();
     (ctx, PolicyGate::new(policy))

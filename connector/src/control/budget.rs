@@ -58,31 +58,17 @@ fn line(balance: &Balance) -> BudgetLine {
     let unlimited = balance.limit_epsilon == i64::MAX;
     let eps = ledger::epsilon_from_units;
     let delta = ledger::delta_from_units;
+    // Without a limit, limits and remainders are 0 and `unlimited` says so.
+    let limited = |value: f64| if unlimited { 0.0 } else { value };
     BudgetLine {
         dataset: balance.dataset.clone(),
         period: balance.period_key.clone(),
-        epsilon_limit: if unlimited {
-            0.0
-        } else {
-            eps(balance.limit_epsilon)
-        },
+        epsilon_limit: limited(eps(balance.limit_epsilon)),
         epsilon_spent: eps(balance.spent_epsilon),
-        epsilon_remaining: if unlimited {
-            0.0
-        } else {
-            eps(balance.limit_epsilon - balance.spent_epsilon)
-        },
-        delta_limit: if unlimited {
-            0.0
-        } else {
-            delta(balance.limit_delta)
-        },
+        epsilon_remaining: limited(eps(balance.limit_epsilon - balance.spent_epsilon)),
+        delta_limit: limited(delta(balance.limit_delta)),
         delta_spent: delta(balance.spent_delta),
-        delta_remaining: if unlimited {
-            0.0
-        } else {
-            delta(balance.limit_delta - balance.spent_delta)
-        },
+        delta_remaining: limited(delta(balance.limit_delta - balance.spent_delta)),
         epsilon_reserved: eps(balance.reserved_epsilon),
         queries: balance.queries,
         unlimited,

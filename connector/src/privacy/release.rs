@@ -163,15 +163,7 @@ pub fn add_noise(query: &DpQuery, exact: ExactStatistics) -> Result<NoisyAggrega
                     .iter()
                     .map(|r| r.map_or(0, |r| exact.totals[i][r]))
                     .collect();
-                let (values, info) = noise::release_integers(
-                    &exact_values,
-                    statistic.sensitivity,
-                    query.max_groups,
-                    family,
-                    statistic.epsilon,
-                    statistic.delta,
-                )
-                .map_err(|e| e.to_string())?;
+                let (values, info) = noisy_integers(query, statistic, family, &exact_values)?;
                 (values.into_iter().map(|v| v as f64).collect(), info)
             }
         };
@@ -227,15 +219,7 @@ fn select_groups(
                 .enumerate()
                 .map(|(row, count)| (row.to_string(), *count))
                 .collect();
-            let (kept, info) = noise::select_partitions(
-                counts,
-                statistic.sensitivity,
-                query.max_groups,
-                family,
-                statistic.epsilon,
-                statistic.delta,
-            )
-            .map_err(|e| e.to_string())?;
+            let (kept, info) = selected_groups(query, statistic, family, counts)?;
             let mut rows: Vec<(usize, i64)> = kept
                 .into_iter()
                 .map(|(key, count)| (key.parse::<usize>().expect("row index keys"), count))
@@ -309,7 +293,7 @@ fn aggregate_batch(
     for (o, output) in query.outputs.iter().enumerate() {
         let field = schema.field(query.key_count + o);
         let values: Vec<f64> = (0..keys.len())
-            .map(|g| finish(&output.kind, query, noisy, g))
+            .map(|g| finish(output, query, noisy, g))
             .collect();
         let array: ArrayRef = Arc::new(Float64Array::from(values.clone()));
         let target = field.data_type();
@@ -323,7 +307,7 @@ fn aggregate_batch(
         }
         .map_err(|e| e.to_string())?;
         columns.push(array);
-        let metadata = describe(&output.kind, query, Some(noisy), infos);
+        let metadata = describe(output, query, Some(noisy), infos);
         fields.push(
             field
                 .as_ref()
@@ -433,9 +417,7 @@ pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), String> {
             let field = field.as_ref().clone().with_nullable(true);
             match i.checked_sub(query.key_count) {
                 None => field,
-                Some(o) => {
-                    field.with_metadata(describe(&query.outputs[o].kind, query, None, &infos))
-                }
+                Some(o) => field.with_metadata(describe(&query.outputs[o], query, None, &infos)),
             }
         })
         .collect();
@@ -449,7 +431,7 @@ fn planned_release(
     family: NoiseFamily,
 ) -> Result<ReleaseInfo, String> {
     let s = statistic;
-    let info = match s.kind {
+    match s.kind {
         StatisticKind::Quantile { .. } => Ok(ReleaseInfo {
             mechanism: "private_quantile",
             scale: 0.0,
@@ -459,27 +441,46 @@ fn planned_release(
             threshold: None,
         }),
         StatisticKind::Rows if query.groups == Groups::Private => {
-            let selection = noise::select_partitions(
-                vec![],
-                s.sensitivity,
-                query.max_groups,
-                family,
-                s.epsilon,
-                s.delta,
-            );
-            selection.map(|(_, info)| info)
+            selected_groups(query, s, family, vec![]).map(|(_, info)| info)
         }
-        _ => noise::release_integers(
-            &[],
-            s.sensitivity,
-            query.max_groups,
-            family,
-            s.epsilon,
-            s.delta,
-        )
-        .map(|(_, info)| info),
-    };
-    info.map_err(|e| e.to_string())
+        _ => noisy_integers(query, s, family, &[]).map(|(_, info)| info),
+    }
+}
+
+/// One statistic's values with noise, as the query's bounds prescribe.
+fn noisy_integers(
+    query: &DpQuery,
+    s: &Statistic,
+    family: NoiseFamily,
+    values: &[i64],
+) -> Result<(Vec<i64>, ReleaseInfo), String> {
+    noise::release_integers(
+        values,
+        s.sensitivity,
+        query.max_groups,
+        family,
+        s.epsilon,
+        s.delta,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The groups a noisy threshold on their row counts keeps.
+fn selected_groups(
+    query: &DpQuery,
+    s: &Statistic,
+    family: NoiseFamily,
+    counts: Vec<(String, i64)>,
+) -> Result<(Vec<(String, i64)>, ReleaseInfo), String> {
+    noise::select_partitions(
+        counts,
+        s.sensitivity,
+        query.max_groups,
+        family,
+        s.epsilon,
+        s.delta,
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn family(noise: NoiseKind) -> NoiseFamily {

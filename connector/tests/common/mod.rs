@@ -62,6 +62,24 @@ pub fn temp_dir() -> tempfile::TempDir {
         .expect("creating a temporary directory")
 }
 
+/// A deployment in a temporary directory: `people.csv` holding `csv`, served
+/// as dataset `people` under `policy`, with its own state directory.
+/// Returns the directory (keep it alive), the config file and the state dir.
+pub fn people_deployment(csv: &str, policy: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = temp_dir();
+    let d = dir.path();
+    std::fs::write(d.join("people.csv"), csv).unwrap();
+    std::fs::write(d.join("policy.yaml"), policy).unwrap();
+    let config = d.join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[policy]\nfile = \"policy.yaml\"\n\n[[datasets]]\nname = \"people\"\nformat = \"csv\"\npath = \"people.csv\"\n",
+    )
+    .unwrap();
+    let state = d.join("state");
+    (dir, config, state)
+}
+
 /// A running `sluice serve` process; killed when dropped.
 pub struct Daemon {
     child: Child,

@@ -5,5 +5,5 @@
 pub mod plan;
 pub mod settings;
 
-pub use plan::{DpQuery, Groups, Output, OutputKind, SUPPORTED, Statistic, StatisticKind};
+pub use plan::{DpQuery, Groups, OutputKind, SUPPORTED, Statistic, StatisticKind};
 pub use settings::{Budget, ColumnBounds, DpGrant};

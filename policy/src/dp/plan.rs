@@ -53,8 +53,9 @@ pub struct DpQuery {
     pub key_count: usize,
     /// The statistics to release, each with its share of ε.
     pub statistics: Vec<Statistic>,
-    /// One entry per aggregate expression, in the aggregate's order.
-    pub outputs: Vec<Output>,
+    /// How each aggregate expression is computed, in the aggregate's order
+    /// (names and types are the aggregate schema's).
+    pub outputs: Vec<OutputKind>,
     /// The schema of the aggregate the noisy table stands in for.
     pub aggregate_schema: DFSchemaRef,
     /// The approved plan; the aggregate node is replaced by the noisy table
@@ -122,13 +123,6 @@ pub enum StatisticKind {
 /// How one aggregate expression is computed from noisy statistics
 /// (indices into [`DpQuery::statistics`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Output {
-    pub name: String,
-    pub data_type: DataType,
-    pub kind: OutputKind,
-}
-
-#[derive(Debug, Clone, PartialEq)]
 pub enum OutputKind {
     Count(usize),
     Sum {
@@ -192,19 +186,11 @@ impl DpQuery {
         let grant = request.grant;
         let keys = group_keys(aggregate)?;
         let mut builder = StatsBuilder::new(grant, &request.unit);
-        let mut outputs = Vec::new();
-        for (expr, field) in aggregate
+        let outputs = aggregate
             .aggr_expr
             .iter()
-            .zip(aggregate.schema.fields().iter().skip(keys.len()))
-        {
-            let kind = builder.output(expr)?;
-            outputs.push(Output {
-                name: field.name().clone(),
-                data_type: field.data_type().clone(),
-                kind,
-            });
-        }
+            .map(|expr| builder.output(expr))
+            .collect::<Result<Vec<_>>>()?;
         let groups = groups(&keys, aggregate, grant)?;
         if groups == Groups::Private {
             builder.require(StatisticKind::Rows);

@@ -2,8 +2,34 @@
 //! plan, analyze (type coercion), decide, analyze the rewrite, execute.
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
+use sluice_policy::PlanningContext;
+
+/// What the policy compiler sees of a test session: the named datasets'
+/// schemas, and DataFusion's parser for row filters.
+pub struct Context {
+    pub ctx: SessionContext,
+    pub datasets: Vec<(&'static str, SchemaRef)>,
+}
+
+impl PlanningContext for Context {
+    fn dataset_schema(&self, name: &str) -> Option<SchemaRef> {
+        self.datasets
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, schema)| schema.clone())
+    }
+
+    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> Result<Expr, String> {
+        self.ctx
+            .state()
+            .create_logical_expr(sql, schema)
+            .map_err(|e| e.to_string())
+    }
+}
 
 /// DataFusion executes (and plans some nodes) on tokio.
 pub fn runtime() -> &'static tokio::runtime::Runtime {
