@@ -6,7 +6,13 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["sluice/v1/connector.proto", "sluice/v1/budget.proto"];
+const PROTOS: &[&str] = &[
+    "sluice/v1/connector.proto",
+    "sluice/v1/budget.proto",
+    "sluice/v1/catalog.proto",
+    "sluice/v1/agreement.proto",
+    "sluice/v1/audit.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

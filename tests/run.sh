@@ -2,7 +2,8 @@
 # The one test command. On a fresh machine it installs what the tests need
 # (the pinned Python clients, into a virtualenv), builds Sluice in the debug
 # profile, and runs every test: Rust unit and integration tests against the
-# real binary, then the Python interop tests (ADBC, pyarrow.flight).
+# real binary, then the Python interop tests (ADBC, pyarrow.flight, and
+# grpcio stubs generated from proto/ for the control plane).
 #
 #   ./tests/run.sh            everything
 #   ./tests/run.sh --rust     Rust tests only
@@ -38,8 +39,9 @@ cargo build --workspace --all-targets --locked
 STATE_DIR=$CARGO_TARGET_DIR/tmp/sluice-demo-state
 "$CARGO_TARGET_DIR/debug/sluice" init --state-dir "$STATE_DIR" >/dev/null
 # The demo's privacy budget (10 ε a month) would run out over repeated runs
-# on one machine: every run starts from an empty ledger.
-rm -f "$STATE_DIR"/privacy-ledger.sqlite*
+# on one machine: every run starts from an empty ledger, agreement store and
+# audit log.
+rm -rf "$STATE_DIR"/privacy-ledger.sqlite* "$STATE_DIR"/agreements.sqlite* "$STATE_DIR"/audit
 
 if [[ $which != --python ]]; then
     step "Rust unit, integration and doc tests"

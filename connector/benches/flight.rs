@@ -24,6 +24,11 @@
 //!     a 10M-row version (ten copies of the demo file, so each card has ten
 //!     times the trips); then the median relative error of each aggregate
 //!     at ε = 0.1 and ε = 1 against the exact answer.
+//! (e) The audit log: the supplier's small aggregate end to end with the
+//!     signed, fsynced audit records (decision, release, completion) next to
+//!     the same server with the audit log switched off (a `ServeHooks`
+//!     switch that only embedding code like this benchmark can reach),
+//!     p50/p99; then the sustained rate of audited queries with 8 clients.
 //!
 //! (a) and (b) measure the transport, so the daemon runs them under the open
 //! test policy (`connector/tests/policies/open.yaml`).
@@ -66,6 +71,11 @@ fn main() -> anyhow::Result<()> {
     drop(server);
     result?;
     runtime.block_on(policy::run(&state_dir, latency_runs))?;
+    runtime.block_on(policy::audit_cost(
+        &state_dir,
+        latency_runs,
+        Duration::from_secs(env_usize("SLUICE_BENCH_QPS_SECONDS", 10) as u64),
+    ))?;
     runtime.block_on(privacy::run(
         &state_dir,
         env_usize("SLUICE_BENCH_DP_RUNS", 5),
@@ -389,8 +399,10 @@ mod policy {
             );
         }
 
-        let enforced = start(config.clone(), None).await?;
-        let off = start(config, Some(Arc::new(PassThrough))).await?;
+        // Both without the audit log, so that only the policy differs; (e)
+        // measures the audit log.
+        let enforced = start(config.clone(), None, true).await?;
+        let off = start(config, Some(Arc::new(PassThrough)), true).await?;
         let mut with_policy = client(enforced, state_dir).await?;
         let mut without = client(off, state_dir).await?;
         for _ in 0..20 {
@@ -430,6 +442,99 @@ mod policy {
             on50.as_secs_f64() / off50.as_secs_f64()
         );
         Ok(())
+    }
+
+    /// (e): the audit log on vs off, then the sustained audited rate.
+    pub async fn audit_cost(state_dir: &Path, runs: usize, window: Duration) -> anyhow::Result<()> {
+        let mut config = Config::embedded_default(state_dir);
+        // The demo policy without the supplier's daily quota, which the
+        // sustained run would exhaust.
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/demo_policy.yaml"))?;
+        let quota = "quotas: { queries_per_day: 2000, rows_per_day: 500000 }";
+        anyhow::ensure!(
+            text.contains(quota),
+            "the demo policy's supplier quota changed"
+        );
+        let policy = state_dir.join("bench-audit-policy.yaml");
+        std::fs::write(&policy, text.replace(quota, ""))?;
+        config.policy = Some(policy);
+        let audited = start(config.clone(), None, false).await?;
+        let unaudited = start(config, None, true).await?;
+        let mut on = client(audited, state_dir).await?;
+        let mut off = client(unaudited, state_dir).await?;
+        for _ in 0..20 {
+            flight_scan(&mut on, SUPPLIER_AGGREGATE).await?;
+            flight_scan(&mut off, SUPPLIER_AGGREGATE).await?;
+        }
+        let (mut on_times, mut off_times) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+        for _ in 0..runs {
+            let started = Instant::now();
+            flight_scan(&mut on, SUPPLIER_AGGREGATE).await?;
+            on_times.push(started.elapsed());
+            let started = Instant::now();
+            flight_scan(&mut off, SUPPLIER_AGGREGATE).await?;
+            off_times.push(started.elapsed());
+        }
+        let p = |times: &mut Vec<Duration>, q| percentile(times, q);
+        let (on50, on99, off50, off99) = (
+            p(&mut on_times, 50.0),
+            p(&mut on_times, 99.0),
+            p(&mut off_times, 50.0),
+            p(&mut off_times, 99.0),
+        );
+        println!("\n(e) the audit log (supplier aggregate, demo policy), {runs} runs each:");
+        println!(
+            "      audit on  (3 signed, fsynced records per query) : p50 {:>6.2} ms  p99 {:>6.2} ms",
+            ms(on50),
+            ms(on99)
+        );
+        println!(
+            "      audit off                                       : p50 {:>6.2} ms  p99 {:>6.2} ms",
+            ms(off50),
+            ms(off99)
+        );
+        println!(
+            "      ratio on / off: p50 {:.3}  p99 {:.3}",
+            on50.as_secs_f64() / off50.as_secs_f64(),
+            on99.as_secs_f64() / off99.as_secs_f64()
+        );
+        for (label, addr) in [("audited  ", audited), ("unaudited", unaudited)] {
+            let qps = sustained(addr, state_dir, 8, window).await?;
+            println!(
+                "      sustained, 8 clients for {} s, {label}: {qps:>7.1} queries/s",
+                window.as_secs()
+            );
+        }
+        Ok(())
+    }
+
+    /// Queries per second that `clients` concurrent connections complete.
+    async fn sustained(
+        addr: std::net::SocketAddr,
+        state_dir: &Path,
+        clients: usize,
+        window: Duration,
+    ) -> anyhow::Result<f64> {
+        let deadline = Instant::now() + window;
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let mut client = client(addr, state_dir).await?;
+            tasks.push(tokio::spawn(async move {
+                let mut done = 0u64;
+                while Instant::now() < deadline {
+                    flight_scan(&mut client, SUPPLIER_AGGREGATE).await?;
+                    done += 1;
+                }
+                anyhow::Ok(done)
+            }));
+        }
+        let started = Instant::now();
+        let mut total = 0;
+        for task in tasks {
+            total += task.await??;
+        }
+        Ok(total as f64 / started.elapsed().as_secs_f64())
     }
 
     fn demo_gate(
@@ -516,6 +621,7 @@ mod policy {
     async fn start(
         mut config: Config,
         gate: Option<Arc<dyn PlanGate>>,
+        audit_off: bool,
     ) -> anyhow::Result<std::net::SocketAddr> {
         config.server.listen = "127.0.0.1:0".parse()?;
         config.metrics.listen = None;
@@ -527,6 +633,7 @@ mod policy {
             ServeHooks {
                 gate,
                 bound: Some(bound),
+                audit_off,
             },
         ));
         Ok(address.await?)
@@ -661,6 +768,8 @@ mod privacy {
             limited,
             "budget: { epsilon: 1.0e9, delta: 1.0e-4, period: total }\n          cache: false",
         );
+        // (d) measures privacy, not contracts: no agreement needed here.
+        let text = text.replace("agreement: { approval: manual, valid_for_days: 30 }", "");
         let path = state_dir.join("bench-policy.yaml");
         std::fs::write(&path, text)?;
         Ok(path)
@@ -701,6 +810,7 @@ mod privacy {
             ServeHooks {
                 gate: None,
                 bound: Some(bound),
+                audit_off: false,
             },
         ));
         let addr = address.await?;

@@ -33,6 +33,23 @@ pub struct Dataset {
     pub name: String,
     pub schema: SchemaRef,
     pub description: Option<String>,
+    /// The file or directory it is read from.
+    pub path: std::path::PathBuf,
+}
+
+impl Dataset {
+    /// When the data last changed: the newest modification time of its file
+    /// or of the files in its directory.
+    pub fn modified(&self) -> Option<std::time::SystemTime> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        if !meta.is_dir() {
+            return meta.modified().ok();
+        }
+        std::fs::read_dir(&self.path)
+            .ok()?
+            .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+            .max()
+    }
 }
 
 /// The served datasets and the DataFusion session they are registered in.
@@ -56,6 +73,7 @@ impl Catalog {
                 name: ds.name.clone(),
                 schema,
                 description: ds.description.clone(),
+                path: ds.path.clone(),
             });
         }
         Ok(Self {

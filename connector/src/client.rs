@@ -65,6 +65,8 @@ pub struct Connection {
     client: FlightServiceClient<Channel>,
     channel: Channel,
     purpose: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// `x-sluice-receipt` headers of the DoGet calls made so far (JSON).
+    receipts: Vec<String>,
     epsilon: Option<f64>,
 }
 
@@ -109,6 +111,7 @@ impl Connection {
             client: FlightServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             channel,
             purpose: None,
+            receipts: Vec::new(),
             epsilon: None,
         })
     }
@@ -131,6 +134,12 @@ impl Connection {
 
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// The audit receipts (JSON, see `sluice receipt verify`) of the
+    /// results fetched so far, oldest first.
+    pub fn receipts(&self) -> &[String] {
+        &self.receipts
     }
 
     /// Runs a SQL query and collects the result.
@@ -203,6 +212,13 @@ impl Connection {
                 anyhow::anyhow!("the server returned an endpoint without a ticket")
             })?;
             let response = self.client.do_get(ticket).await.map_err(status_error)?;
+            if let Some(receipt) = response
+                .metadata()
+                .get(crate::audit::RECEIPT_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                self.receipts.push(receipt.to_string());
+            }
             let flight = FlightRecordBatchStream::new_from_flight_data(
                 response
                     .into_inner()

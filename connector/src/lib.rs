@@ -18,6 +18,10 @@
 //! | 7. release: the advertised schema, exactly | [`query::release`] |
 //! | 7a. differential privacy: bounded statistics + OpenDP noise | [`privacy`] |
 //! | 8. privacy budget: reserved before reading, in SQLite | [`ledger`] |
+//! | 9. audit: hash-chained, signed records; receipts for consumers | [`audit`] |
+//!
+//! The control plane: [`catalog`] and `control::catalog` (what is offered),
+//! [`agreements`] (contracts a grant may require), [`audit`] (receipts).
 //!
 //! Around them: [`flight`] (the Flight SQL protocol), [`control`] (Sluice's
 //! own gRPC services), [`catalog`] (datasets as tables), [`server`]
@@ -25,6 +29,8 @@
 //! [`pki`] (`sluice certs`), [`metrics`], [`telemetry`], [`client`] and
 //! [`cli`].
 
+pub mod agreements;
+pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod client;

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use arrow_flight::flight_service_server::FlightServiceServer;
+use sluice_proto::v1::agreement_service_server::AgreementServiceServer;
+use sluice_proto::v1::audit_service_server::AuditServiceServer;
 use sluice_proto::v1::budget_service_server::BudgetServiceServer;
+use sluice_proto::v1::catalog_service_server::CatalogServiceServer;
 use sluice_proto::v1::connector_service_server::ConnectorServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -16,17 +19,19 @@ use tonic::service::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::agreements::Agreements;
+use crate::audit::Audit;
 use crate::catalog::Catalog;
 use crate::config::{Config, Source, TlsConfig};
 use crate::connections::OpenConnections;
-use crate::control::{Budgets, ConnectorInfo};
+use crate::control::{AgreementDesk, AuditReceipts, Budgets, CatalogDirectory, ConnectorInfo};
 use crate::flight::FlightSql;
 use crate::identity;
 use crate::ledger::Ledger;
 use crate::metrics::{self, Metrics};
 use crate::privacy::Privacy;
-use crate::query::QueryEngine;
 use crate::query::execute::Executor;
+use crate::query::{Books, QueryEngine};
 use crate::quota::QuotaStore;
 use crate::state::{DEFAULT_IDENTITY, StateDir};
 use crate::usage_policy::PolicyHandle;
@@ -41,12 +46,15 @@ pub async fn serve(config: Config, query_runtime: tokio::runtime::Handle) -> Res
 }
 
 /// For benchmarks and embedding, never reachable from the CLI or a config
-/// file: a gate that replaces the configured policy, and a channel that
-/// receives the bound address instead of the banner being printed.
+/// file: a gate that replaces the configured policy, a channel that
+/// receives the bound address instead of the banner being printed, and a
+/// switch that turns the audit log off.
 #[derive(Default)]
 pub struct ServeHooks {
     pub gate: Option<Arc<dyn sluice_policy::PlanGate>>,
     pub bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    /// Run without an audit log, to measure what auditing costs.
+    pub audit_off: bool,
 }
 
 /// [`serve`] with [`ServeHooks`].
@@ -77,14 +85,22 @@ pub async fn serve_with(
             "no usage policy configured ([policy] file): every query will be refused"
         ),
     }
-    let quotas = Arc::new(QuotaStore::open(state.quota_file())?);
-    let ledger = Arc::new(Ledger::open(&state.ledger_file())?);
-    let privacy = Arc::new(Privacy::new(ledger));
+    let books = Books {
+        quotas: Arc::new(QuotaStore::open(state.quota_file())?),
+        privacy: Arc::new(Privacy::new(Arc::new(Ledger::open(&state.ledger_file())?))),
+        agreements: Arc::new(Agreements::open(&state.agreements_file())?),
+        audit: Arc::new(match hooks.audit_off {
+            true => {
+                tracing::warn!("audit log switched off by an embedding hook (benchmarks only)");
+                Audit::disabled()
+            }
+            false => Audit::open(&state.audit_dir())?,
+        }),
+    };
     let engine = Arc::new(QueryEngine::new(
         catalog,
         policy.clone(),
-        quotas,
-        privacy,
+        books,
         config.limits.clone(),
         Executor::new(query_runtime),
     ));
@@ -95,6 +111,15 @@ pub async fn serve_with(
         .set_serving::<ConnectorServiceServer<ConnectorInfo>>()
         .await;
     health.set_serving::<BudgetServiceServer<Budgets>>().await;
+    health
+        .set_serving::<CatalogServiceServer<CatalogDirectory>>()
+        .await;
+    health
+        .set_serving::<AgreementServiceServer<AgreementDesk>>()
+        .await;
+    health
+        .set_serving::<AuditServiceServer<AuditReceipts>>()
+        .await;
     // Reservations of tickets that expired unredeemed read no data: return
     // them to their budgets.
     {
@@ -157,6 +182,9 @@ pub async fn serve_with(
         .add_service(FlightSql::new(engine.clone(), metrics.clone()).into_service())
         .add_service(Budgets::new(engine.privacy().clone()).into_service())
         .add_service(ConnectorInfo::new(engine.clone()).into_service())
+        .add_service(CatalogDirectory::new(engine.clone()).into_service())
+        .add_service(AgreementDesk::new(engine.clone()).into_service())
+        .add_service(AuditReceipts::new(engine.clone()).into_service())
         .serve_with_incoming_shutdown(incoming, wait(stopped));
 
     match hooks.bound.take() {

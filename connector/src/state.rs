@@ -3,9 +3,11 @@
 //!
 //! ```text
 //! .sluice/
-//! ├── pki/      ca.pem ca.key  server.pem server.key  planning.pem planning.key  supplier.pem supplier.key  research.pem research.key
+//! ├── pki/      ca.pem ca.key  server.pem server.key  {planning,supplier,research,admin}.{pem,key}
 //! ├── data/     trips.parquet  machine_events.csv  zones.json
 //! ├── secrets/  mask.key (keys the per-consumer hashes of masked columns)
+//! ├── audit/    audit.jsonl (signed, hash-chained records)  signing-key.p8  public-key.pem
+//! ├── agreements.sqlite  privacy-ledger.sqlite
 //! ├── quota.json  (queries and rows used per organization today)
 //! └── policy.yaml (the demo usage policy; edit it, Sluice reloads it)
 //! ```
@@ -33,9 +35,11 @@ pub struct DemoClient {
 }
 
 /// The demo organizations: a city planning agency (aggregates of the
-/// transport agency's trips), a supplier consortium (machine telemetry) and
-/// a research institute (differentially private answers on trips).
-pub const DEMO_CLIENTS: [DemoClient; 3] = [
+/// transport agency's trips), a supplier consortium (machine telemetry), a
+/// research institute (differentially private answers on trips, under an
+/// agreement) and the provider's own administrator (approves agreements,
+/// reads the whole audit log).
+pub const DEMO_CLIENTS: [DemoClient; 4] = [
     DemoClient {
         name: "planning",
         common_name: "planning-analyst",
@@ -53,6 +57,12 @@ pub const DEMO_CLIENTS: [DemoClient; 3] = [
         common_name: "research-analyst",
         organization: "City Research Institute",
         uri: "spiffe://sluice.demo/org/city-research",
+    },
+    DemoClient {
+        name: "admin",
+        common_name: "transport-admin",
+        organization: "City Transport Agency",
+        uri: "spiffe://sluice.demo/org/transport-agency/admin",
     },
 ];
 
@@ -188,6 +198,17 @@ impl StateDir {
     /// The privacy-budget ledger (SQLite).
     pub fn ledger_file(&self) -> PathBuf {
         self.root.join("privacy-ledger.sqlite")
+    }
+
+    /// Agreements between this provider and its consumers (SQLite).
+    pub fn agreements_file(&self) -> PathBuf {
+        self.root.join("agreements.sqlite")
+    }
+
+    /// The audit log (`audit.jsonl`), its signing key (`signing-key.p8`)
+    /// and the public key to verify it (`public-key.pem`).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.root.join("audit")
     }
 
     fn ensure_demo_data(&self) -> Result<Vec<String>> {

@@ -17,8 +17,8 @@ use ring::digest;
 use serde_saphyr::Spanned;
 
 use crate::document::{
-    Class, ColumnClass, Construct, DatasetPolicy, Grant, JoinGrant, JoinKind, Mask, Matcher,
-    PolicyDocument, Quotas, Tag, Visibility,
+    ApprovalMode, Class, ColumnClass, Construct, DatasetPolicy, Grant, JoinGrant, JoinKind, Mask,
+    Matcher, PolicyDocument, Quotas, Tag, Visibility,
 };
 use crate::dp::DpGrant;
 
@@ -147,6 +147,24 @@ pub struct DatasetGrant {
     pub max_rows: Option<u64>,
     /// Only differentially private aggregates leave.
     pub dp: Option<DpGrant>,
+    /// Offers whose agreement a query needs: none, one, or (for grants
+    /// combined from several consumer entries) each entry's.
+    pub agreements: Vec<AgreementTerms>,
+}
+
+/// A grant that needs an agreement before use: its offer and how
+/// agreements for it are made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgreementTerms {
+    /// `<dataset>/<consumer name>`, as the catalog lists it.
+    pub offer: String,
+    pub approval: ApprovalMode,
+    pub valid_for_days: Option<u32>,
+}
+
+/// The id of the offer a consumer entry's grant on a dataset makes.
+pub fn offer_id(dataset: &str, consumer: &str) -> String {
+    format!("{dataset}/{consumer}")
 }
 
 impl DatasetGrant {
@@ -217,6 +235,7 @@ impl DatasetGrant {
             (Some(a), Some(b)) => Some(a.restrict(b)),
             (a, b) => a.or(b.clone()),
         };
+        self.agreements.extend(other.agreements.iter().cloned());
         self
     }
 }
@@ -253,6 +272,7 @@ pub struct PolicySet {
     pub(crate) datasets: BTreeMap<String, DatasetRules>,
     pub(crate) groups: BTreeMap<String, Vec<Matcher>>,
     pub(crate) consumers: Vec<ConsumerRules>,
+    pub(crate) admins: Vec<Matcher>,
     pub(crate) mask_secret: Arc<[u8]>,
     warnings: Vec<PolicyError>,
 }
@@ -282,11 +302,14 @@ impl PolicySet {
             .enumerate()
             .map(|(i, c)| compiler.consumer(i, c, &datasets, &declared, &groups))
             .collect::<Result<Vec<_>, _>>()?;
+        compiler.unique_names(&document)?;
+        let admins = compiler.admins(&document, &groups)?;
         Ok(PolicySet {
             version: content_version(text),
             datasets,
             groups,
             consumers,
+            admins,
             mask_secret: Arc::from(mask_secret),
             warnings: compiler.warnings.into_inner(),
         })
@@ -430,6 +453,54 @@ impl Compiler<'_> {
         Ok(out)
     }
 
+    /// Consumer names name offers and appear in audit records: two entries
+    /// with one name would make both ambiguous.
+    fn unique_names(&self, doc: &PolicyDocument) -> Result<(), PolicyError> {
+        let mut seen = BTreeSet::new();
+        for (index, consumer) in doc.consumers.iter().enumerate() {
+            if !seen.insert(consumer.value.name.as_str()) {
+                return Err(self.error(
+                    consumer.referenced.line(),
+                    format!("consumers[{index}].name"),
+                    format!(
+                        "another consumer is already named `{}`; names must be unique",
+                        consumer.value.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn admins(
+        &self,
+        doc: &PolicyDocument,
+        groups: &BTreeMap<String, Vec<Matcher>>,
+    ) -> Result<Vec<Matcher>, PolicyError> {
+        let mut out = Vec::new();
+        for (index, admin) in doc.admins.iter().enumerate() {
+            let line = admin.referenced.line();
+            if is_empty_matcher(&admin.value) {
+                return Err(self.error(
+                    line,
+                    format!("admins[{index}]"),
+                    "an admin entry must give organization, san_uri, common_name or group; an empty one would make everyone an admin",
+                ));
+            }
+            if let Some(group) = &admin.value.group
+                && !groups.contains_key(group)
+            {
+                return Err(self.error(
+                    line,
+                    format!("admins[{index}].group"),
+                    format!("no group named `{group}` is defined under groups:"),
+                ));
+            }
+            out.push(admin.value.clone());
+        }
+        Ok(out)
+    }
+
     fn consumer(
         &self,
         index: usize,
@@ -471,7 +542,21 @@ impl Compiler<'_> {
                     format!("dataset `{dataset}` is not declared under datasets:"),
                 ));
             };
-            let compiled = self.grant(rule, &grant_field, grant, rules, datasets, declared)?;
+            let mut compiled = self.grant(rule, &grant_field, grant, rules, datasets, declared)?;
+            if let Some(agreement) = &grant.value.agreement {
+                if agreement.value.valid_for_days == Some(0) {
+                    return Err(self.error(
+                        agreement.referenced.line(),
+                        format!("{grant_field}.agreement.valid_for_days"),
+                        "must be at least 1 (leave it out for agreements without expiry)",
+                    ));
+                }
+                compiled.agreements.push(AgreementTerms {
+                    offer: offer_id(dataset, &consumer.name),
+                    approval: agreement.value.approval,
+                    valid_for_days: agreement.value.valid_for_days,
+                });
+            }
             grants.insert(dataset.clone(), compiled);
         }
         Ok(ConsumerRules {
@@ -647,6 +732,7 @@ impl Compiler<'_> {
                 .instant(grant.valid_until.as_ref(), &format!("{field}.valid_until"))?,
             max_rows: grant.max_rows,
             dp,
+            agreements: Vec::new(),
         })
     }
 

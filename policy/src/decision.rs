@@ -30,8 +30,10 @@ pub struct DecisionRecord {
     pub rules: Vec<String>,
     /// Datasets the query reads.
     pub datasets: Vec<String>,
-    /// The purpose the query declared.
+    /// The purpose the query declared, else the one its agreement fixes.
     pub purpose: Option<String>,
+    /// Ids of the agreements the query runs under.
+    pub agreements: Vec<String>,
     /// The highest class of any column that flowed into the output.
     pub output_class: Class,
     /// Personal-data tags of the columns that flowed into the output.
@@ -68,6 +70,7 @@ impl DecisionRecord {
             rules: vec![EXPLAIN_RULE.to_string()],
             datasets: vec![],
             purpose: None,
+            agreements: vec![],
             output_class: Class::General,
             output_tags: vec![],
             quota: None,

@@ -28,6 +28,10 @@ pub struct PolicyDocument {
     /// Who may learn what. A principal no consumer matches is refused.
     #[serde(default)]
     pub consumers: Vec<Spanned<Consumer>>,
+    /// Provider administrators: they approve, reject and revoke agreements
+    /// and read the whole audit log. A principal matching any entry is one.
+    #[serde(default)]
+    pub admins: Vec<Spanned<Matcher>>,
 }
 
 /// Dataset metadata (DCAT-like) and column classification.
@@ -197,6 +201,39 @@ pub struct Grant {
     /// Differential privacy: only noisy aggregates leave (`docs/privacy.md`).
     #[serde(default)]
     pub dp: Option<DpRule>,
+    /// When present, the consumer's organization needs an active agreement
+    /// for this grant (its offer in the catalog) before any query.
+    #[serde(default)]
+    pub agreement: Option<Spanned<AgreementRule>>,
+}
+
+/// How agreements for a grant's offer are made.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgreementRule {
+    /// `automatic`: a request is approved at once (the consumer still has
+    /// to ask, and so is on record); `manual`: a provider admin decides.
+    pub approval: ApprovalMode,
+    /// Days an approved agreement lasts; without it, until the grant's
+    /// `valid_until` or a revocation.
+    #[serde(default)]
+    pub valid_for_days: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalMode {
+    Automatic,
+    Manual,
+}
+
+impl fmt::Display for ApprovalMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ApprovalMode::Automatic => "automatic",
+            ApprovalMode::Manual => "manual",
+        })
+    }
 }
 
 /// How a column may be used.

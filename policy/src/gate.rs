@@ -9,13 +9,13 @@ use ring::hmac;
 
 use crate::checks::{Checker, DENY_BY_DEFAULT};
 use crate::compile::{ConsumerRules, DatasetGrant, PolicySet};
-use crate::document::{Class, Mask, Matcher, Quotas, Tag, Visibility};
+use crate::document::{Class, Matcher, Quotas, Tag, Visibility};
 use crate::dp::plan::DpRequest;
 use crate::dp::{DpQuery, SUPPORTED};
 use crate::lineage::Level;
 use crate::rewrite::Rewriter;
 use crate::{Approval, DecisionRecord, Denial, DenialKind, Principal, PrivacyCharge};
-use datafusion_common::arrow::datatypes::{DataType, Field};
+use datafusion_common::arrow::datatypes::Field;
 
 /// Who asks, why, and when: everything a decision may depend on besides the
 /// plan. Never data.
@@ -27,7 +27,17 @@ pub struct QueryContext {
     /// ε the query asks to spend under differential privacy (the
     /// `x-sluice-epsilon` header); the policy's default when absent.
     pub epsilon: Option<f64>,
+    /// Active agreements of the principal's organization, by offer id
+    /// (filled by the connector from its agreement store).
+    pub agreements: BTreeMap<String, ActiveAgreement>,
     pub at: SystemTime,
+}
+
+/// An agreement in force, as far as a decision needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveAgreement {
+    pub id: String,
+    pub purpose: String,
 }
 
 impl QueryContext {
@@ -36,8 +46,15 @@ impl QueryContext {
             principal,
             purpose: None,
             epsilon: None,
+            agreements: BTreeMap::new(),
             at: SystemTime::now(),
         }
+    }
+
+    /// Adds an active agreement for `offer`.
+    pub fn with_agreement(mut self, offer: impl Into<String>, agreement: ActiveAgreement) -> Self {
+        self.agreements.insert(offer.into(), agreement);
+        self
     }
 
     pub fn with_purpose(mut self, purpose: impl Into<String>) -> Self {
@@ -68,6 +85,12 @@ pub trait PlanGate: Send + Sync {
     /// listings, typed as queries return them (a hashed column is text, a
     /// redacted one nullable); `None` when the dataset is not theirs to see.
     fn visible_columns(&self, principal: &Principal, dataset: &str) -> Option<Vec<Field>>;
+
+    /// The compiled policy behind this gate, for the catalog, offers and
+    /// admin checks; `None` for gates that are not policy files.
+    fn policy_set(&self) -> Option<&PolicySet> {
+        None
+    }
 
     /// An approved plan as text for `EXPLAIN POLICY`, with the names of
     /// columns hidden from `principal` replaced by `<hidden>`.
@@ -134,15 +157,15 @@ impl PolicyGate {
 
 /// What applies to one principal: the consumers it matches and their grants
 /// combined (most restrictive wins).
-struct Resolved<'a> {
-    consumers: Vec<&'a ConsumerRules>,
-    grants: BTreeMap<String, DatasetGrant>,
+pub(crate) struct Resolved<'a> {
+    pub(crate) consumers: Vec<&'a ConsumerRules>,
+    pub(crate) grants: BTreeMap<String, DatasetGrant>,
     attributes: BTreeMap<String, String>,
     quotas: Option<Quotas>,
 }
 
 impl PolicySet {
-    fn resolve(&self, principal: &Principal) -> Option<Resolved<'_>> {
+    pub(crate) fn resolve(&self, principal: &Principal) -> Option<Resolved<'_>> {
         let consumers: Vec<&ConsumerRules> = self
             .consumers
             .iter()
@@ -187,7 +210,7 @@ impl PolicySet {
         })
     }
 
-    fn matches(&self, matcher: &Matcher, principal: &Principal) -> bool {
+    pub(crate) fn matches(&self, matcher: &Matcher, principal: &Principal) -> bool {
         let field_ok = |want: &Option<String>, have: Option<&String>| {
             want.as_ref().is_none_or(|w| have == Some(w))
         };
@@ -237,9 +260,10 @@ impl PlanGate for PolicyGate {
             )
         })?;
         let scanned = scanned_datasets(&plan);
+        let mut terms = Terms::default();
         for dataset in &scanned {
             if let Some(grant) = resolved.grants.get(dataset) {
-                check_conditions(grant, dataset, request)?;
+                check_conditions(grant, dataset, request, &mut terms)?;
             }
         }
         let checker = Checker {
@@ -313,7 +337,8 @@ impl PlanGate for PolicyGate {
             consumers: resolved.consumers.iter().map(|c| c.name.clone()).collect(),
             rules,
             datasets: scanned.iter().cloned().collect(),
-            purpose: request.purpose.clone(),
+            purpose: request.purpose.clone().or(terms.purpose),
+            agreements: terms.agreements,
             output_class,
             output_tags,
             quota: resolved.quotas.map(|quotas| crate::QuotaCharge {
@@ -353,18 +378,12 @@ impl PlanGate for PolicyGate {
         let resolved = self.policy.resolve(principal)?;
         let grant = resolved.grants.get(dataset)?;
         let schema = &self.policy.datasets.get(dataset)?.schema;
-        let listed = schema.fields().iter().filter_map(|field| {
-            let field = field.as_ref().clone();
-            match grant.visibility(field.name()) {
-                Visibility::Hidden => None,
-                Visibility::Masked(Mask::Hash) => {
-                    Some(field.with_data_type(DataType::Utf8).with_nullable(true))
-                }
-                Visibility::Masked(Mask::Redact) => Some(field.with_nullable(true)),
-                _ => Some(field),
-            }
-        });
-        Some(listed.collect())
+        let fields = crate::offers::visible_fields(schema, grant);
+        Some(fields.into_iter().map(|(field, _)| field).collect())
+    }
+
+    fn policy_set(&self) -> Option<&PolicySet> {
+        Some(&self.policy)
     }
 }
 
@@ -565,17 +584,62 @@ fn find_private_aggregate(
     }
 }
 
-/// Purpose and validity window: conditions of use, checked before the plan.
+/// What the conditions of use established: the agreements the query runs
+/// under, and the purpose they fix when the query declares none.
+#[derive(Default)]
+struct Terms {
+    agreements: Vec<String>,
+    purpose: Option<String>,
+}
+
+/// Agreements, validity window and purpose: conditions of use, checked
+/// before the plan.
 fn check_conditions(
     grant: &DatasetGrant,
     dataset: &str,
     request: &QueryContext,
+    terms: &mut Terms,
 ) -> Result<(), Denial> {
     let precondition = |rule: String, message: String| Denial {
         kind: DenialKind::Precondition,
         rule,
         message,
     };
+    let mut purpose = request.purpose.clone();
+    for needed in &grant.agreements {
+        let Some(agreement) = request.agreements.get(&needed.offer) else {
+            return Err(precondition(
+                format!("{}.agreement", grant.rule),
+                format!(
+                    "dataset `{dataset}` is used under an agreement: request one for offer `{}` (sluice.v1.AgreementService/RequestAgreement{})",
+                    needed.offer,
+                    match needed.approval {
+                        crate::document::ApprovalMode::Automatic => ", approved at once",
+                        crate::document::ApprovalMode::Manual => ", approved by the provider",
+                    }
+                ),
+            ));
+        };
+        match &purpose {
+            Some(declared) if *declared != agreement.purpose => {
+                return Err(precondition(
+                    format!("{}.agreement", grant.rule),
+                    format!(
+                        "agreement `{}` for offer `{}` covers purpose `{}`, not the declared `{declared}`",
+                        agreement.id, needed.offer, agreement.purpose
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => purpose = Some(agreement.purpose.clone()),
+        }
+        if !terms.agreements.contains(&agreement.id) {
+            terms.agreements.push(agreement.id.clone());
+        }
+    }
+    if request.purpose.is_none() && purpose.is_some() {
+        terms.purpose = purpose.clone();
+    }
     let now: DateTime<Utc> = request.at.into();
     if let Some(from) = grant.valid_from
         && now < from
@@ -601,7 +665,7 @@ fn check_conditions(
     }
     if let Some(purposes) = &grant.purposes {
         let allowed: Vec<&String> = purposes.iter().collect();
-        match request.purpose.as_deref() {
+        match purpose.as_deref() {
             Some(purpose) if purposes.contains(purpose) => {}
             Some(purpose) => {
                 return Err(precondition(

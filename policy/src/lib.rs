@@ -18,6 +18,8 @@
 //! - [`lineage`] and [`checks`]: the decision, on the plan with column lineage.
 //! - [`rewrite`] and [`mask`]: row filters, masks, minimum group sizes, row caps.
 //! - [`dp`]: differentially private aggregates with bounded contributions.
+//! - [`offers`]: the catalog one principal sees, and the offers it may
+//!   request agreements for.
 
 pub mod checks;
 pub mod compile;
@@ -27,11 +29,12 @@ pub mod dp;
 mod gate;
 pub mod lineage;
 pub mod mask;
+pub mod offers;
 mod principal;
 pub mod rewrite;
 
 pub use compile::{PlanningContext, PolicyError, PolicySet};
 pub use decision::{Approval, DecisionRecord, Denial, DenialKind, PrivacyCharge, QuotaCharge};
 pub use document::{Class, Tag};
-pub use gate::{PlanGate, PolicyGate, QueryContext};
+pub use gate::{ActiveAgreement, PlanGate, PolicyGate, QueryContext};
 pub use principal::Principal;

@@ -258,11 +258,15 @@ impl FlightSqlService for FlightSql {
             .redeem(&principal, &ticket.statement_handle)
             .await
             .map_err(|e| self.refuse("DoGet", Some(&principal.id), e))?;
-        Ok(Response::new(stream::encode_query(
-            run,
-            &principal,
-            self.metrics.clone(),
-        )))
+        let receipt = run.receipt.as_ref().map(|r| r.to_header());
+        let mut response =
+            Response::new(stream::encode_query(run, &principal, self.metrics.clone()));
+        if let Some(value) = receipt.and_then(|r| r.parse().ok()) {
+            response
+                .metadata_mut()
+                .insert(crate::audit::RECEIPT_HEADER, value);
+        }
+        Ok(response)
     }
 
     async fn do_action_create_prepared_statement(

@@ -17,6 +17,7 @@ use sluice_policy::Principal;
 use tonic::Status;
 use tracing::{Span, field};
 
+use crate::audit::Completion;
 use crate::metrics::Metrics;
 use crate::query::QueryRun;
 
@@ -38,7 +39,7 @@ pub fn encode_query(
         duration_ms = field::Empty,
         outcome = field::Empty,
     );
-    let observer = Arc::new(Observer::new(span, metrics));
+    let observer = Arc::new(Observer::new(span, metrics, run.completion));
     let counting = observer.clone();
     let batches = run.batches.map(move |item| match item {
         Ok(batch) => {
@@ -52,10 +53,13 @@ pub fn encode_query(
             Err(FlightError::Tonic(Box::new(e.into())))
         }
     });
-    let encoded = FlightDataEncoderBuilder::new()
-        .with_schema(run.schema)
-        .build(batches)
-        .map(|r| r.map_err(Status::from));
+    let mut encoder = FlightDataEncoderBuilder::new().with_schema(run.schema);
+    if let Some(receipt) = &run.receipt {
+        // The first message (the schema) carries the receipt, so a client
+        // that reads app_metadata keeps it with the data.
+        encoder = encoder.with_metadata(receipt.to_header().into());
+    }
+    let encoded = encoder.build(batches).map(|r| r.map_err(Status::from));
     Box::pin(Observed {
         inner: Box::pin(encoded),
         observer,
@@ -81,10 +85,11 @@ struct Observer {
     bytes: AtomicU64,
     outcome: Mutex<Option<&'static str>>,
     metrics: Arc<Metrics>,
+    completion: Mutex<Option<Completion>>,
 }
 
 impl Observer {
-    fn new(span: Span, metrics: Arc<Metrics>) -> Self {
+    fn new(span: Span, metrics: Arc<Metrics>, completion: Option<Completion>) -> Self {
         metrics.active_queries.inc();
         Self {
             span,
@@ -93,6 +98,7 @@ impl Observer {
             bytes: AtomicU64::new(0),
             outcome: Mutex::new(None),
             metrics,
+            completion: Mutex::new(completion),
         }
     }
 
@@ -130,6 +136,13 @@ impl Drop for Observer {
         self.span.record("duration_ms", duration_ms);
         self.span.record("outcome", outcome);
         tracing::info!(parent: &self.span, outcome, rows, bytes, duration_ms, "query finished");
+        if let Some(completion) = self.completion.lock().expect("completion lock").take() {
+            let outcome = match outcome {
+                "ok" => "completed",
+                other => other,
+            };
+            completion.finish(outcome, rows, bytes);
+        }
     }
 }
 

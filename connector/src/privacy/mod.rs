@@ -169,7 +169,7 @@ impl Privacy {
 
 /// Runs a ledger call (an fsync, 0.3 ms here, milliseconds on real disks)
 /// without stalling the other tasks of a multi-threaded runtime's worker.
-fn blocking<T>(call: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(call: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),

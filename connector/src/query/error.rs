@@ -32,6 +32,8 @@ pub enum QueryError {
     DataDependent(String),
     /// A fault on our side. INTERNAL.
     Internal(String),
+    /// Any of the above, with the receipt of its audit record.
+    Recorded(Box<QueryError>, String),
 }
 
 impl fmt::Display for QueryError {
@@ -45,6 +47,7 @@ impl fmt::Display for QueryError {
             | QueryError::DataDependent(m)
             | QueryError::Internal(m) => f.write_str(m),
             QueryError::Denied(d) => write!(f, "{d}"),
+            QueryError::Recorded(e, receipt) => write!(f, "{e} (audit receipt {receipt})"),
         }
     }
 }
@@ -65,6 +68,23 @@ impl QueryError {
             QueryError::ResourcesExhausted(_) => Code::ResourceExhausted,
             QueryError::Timeout(_) => Code::DeadlineExceeded,
             QueryError::Internal(_) => Code::Internal,
+            QueryError::Recorded(e, _) => e.code(),
+        }
+    }
+
+    /// The error with the receipt id of the audit record that holds it.
+    pub fn recorded(self, receipt_id: String) -> Self {
+        match self {
+            QueryError::Recorded(e, _) => QueryError::Recorded(e, receipt_id),
+            e => QueryError::Recorded(Box::new(e), receipt_id),
+        }
+    }
+
+    /// The error without its receipt.
+    pub fn cause(&self) -> &QueryError {
+        match self {
+            QueryError::Recorded(e, _) => e.cause(),
+            e => e,
         }
     }
 
@@ -79,6 +99,7 @@ impl QueryError {
             QueryError::Timeout(_) => "timeout",
             QueryError::DataDependent(_) => "data_error",
             QueryError::Internal(_) => "internal",
+            QueryError::Recorded(e, _) => e.outcome(),
         }
     }
 
@@ -182,7 +203,15 @@ pub fn human_bytes(n: usize) -> String {
 
 impl From<QueryError> for Status {
     fn from(e: QueryError) -> Self {
-        Status::new(e.code(), e.to_string())
+        let mut status = Status::new(e.code(), e.to_string());
+        if let QueryError::Recorded(_, receipt) = &e
+            && let Ok(value) = receipt.parse()
+        {
+            status
+                .metadata_mut()
+                .insert(crate::audit::RECEIPT_HEADER, value);
+        }
+        status
     }
 }
 

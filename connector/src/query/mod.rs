@@ -1,8 +1,8 @@
 //! The life of a query, one module per step:
 //!
 //! ```text
-//! GetFlightInfo:  plan::parse → plan::plan → plan::analyze → PlanGate::decide → release::advertised_schema → ticket
-//! DoGet:          ticket::verify → ticket::redeem → execute::start → release::conform → client
+//! GetFlightInfo:  plan::parse → plan::plan → plan::analyze → (agreements) → PlanGate::decide → release::advertised_schema → ticket → audit (decision)
+//! DoGet:          ticket::verify → ticket::redeem → (agreements still active) → execute::start → audit (release) → release::conform → client → audit (completion)
 //! ```
 //!
 //! Identity (step 1) comes from [`crate::identity`]; the decision and rewrite
@@ -36,6 +36,8 @@ pub use error::{QueryError, human_bytes};
 use execute::{ExecutionLimits, Executor};
 use ticket::{Claims, PendingQueries, PendingQuery, TicketSigner};
 
+use crate::agreements::Agreements;
+use crate::audit::{self, Audit, Completion, PlanFacts, Receipt};
 use crate::catalog::Catalog;
 use crate::config::Limits;
 use crate::privacy::{self, Privacy, PrivacyTicket};
@@ -54,7 +56,11 @@ pub struct IssuedTicket {
     pub expires_at: SystemTime,
     /// Whether the result order is meaningful (the plan sorts at the top).
     pub ordered: bool,
+    /// Hex SHA-256 of the approved plan, as the ticket binds it.
+    pub plan_hash: String,
     pub decision: DecisionRecord,
+    /// The receipt of the decision's audit record.
+    pub receipt: Option<Receipt>,
 }
 
 /// A query being executed for DoGet.
@@ -62,6 +68,19 @@ pub struct QueryRun {
     pub query_id: String,
     pub schema: SchemaRef,
     pub batches: std::pin::Pin<Box<dyn Stream<Item = Result<RecordBatch, QueryError>> + Send>>,
+    /// The receipt of the release record, written before the first batch.
+    pub receipt: Option<Receipt>,
+    /// Writes the completion record when the stream ends.
+    pub completion: Option<Completion>,
+}
+
+/// Where the connector keeps account of use: daily quotas, the privacy
+/// budget ledger, agreements and the audit log.
+pub struct Books {
+    pub quotas: Arc<QuotaStore>,
+    pub privacy: Arc<Privacy>,
+    pub agreements: Arc<Agreements>,
+    pub audit: Arc<Audit>,
 }
 
 /// Plans, decides, issues tickets for and executes queries.
@@ -70,6 +89,8 @@ pub struct QueryEngine {
     policy: Arc<PolicyHandle>,
     quotas: Arc<QuotaStore>,
     privacy: Arc<Privacy>,
+    agreements: Arc<Agreements>,
+    audit: Arc<Audit>,
     signer: TicketSigner,
     pending: PendingQueries,
     limits: Limits,
@@ -81,8 +102,7 @@ impl QueryEngine {
     pub fn new(
         catalog: Arc<Catalog>,
         policy: Arc<PolicyHandle>,
-        quotas: Arc<QuotaStore>,
-        privacy: Arc<Privacy>,
+        books: Books,
         limits: Limits,
         executor: Executor,
     ) -> Self {
@@ -92,8 +112,10 @@ impl QueryEngine {
             signer: TicketSigner::generate(),
             catalog,
             policy,
-            quotas,
-            privacy,
+            quotas: books.quotas,
+            privacy: books.privacy,
+            agreements: books.agreements,
+            audit: books.audit,
             limits,
             executor,
         }
@@ -128,6 +150,33 @@ impl QueryEngine {
         &self.privacy
     }
 
+    pub fn agreements(&self) -> &Arc<Agreements> {
+        &self.agreements
+    }
+
+    pub fn audit(&self) -> &Arc<Audit> {
+        &self.audit
+    }
+
+    /// The request with the active agreements of its organization, which
+    /// the decision needs (a grant may require one).
+    fn with_agreements(&self, request: &QueryContext) -> Result<QueryContext, QueryError> {
+        let organization = audit::organization_key(&request.principal);
+        let active = self
+            .agreements
+            .active(&organization, request.purpose.as_deref(), request.at)
+            .map_err(|e| {
+                tracing::error!(error = %e, "reading agreements failed");
+                QueryError::Internal(
+                    "the agreement store cannot be read (see the connector log)".into(),
+                )
+            })?;
+        Ok(QueryContext {
+            agreements: active,
+            ..request.clone()
+        })
+    }
+
     /// Tickets issued and not yet redeemed or expired.
     pub fn outstanding_tickets(&self) -> usize {
         self.pending.purge_expired(SystemTime::now());
@@ -148,32 +197,106 @@ impl QueryEngine {
         sql: &str,
     ) -> Result<IssuedTicket, QueryError> {
         if let Some(query) = explain::strip_explain_policy(sql) {
+            let request = self.with_agreements(request)?;
             let plan = self.plan_sql(query).await?;
             let state = self.catalog.session().state();
             let analyzed = plan::analyze(&state, plan)?;
             let gate = self.policy.current();
             let explanation =
-                explain::explain(gate.decide(request, analyzed), gate.version(), |plan| {
+                explain::explain(gate.decide(&request, analyzed), gate.version(), |plan| {
                     gate.describe_plan(&request.principal, plan)
                 })?;
             return self.ticket(
-                request,
+                &request,
                 explanation,
                 DecisionRecord::explain(gate.version()),
                 None,
             );
         }
-        let plan = self.plan_sql(sql).await?;
+        let plan = match self.plan_sql(sql).await {
+            Ok(plan) => plan,
+            Err(e) => return self.recorded_refusal(request, &PlanFacts::default(), e),
+        };
         self.issue(request, plan, None)
     }
 
     /// Analyzes a plan (binding `params` first, if any), asks the policy,
-    /// charges the quota and issues a ticket for the approved plan.
+    /// charges the quota and issues a ticket for the approved plan. The
+    /// decision, allowed or not, is in the audit log when this returns.
     pub fn issue(
         &self,
         request: &QueryContext,
         plan: LogicalPlan,
         params: Option<Vec<ScalarValue>>,
+    ) -> Result<IssuedTicket, QueryError> {
+        let mut facts = PlanFacts {
+            purpose: request.purpose.clone(),
+            ..PlanFacts::default()
+        };
+        let issued = self
+            .with_agreements(request)
+            .and_then(|request| self.issue_approved(&request, plan, params, &mut facts));
+        match issued {
+            Ok(issued) => self.recorded_approval(request, issued),
+            Err(e) => self.recorded_refusal(request, &facts, e),
+        }
+    }
+
+    /// Appends the decision record of an issued ticket. A ticket whose
+    /// decision cannot be recorded is withdrawn.
+    fn recorded_approval(
+        &self,
+        request: &QueryContext,
+        mut issued: IssuedTicket,
+    ) -> Result<IssuedTicket, QueryError> {
+        let entry = audit::allowed(
+            request,
+            &issued.decision,
+            &issued.plan_hash,
+            &issued.query_id,
+        );
+        match self.audit.append(entry) {
+            Ok(receipt) => {
+                issued.receipt = receipt;
+                Ok(issued)
+            }
+            Err(e) => {
+                if let Some(pending) = self.pending.cancel(&issued.query_id)
+                    && let Some(ticket) = &pending.privacy
+                {
+                    self.privacy.refund(ticket);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends the record of a refusal and names its receipt in the error.
+    fn recorded_refusal<T>(
+        &self,
+        request: &QueryContext,
+        facts: &PlanFacts,
+        error: QueryError,
+    ) -> Result<T, QueryError> {
+        let entry = audit::refused(
+            "decision",
+            &request.principal,
+            &self.policy.version(),
+            facts,
+            &error,
+        );
+        Err(match self.audit.append(entry) {
+            Ok(Some(receipt)) => error.recorded(receipt.receipt_id),
+            Ok(None) | Err(_) => error,
+        })
+    }
+
+    fn issue_approved(
+        &self,
+        request: &QueryContext,
+        plan: LogicalPlan,
+        params: Option<Vec<ScalarValue>>,
+        facts: &mut PlanFacts,
     ) -> Result<IssuedTicket, QueryError> {
         let state = self.catalog.session().state();
         let plan = match params {
@@ -181,6 +304,8 @@ impl QueryEngine {
             None => plan,
         };
         let analyzed = plan::analyze(&state, plan)?;
+        facts.plan_hash = Some(crate::identity::hex(&plan_hash(&analyzed)));
+        facts.datasets = plan::scanned_tables(&analyzed);
         let Approval { plan, record, dp } = self.policy.current().decide(request, analyzed)?;
         // The rewrite injected filters and masks: coerce their types too.
         let mut plan = plan::analyze(&state, plan)?;
@@ -230,6 +355,7 @@ impl QueryEngine {
         request: &QueryContext,
         plan: &LogicalPlan,
     ) -> Result<SchemaRef, QueryError> {
+        let request = &self.with_agreements(request)?;
         let state = self.catalog.session().state();
         let plan = match plan::parameter_schema(plan)?.fields() {
             fields if fields.is_empty() => plan.clone(),
@@ -319,7 +445,7 @@ impl QueryEngine {
             query_id: id.to_vec(),
             principal_id: principal.id.clone(),
             expires_at_ms: ticket::unix_ms(expires_at),
-            plan_hash,
+            plan_hash: plan_hash.clone(),
             policy_version: decision.policy_version.clone(),
             reservation,
         });
@@ -330,6 +456,8 @@ impl QueryEngine {
             expires_at,
             ordered,
             decision,
+            plan_hash: crate::identity::hex(&plan_hash),
+            receipt: None,
         })
     }
 
@@ -342,8 +470,15 @@ impl QueryEngine {
         ticket: &[u8],
     ) -> Result<QueryRun, QueryError> {
         let claims = self.signer.verify(ticket, principal, SystemTime::now())?;
+        let query_id = crate::identity::hex(&claims.query_id);
         let pending = self.pending.redeem(&claims)?;
         let privacy = pending.privacy.clone();
+        let facts = PlanFacts {
+            plan_hash: Some(crate::identity::hex(&pending.plan_hash)),
+            datasets: pending.approval.record.datasets.clone(),
+            purpose: pending.approval.record.purpose.clone(),
+            query_id: Some(query_id.clone()),
+        };
         let started = self.start_run(&claims, pending).await;
         if started.is_err()
             && let Some(ticket) = &privacy
@@ -351,8 +486,17 @@ impl QueryEngine {
             // Nothing was read: the reservation comes back.
             self.privacy.refund(ticket);
         }
-        let (pending, deadline, permit) = started?;
-        let query_id = crate::identity::hex(&claims.query_id);
+        let (pending, deadline, permit) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                let entry =
+                    audit::refused("release", principal, &claims.policy_version, &facts, &e);
+                return Err(match self.audit.append(entry) {
+                    Ok(Some(receipt)) => e.recorded(receipt.receipt_id),
+                    _ => e,
+                });
+            }
+        };
         let limits = ExecutionLimits {
             memory: self.limits.query_memory,
             deadline,
@@ -363,8 +507,15 @@ impl QueryEngine {
             schema,
             rows_quota,
             privacy,
+            plan_hash,
             ..
         } = pending;
+        let release = audit::release(
+            principal,
+            &approval.record,
+            &crate::identity::hex(&plan_hash),
+            &query_id,
+        );
         // A DP answer uses its slot for the statistics; finishing runs over
         // a few noisy rows in memory.
         let (plan, schema, permit) = match (approval.dp, privacy) {
@@ -376,6 +527,11 @@ impl QueryEngine {
             }
             _ => (approval.plan, schema, Some(permit)),
         };
+        // Nothing leaves before its release is on record.
+        let receipt = self.audit.append(release.clone())?;
+        let completion = receipt
+            .as_ref()
+            .map(|r| Completion::new(self.audit.clone(), &release, r));
         let receiver = self
             .executor
             .start(self.catalog.clone(), plan, limits, permit);
@@ -393,6 +549,8 @@ impl QueryEngine {
             query_id,
             schema,
             batches: Box::pin(batches),
+            receipt,
+            completion,
         })
     }
 
@@ -420,6 +578,7 @@ impl QueryEngine {
                 "ticket rejected: it names another privacy-budget reservation".into(),
             ));
         }
+        self.check_agreements(&pending.approval.record)?;
         let deadline = Instant::now() + self.limits.query_timeout;
         let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
             .await
@@ -434,6 +593,30 @@ impl QueryEngine {
             self.privacy.start(ticket)?;
         }
         Ok((pending, deadline, permit))
+    }
+
+    /// A ticket is only as good as the agreements it was issued under: one
+    /// revoked or expired since makes it useless.
+    fn check_agreements(&self, decision: &DecisionRecord) -> Result<(), QueryError> {
+        let now = SystemTime::now();
+        for id in &decision.agreements {
+            let active = self.agreements.is_active(id, now).map_err(|e| {
+                tracing::error!(error = %e, "reading agreements failed");
+                QueryError::Internal(
+                    "the agreement store cannot be read (see the connector log)".into(),
+                )
+            })?;
+            if !active {
+                return Err(QueryError::Denied(sluice_policy::Denial {
+                    kind: sluice_policy::DenialKind::Precondition,
+                    rule: "agreement".into(),
+                    message: format!(
+                        "agreement `{id}` is no longer active (revoked or expired) since this ticket was issued; request a new agreement"
+                    ),
+                }));
+            }
+        }
+        Ok(())
     }
 
     /// Computes (or fetches from the cache) the noisy aggregate of a DP

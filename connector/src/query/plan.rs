@@ -255,6 +255,20 @@ pub async fn plan(
 /// Runs DataFusion's analyzer (type coercion, function rewrites) so that the
 /// gate sees the plan as it will execute. Refuses plans with unbound
 /// parameters.
+/// The tables a plan reads (subqueries included), sorted, for audit records
+/// of refusals.
+pub fn scanned_tables(plan: &LogicalPlan) -> Vec<String> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut tables = std::collections::BTreeSet::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            tables.insert(scan.table_name.table().to_string());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    tables.into_iter().collect()
+}
+
 pub fn analyze(state: &SessionState, plan: LogicalPlan) -> Result<LogicalPlan, QueryError> {
     let unbound = parameter_names(&plan)?;
     if !unbound.is_empty() {

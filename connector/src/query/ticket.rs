@@ -174,6 +174,16 @@ impl PendingQueries {
         Ok(pending)
     }
 
+    /// Withdraws a ticket before it was handed out (its decision could not
+    /// be recorded). `query_id` is the hex id.
+    pub fn cancel(&self, query_id: &str) -> Option<PendingQuery> {
+        let mut map = self.inner.lock().expect("pending queries lock");
+        let id = *map
+            .keys()
+            .find(|id| crate::identity::hex(id.as_slice()) == query_id)?;
+        map.remove(&id)
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().expect("pending queries lock").len()
     }

@@ -1,3 +1,5 @@
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
 //! Planning and executing SQL in the property tests, as the connector does:
 //! plan, analyze (type coercion), decide, analyze the rewrite, execute.
 

@@ -1,5 +1,9 @@
 //! The `sluice` command line: the daemon (`serve`), a client (`query`,
-//! `tables`, `whoami`), and tools (`init`, `certs`, `config`).
+//! `tables`, `whoami`, `budget`), the control plane ([`control`]: `catalog`,
+//! `agreements`, `admin`, `receipt`, `audit`), and tools (`init`, `certs`,
+//! `config`).
+
+mod control;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -48,6 +52,20 @@ enum Command {
     Whoami(ConnArgs),
     /// Show your organization's differential-privacy budget: spent and remaining per dataset.
     Budget(BudgetArgs),
+    /// Datasets offered to you: metadata, columns as you may use them, offers.
+    Catalog(control::CatalogArgs),
+    /// Request and read agreements for offers.
+    #[command(subcommand)]
+    Agreements(control::AgreementsCommand),
+    /// Provider administration: decide agreement requests.
+    #[command(subcommand)]
+    Admin(control::AdminCommand),
+    /// Audit receipts: list and fetch yours, verify one against the provider's key.
+    #[command(subcommand)]
+    Receipt(control::ReceiptCommand),
+    /// The audit log: verify the chain offline, export it, show its head.
+    #[command(subcommand)]
+    Audit(control::AuditCommand),
     /// Create a certificate authority and issue server and client certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -93,7 +111,7 @@ struct ConnArgs {
     /// State directory whose development PKI supplies --ca/--cert/--key by default.
     #[arg(long, env = "SLUICE_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
-    /// Demo identity in <state-dir>/pki to use: `planning`, `supplier` or `research`.
+    /// Demo identity in <state-dir>/pki to use: `planning`, `supplier`, `research` or `admin`.
     #[arg(long, default_value = DEFAULT_IDENTITY)]
     identity: String,
     /// CA certificate that signed the server's certificate (PEM).
@@ -141,6 +159,10 @@ struct QueryArgs {
     /// x-sluice-epsilon header), up to the policy's per-query cap.
     #[arg(long, short = 'e', env = "SLUICE_EPSILON")]
     epsilon: Option<f64>,
+    /// Write the result's audit receipt (JSON) to this file, for
+    /// `sluice receipt verify`.
+    #[arg(long)]
+    receipt_out: Option<PathBuf>,
     /// The SQL query (or `EXPLAIN POLICY <query>`); `-` reads it from standard input.
     sql: String,
 }
@@ -302,6 +324,11 @@ fn run(command: Command) -> Result<()> {
         Command::Tables(args) => client_runtime()?.block_on(tables(args)),
         Command::Whoami(args) => client_runtime()?.block_on(whoami(args)),
         Command::Budget(args) => client_runtime()?.block_on(budget(args)),
+        Command::Catalog(args) => client_runtime()?.block_on(control::catalog(args)),
+        Command::Agreements(cmd) => client_runtime()?.block_on(control::agreements(cmd)),
+        Command::Admin(cmd) => client_runtime()?.block_on(control::admin(cmd)),
+        Command::Receipt(cmd) => client_runtime()?.block_on(control::receipt(cmd)),
+        Command::Audit(cmd) => client_runtime()?.block_on(control::audit(cmd)),
         Command::Certs(cmd) => certs(cmd),
         Command::Config(ConfigCommand::Example) => {
             print!("{}", Config::embedded_default_text());
@@ -477,6 +504,29 @@ async fn query(args: QueryArgs) -> Result<()> {
             }
             writer.finish()?;
         }
+    }
+    drop(out);
+    report_receipts(conn.receipts(), args.receipt_out.as_deref())
+}
+
+/// Names the audit receipt of each result on standard error, and keeps the
+/// last one in `path` when asked.
+fn report_receipts(receipts: &[String], path: Option<&Path>) -> Result<()> {
+    for receipt in receipts {
+        match crate::audit::Receipt::from_header(receipt) {
+            Ok(r) => eprintln!("audit receipt {} (record {})", r.receipt_id, r.seq),
+            Err(_) => eprintln!("audit receipt (unreadable): {receipt}"),
+        }
+    }
+    if let Some(path) = path {
+        let Some(last) = receipts.last() else {
+            bail!(
+                "the connector sent no audit receipt to write to {}",
+                path.display()
+            );
+        };
+        std::fs::write(path, format!("{last}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -1,0 +1,626 @@
+//! Agreements: the contracts under which consumers use offers, kept in
+//! embedded SQLite (`<state_dir>/agreements.sqlite`, WAL, `synchronous=FULL`).
+//!
+//! ```text
+//! request ─┬─ automatic offer ─▶ active ──revoke──▶ revoked
+//!          │                       └──(expires_at)──▶ expired
+//!          └─ manual offer ──▶ pending ──approve──▶ active
+//!                                 └──reject──▶ rejected
+//! ```
+//!
+//! An agreement binds an organization (the certificate's O, else the
+//! principal id, as for budgets), so a new certificate of the same
+//! organization uses the same agreements. Expiry is not a write: an active
+//! agreement past `expires_at` reads as expired.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use ring::rand::{SecureRandom, SystemRandom};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use sluice_policy::ActiveAgreement;
+use sluice_policy::document::ApprovalMode;
+use sluice_policy::offers::Offer;
+
+/// Where an agreement stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgreementState {
+    Pending,
+    Active,
+    Rejected,
+    Revoked,
+    Expired,
+}
+
+impl AgreementState {
+    fn as_str(self) -> &'static str {
+        match self {
+            AgreementState::Pending => "pending",
+            AgreementState::Active => "active",
+            AgreementState::Rejected => "rejected",
+            AgreementState::Revoked => "revoked",
+            AgreementState::Expired => "expired",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => AgreementState::Pending,
+            "active" => AgreementState::Active,
+            "rejected" => AgreementState::Rejected,
+            "revoked" => AgreementState::Revoked,
+            "expired" => AgreementState::Expired,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for AgreementState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One agreement as stored, with its state as of when it was read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agreement {
+    pub id: String,
+    pub offer_id: String,
+    pub dataset: String,
+    pub organization: String,
+    pub requested_by: String,
+    pub purpose: String,
+    pub state: AgreementState,
+    pub requested_at: SystemTime,
+    pub decided_at: Option<SystemTime>,
+    pub decided_by: Option<String>,
+    pub expires_at: Option<SystemTime>,
+    pub reason: Option<String>,
+}
+
+/// Why an agreement operation was refused; each maps to one gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum AgreementError {
+    /// INVALID_ARGUMENT.
+    #[error("{0}")]
+    Invalid(String),
+    /// NOT_FOUND.
+    #[error("{0}")]
+    NotFound(String),
+    /// FAILED_PRECONDITION: the agreement is not in a state that allows it.
+    #[error("{0}")]
+    WrongState(String),
+    /// INTERNAL: the database failed.
+    #[error("agreement store: {0:#}")]
+    Store(#[from] anyhow::Error),
+}
+
+/// The agreement store.
+pub struct Agreements {
+    db: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS agreements (
+    id TEXT PRIMARY KEY,
+    offer_id TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    organization TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    state TEXT NOT NULL,
+    requested_at_ms INTEGER NOT NULL,
+    decided_at_ms INTEGER,
+    decided_by TEXT,
+    expires_at_ms INTEGER,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS agreements_by_org ON agreements (organization, state);
+";
+
+impl Agreements {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let open = || -> rusqlite::Result<Connection> {
+            let db = Connection::open(path)?;
+            db.pragma_update(None, "journal_mode", "WAL")?;
+            db.pragma_update(None, "synchronous", "FULL")?;
+            db.busy_timeout(Duration::from_secs(10))?;
+            db.execute_batch(SCHEMA)?;
+            Ok(db)
+        };
+        let db = open().with_context(|| {
+            format!(
+                "opening the agreement store {} (is it an SQLite file this connector wrote?)",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            db: Mutex::new(db),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Requests an agreement for `offer` on behalf of `organization`.
+    /// Automatic offers are active at once; an identical pending or active
+    /// request is returned instead of a new one.
+    pub fn request(
+        &self,
+        offer: &Offer,
+        organization: &str,
+        principal: &str,
+        purpose: &str,
+        now: SystemTime,
+    ) -> Result<Agreement, AgreementError> {
+        let Some(terms) = &offer.agreement else {
+            return Err(AgreementError::Invalid(format!(
+                "offer `{}` needs no agreement: query dataset `{}` directly",
+                offer.id, offer.dataset
+            )));
+        };
+        check_purpose(offer, purpose)?;
+        if let Some(existing) = self
+            .list(Some(organization), Some(&offer.id), now)?
+            .into_iter()
+            .find(|a| {
+                a.purpose == purpose
+                    && matches!(a.state, AgreementState::Pending | AgreementState::Active)
+            })
+        {
+            return Ok(existing);
+        }
+        let mut agreement = Agreement {
+            id: new_id()?,
+            offer_id: offer.id.clone(),
+            dataset: offer.dataset.clone(),
+            organization: organization.to_string(),
+            requested_by: principal.to_string(),
+            purpose: purpose.to_string(),
+            state: AgreementState::Pending,
+            requested_at: now,
+            decided_at: None,
+            decided_by: None,
+            expires_at: None,
+            reason: None,
+        };
+        if terms.approval == ApprovalMode::Automatic {
+            activate(&mut agreement, offer, "policy", now);
+        }
+        self.insert(&agreement)?;
+        Ok(agreement)
+    }
+
+    /// Approves a pending agreement; `offer` gives its duration.
+    pub fn approve(
+        &self,
+        id: &str,
+        offer: &Offer,
+        admin: &str,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Agreement, AgreementError> {
+        self.transition(id, AgreementState::Pending, "approve", now, |a| {
+            activate(a, offer, admin, now);
+            a.reason = non_empty(reason);
+        })
+    }
+
+    /// Rejects a pending agreement.
+    pub fn reject(
+        &self,
+        id: &str,
+        admin: &str,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Agreement, AgreementError> {
+        self.end(id, AgreementState::Rejected, admin, reason, now)
+    }
+
+    /// Revokes an active agreement: later queries and tickets already issued
+    /// under it are refused.
+    pub fn revoke(
+        &self,
+        id: &str,
+        admin: &str,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Agreement, AgreementError> {
+        self.end(id, AgreementState::Revoked, admin, reason, now)
+    }
+
+    /// Rejects (a pending) or revokes (an active) agreement.
+    fn end(
+        &self,
+        id: &str,
+        to: AgreementState,
+        admin: &str,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Agreement, AgreementError> {
+        let (from, verb) = match to {
+            AgreementState::Rejected => (AgreementState::Pending, "reject"),
+            _ => (AgreementState::Active, "revoke"),
+        };
+        self.transition(id, from, verb, now, |a| {
+            a.state = to;
+            a.decided_at = Some(now);
+            a.decided_by = Some(admin.to_string());
+            a.reason = non_empty(reason);
+        })
+    }
+
+    pub fn get(&self, id: &str, now: SystemTime) -> Result<Option<Agreement>, AgreementError> {
+        let db = self.lock();
+        let found = db
+            .query_row("SELECT * FROM agreements WHERE id = ?1", [id], read_row)
+            .optional()
+            .map_err(|e| self.store_error(e))?;
+        Ok(found.map(|a| as_of(a, now)))
+    }
+
+    /// Agreements, newest first, of one organization (or all) and one offer
+    /// (or all).
+    pub fn list(
+        &self,
+        organization: Option<&str>,
+        offer: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<Agreement>, AgreementError> {
+        let db = self.lock();
+        let mut statement = db
+            .prepare_cached(
+                "SELECT * FROM agreements
+                 WHERE (?1 IS NULL OR organization = ?1) AND (?2 IS NULL OR offer_id = ?2)
+                 ORDER BY requested_at_ms DESC, id",
+            )
+            .map_err(|e| self.store_error(e))?;
+        let rows = statement
+            .query_map(params![organization, offer], read_row)
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.store_error(e))?;
+        Ok(rows.into_iter().map(|a| as_of(a, now)).collect())
+    }
+
+    /// The agreements a query of `organization` can run under, by offer.
+    /// Where several are active for one offer, the one for `purpose` wins,
+    /// else the newest.
+    pub fn active(
+        &self,
+        organization: &str,
+        purpose: Option<&str>,
+        now: SystemTime,
+    ) -> Result<BTreeMap<String, ActiveAgreement>, AgreementError> {
+        let mut out: BTreeMap<String, ActiveAgreement> = BTreeMap::new();
+        for agreement in self.list(Some(organization), None, now)? {
+            if agreement.state != AgreementState::Active {
+                continue;
+            }
+            let better = match out.get(&agreement.offer_id) {
+                None => true,
+                Some(held) => {
+                    purpose == Some(agreement.purpose.as_str()) && purpose != Some(&held.purpose)
+                }
+            };
+            if better {
+                out.insert(
+                    agreement.offer_id.clone(),
+                    ActiveAgreement {
+                        id: agreement.id,
+                        purpose: agreement.purpose,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether agreement `id` is in force now (DoGet re-checks tickets).
+    pub fn is_active(&self, id: &str, now: SystemTime) -> Result<bool, AgreementError> {
+        Ok(self
+            .get(id, now)?
+            .is_some_and(|a| a.state == AgreementState::Active))
+    }
+
+    fn transition(
+        &self,
+        id: &str,
+        from: AgreementState,
+        verb: &str,
+        now: SystemTime,
+        change: impl FnOnce(&mut Agreement),
+    ) -> Result<Agreement, AgreementError> {
+        let mut agreement = self
+            .get(id, now)?
+            .ok_or_else(|| AgreementError::NotFound(format!("no agreement `{id}`")))?;
+        if agreement.state != from {
+            return Err(AgreementError::WrongState(format!(
+                "cannot {verb} agreement `{id}`: it is {}, and only a {from} one can be",
+                agreement.state
+            )));
+        }
+        change(&mut agreement);
+        let db = self.lock();
+        let changed = db
+            .execute(
+                "UPDATE agreements SET state = ?2, decided_at_ms = ?3, decided_by = ?4,
+                 expires_at_ms = ?5, reason = ?6 WHERE id = ?1 AND state = ?7",
+                params![
+                    agreement.id,
+                    agreement.state.as_str(),
+                    agreement.decided_at.map(ms),
+                    agreement.decided_by,
+                    agreement.expires_at.map(ms),
+                    agreement.reason,
+                    from.as_str(),
+                ],
+            )
+            .map_err(|e| self.store_error(e))?;
+        if changed == 0 {
+            return Err(AgreementError::WrongState(format!(
+                "cannot {verb} agreement `{id}`: it changed concurrently; read it again"
+            )));
+        }
+        Ok(agreement)
+    }
+
+    fn insert(&self, a: &Agreement) -> Result<(), AgreementError> {
+        self.lock()
+            .execute(
+                "INSERT INTO agreements VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    a.id,
+                    a.offer_id,
+                    a.dataset,
+                    a.organization,
+                    a.requested_by,
+                    a.purpose,
+                    a.state.as_str(),
+                    ms(a.requested_at),
+                    a.decided_at.map(ms),
+                    a.decided_by,
+                    a.expires_at.map(ms),
+                    a.reason,
+                ],
+            )
+            .map_err(|e| self.store_error(e))?;
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn store_error(&self, e: rusqlite::Error) -> AgreementError {
+        AgreementError::Store(anyhow::anyhow!("{}: {e}", self.path.display()))
+    }
+}
+
+fn check_purpose(offer: &Offer, purpose: &str) -> Result<(), AgreementError> {
+    if purpose.trim().is_empty() {
+        return Err(AgreementError::Invalid(format!(
+            "an agreement states its purpose: give one{}",
+            match offer.purposes.is_empty() {
+                true => String::new(),
+                false => format!(" of: {}", offer.purposes.join(", ")),
+            }
+        )));
+    }
+    if !offer.purposes.is_empty() && !offer.purposes.iter().any(|p| p == purpose) {
+        return Err(AgreementError::Invalid(format!(
+            "purpose `{purpose}` is not offered for `{}`; offered: {}",
+            offer.id,
+            offer.purposes.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Makes `a` active from `now`, until the offer's duration or the grant's
+/// end, whichever comes first.
+fn activate(a: &mut Agreement, offer: &Offer, by: &str, now: SystemTime) {
+    a.state = AgreementState::Active;
+    a.decided_at = Some(now);
+    a.decided_by = Some(by.to_string());
+    let by_duration = offer
+        .agreement
+        .as_ref()
+        .and_then(|t| t.valid_for_days)
+        .map(|days| now + Duration::from_secs(u64::from(days) * 86_400));
+    let by_grant = offer.valid_until.map(SystemTime::from);
+    a.expires_at = match (by_duration, by_grant) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+}
+
+/// The state as of `now`: an active agreement past its expiry is expired.
+fn as_of(mut a: Agreement, now: SystemTime) -> Agreement {
+    if a.state == AgreementState::Active && a.expires_at.is_some_and(|at| at <= now) {
+        a.state = AgreementState::Expired;
+    }
+    a
+}
+
+fn read_row(row: &Row<'_>) -> rusqlite::Result<Agreement> {
+    let state: String = row.get("state")?;
+    Ok(Agreement {
+        id: row.get("id")?,
+        offer_id: row.get("offer_id")?,
+        dataset: row.get("dataset")?,
+        organization: row.get("organization")?,
+        requested_by: row.get("requested_by")?,
+        purpose: row.get("purpose")?,
+        state: AgreementState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::InvalidColumnType(
+                6,
+                format!("state `{state}`"),
+                rusqlite::types::Type::Text,
+            )
+        })?,
+        requested_at: from_ms(row.get("requested_at_ms")?),
+        decided_at: row.get::<_, Option<i64>>("decided_at_ms")?.map(from_ms),
+        decided_by: row.get("decided_by")?,
+        expires_at: row.get::<_, Option<i64>>("expires_at_ms")?.map(from_ms),
+        reason: row.get("reason")?,
+    })
+}
+
+fn new_id() -> Result<String, AgreementError> {
+    let mut bytes = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| AgreementError::Store(anyhow::anyhow!("the system random source failed")))?;
+    Ok(format!("agr-{}", crate::identity::hex(&bytes)))
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    (!text.trim().is_empty()).then(|| text.trim().to_string())
+}
+
+fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn from_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_policy::compile::AgreementTerms;
+    use sluice_policy::offers::OfferMode;
+
+    fn offer(approval: ApprovalMode, days: Option<u32>) -> Offer {
+        Offer {
+            id: "trips/research".into(),
+            dataset: "trips".into(),
+            consumer: "research".into(),
+            mode: OfferMode::Dp,
+            purposes: vec!["mobility-research".into()],
+            min_group_size: None,
+            max_rows: None,
+            dp: None,
+            valid_from: None,
+            valid_until: None,
+            agreement: Some(AgreementTerms {
+                offer: "trips/research".into(),
+                approval,
+                valid_for_days: days,
+            }),
+            quotas: None,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Agreements) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Agreements::open(&dir.path().join("agreements.sqlite")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn automatic_offers_are_active_at_once_and_expire() {
+        let (_dir, store) = store();
+        let now = SystemTime::now();
+        let offer = offer(ApprovalMode::Automatic, Some(30));
+        let a = store
+            .request(&offer, "Org", "spiffe://x", "mobility-research", now)
+            .unwrap();
+        assert_eq!(a.state, AgreementState::Active);
+        assert_eq!(a.decided_by.as_deref(), Some("policy"));
+        let active = store.active("Org", None, now).unwrap();
+        assert_eq!(active["trips/research"].id, a.id);
+        // Asking again returns the same agreement.
+        let again = store
+            .request(&offer, "Org", "spiffe://y", "mobility-research", now)
+            .unwrap();
+        assert_eq!(again.id, a.id);
+        let later = now + Duration::from_secs(31 * 86_400);
+        assert_eq!(
+            store.get(&a.id, later).unwrap().unwrap().state,
+            AgreementState::Expired
+        );
+        assert!(store.active("Org", None, later).unwrap().is_empty());
+        assert!(store.active("Other", None, now).unwrap().is_empty());
+    }
+
+    #[test]
+    fn manual_offers_wait_for_an_admin() {
+        let (_dir, store) = store();
+        let now = SystemTime::now();
+        let offer = offer(ApprovalMode::Manual, None);
+        let a = store
+            .request(&offer, "Org", "p", "mobility-research", now)
+            .unwrap();
+        assert_eq!(a.state, AgreementState::Pending);
+        assert!(!store.is_active(&a.id, now).unwrap());
+        let err = store.revoke(&a.id, "admin", "", now).unwrap_err();
+        assert!(matches!(err, AgreementError::WrongState(_)), "{err}");
+        let approved = store.approve(&a.id, &offer, "admin", "ok", now).unwrap();
+        assert_eq!(approved.state, AgreementState::Active);
+        assert_eq!(approved.expires_at, None);
+        assert!(store.is_active(&a.id, now).unwrap());
+        let revoked = store.revoke(&a.id, "admin", "misuse", now).unwrap();
+        assert_eq!(revoked.state, AgreementState::Revoked);
+        assert!(!store.is_active(&a.id, now).unwrap());
+        assert_eq!(
+            store.get(&a.id, now).unwrap().unwrap().reason.as_deref(),
+            Some("misuse")
+        );
+        let b = store
+            .request(&offer, "Org", "p", "mobility-research", now)
+            .unwrap();
+        assert_ne!(b.id, a.id, "a revoked agreement is not reused");
+        assert_eq!(
+            store.reject(&b.id, "admin", "no", now).unwrap().state,
+            AgreementState::Rejected
+        );
+    }
+
+    #[test]
+    fn purposes_are_checked() {
+        let (_dir, store) = store();
+        let offer = offer(ApprovalMode::Automatic, None);
+        let now = SystemTime::now();
+        let err = store
+            .request(&offer, "Org", "p", "marketing", now)
+            .unwrap_err();
+        assert!(err.to_string().contains("not offered"), "{err}");
+        let err = store.request(&offer, "Org", "p", " ", now).unwrap_err();
+        assert!(err.to_string().contains("purpose"), "{err}");
+        let mut open = offer.clone();
+        open.agreement = None;
+        let err = store
+            .request(&open, "Org", "p", "mobility-research", now)
+            .unwrap_err();
+        assert!(err.to_string().contains("needs no agreement"), "{err}");
+    }
+
+    #[test]
+    fn agreements_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agreements.sqlite");
+        let now = SystemTime::now();
+        let id = {
+            let store = Agreements::open(&path).unwrap();
+            store
+                .request(
+                    &offer(ApprovalMode::Automatic, None),
+                    "Org",
+                    "p",
+                    "mobility-research",
+                    now,
+                )
+                .unwrap()
+                .id
+        };
+        let store = Agreements::open(&path).unwrap();
+        assert!(store.is_active(&id, now).unwrap());
+    }
+}

@@ -1,0 +1,213 @@
+//! Step 9: the audit log. Every decision (allowed or refused) and every
+//! release is appended to a hash-chained, Ed25519-signed log in the state
+//! directory before anything leaves, and the consumer gets a receipt.
+//!
+//! ```text
+//! GetFlightInfo ─▶ decision record  (allowed / denied: rule, code, plan hash, ε reserved)
+//! DoGet         ─▶ release record   (before the first byte; receipt in `x-sluice-receipt`)
+//! end of stream ─▶ completion record (rows and bytes that left, or why it stopped)
+//! ```
+//!
+//! [`log`] is the file format, chain and offline verification; [`key`] the
+//! signing key. This module turns queries into [`Entry`]s.
+
+pub mod key;
+pub mod log;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sluice_policy::{DecisionRecord, Principal, QueryContext};
+
+use crate::query::QueryError;
+pub use log::{AuditLog, Entry, Receipt};
+
+/// Response header (DoGet) and error metadata key carrying a receipt.
+pub const RECEIPT_HEADER: &str = "x-sluice-receipt";
+
+/// The connector's audit log, or nothing when a benchmark switched it off.
+pub struct Audit {
+    log: Option<AuditLog>,
+}
+
+impl Audit {
+    /// Opens (or creates) the log and signing key in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            log: Some(AuditLog::open(dir)?),
+        })
+    }
+
+    /// No audit log at all. Only [`crate::server::ServeHooks`] reaches this,
+    /// so that benchmarks can measure what auditing costs.
+    pub fn disabled() -> Self {
+        Self { log: None }
+    }
+
+    pub fn log(&self) -> Option<&AuditLog> {
+        self.log.as_ref()
+    }
+
+    /// Appends durably (fsync) before returning. The write runs off the
+    /// async worker, so a slow disk does not stall other requests.
+    pub fn append(&self, entry: Entry) -> Result<Option<Receipt>, QueryError> {
+        let Some(log) = &self.log else {
+            return Ok(None);
+        };
+        let appended = crate::privacy::blocking(|| log.append(entry));
+        appended.map(Some).map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "the audit log cannot be written");
+            QueryError::Internal(
+                "the audit log cannot be written (see the connector log); nothing was released"
+                    .into(),
+            )
+        })
+    }
+}
+
+/// The organization that agreements, budgets and receipts belong to: the
+/// certificate's O, else the principal id.
+pub fn organization_key(principal: &Principal) -> String {
+    principal
+        .organization
+        .clone()
+        .unwrap_or_else(|| principal.id.clone())
+}
+
+/// What every record about a principal's request starts with.
+fn about(principal: &Principal, policy_version: &str) -> Entry {
+    Entry {
+        principal: principal.id.clone(),
+        organization: Some(organization_key(principal)),
+        policy_version: policy_version.to_string(),
+        ..Entry::default()
+    }
+}
+
+/// The record of an allowed decision.
+pub fn allowed(
+    request: &QueryContext,
+    decision: &DecisionRecord,
+    plan_hash: &str,
+    query_id: &str,
+) -> Entry {
+    Entry {
+        event: "decision".into(),
+        outcome: "allowed".into(),
+        query_id: Some(query_id.to_string()),
+        ..described(
+            about(&request.principal, &decision.policy_version),
+            decision,
+            plan_hash,
+        )
+    }
+}
+
+/// The record of a refused request. Messages never carry data values (a
+/// refusal is decided on the plan), so they are kept.
+pub fn refused(
+    event: &str,
+    principal: &Principal,
+    policy_version: &str,
+    facts: &PlanFacts,
+    error: &QueryError,
+) -> Entry {
+    let rule = match error.cause() {
+        QueryError::Denied(denial) => Some(denial.rule.clone()),
+        _ => None,
+    };
+    Entry {
+        event: event.into(),
+        outcome: "denied".into(),
+        datasets: facts.datasets.clone(),
+        purpose: facts.purpose.clone(),
+        plan_hash: facts.plan_hash.clone(),
+        query_id: facts.query_id.clone(),
+        code: Some(crate::client::code_name(error.code()).to_string()),
+        rule,
+        message: Some(error.to_string()),
+        ..about(principal, policy_version)
+    }
+}
+
+/// The record written before an answer leaves.
+pub fn release(
+    principal: &Principal,
+    decision: &DecisionRecord,
+    plan_hash: &str,
+    query_id: &str,
+) -> Entry {
+    Entry {
+        event: "release".into(),
+        outcome: "released".into(),
+        query_id: Some(query_id.to_string()),
+        ..described(
+            about(principal, &decision.policy_version),
+            decision,
+            plan_hash,
+        )
+    }
+}
+
+fn described(base: Entry, decision: &DecisionRecord, plan_hash: &str) -> Entry {
+    Entry {
+        consumers: decision.consumers.clone(),
+        datasets: decision.datasets.clone(),
+        purpose: decision.purpose.clone(),
+        agreements: decision.agreements.clone(),
+        plan_hash: Some(plan_hash.to_string()),
+        rule: decision.rules.first().cloned(),
+        epsilon: decision.privacy.as_ref().map(|p| p.epsilon),
+        delta: decision.privacy.as_ref().map(|p| p.delta),
+        ..base
+    }
+}
+
+/// What is known about a request before (or without) a decision, for the
+/// record of a refusal.
+#[derive(Debug, Clone, Default)]
+pub struct PlanFacts {
+    pub plan_hash: Option<String>,
+    pub datasets: Vec<String>,
+    pub purpose: Option<String>,
+    pub query_id: Option<String>,
+}
+
+/// Writes the completion record of a released answer when its stream ends.
+pub struct Completion {
+    audit: Arc<Audit>,
+    entry: Entry,
+}
+
+impl Completion {
+    /// `release` is the release record's entry; `receipt` its receipt.
+    pub fn new(audit: Arc<Audit>, release: &Entry, receipt: &Receipt) -> Self {
+        let entry = Entry {
+            event: "completion".into(),
+            refers_to: Some(receipt.receipt_id.clone()),
+            ..release.clone()
+        };
+        Self { audit, entry }
+    }
+
+    /// Records how the stream ended. Runs on a blocking thread: it is
+    /// called from a stream's drop, on an async worker.
+    pub fn finish(self, outcome: &str, rows: u64, bytes: u64) {
+        let entry = Entry {
+            outcome: outcome.to_string(),
+            rows: Some(rows),
+            bytes: Some(bytes),
+            ..self.entry
+        };
+        let audit = self.audit;
+        let write = move || {
+            if let Err(e) = audit.append(entry) {
+                tracing::warn!(error = %e, "the completion record could not be written");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(write)),
+            Err(_) => write(),
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The catalog as one principal sees it: the datasets it has a grant for,
+//! their columns as it may use them, and the offers (one per matching
+//! consumer entry) it may request agreements for.
+//!
+//! ```text
+//! PolicySet::catalog(principal) ─▶ [CatalogEntry { metadata, columns (hidden ones absent), offers }]
+//! PolicySet::offer(principal, "trips/city-research") ─▶ Offer { mode, purposes, dp, agreement, … }
+//! ```
+//!
+//! Nothing here decides a query; [`crate::PolicyGate`] does. The catalog
+//! only describes the same grants, so the two cannot disagree.
+
+use datafusion_common::arrow::datatypes::SchemaRef;
+use datafusion_common::arrow::datatypes::{DataType, Field};
+
+use crate::PolicySet;
+use crate::Principal;
+use crate::compile::{AgreementTerms, DatasetGrant, DatasetRules, offer_id};
+use crate::document::{Class, DatasetPolicy, Mask, Quotas, Tag, Visibility};
+use crate::dp::DpGrant;
+
+/// One dataset as a principal sees it.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    pub name: String,
+    /// Title, description, publisher, keywords, license, `public`.
+    pub metadata: DatasetPolicy,
+    /// The highest class among the visible columns.
+    pub classification: Class,
+    pub columns: Vec<CatalogColumn>,
+    pub offers: Vec<Offer>,
+}
+
+/// A column the principal can use, typed as queries return it.
+#[derive(Debug, Clone)]
+pub struct CatalogColumn {
+    pub field: Field,
+    pub visibility: Visibility,
+    pub class: Class,
+    pub tags: Vec<Tag>,
+    /// Clamping bounds under differential privacy.
+    pub dp_bounds: Option<[f64; 2]>,
+}
+
+/// How results of an offer may leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferMode {
+    /// Rows may leave (as column visibility allows).
+    Raw,
+    /// Only aggregates over groups of at least `min_group_size` units.
+    Aggregate,
+    /// Only differentially private aggregates.
+    Dp,
+}
+
+impl std::fmt::Display for OfferMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OfferMode::Raw => "raw",
+            OfferMode::Aggregate => "aggregate",
+            OfferMode::Dp => "dp",
+        })
+    }
+}
+
+/// One consumer entry's grant on one dataset, as terms a principal can
+/// read and request an agreement for (ODRL: an offer with its constraints).
+#[derive(Debug, Clone)]
+pub struct Offer {
+    /// `<dataset>/<consumer name>`.
+    pub id: String,
+    pub dataset: String,
+    pub consumer: String,
+    pub mode: OfferMode,
+    /// Empty: any purpose.
+    pub purposes: Vec<String>,
+    pub min_group_size: Option<u64>,
+    pub max_rows: Option<u64>,
+    pub dp: Option<DpGrant>,
+    pub valid_from: Option<chrono::DateTime<chrono::Utc>>,
+    pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// `None`: usable without an agreement.
+    pub agreement: Option<AgreementTerms>,
+    pub quotas: Option<Quotas>,
+}
+
+impl PolicySet {
+    /// The datasets `principal` has a grant for, by name, with the columns
+    /// it may use and the offers it may request.
+    pub fn catalog(&self, principal: &Principal) -> Vec<CatalogEntry> {
+        let Some(resolved) = self.resolve(principal) else {
+            return Vec::new();
+        };
+        resolved
+            .grants
+            .iter()
+            .filter_map(|(name, grant)| {
+                let dataset = self.datasets.get(name)?;
+                let columns = catalog_columns(dataset, grant);
+                let classification = columns.iter().map(|c| c.class).max().unwrap_or_default();
+                let offers = resolved
+                    .consumers
+                    .iter()
+                    .filter_map(|consumer| {
+                        let grant = consumer.grants.get(name)?;
+                        Some(offer(name, &consumer.name, grant, consumer.quotas))
+                    })
+                    .collect();
+                Some(CatalogEntry {
+                    name: name.clone(),
+                    metadata: dataset.metadata.clone(),
+                    classification,
+                    columns,
+                    offers,
+                })
+            })
+            .collect()
+    }
+
+    /// The offer `id` if `principal` matches the consumer entry making it.
+    pub fn offer(&self, principal: &Principal, id: &str) -> Option<Offer> {
+        self.catalog(principal)
+            .into_iter()
+            .flat_map(|entry| entry.offers)
+            .find(|offer| offer.id == id)
+    }
+
+    /// Any offer by id, whoever it is for (provider administration).
+    pub fn any_offer(&self, id: &str) -> Option<Offer> {
+        self.consumers.iter().find_map(|consumer| {
+            consumer.grants.iter().find_map(|(dataset, grant)| {
+                (offer_id(dataset, &consumer.name) == id)
+                    .then(|| offer(dataset, &consumer.name, grant, consumer.quotas))
+            })
+        })
+    }
+
+    /// Whether `principal` is a provider administrator (`admins:`).
+    pub fn is_admin(&self, principal: &Principal) -> bool {
+        self.admins.iter().any(|m| self.matches(m, principal))
+    }
+}
+
+fn offer(dataset: &str, consumer: &str, grant: &DatasetGrant, quotas: Option<Quotas>) -> Offer {
+    let mode = match (&grant.dp, grant.min_group_size) {
+        (Some(_), _) => OfferMode::Dp,
+        (None, Some(_)) if !grant.rows_allowed => OfferMode::Aggregate,
+        _ => OfferMode::Raw,
+    };
+    Offer {
+        id: offer_id(dataset, consumer),
+        dataset: dataset.to_string(),
+        consumer: consumer.to_string(),
+        mode,
+        purposes: grant.purposes.iter().flatten().cloned().collect(),
+        min_group_size: grant.min_group_size.filter(|_| grant.dp.is_none()),
+        max_rows: grant.max_rows,
+        dp: grant.dp.clone(),
+        valid_from: grant.valid_from,
+        valid_until: grant.valid_until,
+        agreement: grant.agreements.first().cloned(),
+        quotas,
+    }
+}
+
+/// Visible columns in schema order, typed as a query returns them.
+fn catalog_columns(dataset: &DatasetRules, grant: &DatasetGrant) -> Vec<CatalogColumn> {
+    visible_fields(&dataset.schema, grant)
+        .into_iter()
+        .map(|(field, visibility)| {
+            let class = dataset.class_of(field.name());
+            let dp_bounds = grant
+                .dp
+                .as_ref()
+                .and_then(|dp| dp.columns.get(field.name()))
+                .map(|b| [b.lower, b.upper]);
+            CatalogColumn {
+                field,
+                visibility,
+                class: class.class,
+                tags: class.tags,
+                dp_bounds,
+            }
+        })
+        .collect()
+}
+
+/// The fields of `schema` the grant does not hide, with their visibility;
+/// a hashed column is text and a redacted one nullable, as in results.
+pub(crate) fn visible_fields(schema: &SchemaRef, grant: &DatasetGrant) -> Vec<(Field, Visibility)> {
+    schema
+        .fields()
+        .iter()
+        .filter_map(|field| {
+            let field = field.as_ref().clone();
+            let visibility = grant.visibility(field.name());
+            let field = match &visibility {
+                Visibility::Hidden => return None,
+                Visibility::Masked(Mask::Hash) => {
+                    field.with_data_type(DataType::Utf8).with_nullable(true)
+                }
+                Visibility::Masked(Mask::Redact) => field.with_nullable(true),
+                _ => field,
+            };
+            Some((field, visibility))
+        })
+        .collect()
+}
