@@ -33,7 +33,8 @@
 //! (a) and (b) measure the transport, so the daemon runs them under the open
 //! test policy (`connector/tests/policies/open.yaml`).
 //!
-//! Set `SLUICE_BENCH_RUNS` / `SLUICE_BENCH_LATENCY_RUNS` to change the counts.
+//! Set `SLUICE_BENCH_RUNS` / `SLUICE_BENCH_LATENCY_RUNS` to change the counts,
+//! `SLUICE_BENCH_SECTIONS` (default `abcde`) to run only some sections.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -66,16 +67,26 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let server = Server::start(&state_dir)?;
-    let result = runtime.block_on(run(&server, &state_dir, runs, latency_runs));
-    drop(server);
-    result?;
-    runtime.block_on(policy::run(&state_dir, latency_runs))?;
-    runtime.block_on(policy::audit_cost(
-        &state_dir,
-        latency_runs,
-        Duration::from_secs(env_usize("SLUICE_BENCH_QPS_SECONDS", 10) as u64),
-    ))?;
+    let sections = std::env::var("SLUICE_BENCH_SECTIONS").unwrap_or_else(|_| "abcde".into());
+    if sections.contains('a') || sections.contains('b') {
+        let server = Server::start(&state_dir)?;
+        let result = runtime.block_on(run(&server, &state_dir, runs, latency_runs));
+        drop(server);
+        result?;
+    }
+    if sections.contains('c') {
+        runtime.block_on(policy::run(&state_dir, latency_runs))?;
+    }
+    if sections.contains('e') {
+        runtime.block_on(policy::audit_cost(
+            &state_dir,
+            latency_runs,
+            Duration::from_secs(env_usize("SLUICE_BENCH_QPS_SECONDS", 10) as u64),
+        ))?;
+    }
+    if !sections.contains('d') {
+        return Ok(());
+    }
     runtime.block_on(privacy::run(
         &state_dir,
         env_usize("SLUICE_BENCH_DP_RUNS", 5),
@@ -484,6 +495,12 @@ mod policy {
             p(&mut off_times, 99.0),
         );
         println!("\n(e) the audit log (supplier aggregate, demo policy), {runs} runs each:");
+        let (append50, append99) = append_time(state_dir, runs * 3)?;
+        println!(
+            "      one append (sign + write + fsync), in process : p50 {:>6.1} µs  p99 {:>6.1} µs",
+            append50 * 1e6,
+            append99 * 1e6
+        );
         println!(
             "      audit on  (3 signed, fsynced records per query) : p50 {:>6.2} ms  p99 {:>6.2} ms",
             ms(on50),
@@ -507,6 +524,30 @@ mod policy {
             );
         }
         Ok(())
+    }
+
+    /// p50/p99 seconds of one audit append on the state directory's disk.
+    fn append_time(state_dir: &Path, appends: usize) -> anyhow::Result<(f64, f64)> {
+        let dir = state_dir.join("bench-audit-log");
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = sluice::audit::AuditLog::open(&dir)?;
+        let mut times = Vec::with_capacity(appends);
+        for i in 0..appends {
+            let entry = sluice::audit::Entry {
+                event: "decision".into(),
+                outcome: "allowed".into(),
+                principal: format!("spiffe://bench/{i}"),
+                datasets: vec!["machine_events".into()],
+                ..Default::default()
+            };
+            let started = Instant::now();
+            log.append(entry)?;
+            times.push(started.elapsed());
+        }
+        Ok((
+            percentile(&mut times, 50.0).as_secs_f64(),
+            percentile(&mut times, 99.0).as_secs_f64(),
+        ))
     }
 
     /// Queries per second that `clients` concurrent connections complete.

@@ -102,6 +102,9 @@ pub enum AgreementError {
 pub struct Agreements {
     db: Mutex<Connection>,
     path: PathBuf,
+    /// Held from the look-up to the insert of a request, so that two
+    /// identical concurrent requests make one agreement.
+    requesting: Mutex<()>,
 }
 
 const SCHEMA: &str = "
@@ -142,6 +145,7 @@ impl Agreements {
         Ok(Self {
             db: Mutex::new(db),
             path: path.to_path_buf(),
+            requesting: Mutex::new(()),
         })
     }
 
@@ -163,6 +167,7 @@ impl Agreements {
             )));
         };
         check_purpose(offer, purpose)?;
+        let _one_at_a_time = self.requesting.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = self
             .list(Some(organization), Some(&offer.id), now)?
             .into_iter()

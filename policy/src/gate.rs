@@ -260,10 +260,10 @@ impl PlanGate for PolicyGate {
             )
         })?;
         let scanned = scanned_datasets(&plan);
-        let mut terms = Terms::default();
+        let terms = agreed_terms(&resolved.grants, &scanned, request)?;
         for dataset in &scanned {
             if let Some(grant) = resolved.grants.get(dataset) {
-                check_conditions(grant, dataset, request, &mut terms)?;
+                check_conditions(grant, dataset, request.at, terms.purpose.as_deref())?;
             }
         }
         let checker = Checker {
@@ -337,7 +337,7 @@ impl PlanGate for PolicyGate {
             consumers: resolved.consumers.iter().map(|c| c.name.clone()).collect(),
             rules,
             datasets: scanned.iter().cloned().collect(),
-            purpose: request.purpose.clone().or(terms.purpose),
+            purpose: terms.purpose,
             agreements: terms.agreements,
             output_class,
             output_tags,
@@ -584,63 +584,91 @@ fn find_private_aggregate(
     }
 }
 
-/// What the conditions of use established: the agreements the query runs
-/// under, and the purpose they fix when the query declares none.
-#[derive(Default)]
+/// What the agreements of a query establish: their ids, and the one
+/// purpose the query runs under (declared, else the agreements').
 struct Terms {
     agreements: Vec<String>,
     purpose: Option<String>,
 }
 
-/// Agreements, validity window and purpose: conditions of use, checked
-/// before the plan.
-fn check_conditions(
-    grant: &DatasetGrant,
-    dataset: &str,
+/// Every grant the plan reads that needs an agreement must have an active
+/// one, and all of them, with the declared purpose if any, must agree on a
+/// single purpose.
+fn agreed_terms(
+    grants: &BTreeMap<String, DatasetGrant>,
+    scanned: &BTreeSet<String>,
     request: &QueryContext,
-    terms: &mut Terms,
-) -> Result<(), Denial> {
-    let precondition = |rule: String, message: String| Denial {
+) -> Result<Terms, Denial> {
+    let mut terms = Terms {
+        agreements: Vec::new(),
+        purpose: request.purpose.clone(),
+    };
+    for dataset in scanned {
+        let Some(grant) = grants.get(dataset) else {
+            continue;
+        };
+        for needed in &grant.agreements {
+            let rule = format!("{}.agreement", grant.rule);
+            let Some(agreement) = request.agreements.get(&needed.offer) else {
+                return Err(precondition(
+                    rule,
+                    format!(
+                        "dataset `{dataset}` is used under an agreement: request one for offer `{}` (sluice.v1.AgreementService/RequestAgreement{})",
+                        needed.offer,
+                        match needed.approval {
+                            crate::document::ApprovalMode::Automatic => ", approved at once",
+                            crate::document::ApprovalMode::Manual => ", approved by the provider",
+                        }
+                    ),
+                ));
+            };
+            match (&terms.purpose, &request.purpose) {
+                (None, _) => terms.purpose = Some(agreement.purpose.clone()),
+                (Some(p), _) if *p == agreement.purpose => {}
+                (Some(declared), Some(_)) => {
+                    return Err(precondition(
+                        rule,
+                        format!(
+                            "agreement `{}` for offer `{}` covers purpose `{}`, not the declared `{declared}`",
+                            agreement.id, needed.offer, agreement.purpose
+                        ),
+                    ));
+                }
+                (Some(other), None) => {
+                    return Err(precondition(
+                        rule,
+                        format!(
+                            "the query's agreements cover different purposes (`{other}`, `{}`); declare one with the x-sluice-purpose header",
+                            agreement.purpose
+                        ),
+                    ));
+                }
+            }
+            if !terms.agreements.contains(&agreement.id) {
+                terms.agreements.push(agreement.id.clone());
+            }
+        }
+    }
+    Ok(terms)
+}
+
+fn precondition(rule: String, message: String) -> Denial {
+    Denial {
         kind: DenialKind::Precondition,
         rule,
         message,
-    };
-    let mut purpose = request.purpose.clone();
-    for needed in &grant.agreements {
-        let Some(agreement) = request.agreements.get(&needed.offer) else {
-            return Err(precondition(
-                format!("{}.agreement", grant.rule),
-                format!(
-                    "dataset `{dataset}` is used under an agreement: request one for offer `{}` (sluice.v1.AgreementService/RequestAgreement{})",
-                    needed.offer,
-                    match needed.approval {
-                        crate::document::ApprovalMode::Automatic => ", approved at once",
-                        crate::document::ApprovalMode::Manual => ", approved by the provider",
-                    }
-                ),
-            ));
-        };
-        match &purpose {
-            Some(declared) if *declared != agreement.purpose => {
-                return Err(precondition(
-                    format!("{}.agreement", grant.rule),
-                    format!(
-                        "agreement `{}` for offer `{}` covers purpose `{}`, not the declared `{declared}`",
-                        agreement.id, needed.offer, agreement.purpose
-                    ),
-                ));
-            }
-            Some(_) => {}
-            None => purpose = Some(agreement.purpose.clone()),
-        }
-        if !terms.agreements.contains(&agreement.id) {
-            terms.agreements.push(agreement.id.clone());
-        }
     }
-    if request.purpose.is_none() && purpose.is_some() {
-        terms.purpose = purpose.clone();
-    }
-    let now: DateTime<Utc> = request.at.into();
+}
+
+/// Validity window and purpose: conditions of use, checked before the
+/// plan. `purpose` is the query's, declared or fixed by its agreements.
+fn check_conditions(
+    grant: &DatasetGrant,
+    dataset: &str,
+    at: SystemTime,
+    purpose: Option<&str>,
+) -> Result<(), Denial> {
+    let now: DateTime<Utc> = at.into();
     if let Some(from) = grant.valid_from
         && now < from
     {
@@ -665,7 +693,7 @@ fn check_conditions(
     }
     if let Some(purposes) = &grant.purposes {
         let allowed: Vec<&String> = purposes.iter().collect();
-        match purpose.as_deref() {
+        match purpose {
             Some(purpose) if purposes.contains(purpose) => {}
             Some(purpose) => {
                 return Err(precondition(

@@ -207,6 +207,18 @@ fn a_grant_with_an_agreement_needs_an_active_one() {
     );
     let approved = gate.decide(&both, plan()).unwrap();
     assert_eq!(approved.record.agreements, ["agr-1", "agr-2"]);
+    // Agreements for different purposes: the query must say which.
+    let split = QueryContext::new(principal("Analysts", "auditor"))
+        .with_agreement("people/analysts", agreement.clone())
+        .with_agreement(
+            "people/auditors",
+            ActiveAgreement {
+                id: "agr-3".into(),
+                purpose: "planning".into(),
+            },
+        );
+    let denial = gate.decide(&split, plan()).unwrap_err();
+    assert!(denial.message.contains("different purposes"), "{denial}");
 
     // Datasets without an agreement clause need none.
     let towns = analyzed(&ctx, "SELECT city FROM towns").unwrap();

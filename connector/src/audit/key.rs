@@ -67,8 +67,9 @@ impl AuditKey {
         if !key_path.exists() {
             let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
                 .map_err(|_| anyhow!("cannot generate an Ed25519 audit signing key"))?;
-            write_atomically(&key_path, pkcs8.as_ref(), 0o600)?;
-            tracing::info!(path = %key_path.display(), "created a new audit signing key");
+            if create_exclusively(&key_path, pkcs8.as_ref(), 0o600)? {
+                tracing::info!(path = %key_path.display(), "created a new audit signing key");
+            }
         }
         let key = Self::load(&key_path)?;
         key.write_public_pem(&dir.join(PUBLIC_KEY_FILE))?;
@@ -226,6 +227,26 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     result?;
     sync_parent(path);
     Ok(())
+}
+
+/// Writes `bytes` to `path` only if nothing is there yet, atomically: a
+/// complete temporary file is hard-linked into place, which fails if another
+/// process got there first (two connectors starting on one new state
+/// directory then share the first key rather than fork the log). Returns
+/// whether this call created the file.
+fn create_exclusively(path: &Path, bytes: &[u8], mode: u32) -> Result<bool> {
+    let tmp = temp_path(path);
+    write_new_file(&tmp, bytes, mode)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            sync_parent(path);
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
 }
 
 fn temp_path(path: &Path) -> PathBuf {

@@ -25,8 +25,9 @@
 //!   public key (`public-key.pem`); it streams the file and stops at the first
 //!   problem with a reason an operator can act on.
 //!
-//! One process writes a given log: the writer state lives in memory, so two
-//! connectors appending to the same file would fork the chain.
+//! Several processes may append to one log (two connectors on one state
+//! directory): an exclusive file lock orders appends, and each writer first
+//! catches up with the records others wrote, so the chain stays one chain.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -309,6 +310,11 @@ fn shown(text: &str) -> String {
     out
 }
 
+/// The most records one [`AuditLog::scan`] call reads, so that a caller
+/// with few records in a long log gets pages (possibly empty ones with a
+/// continuation) instead of a scan of the whole file per call.
+pub const SCAN_WINDOW: u64 = 10_000;
+
 /// The append-only log. `Send + Sync`: share it with an `Arc`.
 #[derive(Debug)]
 pub struct AuditLog {
@@ -353,11 +359,19 @@ impl AuditLog {
         let key = AuditKey::load_or_create(dir)?;
         let path = dir.join(LOG_FILE);
         let file = open_for_append(&path)?;
-        let index = index_lines(&file, &path)?;
-        if index.file_len > index.complete_len {
-            repair_torn_tail(&file, &path, &index)?;
-        }
-        let (last_hash, last_time) = resume_point(&index, &key, &path)?;
+        // Under the file lock: another process may be mid-append, and its
+        // unfinished line is not a torn tail.
+        file.lock()
+            .with_context(|| format!("cannot lock the audit log {}", path.display()))?;
+        let opened = index_lines(&file, &path).and_then(|index| {
+            if index.file_len > index.complete_len {
+                repair_torn_tail(&file, &path, &index)?;
+            }
+            let resume = resume_point(&index, &key, &path)?;
+            Ok((index, resume))
+        });
+        let _ = file.unlock();
+        let (index, (last_hash, last_time)) = opened?;
         let writer = Writer {
             file,
             offsets: index.offsets,
@@ -424,6 +438,17 @@ impl AuditLog {
             .len();
         if file_len == writer.len {
             return Ok(());
+        }
+        if file_len < writer.len {
+            let reason = format!(
+                "the file shrank from {} to {file_len} bytes under the running connector",
+                writer.len
+            );
+            writer.broken = Some(reason.clone());
+            bail!(
+                "the audit log {} refuses appends: {reason}; run `sluice audit verify`",
+                self.path.display()
+            );
         }
         let mut reader = self.reader_at(writer.len, file_len)?;
         let mut line = Vec::new();
@@ -540,7 +565,8 @@ impl AuditLog {
 
     /// Records with seq ≥ `from_seq` that pass `filter`, in order, at most
     /// `limit`; the second value is where to continue when more records
-    /// follow. Only records present when the call started are read.
+    /// follow. Only records present when the call started are read, and at
+    /// most [`SCAN_WINDOW`] of them per call.
     pub fn scan(
         &self,
         from_seq: u64,
@@ -560,7 +586,8 @@ impl AuditLog {
         };
         let mut reader = self.reader_at(start, end)?;
         let (mut found, mut seq, mut line) = (Vec::new(), from_seq, Vec::new());
-        while seq < count && found.len() < limit {
+        let window_end = from_seq.saturating_add(SCAN_WINDOW).min(count);
+        while seq < window_end && found.len() < limit {
             line.clear();
             reader
                 .read_until(b'\n', &mut line)

@@ -103,8 +103,10 @@ pub fn allowed(
     }
 }
 
-/// The record of a refused request. Messages never carry data values (a
-/// refusal is decided on the plan), so they are kept.
+/// The record of a refused or failed request: `denied` (policy, quota,
+/// budget, agreement, ticket), `invalid` (bad SQL, unknown table) or
+/// `failed`. Messages never carry data values (a refusal is decided on the
+/// plan, execution errors are reduced to their kind), so they are kept.
 pub fn refused(
     event: &str,
     principal: &Principal,
@@ -116,9 +118,16 @@ pub fn refused(
         QueryError::Denied(denial) => Some(denial.rule.clone()),
         _ => None,
     };
+    let outcome = match error.cause() {
+        QueryError::Denied(_)
+        | QueryError::TicketRejected(_)
+        | QueryError::ResourcesExhausted(_) => "denied",
+        QueryError::InvalidRequest(_) | QueryError::NotFound(_) => "invalid",
+        _ => "failed",
+    };
     Entry {
         event: event.into(),
-        outcome: "denied".into(),
+        outcome: outcome.into(),
         datasets: facts.datasets.clone(),
         purpose: facts.purpose.clone(),
         plan_hash: facts.plan_hash.clone(),
@@ -130,22 +139,29 @@ pub fn refused(
     }
 }
 
-/// The record written before an answer leaves.
+/// The record written before an answer leaves. A differentially private
+/// answer served from the cache charged nothing: its ε and δ are 0.
 pub fn release(
     principal: &Principal,
     decision: &DecisionRecord,
     plan_hash: &str,
     query_id: &str,
+    cached: bool,
 ) -> Entry {
+    let described = described(
+        about(principal, &decision.policy_version),
+        decision,
+        plan_hash,
+    );
+    let free = |charge: Option<f64>| charge.map(|c| if cached { 0.0 } else { c });
     Entry {
         event: "release".into(),
         outcome: "released".into(),
         query_id: Some(query_id.to_string()),
-        ..described(
-            about(principal, &decision.policy_version),
-            decision,
-            plan_hash,
-        )
+        message: cached.then(|| "cached differentially private answer: nothing charged".into()),
+        epsilon: free(described.epsilon),
+        delta: free(described.delta),
+        ..described
     }
 }
 

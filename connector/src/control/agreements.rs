@@ -45,9 +45,14 @@ impl AgreementDesk {
         found.ok_or_else(|| Status::not_found(format!("no agreement `{id}` of yours")))
     }
 
-    /// Appends an `agreement` record; the change is refused if it cannot be
-    /// recorded only where it has not happened yet, so this logs on failure.
-    fn record(&self, principal: &Principal, outcome: &str, agreement: &Agreement) {
+    /// Appends an `agreement` record. The change is already stored: if it
+    /// cannot be recorded, the caller hears so instead of a silent success.
+    fn record(
+        &self,
+        principal: &Principal,
+        outcome: &str,
+        agreement: &Agreement,
+    ) -> Result<(), Status> {
         let entry = Entry {
             event: "agreement".into(),
             outcome: outcome.into(),
@@ -60,9 +65,12 @@ impl AgreementDesk {
             message: agreement.reason.clone(),
             ..Entry::default()
         };
-        if let Err(e) = self.engine.audit().append(entry) {
-            tracing::error!(error = %e, agreement = %agreement.id, "agreement change not in the audit log");
-        }
+        self.engine.audit().append(entry).map(drop).map_err(|_| {
+            Status::internal(format!(
+                "agreement `{}` is {} but the audit log cannot be written (see the connector log)",
+                agreement.id, agreement.state
+            ))
+        })
     }
 
     fn decide(
@@ -99,7 +107,7 @@ impl AgreementDesk {
             "reject" => "rejected",
             _ => "revoked",
         };
-        self.record(principal, outcome, &decided);
+        self.record(principal, outcome, &decided)?;
         tracing::info!(agreement = %decided.id, admin = %principal, verb, "agreement decided");
         Ok(decided)
     }
@@ -134,7 +142,7 @@ impl AgreementService for AgreementDesk {
                 SystemTime::now(),
             )
             .map_err(status)?;
-        self.record(&principal, "requested", &agreement);
+        self.record(&principal, "requested", &agreement)?;
         Ok(Response::new(message(&agreement)))
     }
 

@@ -206,12 +206,13 @@ impl QueryEngine {
                 explain::explain(gate.decide(&request, analyzed), gate.version(), |plan| {
                     gate.describe_plan(&request.principal, plan)
                 })?;
-            return self.ticket(
+            let issued = self.ticket(
                 &request,
                 explanation,
                 DecisionRecord::explain(gate.version()),
                 None,
-            );
+            )?;
+            return self.recorded_approval(&request, issued);
         }
         let plan = match self.plan_sql(sql).await {
             Ok(plan) => plan,
@@ -469,11 +470,34 @@ impl QueryEngine {
         principal: &Principal,
         ticket: &[u8],
     ) -> Result<QueryRun, QueryError> {
+        let mut facts = PlanFacts::default();
+        match self.redeem_recorded(principal, ticket, &mut facts).await {
+            Ok(run) => Ok(run),
+            // Rejected tickets, revoked agreements and failures before the
+            // release are on record too.
+            Err(e) => {
+                let version = self.policy.version();
+                let entry = audit::refused("release", principal, &version, &facts, &e);
+                Err(match self.audit.append(entry) {
+                    Ok(Some(receipt)) => e.recorded(receipt.receipt_id),
+                    _ => e,
+                })
+            }
+        }
+    }
+
+    async fn redeem_recorded(
+        &self,
+        principal: &Principal,
+        ticket: &[u8],
+        facts: &mut PlanFacts,
+    ) -> Result<QueryRun, QueryError> {
         let claims = self.signer.verify(ticket, principal, SystemTime::now())?;
         let query_id = crate::identity::hex(&claims.query_id);
+        facts.query_id = Some(query_id.clone());
         let pending = self.pending.redeem(&claims)?;
         let privacy = pending.privacy.clone();
-        let facts = PlanFacts {
+        *facts = PlanFacts {
             plan_hash: Some(crate::identity::hex(&pending.plan_hash)),
             datasets: pending.approval.record.datasets.clone(),
             purpose: pending.approval.record.purpose.clone(),
@@ -486,17 +510,7 @@ impl QueryEngine {
             // Nothing was read: the reservation comes back.
             self.privacy.refund(ticket);
         }
-        let (pending, deadline, permit) = match started {
-            Ok(started) => started,
-            Err(e) => {
-                let entry =
-                    audit::refused("release", principal, &claims.policy_version, &facts, &e);
-                return Err(match self.audit.append(entry) {
-                    Ok(Some(receipt)) => e.recorded(receipt.receipt_id),
-                    _ => e,
-                });
-            }
-        };
+        let (pending, deadline, permit) = started?;
         let limits = ExecutionLimits {
             memory: self.limits.query_memory,
             deadline,
@@ -510,12 +524,15 @@ impl QueryEngine {
             plan_hash,
             ..
         } = pending;
+        let cached = privacy.as_ref().is_some_and(|p| p.cached.is_some());
         let release = audit::release(
             principal,
             &approval.record,
             &crate::identity::hex(&plan_hash),
             &query_id,
+            cached,
         );
+        let approval_record = approval.record.clone();
         // A DP answer uses its slot for the statistics; finishing runs over
         // a few noisy rows in memory.
         let (plan, schema, permit) = match (approval.dp, privacy) {
@@ -527,6 +544,8 @@ impl QueryEngine {
             }
             _ => (approval.plan, schema, Some(permit)),
         };
+        // A revocation during the wait for a slot or the noise still counts.
+        self.check_agreements(&approval_record)?;
         // Nothing leaves before its release is on record.
         let receipt = self.audit.append(release.clone())?;
         let completion = receipt
