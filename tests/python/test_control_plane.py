@@ -389,7 +389,7 @@ def test_agreement_lifecycle_gates_the_research_institutes_queries(demo_daemon, 
         refusal = research.receipt(assert_needs_an_agreement(client))
         assert (refusal.event, refusal.outcome) == ("decision", "denied")
         assert "agreement" in refusal.rule
-        assert refusal.code.replace("_", "").lower() == "failedprecondition"
+        assert refusal.code == "FAILED_PRECONDITION"
         assert refusal.organization == RESEARCH_ORG
 
         pending = research.request()
@@ -421,7 +421,10 @@ def test_agreement_lifecycle_gates_the_research_institutes_queries(demo_daemon, 
         assert (release.event, release.outcome) == ("release", "released")
         assert list(release.agreements) == [approved.id]
         assert release.purpose == RESEARCH_PURPOSE
-        assert release.HasField("epsilon") and release.epsilon == pytest.approx(0.1)
+        # The same query earlier in the session may be answered from the DP
+        # cache, which charges (and records) nothing.
+        charged = 0.0 if "cached" in release.message else 0.1
+        assert release.HasField("epsilon") and release.epsilon == pytest.approx(charged)
 
         # A ticket issued under the agreement dies with it.
         options = call_options(RESEARCH_PURPOSE, "0.1")
@@ -644,7 +647,7 @@ def test_a_refusal_has_a_receipt_naming_its_rule(demo_daemon, control):
     record = planning.receipt(receipt_id)
     assert (record.event, record.outcome) == ("decision", "denied")
     assert record.rule, record
-    assert record.code.replace("_", "").lower() == "permissiondenied"
+    assert record.code == "PERMISSION_DENIED"
     assert record.organization == PLANNING_ORG
     assert record.message and record.message in message
     assert hashlib.sha256(record.record_json.encode()).hexdigest() == record.hash
