@@ -677,3 +677,40 @@ async fn after_sigkill_the_chain_verifies_and_holds_every_receipt_a_client_got()
         }
     }
 }
+
+/// A ticket refused at DoGet (here: its agreement was revoked) read
+/// nothing: the rows it reserved against the daily quota come back.
+#[tokio::test]
+async fn a_refused_ticket_gives_its_reserved_rows_back() {
+    let policy = AGREEMENT_POLICY
+        .replace(
+            "    grants:\n      people:\n        columns: { city: raw, score: raw }",
+            "    quotas: { rows_per_day: 3 }\n    grants:\n      people:\n        columns: { city: raw, score: raw }",
+        )
+        .replace("approval: manual", "approval: automatic");
+    assert!(policy.contains("rows_per_day: 3"));
+    let (_dir, config, state) = common::people_deployment(PEOPLE, &policy);
+    let daemon = Daemon::start_isolated(&config, &state);
+    let mut planning = daemon.client("planning").await;
+    planning.set_header("x-sluice-purpose", "research");
+    let mut as_planning = agreements(&daemon, "planning").await;
+    let mut as_admin = agreements(&daemon, "admin").await;
+    let request = pb::RequestAgreementRequest {
+        offer_id: "people/analysts".into(),
+        purpose: "research".into(),
+    };
+    let first = as_planning
+        .request_agreement(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let sql = "SELECT city, score FROM people";
+    // The ticket holds all 3 rows of the day.
+    let info = planning.execute(sql.to_string(), None).await.unwrap();
+    as_admin.revoke_agreement(decide(&first.id)).await.unwrap();
+    let refused = status(fetch(&mut planning, &info).await.unwrap_err());
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    as_planning.request_agreement(request).await.unwrap();
+    let (_, batches) = query(&mut planning, sql).await.expect("the rows came back");
+    assert_eq!(common::rows(&batches), 3);
+}

@@ -503,12 +503,16 @@ impl QueryEngine {
             purpose: pending.approval.record.purpose.clone(),
             query_id: Some(query_id.clone()),
         };
+        let rows_quota = pending.rows_quota.clone();
         let started = self.start_run(&claims, pending).await;
-        if started.is_err()
-            && let Some(ticket) = &privacy
-        {
-            // Nothing was read: the reservation comes back.
-            self.privacy.refund(ticket);
+        if started.is_err() {
+            // Nothing was read: the reservations come back.
+            if let Some(ticket) = &privacy {
+                self.privacy.refund(ticket);
+            }
+            if let Some(rows) = &rows_quota {
+                self.return_rows(rows);
+            }
         }
         let (pending, deadline, permit) = started?;
         let limits = ExecutionLimits {
@@ -544,10 +548,20 @@ impl QueryEngine {
             }
             _ => (approval.plan, schema, Some(permit)),
         };
-        // A revocation during the wait for a slot or the noise still counts.
-        self.check_agreements(&approval_record)?;
-        // Nothing leaves before its release is on record.
-        let receipt = self.audit.append(release.clone())?;
+        // A revocation during the wait for a slot or the noise still counts,
+        // and nothing leaves before its release is on record.
+        let recorded = self
+            .check_agreements(&approval_record)
+            .and_then(|()| self.audit.append(release.clone()));
+        let receipt = match recorded {
+            Ok(receipt) => receipt,
+            Err(e) => {
+                if let Some(rows) = &rows_quota {
+                    self.return_rows(rows);
+                }
+                return Err(e);
+            }
+        };
         let completion = receipt
             .as_ref()
             .map(|r| Completion::new(self.audit.clone(), &release, r));
@@ -612,6 +626,13 @@ impl QueryEngine {
             self.privacy.start(ticket)?;
         }
         Ok((pending, deadline, permit))
+    }
+
+    /// Gives a refused query's reserved rows back to its daily quota.
+    fn return_rows(&self, rows: &RowsReserved) {
+        self.quotas
+            .settle(&rows.key, rows.rows, 0, rows.at, SystemTime::now());
+        self.quotas.flush();
     }
 
     /// A ticket is only as good as the agreements it was issued under: one
