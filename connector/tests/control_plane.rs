@@ -517,6 +517,29 @@ async fn audit_verify_names_the_first_bad_record_of_a_tampered_log() {
     ]);
     assert!(ok, "{out}");
 
+    // A head published earlier must still be in the log: cutting the log
+    // before it is detected even though the rest still chains.
+    let published: serde_json::Value = serde_json::from_str(&lines[5]).unwrap();
+    let published = published["hash"].as_str().unwrap();
+    let truncated = dir.path().join("truncated.jsonl");
+    std::fs::write(&truncated, lines[..5].join("\n") + "\n").unwrap();
+    for (log, expected) in [(&log, true), (&truncated, false)] {
+        let (ok, out) = cli(&[
+            "audit",
+            "verify",
+            "--log",
+            log.to_str().unwrap(),
+            "--public-key",
+            key.to_str().unwrap(),
+            "--head",
+            published,
+        ]);
+        assert_eq!(ok, expected, "{out}");
+        if !expected {
+            assert!(out.contains("not in the log"), "{out}");
+        }
+    }
+
     // Export is the log, line for line.
     let (ok, out) = cli(&[
         "audit",

@@ -149,6 +149,11 @@ pub enum AuditCommand {
         /// Start at this record (its `prev_hash` is trusted as the anchor).
         #[arg(long)]
         from: Option<u64>,
+        /// A head published earlier (the hash `audit verify` or `audit head`
+        /// printed): it must still be in the log, or records were removed or
+        /// rewritten since.
+        #[arg(long)]
+        head: Option<String>,
     },
     /// Print the records as JSON lines (each with hash and signature).
     Export {
@@ -539,14 +544,22 @@ fn verify_receipt(file: &Path, public_key: &Path, record: Option<&Path>) -> Resu
 
 pub async fn audit(command: AuditCommand) -> Result<()> {
     match command {
-        AuditCommand::Verify { files, from } => {
+        AuditCommand::Verify { files, from, head } => {
             let key = read_public_key(&files.public_key())?;
             let report = log::verify_file(&files.log(), &key, from)?;
             println!("{report}");
-            match &report.problem {
-                None => Ok(()),
-                Some(_) => bail!("the audit log does not verify"),
+            if report.problem.is_some() {
+                bail!("the audit log does not verify");
             }
+            if let Some(head) = head {
+                let seq = find_hash(&files.log(), head.trim())?.with_context(|| {
+                    format!(
+                        "the published head {head} is not in the log: records were removed or rewritten after it"
+                    )
+                })?;
+                println!("published head {head} is record {seq}");
+            }
+            Ok(())
         }
         AuditCommand::Export {
             files,
@@ -575,6 +588,21 @@ pub async fn audit(command: AuditCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The seq of the record whose hash is `hash`, if any (the log was verified).
+fn find_hash(path: &Path, hash: &str) -> Result<Option<u64>> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        let signed: SignedRecord = serde_json::from_str(&line)
+            .with_context(|| format!("{} holds a line that is not a record", path.display()))?;
+        if signed.hash == hash {
+            return Ok(Some(signed.record.seq));
+        }
+    }
+    Ok(None)
 }
 
 /// Copies the log's lines from record `from` on: the file already is JSON
