@@ -363,14 +363,21 @@ fn cli(args: &[&str]) -> (bool, String) {
 }
 
 fn verify(log: &Path, key: &Path) -> (bool, String) {
-    cli(&[
+    verify_with(log, key, &[])
+}
+
+/// `sluice audit verify --log LOG --public-key KEY EXTRA…`.
+fn verify_with(log: &Path, key: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec![
         "audit",
         "verify",
         "--log",
         log.to_str().unwrap(),
         "--public-key",
         key.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    cli(&args)
 }
 
 /// A finished audit log of a few real queries: (its state dir, guard).
@@ -505,16 +512,7 @@ async fn audit_verify_names_the_first_bad_record_of_a_tampered_log() {
     early.remove(2);
     let path = dir.path().join("early.jsonl");
     std::fs::write(&path, early.join("\n") + "\n").unwrap();
-    let (ok, out) = cli(&[
-        "audit",
-        "verify",
-        "--log",
-        path.to_str().unwrap(),
-        "--public-key",
-        key.to_str().unwrap(),
-        "--from",
-        "4",
-    ]);
+    let (ok, out) = verify_with(&path, &key, &["--from", "4"]);
     assert!(ok, "{out}");
 
     // A head published earlier must still be in the log: cutting the log
@@ -524,16 +522,7 @@ async fn audit_verify_names_the_first_bad_record_of_a_tampered_log() {
     let truncated = dir.path().join("truncated.jsonl");
     std::fs::write(&truncated, lines[..5].join("\n") + "\n").unwrap();
     for (log, expected) in [(&log, true), (&truncated, false)] {
-        let (ok, out) = cli(&[
-            "audit",
-            "verify",
-            "--log",
-            log.to_str().unwrap(),
-            "--public-key",
-            key.to_str().unwrap(),
-            "--head",
-            published,
-        ]);
+        let (ok, out) = verify_with(log, &key, &["--head", published]);
         assert_eq!(ok, expected, "{out}");
         if !expected {
             assert!(out.contains("not in the log"), "{out}");
@@ -736,4 +725,54 @@ async fn a_refused_ticket_gives_its_reserved_rows_back() {
     as_planning.request_agreement(request).await.unwrap();
     let (_, batches) = query(&mut planning, sql).await.expect("the rows came back");
     assert_eq!(common::rows(&batches), 3);
+}
+
+/// The CLI's agreement commands: a consumer requests, an admin approves.
+#[tokio::test]
+async fn the_cli_requests_and_an_admin_approves_an_agreement() {
+    let (_dir, config, state) = common::people_deployment(PEOPLE, AGREEMENT_POLICY);
+    let daemon = Daemon::start_isolated(&config, &state);
+    let endpoint = daemon.endpoint();
+    let state_dir = state.to_str().unwrap();
+    let as_identity = |identity: &'static str, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--endpoint",
+            endpoint.as_str(),
+            "--state-dir",
+            state_dir,
+            "--identity",
+            identity,
+        ]);
+        cli(&all)
+    };
+    let (ok, out) = as_identity(
+        "planning",
+        &[
+            "agreements",
+            "request",
+            "people/analysts",
+            "--purpose",
+            "research",
+        ],
+    );
+    assert!(ok && out.contains(": pending"), "{out}");
+    let id = out
+        .split_whitespace()
+        .find(|w| w.starts_with("agr-"))
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    let (ok, out) = as_identity("planning", &["admin", "agreements", "approve", &id]);
+    assert!(!ok && out.contains("PERMISSION_DENIED"), "{out}");
+    let (ok, out) = as_identity(
+        "admin",
+        &["admin", "agreements", "approve", &id, "--reason", "signed"],
+    );
+    assert!(
+        ok && out.contains(": active") && out.contains("signed"),
+        "{out}"
+    );
+    let (ok, out) = as_identity("planning", &["agreements", "list"]);
+    assert!(ok && out.contains(&id) && out.contains("active"), "{out}");
 }

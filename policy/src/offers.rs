@@ -15,7 +15,7 @@ use datafusion_common::arrow::datatypes::{DataType, Field};
 
 use crate::PolicySet;
 use crate::Principal;
-use crate::compile::{AgreementTerms, DatasetGrant, DatasetRules, offer_id};
+use crate::compile::{AgreementTerms, ConsumerRules, DatasetGrant, DatasetRules, offer_id};
 use crate::document::{Class, DatasetPolicy, Mask, Quotas, Tag, Visibility};
 use crate::dp::DpGrant;
 
@@ -119,26 +119,28 @@ impl PolicySet {
 
     /// The offer `id` if `principal` matches the consumer entry making it.
     pub fn offer(&self, principal: &Principal, id: &str) -> Option<Offer> {
-        self.catalog(principal)
-            .into_iter()
-            .flat_map(|entry| entry.offers)
-            .find(|offer| offer.id == id)
+        find_offer(self.resolve(principal)?.consumers.into_iter(), id)
     }
 
     /// Any offer by id, whoever it is for (provider administration).
     pub fn any_offer(&self, id: &str) -> Option<Offer> {
-        self.consumers.iter().find_map(|consumer| {
-            consumer.grants.iter().find_map(|(dataset, grant)| {
-                (offer_id(dataset, &consumer.name) == id)
-                    .then(|| offer(dataset, &consumer.name, grant, consumer.quotas))
-            })
-        })
+        find_offer(self.consumers.iter(), id)
     }
 
     /// Whether `principal` is a provider administrator (`admins:`).
     pub fn is_admin(&self, principal: &Principal) -> bool {
         self.admins.iter().any(|m| self.matches(m, principal))
     }
+}
+
+/// The offer `id` among the grants of `consumers`.
+fn find_offer<'a>(consumers: impl Iterator<Item = &'a ConsumerRules>, id: &str) -> Option<Offer> {
+    consumers.into_iter().find_map(|consumer| {
+        consumer.grants.iter().find_map(|(dataset, grant)| {
+            (offer_id(dataset, &consumer.name) == id)
+                .then(|| offer(dataset, &consumer.name, grant, consumer.quotas))
+        })
+    })
 }
 
 fn offer(dataset: &str, consumer: &str, grant: &DatasetGrant, quotas: Option<Quotas>) -> Offer {

@@ -188,6 +188,15 @@ pub struct LogFiles {
     public_key: Option<PathBuf>,
 }
 
+impl DecideArgs {
+    fn request(self) -> pb::DecideAgreementRequest {
+        pb::DecideAgreementRequest {
+            id: self.id,
+            reason: self.reason,
+        }
+    }
+}
+
 impl LogFiles {
     fn log(&self) -> PathBuf {
         self.log
@@ -339,21 +348,20 @@ pub async fn agreements(command: AgreementsCommand) -> Result<()> {
 
 pub async fn admin(command: AdminCommand) -> Result<()> {
     let AdminCommand::Agreements(command) = command;
-    let (args, verb) = match command {
+    let decided = match command {
         AdminAgreements::List(args) => return list_agreements(args).await,
-        AdminAgreements::Approve(args) => (args, "approve"),
-        AdminAgreements::Reject(args) => (args, "reject"),
-        AdminAgreements::Revoke(args) => (args, "revoke"),
-    };
-    let mut client = agreement_client(&args.conn).await?;
-    let request = pb::DecideAgreementRequest {
-        id: args.id,
-        reason: args.reason,
-    };
-    let decided = match verb {
-        "approve" => client.approve_agreement(request).await,
-        "reject" => client.reject_agreement(request).await,
-        _ => client.revoke_agreement(request).await,
+        AdminAgreements::Approve(args) => {
+            let mut client = agreement_client(&args.conn).await?;
+            client.approve_agreement(args.request()).await
+        }
+        AdminAgreements::Reject(args) => {
+            let mut client = agreement_client(&args.conn).await?;
+            client.reject_agreement(args.request()).await
+        }
+        AdminAgreements::Revoke(args) => {
+            let mut client = agreement_client(&args.conn).await?;
+            client.revoke_agreement(args.request()).await
+        }
     }
     .map_err(status_error)?
     .into_inner();

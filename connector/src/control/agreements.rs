@@ -77,14 +77,15 @@ impl AgreementDesk {
         &self,
         principal: &Principal,
         request: pb::DecideAgreementRequest,
-        verb: &str,
+        decision: Decision,
     ) -> Result<Agreement, Status> {
+        let verb = decision.verb();
         require_admin(&self.engine, principal, &format!("{verb} agreements"))?;
         let store = self.engine.agreements();
         let now = SystemTime::now();
         let (id, reason) = (request.id.as_str(), request.reason.as_str());
-        let decided = match verb {
-            "approve" => {
+        let decided = match decision {
+            Decision::Approve => {
                 let current = self.visible(principal, id)?;
                 let gate = self.engine.policy().current();
                 let offer = gate
@@ -98,16 +99,11 @@ impl AgreementDesk {
                     })?;
                 store.approve(id, &offer, &principal.id, reason, now)
             }
-            "reject" => store.reject(id, &principal.id, reason, now),
-            _ => store.revoke(id, &principal.id, reason, now),
+            Decision::Reject => store.reject(id, &principal.id, reason, now),
+            Decision::Revoke => store.revoke(id, &principal.id, reason, now),
         }
         .map_err(status)?;
-        let outcome = match verb {
-            "approve" => "approved",
-            "reject" => "rejected",
-            _ => "revoked",
-        };
-        self.record(principal, outcome, &decided)?;
+        self.record(principal, decision.outcome(), &decided)?;
         tracing::info!(agreement = %decided.id, admin = %principal, verb, "agreement decided");
         Ok(decided)
     }
@@ -185,7 +181,7 @@ impl AgreementService for AgreementDesk {
         request: Request<pb::DecideAgreementRequest>,
     ) -> Result<Response<pb::Agreement>, Status> {
         let principal = identity::principal(&request)?;
-        let decided = self.decide(&principal, request.into_inner(), "approve")?;
+        let decided = self.decide(&principal, request.into_inner(), Decision::Approve)?;
         Ok(Response::new(message(&decided)))
     }
 
@@ -194,7 +190,7 @@ impl AgreementService for AgreementDesk {
         request: Request<pb::DecideAgreementRequest>,
     ) -> Result<Response<pb::Agreement>, Status> {
         let principal = identity::principal(&request)?;
-        let decided = self.decide(&principal, request.into_inner(), "reject")?;
+        let decided = self.decide(&principal, request.into_inner(), Decision::Reject)?;
         Ok(Response::new(message(&decided)))
     }
 
@@ -203,8 +199,35 @@ impl AgreementService for AgreementDesk {
         request: Request<pb::DecideAgreementRequest>,
     ) -> Result<Response<pb::Agreement>, Status> {
         let principal = identity::principal(&request)?;
-        let decided = self.decide(&principal, request.into_inner(), "revoke")?;
+        let decided = self.decide(&principal, request.into_inner(), Decision::Revoke)?;
         Ok(Response::new(message(&decided)))
+    }
+}
+
+/// What a provider admin does to an agreement.
+#[derive(Clone, Copy)]
+enum Decision {
+    Approve,
+    Reject,
+    Revoke,
+}
+
+impl Decision {
+    fn verb(self) -> &'static str {
+        match self {
+            Decision::Approve => "approve",
+            Decision::Reject => "reject",
+            Decision::Revoke => "revoke",
+        }
+    }
+
+    /// The outcome of its audit record.
+    fn outcome(self) -> &'static str {
+        match self {
+            Decision::Approve => "approved",
+            Decision::Reject => "rejected",
+            Decision::Revoke => "revoked",
+        }
     }
 }
 
