@@ -25,6 +25,7 @@
 //! so that thousands of small charges add up exactly. See [`epsilon_units`]
 //! and [`delta_units`].
 
+use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeDelta, Utc};
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior};
 
@@ -41,7 +42,7 @@ pub const EPSILON_SCALE: f64 = 1e9;
 /// Atto-units of δ per 1.0 δ.
 pub const DELTA_SCALE: f64 = 1e18;
 /// Schema version written by (and the newest understood by) this build.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// How long a reservation made by [`Ledger::reserve`] may stay unstarted
 /// before [`Ledger::expire_unstarted`] may refund it.
 pub const DEFAULT_TICKET_TTL: TimeDelta = TimeDelta::minutes(15);
@@ -134,6 +135,9 @@ pub enum LedgerError {
     /// A float amount that cannot be converted to units.
     #[error("invalid {what} {value}: must be finite, non-negative and not absurdly large")]
     InvalidAmount { what: &'static str, value: f64 },
+    /// An N-day window outside 1 to [`MAX_WINDOW_DAYS`] days.
+    #[error("invalid budget period {period}: an N-day window must be 1 to {MAX_WINDOW_DAYS} days")]
+    InvalidPeriod { period: String },
     /// A negative amount in units.
     #[error("invalid {what} {units} units: must not be negative")]
     NegativeUnits { what: &'static str, units: i64 },
@@ -215,50 +219,140 @@ pub fn delta_from_units(units: i64) -> f64 {
     units as f64 / DELTA_SCALE
 }
 
-/// The window a budget limit applies to.
+/// The longest N-day window a budget may use (about ten years).
+pub const MAX_WINDOW_DAYS: u32 = 3660;
+
+/// The window a budget limit applies to. All windows are in UTC and fixed
+/// (calendar days, months and years, or N-day blocks anchored at the
+/// epoch), never rolling: spend in one window does not count in the next,
+/// so a consumer may spend a whole budget at the end of one window and a
+/// whole budget again at the start of the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Period {
     Day,
     Month,
     Year,
     Total,
+    /// Consecutive windows of N whole UTC days, anchored at 1970-01-01: the
+    /// window of a day is `floor(days since 1970-01-01 / N)`, so windows
+    /// never overlap, every day is in exactly one, and they do not move
+    /// with the first charge. N is 1 to [`MAX_WINDOW_DAYS`].
+    Days(u32),
 }
 
 impl Period {
     /// Parses `day`/`daily`, `month`/`monthly`, `year`/`yearly`/`annual`,
-    /// `total`/`lifetime`, case-insensitively.
+    /// `total`/`lifetime`, and N-day windows written `30d`, `30days` or
+    /// `30 days` (N from 1 to [`MAX_WINDOW_DAYS`]), case-insensitively.
     pub fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
             "day" | "daily" => Some(Self::Day),
             "month" | "monthly" => Some(Self::Month),
             "year" | "yearly" | "annual" => Some(Self::Year),
             "total" | "lifetime" => Some(Self::Total),
-            _ => None,
+            _ => parse_days(&s).map(Self::Days),
         }
     }
 
-    /// The canonical name, as stored in the database.
-    pub fn as_str(&self) -> &'static str {
+    /// The canonical name, as stored in the database: `day`, `month`,
+    /// `year`, `total`, or `30d` for a 30-day window.
+    pub fn as_str(&self) -> Cow<'static, str> {
         match self {
-            Self::Day => "day",
-            Self::Month => "month",
-            Self::Year => "year",
-            Self::Total => "total",
+            Self::Day => "day".into(),
+            Self::Month => "month".into(),
+            Self::Year => "year".into(),
+            Self::Total => "total".into(),
+            Self::Days(n) => format!("{n}d").into(),
+        }
+    }
+
+    /// Whether the period can be used: an N-day window needs N from 1 to
+    /// [`MAX_WINDOW_DAYS`] (the variant is public, so it can be built with
+    /// any N).
+    pub fn is_valid(&self) -> bool {
+        match self {
+            Self::Days(n) => (1..=MAX_WINDOW_DAYS).contains(n),
+            _ => true,
         }
     }
 
     /// The key of the window containing `at` (UTC): `2026-11-29`, `2026-11`,
-    /// `2026` or `total`.
+    /// `2026`, `total`, or for N-day windows the first and last day of the
+    /// window, both inclusive, joined by `..`: `2026-11-03..2026-12-02` for
+    /// the 30-day window that holds 2026-11-29. An N-day key names its
+    /// length, so keys of different periods never collide.
     pub fn key(&self, at: DateTime<Utc>) -> String {
         match self {
             Self::Day => at.format("%Y-%m-%d").to_string(),
             Self::Month => at.format("%Y-%m").to_string(),
             Self::Year => at.format("%Y").to_string(),
             Self::Total => "total".to_string(),
+            Self::Days(n) => {
+                let (first, last) = day_window(*n, at.date_naive());
+                format!("{}..{}", first.format("%Y-%m-%d"), last.format("%Y-%m-%d"))
+            }
         }
     }
 
-    const ALL: [Period; 4] = [Self::Day, Self::Month, Self::Year, Self::Total];
+    /// When the window containing `at` ends and the budget starts afresh:
+    /// 00:00 UTC of the next day, of the first day of the next month or
+    /// year, or of the first day of the next N-day window. `None` for
+    /// `total`, which never resets (and at the end of representable time).
+    pub fn resets_at(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let today = at.date_naive();
+        let next = match self {
+            Self::Total => return None,
+            Self::Day => today.succ_opt()?,
+            Self::Month => {
+                let (year, month) = match today.month() {
+                    12 => (today.year().checked_add(1)?, 1),
+                    month => (today.year(), month + 1),
+                };
+                NaiveDate::from_ymd_opt(year, month, 1)?
+            }
+            Self::Year => NaiveDate::from_ymd_opt(today.year().checked_add(1)?, 1, 1)?,
+            Self::Days(n) => day_window(*n, today).1.succ_opt()?,
+        };
+        Some(next.and_time(NaiveTime::MIN).and_utc())
+    }
+}
+
+impl std::fmt::Display for Period {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
+/// `30d`, `30days`, `30 days` (also `1 day`) → 30; lowercase input. Only
+/// plain decimal digits (no sign), N from 1 to [`MAX_WINDOW_DAYS`].
+fn parse_days(s: &str) -> Option<u32> {
+    let digits = ["days", "day", "d"]
+        .into_iter()
+        .find_map(|unit| s.strip_suffix(unit))?
+        .trim_end();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u32 = digits.parse().ok()?;
+    (1..=MAX_WINDOW_DAYS).contains(&n).then_some(n)
+}
+
+/// The first and last day (inclusive) of the `n`-day window holding `day`:
+/// window `floor(days since 1970-01-01 / n)`. `n` of 0 is treated as 1 so
+/// that this never divides by zero; [`Ledger::reserve`] refuses it anyway.
+fn day_window(n: u32, day: NaiveDate) -> (NaiveDate, NaiveDate) {
+    let n = i64::from(n.max(1));
+    let since_epoch = (day - DateTime::UNIX_EPOCH.date_naive()).num_days();
+    let offset = since_epoch.rem_euclid(n);
+    // Both ends stay within chrono's range except within n days of it.
+    let first = day
+        .checked_sub_signed(TimeDelta::days(offset))
+        .unwrap_or(NaiveDate::MIN);
+    let last = first
+        .checked_add_signed(TimeDelta::days(n - 1))
+        .unwrap_or(NaiveDate::MAX);
+    (first, last)
 }
 
 /// A budget: who spends, on what, over which window, and how much.
@@ -432,7 +526,11 @@ impl Balance {
     }
 }
 
-const SCHEMA_V1: &str = "
+/// The current schema (version 2), for a new file. Version 2 differs from
+/// version 1 only in the `accounts.period` CHECK, which also admits N-day
+/// windows (`1d` to `3660d`, see [`MAX_WINDOW_DAYS`]); [`MIGRATE_V1_TO_V2`]
+/// upgrades a version 1 file.
+const SCHEMA: &str = "
 CREATE TABLE schema_version (
     version INTEGER NOT NULL
 );
@@ -440,7 +538,10 @@ CREATE TABLE accounts (
     organization      TEXT    NOT NULL,
     dataset           TEXT    NOT NULL,
     period_key        TEXT    NOT NULL,
-    period            TEXT    NOT NULL CHECK (period IN ('day', 'month', 'year', 'total')),
+    period            TEXT    NOT NULL CHECK (period IN ('day', 'month', 'year', 'total')
+        OR ((period GLOB '[1-9]d' OR period GLOB '[1-9][0-9]d' OR period GLOB '[1-9][0-9][0-9]d'
+             OR period GLOB '[1-9][0-9][0-9][0-9]d')
+            AND CAST(substr(period, 1, length(period) - 1) AS INTEGER) <= 3660)),
     limit_epsilon     INTEGER NOT NULL CHECK (limit_epsilon >= 0),
     limit_delta       INTEGER NOT NULL CHECK (limit_delta >= 0),
     committed_epsilon INTEGER NOT NULL DEFAULT 0 CHECK (committed_epsilon >= 0),
@@ -475,6 +576,43 @@ CREATE TABLE answer_cache (
     created_at   TEXT NOT NULL,
     PRIMARY KEY (organization, cache_key, period_key)
 );
+";
+
+/// Upgrades a version 1 file to version 2: rebuilds `accounts` with the
+/// CHECK that admits N-day windows, keeping every row. This is SQLite's
+/// documented way to change a constraint (create the new table, copy, drop
+/// the old, rename the new); [`migrate`] runs it with foreign keys off and
+/// inside one transaction together with the version bump, and checks the
+/// foreign keys before committing. `reservations` and `answer_cache` do not
+/// store the period and are untouched. Frozen: later schema versions add
+/// their own steps after this one.
+const MIGRATE_V1_TO_V2: &str = "
+CREATE TABLE accounts_v2 (
+    organization      TEXT    NOT NULL,
+    dataset           TEXT    NOT NULL,
+    period_key        TEXT    NOT NULL,
+    period            TEXT    NOT NULL CHECK (period IN ('day', 'month', 'year', 'total')
+        OR ((period GLOB '[1-9]d' OR period GLOB '[1-9][0-9]d' OR period GLOB '[1-9][0-9][0-9]d'
+             OR period GLOB '[1-9][0-9][0-9][0-9]d')
+            AND CAST(substr(period, 1, length(period) - 1) AS INTEGER) <= 3660)),
+    limit_epsilon     INTEGER NOT NULL CHECK (limit_epsilon >= 0),
+    limit_delta       INTEGER NOT NULL CHECK (limit_delta >= 0),
+    committed_epsilon INTEGER NOT NULL DEFAULT 0 CHECK (committed_epsilon >= 0),
+    committed_delta   INTEGER NOT NULL DEFAULT 0 CHECK (committed_delta >= 0),
+    reserved_epsilon  INTEGER NOT NULL DEFAULT 0 CHECK (reserved_epsilon >= 0),
+    reserved_delta    INTEGER NOT NULL DEFAULT 0 CHECK (reserved_delta >= 0),
+    queries           INTEGER NOT NULL DEFAULT 0 CHECK (queries >= 0),
+    updated_at        TEXT    NOT NULL,
+    PRIMARY KEY (organization, dataset, period_key)
+);
+INSERT INTO accounts_v2 (organization, dataset, period_key, period, limit_epsilon, limit_delta,
+        committed_epsilon, committed_delta, reserved_epsilon, reserved_delta, queries, updated_at)
+    SELECT organization, dataset, period_key, period, limit_epsilon, limit_delta,
+        committed_epsilon, committed_delta, reserved_epsilon, reserved_delta, queries, updated_at
+    FROM accounts;
+DROP TABLE accounts;
+ALTER TABLE accounts_v2 RENAME TO accounts;
+UPDATE schema_version SET version = 2;
 ";
 
 const BALANCE_COLUMNS: &str = "organization, dataset, period_key, limit_epsilon, limit_delta, \
@@ -559,6 +697,15 @@ impl<T> AtPath<T> for rusqlite::Result<T> {
     }
 }
 
+fn check_period(period: Period) -> Result<(), LedgerError> {
+    if period.is_valid() {
+        return Ok(());
+    }
+    Err(LedgerError::InvalidPeriod {
+        period: period.as_str().into_owned(),
+    })
+}
+
 fn check_units(what: &'static str, units: i64) -> Result<(), LedgerError> {
     if units < 0 {
         return Err(LedgerError::NegativeUnits { what, units });
@@ -593,9 +740,10 @@ impl Ledger {
         // power loss, not only a process crash.
         conn.pragma_update(None, "synchronous", "FULL")
             .at_path(path)?;
+        // Foreign keys stay off while `migrate` may rebuild a table.
+        migrate(&mut conn, path)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .at_path(path)?;
-        migrate(&mut conn, path)?;
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -633,6 +781,7 @@ impl Ledger {
         check_units("delta limit", account.limit_delta)?;
         check_units("epsilon charge", charge.epsilon)?;
         check_units("delta charge", charge.delta)?;
+        check_period(account.period)?;
         let period_key = account.period.key(at);
         let expires_at = at
             .checked_add_signed(ttl)
@@ -736,12 +885,19 @@ impl Ledger {
         at: DateTime<Utc>,
     ) -> Result<Vec<Balance>, LedgerError> {
         let conn = self.lock();
-        let [day, month, year, total] = Period::ALL.map(|period| period.key(at));
+        let [day, month, year, total] =
+            [Period::Day, Period::Month, Period::Year, Period::Total].map(|period| period.key(at));
+        // An N-day account is current when today lies between the first and
+        // last day of its key (`first..last`, fixed-width ISO dates, which
+        // compare as text). Windows of one N never overlap, so at most one
+        // window per account and N matches.
         let sql = format!(
             "SELECT {BALANCE_COLUMNS} FROM accounts
              WHERE (?1 IS NULL OR organization = ?1)
                AND ((period = 'day' AND period_key = ?2) OR (period = 'month' AND period_key = ?3)
-                 OR (period = 'year' AND period_key = ?4) OR (period = 'total' AND period_key = ?5))
+                 OR (period = 'year' AND period_key = ?4) OR (period = 'total' AND period_key = ?5)
+                 OR (period GLOB '[1-9]*d' AND period_key GLOB '????-??-??..????-??-??'
+                     AND ?2 BETWEEN substr(period_key, 1, 10) AND substr(period_key, 13, 10)))
              ORDER BY organization, dataset, period"
         );
         let mut stmt = conn.prepare(&sql).at_path(&self.path)?;
@@ -756,6 +912,7 @@ impl Ledger {
     /// limits from `account` (the caller's current configuration). An
     /// account never charged has spent nothing.
     pub fn balance(&self, account: &Account, at: DateTime<Utc>) -> Result<Balance, LedgerError> {
+        check_period(account.period)?;
         let period_key = account.period.key(at);
         let conn = self.lock();
         let stored = load_balance(&conn, &account.organization, &account.dataset, &period_key)
@@ -969,10 +1126,19 @@ fn enable_wal(conn: &Connection, path: &Path) -> Result<(), LedgerError> {
     }
 }
 
-/// Creates the schema in an empty file or checks the version of an
-/// existing one. Runs in an IMMEDIATE transaction so that processes opening
-/// a new file at the same time do not both create it.
+/// Creates the schema in an empty file, or checks the version of an
+/// existing one and upgrades it to [`SCHEMA_VERSION`] (version 1 → 2:
+/// [`MIGRATE_V1_TO_V2`]). Refuses a file from a newer build. Runs in one
+/// IMMEDIATE transaction, so that processes opening a new file at the same
+/// time do not both create it, and so that an upgrade either happens
+/// entirely or not at all (a crash mid-way leaves the version 1 file).
+///
+/// Switches foreign keys off for the connection (a table rebuild needs
+/// that, and the pragma cannot change inside a transaction); the caller
+/// switches them back on.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
+    conn.pragma_update(None, "foreign_keys", "OFF")
+        .at_path(path)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .at_path(path)?;
@@ -986,7 +1152,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
                 path: path.to_path_buf(),
             });
         }
-        tx.execute_batch(SCHEMA_V1).at_path(path)?;
+        tx.execute_batch(SCHEMA).at_path(path)?;
         tx.execute(
             "INSERT INTO schema_version (version) VALUES (?1)",
             [SCHEMA_VERSION],
@@ -999,16 +1165,40 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
             })
             .at_path(path)?;
         let found = found.unwrap_or(0);
-        if found != SCHEMA_VERSION {
-            // Version 1 is the first; later builds add migrations here.
+        let mut version = found;
+        if version == 1 {
+            tx.execute_batch(MIGRATE_V1_TO_V2).at_path(path)?;
+            version = 2;
+        }
+        // Later versions add their steps here, each from the one before.
+        if version != SCHEMA_VERSION {
             return Err(LedgerError::UnsupportedSchema {
                 path: path.to_path_buf(),
                 found,
                 supported: SCHEMA_VERSION,
             });
         }
+        if found != version {
+            check_foreign_keys(&tx, path)?;
+        }
     }
     tx.commit().at_path(path)
+}
+
+/// After a table rebuild (foreign keys off): every reservation must still
+/// point at its account, or the upgrade is rolled back.
+fn check_foreign_keys(tx: &Transaction<'_>, path: &Path) -> Result<(), LedgerError> {
+    let dangling: Option<String> = tx
+        .query_row("PRAGMA foreign_key_check", [], |row| row.get(0))
+        .optional()
+        .at_path(path)?;
+    match dangling {
+        None => Ok(()),
+        Some(table) => Err(LedgerError::Inconsistent {
+            path: path.to_path_buf(),
+            detail: format!("a row of {table} references a missing account"),
+        }),
+    }
 }
 
 fn upsert_account(
@@ -1027,7 +1217,7 @@ fn upsert_account(
             &account.organization,
             &account.dataset,
             period_key,
-            account.period.as_str(),
+            account.period.as_str().as_ref(),
             account.limit_epsilon,
             account.limit_delta,
             timestamp(at),
@@ -1162,11 +1352,471 @@ mod tests {
         assert_eq!(Period::Month.key(t), "2026-11");
         assert_eq!(Period::Year.key(t), "2026");
         assert_eq!(Period::Total.key(t), "total");
+        assert_eq!(Period::Days(30).key(t), "2026-11-03..2026-12-02");
+        assert_eq!(Period::Days(7).key(t), "2026-11-26..2026-12-02");
+        assert_eq!(Period::Days(1).key(t), "2026-11-29..2026-11-29");
         assert_eq!(Period::parse(" Monthly "), Some(Period::Month));
         assert_eq!(Period::parse("weekly"), None);
-        for period in Period::ALL {
-            assert_eq!(Period::parse(period.as_str()), Some(period));
+        let all = [
+            Period::Day,
+            Period::Month,
+            Period::Year,
+            Period::Total,
+            Period::Days(1),
+            Period::Days(30),
+            Period::Days(MAX_WINDOW_DAYS),
+        ];
+        for period in all {
+            assert_eq!(Period::parse(&period.as_str()), Some(period));
+            assert_eq!(period.to_string(), period.as_str());
         }
+        assert_eq!(Period::Days(30).as_str(), "30d");
+    }
+
+    #[test]
+    fn n_day_periods_parse_in_several_spellings_within_range() {
+        for (text, days) in [
+            ("30d", 30),
+            ("30 days", 30),
+            ("30days", 30),
+            (" 30D ", 30),
+            ("1d", 1),
+            ("1 day", 1),
+            ("7 Days", 7),
+            ("3660d", 3660),
+        ] {
+            assert_eq!(Period::parse(text), Some(Period::Days(days)), "{text:?}");
+        }
+        for text in [
+            "0d",
+            "-3d",
+            "+3d",
+            "3661d",
+            "30x",
+            "d",
+            "days",
+            "3 0d",
+            "30 d ays",
+            "1.5d",
+            "30dd",
+            "99999999999d",
+            "30",
+        ] {
+            assert_eq!(Period::parse(text), None, "{text:?}");
+        }
+        assert!(Period::Days(30).is_valid());
+        assert!(!Period::Days(0).is_valid());
+        assert!(!Period::Days(MAX_WINDOW_DAYS + 1).is_valid());
+    }
+
+    #[test]
+    fn n_day_windows_are_fixed_blocks_anchored_at_the_epoch() {
+        let day = |y, m, d| Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap();
+        let thirty = Period::Days(30);
+        // Window 0 starts on 1970-01-01; the day before is the last of window -1.
+        assert_eq!(thirty.key(day(1970, 1, 1)), "1970-01-01..1970-01-30");
+        assert_eq!(thirty.key(day(1969, 12, 31)), "1969-12-02..1969-12-31");
+        // 2026-11-03 is day 20,760 = 692 × 30.
+        let first = day(2026, 11, 3);
+        let last = Utc.with_ymd_and_hms(2026, 12, 2, 23, 59, 59).unwrap();
+        let window = "2026-11-03..2026-12-02";
+        assert_eq!(thirty.key(first), window);
+        assert_eq!(thirty.key(at(2026, 11, 17)), window);
+        assert_eq!(thirty.key(last), window);
+        assert_eq!(
+            thirty.key(first - TimeDelta::seconds(1)),
+            "2026-10-04..2026-11-02"
+        );
+        assert_eq!(
+            thirty.key(last + TimeDelta::seconds(1)),
+            "2026-12-03..2027-01-01"
+        );
+        // Every day of a long stretch is in exactly one window of N days,
+        // and the windows are consecutive.
+        for n in [1, 2, 7, 30, 365, MAX_WINDOW_DAYS] {
+            let period = Period::Days(n);
+            let mut previous = period.key(day(1999, 1, 1));
+            let mut length = 1;
+            for offset in 1..3 * i64::from(n.min(400)) {
+                let t = day(1999, 1, 1) + TimeDelta::days(offset);
+                let key = period.key(t);
+                let (a, b) = key.split_once("..").unwrap();
+                assert!(a <= &t.format("%Y-%m-%d").to_string()[..] && *b >= *a);
+                if key == previous {
+                    length += 1;
+                } else {
+                    let (_, previous_last) = previous.split_once("..").unwrap();
+                    let next_first = NaiveDate::parse_from_str(previous_last, "%Y-%m-%d")
+                        .unwrap()
+                        .succ_opt()
+                        .unwrap();
+                    assert_eq!(a, next_first.format("%Y-%m-%d").to_string(), "n = {n}");
+                    previous = key;
+                    length = 1;
+                }
+                assert!(length <= n, "n = {n}: a window longer than {n} days");
+            }
+        }
+    }
+
+    #[test]
+    fn reset_is_the_start_of_the_next_window() {
+        let t = Utc.with_ymd_and_hms(2026, 12, 31, 18, 30, 0).unwrap();
+        let midnight = |y, m, d| Some(Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap());
+        assert_eq!(Period::Day.resets_at(t), midnight(2027, 1, 1));
+        assert_eq!(Period::Month.resets_at(t), midnight(2027, 1, 1));
+        assert_eq!(
+            Period::Month.resets_at(at(2026, 2, 14)),
+            midnight(2026, 3, 1)
+        );
+        assert_eq!(
+            Period::Year.resets_at(at(2026, 2, 14)),
+            midnight(2027, 1, 1)
+        );
+        assert_eq!(Period::Total.resets_at(t), None);
+        assert_eq!(
+            Period::Days(30).resets_at(at(2026, 11, 29)),
+            midnight(2026, 12, 3)
+        );
+        assert_eq!(
+            Period::Days(30).resets_at(Utc.with_ymd_and_hms(2026, 12, 2, 23, 59, 59).unwrap()),
+            midnight(2026, 12, 3)
+        );
+        assert_eq!(
+            Period::Days(30).resets_at(midnight(2026, 12, 3).unwrap()),
+            midnight(2027, 1, 2)
+        );
+        // The reset is the first instant of the next key.
+        let reset = Period::Days(7).resets_at(t).unwrap();
+        assert_ne!(
+            Period::Days(7).key(reset - TimeDelta::microseconds(1)),
+            Period::Days(7).key(reset)
+        );
+        assert_eq!(
+            Period::Days(7).key(reset - TimeDelta::microseconds(1)),
+            Period::Days(7).key(t)
+        );
+    }
+
+    #[test]
+    fn n_day_spend_does_not_carry_into_the_next_window() {
+        let (_dir, ledger) = temp_ledger();
+        let acct = account(Period::Days(30), ONE);
+        let last_day = at(2026, 12, 2);
+        let next_first_day = at(2026, 12, 3);
+        // The whole budget on the first day of one window...
+        ledger.reserve(&acct, eps(ONE), at(2026, 11, 3)).unwrap();
+        let balance = ledger.balance(&acct, last_day).unwrap();
+        assert_eq!(
+            (balance.period_key.as_str(), balance.spent_epsilon),
+            ("2026-11-03..2026-12-02", ONE)
+        );
+        assert!(matches!(
+            ledger.reserve(&acct, eps(1), last_day),
+            Err(LedgerError::Exhausted { ref period_key, .. }) if period_key == "2026-11-03..2026-12-02"
+        ));
+        // ...and again on the first day of the next: fixed windows, not rolling.
+        let next = ledger.reserve(&acct, eps(ONE), next_first_day).unwrap();
+        assert_eq!(next.period_key, "2026-12-03..2027-01-01");
+        assert_eq!(next.remaining.remaining_epsilon(), 0);
+        assert_eq!(ledger.balance(&acct, last_day).unwrap().spent_epsilon, ONE);
+
+        // balances() lists the window current at the given time only.
+        let monthly = account(Period::Month, ONE);
+        ledger.reserve(&monthly, eps(HUNDREDTH), last_day).unwrap();
+        let current = |t| {
+            ledger
+                .balances(Some("acme"), t)
+                .unwrap()
+                .into_iter()
+                .map(|b| (b.period_key, b.spent_epsilon))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            current(last_day),
+            [
+                ("2026-11-03..2026-12-02".to_string(), ONE),
+                ("2026-12".to_string(), HUNDREDTH)
+            ]
+        );
+        assert_eq!(
+            current(at(2027, 1, 1)),
+            [("2026-12-03..2027-01-01".to_string(), ONE)]
+        );
+        assert!(current(at(2027, 1, 2)).is_empty());
+        ledger.verify().unwrap();
+    }
+
+    #[test]
+    fn budget_of_ten_allows_exactly_twenty_half_epsilon_charges_per_30_days() {
+        let (_dir, ledger) = temp_ledger();
+        let acct = account(Period::Days(30), 10 * ONE);
+        let half = eps(epsilon_units(0.5).unwrap());
+        // Spread over the window 2026-11-03..2026-12-02, the last on its last day.
+        let days: Vec<_> = (0..21)
+            .map(|i| at(2026, 11, 3) + TimeDelta::days((i * 29 / 20).min(29)))
+            .collect();
+        let mut ok = 0;
+        for t in &days {
+            match ledger.reserve(&acct, half, *t) {
+                Ok(reservation) => {
+                    assert_eq!(reservation.period_key, "2026-11-03..2026-12-02");
+                    ok += 1;
+                }
+                Err(LedgerError::Exhausted { .. }) => {}
+                Err(err) => panic!("unexpected error: {err}"),
+            }
+        }
+        assert_eq!(ok, 20);
+        let balance = ledger.balance(&acct, at(2026, 12, 2)).unwrap();
+        assert_eq!((balance.spent_epsilon, balance.queries), (10 * ONE, 20));
+        // The next window has its own 10 ε.
+        for _ in 0..20 {
+            ledger.reserve(&acct, half, at(2026, 12, 3)).unwrap();
+        }
+        assert!(ledger.reserve(&acct, half, at(2027, 1, 1)).is_err());
+        ledger.verify().unwrap();
+    }
+
+    #[test]
+    fn invalid_n_day_windows_are_refused() {
+        let (_dir, ledger) = temp_ledger();
+        for n in [0, MAX_WINDOW_DAYS + 1] {
+            let acct = account(Period::Days(n), ONE);
+            let err = ledger.reserve(&acct, eps(1), at(2026, 11, 29)).unwrap_err();
+            assert!(matches!(err, LedgerError::InvalidPeriod { .. }), "{err:?}");
+            assert!(ledger.balance(&acct, at(2026, 11, 29)).is_err());
+        }
+        // The database refuses them too, and any other name.
+        let conn = ledger.lock();
+        let insert = |period: &str| {
+            conn.execute(
+                "INSERT INTO accounts (organization, dataset, period_key, period, limit_epsilon, limit_delta, updated_at)
+                 VALUES ('x', 'y', ?1, ?1, 0, 0, 'now')",
+                [period],
+            )
+        };
+        for bad in [
+            "0d", "3661d", "9999d", "030d", "30x", "30 days", "d", "week",
+        ] {
+            assert!(insert(bad).is_err(), "{bad}");
+        }
+        for good in ["1d", "30d", "3660d", "day", "month", "year", "total"] {
+            insert(good).unwrap();
+        }
+        assert!(SCHEMA.contains(&format!("<= {MAX_WINDOW_DAYS})")));
+        assert!(MIGRATE_V1_TO_V2.contains(&format!("<= {MAX_WINDOW_DAYS})")));
+    }
+
+    /// The version 1 schema exactly as version 1 builds created it.
+    const SCHEMA_V1: &str = "
+CREATE TABLE schema_version (
+    version INTEGER NOT NULL
+);
+CREATE TABLE accounts (
+    organization      TEXT    NOT NULL,
+    dataset           TEXT    NOT NULL,
+    period_key        TEXT    NOT NULL,
+    period            TEXT    NOT NULL CHECK (period IN ('day', 'month', 'year', 'total')),
+    limit_epsilon     INTEGER NOT NULL CHECK (limit_epsilon >= 0),
+    limit_delta       INTEGER NOT NULL CHECK (limit_delta >= 0),
+    committed_epsilon INTEGER NOT NULL DEFAULT 0 CHECK (committed_epsilon >= 0),
+    committed_delta   INTEGER NOT NULL DEFAULT 0 CHECK (committed_delta >= 0),
+    reserved_epsilon  INTEGER NOT NULL DEFAULT 0 CHECK (reserved_epsilon >= 0),
+    reserved_delta    INTEGER NOT NULL DEFAULT 0 CHECK (reserved_delta >= 0),
+    queries           INTEGER NOT NULL DEFAULT 0 CHECK (queries >= 0),
+    updated_at        TEXT    NOT NULL,
+    PRIMARY KEY (organization, dataset, period_key)
+);
+CREATE TABLE reservations (
+    id           TEXT    PRIMARY KEY,
+    organization TEXT    NOT NULL,
+    dataset      TEXT    NOT NULL,
+    period_key   TEXT    NOT NULL,
+    epsilon      INTEGER NOT NULL CHECK (epsilon >= 0),
+    delta        INTEGER NOT NULL CHECK (delta >= 0),
+    state        TEXT    NOT NULL CHECK (state IN ('reserved', 'started', 'committed', 'refunded')),
+    created_at   TEXT    NOT NULL,
+    updated_at   TEXT    NOT NULL,
+    expires_at   TEXT    NOT NULL,
+    FOREIGN KEY (organization, dataset, period_key)
+        REFERENCES accounts (organization, dataset, period_key)
+);
+CREATE INDEX reservations_by_expiry ON reservations (state, expires_at);
+CREATE INDEX reservations_by_account ON reservations (organization, dataset, period_key);
+CREATE TABLE answer_cache (
+    organization TEXT NOT NULL,
+    cache_key    TEXT NOT NULL,
+    period_key   TEXT NOT NULL,
+    answer       BLOB NOT NULL,
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (organization, cache_key, period_key)
+);
+INSERT INTO schema_version (version) VALUES (1);
+";
+
+    /// A version 1 ledger with spend, as a version 1 build would leave it:
+    /// acme/patients in 2026-11 has 0.3 ε committed and 0.2 ε reserved
+    /// (one refunded reservation besides), plus a total account and a
+    /// cached answer.
+    fn write_v1_ledger(path: &Path, extra_sql: &str) {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO accounts VALUES ('acme', 'patients', '2026-11', 'month', 1000000000, 10000000000000,
+                 300000000, 0, 200000000, 1000000000000, 2, '2026-11-20T10:00:00.000000Z');
+             INSERT INTO accounts VALUES ('acme', 'visits', 'total', 'total', 5000000000, 0,
+                 10000000, 0, 0, 0, 1, '2026-11-20T10:00:00.000000Z');
+             INSERT INTO reservations VALUES
+                 ('r-committed', 'acme', 'patients', '2026-11', 300000000, 0, 'committed',
+                  '2026-11-20T10:00:00.000000Z', '2026-11-20T10:00:01.000000Z', '2026-11-20T10:15:00.000000Z'),
+                 ('r-started', 'acme', 'patients', '2026-11', 200000000, 1000000000000, 'started',
+                  '2026-11-20T10:00:00.000000Z', '2026-11-20T10:00:01.000000Z', '2026-11-20T10:15:00.000000Z'),
+                 ('r-refunded', 'acme', 'patients', '2026-11', 400000000, 0, 'refunded',
+                  '2026-11-20T10:00:00.000000Z', '2026-11-20T10:00:01.000000Z', '2026-11-20T10:15:00.000000Z'),
+                 ('r-total', 'acme', 'visits', 'total', 10000000, 0, 'committed',
+                  '2026-11-20T10:00:00.000000Z', '2026-11-20T10:00:01.000000Z', '2026-11-20T10:15:00.000000Z');
+             INSERT INTO answer_cache VALUES ('acme', 'q1', '2026-11', X'0102', '2026-11-20T10:00:01.000000Z');",
+        )
+        .unwrap();
+        conn.execute_batch(extra_sql).unwrap();
+    }
+
+    /// The schema as SQLite reports it, with the quotes a rename adds removed.
+    fn schema_of(conn: &Connection) -> Vec<(String, String, Option<String>)> {
+        let mut stmt = conn
+            .prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+            .unwrap();
+        stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .unwrap()
+            .map(|row| {
+                let (kind, name, sql): (String, String, Option<String>) = row.unwrap();
+                (
+                    kind,
+                    name,
+                    sql.map(|s| s.replace("\"accounts\"", "accounts")),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn version_1_ledger_is_migrated_keeping_its_spend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        write_v1_ledger(&path, "");
+
+        let ledger = Ledger::open(&path).unwrap();
+        let monthly = account(Period::Month, ONE);
+        let november = at(2026, 11, 29);
+        let balance = ledger.balance(&monthly, november).unwrap();
+        assert_eq!(
+            (
+                balance.spent_epsilon,
+                balance.reserved_epsilon,
+                balance.spent_delta,
+                balance.queries
+            ),
+            (500_000_000, 200_000_000, MICRO_DELTA, 2)
+        );
+        let lifetime = Account {
+            dataset: "visits".into(),
+            ..account(Period::Total, 5 * ONE)
+        };
+        assert_eq!(
+            ledger.balance(&lifetime, november).unwrap().spent_epsilon,
+            HUNDREDTH
+        );
+        assert_eq!(
+            ledger.reservation("r-refunded").unwrap().unwrap().state,
+            State::Refunded
+        );
+        assert_eq!(
+            ledger
+                .cache_get("acme", "q1", "2026-11")
+                .unwrap()
+                .as_deref(),
+            Some(&[1u8, 2][..])
+        );
+        ledger.verify().unwrap();
+        // The old spend still limits: 0.5 ε of 1.0 remain.
+        assert!(matches!(
+            ledger.reserve(&monthly, eps(600_000_000), november),
+            Err(LedgerError::Exhausted {
+                remaining_epsilon: 500_000_000,
+                ..
+            })
+        ));
+        // The reservation still in flight can be committed after the upgrade.
+        ledger.commit("r-started").unwrap();
+        // An N-day window can be charged now.
+        let window = ledger
+            .reserve(&account(Period::Days(30), ONE), eps(HUNDREDTH), november)
+            .unwrap();
+        assert_eq!(window.period_key, "2026-11-03..2026-12-02");
+        ledger.verify().unwrap();
+        let foreign_keys: i64 = ledger
+            .lock()
+            .query_row("PRAGMA foreign_keys", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(
+            foreign_keys, 1,
+            "foreign keys are back on after the upgrade"
+        );
+        drop(ledger);
+
+        // Upgraded, the file looks exactly like a new version 2 ledger, and
+        // opening it again changes nothing.
+        let fresh = dir.path().join("fresh.db");
+        drop(Ledger::open(&fresh).unwrap());
+        let migrated = Connection::open(&path).unwrap();
+        let version: i64 = migrated
+            .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(
+            schema_of(&migrated),
+            schema_of(&Connection::open(&fresh).unwrap())
+        );
+        let reopened = Ledger::open(&path).unwrap();
+        assert_eq!(
+            reopened.balance(&monthly, november).unwrap().spent_epsilon,
+            500_000_000
+        );
+        reopened.verify().unwrap();
+    }
+
+    #[test]
+    fn failed_migration_leaves_the_version_1_file_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        // A reservation without its account: the upgrade must not hide it.
+        write_v1_ledger(
+            &path,
+            "PRAGMA foreign_keys = OFF;
+             INSERT INTO reservations VALUES ('r-orphan', 'acme', 'ghost', '2026-11', 1, 0, 'committed',
+                 '2026-11-20T10:00:00.000000Z', '2026-11-20T10:00:01.000000Z', '2026-11-20T10:15:00.000000Z');",
+        );
+        let err = Ledger::open(&path).unwrap_err();
+        assert!(matches!(err, LedgerError::Inconsistent { .. }), "{err:?}");
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 1);
+        let accounts: i64 = conn
+            .query_row("SELECT count(*) FROM accounts", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(accounts, 2);
+        let leftovers: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'accounts_v2'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(leftovers, 0);
     }
 
     /// Makes 1,000 reservations of 0.01 ε against 1.0 ε from `threads`
