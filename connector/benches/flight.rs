@@ -29,12 +29,32 @@
 //!     the same server with the audit log switched off (a `ServeHooks`
 //!     switch that only embedding code like this benchmark can reach),
 //!     p50/p99; then the sustained rate of audited queries with 8 clients.
+//! (f) Federation: the regional mobility data space of `examples/broker`
+//!     (its `setup.sh`, 1,000,000 trips per operator), as three real
+//!     processes: the north and south operators' `sluice serve` and the
+//!     `sluice broker`. The planning agency's `GROUP BY mode` aggregate
+//!     (GetFlightInfo + DoGet on open mTLS channels, p50/p99) through the
+//!     broker, which sends one partial query to each operator and merges,
+//!     next to the same query sent directly to each operator, in interleaved
+//!     runs; then federated p50 over the slowest operator's p50 (the broker
+//!     overhead ratio) and the difference in ms. All three share this
+//!     machine, and the broker asks both operators at once, so with few
+//!     cores the two partial queries compete for them: the ratio then
+//!     measures that as well as the broker. A fourth measurement sends the
+//!     query to both operators at once directly, and federated p50 over it
+//!     is the broker's own cost (decomposition, relay, merge). The example's policy is
+//!     differentially private with a budget and an answer cache, so repeated
+//!     queries would be served from the cache and distinct ones would run
+//!     out of budget; the benchmark replaces each operator's policy with the
+//!     same grants, aggregate-only with k = 10 and without differential
+//!     privacy. The broker's answer is checked once against the operators'
+//!     (trips per mode add up).
 //!
 //! (a) and (b) measure the transport, so the daemon runs them under the open
 //! test policy (`connector/tests/policies/open.yaml`).
 //!
 //! Set `SLUICE_BENCH_RUNS` / `SLUICE_BENCH_LATENCY_RUNS` to change the counts,
-//! `SLUICE_BENCH_SECTIONS` (default `abcde`) to run only some sections.
+//! `SLUICE_BENCH_SECTIONS` (default `abcdef`) to run only some sections.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -67,7 +87,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let sections = std::env::var("SLUICE_BENCH_SECTIONS").unwrap_or_else(|_| "abcde".into());
+    let sections = std::env::var("SLUICE_BENCH_SECTIONS").unwrap_or_else(|_| "abcdef".into());
     if sections.contains('a') || sections.contains('b') {
         let server = Server::start(&state_dir)?;
         let result = runtime.block_on(run(&server, &state_dir, runs, latency_runs));
@@ -84,13 +104,16 @@ fn main() -> anyhow::Result<()> {
             Duration::from_secs(env_usize("SLUICE_BENCH_QPS_SECONDS", 10) as u64),
         ))?;
     }
-    if !sections.contains('d') {
-        return Ok(());
+    if sections.contains('d') {
+        runtime.block_on(privacy::run(
+            &state_dir,
+            env_usize("SLUICE_BENCH_DP_RUNS", 5),
+        ))?;
     }
-    runtime.block_on(privacy::run(
-        &state_dir,
-        env_usize("SLUICE_BENCH_DP_RUNS", 5),
-    ))
+    if sections.contains('f') {
+        federation::run(&runtime, latency_runs)?;
+    }
+    Ok(())
 }
 
 async fn run(
@@ -99,7 +122,7 @@ async fn run(
     runs: usize,
     latency_runs: usize,
 ) -> anyhow::Result<()> {
-    let mut client = FlightSqlServiceClient::new(server.channel(state_dir).await?);
+    let mut client = FlightSqlServiceClient::new(server.channel(&state_dir.join("pki")).await?);
     let ctx = in_process(state_dir).await?;
     println!(
         "Sluice benchmark on the demo data ({} cores)",
@@ -250,15 +273,7 @@ struct Server {
 impl Server {
     fn start(state_dir: &Path) -> anyhow::Result<Server> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        // The server dies with the benchmark, even if it is killed.
-        // SAFETY: prctl is async-signal-safe and touches only this process.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command
+        command
             .args([
                 "serve",
                 "--listen",
@@ -271,14 +286,27 @@ impl Server {
                 concat!(env!("CARGO_MANIFEST_DIR"), "/tests/policies/open.yaml"),
                 "--state-dir",
             ])
-            .arg(state_dir)
-            .stdout(Stdio::piped())
-            .spawn()?;
+            .arg(state_dir);
+        Server::spawn(command)
+    }
+
+    /// Runs a `sluice` daemon (`serve` or `broker`) and waits for its
+    /// `listening on grpc+tls://ADDR` line.
+    fn spawn(mut command: Command) -> anyhow::Result<Server> {
+        // The server dies with the benchmark, even if it is killed.
+        // SAFETY: prctl is async-signal-safe and touches only this process.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.stdout(Stdio::piped()).spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let addr = loop {
             let Some(line) = lines.next() else {
-                anyhow::bail!("sluice serve exited before listening");
+                anyhow::bail!("{command:?} exited before listening");
             };
             if let Some(rest) = line?.split("listening on grpc+tls://").nth(1) {
                 break rest
@@ -292,8 +320,8 @@ impl Server {
         Ok(Server { child, addr })
     }
 
-    async fn channel(&self, state_dir: &Path) -> anyhow::Result<Channel> {
-        let pki = state_dir.join("pki");
+    /// An mTLS channel as the planning agency of `pki` (`planning.pem`).
+    async fn channel(&self, pki: &Path) -> anyhow::Result<Channel> {
         let read = |name: &str| std::fs::read(pki.join(name));
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("ca.pem")?))
@@ -909,5 +937,281 @@ mod privacy {
             }
         }
         out
+    }
+}
+
+/// (f): what the broker adds to a federated aggregate.
+mod federation {
+    use std::collections::{BTreeSet, HashMap};
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use datafusion::arrow::array::{AsArray, RecordBatch};
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{DataType, Int64Type};
+    use futures::TryStreamExt;
+    use tonic::transport::Channel;
+
+    use super::{Server, flight_scan, ms, percentile};
+
+    const FEDERATED_AGGREGATE: &str = "SELECT mode, count(*) AS trips, sum(distance_km) AS km, avg(fare_eur) AS fare FROM trips GROUP BY mode";
+    const TRIPS_PER_OPERATOR: usize = 1_000_000;
+    const PURPOSE: &str = "urban-planning";
+    /// The example's consumers and broker with the example's grants, but
+    /// aggregate-only with k = 10 instead of differentially private: no
+    /// budget to run out, no answer cache, so every run does the work.
+    const OPERATOR_POLICY: &str = r#"# Written by connector/benches/flight.rs, section (f).
+version: 1
+
+datasets:
+  trips:
+    privacy_unit: card_id
+    columns:
+      card_id: { class: important, tags: [personal] }
+      start_zone: { tags: [personal] }
+      distance_km: { tags: [personal] }
+      fare_eur: { tags: [personal] }
+
+brokers:
+  - name: regional-broker
+    match: { san_uri: "spiffe://mobility.example/org/regional-broker" }
+    require_own_grant: true
+
+consumers:
+  - name: city-planning
+    match:
+      san_uri: "spiffe://mobility.example/org/city-planning"
+      organization: City Planning Agency
+    grants:
+      trips: &aggregates
+        columns:
+          mode: group_by_only
+          start_zone: group_by_only
+          distance_km: aggregate_only
+          fare_eur: aggregate_only
+        aggregation: { min_group_size: 10 }
+        purposes: [urban-planning]
+
+  - name: regional-broker
+    match: { san_uri: "spiffe://mobility.example/org/regional-broker" }
+    grants:
+      trips: *aggregates
+"#;
+
+    /// The three daemons of the data space; killed when dropped.
+    struct DataSpace {
+        broker: Server,
+        north: Server,
+        south: Server,
+    }
+
+    pub fn run(runtime: &tokio::runtime::Runtime, runs: usize) -> anyhow::Result<()> {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sluice-bench-broker");
+        let started = Instant::now();
+        setup(&out)?;
+        let space = DataSpace {
+            north: operator(&out, "north")?,
+            south: operator(&out, "south")?,
+            broker: daemon(["broker", "--config"], &out.join("broker.toml"))?,
+        };
+        let setup_time = started.elapsed();
+        runtime.block_on(measure(&space, &out.join("pki"), runs, setup_time))
+    }
+
+    /// `examples/broker/setup.sh` on free loopback ports, then the
+    /// benchmark's policy at both operators.
+    fn setup(out: &Path) -> anyhow::Result<()> {
+        let _ = std::fs::remove_dir_all(out);
+        let [north, south, broker] = free_ports()?;
+        let status = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/broker/setup.sh"
+        ))
+        .arg(out)
+        .env("SLUICE", env!("CARGO_BIN_EXE_sluice"))
+        .env("NORTH_PORT", north.to_string())
+        .env("SOUTH_PORT", south.to_string())
+        .env("BROKER_PORT", broker.to_string())
+        .env("TRIPS_ROWS", TRIPS_PER_OPERATOR.to_string())
+        .stdout(Stdio::null())
+        .status()?;
+        anyhow::ensure!(status.success(), "examples/broker/setup.sh failed");
+        for operator in ["north", "south"] {
+            std::fs::write(out.join(operator).join("policy.yaml"), OPERATOR_POLICY)?;
+        }
+        Ok(())
+    }
+
+    /// Three distinct ports free right now (held together, then released).
+    fn free_ports() -> anyhow::Result<[u16; 3]> {
+        let listeners: Vec<_> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<_, _>>()?;
+        let mut ports = [0; 3];
+        for (port, listener) in ports.iter_mut().zip(&listeners) {
+            *port = listener.local_addr()?.port();
+        }
+        Ok(ports)
+    }
+
+    fn operator(out: &Path, name: &str) -> anyhow::Result<Server> {
+        daemon(["serve", "--config"], &out.join(name).join("sluice.toml"))
+    }
+
+    fn daemon(args: [&str; 2], config: &Path) -> anyhow::Result<Server> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command.args(args).arg(config).args(["--log-level", "warn"]);
+        Server::spawn(command)
+    }
+
+    async fn measure(
+        space: &DataSpace,
+        pki: &Path,
+        runs: usize,
+        setup_time: Duration,
+    ) -> anyhow::Result<()> {
+        let mut broker = client(&space.broker, pki).await?;
+        let mut north = client(&space.north, pki).await?;
+        let mut south = client(&space.south, pki).await?;
+        check_sums(&mut broker, &mut north, &mut south).await?;
+        for _ in 0..20 {
+            for client in [&mut broker, &mut north, &mut south] {
+                flight_scan(client, FEDERATED_AGGREGATE).await?;
+            }
+        }
+        let mut times: [Vec<Duration>; 4] = Default::default();
+        for _ in 0..runs {
+            for (client, times) in [&mut broker, &mut north, &mut south]
+                .into_iter()
+                .zip(&mut times)
+            {
+                let started = Instant::now();
+                flight_scan(client, FEDERATED_AGGREGATE).await?;
+                times.push(started.elapsed());
+            }
+            // What the broker itself waits for: both providers at once. On
+            // a machine with few cores they compete for them, so this, not
+            // the slowest single provider alone, isolates the broker's cost.
+            let started = Instant::now();
+            let (a, b) = tokio::join!(
+                flight_scan(&mut north, FEDERATED_AGGREGATE),
+                flight_scan(&mut south, FEDERATED_AGGREGATE)
+            );
+            a?;
+            b?;
+            times[3].push(started.elapsed());
+        }
+        report(times, runs, setup_time);
+        Ok(())
+    }
+
+    async fn client(
+        server: &Server,
+        pki: &Path,
+    ) -> anyhow::Result<FlightSqlServiceClient<Channel>> {
+        let mut client = FlightSqlServiceClient::new(server.channel(pki).await?);
+        client.set_header("x-sluice-purpose", PURPOSE);
+        Ok(client)
+    }
+
+    fn report(times: [Vec<Duration>; 4], runs: usize, setup_time: Duration) {
+        let [federated, north, south, both] =
+            times.map(|mut t| (percentile(&mut t, 50.0), percentile(&mut t, 99.0)));
+        let (slowest, slowest_p50) = if north.0 >= south.0 {
+            ("north", north.0)
+        } else {
+            ("south", south.0)
+        };
+        println!(
+            "\n(f) federation (examples/broker, {TRIPS_PER_OPERATOR} trips per operator, aggregate-only policy with k = 10, no DP), {runs} interleaved runs each:"
+        );
+        println!("    {FEDERATED_AGGREGATE}");
+        println!(
+            "    setup.sh and three daemons started in {:.1} s",
+            setup_time.as_secs_f64()
+        );
+        for (label, (p50, p99)) in [
+            ("through the broker (north + south)", federated),
+            ("directly at north", north),
+            ("directly at south", south),
+            ("directly at both at once", both),
+        ] {
+            println!(
+                "    {label:<34} : p50 {:>7.2} ms  p99 {:>7.2} ms",
+                ms(p50),
+                ms(p99)
+            );
+        }
+        let label = format!("slowest single provider ({slowest})");
+        println!("    {label:<34} : p50 {:>7.2} ms", ms(slowest_p50));
+        println!(
+            "    broker overhead ratio, federated p50 / slowest single-provider p50 : {:.3}",
+            federated.0.as_secs_f64() / slowest_p50.as_secs_f64()
+        );
+        println!(
+            "    broker overhead at p50                                              : {:>+7.2} ms",
+            ms(federated.0) - ms(slowest_p50)
+        );
+        println!(
+            "    broker's own cost, federated p50 / both providers at once p50      : {:.3} ({:+.2} ms)",
+            federated.0.as_secs_f64() / both.0.as_secs_f64(),
+            ms(federated.0) - ms(both.0)
+        );
+    }
+
+    /// The broker's trips per mode must be north's plus south's.
+    async fn check_sums(
+        broker: &mut FlightSqlServiceClient<Channel>,
+        north: &mut FlightSqlServiceClient<Channel>,
+        south: &mut FlightSqlServiceClient<Channel>,
+    ) -> anyhow::Result<()> {
+        let federated = trips_per_mode(broker).await?;
+        let north = trips_per_mode(north).await?;
+        let south = trips_per_mode(south).await?;
+        anyhow::ensure!(!federated.is_empty(), "the broker returned no groups");
+        let modes: BTreeSet<&String> = federated
+            .keys()
+            .chain(north.keys())
+            .chain(south.keys())
+            .collect();
+        for mode in modes {
+            let trips = |answer: &HashMap<String, i64>| answer.get(mode).copied().unwrap_or(0);
+            anyhow::ensure!(
+                trips(&federated) == trips(&north) + trips(&south),
+                "trips for {mode}: broker {}, north {} + south {}",
+                trips(&federated),
+                trips(&north),
+                trips(&south)
+            );
+        }
+        Ok(())
+    }
+
+    /// Mode → trips, from one answer to the query.
+    async fn trips_per_mode(
+        client: &mut FlightSqlServiceClient<Channel>,
+    ) -> anyhow::Result<HashMap<String, i64>> {
+        let info = client
+            .execute(FEDERATED_AGGREGATE.to_string(), None)
+            .await?;
+        let ticket = info.endpoint[0].ticket.clone().expect("a ticket");
+        let batches: Vec<RecordBatch> = client.do_get(ticket).await?.try_collect().await?;
+        let mut out = HashMap::new();
+        for batch in &batches {
+            let column = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .ok_or_else(|| anyhow::anyhow!("no column {name} in the answer"))
+            };
+            let modes = cast(column("mode")?, &DataType::Utf8)?;
+            let trips = cast(column("trips")?, &DataType::Int64)?;
+            let (modes, trips) = (modes.as_string::<i32>(), trips.as_primitive::<Int64Type>());
+            for row in 0..batch.num_rows() {
+                out.insert(modes.value(row).to_string(), trips.value(row));
+            }
+        }
+        Ok(out)
     }
 }

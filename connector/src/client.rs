@@ -68,10 +68,13 @@ pub struct Connection {
     /// `x-sluice-receipt` headers of the DoGet calls made so far (JSON).
     receipts: Vec<String>,
     epsilon: Option<f64>,
+    /// More request headers for GetFlightInfo (e.g. a broker's
+    /// `x-sluice-allow-partial`).
+    headers: Vec<(&'static str, tonic::metadata::AsciiMetadataValue)>,
 }
 
 /// `grpc+tls://host:port` (or `https://`) to the URI tonic dials.
-fn dial_uri(endpoint: &str) -> Result<String> {
+pub(crate) fn dial_uri(endpoint: &str) -> Result<String> {
     let rest = endpoint
         .strip_prefix("grpc+tls://")
         .or_else(|| endpoint.strip_prefix("https://"))
@@ -113,6 +116,7 @@ impl Connection {
             purpose: None,
             receipts: Vec::new(),
             epsilon: None,
+            headers: Vec::new(),
         })
     }
 
@@ -130,6 +134,15 @@ impl Connection {
     /// `x-sluice-epsilon` header); the policy's default otherwise.
     pub fn set_epsilon(&mut self, epsilon: f64) {
         self.epsilon = Some(epsilon);
+    }
+
+    /// Sends `name: value` with every query from now on.
+    pub fn set_header(&mut self, name: &'static str, value: &str) -> Result<()> {
+        let value = value
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the {name} header must be ASCII text"))?;
+        self.headers.push((name, value));
+        Ok(())
     }
 
     pub fn channel(&self) -> Channel {
@@ -182,6 +195,9 @@ impl Connection {
             request
                 .metadata_mut()
                 .insert(crate::identity::PURPOSE_HEADER, purpose.clone());
+        }
+        for (name, value) in &self.headers {
+            request.metadata_mut().insert(*name, value.clone());
         }
         if let Some(epsilon) = self.epsilon {
             let value = epsilon

@@ -212,12 +212,7 @@ const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: path.display().to_string(),
-            field: "(file)".into(),
-            reason: format!("cannot read the file: {e}"),
-        })?;
-        Self::from_toml_str(&text, path)
+        Self::from_toml_str(&read_file(path)?, path)
     }
 
     /// Parses and validates config text as if read from `path` (used to name
@@ -293,6 +288,15 @@ impl Config {
 
 /// Makes `p` absolute against the current directory without touching the
 /// file system (paths need not exist yet).
+/// The text of a configuration file, or an error naming it.
+pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        source_name: path.display().to_string(),
+        field: "(file)".into(),
+        reason: format!("cannot read the file: {e}"),
+    })
+}
+
 pub fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
@@ -508,6 +512,15 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
 
 /// TOML → raw structs, reporting the dotted field path and the line.
 fn deserialize(text: &str, source: &Source) -> Result<RawConfig, ConfigError> {
+    deserialize_toml(text, source)
+}
+
+/// Deserializes TOML, naming the field of any error (also for the broker's
+/// configuration).
+pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    source: &Source,
+) -> Result<T, ConfigError> {
     let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
         source_name: source.to_string(),
         field: "(syntax)".into(),

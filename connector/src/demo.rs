@@ -4,11 +4,17 @@
 //! * `trips` (Parquet, 1,000,000 rows): synthetic public-transport journeys.
 //!   Personal mobility data: `card_id` is the privacy unit.
 //! * `machine_events` (CSV, 50,000 rows): synthetic factory telemetry from
-//!   three manufacturers.
+//!   three manufacturers, 40 machines each.
 //! * `zones` (newline-delimited JSON, 40 rows): public reference data on the
 //!   fare zones that `trips` starts and ends in.
 //!
 //! The demo usage policy over them is `demo_policy.yaml` next to this file.
+//!
+//! The generators take a seed and a row count, so that `sluice generate`
+//! can write other datasets of the same shape for examples; the demo always
+//! uses [`TRIPS_SEED`]/[`TRIPS_ROWS`] and [`MACHINE_EVENTS_SEED`]/
+//! [`MACHINE_EVENTS_ROWS`]/[`MANUFACTURERS`], which must never change (tests
+//! and every existing state directory rely on the demo data's bytes).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -27,8 +33,14 @@ use datafusion::parquet::file::properties::WriterProperties;
 
 /// Rows in the demo `trips` table.
 pub const TRIPS_ROWS: usize = 1_000_000;
+/// Seed of the demo `trips` table.
+pub const TRIPS_SEED: u64 = 0x5_1u64 << 32 | 2026;
 /// Rows in the demo `machine_events` table.
 pub const MACHINE_EVENTS_ROWS: usize = 50_000;
+/// Seed of the demo `machine_events` table.
+pub const MACHINE_EVENTS_SEED: u64 = 0xFAC7_0221;
+/// Rows in the `zones` table (one per fare zone).
+pub const ZONES_ROWS: usize = ZONES as usize;
 
 const CARDS: u64 = 60_000;
 const ZONES: u64 = 40;
@@ -138,8 +150,10 @@ fn zone_name(z: u64) -> String {
     format!("Z{:02}", z + 1)
 }
 
-/// Writes the `trips` table to `path` (Parquet, Snappy, row groups of 131,072).
-pub fn write_trips(path: &Path) -> Result<()> {
+/// Writes a `trips` table of `rows` journeys generated from `seed` to `path`
+/// (Parquet, Snappy, row groups of 131,072). The demo's is
+/// `write_trips(path, TRIPS_SEED, TRIPS_ROWS)`.
+pub fn write_trips(path: &Path, seed: u64, rows: usize) -> Result<()> {
     let schema = trips_schema();
     let tmp = path.with_extension("parquet.partial");
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -148,11 +162,11 @@ pub fn write_trips(path: &Path) -> Result<()> {
         .set_max_row_group_row_count(Some(131_072))
         .build();
     let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
-    let mut rng = Rng(0x5_1u64 << 32 | 2026);
+    let mut rng = Rng(seed);
     const BATCH: usize = 65_536;
     let mut next_id = 1i64;
-    while (next_id as usize) <= TRIPS_ROWS {
-        let n = BATCH.min(TRIPS_ROWS + 1 - next_id as usize);
+    while (next_id as usize) <= rows {
+        let n = BATCH.min(rows + 1 - next_id as usize);
         let batch = trips_batch(&schema, &mut rng, next_id, n)?;
         writer.write(&batch)?;
         next_id += n as i64;
@@ -232,17 +246,88 @@ fn trips_batch(schema: &SchemaRef, rng: &mut Rng, first_id: i64, n: usize) -> Re
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
-const MANUFACTURERS: [(&str, &str); 3] = [
-    ("Kessler Werke", "KW"),
-    ("Nordhavn Motion", "NM"),
-    ("Ostrava Precision", "OP"),
-];
+/// The manufacturers of the demo `machine_events`, in the order the
+/// generator draws them.
+pub const MANUFACTURERS: [&str; 3] = ["Kessler Werke", "Nordhavn Motion", "Ostrava Precision"];
+/// Machines per manufacturer: serials `<prefix>-<year>-0001` to `-0040`.
+pub const MACHINES_PER_MANUFACTURER: u64 = 40;
 const SITES: [&str; 4] = ["Plant A", "Plant B", "Plant C", "Plant D"];
 const EVENT_TYPES: [&str; 4] = ["run", "idle", "fault", "maintenance"];
 const EVENT_CUMULATIVE: [f64; 4] = [0.62, 0.88, 0.95, 1.0];
 
-/// Writes the `machine_events` table to `path` (CSV with header).
-pub fn write_machine_events(path: &Path) -> Result<()> {
+/// The serial-number prefix of a manufacturer: the initials of its first
+/// two words, or the first two letters or digits of a one-word name
+/// (`Kessler Werke` → `KW`), upper case.
+pub fn serial_prefix(manufacturer: &str) -> String {
+    let words: Vec<&str> = manufacturer
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let chars: String = match words.as_slice() {
+        [] => String::new(),
+        [one] => one.chars().take(2).collect(),
+        [first, second, ..] => first
+            .chars()
+            .take(1)
+            .chain(second.chars().take(1))
+            .collect(),
+    };
+    chars.to_uppercase()
+}
+
+/// Checks manufacturer names for [`write_machine_events`] and returns each
+/// with its serial prefix: names must be distinct, contain a letter or
+/// digit, fit in a CSV field unquoted (no comma, quote or line break, no
+/// surrounding spaces) and give distinct serial prefixes.
+pub fn manufacturer_prefixes<S: AsRef<str>>(names: &[S]) -> Result<Vec<(String, String)>> {
+    if names.is_empty() {
+        anyhow::bail!("no manufacturer given");
+    }
+    let mut checked: Vec<(String, String)> = Vec::with_capacity(names.len());
+    for name in names {
+        let name = name.as_ref();
+        if name.trim() != name || name.is_empty() {
+            anyhow::bail!("manufacturer `{name}`: leading or trailing spaces, or empty");
+        }
+        if let Some(c) = name.chars().find(|c| matches!(c, ',' | '"' | '\n' | '\r')) {
+            anyhow::bail!(
+                "manufacturer `{}`: {c:?} is not allowed (the name is written to a CSV field as is)",
+                name.escape_debug()
+            );
+        }
+        if name.chars().count() > 64 {
+            anyhow::bail!("manufacturer `{name}`: longer than 64 characters");
+        }
+        let prefix = serial_prefix(name);
+        if prefix.is_empty() {
+            anyhow::bail!("manufacturer `{name}`: needs at least one letter or digit");
+        }
+        for (other, other_prefix) in &checked {
+            if other == name {
+                anyhow::bail!("manufacturer `{name}` is given twice");
+            }
+            if *other_prefix == prefix {
+                anyhow::bail!(
+                    "manufacturers `{other}` and `{name}` would share the machine-serial prefix `{prefix}`: rename one"
+                );
+            }
+        }
+        checked.push((name.to_string(), prefix));
+    }
+    Ok(checked)
+}
+
+/// Writes a `machine_events` table of `rows` events generated from `seed`
+/// to `path` (CSV with header), for the given manufacturers with
+/// [`MACHINES_PER_MANUFACTURER`] machines each. The demo's is
+/// `write_machine_events(path, MACHINE_EVENTS_SEED, MACHINE_EVENTS_ROWS, &MANUFACTURERS)`.
+pub fn write_machine_events<S: AsRef<str>>(
+    path: &Path,
+    seed: u64,
+    rows: usize,
+    manufacturers: &[S],
+) -> Result<()> {
+    let manufacturers = manufacturer_prefixes(manufacturers)?;
     let tmp = path.with_extension("csv.partial");
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut out = BufWriter::new(file);
@@ -250,11 +335,10 @@ pub fn write_machine_events(path: &Path) -> Result<()> {
         out,
         "event_id,machine_serial,manufacturer,site,event_time,event_type,temperature_c,vibration_mm_s,energy_kwh,fault_code"
     )?;
-    let mut rng = Rng(0xFAC7_0221);
-    // 3 manufacturers x 40 machines each.
-    for id in 1..=MACHINE_EVENTS_ROWS as u64 {
-        let (maker, prefix) = MANUFACTURERS[rng.below(3) as usize];
-        let machine = rng.below(40);
+    let mut rng = Rng(seed);
+    for id in 1..=rows as u64 {
+        let (maker, prefix) = &manufacturers[rng.below(manufacturers.len() as u64) as usize];
+        let machine = rng.below(MACHINES_PER_MANUFACTURER);
         let serial = format!(
             "{prefix}-{:04}-{:04}",
             2000 + mix(machine) % 100,
@@ -357,11 +441,64 @@ mod tests {
     fn machine_events_are_byte_identical_across_runs() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
-        write_machine_events(&a).unwrap();
-        write_machine_events(&b).unwrap();
+        for path in [&a, &b] {
+            write_machine_events(
+                path,
+                MACHINE_EVENTS_SEED,
+                MACHINE_EVENTS_ROWS,
+                &MANUFACTURERS,
+            )
+            .unwrap();
+        }
         let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
         assert_eq!(a, b);
         let lines = a.iter().filter(|c| **c == b'\n').count();
         assert_eq!(lines, MACHINE_EVENTS_ROWS + 1);
+    }
+
+    /// The demo's bytes are pinned: every existing state directory and the
+    /// tests' expected answers rely on them. `trips` is pinned the same way
+    /// by its generator (seed, rows, batch sizes); it is too slow to write
+    /// in a unit test.
+    #[test]
+    fn demo_machine_events_keep_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("machine_events.csv");
+        write_machine_events(
+            &path,
+            MACHINE_EVENTS_SEED,
+            MACHINE_EVENTS_ROWS,
+            &MANUFACTURERS,
+        )
+        .unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(path).unwrap());
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "04c0658347f0c2bd83aa13be57783d9358db81277adda6692f0b4b759065b092"
+        );
+    }
+
+    #[test]
+    fn serial_prefixes_and_manufacturer_checks() {
+        let demo = manufacturer_prefixes(&MANUFACTURERS).unwrap();
+        let prefixes: Vec<&str> = demo.iter().map(|(_, p)| p.as_str()).collect();
+        assert_eq!(prefixes, ["KW", "NM", "OP"]);
+        assert_eq!(serial_prefix("acme"), "AC");
+        assert_eq!(serial_prefix("Müller & Söhne GmbH"), "MS");
+        for (names, error) in [
+            (vec![], "no manufacturer"),
+            (vec!["Kessler Werke", "Kessler Werke"], "given twice"),
+            (
+                vec!["Kessler Werke", "Kappa Works"],
+                "share the machine-serial prefix `KW`",
+            ),
+            (vec!["Acme, Inc"], "not allowed"),
+            (vec![" Acme"], "spaces"),
+            (vec!["--"], "at least one letter"),
+        ] {
+            let message = manufacturer_prefixes(&names).unwrap_err().to_string();
+            assert!(message.contains(error), "{names:?}: {message}");
+        }
     }
 }

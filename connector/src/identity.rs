@@ -14,6 +14,8 @@ use sluice_policy::{Principal, QueryContext};
 use tonic::{Request, Status};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use crate::relay;
+
 /// The principal of a request, plus facts about the certificate it came from.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -33,11 +35,50 @@ pub fn authenticate(mut request: Request<()>) -> Result<Request<()>, Status> {
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required (mTLS)"))?;
-    let caller = caller_from_der(leaf.as_ref()).map_err(|reason| {
+    let mut caller = caller_from_der(leaf.as_ref()).map_err(|reason| {
         Status::unauthenticated(format!("client certificate not usable: {reason}"))
     })?;
+    if let Some(token) = request.metadata().get(relay::ON_BEHALF_OF_HEADER) {
+        caller.principal = relayed(token, leaf.as_ref(), caller.principal)?;
+    }
     request.extensions_mut().insert(Arc::new(caller));
     Ok(request)
+}
+
+/// The end consumer a broker asserts, relayed by the broker (the
+/// certificate's principal). Whether this broker is trusted is the usage
+/// policy's decision, not this function's.
+fn relayed(
+    token: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    leaf: &[u8],
+    broker: Principal,
+) -> Result<Principal, Status> {
+    let refuse = |reason: &str| {
+        Status::unauthenticated(format!(
+            "the {} header is not valid: {reason}",
+            relay::ON_BEHALF_OF_HEADER
+        ))
+    };
+    let token = token.to_str().map_err(|_| refuse("it is not ASCII"))?;
+    let assertion = relay::Assertion::verify(token, leaf).map_err(|e| refuse(&e))?;
+    tracing::debug!(broker = %broker.id, consumer = %assertion.sub, nonce = %assertion.nonce, "relayed request");
+    Ok(assertion.subject().relayed_by(broker))
+}
+
+/// The principal of a request that must not be relayed: the control plane
+/// (catalog, agreements, receipts) answers consumers and administrators
+/// directly, never through a broker.
+pub fn direct_principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    let principal = principal(request)?;
+    if let Some(broker) = &principal.via {
+        return Err(Status::permission_denied(format!(
+            "this service answers direct callers only; `{}` relays for `{}` (the {} header is for queries)",
+            broker.id,
+            principal.id,
+            relay::ON_BEHALF_OF_HEADER
+        )));
+    }
+    Ok(principal)
 }
 
 /// The caller of a request that passed [`authenticate`].
@@ -155,6 +196,7 @@ fn caller_from_der(der: &[u8]) -> Result<Caller, String> {
             organization,
             common_name,
             san_uris,
+            via: None,
         },
         certificate_sha256: hex(digest::digest(&digest::SHA256, der).as_ref()),
         not_after: cert.validity().not_after.timestamp(),

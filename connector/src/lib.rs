@@ -31,6 +31,7 @@
 
 pub mod agreements;
 pub mod audit;
+pub mod broker;
 pub mod catalog;
 pub mod cli;
 pub mod client;
@@ -46,6 +47,7 @@ pub mod pki;
 pub mod privacy;
 pub mod query;
 pub mod quota;
+pub mod relay;
 pub mod server;
 pub mod state;
 pub mod telemetry;

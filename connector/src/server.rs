@@ -240,7 +240,7 @@ fn tls_files(config: &Config, state: &StateDir) -> TlsConfig {
     })
 }
 
-fn server_tls(files: &TlsConfig) -> Result<ServerTlsConfig> {
+pub(crate) fn server_tls(files: &TlsConfig) -> Result<ServerTlsConfig> {
     let read = |p: &PathBuf, what: &str| {
         std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
     };
@@ -258,7 +258,7 @@ async fn wait(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-async fn shutdown_signal() -> &'static str {
+pub(crate) async fn shutdown_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -217,7 +217,7 @@ impl StateDir {
         let mut created = Vec::new();
         let trips = dir.join("trips.parquet");
         if !trips.exists() {
-            demo::write_trips(&trips)?;
+            demo::write_trips(&trips, demo::TRIPS_SEED, demo::TRIPS_ROWS)?;
             created.push(format!(
                 "demo dataset trips    {} ({} rows)",
                 trips.display(),
@@ -236,7 +236,12 @@ impl StateDir {
         }
         let events = dir.join("machine_events.csv");
         if !events.exists() {
-            demo::write_machine_events(&events)?;
+            demo::write_machine_events(
+                &events,
+                demo::MACHINE_EVENTS_SEED,
+                demo::MACHINE_EVENTS_ROWS,
+                &demo::MANUFACTURERS,
+            )?;
             created.push(format!(
                 "demo dataset machine_events {} ({} rows)",
                 events.display(),

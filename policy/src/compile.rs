@@ -265,6 +265,15 @@ pub struct ConsumerRules {
     pub grants: BTreeMap<String, DatasetGrant>,
 }
 
+/// One `brokers:` entry, compiled.
+#[derive(Debug, Clone)]
+pub struct BrokerRules {
+    /// Where the entry lives, e.g. `brokers[0] (regional-broker)`.
+    pub rule: String,
+    pub matcher: Matcher,
+    pub require_own_grant: bool,
+}
+
 /// A compiled policy: the rules every decision runs on.
 #[derive(Debug, Clone)]
 pub struct PolicySet {
@@ -273,6 +282,7 @@ pub struct PolicySet {
     pub(crate) groups: BTreeMap<String, Vec<Matcher>>,
     pub(crate) consumers: Vec<ConsumerRules>,
     pub(crate) admins: Vec<Matcher>,
+    pub(crate) brokers: Vec<BrokerRules>,
     pub(crate) mask_secret: Arc<[u8]>,
     warnings: Vec<PolicyError>,
 }
@@ -304,12 +314,14 @@ impl PolicySet {
             .collect::<Result<Vec<_>, _>>()?;
         compiler.unique_names(&document)?;
         let admins = compiler.admins(&document, &groups)?;
+        let brokers = compiler.brokers(&document, &groups)?;
         Ok(PolicySet {
             version: content_version(text),
             datasets,
             groups,
             consumers,
             admins,
+            brokers,
             mask_secret: Arc::from(mask_secret),
             warnings: compiler.warnings.into_inner(),
         })
@@ -470,6 +482,55 @@ impl Compiler<'_> {
             }
         }
         Ok(())
+    }
+
+    fn brokers(
+        &self,
+        doc: &PolicyDocument,
+        groups: &BTreeMap<String, Vec<Matcher>>,
+    ) -> Result<Vec<BrokerRules>, PolicyError> {
+        let mut out: Vec<BrokerRules> = Vec::new();
+        for (index, broker) in doc.brokers.iter().enumerate() {
+            let entry = &broker.value;
+            let field = format!("brokers[{index}]");
+            let line = entry.matcher.referenced.line();
+            if is_empty_matcher(&entry.matcher.value) {
+                return Err(self.error(
+                    line,
+                    format!("{field}.match"),
+                    "a broker entry must give organization, san_uri, common_name or group; an empty one would let anyone relay queries",
+                ));
+            }
+            if let Some(group) = &entry.matcher.value.group
+                && !groups.contains_key(group)
+            {
+                return Err(self.error(
+                    line,
+                    format!("{field}.match.group"),
+                    format!("no group named `{group}` is defined under groups:"),
+                ));
+            }
+            let rule = format!("{field} ({})", entry.name);
+            if out
+                .iter()
+                .any(|b| b.rule.ends_with(&format!("({})", entry.name)))
+            {
+                return Err(self.error(
+                    broker.referenced.line(),
+                    format!("{field}.name"),
+                    format!(
+                        "another broker is already named `{}`; names must be unique",
+                        entry.name
+                    ),
+                ));
+            }
+            out.push(BrokerRules {
+                rule,
+                matcher: entry.matcher.value.clone(),
+                require_own_grant: entry.require_own_grant,
+            });
+        }
+        Ok(out)
     }
 
     fn admins(

@@ -32,6 +32,32 @@ pub struct PolicyDocument {
     /// and read the whole audit log. A principal matching any entry is one.
     #[serde(default)]
     pub admins: Vec<Spanned<Matcher>>,
+    /// Brokers trusted to relay queries for their own consumers (the
+    /// signed `x-sluice-on-behalf-of` header). A relayed query is decided
+    /// for the end consumer; see [`Broker::require_own_grant`].
+    #[serde(default)]
+    pub brokers: Vec<Spanned<Broker>>,
+}
+
+/// A broker this provider accepts relayed queries from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Broker {
+    /// Shown in decisions and audit records.
+    pub name: String,
+    /// The broker's own certificate (the mTLS client it connects with).
+    #[serde(rename = "match")]
+    pub matcher: Spanned<Matcher>,
+    /// Whether the broker must itself be allowed by a consumer entry, in
+    /// which case its grants and the end consumer's are combined and the
+    /// most restrictive wins (default). With `false` the broker is a relay
+    /// only and the end consumer's grants alone apply.
+    #[serde(default = "default_true")]
+    pub require_own_grant: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Dataset metadata (DCAT-like) and column classification.
@@ -449,7 +475,7 @@ pub struct DpBudget {
     pub epsilon: f64,
     #[serde(default)]
     pub delta: f64,
-    /// `day`, `month`, `year` or `total`.
+    /// `day`, `month`, `year`, `total`, or N days: `30d` / `30 days`.
     #[serde(default = "default_period")]
     pub period: String,
 }

@@ -164,8 +164,99 @@ pub(crate) struct Resolved<'a> {
     quotas: Option<Quotas>,
 }
 
+impl Resolved<'_> {
+    /// Combines an end consumer's rules with its broker's own: a dataset
+    /// only the end consumer holds is dropped, shared ones take the most
+    /// restrictive grant, and quotas the lower allowance.
+    fn restricted_by<'a>(self, broker: Resolved<'a>) -> Resolved<'a>
+    where
+        Self: 'a,
+    {
+        let mut consumers = self.consumers;
+        for c in broker.consumers {
+            if !consumers.iter().any(|have| std::ptr::eq(*have, c)) {
+                consumers.push(c);
+            }
+        }
+        let grants = self
+            .grants
+            .into_iter()
+            .filter_map(|(dataset, grant)| {
+                let own = broker.grants.get(&dataset)?;
+                Some((dataset, grant.restrict(own)))
+            })
+            .collect();
+        Resolved {
+            consumers,
+            grants,
+            // Row filters' `$name` values are the end consumer's.
+            attributes: self.attributes,
+            quotas: min_quotas(self.quotas, broker.quotas),
+        }
+    }
+}
+
+fn min_quotas(a: Option<Quotas>, b: Option<Quotas>) -> Option<Quotas> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(Quotas {
+            queries_per_day: min_option(a.queries_per_day, b.queries_per_day),
+            rows_per_day: min_option(a.rows_per_day, b.rows_per_day),
+        }),
+        (a, b) => a.or(b),
+    }
+}
+
 impl PolicySet {
+    /// The rules for `principal`; for a relayed query, combined with its
+    /// broker's own where the `brokers:` entry requires that. `None` when
+    /// nothing admits the principal (see [`PolicySet::check_relay`] for why).
     pub(crate) fn resolve(&self, principal: &Principal) -> Option<Resolved<'_>> {
+        let direct = self.resolve_direct(principal)?;
+        let Some(broker) = &principal.via else {
+            return Some(direct);
+        };
+        let trusted = self.broker_entry(broker)?;
+        if !trusted.require_own_grant {
+            return Some(direct);
+        }
+        Some(direct.restricted_by(self.resolve_direct(broker)?))
+    }
+
+    /// The `brokers:` entry `broker` matches.
+    pub fn broker_entry(&self, broker: &Principal) -> Option<&crate::compile::BrokerRules> {
+        self.brokers
+            .iter()
+            .find(|b| self.matches(&b.matcher, broker))
+    }
+
+    /// Refuses a relayed query whose broker this policy does not trust, or
+    /// that must itself be allowed and is not.
+    pub(crate) fn check_relay(&self, principal: &Principal) -> Result<(), Denial> {
+        let Some(broker) = &principal.via else {
+            return Ok(());
+        };
+        let Some(entry) = self.broker_entry(broker) else {
+            return Err(Denial::forbidden(
+                "brokers",
+                format!(
+                    "`{}` relays queries for `{}` but is not a trusted broker in the usage policy (brokers:)",
+                    broker.id, principal.id
+                ),
+            ));
+        };
+        if entry.require_own_grant && self.resolve_direct(broker).is_none() {
+            return Err(Denial::forbidden(
+                format!("{}.require_own_grant", entry.rule),
+                format!(
+                    "the broker `{}` must itself be allowed, but no consumer entry matches it",
+                    broker.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn resolve_direct(&self, principal: &Principal) -> Option<Resolved<'_>> {
         let consumers: Vec<&ConsumerRules> = self
             .consumers
             .iter()
@@ -186,13 +277,7 @@ impl PolicySet {
                 grants.insert(dataset.clone(), merged);
             }
             attributes.extend(consumer.attributes.clone());
-            quotas = match (quotas, consumer.quotas) {
-                (Some(a), Some(b)) => Some(Quotas {
-                    queries_per_day: min_option(a.queries_per_day, b.queries_per_day),
-                    rows_per_day: min_option(a.rows_per_day, b.rows_per_day),
-                }),
-                (a, b) => a.or(b),
-            };
+            quotas = min_quotas(quotas, consumer.quotas);
         }
         // Certificate attributes win over declared ones of the same name.
         attributes.insert("principal".into(), principal.id.clone());
@@ -211,17 +296,7 @@ impl PolicySet {
     }
 
     pub(crate) fn matches(&self, matcher: &Matcher, principal: &Principal) -> bool {
-        let field_ok = |want: &Option<String>, have: Option<&String>| {
-            want.as_ref().is_none_or(|w| have == Some(w))
-        };
-        field_ok(&matcher.organization, principal.organization.as_ref())
-            && field_ok(&matcher.common_name, principal.common_name.as_ref())
-            && matcher.san_uri.as_ref().is_none_or(|pattern| {
-                principal
-                    .san_uris
-                    .iter()
-                    .any(|uri| wildcard_match(pattern, uri))
-            })
+        matcher.matches_attributes(principal)
             && matcher.group.as_ref().is_none_or(|group| {
                 self.groups
                     .get(group)
@@ -250,6 +325,7 @@ impl PlanGate for PolicyGate {
     }
 
     fn decide(&self, request: &QueryContext, plan: LogicalPlan) -> Result<Approval, Denial> {
+        self.policy.check_relay(&request.principal)?;
         let resolved = self.policy.resolve(&request.principal).ok_or_else(|| {
             Denial::forbidden(
                 DENY_BY_DEFAULT,
@@ -321,6 +397,14 @@ impl PlanGate for PolicyGate {
             .clone()
             .unwrap_or_else(|| request.principal.id.clone());
         let mut rules = self.rules_applied(&resolved, &scanned, max_rows);
+        if let Some(entry) = request
+            .principal
+            .via
+            .as_deref()
+            .and_then(|b| self.policy.broker_entry(b))
+        {
+            rules.insert(0, format!("{} (relayed)", entry.rule));
+        }
         if let Some(query) = &dp {
             rules.push(format!(
                 "{}.dp (ε = {}, δ = {}, max_groups = {}, max_rows = {}; {})",
@@ -762,6 +846,24 @@ fn replace_word(text: &str, word: &str, with: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+impl Matcher {
+    /// Whether `principal`'s certificate has every attribute this matcher
+    /// gives. A `group` is not resolved here (that needs a policy's groups).
+    pub fn matches_attributes(&self, principal: &Principal) -> bool {
+        let field_ok = |want: &Option<String>, have: Option<&String>| {
+            want.as_ref().is_none_or(|w| have == Some(w))
+        };
+        field_ok(&self.organization, principal.organization.as_ref())
+            && field_ok(&self.common_name, principal.common_name.as_ref())
+            && self.san_uri.as_ref().is_none_or(|pattern| {
+                principal
+                    .san_uris
+                    .iter()
+                    .any(|uri| wildcard_match(pattern, uri))
+            })
+    }
 }
 
 /// `*` matches any run of characters; everything else literally.

@@ -15,6 +15,10 @@ pub struct Principal {
     pub common_name: Option<String>,
     /// All URI subject alternative names, in certificate order.
     pub san_uris: Vec<String>,
+    /// The broker that relayed this principal's query (its own verified
+    /// certificate), when the query came through one; `None` for direct
+    /// callers. Policies decide relayed queries for both (`brokers:`).
+    pub via: Option<Box<Principal>>,
 }
 
 impl Principal {
@@ -25,12 +29,23 @@ impl Principal {
             organization: None,
             common_name: None,
             san_uris: Vec::new(),
+            via: None,
         }
+    }
+
+    /// This principal as relayed by `broker`.
+    pub fn relayed_by(mut self, broker: Principal) -> Self {
+        self.via = Some(Box::new(broker));
+        self
     }
 }
 
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.id)
+        f.write_str(&self.id)?;
+        if let Some(broker) = &self.via {
+            write!(f, " (via {broker})")?;
+        }
+        Ok(())
     }
 }

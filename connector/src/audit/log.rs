@@ -65,6 +65,10 @@ pub struct Entry {
     /// The principal's organization, when known.
     #[serde(default)]
     pub organization: Option<String>,
+    /// The broker that relayed the request for `principal` (its own
+    /// certificate's principal), for relayed queries only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     /// Who receives the data (organizations or principals).
     pub consumers: Vec<String>,
     /// Datasets the query reads.

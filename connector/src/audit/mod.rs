@@ -79,6 +79,7 @@ fn about(principal: &Principal, policy_version: &str) -> Entry {
     Entry {
         principal: principal.id.clone(),
         organization: Some(organization_key(principal)),
+        via: principal.via.as_ref().map(|b| b.id.clone()),
         policy_version: policy_version.to_string(),
         ..Entry::default()
     }

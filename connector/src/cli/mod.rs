@@ -4,6 +4,7 @@
 //! `config`).
 
 mod control;
+mod generate;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -38,6 +39,8 @@ struct Cli {
 enum Command {
     /// Run the connector (the demo when no --config is given).
     Serve(ServeArgs),
+    /// Run a broker: federated queries across several connectors (docs/federation.md).
+    Broker(BrokerArgs),
     /// Create the state directory (development PKI and demo datasets) and exit.
     Init {
         /// State directory to prepare.
@@ -69,6 +72,9 @@ enum Command {
     /// Create a certificate authority and issue server and client certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Write synthetic datasets (trips, machine events, zones) for examples and tests.
+    #[command(subcommand)]
+    Generate(generate::GenerateCommand),
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -163,8 +169,28 @@ struct QueryArgs {
     /// `sluice receipt verify`.
     #[arg(long)]
     receipt_out: Option<PathBuf>,
+    /// Through a broker: accept a result without the providers that failed
+    /// (sent as x-sluice-allow-partial: true); the result names them.
+    #[arg(long)]
+    allow_partial: bool,
     /// The SQL query (or `EXPLAIN POLICY <query>`); `-` reads it from standard input.
     sql: String,
+}
+
+#[derive(Args)]
+struct BrokerArgs {
+    /// Broker configuration file (TOML; see docs/federation.md).
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+    /// Address to listen on. Overrides server.listen.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Log format. Overrides log.format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info`. Overrides log.level; RUST_LOG overrides both.
+    #[arg(long)]
+    log_level: Option<String>,
 }
 
 #[derive(Args)]
@@ -314,6 +340,7 @@ pub fn main() -> ExitCode {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Serve(args) => serve(args),
+        Command::Broker(args) => broker(args),
         Command::Init { state_dir } => {
             let state = StateDir::new(config::absolute(&state_dir));
             report_created(&state.prepare(true)?);
@@ -330,6 +357,7 @@ fn run(command: Command) -> Result<()> {
         Command::Receipt(cmd) => client_runtime()?.block_on(control::receipt(cmd)),
         Command::Audit(cmd) => client_runtime()?.block_on(control::audit(cmd)),
         Command::Certs(cmd) => certs(cmd),
+        Command::Generate(cmd) => generate::run(cmd),
         Command::Config(ConfigCommand::Example) => {
             print!("{}", Config::embedded_default_text());
             Ok(())
@@ -421,6 +449,28 @@ fn serve(args: ServeArgs) -> Result<()> {
     result
 }
 
+fn broker(args: BrokerArgs) -> Result<()> {
+    let mut cfg = crate::broker::BrokerConfig::load(&args.config)?;
+    if let Some(listen) = &args.listen {
+        cfg.listen = config::parse_addr(listen).map_err(|r| anyhow::anyhow!("--listen: {r}"))?;
+    }
+    if let Some(format) = args.log_format {
+        cfg.log.format = format;
+    }
+    if let Some(level) = &args.log_level {
+        cfg.log.level = level.clone();
+    }
+    crate::telemetry::init(cfg.log.format, &cfg.log.level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("sluice-broker")
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(crate::broker::serve(cfg));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
 fn report_created(created: &[String]) {
     if created.is_empty() {
         return;
@@ -450,7 +500,11 @@ async fn query(args: QueryArgs) -> Result<()> {
     if let Some(epsilon) = args.epsilon {
         conn.set_epsilon(epsilon);
     }
+    if args.allow_partial {
+        conn.set_header(crate::broker::ALLOW_PARTIAL_HEADER, "true")?;
+    }
     let (schema, batches) = conn.query_stream(&sql).await?;
+    report_federation(&schema);
     let mut batches = std::pin::pin!(batches);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -507,6 +561,43 @@ async fn query(args: QueryArgs) -> Result<()> {
     }
     drop(out);
     report_receipts(conn.receipts(), args.receipt_out.as_deref())
+}
+
+/// For a broker's answer: which providers contributed (with their receipts
+/// and ε) and which are missing, on standard error.
+fn report_federation(schema: &datafusion::arrow::datatypes::Schema) {
+    use crate::broker::merge::{MISSING, PROVIDERS};
+    let list = |key: &str| -> Vec<serde_json::Value> {
+        schema
+            .metadata()
+            .get(key)
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default()
+    };
+    for p in list(PROVIDERS) {
+        let receipt = p["receipt"]
+            .as_str()
+            .and_then(|r| crate::audit::Receipt::from_header(r).ok())
+            .map(|r| r.receipt_id)
+            .unwrap_or_else(|| "-".into());
+        let epsilon = p["epsilon"]
+            .as_f64()
+            .map(|e| format!(", ε {e}"))
+            .unwrap_or_default();
+        eprintln!(
+            "provider {}: {} rows, receipt {receipt}{epsilon}",
+            p["provider"].as_str().unwrap_or("?"),
+            p["rows"]
+        );
+    }
+    for m in list(MISSING) {
+        eprintln!(
+            "provider {} MISSING from this result ({}): {}",
+            m["provider"].as_str().unwrap_or("?"),
+            m["code"].as_str().unwrap_or("?"),
+            m["message"].as_str().unwrap_or("")
+        );
+    }
 }
 
 /// Names the audit receipt of each result on standard error, and keeps the

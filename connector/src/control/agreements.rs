@@ -115,7 +115,7 @@ impl AgreementService for AgreementDesk {
         &self,
         request: Request<pb::RequestAgreementRequest>,
     ) -> Result<Response<pb::Agreement>, Status> {
-        let principal = identity::principal(&request)?;
+        let principal = identity::direct_principal(&request)?;
         let ask = request.into_inner();
         let gate = self.engine.policy().current();
         let offer = gate
@@ -146,7 +146,7 @@ impl AgreementService for AgreementDesk {
         &self,
         request: Request<pb::GetAgreementRequest>,
     ) -> Result<Response<pb::Agreement>, Status> {
-        let principal = identity::principal(&request)?;
+        let principal = identity::direct_principal(&request)?;
         let agreement = self.visible(&principal, &request.into_inner().id)?;
         Ok(Response::new(message(&agreement)))
     }
@@ -155,7 +155,7 @@ impl AgreementService for AgreementDesk {
         &self,
         request: Request<pb::ListAgreementsRequest>,
     ) -> Result<Response<pb::ListAgreementsResponse>, Status> {
-        let principal = identity::principal(&request)?;
+        let principal = identity::direct_principal(&request)?;
         let filter = request.into_inner();
         let organization = match is_admin(&self.engine, &principal) {
             true => None,
@@ -180,7 +180,7 @@ impl AgreementService for AgreementDesk {
         &self,
         request: Request<pb::DecideAgreementRequest>,
     ) -> Result<Response<pb::Agreement>, Status> {
-        let principal = identity::principal(&request)?;
+        let principal = identity::direct_principal(&request)?;
         let decided = self.decide(&principal, request.into_inner(), Decision::Approve)?;
         Ok(Response::new(message(&decided)))
     }
@@ -189,7 +189,7 @@ impl AgreementService for AgreementDesk {
         &self,
         request: Request<pb::DecideAgreementRequest>,
     ) -> Result<Response<pb::Agreement>, Status> {
-        let principal = identity::principal(&request)?;
+        let principal = identity::direct_principal(&request)?;
         let decided = self.decide(&principal, request.into_inner(), Decision::Reject)?;
         Ok(Response::new(message(&decided)))
     }
@@ -198,7 +198,7 @@ impl AgreementService for AgreementDesk {
         &self,
         request: Request<pb::DecideAgreementRequest>,
     ) -> Result<Response<pb::Agreement>, Status> {
-        let principal = identity::principal(&request)?;
+        let principal = identity::direct_principal(&request)?;
         let decided = self.decide(&principal, request.into_inner(), Decision::Revoke)?;
         Ok(Response::new(message(&decided)))
     }

@@ -31,7 +31,7 @@ impl BudgetService for Budgets {
         &self,
         request: Request<GetBudgetRequest>,
     ) -> Result<Response<GetBudgetResponse>, Status> {
-        let principal = identity::caller(&request)?.principal.clone();
+        let principal = identity::direct_principal(&request)?;
         // Budgets are kept per organization, as the policy charges them.
         let organization = principal.organization.clone().unwrap_or(principal.id);
         let wanted = request.into_inner().dataset;

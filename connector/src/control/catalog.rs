@@ -55,7 +55,7 @@ impl CatalogService for CatalogDirectory {
         &self,
         request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
-        let principal = identity::principal(&request)?;
+        let principal = identity::direct_principal(&request)?;
         let filter = request.into_inner();
         let page_size = match filter.page_size as usize {
             0 => DEFAULT_PAGE,
@@ -99,7 +99,7 @@ impl CatalogService for CatalogDirectory {
         &self,
         request: Request<pb::GetDatasetRequest>,
     ) -> Result<Response<pb::Dataset>, Status> {
-        let principal = identity::principal(&request)?;
+        let principal = identity::direct_principal(&request)?;
         let name = request.into_inner().name;
         self.visible(&principal)
             .into_iter()

@@ -41,6 +41,7 @@ use tonic::{Request, Response, Status};
 
 use crate::identity;
 use crate::metrics::Metrics;
+use crate::query::ticket::holder_id;
 use crate::query::{IssuedTicket, QueryEngine, QueryError};
 use prepared::PreparedStatements;
 
@@ -236,7 +237,7 @@ impl FlightSqlService for FlightSql {
         let started = Instant::now();
         let issued = self
             .prepared
-            .get(&cmd.prepared_statement_handle, &principal.id)
+            .get(&cmd.prepared_statement_handle, &holder_id(&principal))
             .and_then(|stmt| {
                 let params = stmt.params.or_else(|| {
                     // A statement without placeholders needs no DoPut.
@@ -290,7 +291,7 @@ impl FlightSqlService for FlightSql {
         };
         let handle = self
             .prepared
-            .create(&principal.id, plan, parameter_schema)
+            .create(&holder_id(&principal), plan, parameter_schema)
             .map_err(refuse)?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.into(),
@@ -307,7 +308,7 @@ impl FlightSqlService for FlightSql {
         let refuse = |e| self.refuse("DoPut", Some(&principal.id), e);
         let stmt = self
             .prepared
-            .get(&query.prepared_statement_handle, &principal.id)
+            .get(&query.prepared_statement_handle, &holder_id(&principal))
             .map_err(refuse)?;
         let values = read_parameters(request.into_inner())
             .await
@@ -320,7 +321,11 @@ impl FlightSqlService for FlightSql {
             ))));
         }
         self.prepared
-            .bind(&query.prepared_statement_handle, &principal.id, values)
+            .bind(
+                &query.prepared_statement_handle,
+                &holder_id(&principal),
+                values,
+            )
             .map_err(refuse)?;
         Ok(DoPutPreparedStatementResult {
             prepared_statement_handle: Some(query.prepared_statement_handle),
@@ -334,7 +339,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<(), Status> {
         let principal = identity::principal(&request)?;
         self.prepared
-            .close(&query.prepared_statement_handle, &principal.id)
+            .close(&query.prepared_statement_handle, &holder_id(&principal))
             .map_err(|e| self.refuse("ClosePreparedStatement", Some(&principal.id), e))
     }
 

@@ -161,16 +161,24 @@ impl QueryEngine {
     /// The request with the active agreements of its organization, which
     /// the decision needs (a grant may require one).
     fn with_agreements(&self, request: &QueryContext) -> Result<QueryContext, QueryError> {
-        let organization = audit::organization_key(&request.principal);
-        let active = self
-            .agreements
-            .active(&organization, request.purpose.as_deref(), request.at)
-            .map_err(|e| {
-                tracing::error!(error = %e, "reading agreements failed");
-                QueryError::Internal(
-                    "the agreement store cannot be read (see the connector log)".into(),
-                )
-            })?;
+        // A relayed query may rest on the broker's agreements too (when the
+        // policy requires the broker's own grant).
+        let principals =
+            std::iter::once(&request.principal).chain(request.principal.via.as_deref());
+        let mut active = std::collections::BTreeMap::new();
+        for principal in principals {
+            let organization = audit::organization_key(principal);
+            let found = self
+                .agreements
+                .active(&organization, request.purpose.as_deref(), request.at)
+                .map_err(|e| {
+                    tracing::error!(error = %e, "reading agreements failed");
+                    QueryError::Internal(
+                        "the agreement store cannot be read (see the connector log)".into(),
+                    )
+                })?;
+            active.extend(found);
+        }
         Ok(QueryContext {
             agreements: active,
             ..request.clone()
@@ -424,7 +432,7 @@ impl QueryEngine {
             .and_then(|p| p.reservation.clone())
             .unwrap_or_default();
         let pending = PendingQuery {
-            principal_id: principal.id.clone(),
+            principal_id: ticket::holder_id(principal),
             approval,
             schema: schema.clone(),
             plan_hash: plan_hash.clone(),
@@ -444,7 +452,7 @@ impl QueryEngine {
         let ticket = self.signer.sign(&Claims {
             version: 1,
             query_id: id.to_vec(),
-            principal_id: principal.id.clone(),
+            principal_id: ticket::holder_id(principal),
             expires_at_ms: ticket::unix_ms(expires_at),
             plan_hash: plan_hash.clone(),
             policy_version: decision.policy_version.clone(),

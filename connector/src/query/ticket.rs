@@ -93,7 +93,7 @@ impl TicketSigner {
         if unix_ms(now) >= claims.expires_at_ms {
             return Err(reject("it has expired; call GetFlightInfo again"));
         }
-        if claims.principal_id != holder.id {
+        if claims.principal_id != holder_id(holder) {
             return Err(reject("it was issued to a different principal"));
         }
         Ok(claims)
@@ -205,6 +205,16 @@ pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_millis() as i64
+}
+
+/// Whom a ticket is bound to: the principal, and for a relayed query also
+/// the broker that relayed it, so that only the same broker can redeem it
+/// for the same consumer.
+pub fn holder_id(principal: &sluice_policy::Principal) -> String {
+    match &principal.via {
+        None => principal.id.clone(),
+        Some(broker) => format!("{} via {}", principal.id, broker.id),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,313 @@
+//! Merging the providers' partial answers into one result: DataFusion runs
+//! the merge query over them, the providers' noise is combined into the
+//! reported confidence half-widths, and the result says where it came from.
+//!
+//! Field metadata of a merged noisy column (an aggregate output unchanged):
+//! `sluice.dp.ci95_half_width` is the root-sum-square of the contributing
+//! providers' half-widths for SUM and COUNT: noise variances add, and the
+//! half-width is proportional to the standard deviation (exactly for
+//! Gaussian noise, approximately for Laplace). For AVG it is the widest over
+//! the result's groups of `(h_sum + |avg| · h_count) / count`, first-order
+//! error propagation from the merged sum and count.
+//!
+//! Schema metadata: `sluice.federation.providers` (JSON: provider, dataset,
+//! rows, receipt, ε and δ charged, cached), `sluice.federation.missing`
+//! (JSON: provider, gRPC code, message) and `sluice.federation.partial`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::SessionContext;
+use serde_json::json;
+
+use super::decompose::{Federated, Merge, PARTIALS};
+use super::upstream::{PartialAnswer, ProviderFailure};
+use crate::privacy::release::{CI95, MECHANISM, NOTE, QUERY_DELTA, QUERY_EPSILON};
+
+/// Schema metadata keys of a federated result.
+pub const PROVIDERS: &str = "sluice.federation.providers";
+pub const MISSING: &str = "sluice.federation.missing";
+pub const PARTIAL: &str = "sluice.federation.partial";
+
+/// A merged result, ready to stream.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl Merged {
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
+
+/// Plans the merge query over stand-in partials, so that a query whose
+/// merge cannot work (an output that is neither grouped nor aggregated) is
+/// refused before any provider spends budget on it.
+pub async fn precheck(federated: &Federated) -> Result<(), String> {
+    let mut fields: Vec<Field> = (0..federated.keys)
+        .map(|i| Field::new(format!("k{i}"), DataType::Utf8, true))
+        .collect();
+    fields.extend(
+        (0..federated.partial_count).map(|i| Field::new(format!("p{i}"), DataType::Float64, true)),
+    );
+    let ctx = context(Arc::new(Schema::new(fields)), Vec::new())?;
+    match ctx.sql(&federated.merge_sql).await {
+        // Type errors may be artefacts of the stand-in types; only a missing
+        // column is certain.
+        Err(e @ DataFusionError::SchemaError(..)) => Err(format!(
+            "the query cannot be merged across providers: {}",
+            e.strip_backtrace()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Runs the merge query over `answers` and describes the result.
+pub async fn merge(
+    federated: &Federated,
+    answers: &[PartialAnswer],
+    missing: &[ProviderFailure],
+) -> Result<Merged, String> {
+    let schema = partials_schema(federated, answers)?;
+    let mut batches = Vec::new();
+    for answer in answers {
+        for batch in &answer.batches {
+            batches.push(conform(batch, &schema).map_err(|e| {
+                format!(
+                    "provider `{}` answered with other types: {e}",
+                    answer.provider
+                )
+            })?);
+        }
+    }
+    let ctx = context(schema, batches).map_err(|e| e.to_string())?;
+    let frame = ctx
+        .sql(&federated.merge_sql)
+        .await
+        .map_err(|e| format!("the merge failed: {}", e.strip_backtrace()))?;
+    let merged_schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+    let out = frame
+        .collect()
+        .await
+        .map_err(|e| format!("the merge failed: {}", e.strip_backtrace()))?;
+    describe(federated, answers, missing, merged_schema, out)
+}
+
+fn context(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<SessionContext, String> {
+    let ctx = SessionContext::new();
+    let table = MemTable::try_new(schema, vec![batches]).map_err(|e| e.to_string())?;
+    ctx.register_table(PARTIALS, Arc::new(table))
+        .map_err(|e| e.to_string())?;
+    Ok(ctx)
+}
+
+/// `k0…, p0…`, typed as the first provider answered, all nullable.
+fn partials_schema(federated: &Federated, answers: &[PartialAnswer]) -> Result<SchemaRef, String> {
+    let width = federated.keys + federated.partial_count;
+    for answer in answers {
+        if answer.schema.fields().len() != width {
+            return Err(format!(
+                "provider `{}` answered with {} columns where {width} were asked for",
+                answer.provider,
+                answer.schema.fields().len()
+            ));
+        }
+    }
+    let first = &answers.first().ok_or("no provider answered")?.schema;
+    let fields: Vec<Field> = first
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let name = match i.checked_sub(federated.keys) {
+                None => format!("k{i}"),
+                Some(p) => format!("p{p}"),
+            };
+            Field::new(name, f.data_type().clone(), true)
+        })
+        .collect();
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| cast(c, f.data_type()).map_err(|e| format!("{}: {e}", f.name())))
+        .collect::<Result<Vec<ArrayRef>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}
+
+/// A provider's 95% half-width for partial `p`, if it noised it.
+fn half_width(answer: &PartialAnswer, keys: usize, p: usize) -> Option<f64> {
+    answer
+        .schema
+        .fields()
+        .get(keys + p)?
+        .metadata()
+        .get(CI95)?
+        .parse()
+        .ok()
+}
+
+fn mechanisms(answers: &[PartialAnswer], keys: usize, p: usize) -> String {
+    let mut names: Vec<&str> = answers
+        .iter()
+        .filter_map(|a| a.schema.fields().get(keys + p)?.metadata().get(MECHANISM))
+        .map(String::as_str)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names.join("+")
+}
+
+/// Root-sum-square of every provider's half-width for partial `p`; `None`
+/// unless every provider noised it.
+fn combined(answers: &[PartialAnswer], keys: usize, p: usize) -> Option<f64> {
+    let widths: Option<Vec<f64>> = answers.iter().map(|a| half_width(a, keys, p)).collect();
+    Some(widths?.iter().map(|h| h * h).sum::<f64>().sqrt())
+}
+
+fn describe(
+    federated: &Federated,
+    answers: &[PartialAnswer],
+    missing: &[ProviderFailure],
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<Merged, String> {
+    let hidden = federated.hidden_counts.len();
+    let visible = schema.fields().len() - hidden;
+    // Merged counts of the AVG aggregates, per row.
+    let mut counts: HashMap<usize, Vec<f64>> = HashMap::new();
+    for (h, call) in federated.hidden_counts.iter().enumerate() {
+        let values = counts.entry(*call).or_default();
+        for batch in &batches {
+            values.extend(f64_values(batch.column(visible + h))?);
+        }
+    }
+    let keys = federated.keys;
+    let mut fields: Vec<Field> = schema.fields()[..visible]
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    for (output, call) in &federated.plain_outputs {
+        let (width, mechanism) = match federated.merges[*call] {
+            Merge::Add(p) => (combined(answers, keys, p), mechanisms(answers, keys, p)),
+            Merge::Ratio { sum, count } => {
+                let (Some(h_sum), Some(h_count)) =
+                    (combined(answers, keys, sum), combined(answers, keys, count))
+                else {
+                    continue;
+                };
+                let mut averages = Vec::new();
+                for batch in &batches {
+                    averages.extend(f64_values(batch.column(*output))?);
+                }
+                let widest = averages
+                    .iter()
+                    .zip(&counts[call])
+                    .map(|(avg, n)| (h_sum + avg.abs() * h_count) / n.max(1.0))
+                    .filter(|w| w.is_finite())
+                    .fold(None, |acc: Option<f64>, w| {
+                        Some(acc.map_or(w, |a| a.max(w)))
+                    });
+                let names = [
+                    mechanisms(answers, keys, sum),
+                    mechanisms(answers, keys, count),
+                ];
+                (widest, names.join("/"))
+            }
+            Merge::Min(_) | Merge::Max(_) => continue,
+        };
+        let Some(width) = width else { continue };
+        let field = &fields[*output];
+        let mut metadata = field.metadata().clone();
+        metadata.insert(MECHANISM.into(), mechanism);
+        metadata.insert(CI95.into(), width.to_string());
+        metadata.insert(
+            NOTE.into(),
+            format!(
+                "95% half-width of the combined noise of {} providers (variances add); excludes clamping bias",
+                answers.len()
+            ),
+        );
+        fields[*output] = field.clone().with_metadata(metadata);
+    }
+    let metadata = HashMap::from([
+        (PROVIDERS.to_string(), provenance(answers).to_string()),
+        (MISSING.to_string(), missing_json(missing).to_string()),
+        (PARTIAL.to_string(), (!missing.is_empty()).to_string()),
+    ]);
+    let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
+    let batches = batches
+        .into_iter()
+        .map(|b| {
+            RecordBatch::try_new(schema.clone(), b.columns()[..visible].to_vec())
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Merged { schema, batches })
+}
+
+fn f64_values(column: &ArrayRef) -> Result<Vec<f64>, String> {
+    let column = cast(column, &DataType::Float64).map_err(|e| e.to_string())?;
+    let column = column.as_primitive::<Float64Type>();
+    Ok((0..column.len())
+        .map(|i| {
+            if column.is_null(i) {
+                f64::NAN
+            } else {
+                column.value(i)
+            }
+        })
+        .collect())
+}
+
+fn provenance(answers: &[PartialAnswer]) -> serde_json::Value {
+    let number = |a: &PartialAnswer, key: &str| {
+        a.schema
+            .metadata()
+            .get(key)
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    serde_json::Value::Array(
+        answers
+            .iter()
+            .map(|a| {
+                json!({
+                    "provider": a.provider,
+                    "dataset": a.dataset,
+                    "rows": a.rows(),
+                    "receipt": a.receipt,
+                    "epsilon": number(a, QUERY_EPSILON),
+                    "delta": number(a, QUERY_DELTA),
+                    "cached": a.schema.metadata().get(crate::privacy::CACHED).map(|v| v == "true"),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn missing_json(missing: &[ProviderFailure]) -> serde_json::Value {
+    serde_json::Value::Array(
+        missing
+            .iter()
+            .map(|m| {
+                json!({
+                    "provider": m.provider,
+                    "code": crate::client::code_name(m.code),
+                    "message": m.message,
+                })
+            })
+            .collect(),
+    )
+}

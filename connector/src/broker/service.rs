@@ -1,0 +1,313 @@
+//! The broker's Flight SQL service: GetFlightInfo runs the federated query
+//! (every provider's partial query, then the merge) and returns a
+//! single-use ticket for the merged result; DoGet streams it.
+//!
+//! The whole query runs at GetFlightInfo because providers charge their
+//! budgets when they release their partial answers, and the merged schema
+//! (with each provider's receipt and ε) is only known then; the FlightInfo
+//! schema therefore equals the streamed one exactly.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery};
+use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+use ring::rand::{SecureRandom, SystemRandom};
+use sluice_policy::Principal;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::{Request, Response, Status};
+
+use super::config::BrokerConfig;
+use super::decompose::{self, Federated};
+use super::merge::{self, Merged};
+use super::upstream::{PartialAnswer, ProviderClient, ProviderFailure, RelayHeaders};
+use crate::identity::{self, EPSILON_HEADER, PURPOSE_HEADER};
+use crate::relay::RelaySigner;
+
+/// The request header with which a consumer accepts a result that lacks
+/// failed providers (`true`); by default one failed provider fails the query.
+pub const ALLOW_PARTIAL_HEADER: &str = "x-sluice-allow-partial";
+
+/// How long a merged result waits for its DoGet.
+const RESULT_TTL: Duration = Duration::from_secs(300);
+/// Merged results held at once; older ones are dropped first.
+const MAX_HELD_RESULTS: usize = 256;
+
+/// The broker's Flight SQL service.
+pub struct Broker {
+    config: Arc<BrokerConfig>,
+    providers: Vec<ProviderClient>,
+    signer: RelaySigner,
+    results: Mutex<HashMap<String, Held>>,
+    rng: SystemRandom,
+}
+
+/// A merged result waiting for its DoGet.
+struct Held {
+    holder: String,
+    merged: Merged,
+    at: Instant,
+}
+
+type DoGetStream = <Broker as FlightService>::DoGetStream;
+
+impl Broker {
+    pub fn new(config: Arc<BrokerConfig>) -> anyhow::Result<Self> {
+        let providers = config
+            .providers
+            .iter()
+            .map(|p| ProviderClient::new(&config, p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let key = std::fs::read_to_string(&config.upstream.key).map_err(|e| {
+            anyhow::anyhow!(
+                "reading upstream.key {}: {e}",
+                config.upstream.key.display()
+            )
+        })?;
+        let signer = RelaySigner::from_pem(&key)
+            .map_err(|e| anyhow::anyhow!("upstream.key {}: {e}", config.upstream.key.display()))?;
+        Ok(Self {
+            config,
+            providers,
+            signer,
+            results: Mutex::new(HashMap::new()),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    pub fn into_service(self) -> FlightServiceServer<Self> {
+        FlightServiceServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// The caller, if it may use this broker.
+    fn admit<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let principal = identity::principal(request)?;
+        if let Some(other) = &principal.via {
+            return Err(Status::permission_denied(format!(
+                "`{}` relays for `{}`: brokers do not relay through brokers",
+                other.id, principal.id
+            )));
+        }
+        if !self
+            .config
+            .consumers
+            .iter()
+            .any(|m| m.matches_attributes(&principal))
+        {
+            return Err(Status::permission_denied(format!(
+                "`{}` may not query through this broker (access.consumers)",
+                principal.id
+            )));
+        }
+        Ok(principal)
+    }
+
+    fn relay_headers<T>(
+        &self,
+        principal: &Principal,
+        request: &Request<T>,
+    ) -> Result<RelayHeaders, Status> {
+        let token = self
+            .signer
+            .sign(principal)
+            .map_err(|e| Status::internal(format!("signing the on-behalf-of assertion: {e}")))?;
+        let forward = |name: &str| request.metadata().get(name).cloned();
+        Ok(RelayHeaders {
+            on_behalf_of: AsciiMetadataValue::try_from(token)
+                .map_err(|_| Status::internal("the on-behalf-of assertion is not ASCII"))?,
+            purpose: forward(PURPOSE_HEADER),
+            epsilon: forward(EPSILON_HEADER),
+        })
+    }
+
+    /// Runs every provider's partial query at once.
+    async fn fan_out(
+        &self,
+        federated: &Federated,
+        headers: &RelayHeaders,
+    ) -> (Vec<PartialAnswer>, Vec<ProviderFailure>) {
+        let calls = federated.partial_sql.iter().map(|(provider, sql)| {
+            let client = self
+                .providers
+                .iter()
+                .find(|p| &p.name == provider)
+                .expect("config validation ties sources to providers");
+            let dataset = federated
+                .table
+                .sources
+                .iter()
+                .find(|(p, _)| p == provider)
+                .map(|(_, d)| d.as_str())
+                .unwrap_or_default();
+            client.run(dataset, sql, headers)
+        });
+        let mut answers = Vec::new();
+        let mut failures = Vec::new();
+        for result in futures::future::join_all(calls).await {
+            match result {
+                Ok(answer) => answers.push(answer),
+                Err(failure) => failures.push(failure),
+            }
+        }
+        (answers, failures)
+    }
+
+    fn hold(&self, holder: &Principal, merged: Merged) -> Result<String, Status> {
+        let mut bytes = [0u8; 16];
+        self.rng
+            .fill(&mut bytes)
+            .map_err(|_| Status::internal("no randomness available"))?;
+        let handle = identity::hex(&bytes);
+        let mut held = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|_, h| h.at.elapsed() < RESULT_TTL);
+        if held.len() >= MAX_HELD_RESULTS
+            && let Some(oldest) = held
+                .iter()
+                .min_by_key(|(_, h)| h.at)
+                .map(|(k, _)| k.clone())
+        {
+            held.remove(&oldest);
+        }
+        held.insert(
+            handle.clone(),
+            Held {
+                holder: holder.id.clone(),
+                merged,
+                at: Instant::now(),
+            },
+        );
+        Ok(handle)
+    }
+
+    fn take(&self, handle: &[u8], principal: &Principal) -> Result<Merged, Status> {
+        let handle = std::str::from_utf8(handle)
+            .map_err(|_| Status::invalid_argument("the ticket is not a broker ticket"))?;
+        let mut held = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let refused = || {
+            Status::not_found(
+                "the ticket is unknown, expired or already used; call GetFlightInfo again",
+            )
+        };
+        let entry = held.get(handle).ok_or_else(refused)?;
+        if entry.holder != principal.id || entry.at.elapsed() >= RESULT_TTL {
+            return Err(refused());
+        }
+        Ok(held.remove(handle).expect("present").merged)
+    }
+}
+
+/// The consumer's choice about partial results.
+fn allow_partial<T>(request: &Request<T>) -> Result<bool, Status> {
+    match request.metadata().get(ALLOW_PARTIAL_HEADER) {
+        None => Ok(false),
+        Some(v) => match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+            Ok("true" | "1" | "yes") => Ok(true),
+            Ok("false" | "0" | "no") => Ok(false),
+            _ => Err(Status::invalid_argument(format!(
+                "the {ALLOW_PARTIAL_HEADER} header must be `true` or `false`"
+            ))),
+        },
+    }
+}
+
+/// One status for failed providers: the first one's code, every provider
+/// named with what it said.
+fn failed(failures: &[ProviderFailure], total: usize) -> Status {
+    let each: Vec<String> = failures
+        .iter()
+        .map(|f| {
+            format!(
+                "provider `{}` failed ({}): {}",
+                f.provider,
+                crate::client::code_name(f.code),
+                f.message
+            )
+        })
+        .collect();
+    let hint = if failures.len() < total {
+        format!(" (send {ALLOW_PARTIAL_HEADER}: true to accept a result without it)")
+    } else {
+        String::new()
+    };
+    Status::new(failures[0].code, format!("{}{hint}", each.join("; ")))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for Broker {
+    type FlightService = Broker;
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let started = Instant::now();
+        let principal = self.admit(&request)?;
+        let partial_ok = allow_partial(&request)?;
+        let federated = decompose::decompose(&query.query, &self.config)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        merge::precheck(&federated)
+            .await
+            .map_err(Status::invalid_argument)?;
+        let headers = self.relay_headers(&principal, &request)?;
+        let (answers, failures) = self.fan_out(&federated, &headers).await;
+        let total = federated.partial_sql.len();
+        if answers.is_empty() || (!failures.is_empty() && !partial_ok) {
+            tracing::info!(principal = %principal, table = %federated.table.name, failed = failures.len(), "federated query failed");
+            return Err(failed(&failures, total));
+        }
+        let merged = merge::merge(&federated, &answers, &failures)
+            .await
+            .map_err(Status::internal)?;
+        tracing::info!(
+            principal = %principal,
+            table = %federated.table.name,
+            providers = answers.len(),
+            missing = failures.len(),
+            rows = merged.rows(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "federated query answered"
+        );
+        let schema = merged.schema.clone();
+        let rows = merged.rows() as i64;
+        let handle = self.hold(&principal, merged)?;
+        let ticket = TicketStatementQuery {
+            statement_handle: handle.into_bytes().into(),
+        };
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Status::internal(format!("encoding the result schema: {e}")))?
+            .with_endpoint(endpoint)
+            .with_descriptor(request.into_inner())
+            .with_total_records(rows);
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let principal = identity::principal(&request)?;
+        let merged = self.take(&ticket.statement_handle, &principal)?;
+        let batches = futures::stream::iter(merged.batches.into_iter().map(Ok));
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(merged.schema)
+            .build(batches)
+            .map_err(Status::from)
+            .boxed();
+        Ok(Response::new(stream))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
