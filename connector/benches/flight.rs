@@ -977,6 +977,7 @@ datasets:
 brokers:
   - name: regional-broker
     match: { san_uri: "spiffe://mobility.example/org/regional-broker" }
+    relays_for: [{ san_uri: "spiffe://mobility.example/org/city-planning" }]
     require_own_grant: true
 
 consumers:

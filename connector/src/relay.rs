@@ -292,6 +292,25 @@ mod tests {
     }
 
     #[test]
+    fn every_supported_key_type_signs_and_verifies() {
+        for algorithm in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let key = rcgen::KeyPair::generate_for(algorithm).unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["broker".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            let signer = RelaySigner::from_pem(&key.serialize_pem()).unwrap();
+            let token = signer.sign(&consumer()).unwrap();
+            let got = Assertion::verify(&token, cert.der()).unwrap();
+            assert_eq!(got.subject(), consumer(), "{algorithm:?}");
+        }
+    }
+
+    #[test]
     fn another_certificate_does_not_verify() {
         let (signer, _) = broker();
         let (_, other) = broker();

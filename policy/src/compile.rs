@@ -271,6 +271,8 @@ pub struct BrokerRules {
     /// Where the entry lives, e.g. `brokers[0] (regional-broker)`.
     pub rule: String,
     pub matcher: Matcher,
+    /// Whom the broker may relay for.
+    pub relays_for: Vec<Matcher>,
     pub require_own_grant: bool,
 }
 
@@ -510,6 +512,32 @@ impl Compiler<'_> {
                     format!("no group named `{group}` is defined under groups:"),
                 ));
             }
+            if entry.relays_for.is_empty() {
+                return Err(self.error(
+                    line,
+                    format!("{field}.relays_for"),
+                    "list the end consumers this broker may speak for (matchers); a broker states identities, so an empty list would trust it with no one",
+                ));
+            }
+            for (i, m) in entry.relays_for.iter().enumerate() {
+                let at = format!("{field}.relays_for[{i}]");
+                if is_empty_matcher(&m.value) {
+                    return Err(self.error(
+                        m.referenced.line(),
+                        at,
+                        "give organization, san_uri, common_name or group; an empty matcher would let the broker speak for anyone",
+                    ));
+                }
+                if let Some(group) = &m.value.group
+                    && !groups.contains_key(group)
+                {
+                    return Err(self.error(
+                        m.referenced.line(),
+                        format!("{at}.group"),
+                        format!("no group named `{group}` is defined under groups:"),
+                    ));
+                }
+            }
             let rule = format!("{field} ({})", entry.name);
             if out
                 .iter()
@@ -527,6 +555,7 @@ impl Compiler<'_> {
             out.push(BrokerRules {
                 rule,
                 matcher: entry.matcher.value.clone(),
+                relays_for: entry.relays_for.iter().map(|m| m.value.clone()).collect(),
                 require_own_grant: entry.require_own_grant,
             });
         }

@@ -48,6 +48,10 @@ pub struct Broker {
     /// The broker's own certificate (the mTLS client it connects with).
     #[serde(rename = "match")]
     pub matcher: Spanned<Matcher>,
+    /// The end consumers this broker may speak for (matchers, a `group`
+    /// allowed); an assertion for anyone else is refused. A broker states
+    /// identities, so this list is what it is trusted with.
+    pub relays_for: Vec<Spanned<Matcher>>,
     /// Whether the broker must itself be allowed by a consumer entry, in
     /// which case its grants and the end consumer's are combined and the
     /// most restrictive wins (default). With `false` the broker is a relay

@@ -216,6 +216,9 @@ impl PolicySet {
             return Some(direct);
         };
         let trusted = self.broker_entry(broker)?;
+        if !self.may_relay_for(trusted, principal) {
+            return None;
+        }
         if !trusted.require_own_grant {
             return Some(direct);
         }
@@ -227,6 +230,15 @@ impl PolicySet {
         self.brokers
             .iter()
             .find(|b| self.matches(&b.matcher, broker))
+    }
+
+    /// Whether `entry`'s broker may speak for `principal` (`relays_for`).
+    fn may_relay_for(&self, entry: &crate::compile::BrokerRules, principal: &Principal) -> bool {
+        let consumer = Principal {
+            via: None,
+            ..principal.clone()
+        };
+        entry.relays_for.iter().any(|m| self.matches(m, &consumer))
     }
 
     /// Refuses a relayed query whose broker this policy does not trust, or
@@ -244,6 +256,15 @@ impl PolicySet {
                 ),
             ));
         };
+        if !self.may_relay_for(entry, principal) {
+            return Err(Denial::forbidden(
+                format!("{}.relays_for", entry.rule),
+                format!(
+                    "the broker `{}` may not speak for `{}`",
+                    broker.id, principal.id
+                ),
+            ));
+        }
         if entry.require_own_grant && self.resolve_direct(broker).is_none() {
             return Err(Denial::forbidden(
                 format!("{}.require_own_grant", entry.rule),

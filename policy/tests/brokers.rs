@@ -22,8 +22,10 @@ datasets:
 brokers:
   - name: strict-broker
     match: { organization: Strict Broker }
+    relays_for: [{ organization: Planners }, { organization: Strangers }]
   - name: relay-only
     match: { organization: Relay }
+    relays_for: [{ organization: Planners }]
     require_own_grant: false
 consumers:
   - name: planners
@@ -172,14 +174,21 @@ fn untrusted_brokers_and_unknown_consumers_are_refused() {
         .decide(&relayed("Strangers", "Strict Broker"), plan())
         .unwrap_err();
     assert_eq!(denial.rule, "deny-by-default");
+    // Nor speak for a consumer outside its relays_for.
+    let denial = gate
+        .decide(&relayed("Strict Broker", "Relay"), plan())
+        .unwrap_err();
+    assert_eq!(denial.rule, "brokers[1] (relay-only).relays_for");
+    assert!(
+        denial.message.contains("may not speak for"),
+        "{}",
+        denial.message
+    );
 }
 
 #[test]
 fn a_broker_that_must_hold_a_grant_but_has_none_is_refused() {
-    let policy = POLICY.replace(
-        "match: { organization: Relay }\n    require_own_grant: false",
-        "match: { organization: Relay }",
-    );
+    let policy = POLICY.replace("    require_own_grant: false\n", "");
     let (ctx, gate) = setup(&policy).unwrap();
     let plan = analyzed(&ctx, "SELECT city, count(*) FROM people GROUP BY city").unwrap();
     let denial = gate
@@ -210,6 +219,21 @@ fn broker_entries_are_checked_at_load() {
             "    require_own_grant: false",
             "    trusted: yes",
             "unknown field `trusted`",
+        ),
+        (
+            "relays_for: [{ organization: Planners }]\n",
+            "relays_for: []\n",
+            "brokers[1].relays_for",
+        ),
+        (
+            "relays_for: [{ organization: Planners }]\n",
+            "relays_for: [{}]\n",
+            "brokers[1].relays_for[0]",
+        ),
+        (
+            "    relays_for: [{ organization: Planners }]\n",
+            "",
+            "missing field `relays_for`",
         ),
     ] {
         let e = setup(&POLICY.replace(from, to)).err().expect(to);

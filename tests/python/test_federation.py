@@ -195,7 +195,7 @@ def test_each_operator_charges_its_own_budget(mobility):
 
 def test_receipts_verify_against_each_operators_key(mobility):
     table = mobility.query(mobility.broker,
-                           "SELECT mode, avg(fare_eur) AS fare FROM trips GROUP BY mode", epsilon=0.1)
+                           "SELECT mode, avg(distance_km) AS km FROM trips GROUP BY mode", epsilon=0.1)
     keys = {}
     for name, endpoint in [("north", mobility.north), ("south", mobility.south)]:
         with mobility.channel(endpoint) as ch:
@@ -231,6 +231,16 @@ def test_a_column_one_operator_forbids_is_forbidden_through_the_broker(mobility)
     missing = json.loads(metadata(partial.schema, "sluice.federation.missing"))
     assert [m["provider"] for m in missing] == ["south"]
     assert missing[0]["code"] == "PERMISSION_DENIED" and "age_band" in missing[0]["message"]
+
+
+def test_the_brokers_own_grant_caps_what_a_relayed_query_may_be(mobility):
+    # The agency may ask about fares directly; the operators' grant for the
+    # broker has no fares, and the stricter grant wins for relayed queries.
+    sql = "SELECT mode, avg(fare_eur) AS fare FROM trips GROUP BY mode"
+    assert mobility.query(mobility.north, sql, epsilon=0.1).num_rows == 5
+    message = refused(lambda: mobility.query(mobility.broker, sql, epsilon=0.1))
+    assert "provider `north`" in message and "provider `south`" in message
+    assert "regional-broker" in message and "fare_eur" in message
 
 
 def test_the_broker_serves_only_its_consumers_and_refuses_what_does_not_split(mobility):
@@ -276,6 +286,19 @@ def test_only_trusted_brokers_relay_and_only_with_their_own_key(mobility):
     # A consumer that is no broker relaying for someone else: refused by policy.
     with pytest.raises(flight.FlightError, match="not a trusted broker"):
         relayed_query(mobility, "planning", assertion(planning_key, "spiffe://x/org/someone", "Someone"), sql)
+    # The trusted broker speaking for someone outside its relays_for: refused.
+    with pytest.raises(flight.FlightError, match="may not speak for"):
+        relayed_query(mobility, "broker", assertion(broker_key, "spiffe://elsewhere.example/org/unknown",
+                                                    "Unknown Analytics"), sql)
+    # The control plane answers direct callers only.
+    token = assertion(broker_key, PLANNING_ID, "City Planning Agency")
+    with mobility.channel(mobility.north, "broker") as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            pb.budget_pb2_grpc.BudgetServiceStub(ch).GetBudget(
+                pb.budget_pb2.GetBudgetRequest(), timeout=TIMEOUT,
+                metadata=[("x-sluice-on-behalf-of", token)])
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "direct callers only" in info.value.details()
 
 
 def test_an_operator_that_is_down_is_named_or_the_result_is_flagged(mobility):

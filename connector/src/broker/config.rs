@@ -388,10 +388,17 @@ fn validate(raw: RawBroker, source: Source, base: &Path) -> Result<BrokerConfig,
     })
 }
 
+/// A provider timeout: above zero, and short enough that the on-behalf-of
+/// assertion made at the start of a query still holds at its end.
 fn positive(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
-    if d.is_zero() {
-        return Err("must be longer than 0".into());
+    let most = Duration::from_secs(crate::relay::ASSERTION_LIFETIME_SECS as u64 - 60);
+    if d > most {
+        return Err(format!(
+            "at most {}s: the on-behalf-of assertion made for a query holds {}s",
+            most.as_secs(),
+            crate::relay::ASSERTION_LIFETIME_SECS
+        ));
     }
     Ok(d)
 }

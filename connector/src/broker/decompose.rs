@@ -8,12 +8,16 @@
 //! each provider:  SELECT start_zone, count(*) AS "p0", sum(fare_eur) AS "p1",
 //!                        count(fare_eur) AS "p2"
 //!                 FROM <its dataset> AS trips WHERE mode = 'bus' GROUP BY start_zone
-//! broker:         SELECT k0 AS "start_zone", m0 AS "trips", m1 AS "fare"
-//!                 FROM (SELECT k0, sum(p0) AS m0,
-//!                              CASE WHEN sum(p2) > 0 THEN CAST(sum(p1) AS DOUBLE) / sum(p2) END AS m1
-//!                       FROM partials GROUP BY k0)
-//!                 ORDER BY trips DESC LIMIT 5
+//! broker:         SELECT __k0 AS "start_zone", __m0 AS "trips", __m1 AS "fare"
+//!                 FROM (SELECT __k0, sum(__p0) AS __m0,
+//!                              CASE WHEN sum(__p2) > 0 THEN sum(__p1) / sum(__p2) END AS __m1
+//!                       FROM partials GROUP BY __k0)
+//!                 ORDER BY "trips" DESC LIMIT 5
 //! ```
+//!
+//! The partial answers become `partials(__k0…, __p0…)` by position; the
+//! merge query's own names start with `__` so that they cannot be mistaken
+//! for the consumer's columns.
 //!
 //! COUNT and SUM add, AVG is the sum of sums over the sum of counts, MIN and
 //! MAX take the extreme of the extremes. Anything that does not split this
@@ -110,11 +114,14 @@ pub fn decompose(sql: &str, config: &BrokerConfig) -> Result<Federated, Unsuppor
     check_select_clauses(&select)?;
     let (table, alias) = federated_table(&select, config)?;
     if let Some(filter) = &select.selection {
-        refuse_subqueries(filter)?;
+        check_plain(filter, "WHERE")?;
     }
 
     let projection = projection(&select.projection)?;
     let keys = group_keys(&select.group_by, &projection)?;
+    for key in &keys {
+        check_plain(key, &format!("GROUP BY {key}"))?;
+    }
     let mut aggregates = Aggregates::default();
     let mut rewritten: Vec<(Expr, String)> = Vec::new();
     for (expr, name) in &projection {
@@ -160,7 +167,7 @@ pub fn decompose(sql: &str, config: &BrokerConfig) -> Result<Federated, Unsuppor
         .filter_map(|(i, (expr, _))| match expr {
             Expr::Identifier(id) => id
                 .value
-                .strip_prefix('m')
+                .strip_prefix("__m")
                 .and_then(|n| n.parse().ok())
                 .map(|m| (i, m)),
             _ => None,
@@ -243,7 +250,7 @@ fn check_select_clauses(select: &ast::Select) -> Result<(), Unsupported> {
 fn federated_table(
     select: &ast::Select,
     config: &BrokerConfig,
-) -> Result<(FederatedTable, String), Unsupported> {
+) -> Result<(FederatedTable, Ident), Unsupported> {
     let names = || {
         config
             .federated
@@ -297,12 +304,14 @@ fn federated_table(
             names()
         ));
     };
+    // The alias as written, quoting included, so that it is re-rendered
+    // exactly; the federated name is a checked plain identifier.
     let qualifier = match alias {
         Some(alias) if !alias.columns.is_empty() => {
             return unsupported("column aliases on the table (`AS t(a, b)`) are not supported");
         }
-        Some(alias) => alias.name.value.clone(),
-        None => table.name.clone(),
+        Some(alias) => alias.name.clone(),
+        None => Ident::new(table.name.clone()),
     };
     Ok((table.clone(), qualifier))
 }
@@ -459,7 +468,10 @@ impl Aggregates {
         }
         let argument = match list.args.as_slice() {
             [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)] if name == "count" => "*".to_string(),
-            [FunctionArg::Unnamed(FunctionArgExpr::Expr(e))] => e.to_string(),
+            [FunctionArg::Unnamed(FunctionArgExpr::Expr(e))] => {
+                check_plain(e, &format!("`{text}`"))?;
+                e.to_string()
+            }
             _ => return unsupported(format!("`{text}`: give the aggregate one argument")),
         };
         let merge = match name.as_str() {
@@ -489,12 +501,12 @@ impl VisitorMut for Rewriter<'_> {
 
     fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
         if let Some(i) = self.keys.iter().position(|k| same(k, expr)) {
-            *expr = Expr::Identifier(Ident::new(format!("k{i}")));
+            *expr = Expr::Identifier(Ident::new(format!("__k{i}")));
             return ControlFlow::Continue(());
         }
         match expr {
             Expr::Function(f) if is_aggregate(f) => match self.aggregates.call(f) {
-                Ok(i) => *expr = Expr::Identifier(Ident::new(format!("m{i}"))),
+                Ok(i) => *expr = Expr::Identifier(Ident::new(format!("__m{i}"))),
                 Err(e) => {
                     self.error = Some(e);
                     return ControlFlow::Break(());
@@ -510,16 +522,27 @@ impl VisitorMut for Rewriter<'_> {
     }
 }
 
-/// The WHERE clause goes to every provider as written; it must stay a
-/// filter on the federated table alone.
-fn refuse_subqueries(filter: &Expr) -> Result<(), Unsupported> {
-    let found = ast::visit_expressions(filter, |e| match e {
-        Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => ControlFlow::Break(()),
-        _ => ControlFlow::Continue(()),
+/// Filters, group keys and aggregate arguments go to every provider as
+/// written: they must stay plain expressions over the federated table.
+fn check_plain(expr: &Expr, place: &str) -> Result<(), Unsupported> {
+    let mut reason = None;
+    let _ = ast::visit_expressions(expr, |e| {
+        reason = match e {
+            Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
+                Some("subqueries cannot be federated")
+            }
+            Expr::Function(f) if f.over.is_some() => Some("window functions cannot be federated"),
+            Expr::Function(f) if is_aggregate(f) => Some("aggregates cannot be nested here"),
+            _ => None,
+        };
+        match reason {
+            Some(_) => ControlFlow::Break(()),
+            None => ControlFlow::Continue(()),
+        }
     });
-    match found {
-        ControlFlow::Break(()) => unsupported("subqueries cannot be federated"),
-        ControlFlow::Continue(()) => Ok(()),
+    match reason {
+        Some(reason) => unsupported(format!("{place}: {reason}")),
+        None => Ok(()),
     }
 }
 
@@ -530,7 +553,7 @@ fn is_aggregate(f: &ast::Function) -> bool {
 
 fn partial_query(
     dataset: &str,
-    qualifier: &str,
+    qualifier: &Ident,
     federated: &str,
     select: &ast::Select,
     keys: &[Expr],
@@ -546,8 +569,8 @@ fn partial_query(
     );
     let mut sql = format!("SELECT {} FROM {dataset}", columns.join(", "));
     // Keep the name the query's qualified columns use.
-    if !qualifier.eq_ignore_ascii_case(dataset) || !federated.eq_ignore_ascii_case(dataset) {
-        sql.push_str(&format!(" AS {}", Ident::new(qualifier)));
+    if !qualifier.value.eq_ignore_ascii_case(dataset) || !federated.eq_ignore_ascii_case(dataset) {
+        sql.push_str(&format!(" AS {qualifier}"));
     }
     if let Some(filter) = &select.selection {
         sql.push_str(&format!(" WHERE {filter}"));
@@ -567,24 +590,24 @@ fn merge_query(
     order_by: Option<&[ast::OrderByExpr]>,
     limit: Option<&ast::LimitClause>,
 ) -> String {
-    let mut inner: Vec<String> = (0..keys.len()).map(|i| format!("k{i}")).collect();
+    let mut inner: Vec<String> = (0..keys.len()).map(|i| format!("__k{i}")).collect();
     for (i, call) in aggregates.calls.iter().enumerate() {
         let merged = match call.merge {
-            Merge::Add(p) => format!("sum(p{p})"),
+            Merge::Add(p) => format!("sum(__p{p})"),
             Merge::Ratio { sum, count } => format!(
-                "CASE WHEN sum(p{count}) > 0 THEN CAST(sum(p{sum}) AS DOUBLE) / CAST(sum(p{count}) AS DOUBLE) END"
+                "CASE WHEN sum(__p{count}) > 0 THEN CAST(sum(__p{sum}) AS DOUBLE) / CAST(sum(__p{count}) AS DOUBLE) END"
             ),
-            Merge::Min(p) => format!("min(p{p})"),
-            Merge::Max(p) => format!("max(p{p})"),
+            Merge::Min(p) => format!("min(__p{p})"),
+            Merge::Max(p) => format!("max(__p{p})"),
         };
-        inner.push(format!("{merged} AS m{i}"));
+        inner.push(format!("{merged} AS __m{i}"));
         if let Merge::Ratio { count, .. } = call.merge {
-            inner.push(format!("sum(p{count}) AS n{i}"));
+            inner.push(format!("sum(__p{count}) AS __n{i}"));
         }
     }
     let mut inner_sql = format!("SELECT {} FROM {PARTIALS}", inner.join(", "));
     if !keys.is_empty() {
-        let group: Vec<String> = (0..keys.len()).map(|i| format!("k{i}")).collect();
+        let group: Vec<String> = (0..keys.len()).map(|i| format!("__k{i}")).collect();
         inner_sql.push_str(&format!(" GROUP BY {}", group.join(", ")));
     }
     let mut select: Vec<String> = outputs
@@ -594,7 +617,7 @@ fn merge_query(
     for (i, call) in aggregates.calls.iter().enumerate() {
         if let Merge::Ratio { .. } = call.merge {
             select.push(format!(
-                "n{i} AS {}",
+                "__n{i} AS {}",
                 quoted(&format!("{HIDDEN_PREFIX}n{i}"))
             ));
         }
@@ -677,7 +700,7 @@ mod tests {
             "{}",
             f.partial_sql[1].1
         );
-        assert!(f.merge_sql.contains("GROUP BY k0"), "{}", f.merge_sql);
+        assert!(f.merge_sql.contains("GROUP BY __k0"), "{}", f.merge_sql);
         assert!(
             f.merge_sql.ends_with("ORDER BY \"trips\" DESC LIMIT 5"),
             "{}",
@@ -700,9 +723,9 @@ mod tests {
             "{}",
             f.partial_sql[0].1
         );
-        assert!(f.merge_sql.contains("WHERE m1 > 100"), "{}", f.merge_sql);
+        assert!(f.merge_sql.contains("WHERE __m1 > 100"), "{}", f.merge_sql);
         assert!(
-            f.merge_sql.contains("round(m0, 2) AS \"fare\""),
+            f.merge_sql.contains("round(__m0, 2) AS \"fare\""),
             "{}",
             f.merge_sql
         );
@@ -735,6 +758,13 @@ mod tests {
                 "SELECT count(*) FROM trips WHERE x IN (SELECT 1)",
                 "subqueries",
             ),
+            ("SELECT sum((SELECT 1)) FROM trips", "subqueries"),
+            (
+                "SELECT (SELECT 1) AS k, count(*) FROM trips GROUP BY 1",
+                "GROUP BY",
+            ),
+            ("SELECT sum(count(*)) FROM trips", "nested"),
+            ("SELECT sum(row_number() OVER ()) FROM trips", "window"),
             (
                 "SELECT zone, count(*) FROM trips GROUP BY ROLLUP(zone)",
                 "ROLLUP",
@@ -747,5 +777,25 @@ mod tests {
             let e = decompose(sql, &config()).unwrap_err();
             assert!(e.0.contains(want), "{sql}: {e}");
         }
+    }
+
+    #[test]
+    fn a_quoted_alias_stays_one_quoted_identifier() {
+        let f = decompose(
+            "SELECT count(*) AS n FROM trips AS \"t, zones AS u --\" WHERE mode = 'bus'",
+            &config(),
+        )
+        .unwrap();
+        let south = &f.partial_sql[1].1;
+        assert!(
+            south.ends_with("FROM trips_s AS \"t, zones AS u --\" WHERE mode = 'bus'"),
+            "{south}"
+        );
+        let f = decompose(
+            "SELECT count(*) AS \"n\"\"x\" FROM trips GROUP BY mode",
+            &config(),
+        )
+        .unwrap();
+        assert!(f.merge_sql.contains("AS \"n\"\"x\""), "{}", f.merge_sql);
     }
 }

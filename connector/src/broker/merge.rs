@@ -53,10 +53,11 @@ impl Merged {
 /// refused before any provider spends budget on it.
 pub async fn precheck(federated: &Federated) -> Result<(), String> {
     let mut fields: Vec<Field> = (0..federated.keys)
-        .map(|i| Field::new(format!("k{i}"), DataType::Utf8, true))
+        .map(|i| Field::new(format!("__k{i}"), DataType::Utf8, true))
         .collect();
     fields.extend(
-        (0..federated.partial_count).map(|i| Field::new(format!("p{i}"), DataType::Float64, true)),
+        (0..federated.partial_count)
+            .map(|i| Field::new(format!("__p{i}"), DataType::Float64, true)),
     );
     let ctx = context(Arc::new(Schema::new(fields)), Vec::new())?;
     match ctx.sql(&federated.merge_sql).await {
@@ -88,28 +89,37 @@ pub async fn merge(
             })?);
         }
     }
-    let ctx = context(schema, batches).map_err(|e| e.to_string())?;
-    let frame = ctx
-        .sql(&federated.merge_sql)
-        .await
-        .map_err(|e| format!("the merge failed: {}", e.strip_backtrace()))?;
+    let ctx = context(schema, batches)?;
+    let failed = |e: DataFusionError| format!("the merge failed: {}", e.strip_backtrace());
+    let frame = ctx.sql(&federated.merge_sql).await.map_err(failed)?;
     let merged_schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-    let out = frame
-        .collect()
+    let out = tokio::time::timeout(MERGE_TIMEOUT, frame.collect())
         .await
-        .map_err(|e| format!("the merge failed: {}", e.strip_backtrace()))?;
+        .map_err(|_| format!("the merge took longer than {MERGE_TIMEOUT:?}"))?
+        .map_err(failed)?;
     describe(federated, answers, missing, merged_schema, out)
 }
 
+/// Memory the merge of one query may use, and how long it may take: the
+/// consumer chose the expressions it computes.
+const MERGE_MEMORY: usize = 256 << 20;
+const MERGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn context(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<SessionContext, String> {
-    let ctx = SessionContext::new();
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(MERGE_MEMORY, 1.0)
+        .build_arc()
+        .map_err(|e| e.to_string())?;
+    let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
     let table = MemTable::try_new(schema, vec![batches]).map_err(|e| e.to_string())?;
     ctx.register_table(PARTIALS, Arc::new(table))
         .map_err(|e| e.to_string())?;
     Ok(ctx)
 }
 
-/// `k0…, p0…`, typed as the first provider answered, all nullable.
+/// `__k0…, __p0…`, all nullable. Group keys must have one type at every
+/// provider (else groups could not meet); partial aggregates of different
+/// numeric types meet as Float64.
 fn partials_schema(federated: &Federated, answers: &[PartialAnswer]) -> Result<SchemaRef, String> {
     let width = federated.keys + federated.partial_count;
     for answer in answers {
@@ -121,19 +131,29 @@ fn partials_schema(federated: &Federated, answers: &[PartialAnswer]) -> Result<S
             ));
         }
     }
-    let first = &answers.first().ok_or("no provider answered")?.schema;
-    let fields: Vec<Field> = first
-        .fields()
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let name = match i.checked_sub(federated.keys) {
-                None => format!("k{i}"),
-                Some(p) => format!("p{p}"),
-            };
-            Field::new(name, f.data_type().clone(), true)
-        })
-        .collect();
+    let first = answers.first().ok_or("no provider answered")?;
+    let mut fields = Vec::with_capacity(width);
+    for i in 0..width {
+        let wanted = first.schema.field(i).data_type();
+        let differs = answers
+            .iter()
+            .find(|a| a.schema.field(i).data_type() != wanted);
+        let (name, data_type) = match (i.checked_sub(federated.keys), differs) {
+            (None, None) => (format!("__k{i}"), wanted.clone()),
+            (None, Some(other)) => {
+                return Err(format!(
+                    "group key {} is {wanted} at `{}` but {} at `{}`; the datasets do not have one schema",
+                    i + 1,
+                    first.provider,
+                    other.schema.field(i).data_type(),
+                    other.provider
+                ));
+            }
+            (Some(p), None) => (format!("__p{p}"), wanted.clone()),
+            (Some(p), Some(_)) => (format!("__p{p}"), DataType::Float64),
+        };
+        fields.push(Field::new(name, data_type, true));
+    }
     Ok(Arc::new(Schema::new(fields)))
 }
 
@@ -142,7 +162,15 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Strin
         .columns()
         .iter()
         .zip(schema.fields())
-        .map(|(c, f)| cast(c, f.data_type()).map_err(|e| format!("{}: {e}", f.name())))
+        .map(|(c, f)| {
+            // Never silently NULL or truncate a value that does not fit.
+            let strict = datafusion::arrow::compute::CastOptions {
+                safe: false,
+                ..Default::default()
+            };
+            datafusion::arrow::compute::cast_with_options(c, f.data_type(), &strict)
+                .map_err(|e| format!("{}: {e}", f.name()))
+        })
         .collect::<Result<Vec<ArrayRef>, _>>()?;
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
 }
@@ -310,4 +338,105 @@ fn missing_json(missing: &[ProviderFailure]) -> serde_json::Value {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Float64Array, Int64Array, StringArray};
+
+    use super::*;
+    use crate::broker::decompose::decompose;
+
+    const QUERY: &str =
+        "SELECT mode, count(*) AS n, avg(x) AS a FROM trips GROUP BY mode ORDER BY mode";
+
+    /// One provider's answer: per mode, count (p0), sum of x (p1) and count
+    /// of x (p2), each noised with the given 95% half-width.
+    fn answer(
+        provider: &str,
+        rows: &[(&str, i64, f64)],
+        count_type: DataType,
+        ci: f64,
+    ) -> PartialAnswer {
+        let noisy = |name: &str, t: DataType| {
+            Field::new(name, t, true).with_metadata(HashMap::from([
+                (CI95.to_string(), ci.to_string()),
+                (MECHANISM.to_string(), "discrete_laplace".to_string()),
+            ]))
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("mode", DataType::Utf8, true),
+            noisy("p0", count_type.clone()),
+            noisy("p1", DataType::Float64),
+            noisy("p2", DataType::Int64),
+        ]));
+        let counts: ArrayRef = Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1)));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                cast(&counts, &count_type).unwrap(),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                counts,
+            ],
+        )
+        .unwrap();
+        PartialAnswer {
+            provider: provider.into(),
+            dataset: "trips".into(),
+            schema,
+            batches: vec![batch],
+            receipt: Some("{}".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn partials_add_up_and_noise_half_widths_combine() {
+        let federated = decompose(QUERY, &crate::broker::config::example()).unwrap();
+        let north = answer(
+            "north",
+            &[("bus", 10, 50.0), ("tram", 4, 8.0)],
+            DataType::Int64,
+            3.0,
+        );
+        // South's counts arrive as floats: they meet north's as Float64.
+        let south = answer("south", &[("bus", 30, 70.0)], DataType::Float64, 4.0);
+        let merged = merge(&federated, &[north, south], &[]).await.unwrap();
+        let batch = &merged.batches[0];
+        let n = cast(batch.column(1), &DataType::Float64).unwrap();
+        let n = n.as_primitive::<Float64Type>();
+        let a = batch.column(2).as_primitive::<Float64Type>();
+        assert_eq!((n.value(0), n.value(1)), (40.0, 4.0));
+        assert_eq!((a.value(0), a.value(1)), (120.0 / 40.0, 2.0));
+        let width = |i: usize| -> f64 { merged.schema.field(i).metadata()[CI95].parse().unwrap() };
+        assert!((width(1) - 5.0).abs() < 1e-12, "sqrt(3² + 4²)");
+        // AVG: the widest group is tram, (5 + 2·5) / 4.
+        assert!((width(2) - 3.75).abs() < 1e-12, "{}", width(2));
+        assert_eq!(merged.schema.metadata()[PARTIAL], "false");
+        assert_eq!(
+            merged.schema.fields().len(),
+            3,
+            "the helper count column is removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn group_keys_of_different_types_do_not_meet() {
+        let federated = decompose(QUERY, &crate::broker::config::example()).unwrap();
+        let north = answer("north", &[("bus", 1, 1.0)], DataType::Int64, 1.0);
+        let mut south = answer("south", &[("bus", 1, 1.0)], DataType::Int64, 1.0);
+        let mut fields: Vec<Field> = south
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields[0] = Field::new("mode", DataType::LargeUtf8, true);
+        south.schema = Arc::new(Schema::new(fields));
+        let e = merge(&federated, &[north, south], &[]).await.unwrap_err();
+        assert!(
+            e.contains("group key 1 is Utf8 at `north` but LargeUtf8 at `south`"),
+            "{e}"
+        );
+    }
 }

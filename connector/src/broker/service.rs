@@ -36,8 +36,13 @@ pub const ALLOW_PARTIAL_HEADER: &str = "x-sluice-allow-partial";
 
 /// How long a merged result waits for its DoGet.
 const RESULT_TTL: Duration = Duration::from_secs(300);
-/// Merged results held at once; older ones are dropped first.
+/// Merged results held at once, in all and per consumer; beyond either, new
+/// queries are refused (never someone else's result dropped: providers
+/// charged their budgets for it).
 const MAX_HELD_RESULTS: usize = 256;
+const MAX_HELD_PER_CONSUMER: usize = 16;
+/// Federated queries running at once; more wait.
+const MAX_CONCURRENT_QUERIES: usize = 16;
 
 /// The broker's Flight SQL service.
 pub struct Broker {
@@ -45,6 +50,7 @@ pub struct Broker {
     providers: Vec<ProviderClient>,
     signer: RelaySigner,
     results: Mutex<HashMap<String, Held>>,
+    running: tokio::sync::Semaphore,
     rng: SystemRandom,
 }
 
@@ -77,6 +83,7 @@ impl Broker {
             providers,
             signer,
             results: Mutex::new(HashMap::new()),
+            running: tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES),
             rng: SystemRandom::new(),
         })
     }
@@ -168,13 +175,13 @@ impl Broker {
         let handle = identity::hex(&bytes);
         let mut held = self.results.lock().unwrap_or_else(|e| e.into_inner());
         held.retain(|_, h| h.at.elapsed() < RESULT_TTL);
-        if held.len() >= MAX_HELD_RESULTS
-            && let Some(oldest) = held
-                .iter()
-                .min_by_key(|(_, h)| h.at)
-                .map(|(k, _)| k.clone())
-        {
-            held.remove(&oldest);
+        let mine = held.values().filter(|h| h.holder == holder.id).count();
+        if mine >= MAX_HELD_PER_CONSUMER || held.len() >= MAX_HELD_RESULTS {
+            return Err(Status::resource_exhausted(format!(
+                "too many federated results wait for their DoGet ({mine} of yours, {} in all); fetch them or let them expire ({} s)",
+                held.len(),
+                RESULT_TTL.as_secs()
+            )));
         }
         held.insert(
             handle.clone(),
@@ -252,6 +259,11 @@ impl FlightSqlService for Broker {
         let started = Instant::now();
         let principal = self.admit(&request)?;
         let partial_ok = allow_partial(&request)?;
+        let _running = self
+            .running
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the broker is shutting down"))?;
         let federated = decompose::decompose(&query.query, &self.config)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         merge::precheck(&federated)

@@ -206,13 +206,23 @@ fn remaining(charge: &PrivacyCharge, balance: &ledger::Balance) -> Option<(f64, 
 /// Same organization, same approved plan (parameters are bound into it),
 /// same ε and δ: the same answer.
 fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
+    // Everything the noisy answer depends on: the bounded statistics plan
+    // (clamps, per-unit caps), each statistic's sensitivity and share, the
+    // groups and the noise, so that a query decided under other DP terms
+    // (say, a broker's stricter grant) never gets this answer.
     let text = format!(
-        "{}\n{}\n{}\n{}\n{}",
+        "{}\n{}\n{}\n{}\n{}\n{}\n{:?}\n{:?}\n{:?} {} {}",
         charge.key,
         charge.dataset,
         charge.epsilon,
         charge.delta,
-        query.plan.display_indent_schema()
+        query.plan.display_indent_schema(),
+        query.stats_plan.display_indent_schema(),
+        query.statistics,
+        query.groups,
+        query.noise,
+        query.max_groups,
+        query.max_rows
     );
     crate::identity::hex(digest::digest(&digest::SHA256, text.as_bytes()).as_ref())
 }

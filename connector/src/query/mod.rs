@@ -161,28 +161,48 @@ impl QueryEngine {
     /// The request with the active agreements of its organization, which
     /// the decision needs (a grant may require one).
     fn with_agreements(&self, request: &QueryContext) -> Result<QueryContext, QueryError> {
-        // A relayed query may rest on the broker's agreements too (when the
-        // policy requires the broker's own grant).
-        let principals =
-            std::iter::once(&request.principal).chain(request.principal.via.as_deref());
-        let mut active = std::collections::BTreeMap::new();
-        for principal in principals {
-            let organization = audit::organization_key(principal);
-            let found = self
-                .agreements
-                .active(&organization, request.purpose.as_deref(), request.at)
-                .map_err(|e| {
-                    tracing::error!(error = %e, "reading agreements failed");
-                    QueryError::Internal(
-                        "the agreement store cannot be read (see the connector log)".into(),
-                    )
-                })?;
-            active.extend(found);
+        let consumer = request.principal.clone();
+        let mut active = self.active_agreements(&consumer, request)?;
+        // A relayed query may also rest on the broker's own grant, and so on
+        // the broker's agreements for the offers that grant makes; never on
+        // them for the end consumer's offers.
+        if let Some(broker) = request.principal.via.as_deref() {
+            let gate = self.policy.current();
+            if let Some(policy) = gate.policy_set() {
+                let direct = Principal {
+                    via: None,
+                    ..consumer
+                };
+                for (offer, agreement) in self.active_agreements(broker, request)? {
+                    if policy.offer(broker, &offer).is_some()
+                        && policy.offer(&direct, &offer).is_none()
+                    {
+                        active.insert(offer, agreement);
+                    }
+                }
+            }
         }
         Ok(QueryContext {
             agreements: active,
             ..request.clone()
         })
+    }
+
+    fn active_agreements(
+        &self,
+        principal: &Principal,
+        request: &QueryContext,
+    ) -> Result<std::collections::BTreeMap<String, sluice_policy::ActiveAgreement>, QueryError>
+    {
+        let organization = audit::organization_key(principal);
+        self.agreements
+            .active(&organization, request.purpose.as_deref(), request.at)
+            .map_err(|e| {
+                tracing::error!(error = %e, "reading agreements failed");
+                QueryError::Internal(
+                    "the agreement store cannot be read (see the connector log)".into(),
+                )
+            })
     }
 
     /// Tickets issued and not yet redeemed or expired.

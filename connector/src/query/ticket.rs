@@ -213,7 +213,13 @@ pub fn unix_ms(t: SystemTime) -> i64 {
 pub fn holder_id(principal: &sluice_policy::Principal) -> String {
     match &principal.via {
         None => principal.id.clone(),
-        Some(broker) => format!("{} via {}", principal.id, broker.id),
+        // Length-prefixed, so that no direct principal id can spell it.
+        Some(broker) => format!(
+            "relayed:{}:{}:{}",
+            principal.id.len(),
+            principal.id,
+            broker.id
+        ),
     }
 }
 
