@@ -63,9 +63,10 @@ pub async fn precheck(federated: &Federated) -> Result<(), String> {
     match ctx.sql(&federated.merge_sql).await {
         // Type errors may be artefacts of the stand-in types; only a missing
         // column is certain.
-        Err(e @ DataFusionError::SchemaError(..)) => Err(format!(
+        // The planner wraps it (with a diagnostic), so look at the root.
+        Err(e) if matches!(e.find_root(), DataFusionError::SchemaError(..)) => Err(format!(
             "the query cannot be merged across providers: {}",
-            e.strip_backtrace()
+            e.find_root().strip_backtrace()
         )),
         _ => Ok(()),
     }
@@ -417,6 +418,19 @@ mod tests {
             merged.schema.fields().len(),
             3,
             "the helper count column is removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_output_neither_grouped_nor_aggregated_is_refused_before_any_provider_is_asked() {
+        let config = crate::broker::config::example();
+        let ok = decompose(QUERY, &config).unwrap();
+        assert_eq!(precheck(&ok).await, Ok(()));
+        let stray = decompose("SELECT x, count(*) AS n FROM trips GROUP BY mode", &config).unwrap();
+        let e = precheck(&stray).await.unwrap_err();
+        assert!(
+            e.contains("cannot be merged across providers") && e.contains('x'),
+            "{e}"
         );
     }
 
