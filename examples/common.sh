@@ -8,6 +8,7 @@
 #                              ${SLUICE_VENV:-~/.cache/sluice-venv} with
 #                              tests/python/requirements.txt installed
 #   step TEXT                  prints a heading
+#   port_base DEFAULT          the first port: $SLUICE_EXAMPLE_PORT_BASE or DEFAULT
 #   port_free PORT             fails if something listens on 127.0.0.1:PORT
 #   start_daemon NAME LOG ARGS…  runs `sluice ARGS…` in the background
 #   wait_ready NAME ENDPOINT CA CERT KEY   polls `sluice whoami` until the
@@ -53,6 +54,14 @@ find_python() {
     fi
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/tests/python/requirements.txt"
     PYTHON=$venv/bin/python
+}
+
+# The first of the example's ports: $SLUICE_EXAMPLE_PORT_BASE, else DEFAULT.
+port_base() {
+    local base=${SLUICE_EXAMPLE_PORT_BASE:-$1}
+    [[ $base =~ ^[0-9]+$ ]] && ((base >= 1024 && base <= 65530)) ||
+        die "SLUICE_EXAMPLE_PORT_BASE=$base: give a port from 1024 to 65530"
+    echo "$base"
 }
 
 port_free() {

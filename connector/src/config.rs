@@ -288,6 +288,16 @@ impl Config {
 
 /// Makes `p` absolute against the current directory without touching the
 /// file system (paths need not exist yet).
+/// `p` as written when absolute, else relative to `base` (the directory of
+/// the configuration file).
+pub(crate) fn resolve_against(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
 /// The text of a configuration file, or an error naming it.
 pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -409,13 +419,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
         field,
         reason,
     };
-    let resolve = |p: &Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
+    let resolve = |p: &Path| resolve_against(base, p);
 
     let listen = parse_addr(raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN))
         .map_err(|r| err("server.listen".into(), r))?;

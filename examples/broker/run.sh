@@ -47,9 +47,7 @@ if [[ $mode == down ]]; then
     exit 0
 fi
 
-BASE=${SLUICE_EXAMPLE_PORT_BASE:-50091}
-[[ $BASE =~ ^[0-9]+$ ]] && ((BASE >= 1024 && BASE <= 65530)) ||
-    die "SLUICE_EXAMPLE_PORT_BASE=$BASE: give a port from 1024 to 65530"
+BASE=$(port_base 50091)
 NORTH=grpc+tls://127.0.0.1:$BASE
 SOUTH=grpc+tls://127.0.0.1:$((BASE + 1))
 BROKER=grpc+tls://127.0.0.1:$((BASE + 2))

@@ -30,9 +30,7 @@ case ${1:-} in
     *) die "unknown argument \`$1\`: use --check or nothing" ;;
 esac
 
-BASE=${SLUICE_EXAMPLE_PORT_BASE:-50081}
-[[ $BASE =~ ^[0-9]+$ ]] && ((BASE >= 1024 && BASE <= 65530)) ||
-    die "SLUICE_EXAMPLE_PORT_BASE=$BASE: give a port from 1024 to 65530"
+BASE=$(port_base 50081)
 PORT=$BASE
 METRICS=$((BASE + 1))
 TRANSPORT=grpc+tls://127.0.0.1:$PORT

@@ -234,10 +234,7 @@ impl PolicySet {
 
     /// Whether `entry`'s broker may speak for `principal` (`relays_for`).
     fn may_relay_for(&self, entry: &crate::compile::BrokerRules, principal: &Principal) -> bool {
-        let consumer = Principal {
-            via: None,
-            ..principal.clone()
-        };
+        let consumer = principal.direct();
         entry.relays_for.iter().any(|m| self.matches(m, &consumer))
     }
 

@@ -33,6 +33,14 @@ impl Principal {
         }
     }
 
+    /// This principal as if it asked directly (without its broker).
+    pub fn direct(&self) -> Principal {
+        Principal {
+            via: None,
+            ..self.clone()
+        }
+    }
+
     /// This principal as relayed by `broker`.
     pub fn relayed_by(mut self, broker: Principal) -> Self {
         self.via = Some(Box::new(broker));

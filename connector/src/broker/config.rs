@@ -221,13 +221,7 @@ fn validate(raw: RawBroker, source: Source, base: &Path) -> Result<BrokerConfig,
         field,
         reason,
     };
-    let resolve = |p: &Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
+    let resolve = |p: &Path| crate::config::resolve_against(base, p);
     let listen = parse_addr(
         raw.server
             .listen
@@ -443,6 +437,41 @@ pub(crate) fn example() -> BrokerConfig {
     BrokerConfig::from_toml_str(EXAMPLE, Path::new("/etc/sluice/broker.toml")).unwrap()
 }
 
+/// A config whose one provider (`slow`, timeout 400ms) is at `port`, with
+/// a throwaway identity written to `dir`, for tests that start a broker.
+#[cfg(test)]
+pub(crate) fn with_files(dir: &Path, port: u16) -> BrokerConfig {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let text = format!(
+        r#"
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+client_ca = "cert.pem"
+[upstream]
+cert = "cert.pem"
+key = "key.pem"
+ca = "cert.pem"
+timeout = "400ms"
+[access]
+consumers = [{{ organization = "x" }}]
+[[providers]]
+name = "slow"
+endpoint = "grpc+tls://127.0.0.1:{port}"
+[[federated]]
+name = "t"
+sources = {{ slow = "t" }}
+"#
+    );
+    BrokerConfig::from_toml_str(&text, &dir.join("broker.toml")).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +507,12 @@ mod tests {
                 "federated[0].sources.west",
             ),
             ("timeout = \"5s\"", "timeout = \"0s\"", "upstream.timeout"),
+            // The on-behalf-of assertion would expire mid-query.
+            (
+                "timeout = \"2s\"",
+                "timeout = \"5m\"",
+                "providers[1].timeout",
+            ),
             (
                 "consumers = [{ organization = \"City Planning\" }]",
                 "consumers = [{}]",

@@ -323,3 +323,45 @@ impl FlightSqlService for Broker {
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::Schema;
+
+    use super::*;
+
+    fn merged() -> Merged {
+        Merged {
+            schema: Arc::new(Schema::empty()),
+            batches: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn results_wait_for_their_consumer_once_and_are_capped_per_consumer() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker =
+            Broker::new(Arc::new(crate::broker::config::with_files(dir.path(), 1))).unwrap();
+        let alice = Principal::new("spiffe://a/alice");
+        let bob = Principal::new("spiffe://b/bob");
+
+        let handle = broker.hold(&alice, merged()).unwrap();
+        assert_eq!(
+            broker.take(handle.as_bytes(), &bob).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert!(broker.take(handle.as_bytes(), &alice).is_ok());
+        assert_eq!(
+            broker.take(handle.as_bytes(), &alice).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+
+        for _ in 0..MAX_HELD_PER_CONSUMER {
+            broker.hold(&alice, merged()).unwrap();
+        }
+        let refused = broker.hold(&alice, merged()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // Nobody else's result was dropped to make room, and others still fit.
+        assert!(broker.hold(&bob, merged()).is_ok());
+    }
+}

@@ -224,43 +224,10 @@ impl ProviderClient {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::time::Instant;
 
     use super::*;
-
-    /// A config whose one provider is at `port`, with a throwaway identity.
-    fn config(dir: &Path, port: u16) -> BrokerConfig {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-        let text = format!(
-            r#"
-[tls]
-cert = "cert.pem"
-key = "key.pem"
-client_ca = "cert.pem"
-[upstream]
-cert = "cert.pem"
-key = "key.pem"
-ca = "cert.pem"
-timeout = "400ms"
-[access]
-consumers = [{{ organization = "x" }}]
-[[providers]]
-name = "slow"
-endpoint = "grpc+tls://127.0.0.1:{port}"
-[[federated]]
-name = "t"
-sources = {{ slow = "t" }}
-"#
-        );
-        BrokerConfig::from_toml_str(&text, &dir.join("broker.toml")).unwrap()
-    }
+    use crate::broker::config::with_files as config;
 
     fn headers() -> RelayHeaders {
         RelayHeaders {

@@ -161,18 +161,15 @@ impl QueryEngine {
     /// The request with the active agreements of its organization, which
     /// the decision needs (a grant may require one).
     fn with_agreements(&self, request: &QueryContext) -> Result<QueryContext, QueryError> {
-        let consumer = request.principal.clone();
-        let mut active = self.active_agreements(&consumer, request)?;
+        let consumer = &request.principal;
+        let mut active = self.active_agreements(consumer, request)?;
         // A relayed query may also rest on the broker's own grant, and so on
         // the broker's agreements for the offers that grant makes; never on
         // them for the end consumer's offers.
         if let Some(broker) = request.principal.via.as_deref() {
             let gate = self.policy.current();
             if let Some(policy) = gate.policy_set() {
-                let direct = Principal {
-                    via: None,
-                    ..consumer
-                };
+                let direct = consumer.direct();
                 for (offer, agreement) in self.active_agreements(broker, request)? {
                     if policy.offer(broker, &offer).is_some()
                         && policy.offer(&direct, &offer).is_none()
