@@ -104,15 +104,60 @@ pub struct Limits {
     pub query_timeout: Duration,
     /// Queries executing at once; further queries wait (up to their timeout).
     pub max_concurrent_queries: usize,
+    /// Of those, how many one organization may run at once (also the cap
+    /// on its statements being planned at once).
+    pub max_concurrent_queries_per_organization: usize,
     /// Longest SQL text accepted, in bytes.
     pub max_sql_bytes: usize,
     /// How long a ticket from GetFlightInfo stays redeemable.
     pub ticket_ttl: Duration,
-    /// Tickets issued but not yet redeemed, over all principals.
-    pub max_outstanding_tickets: usize,
-    /// Open prepared statements per principal.
-    pub max_prepared_statements: usize,
+    /// Tickets issued but not yet redeemed.
+    pub tickets: TenantCaps,
+    /// Open prepared statements.
+    pub prepared_statements: TenantCaps,
 }
+
+/// How many of something (tickets, prepared statements) may be held at
+/// once: by all clients together, by one organization, by one principal.
+/// One tenant filling its own share leaves the others theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantCaps {
+    pub total: usize,
+    pub per_organization: usize,
+    pub per_principal: usize,
+    /// What is held, and the settings of the three caps, for messages.
+    pub what: &'static str,
+    pub settings: [&'static str; 3],
+}
+
+impl TenantCaps {
+    /// The first cap that `held` (in all, by the organization, by the
+    /// principal) has reached, as (count, whose, setting).
+    pub fn reached(&self, held: (usize, usize, usize)) -> Option<(usize, &'static str, &'static str)> {
+        let (total, organization, principal) = held;
+        let [all, per_organization, per_principal] = self.settings;
+        if principal >= self.per_principal {
+            Some((principal, "by this principal", per_principal))
+        } else if organization >= self.per_organization {
+            Some((organization, "by this organization", per_organization))
+        } else if total >= self.total {
+            Some((total, "by all clients together", all))
+        } else {
+            None
+        }
+    }
+}
+
+const TICKET_SETTINGS: [&str; 3] = [
+    "max_outstanding_tickets",
+    "max_outstanding_tickets_per_organization",
+    "max_outstanding_tickets_per_principal",
+];
+const PREPARED_SETTINGS: [&str; 3] = [
+    "max_prepared_statements_in_all",
+    "max_prepared_statements_per_organization",
+    "max_prepared_statements",
+];
 
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
@@ -194,10 +239,23 @@ impl Default for Limits {
             query_memory: 1 << 30,
             query_timeout: Duration::from_secs(300),
             max_concurrent_queries: 16,
+            max_concurrent_queries_per_organization: 4,
             max_sql_bytes: 256 * 1024,
             ticket_ttl: Duration::from_secs(300),
-            max_outstanding_tickets: 10_000,
-            max_prepared_statements: 256,
+            tickets: TenantCaps {
+                total: 10_000,
+                per_organization: 1_000,
+                per_principal: 256,
+                what: "tickets (issued, not yet redeemed)",
+                settings: TICKET_SETTINGS,
+            },
+            prepared_statements: TenantCaps {
+                total: 10_000,
+                per_organization: 1_024,
+                per_principal: 256,
+                what: "prepared statements",
+                settings: PREPARED_SETTINGS,
+            },
         }
     }
 }
@@ -360,10 +418,15 @@ struct RawLimits {
     query_memory: Option<String>,
     query_timeout: Option<String>,
     max_concurrent_queries: Option<usize>,
+    max_concurrent_queries_per_organization: Option<usize>,
     max_sql_bytes: Option<String>,
     ticket_ttl: Option<String>,
     max_outstanding_tickets: Option<usize>,
+    max_outstanding_tickets_per_organization: Option<usize>,
+    max_outstanding_tickets_per_principal: Option<usize>,
     max_prepared_statements: Option<usize>,
+    max_prepared_statements_per_organization: Option<usize>,
+    max_prepared_statements_in_all: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -598,16 +661,47 @@ fn parse_limits(raw: RawLimits) -> Result<Limits, (String, String)> {
             Some(s) => parse_duration(&s).map_err(field("ticket_ttl"))?,
             None => d.ticket_ttl,
         },
-        max_outstanding_tickets: positive(
-            "max_outstanding_tickets",
-            raw.max_outstanding_tickets,
-            d.max_outstanding_tickets,
+        max_concurrent_queries_per_organization: positive(
+            "max_concurrent_queries_per_organization",
+            raw.max_concurrent_queries_per_organization,
+            d.max_concurrent_queries_per_organization,
         )?,
-        max_prepared_statements: positive(
-            "max_prepared_statements",
-            raw.max_prepared_statements,
-            d.max_prepared_statements,
-        )?,
+        tickets: TenantCaps {
+            total: positive(
+                TICKET_SETTINGS[0],
+                raw.max_outstanding_tickets,
+                d.tickets.total,
+            )?,
+            per_organization: positive(
+                TICKET_SETTINGS[1],
+                raw.max_outstanding_tickets_per_organization,
+                d.tickets.per_organization,
+            )?,
+            per_principal: positive(
+                TICKET_SETTINGS[2],
+                raw.max_outstanding_tickets_per_principal,
+                d.tickets.per_principal,
+            )?,
+            ..d.tickets
+        },
+        prepared_statements: TenantCaps {
+            total: positive(
+                PREPARED_SETTINGS[0],
+                raw.max_prepared_statements_in_all,
+                d.prepared_statements.total,
+            )?,
+            per_organization: positive(
+                PREPARED_SETTINGS[1],
+                raw.max_prepared_statements_per_organization,
+                d.prepared_statements.per_organization,
+            )?,
+            per_principal: positive(
+                PREPARED_SETTINGS[2],
+                raw.max_prepared_statements,
+                d.prepared_statements.per_principal,
+            )?,
+            ..d.prepared_statements
+        },
     })
 }
 

@@ -2,12 +2,14 @@
 //!
 //! A query is counted when its ticket is issued (GetFlightInfo): the check
 //! and the increment happen under one lock, so concurrent queries cannot race
-//! past the limit. Rows work the same way: the issue reserves the query's
-//! cap (its `max_rows`, or every row left today) and charges it at once; when
-//! the stream ends the rows not sent are returned. Concurrent queries thus
-//! never receive more rows together than the day allows. Usage is written to
-//! `<state_dir>/quota.json` (atomically) at every reservation and at the end
-//! of every stream.
+//! past the limit. Rows are taken as they are sent: before each batch leaves,
+//! [`QuotaStore::take_rows`] grants at most what is left of the day, under
+//! the same lock, so concurrent streams never receive more rows together than
+//! the day allows, and a query holds no rows it has not sent (an earlier
+//! design reserved every row left at issue, so one organization could not
+//! run two such queries at once, and rows of a ticket that was never
+//! redeemed stayed charged). Usage is written to `<state_dir>/quota.json`
+//! (atomically) before the rows it counts leave.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -37,13 +39,6 @@ pub struct QuotaStore {
     ledger: Mutex<Ledger>,
 }
 
-/// What a reservation allows: the rows this query may return (reserved and
-/// charged already), if rows are limited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reservation {
-    pub rows: Option<u64>,
-}
-
 impl QuotaStore {
     /// Opens (or starts) the usage file. A corrupt file is an error, not a
     /// fresh allowance.
@@ -64,15 +59,9 @@ impl QuotaStore {
         })
     }
 
-    /// Counts one query against `charge` and reserves up to `max_rows` rows
-    /// (all rows left when `None`), or refuses when the day's queries or rows
-    /// are used up.
-    pub fn reserve(
-        &self,
-        charge: &QuotaCharge,
-        max_rows: Option<u64>,
-        now: SystemTime,
-    ) -> Result<Reservation, Denial> {
+    /// Counts one query against `charge`, or refuses when the day's queries
+    /// or rows are used up.
+    pub fn admit(&self, charge: &QuotaCharge, now: SystemTime) -> Result<(), Denial> {
         let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
         roll_over(&mut ledger, now);
         let usage = ledger.usage.entry(charge.key.clone()).or_default();
@@ -87,44 +76,32 @@ impl QuotaStore {
                 ),
             ));
         }
-        let rows_left = charge
-            .quotas
-            .rows_per_day
-            .map(|limit| limit.saturating_sub(usage.rows));
-        if rows_left == Some(0) {
-            return Err(Denial::quota(
-                "quotas.rows_per_day",
-                format!(
-                    "`{}` has received its {} rows for today (UTC)",
-                    charge.key,
-                    charge.quotas.rows_per_day.unwrap_or_default()
-                ),
-            ));
+        if let Some(limit) = charge.quotas.rows_per_day
+            && usage.rows >= limit
+        {
+            return Err(rows_used_up(&charge.key, limit));
         }
-        let rows = rows_left.map(|left| max_rows.map_or(left, |cap| cap.min(left)));
         usage.queries += 1;
-        usage.rows += rows.unwrap_or(0);
         self.persist(&ledger);
-        Ok(Reservation { rows })
+        Ok(())
     }
 
-    /// Returns the rows of a reservation that were not sent. (A query
-    /// reserved on an earlier day returns nothing to today's allowance.)
-    pub fn settle(
-        &self,
-        key: &str,
-        reserved: u64,
-        sent: u64,
-        reserved_on: SystemTime,
-        now: SystemTime,
-    ) {
+    /// Takes up to `wanted` rows of today's allowance for `charge` (all of
+    /// them when rows are not limited) and records them before they are
+    /// sent. Returns how many were granted.
+    pub fn take_rows(&self, charge: &QuotaCharge, wanted: u64, now: SystemTime) -> u64 {
+        let Some(limit) = charge.quotas.rows_per_day else {
+            return wanted;
+        };
         let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
         roll_over(&mut ledger, now);
-        if day(reserved_on) != ledger.day {
-            return;
+        let usage = ledger.usage.entry(charge.key.clone()).or_default();
+        let granted = wanted.min(limit.saturating_sub(usage.rows));
+        if granted > 0 {
+            usage.rows += granted;
+            self.persist(&ledger);
         }
-        let usage = ledger.usage.entry(key.to_string()).or_default();
-        usage.rows = usage.rows.saturating_sub(reserved.saturating_sub(sent));
+        granted
     }
 
     /// Writes the current usage to disk.
@@ -141,6 +118,14 @@ impl QuotaStore {
             tracing::error!(file = %self.file.display(), "writing quota usage failed: {e:#}");
         }
     }
+}
+
+/// The refusal once a day's rows are used up.
+pub fn rows_used_up(key: &str, limit: u64) -> Denial {
+    Denial::quota(
+        "quotas.rows_per_day",
+        format!("`{key}` has received its {limit} rows for today (UTC)"),
+    )
 }
 
 fn roll_over(ledger: &mut Ledger, now: SystemTime) {
@@ -175,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_reservations_never_exceed_the_limit_and_survive_restart() {
+    fn concurrent_admissions_never_exceed_the_limit_and_survive_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("quota.json");
         let store = Arc::new(QuotaStore::open(file.clone()).unwrap());
@@ -186,7 +171,7 @@ mod tests {
                     let store = store.clone();
                     s.spawn(move || {
                         (0..50)
-                            .filter(|_| store.reserve(&charge(100, None), None, now).is_ok())
+                            .filter(|_| store.admit(&charge(100, None), now).is_ok())
                             .count()
                     })
                 })
@@ -195,29 +180,41 @@ mod tests {
         });
         assert_eq!(granted, 100);
         let reopened = QuotaStore::open(file).unwrap();
-        let denial = reopened.reserve(&charge(100, None), None, now).unwrap_err();
+        let denial = reopened.admit(&charge(100, None), now).unwrap_err();
         assert_eq!(denial.rule, "quotas.queries_per_day");
     }
 
     #[test]
-    fn rows_are_reserved_at_issue_and_unused_rows_returned() {
+    fn rows_are_taken_as_sent_and_never_past_the_day() {
         let dir = tempfile::tempdir().unwrap();
-        let store = QuotaStore::open(dir.path().join("q.json")).unwrap();
+        let file = dir.path().join("q.json");
+        let store = Arc::new(QuotaStore::open(file.clone()).unwrap());
         let now = SystemTime::now();
-        let quota = charge(10, Some(100));
-        // Two concurrent queries capped at 60: the second gets the 40 left.
-        assert_eq!(store.reserve(&quota, Some(60), now).unwrap().rows, Some(60));
-        assert_eq!(store.reserve(&quota, Some(60), now).unwrap().rows, Some(40));
-        let denial = store.reserve(&quota, Some(60), now).unwrap_err();
+        let quota = charge(1000, Some(100));
+        // Two streams at once: both admitted, rows granted as they go.
+        store.admit(&quota, now).unwrap();
+        store.admit(&quota, now).unwrap();
+        assert_eq!(store.take_rows(&quota, 60, now), 60);
+        assert_eq!(store.take_rows(&quota, 60, now), 40);
+        assert_eq!(store.take_rows(&quota, 1, now), 0);
+        let denial = store.admit(&quota, now).unwrap_err();
         assert_eq!(denial.rule, "quotas.rows_per_day");
-        // The first sent only 10 rows: 50 come back.
-        store.settle("Org", 60, 10, now, now);
-        assert_eq!(store.reserve(&quota, None, now).unwrap().rows, Some(50));
+        // Many threads taking rows: exactly the day's allowance in all.
+        let quota = charge(1000, Some(10_000));
         let tomorrow = now + std::time::Duration::from_secs(86_400);
-        assert_eq!(
-            store.reserve(&quota, None, tomorrow).unwrap().rows,
-            Some(100)
-        );
+        let taken: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (store, quota) = (store.clone(), quota.clone());
+                    s.spawn(move || (0..500).map(|_| store.take_rows(&quota, 7, tomorrow)).sum::<u64>())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(taken, 10_000);
+        // What was taken is on disk.
+        let reopened = QuotaStore::open(file).unwrap();
+        assert_eq!(reopened.take_rows(&quota, 5, tomorrow), 0);
     }
 
     #[test]

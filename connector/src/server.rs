@@ -120,17 +120,20 @@ pub async fn serve_with(
     health
         .set_serving::<AuditServiceServer<AuditReceipts>>()
         .await;
-    // Reservations of tickets that expired unredeemed read no data: return
-    // them to their budgets.
+    // Tickets that expired unredeemed read no data: their reservations go
+    // back to their budgets.
     {
         let engine = engine.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
             loop {
                 every.tick().await;
-                let privacy = engine.privacy().clone();
+                let expiring = engine.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    privacy.expire(std::time::SystemTime::now())
+                    // Unredeemed tickets return their budget as they go;
+                    // the ledger sweep catches any a crash left behind.
+                    expiring.purge_expired();
+                    expiring.privacy().expire(std::time::SystemTime::now())
                 })
                 .await;
             }

@@ -404,6 +404,12 @@ pub struct DpRule {
     /// ε spent when the query does not say; `epsilon_per_query` by default.
     #[serde(default)]
     pub default_epsilon: Option<f64>,
+    /// Smallest ε one query may spend (default 0.01, or `epsilon_per_query`
+    /// if that is lower). Each query is a chance to learn from what is not
+    /// noised (whether it was answered, how long it took), so a floor on ε
+    /// bounds how many such chances a budget buys.
+    #[serde(default)]
+    pub min_epsilon_per_query: Option<f64>,
     /// δ one query spends where it needs one (private group selection,
     /// Gaussian noise). Default 1e-7.
     #[serde(default)]

@@ -516,6 +516,12 @@ impl PolicyGate {
                 dp.epsilon_cap
             )));
         }
+        if epsilon < dp.min_epsilon {
+            return Err(refuse(format!(
+                "this query asks for ε = {epsilon}, below the {} a query on dataset `{dataset}` must spend at least (min_epsilon_per_query): a smaller ε buys a useless answer and one more observation of what noise does not cover",
+                dp.min_epsilon
+            )));
+        }
         for other in scanned_datasets(&plan) {
             let public = self
                 .policy
@@ -554,6 +560,10 @@ impl PolicyGate {
             DpRequest {
                 dataset,
                 unit: unit.clone(),
+                privacy_unit: self.policy.datasets[dataset]
+                    .privacy_unit
+                    .as_deref()
+                    .unwrap_or_default(),
                 grant: dp,
                 epsilon,
             },

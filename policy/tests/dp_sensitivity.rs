@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use common::{Context, analyzed, execute};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
@@ -177,11 +178,13 @@ fn statistics(ctx: &SessionContext, query: &DpQuery) -> BTreeMap<String, Vec<f64
                     if let StatisticKind::Quantile { .. } = s.kind {
                         return quantile_values(column, row) as f64;
                     }
-                    let column = column.as_primitive::<Int64Type>();
+                    // Counts are Int64, fixed-point sums Decimal128(38, 0).
+                    let column = cast(column, &DataType::Float64).unwrap();
+                    let column = column.as_primitive::<Float64Type>();
                     if column.is_null(row) {
                         0.0
                     } else {
-                        column.value(row) as f64
+                        column.value(row)
                     }
                 })
                 .collect();

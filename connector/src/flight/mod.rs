@@ -57,7 +57,7 @@ type DoGetResult = Result<Response<<FlightSql as FlightService>::DoGetStream>, S
 impl FlightSql {
     pub fn new(engine: Arc<QueryEngine>, metrics: Arc<Metrics>) -> Self {
         Self {
-            prepared: PreparedStatements::new(engine.limits().max_prepared_statements),
+            prepared: PreparedStatements::new(engine.limits().prepared_statements),
             engine,
             metrics,
         }
@@ -223,7 +223,7 @@ impl FlightSqlService for FlightSql {
         let context = identity::query_context(&request)?;
         let principal = context.principal.clone();
         let started = Instant::now();
-        let issued = self.engine.issue_for_sql(&context, &query.query).await;
+        let issued = self.engine.issue_statement(context, query.query).await;
         self.issued_info(&principal, started, issued, request.into_inner())
     }
 
@@ -235,16 +235,19 @@ impl FlightSqlService for FlightSql {
         let context = identity::query_context(&request)?;
         let principal = context.principal.clone();
         let started = Instant::now();
-        let issued = self
+        let issued = match self
             .prepared
             .get(&cmd.prepared_statement_handle, &holder_id(&principal))
-            .and_then(|stmt| {
+        {
+            Ok(stmt) => {
                 let params = stmt.params.or_else(|| {
                     // A statement without placeholders needs no DoPut.
                     stmt.parameter_schema.fields().is_empty().then(Vec::new)
                 });
-                self.engine.issue(&context, stmt.plan, params)
-            });
+                self.engine.issue_prepared(context, stmt.plan, params).await
+            }
+            Err(e) => Err(e),
+        };
         self.issued_info(&principal, started, issued, request.into_inner())
     }
 
@@ -278,11 +281,10 @@ impl FlightSqlService for FlightSql {
         let context = identity::query_context(&request)?;
         let principal = context.principal.clone();
         let refuse = |e| self.refuse("CreatePreparedStatement", Some(&principal.id), e);
-        let plan = self.engine.plan_sql(&query.query).await.map_err(refuse)?;
-        let parameter_schema = crate::query::plan::parameter_schema(&plan).map_err(refuse)?;
-        let dataset_schema = self
+        let (plan, parameter_schema, dataset_schema) = self
             .engine
-            .prepared_schema(&context, &plan)
+            .prepare(context, query.query)
+            .await
             .map_err(refuse)?;
         let result = ActionCreatePreparedStatementResult {
             dataset_schema: ipc_schema(&dataset_schema)?.into(),
@@ -291,7 +293,12 @@ impl FlightSqlService for FlightSql {
         };
         let handle = self
             .prepared
-            .create(&holder_id(&principal), plan, parameter_schema)
+            .create(
+                &holder_id(&principal),
+                &crate::audit::organization_key(&principal),
+                plan,
+                parameter_schema.as_ref().clone(),
+            )
             .map_err(refuse)?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.into(),

@@ -13,7 +13,9 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::config::TenantCaps;
 use crate::query::QueryError;
+use crate::query::ticket::check_caps;
 
 /// A prepared statement is dropped after this long without use.
 const IDLE_TTL: Duration = Duration::from_secs(3600);
@@ -21,6 +23,8 @@ const IDLE_TTL: Duration = Duration::from_secs(3600);
 #[derive(Clone)]
 pub struct PreparedStatement {
     pub principal_id: String,
+    /// The organization it counts against.
+    pub organization: String,
     /// The planned statement, placeholders unbound.
     pub plan: LogicalPlan,
     pub parameter_schema: Schema,
@@ -29,22 +33,24 @@ pub struct PreparedStatement {
     last_used: Instant,
 }
 
+/// Open statements, capped per principal, per organization and in all.
 pub struct PreparedStatements {
     inner: Mutex<HashMap<[u8; 16], PreparedStatement>>,
-    per_principal: usize,
+    caps: TenantCaps,
 }
 
 impl PreparedStatements {
-    pub fn new(per_principal: usize) -> Self {
+    pub fn new(caps: TenantCaps) -> Self {
         Self {
             inner: Mutex::new(HashMap::new()),
-            per_principal,
+            caps,
         }
     }
 
     pub fn create(
         &self,
         principal_id: &str,
+        organization: &str,
         plan: LogicalPlan,
         parameter_schema: Schema,
     ) -> Result<Vec<u8>, QueryError> {
@@ -55,19 +61,17 @@ impl PreparedStatements {
         let now = Instant::now();
         let mut map = self.inner.lock().expect("prepared statements lock");
         map.retain(|_, s| now.duration_since(s.last_used) < IDLE_TTL);
-        let open = map
-            .values()
-            .filter(|s| s.principal_id == principal_id)
-            .count();
-        if open >= self.per_principal {
-            return Err(QueryError::ResourcesExhausted(format!(
-                "{open} prepared statements are open for this principal (limits.max_prepared_statements); close some first"
-            )));
+        let (mut by_organization, mut by_principal) = (0, 0);
+        for statement in map.values() {
+            by_organization += usize::from(statement.organization == organization);
+            by_principal += usize::from(statement.principal_id == principal_id);
         }
+        check_caps(&self.caps, (map.len(), by_organization, by_principal))?;
         map.insert(
             handle,
             PreparedStatement {
                 principal_id: principal_id.to_string(),
+                organization: organization.to_string(),
                 plan,
                 parameter_schema,
                 params: None,
@@ -141,10 +145,35 @@ mod tests {
         LogicalPlanBuilder::empty(false).build().unwrap()
     }
 
+    fn caps(per_principal: usize, per_organization: usize, total: usize) -> TenantCaps {
+        TenantCaps {
+            per_principal,
+            per_organization,
+            total,
+            ..crate::config::Limits::default().prepared_statements
+        }
+    }
+
+    #[test]
+    fn capped_per_principal_per_organization_and_in_all() {
+        let store = PreparedStatements::new(caps(2, 3, 4));
+        let create = |who: &str, org: &str| store.create(who, org, plan(), Schema::empty());
+        create("a1", "A").unwrap();
+        create("a1", "A").unwrap();
+        let e = create("a1", "A").unwrap_err();
+        assert!(e.to_string().contains("by this principal"), "{e}");
+        create("a2", "A").unwrap();
+        let e = create("a3", "A").unwrap_err();
+        assert!(e.to_string().contains("by this organization"), "{e}");
+        create("b1", "B").unwrap();
+        let e = create("c1", "C").unwrap_err();
+        assert!(e.to_string().contains("all clients"), "{e}");
+    }
+
     #[test]
     fn owner_only_and_capped() {
-        let store = PreparedStatements::new(1);
-        let h = store.create("alice", plan(), Schema::empty()).unwrap();
+        let store = PreparedStatements::new(caps(1, 10, 10));
+        let h = store.create("alice", "A", plan(), Schema::empty()).unwrap();
         assert!(store.get(&h, "alice").is_ok());
         assert!(matches!(
             store.get(&h, "mallory"),
@@ -155,7 +184,7 @@ mod tests {
             Err(QueryError::NotFound(_))
         ));
         assert!(matches!(
-            store.create("alice", plan(), Schema::empty()),
+            store.create("alice", "A", plan(), Schema::empty()),
             Err(QueryError::ResourcesExhausted(_))
         ));
         store

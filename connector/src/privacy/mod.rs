@@ -51,6 +51,52 @@ pub struct PrivacyTicket {
     pub remaining: Option<(f64, f64)>,
 }
 
+/// A privacy-budget reservation held by an approved query that has not
+/// started reading. However the query ends before that (its ticket expires
+/// or is evicted, its issue fails after the reservation, DoGet refuses it),
+/// dropping the hold returns the reservation: no path has to remember to.
+pub struct BudgetHold {
+    privacy: Arc<Privacy>,
+    ticket: Option<PrivacyTicket>,
+}
+
+impl BudgetHold {
+    pub fn ticket(&self) -> &PrivacyTicket {
+        self.ticket.as_ref().expect("a hold keeps its ticket until started")
+    }
+
+    /// The query is about to read data: from now on the charge stands,
+    /// whatever happens (BigQuery's rule; a failure after this point is
+    /// never refunded, since it may depend on the data).
+    pub fn start(mut self) -> Result<PrivacyTicket, QueryError> {
+        let ticket = self.ticket.take().expect("a hold keeps its ticket until started");
+        match self.privacy.start(&ticket) {
+            Ok(()) => Ok(ticket),
+            Err(e) => {
+                // Nothing was read.
+                self.privacy.refund(&ticket);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.privacy.refund(&ticket);
+        }
+    }
+}
+
+impl std::fmt::Debug for BudgetHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetHold")
+            .field("ticket", &self.ticket)
+            .finish()
+    }
+}
+
 /// The budget ledger and the answer cache.
 pub struct Privacy {
     ledger: Arc<Ledger>,
@@ -63,6 +109,22 @@ impl Privacy {
 
     pub fn ledger(&self) -> &Arc<Ledger> {
         &self.ledger
+    }
+
+    /// [`Privacy::reserve`], as a hold that returns the reservation unless
+    /// the query starts.
+    pub fn hold(
+        self: &Arc<Self>,
+        charge: &PrivacyCharge,
+        query: &DpQuery,
+        at: SystemTime,
+        expires_at: SystemTime,
+    ) -> Result<BudgetHold, QueryError> {
+        let ticket = self.reserve(charge, query, at, expires_at)?;
+        Ok(BudgetHold {
+            privacy: self.clone(),
+            ticket: Some(ticket),
+        })
     }
 
     /// Serves a repeat from the cache, or reserves the query's (ε, δ);
@@ -263,8 +325,13 @@ pub fn announced_schema(
     query: &DpQuery,
     state: &datafusion::execution::SessionState,
 ) -> Result<SchemaRef, QueryError> {
-    let internal = QueryError::Internal;
-    let (schema, split) = release::announced(query).map_err(internal)?;
+    let (schema, split) = release::announced(query).map_err(|e| match e {
+        release::PlanNoiseError::EpsilonTooSmall { .. } => QueryError::InvalidRequest(e.to_string()),
+        release::PlanNoiseError::Mechanism(_) => {
+            tracing::error!(error = %e, "planning the noise of a DP query failed");
+            QueryError::Internal(e.to_string())
+        }
+    })?;
     let table = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])
         .map_err(|e| QueryError::Internal(e.to_string()))?;
     let source = datafusion::datasource::provider_as_source(Arc::new(table));

@@ -6,13 +6,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Decimal128Array, Float64Array, RecordBatch,
+};
+use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{
+    DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema, SchemaRef,
+};
 use datafusion::common::ScalarValue;
 use sluice_policy::document::NoiseKind;
 use sluice_policy::dp::{ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind};
-use sluice_policy::rewrite::INTERNAL_PREFIX;
 
 use super::noise::{self, NoiseFamily, ReleaseInfo};
 
@@ -52,7 +56,6 @@ pub fn exact_statistics(
         ..Default::default()
     };
     for batch in batches {
-        check_no_overflow(query, batch)?;
         for row in 0..batch.num_rows() {
             let key = (0..query.key_count)
                 .map(|i| ScalarValue::try_from_array(batch.column(i), row))
@@ -69,46 +72,38 @@ pub fn exact_statistics(
                     out.values[i].push(group_values(column, row, query.max_rows));
                 }
             } else {
-                let column = cast(column, &DataType::Int64).map_err(|e| e.to_string())?;
-                let column = column.as_primitive::<Int64Type>();
-                out.totals[i].extend((0..column.len()).map(|r| {
-                    if column.is_null(r) {
-                        0
-                    } else {
-                        column.value(r)
-                    }
-                }));
+                out.totals[i].extend(totals(column)?);
             }
         }
     }
     Ok(out)
 }
 
-/// Largest magnitude a fixed-point total may reach (2^62, half of `i64`).
-const TOTAL_LIMIT: u128 = 1 << 62;
+/// Largest magnitude a fixed-point total keeps (2^62, half of `i64`): the
+/// noise added to it stays within `i64` (see [`MAX_NOISE_SCALE`]).
+const TOTAL_LIMIT: i128 = 1 << 62;
 
-/// Each unit adds at most `sensitivity` to a group's total, so a group of
-/// `units` units stays within `units × sensitivity`: below 2^62, the `i64`
-/// sums in the plan cannot have overflowed. Refuse otherwise.
-fn check_no_overflow(query: &DpQuery, batch: &RecordBatch) -> Result<(), String> {
-    let Some(units) = batch.column_by_name(&format!("{INTERNAL_PREFIX}units")) else {
-        return Err("statistics column units missing".into());
-    };
-    let units = cast(units, &DataType::Int64).map_err(|e| e.to_string())?;
-    let units = units.as_primitive::<Int64Type>();
-    let widest = query
-        .statistics
-        .iter()
-        .map(|s| u128::from(s.sensitivity))
-        .max()
-        .unwrap_or(1);
-    for n in units.iter().flatten() {
-        if n as u128 * widest >= TOTAL_LIMIT {
-            // The message gives no count: it would be a data value.
-            return Err("a group holds too many privacy units for exact fixed-point sums at these bounds (reduce max_rows or the bounds)".into());
-        }
+/// A statistics column's per-group totals: counts (`Int64`) as they are,
+/// fixed-point sums (`Decimal128(38, 0)`, which no group can overflow)
+/// clamped to ±[`TOTAL_LIMIT`]. Clamping cannot fail, and it never moves
+/// two totals further apart, so it keeps each total's sensitivity: a group
+/// too large for 64 bits gets a clamped, still private, answer rather than
+/// an error that would tell how large it is. NULL (no values) is 0.
+fn totals(column: &ArrayRef) -> Result<Vec<i64>, String> {
+    let clamp = |v: i128| v.clamp(-TOTAL_LIMIT, TOTAL_LIMIT) as i64;
+    match column.data_type() {
+        DataType::Decimal128(..) => Ok(column
+            .as_primitive::<Decimal128Type>()
+            .iter()
+            .map(|v| v.map_or(0, clamp))
+            .collect()),
+        DataType::Int64 => Ok(column
+            .as_primitive::<Int64Type>()
+            .iter()
+            .map(|v| v.map_or(0, |v| clamp(i128::from(v))))
+            .collect()),
+        other => Err(format!("a statistics column of type {other}")),
     }
-    Ok(())
 }
 
 /// A group's values for a quantile: one list per unit, each capped at
@@ -295,18 +290,7 @@ fn aggregate_batch(
         let values: Vec<f64> = (0..keys.len())
             .map(|g| finish(output, query, noisy, g))
             .collect();
-        let array: ArrayRef = Arc::new(Float64Array::from(values.clone()));
-        let target = field.data_type();
-        let array = if target.is_integer() {
-            let rounded: ArrayRef = Arc::new(Float64Array::from(
-                values.iter().map(|v| v.round()).collect::<Vec<_>>(),
-            ));
-            cast(&rounded, target)
-        } else {
-            cast(&array, target)
-        }
-        .map_err(|e| e.to_string())?;
-        columns.push(array);
+        columns.push(output_array(&values, field.data_type()).map_err(|e| e.to_string())?);
         let metadata = describe(output, query, Some(noisy), infos);
         fields.push(
             field
@@ -318,6 +302,54 @@ fn aggregate_batch(
     }
     let schema: SchemaRef = Arc::new(Schema::new(fields));
     RecordBatch::try_new(schema, columns).map_err(|e| e.to_string())
+}
+
+/// Noisy values as an array of the aggregate's type. Noise can carry a
+/// value past what the type holds (a count near `i64::MAX`, a sum past a
+/// decimal's precision), and a failed or NULL conversion would be an
+/// outcome that depends on the data: each value is clamped into the type's
+/// range first (post-processing, no privacy cost).
+fn output_array(values: &[f64], target: &DataType) -> Result<ArrayRef, ArrowError> {
+    let finite = values.iter().map(|v| if v.is_nan() { 0.0 } else { *v });
+    match target {
+        DataType::Decimal128(precision, scale) => {
+            let limit = 10i128.pow(u32::from(*precision)) - 1;
+            let factor = 10f64.powi(i32::from(*scale));
+            // `as` saturates at i128's range; the clamp brings it into the
+            // precision's.
+            let units = finite.map(|v| ((v * factor).round() as i128).clamp(-limit, limit));
+            let array = Decimal128Array::from_iter_values(units)
+                .with_precision_and_scale(*precision, *scale)?;
+            Ok(Arc::new(array))
+        }
+        target if target.is_integer() => {
+            let (low, high) = integer_range(target);
+            let rounded = Float64Array::from_iter_values(finite.map(|v| v.round().clamp(low, high)));
+            cast(&rounded, target)
+        }
+        DataType::Float32 => {
+            let max = f64::from(f32::MAX);
+            cast(&Float64Array::from_iter_values(finite.map(|v| v.clamp(-max, max))), target)
+        }
+        other => cast(&Float64Array::from_iter_values(finite), other),
+    }
+}
+
+/// The range of an integer type as floats that convert back exactly (the
+/// 64-bit types stop at ±2^62: no noisy count or sum legitimately gets
+/// near, and 2^63 itself does not fit).
+fn integer_range(data_type: &DataType) -> (f64, f64) {
+    const LIMIT: f64 = (1u64 << 62) as f64;
+    match data_type {
+        DataType::Int8 => (f64::from(i8::MIN), f64::from(i8::MAX)),
+        DataType::Int16 => (f64::from(i16::MIN), f64::from(i16::MAX)),
+        DataType::Int32 => (f64::from(i32::MIN), f64::from(i32::MAX)),
+        DataType::UInt8 => (0.0, f64::from(u8::MAX)),
+        DataType::UInt16 => (0.0, f64::from(u16::MAX)),
+        DataType::UInt32 => (0.0, f64::from(u32::MAX)),
+        DataType::UInt64 => (0.0, LIMIT),
+        _ => (-LIMIT, LIMIT),
+    }
 }
 
 /// One output value of group `g`, from noisy statistics (post-processing:
@@ -398,16 +430,55 @@ fn describe(
     metadata
 }
 
+/// Why a DP query's noise cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanNoiseError {
+    /// The query's ε (with its bounds) calls for more noise than 64-bit
+    /// integers hold: a property of the query, refused before any budget is
+    /// reserved.
+    #[error(
+        "ε = {epsilon} is too small for this query: `{statistic}` would need noise of scale {scale:.3e} (fixed-point units), more than 64-bit sums can carry; ask for ε ≥ {needed:.3e} or ask the provider for tighter bounds"
+    )]
+    EpsilonTooSmall {
+        epsilon: f64,
+        statistic: String,
+        scale: f64,
+        needed: f64,
+    },
+    /// OpenDP could not build the mechanism (a bug or an impossible
+    /// setting, never data).
+    #[error("the noise for this query cannot be built: {0}")]
+    Mechanism(String),
+}
+
+/// The largest noise scale (fixed-point units) a statistic may get. Totals
+/// are clamped to ±2^62 and OpenDP saturates at `i64`, so with this scale
+/// noise that reaches past 2^63 has a probability below e^-64.
+pub const MAX_NOISE_SCALE: f64 = (1u64 << 56) as f64;
+
 /// The aggregate's schema with the noise each output will get, known before
 /// any data is read (for the schema announced at GetFlightInfo), and the
-/// budget split.
-pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), String> {
+/// budget split. Building every mechanism here, before the budget is
+/// reserved and before any data is read, is what makes a failure of the
+/// noise step at DoGet impossible for anything but the data.
+pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), PlanNoiseError> {
     let family = family(query.noise);
     let infos = query
         .statistics
         .iter()
         .map(|s| planned_release(query, s, family))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(PlanNoiseError::Mechanism)?;
+    for (statistic, info) in query.statistics.iter().zip(&infos) {
+        if info.scale > MAX_NOISE_SCALE {
+            return Err(PlanNoiseError::EpsilonTooSmall {
+                epsilon: query.epsilon,
+                statistic: query.describe_statistic(statistic),
+                scale: info.scale,
+                needed: query.epsilon * info.scale / MAX_NOISE_SCALE,
+            });
+        }
+    }
     let schema = query.aggregate_schema.as_arrow();
     let fields: Vec<Field> = schema
         .fields()
@@ -431,15 +502,21 @@ fn planned_release(
     family: NoiseFamily,
 ) -> Result<ReleaseInfo, String> {
     let s = statistic;
-    match s.kind {
-        StatisticKind::Quantile { .. } => Ok(ReleaseInfo {
-            mechanism: "private_quantile",
-            scale: 0.0,
-            epsilon: s.epsilon,
-            delta: 0.0,
-            ci95_half_width: 0.0,
-            threshold: None,
-        }),
+    match &s.kind {
+        StatisticKind::Quantile { bounds, q, .. } => {
+            // Calibrated now on no values, so that it cannot fail later.
+            let per_group = s.epsilon / query.max_groups as f64;
+            noise::release_quantile(vec![], &bounds.candidates, *q, query.max_rows, per_group)
+                .map_err(|e| e.to_string())?;
+            Ok(ReleaseInfo {
+                mechanism: "private_quantile",
+                scale: 0.0,
+                epsilon: s.epsilon,
+                delta: 0.0,
+                ci95_half_width: 0.0,
+                threshold: None,
+            })
+        }
         StatisticKind::Rows if query.groups == Groups::Private => {
             selected_groups(query, s, family, vec![]).map(|(_, info)| info)
         }

@@ -11,6 +11,9 @@ use datafusion::error::DataFusionError;
 use sluice_policy::{Denial, DenialKind};
 use tonic::{Code, Status};
 
+/// The one message of [`QueryError::PrivateAnswerWithheld`].
+pub const PRIVATE_ANSWER_WITHHELD: &str = "the differentially private answer could not be computed, and its ε was charged. Why is withheld, because it could depend on the data: a query that needs more memory or time than its limits (limits.query_memory, limits.query_timeout) ends this way, and so would any failure while reading. Narrow the query (fewer groups, a WHERE clause) or ask the provider for higher limits";
+
 #[derive(Debug, Clone)]
 pub enum QueryError {
     /// The request is malformed: SQL syntax, unknown column, wrong types,
@@ -30,6 +33,11 @@ pub enum QueryError {
     /// The data made the query fail (division by zero, failed cast); the
     /// message gives only the kind of failure. INVALID_ARGUMENT.
     DataDependent(String),
+    /// A differentially private answer failed after its budget was charged.
+    /// Its cause is withheld: a failure that a value in the data could
+    /// cause would be an answer to a question about the data, without
+    /// noise. RESOURCE_EXHAUSTED, always with the same message.
+    PrivateAnswerWithheld,
     /// A fault on our side. INTERNAL.
     Internal(String),
     /// Any of the above, with the receipt of its audit record.
@@ -47,6 +55,7 @@ impl fmt::Display for QueryError {
             | QueryError::DataDependent(m)
             | QueryError::Internal(m) => f.write_str(m),
             QueryError::Denied(d) => write!(f, "{d}"),
+            QueryError::PrivateAnswerWithheld => f.write_str(PRIVATE_ANSWER_WITHHELD),
             QueryError::Recorded(e, receipt) => write!(f, "{e} (audit receipt {receipt})"),
         }
     }
@@ -65,7 +74,9 @@ impl QueryError {
                 DenialKind::Precondition => Code::FailedPrecondition,
             },
             QueryError::TicketRejected(_) => Code::PermissionDenied,
-            QueryError::ResourcesExhausted(_) => Code::ResourceExhausted,
+            QueryError::ResourcesExhausted(_) | QueryError::PrivateAnswerWithheld => {
+                Code::ResourceExhausted
+            }
             QueryError::Timeout(_) => Code::DeadlineExceeded,
             QueryError::Internal(_) => Code::Internal,
             QueryError::Recorded(e, _) => e.code(),
@@ -98,6 +109,7 @@ impl QueryError {
             QueryError::ResourcesExhausted(_) => "resource_exhausted",
             QueryError::Timeout(_) => "timeout",
             QueryError::DataDependent(_) => "data_error",
+            QueryError::PrivateAnswerWithheld => "dp_withheld",
             QueryError::Internal(_) => "internal",
             QueryError::Recorded(e, _) => e.outcome(),
         }

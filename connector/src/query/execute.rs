@@ -14,11 +14,12 @@ use datafusion::error::DataFusionError;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::execute_stream;
 use futures::StreamExt;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::QueryError;
 use super::deadline::{is_deadline, with_deadline};
+use super::slots::Slot;
 use crate::catalog::Catalog;
 
 /// Batches in flight between execution and the client stream.
@@ -44,19 +45,28 @@ impl Executor {
         Self { runtime }
     }
 
+    /// Runs other CPU-bound work (planning) on the query runtime.
+    pub fn spawn<F>(&self, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(work)
+    }
+
     /// Starts executing `plan`; batches (or the error that ended the query)
     /// arrive on the returned channel. Dropping the receiver cancels the
-    /// query. The permit (if any) is held until execution ends.
+    /// query. The execution slot (if any) is held until execution ends.
     pub fn start(
         &self,
         catalog: Arc<Catalog>,
         plan: LogicalPlan,
         limits: ExecutionLimits,
-        permit: Option<OwnedSemaphorePermit>,
+        slot: Option<Slot>,
     ) -> mpsc::Receiver<Result<RecordBatch, QueryError>> {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         self.runtime.spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let run =
                 tokio::time::timeout_at(limits.deadline, produce(&catalog, plan, limits, &tx));
             let failure = match run.await {

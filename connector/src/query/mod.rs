@@ -1,14 +1,21 @@
 //! The life of a query, one module per step:
 //!
 //! ```text
-//! GetFlightInfo:  plan::parse → plan::plan → plan::analyze → (agreements) → PlanGate::decide → release::advertised_schema → ticket → audit (decision)
-//! DoGet:          ticket::verify → ticket::redeem → (agreements still active) → execute::start → audit (release) → release::conform → client → audit (completion)
+//! GetFlightInfo:  (planning slot) → plan::parse → plan::plan → plan::analyze → (agreements) → PlanGate::decide → release::advertised_schema → quota → budget hold → ticket → audit (decision)
+//! DoGet:          ticket::verify → ticket::redeem → (agreements still active) → execution slot → execute::start → audit (release) → release::conform → rows::RowMeter → client → audit (completion)
 //! ```
 //!
 //! Identity (step 1) comes from [`crate::identity`]; the decision and rewrite
 //! (steps 3–4) from the [`PlanGate`] in `sluice-policy`. [`QueryEngine`] ties
 //! the steps together and knows nothing about Flight: the protocol layer in
 //! [`crate::flight`] translates requests into these calls.
+//!
+//! Shared capacity is shared fairly: planning and execution slots are capped
+//! per organization ([`slots::FairSlots`]), outstanding tickets per principal
+//! and organization ([`ticket::TenantCaps`]), and a query holds only what it
+//! uses: its budget reservation is a [`privacy::BudgetHold`] owned by its
+//! pending ticket, returned on every path that does not read data, and rows
+//! are taken from the daily quota as they leave (`rows::RowMeter`).
 
 pub mod deadline;
 mod error;
@@ -16,8 +23,12 @@ pub mod execute;
 mod explain;
 pub mod plan;
 pub mod release;
+mod rows;
+pub mod slots;
 pub mod ticket;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -29,20 +40,28 @@ use futures::{Stream, StreamExt};
 use ring::digest;
 use sluice_policy::dp::DpQuery;
 use sluice_policy::{Approval, DecisionRecord, Principal, QueryContext};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 pub use error::{QueryError, human_bytes};
 use execute::{ExecutionLimits, Executor};
+use rows::RowMeter;
+use slots::{FairSlots, Slot};
 use ticket::{Claims, PendingQueries, PendingQuery, TicketSigner};
 
 use crate::agreements::Agreements;
 use crate::audit::{self, Audit, Completion, PlanFacts, Receipt};
 use crate::catalog::Catalog;
 use crate::config::Limits;
-use crate::privacy::{self, Privacy, PrivacyTicket};
+use crate::privacy::{self, BudgetHold, Privacy, PrivacyTicket};
 use crate::quota::QuotaStore;
 use crate::usage_policy::PolicyHandle;
+
+/// How long a GetFlightInfo waits for a planning slot before it is told the
+/// connector is busy.
+const PLANNING_WAIT: Duration = Duration::from_secs(30);
+
+/// A result on its way to the client.
+pub type Batches = Pin<Box<dyn Stream<Item = Result<RecordBatch, QueryError>> + Send>>;
 
 /// A query approved at GetFlightInfo, described by its signed ticket.
 #[derive(Debug, Clone)]
@@ -67,7 +86,7 @@ pub struct IssuedTicket {
 pub struct QueryRun {
     pub query_id: String,
     pub schema: SchemaRef,
-    pub batches: std::pin::Pin<Box<dyn Stream<Item = Result<RecordBatch, QueryError>> + Send>>,
+    pub batches: Batches,
     /// The receipt of the release record, written before the first batch.
     pub receipt: Option<Receipt>,
     /// Writes the completion record when the stream ends.
@@ -95,7 +114,8 @@ pub struct QueryEngine {
     pending: PendingQueries,
     limits: Limits,
     executor: Executor,
-    permits: Arc<Semaphore>,
+    executions: Arc<FairSlots>,
+    planning: Arc<FairSlots>,
 }
 
 impl QueryEngine {
@@ -107,8 +127,15 @@ impl QueryEngine {
         executor: Executor,
     ) -> Self {
         Self {
-            pending: PendingQueries::new(limits.max_outstanding_tickets),
-            permits: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
+            pending: PendingQueries::new(limits.tickets),
+            executions: FairSlots::new(
+                limits.max_concurrent_queries,
+                limits.max_concurrent_queries_per_organization,
+            ),
+            planning: FairSlots::new(
+                limits.max_concurrent_queries,
+                limits.max_concurrent_queries_per_organization,
+            ),
             signer: TicketSigner::generate(),
             catalog,
             policy,
@@ -208,15 +235,115 @@ impl QueryEngine {
         self.pending.len()
     }
 
+    /// Drops the tickets that expired unredeemed; each returns its budget.
+    pub fn purge_expired(&self) {
+        self.pending.purge_expired(SystemTime::now());
+    }
+
     /// Parses and plans SQL; the plan may hold parameter placeholders.
-    pub async fn plan_sql(&self, sql: &str) -> Result<LogicalPlan, QueryError> {
+    async fn plan_sql(&self, sql: &str) -> Result<LogicalPlan, QueryError> {
         let state = self.catalog.session().state();
         let statement = plan::parse(&state, sql, self.limits.max_sql_bytes)?;
         plan::plan(&state, &self.catalog, statement).await
     }
 
+    /// Runs planning work for `request` on the query runtime, in a planning
+    /// slot: never on the threads that accept connections and answer health
+    /// checks, and only a few at once per organization, so one tenant's
+    /// costly statements cannot stall everyone else's. A principal that no
+    /// rule admits is refused before any of that: its refusal is cheap and
+    /// takes no shared capacity.
+    async fn planned<T, F, Fut>(
+        self: &Arc<Self>,
+        request: &QueryContext,
+        work: F,
+    ) -> Result<T, QueryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, QueryError>> + Send + 'static,
+    {
+        self.refuse_strangers(request)?;
+        let organization = audit::organization_key(&request.principal);
+        let slot = self
+            .planning
+            .acquire(&organization, Instant::now() + PLANNING_WAIT)
+            .await
+            .map_err(|_| {
+                QueryError::ResourcesExhausted(format!(
+                    "the connector is busy planning other queries of your organization (at most {} at once, limits.max_concurrent_queries_per_organization); try again shortly",
+                    self.planning.per_organization()
+                ))
+            })?;
+        let engine = self.clone();
+        self.executor
+            .spawn(async move {
+                let _slot = slot;
+                work(engine).await
+            })
+            .await
+            .map_err(|e| QueryError::Internal(format!("the planning task failed: {e}")))?
+    }
+
+    /// Refuses, on the record, a principal that no plan could be allowed
+    /// for: the decision on a plan that reads nothing fails only when no
+    /// consumer entry admits the principal (or its broker is not trusted).
+    fn refuse_strangers(&self, request: &QueryContext) -> Result<(), QueryError> {
+        let nothing = LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
+            produce_one_row: false,
+            schema: Arc::new(datafusion::common::DFSchema::empty()),
+        });
+        match self.policy.current().decide(request, nothing) {
+            Ok(_) => Ok(()),
+            Err(denial) => {
+                self.recorded_refusal(request, &PlanFacts::default(), QueryError::from(denial))
+            }
+        }
+    }
+
     /// GetFlightInfo for a SQL statement (or `EXPLAIN POLICY <query>`).
-    pub async fn issue_for_sql(
+    pub async fn issue_statement(
+        self: &Arc<Self>,
+        request: QueryContext,
+        sql: String,
+    ) -> Result<IssuedTicket, QueryError> {
+        self.planned(&request.clone(), move |engine| async move {
+            engine.issue_for_sql(&request, &sql).await
+        })
+        .await
+    }
+
+    /// GetFlightInfo for a prepared statement with its bound values.
+    pub async fn issue_prepared(
+        self: &Arc<Self>,
+        request: QueryContext,
+        plan: LogicalPlan,
+        params: Option<Vec<ScalarValue>>,
+    ) -> Result<IssuedTicket, QueryError> {
+        self.planned(&request.clone(), move |engine| async move {
+            engine.issue(&request, plan, params)
+        })
+        .await
+    }
+
+    /// CreatePreparedStatement: the planned statement, its parameters and
+    /// the schema its results will have (the policy decides at once, with
+    /// NULL parameters, so a forbidden statement fails here).
+    pub async fn prepare(
+        self: &Arc<Self>,
+        request: QueryContext,
+        sql: String,
+    ) -> Result<(LogicalPlan, SchemaRef, SchemaRef), QueryError> {
+        self.planned(&request.clone(), move |engine| async move {
+            let plan = engine.plan_sql(&sql).await?;
+            let parameters = Arc::new(plan::parameter_schema(&plan)?);
+            let results = engine.prepared_schema(&request, &plan)?;
+            Ok((plan, parameters, results))
+        })
+        .await
+    }
+
+    async fn issue_for_sql(
         &self,
         request: &QueryContext,
         sql: &str,
@@ -231,12 +358,12 @@ impl QueryEngine {
                 explain::explain(gate.decide(&request, analyzed), gate.version(), |plan| {
                     gate.describe_plan(&request.principal, plan)
                 })?;
-            let issued = self.ticket(
-                &request,
-                explanation,
-                DecisionRecord::explain(gate.version()),
-                None,
-            )?;
+            let approval = Approval {
+                plan: explanation,
+                record: DecisionRecord::explain(gate.version()),
+                dp: None,
+            };
+            let issued = self.ticket(&request, approval, None, None)?;
             return self.recorded_approval(&request, issued);
         }
         let plan = match self.plan_sql(sql).await {
@@ -249,7 +376,7 @@ impl QueryEngine {
     /// Analyzes a plan (binding `params` first, if any), asks the policy,
     /// charges the quota and issues a ticket for the approved plan. The
     /// decision, allowed or not, is in the audit log when this returns.
-    pub fn issue(
+    fn issue(
         &self,
         request: &QueryContext,
         plan: LogicalPlan,
@@ -269,7 +396,7 @@ impl QueryEngine {
     }
 
     /// Appends the decision record of an issued ticket. A ticket whose
-    /// decision cannot be recorded is withdrawn.
+    /// decision cannot be recorded is withdrawn (and what it held returned).
     fn recorded_approval(
         &self,
         request: &QueryContext,
@@ -287,11 +414,7 @@ impl QueryEngine {
                 Ok(issued)
             }
             Err(e) => {
-                if let Some(pending) = self.pending.cancel(&issued.query_id)
-                    && let Some(ticket) = &pending.privacy
-                {
-                    self.privacy.refund(ticket);
-                }
+                drop(self.pending.cancel(&issued.query_id));
                 Err(e)
             }
         }
@@ -334,7 +457,7 @@ impl QueryEngine {
         facts.datasets = plan::scanned_tables(&analyzed);
         let Approval { plan, record, dp } = self.policy.current().decide(request, analyzed)?;
         // The rewrite injected filters and masks: coerce their types too.
-        let mut plan = plan::analyze(&state, plan)?;
+        let plan = plan::analyze(&state, plan)?;
         let dp = match dp {
             Some(mut query) => {
                 query.stats_plan = plan::analyze(&state, query.stats_plan)?;
@@ -342,33 +465,29 @@ impl QueryEngine {
             }
             None => None,
         };
-        let mut rows_quota = None;
+        // Everything about the noise that can fail is decided now, before
+        // the budget is reserved and long before any data is read.
+        let announced = match &dp {
+            Some(query) => Some(privacy::announced_schema(query, &state)?),
+            None => None,
+        };
+        // Checked before anything is charged; the insert checks again.
+        self.pending.check_room(&request.principal)?;
         if let Some(charge) = &record.quota {
-            let reservation = self.quotas.reserve(charge, record.max_rows, request.at)?;
-            if let Some(rows) = reservation.rows {
-                plan = plan::cap_rows(plan, rows)?;
-                rows_quota = Some(RowsReserved {
-                    key: charge.key.clone(),
-                    rows,
-                    at: request.at,
-                });
-            }
+            self.quotas.admit(charge, request.at)?;
         }
         let expires_at = SystemTime::now() + self.limits.ticket_ttl;
-        let privacy = match (&dp, &record.privacy) {
-            (Some(query), Some(charge)) => Some(
-                self.privacy
-                    .reserve(charge, query, request.at, expires_at)?,
-            ),
+        let budget = match (&dp, &record.privacy) {
+            (Some(query), Some(charge)) => {
+                Some(
+                    self.privacy
+                        .hold(charge, query, request.at, expires_at)?,
+                )
+            }
             _ => None,
         };
-        self.ticket_with(
-            request,
-            Approval { plan, record, dp },
-            rows_quota,
-            privacy,
-            expires_at,
-        )
+        let approval = Approval { plan, record, dp };
+        self.ticket(request, approval, budget.zip(announced), Some(expires_at))
     }
 
     /// The result schema announced when a statement is prepared. The policy
@@ -376,7 +495,7 @@ impl QueryEngine {
     /// decision never depends on values), so a forbidden statement fails at
     /// once and the schema is the one DoGet will stream. Execution decides
     /// again with the bound values.
-    pub fn prepared_schema(
+    fn prepared_schema(
         &self,
         request: &QueryContext,
         plan: &LogicalPlan,
@@ -402,70 +521,43 @@ impl QueryEngine {
         ))
     }
 
-    /// Signs a ticket for an approved plan and keeps the plan until DoGet.
+    /// Signs a ticket for an approved plan and keeps the plan (with the
+    /// budget it holds, if any) until DoGet. `private`: the budget hold of
+    /// a DP query and the noisy schema announced for it.
     fn ticket(
         &self,
         request: &QueryContext,
-        plan: LogicalPlan,
-        decision: DecisionRecord,
-        rows_quota: Option<RowsReserved>,
-    ) -> Result<IssuedTicket, QueryError> {
-        let approval = Approval {
-            plan,
-            record: decision,
-            dp: None,
-        };
-        let expires_at = SystemTime::now() + self.limits.ticket_ttl;
-        self.ticket_with(request, approval, rows_quota, None, expires_at)
-    }
-
-    fn ticket_with(
-        &self,
-        request: &QueryContext,
         approval: Approval,
-        rows_quota: Option<RowsReserved>,
-        privacy: Option<PrivacyTicket>,
-        expires_at: SystemTime,
+        private: Option<(BudgetHold, SchemaRef)>,
+        expires_at: Option<SystemTime>,
     ) -> Result<IssuedTicket, QueryError> {
+        let expires_at = expires_at.unwrap_or_else(|| SystemTime::now() + self.limits.ticket_ttl);
         let decision = approval.record.clone();
         let mut schema =
             release::with_classification(release::advertised_schema(&approval.plan), &decision);
-        if let (Some(query), Some(charge)) = (&approval.dp, &decision.privacy) {
-            let state = self.catalog.session().state();
-            let announced = privacy::announced_schema(query, &state).inspect_err(|_| {
-                if let Some(ticket) = &privacy {
-                    self.privacy.refund(ticket);
-                }
-            })?;
-            schema = privacy::result_schema(&schema, &announced, announced.metadata().clone());
-            schema = release::with_privacy(schema, charge, privacy.as_ref());
-        }
+        let (budget, reservation) = match (private, &decision.privacy) {
+            (Some((budget, announced)), Some(charge)) => {
+                schema = privacy::result_schema(&schema, &announced, announced.metadata().clone());
+                schema = release::with_privacy(schema, charge, Some(budget.ticket()));
+                let reservation = budget.ticket().reservation.clone().unwrap_or_default();
+                (Some(budget), reservation)
+            }
+            _ => (None, String::new()),
+        };
         let ordered = release::is_ordered(&approval.plan);
         let plan_hash = plan_hash(&approval.plan);
-        let now = SystemTime::now();
         let principal = &request.principal;
-        let reservation = privacy
-            .as_ref()
-            .and_then(|p| p.reservation.clone())
-            .unwrap_or_default();
         let pending = PendingQuery {
             principal_id: ticket::holder_id(principal),
+            organization: audit::organization_key(principal),
             approval,
             schema: schema.clone(),
             plan_hash: plan_hash.clone(),
             expires_at,
-            rows_quota,
-            privacy: privacy.clone(),
+            budget,
         };
-        let id = match self.pending.insert(pending, now) {
-            Ok(id) => id,
-            Err(e) => {
-                if let Some(p) = &privacy {
-                    self.privacy.refund(p);
-                }
-                return Err(e);
-            }
-        };
+        // Refused, the pending query is dropped and its budget comes back.
+        let id = self.pending.insert(pending, SystemTime::now())?;
         let ticket = self.signer.sign(&Claims {
             version: 1,
             query_id: id.to_vec(),
@@ -521,25 +613,15 @@ impl QueryEngine {
         let query_id = crate::identity::hex(&claims.query_id);
         facts.query_id = Some(query_id.clone());
         let pending = self.pending.redeem(&claims)?;
-        let privacy = pending.privacy.clone();
         *facts = PlanFacts {
             plan_hash: Some(crate::identity::hex(&pending.plan_hash)),
             datasets: pending.approval.record.datasets.clone(),
             purpose: pending.approval.record.purpose.clone(),
             query_id: Some(query_id.clone()),
         };
-        let rows_quota = pending.rows_quota.clone();
-        let started = self.start_run(&claims, pending).await;
-        if started.is_err() {
-            // Nothing was read: the reservations come back.
-            if let Some(ticket) = &privacy {
-                self.privacy.refund(ticket);
-            }
-            if let Some(rows) = &rows_quota {
-                self.return_rows(rows);
-            }
-        }
-        let (pending, deadline, permit) = started?;
+        // Until the budget is started below, any error drops `pending` and
+        // with it the budget hold: nothing was read, the budget comes back.
+        let (slot, deadline) = self.start_run(&claims, &pending).await?;
         let limits = ExecutionLimits {
             memory: self.limits.query_memory,
             deadline,
@@ -548,12 +630,13 @@ impl QueryEngine {
         let PendingQuery {
             approval,
             schema,
-            rows_quota,
-            privacy,
+            budget,
             plan_hash,
             ..
         } = pending;
-        let cached = privacy.as_ref().is_some_and(|p| p.cached.is_some());
+        let cached = budget
+            .as_ref()
+            .is_some_and(|b| b.ticket().cached.is_some());
         let release = audit::release(
             principal,
             &approval.record,
@@ -561,64 +644,52 @@ impl QueryEngine {
             &query_id,
             cached,
         );
-        let approval_record = approval.record.clone();
+        let record = approval.record;
         // A DP answer uses its slot for the statistics; finishing runs over
         // a few noisy rows in memory.
-        let (plan, schema, permit) = match (approval.dp, privacy) {
-            (Some(query), Some(ticket)) => {
+        let (plan, schema, slot) = match (approval.dp, budget) {
+            (Some(query), Some(budget)) => {
+                let ticket = budget.start()?;
                 let (plan, schema) = self
-                    .private_answer(*query, &ticket, &schema, limits, permit)
+                    .private_answer(*query, &ticket, &schema, limits, slot)
                     .await?;
                 (plan, schema, None)
             }
-            _ => (approval.plan, schema, Some(permit)),
+            _ => (approval.plan, schema, Some(slot)),
         };
         // A revocation during the wait for a slot or the noise still counts,
         // and nothing leaves before its release is on record.
-        let recorded = self
-            .check_agreements(&approval_record)
-            .and_then(|()| self.audit.append(release.clone()));
-        let receipt = match recorded {
-            Ok(receipt) => receipt,
-            Err(e) => {
-                if let Some(rows) = &rows_quota {
-                    self.return_rows(rows);
-                }
-                return Err(e);
-            }
-        };
+        self.check_agreements(&record)?;
+        let receipt = self.audit.append(release.clone())?;
         let completion = receipt
             .as_ref()
             .map(|r| Completion::new(self.audit.clone(), &release, r));
         let receiver = self
             .executor
-            .start(self.catalog.clone(), plan, limits, permit);
+            .start(self.catalog.clone(), plan, limits, slot);
         let conform_to = schema.clone();
-        let batches = tokio_stream::wrappers::ReceiverStream::new(receiver);
-        let rows = rows_quota.map(|reserved| RowCounter::new(self.quotas.clone(), reserved));
-        let batches = batches.map(move |item| {
-            let batch = item.and_then(|batch| release::conform(batch, &conform_to))?;
-            if let Some(counter) = &rows {
-                counter.sent(batch.num_rows());
-            }
-            Ok(batch)
-        });
+        let batches = tokio_stream::wrappers::ReceiverStream::new(receiver)
+            .map(move |item| item.and_then(|batch| release::conform(batch, &conform_to)));
+        let mut batches: Batches = Box::pin(batches);
+        if let Some(charge) = record.quota {
+            batches = RowMeter::new(self.quotas.clone(), charge).meter(batches);
+        }
         Ok(QueryRun {
             query_id,
             schema,
-            batches: Box::pin(batches),
+            batches,
             receipt,
             completion,
         })
     }
 
     /// Checks what must hold before anything is read, and waits for an
-    /// execution slot.
+    /// execution slot (fairly shared between organizations).
     async fn start_run(
         &self,
         claims: &Claims,
-        pending: PendingQuery,
-    ) -> Result<(PendingQuery, Instant, OwnedSemaphorePermit), QueryError> {
+        pending: &PendingQuery,
+    ) -> Result<(Slot, Instant), QueryError> {
         let in_force = self.policy.version();
         if !pending.approval.record.is_explanation() && claims.policy_version != in_force {
             return Err(QueryError::TicketRejected(format!(
@@ -627,9 +698,9 @@ impl QueryEngine {
             )));
         }
         let reservation = pending
-            .privacy
+            .budget
             .as_ref()
-            .and_then(|p| p.reservation.clone())
+            .and_then(|b| b.ticket().reservation.clone())
             .unwrap_or_default();
         if claims.reservation != reservation {
             return Err(QueryError::TicketRejected(
@@ -638,26 +709,19 @@ impl QueryEngine {
         }
         self.check_agreements(&pending.approval.record)?;
         let deadline = Instant::now() + self.limits.query_timeout;
-        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+        let slot = self
+            .executions
+            .acquire(&pending.organization, deadline)
             .await
             .map_err(|_| {
+                let (all, own) = self.executions.held(&pending.organization);
                 QueryError::ResourcesExhausted(format!(
-                    "the connector is busy: {} queries are running (limits.max_concurrent_queries) and none finished within the query's time limit",
-                    self.limits.max_concurrent_queries
+                    "the connector is busy: {all} queries are running ({own} of your organization's; limits.max_concurrent_queries = {}, per organization {}) and no slot came free within the query's time limit",
+                    self.executions.total(),
+                    self.executions.per_organization()
                 ))
-            })?
-            .map_err(|_| QueryError::Internal("the connector is shutting down".into()))?;
-        if let Some(ticket) = &pending.privacy {
-            self.privacy.start(ticket)?;
-        }
-        Ok((pending, deadline, permit))
-    }
-
-    /// Gives a refused query's reserved rows back to its daily quota.
-    fn return_rows(&self, rows: &RowsReserved) {
-        self.quotas
-            .settle(&rows.key, rows.rows, 0, rows.at, SystemTime::now());
-        self.quotas.flush();
+            })?;
+        Ok((slot, deadline))
     }
 
     /// A ticket is only as good as the agreements it was issued under: one
@@ -687,57 +751,36 @@ impl QueryEngine {
     /// Computes (or fetches from the cache) the noisy aggregate of a DP
     /// query, commits its charge, and returns the plan that finishes the
     /// answer from it with the schema it streams.
+    ///
+    /// Whether a DP query is answered, and which error it gets, may depend
+    /// on the query, the policy and the budget, never on the data: the
+    /// statistics plan cannot fail on a value, everything about the noise
+    /// was checked at GetFlightInfo, and any failure that is left (a limit
+    /// reached, a read error) ends in one error that says nothing about
+    /// which, with the budget charged.
     async fn private_answer(
         &self,
         query: DpQuery,
         ticket: &PrivacyTicket,
         advertised: &SchemaRef,
         limits: ExecutionLimits,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
     ) -> Result<(LogicalPlan, SchemaRef), QueryError> {
         let noisy = match &ticket.cached {
             Some(bytes) => {
-                drop(permit);
+                drop(slot);
                 privacy::decode(bytes)?
             }
             None => {
-                let receiver = self.executor.start(
-                    self.catalog.clone(),
-                    query.stats_plan.clone(),
-                    limits,
-                    Some(permit),
-                );
-                let batches: Vec<RecordBatch> =
-                    tokio_stream::wrappers::ReceiverStream::new(receiver)
-                        .collect::<Vec<_>>()
-                        .await
-                        .into_iter()
-                        .collect::<Result<_, _>>()?;
-                let exact = privacy::release::exact_statistics(&query, &batches)
-                    .map_err(QueryError::Internal)?;
-                let for_noise = query.clone();
-                let noisy = tokio::task::spawn_blocking(move || {
-                    privacy::release::add_noise(&for_noise, exact)
-                })
-                .await
-                .map_err(|e| QueryError::Internal(format!("the noise task failed: {e}")))?
-                .map_err(|e| QueryError::Internal(format!("adding noise failed: {e}")))?;
-                let mut metadata = noisy.batch.schema().metadata().clone();
-                metadata.insert(privacy::release::BUDGET_SPLIT.into(), noisy.split.clone());
-                let schema = Arc::new(
-                    noisy
-                        .batch
-                        .schema()
-                        .as_ref()
-                        .clone()
-                        .with_metadata(metadata),
-                );
-                let batch = noisy
-                    .batch
-                    .with_schema(schema)
-                    .map_err(|e| QueryError::Internal(e.to_string()))?;
-                self.privacy.commit(ticket, &batch)?;
-                batch
+                let noisy = self
+                    .noisy_aggregate(&query, limits, slot)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "a differentially private answer failed after its budget was charged");
+                        QueryError::PrivateAnswerWithheld
+                    })?;
+                self.privacy.commit(ticket, &noisy)?;
+                noisy
             }
         };
         let table =
@@ -755,52 +798,52 @@ impl QueryEngine {
         Ok((plan, schema))
     }
 
+    /// The bounded statistics (DataFusion, in the query's slot) with OpenDP
+    /// noise (on a blocking thread), as the aggregate's noisy rows.
+    async fn noisy_aggregate(
+        &self,
+        query: &DpQuery,
+        limits: ExecutionLimits,
+        slot: Slot,
+    ) -> Result<RecordBatch, QueryError> {
+        let receiver =
+            self.executor
+                .start(self.catalog.clone(), query.stats_plan.clone(), limits, Some(slot));
+        let batches: Vec<RecordBatch> = tokio_stream::wrappers::ReceiverStream::new(receiver)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let exact = privacy::release::exact_statistics(query, &batches)
+            .map_err(QueryError::Internal)?;
+        let for_noise = query.clone();
+        let noisy =
+            tokio::task::spawn_blocking(move || privacy::release::add_noise(&for_noise, exact))
+                .await
+                .map_err(|e| QueryError::Internal(format!("the noise task failed: {e}")))?
+                .map_err(|e| QueryError::Internal(format!("adding noise failed: {e}")))?;
+        let mut metadata = noisy.batch.schema().metadata().clone();
+        metadata.insert(privacy::release::BUDGET_SPLIT.into(), noisy.split.clone());
+        let schema = Arc::new(
+            noisy
+                .batch
+                .schema()
+                .as_ref()
+                .clone()
+                .with_metadata(metadata),
+        );
+        noisy
+            .batch
+            .with_schema(schema)
+            .map_err(|e| QueryError::Internal(e.to_string()))
+    }
+
     /// The ticket lifetime, for FlightEndpoint.expiration_time.
     pub fn ticket_ttl(&self) -> Duration {
         self.limits.ticket_ttl
     }
 }
 
-/// Rows reserved against a daily quota when the ticket was issued.
-#[derive(Debug, Clone)]
-pub struct RowsReserved {
-    pub key: String,
-    pub rows: u64,
-    pub at: SystemTime,
-}
-
-/// Counts the rows a stream sends; when the stream ends (or is dropped)
-/// returns the unsent part of the reservation and writes the usage.
-struct RowCounter {
-    quotas: Arc<QuotaStore>,
-    reserved: RowsReserved,
-    sent: std::sync::atomic::AtomicU64,
-}
-
-impl RowCounter {
-    fn new(quotas: Arc<QuotaStore>, reserved: RowsReserved) -> Self {
-        Self {
-            quotas,
-            reserved,
-            sent: Default::default(),
-        }
-    }
-
-    fn sent(&self, rows: usize) {
-        self.sent
-            .fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for RowCounter {
-    fn drop(&mut self) {
-        let sent = self.sent.load(std::sync::atomic::Ordering::Relaxed);
-        let r = &self.reserved;
-        self.quotas
-            .settle(&r.key, r.rows, sent, r.at, SystemTime::now());
-        self.quotas.flush();
-    }
-}
 
 /// SHA-256 of the plan's canonical text (with schemas), binding a ticket to
 /// the exact plan that was approved.

@@ -21,6 +21,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use sluice_policy::{Approval, Principal};
 
 use super::QueryError;
+use crate::config::TenantCaps;
 
 /// Signed content of a ticket.
 #[derive(Clone, PartialEq, Message)]
@@ -100,53 +101,87 @@ impl TicketSigner {
     }
 }
 
-/// An approved plan waiting for its DoGet.
+/// An approved plan waiting for its DoGet. It owns what the query holds
+/// (a privacy-budget reservation): dropping it unredeemed (expired,
+/// refused, withdrawn) gives that back.
 pub struct PendingQuery {
     pub principal_id: String,
+    /// The organization it counts against (the budget and quota key).
+    pub organization: String,
     pub approval: Approval,
     /// The schema advertised in FlightInfo; DoGet streams exactly this.
     pub schema: SchemaRef,
     pub plan_hash: Vec<u8>,
     pub expires_at: SystemTime,
-    /// Rows reserved against a daily quota, settled when the stream ends.
-    pub rows_quota: Option<super::RowsReserved>,
     /// The privacy budget reserved for a differentially private query.
-    pub privacy: Option<crate::privacy::PrivacyTicket>,
+    pub budget: Option<crate::privacy::BudgetHold>,
 }
 
 /// Approved plans by query id. Each is redeemed at most once and dropped at
-/// expiry, so the map stays bounded by the ticket rate × TTL and by a cap.
+/// expiry, so the map stays bounded by the ticket rate × TTL and by caps
+/// per principal, per organization and in all: one tenant filling its own
+/// share leaves the others theirs.
 pub struct PendingQueries {
     inner: Mutex<HashMap<[u8; 16], PendingQuery>>,
-    capacity: usize,
+    caps: TenantCaps,
+}
+
+/// The refusal when a cap of `caps` is reached.
+pub fn check_caps(caps: &TenantCaps, held: (usize, usize, usize)) -> Result<(), QueryError> {
+    match caps.reached(held) {
+        None => Ok(()),
+        Some((n, whose, setting)) => Err(QueryError::ResourcesExhausted(format!(
+            "{n} {} are held {whose}, the most allowed (limits.{setting}); use or close some, or let them expire, first",
+            caps.what
+        ))),
+    }
 }
 
 impl PendingQueries {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(caps: TenantCaps) -> Self {
         Self {
             inner: Mutex::new(HashMap::new()),
-            capacity,
+            caps,
         }
     }
 
-    /// Stores an approved plan under a fresh random id.
+    /// Stores an approved plan under a fresh random id, unless its principal,
+    /// its organization or everyone together hold as many as allowed.
     pub fn insert(&self, pending: PendingQuery, now: SystemTime) -> Result<[u8; 16], QueryError> {
         let mut id = [0u8; 16];
         SystemRandom::new()
             .fill(&mut id)
             .map_err(|_| QueryError::Internal("the system random source failed".into()))?;
-        let mut map = self.inner.lock().expect("pending queries lock");
-        if map.len() >= self.capacity {
-            map.retain(|_, p| p.expires_at > now);
-            if map.len() >= self.capacity {
-                return Err(QueryError::ResourcesExhausted(format!(
-                    "{} tickets are waiting to be redeemed (limits.max_outstanding_tickets); redeem or let them expire",
-                    map.len()
-                )));
+        let expired;
+        let inserted = {
+            let mut map = self.lock();
+            expired = take_expired(&mut map, now);
+            let held = held(&map, &pending.organization, &pending.principal_id);
+            match check_caps(&self.caps, held) {
+                Ok(()) => {
+                    map.insert(id, pending);
+                    Ok(id)
+                }
+                // Dropped outside the lock, below: it returns its budget.
+                Err(e) => Err((e, pending)),
             }
-        }
-        map.insert(id, pending);
-        Ok(id)
+        };
+        drop(expired);
+        inserted.map_err(|(e, _refused)| e)
+    }
+
+    /// Refuses early (before a quota or budget is charged) if `principal`
+    /// could not hold one more ticket now.
+    pub fn check_room(&self, principal: &Principal) -> Result<(), QueryError> {
+        let expired;
+        let checked = {
+            let mut map = self.lock();
+            expired = take_expired(&mut map, SystemTime::now());
+            let organization = crate::audit::organization_key(principal);
+            check_caps(&self.caps, held(&map, &organization, &holder_id(principal)))
+        };
+        drop(expired);
+        checked
     }
 
     /// Takes the plan a verified ticket names. The claims were verified, so
@@ -157,9 +192,7 @@ impl PendingQueries {
             QueryError::TicketRejected("ticket rejected: malformed query id".into())
         })?;
         let pending = self
-            .inner
             .lock()
-            .expect("pending queries lock")
             .remove(&id)
             .ok_or_else(|| {
                 QueryError::NotFound(
@@ -177,7 +210,7 @@ impl PendingQueries {
     /// Withdraws a ticket before it was handed out (its decision could not
     /// be recorded). `query_id` is the hex id.
     pub fn cancel(&self, query_id: &str) -> Option<PendingQuery> {
-        let mut map = self.inner.lock().expect("pending queries lock");
+        let mut map = self.lock();
         let id = *map
             .keys()
             .find(|id| crate::identity::hex(id.as_slice()) == query_id)?;
@@ -185,20 +218,50 @@ impl PendingQueries {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("pending queries lock").len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Drops expired entries.
+    /// Drops expired entries (outside the lock: each returns its budget).
     pub fn purge_expired(&self, now: SystemTime) {
-        self.inner
-            .lock()
-            .expect("pending queries lock")
-            .retain(|_, p| p.expires_at > now);
+        let expired = take_expired(&mut self.lock(), now);
+        drop(expired);
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], PendingQuery>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Tickets held in all, by `organization` and by the principal `holder`.
+fn held(
+    map: &HashMap<[u8; 16], PendingQuery>,
+    organization: &str,
+    holder: &str,
+) -> (usize, usize, usize) {
+    let (mut by_organization, mut by_principal) = (0, 0);
+    for pending in map.values() {
+        by_organization += usize::from(pending.organization == organization);
+        by_principal += usize::from(pending.principal_id == holder);
+    }
+    (map.len(), by_organization, by_principal)
+}
+
+/// Removes and returns the expired entries, for the caller to drop once it
+/// has let go of the lock.
+fn take_expired(
+    map: &mut HashMap<[u8; 16], PendingQuery>,
+    now: SystemTime,
+) -> Vec<PendingQuery> {
+    let ids: Vec<[u8; 16]> = map
+        .iter()
+        .filter(|(_, p)| p.expires_at <= now)
+        .map(|(id, _)| *id)
+        .collect();
+    ids.iter().filter_map(|id| map.remove(id)).collect()
 }
 
 pub fn unix_ms(t: SystemTime) -> i64 {

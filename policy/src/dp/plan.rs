@@ -168,7 +168,10 @@ pub const SUPPORTED: &str = "COUNT(*), COUNT(column), COUNT(DISTINCT <privacy un
 /// The settings a DP plan is built with.
 pub struct DpRequest<'a> {
     pub dataset: &'a str,
+    /// The privacy unit as the aggregate's (rebuilt) input exposes it.
     pub unit: Column,
+    /// The dataset's privacy-unit column, as the policy names it.
+    pub privacy_unit: &'a str,
     pub grant: &'a DpGrant,
     pub epsilon: f64,
 }
@@ -185,13 +188,17 @@ impl DpQuery {
     ) -> Result<Self> {
         let grant = request.grant;
         let keys = group_keys(aggregate)?;
-        let mut builder = StatsBuilder::new(grant, &request.unit);
+        let source = SourceColumns {
+            input: &aggregate.input,
+            dataset: request.dataset,
+        };
+        let mut builder = StatsBuilder::new(grant, &request.unit, &source, request.privacy_unit);
         let outputs = aggregate
             .aggr_expr
             .iter()
             .map(|expr| builder.output(expr))
             .collect::<Result<Vec<_>>>()?;
-        let groups = groups(&keys, aggregate, grant)?;
+        let groups = groups(&keys, aggregate, grant, &source);
         if groups == Groups::Private {
             builder.require(StatisticKind::Rows);
         }
@@ -247,19 +254,7 @@ impl DpQuery {
         self.statistics
             .iter()
             .map(|s| {
-                let what = match &s.kind {
-                    StatisticKind::Rows if self.groups == Groups::Private => {
-                        "count(*) with group selection".to_string()
-                    }
-                    StatisticKind::Rows => "count(*)".to_string(),
-                    StatisticKind::Units => "count(DISTINCT unit)".to_string(),
-                    StatisticKind::Count(c) => format!("count({c})"),
-                    StatisticKind::Sum(c) => format!("sum({c})"),
-                    StatisticKind::SumOfSquares(c) => format!("sum({c}²)"),
-                    StatisticKind::Quantile { column, q, .. } => {
-                        format!("quantile({column}, {q})")
-                    }
-                };
+                let what = self.describe_statistic(s);
                 match s.delta {
                     d if d > 0.0 => format!("{what} ε {} δ {d}", s.epsilon),
                     _ => format!("{what} ε {}", s.epsilon),
@@ -267,6 +262,21 @@ impl DpQuery {
             })
             .collect::<Vec<_>>()
             .join("; ")
+    }
+
+    /// A statistic as the consumer would write it, e.g. `sum(fare_eur)`.
+    pub fn describe_statistic(&self, statistic: &Statistic) -> String {
+        match &statistic.kind {
+            StatisticKind::Rows if self.groups == Groups::Private => {
+                "count(*) with group selection".to_string()
+            }
+            StatisticKind::Rows => "count(*)".to_string(),
+            StatisticKind::Units => "count(DISTINCT unit)".to_string(),
+            StatisticKind::Count(c) => format!("count({c})"),
+            StatisticKind::Sum(c) => format!("sum({c})"),
+            StatisticKind::SumOfSquares(c) => format!("sum({c}²)"),
+            StatisticKind::Quantile { column, q, .. } => format!("quantile({column}, {q})"),
+        }
     }
 
     /// The approved plan with its aggregate replaced by a scan of `noisy`,
@@ -321,25 +331,38 @@ fn group_keys(aggregate: &Aggregate) -> Result<Vec<Expr>> {
         .collect()
 }
 
-/// Public keys when every key column has them, else private selection.
-fn groups(keys: &[Expr], aggregate: &Aggregate, grant: &DpGrant) -> Result<Groups> {
+/// Public keys when every key is a dataset column with published keys (read
+/// through renames, and through casts only where they keep every published
+/// key apart); else private selection.
+///
+/// Whatever the spelling, the released key set must be fixed before any
+/// data is read, and each released group distinct: a key set with repeats
+/// would release one group once per repeat, each with the full noise
+/// budget (a `GROUP BY CAST(ts AS DATE)` over hourly keys released every
+/// date 24 times).
+fn groups(
+    keys: &[Expr],
+    aggregate: &Aggregate,
+    grant: &DpGrant,
+    source: &SourceColumns,
+) -> Groups {
     if keys.is_empty() {
-        return Ok(Groups::Single);
+        return Groups::Single;
     }
     let mut lists = Vec::new();
     for (i, key) in keys.iter().enumerate() {
-        let Some(list) = key_column(key).and_then(|c| grant.public_keys.get(&c.name)) else {
-            return Ok(Groups::Private);
-        };
-        let data_type = aggregate.schema.field(i).data_type();
-        let cast = list
-            .iter()
-            .map(|v| v.cast_to(data_type))
-            .collect::<Result<Vec<_>>>()?;
-        lists.push(cast);
+        let output_type = aggregate.schema.field(i).data_type();
+        match published_keys(key, output_type, grant, source) {
+            Some(list) => lists.push(list),
+            None => return Groups::Private,
+        }
     }
     let mut rows: Vec<Vec<ScalarValue>> = vec![vec![]];
     for list in lists {
+        if rows.len().saturating_mul(list.len()) > MAX_PUBLIC_GROUPS {
+            // Too many combinations to report each: choose groups privately.
+            return Groups::Private;
+        }
         rows = rows
             .into_iter()
             .flat_map(|row| {
@@ -350,20 +373,97 @@ fn groups(keys: &[Expr], aggregate: &Aggregate, grant: &DpGrant) -> Result<Group
                 })
             })
             .collect();
-        if rows.len() > MAX_PUBLIC_GROUPS {
-            return plan_err!(
-                "the public keys of this GROUP BY make more than {MAX_PUBLIC_GROUPS} groups"
-            );
-        }
     }
-    Ok(Groups::Public(rows))
+    Groups::Public(rows)
 }
 
-fn key_column(expr: &Expr) -> Option<&Column> {
-    match expr {
-        Expr::Column(c) => Some(c),
-        Expr::Alias(a) => key_column(&a.expr),
-        Expr::Cast(c) => key_column(&c.expr),
+/// The published keys of one GROUP BY key, as values of the key's type:
+/// `None` unless the key is a column of the dp dataset with published keys
+/// and any cast on the way maps them one-to-one (each casts back to itself
+/// and no two become equal).
+fn published_keys(
+    key: &Expr,
+    output_type: &DataType,
+    grant: &DpGrant,
+    source: &SourceColumns,
+) -> Option<Vec<ScalarValue>> {
+    let column = match strip_alias(key) {
+        Expr::Column(c) => c,
+        Expr::Cast(c) => match strip_alias(&c.expr) {
+            Expr::Column(c) => c,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let name = source.dataset_column(column)?;
+    let published = grant.public_keys.get(&name)?;
+    let mut distinct = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(published.len());
+    for value in published {
+        let cast = value.cast_to(output_type).ok()?;
+        let back = cast.cast_to(&value.data_type()).ok()?;
+        if back != *value || !distinct.insert(cast.clone()) {
+            return None;
+        }
+        out.push(cast);
+    }
+    Some(out)
+}
+
+/// Resolves columns of the aggregate's input to the dp dataset's own
+/// columns, through renames (aliases, CTEs, subquery aliases), filters and
+/// joins, but not through any computation (a mask, a function, a cast).
+struct SourceColumns<'a> {
+    input: &'a LogicalPlan,
+    dataset: &'a str,
+}
+
+impl SourceColumns<'_> {
+    /// The dp dataset's column that `column` passes through unchanged.
+    fn dataset_column(&self, column: &Column) -> Option<String> {
+        let (table, name) = scanned_column(self.input, column)?;
+        (table == self.dataset).then_some(name)
+    }
+
+    fn data_type(&self, column: &Column) -> Option<DataType> {
+        self.input
+            .schema()
+            .qualified_field_from_column(column)
+            .ok()
+            .map(|(_, f)| f.data_type().clone())
+    }
+}
+
+/// The (table, column) of the scan that `column` of `plan` passes through
+/// unchanged, if any.
+fn scanned_column(plan: &LogicalPlan, column: &Column) -> Option<(String, String)> {
+    let index = plan.schema().index_of_column(column).ok()?;
+    match plan {
+        LogicalPlan::TableScan(scan) => Some((
+            scan.table_name.table().to_string(),
+            scan.projected_schema.field(index).name().clone(),
+        )),
+        LogicalPlan::Projection(projection) => match strip_alias(&projection.expr[index]) {
+            Expr::Column(inner) => scanned_column(&projection.input, inner),
+            _ => None,
+        },
+        LogicalPlan::SubqueryAlias(alias) => {
+            let (qualifier, field) = alias.input.schema().qualified_field(index);
+            scanned_column(&alias.input, &Column::new(qualifier.cloned(), field.name()))
+        }
+        LogicalPlan::Filter(_) | LogicalPlan::Sort(_) | LogicalPlan::Limit(_) => {
+            scanned_column(plan.inputs()[0], column)
+        }
+        LogicalPlan::Join(join) => {
+            let left = join.left.schema().fields().len();
+            let (side, index) = if index < left {
+                (&join.left, index)
+            } else {
+                (&join.right, index - left)
+            };
+            let (qualifier, field) = side.schema().qualified_field(index);
+            scanned_column(side, &Column::new(qualifier.cloned(), field.name()))
+        }
         _ => None,
     }
 }
@@ -399,16 +499,37 @@ fn split_budget(
 struct StatsBuilder<'a> {
     grant: &'a DpGrant,
     unit: &'a Column,
-    /// Value columns in first-use order: (input column, bounds).
-    values: Vec<(Column, ColumnBounds)>,
+    source: &'a SourceColumns<'a>,
+    /// The dataset's privacy-unit column, for COUNT(DISTINCT unit).
+    privacy_unit: &'a str,
+    /// Value columns in first-use order.
+    values: Vec<ValueColumn>,
     statistics: Vec<StatisticKind>,
 }
 
+/// A column an aggregate reads.
+struct ValueColumn {
+    column: Column,
+    bounds: ColumnBounds,
+    /// Numeric columns are clamped and summed; others are only counted, so
+    /// the plan only asks whether each value is NULL. (Casting text to a
+    /// number would fail on some values, and that failure would tell
+    /// whether such a value exists.)
+    numeric: bool,
+}
+
 impl<'a> StatsBuilder<'a> {
-    fn new(grant: &'a DpGrant, unit: &'a Column) -> Self {
+    fn new(
+        grant: &'a DpGrant,
+        unit: &'a Column,
+        source: &'a SourceColumns<'a>,
+        privacy_unit: &'a str,
+    ) -> Self {
         Self {
             grant,
             unit,
+            source,
+            privacy_unit,
             values: Vec::new(),
             statistics: Vec::new(),
         }
@@ -463,12 +584,12 @@ impl<'a> StatsBuilder<'a> {
     fn value_index(&self, name: &str) -> usize {
         self.values
             .iter()
-            .position(|(c, _)| c.name == name)
+            .position(|v| v.column.name == name)
             .expect("statistics name only registered value columns")
     }
 
     fn bounds(&self, name: &str) -> &ColumnBounds {
-        &self.values[self.value_index(name)].1
+        &self.values[self.value_index(name)].bounds
     }
 
     /// Registers what `expr` (one aggregate expression) needs.
@@ -500,7 +621,7 @@ impl<'a> StatsBuilder<'a> {
         };
         if params.distinct {
             return match (name.as_str(), &column) {
-                ("count", Some(c)) if c.name == self.unit.name => {
+                ("count", Some(c)) if self.is_privacy_unit(c) => {
                     Ok(OutputKind::Count(self.require(StatisticKind::Units)))
                 }
                 _ => plan_err!(
@@ -565,8 +686,27 @@ impl<'a> StatsBuilder<'a> {
         }
     }
 
+    /// Whether `column` is the dataset's privacy unit, whatever it is
+    /// called on the way (the rewrite may have renamed it).
+    fn is_privacy_unit(&self, column: &Column) -> bool {
+        column.name == self.unit.name
+            || self.source.dataset_column(column).as_deref() == Some(self.privacy_unit)
+    }
+
     /// Registers a value column; `needs_bounds`: it is summed or ranked.
+    /// What a column's type allows is decided here, before any data is
+    /// read, never by a value failing later.
     fn value(&mut self, column: &Column, needs_bounds: bool) -> Result<ColumnBounds> {
+        let Some(data_type) = self.source.data_type(column) else {
+            return plan_err!("column `{}` cannot be traced to the aggregate's input", column.name);
+        };
+        let numeric = is_number(&data_type);
+        if needs_bounds && !numeric {
+            return plan_err!(
+                "column `{}` is {data_type}, not a number: under differential privacy it can be counted but not summed, averaged or ranked",
+                column.name
+            );
+        }
         let bounds = match self.grant.columns.get(&column.name) {
             Some(b) => b.clone(),
             None if !needs_bounds => ColumnBounds {
@@ -581,8 +721,12 @@ impl<'a> StatsBuilder<'a> {
                 );
             }
         };
-        if !self.values.iter().any(|(c, _)| c.name == column.name) {
-            self.values.push((column.clone(), bounds.clone()));
+        if !self.values.iter().any(|v| v.column.name == column.name) {
+            self.values.push(ValueColumn {
+                column: column.clone(),
+                bounds: bounds.clone(),
+                numeric,
+            });
         }
         Ok(bounds)
     }
@@ -601,7 +745,12 @@ impl<'a> StatsBuilder<'a> {
             .map(|(k, name)| strip_alias(k).clone().alias(name))
             .collect();
         row_exprs.push(col(self.unit.clone()).alias(p("unit")));
-        for (j, (column, bounds)) in self.values.iter().enumerate() {
+        for (j, value) in self.values.iter().enumerate() {
+            let (column, bounds) = (&value.column, &value.bounds);
+            if !value.numeric {
+                row_exprs.push(presence(col(column.clone()))?.alias(p(&format!("v{j}"))));
+                continue;
+            }
             let clamped = clamp_value(col(column.clone()), bounds)?;
             let (scale, _) = fixed_point(bounds.max_abs());
             let (square_scale, _) = fixed_point(bounds.max_abs().powi(2));
@@ -660,7 +809,7 @@ impl<'a> StatsBuilder<'a> {
         let cap = |e: Expr| when(e.clone().gt(lit(r)), lit(r)).otherwise(e);
         let mut bounded: Vec<Expr> = key_cols().collect();
         bounded.push(cap(col(Column::new_unqualified(p("rows"))))?.alias(p("rows")));
-        for (j, (_, bounds)) in self.values.iter().enumerate() {
+        for (j, ValueColumn { bounds, .. }) in self.values.iter().enumerate() {
             let n = col(Column::new_unqualified(p(&format!("n{j}"))));
             bounded.push(cap(n.clone())?.alias(p(&format!("n{j}"))));
             let (_, max) = fixed_point(bounds.max_abs());
@@ -691,7 +840,15 @@ impl<'a> StatsBuilder<'a> {
                 (format!("sq{j}"), self.squares_of(j)),
             ];
             for (name, _) in names.into_iter().filter(|n| n.1) {
-                totals.push(sum(col(Column::new_unqualified(p(&name)))).alias(p(&name)));
+                let column = col(Column::new_unqualified(p(&name)));
+                // Fixed-point totals add up in 128 bits: no group can
+                // overflow them, so no group size makes the plan fail.
+                let column = if name.starts_with('n') {
+                    column
+                } else {
+                    cast(column, DataType::Decimal128(38, 0))
+                };
+                totals.push(sum(column).alias(p(&name)));
             }
             if self.quantiles_of(j) {
                 let name = p(&format!("vals{j}"));
@@ -702,21 +859,21 @@ impl<'a> StatsBuilder<'a> {
     }
 
     fn sums_of(&self, j: usize) -> bool {
-        let name = &self.values[j].0.name;
+        let name = &self.values[j].column.name;
         self.statistics
             .iter()
             .any(|s| matches!(s, StatisticKind::Sum(c) if c == name))
     }
 
     fn squares_of(&self, j: usize) -> bool {
-        let name = &self.values[j].0.name;
+        let name = &self.values[j].column.name;
         self.statistics
             .iter()
             .any(|s| matches!(s, StatisticKind::SumOfSquares(c) if c == name))
     }
 
     fn quantiles_of(&self, j: usize) -> bool {
-        let name = &self.values[j].0.name;
+        let name = &self.values[j].column.name;
         self.statistics
             .iter()
             .any(|s| matches!(s, StatisticKind::Quantile { column, .. } if column == name))
@@ -734,7 +891,19 @@ pub fn fixed_point(max_abs: f64) -> (f64, u64) {
     (scale, (max_abs * scale).round() as u64)
 }
 
+/// Numbers of every width cast to Float64 without fail (others would not).
+fn is_number(data_type: &DataType) -> bool {
+    data_type.is_numeric() || *data_type == DataType::Null
+}
+
+/// 1.0 where the value is present, NULL where it is NULL: all that COUNT
+/// needs of a column that is not a number, and it cannot fail.
+fn presence(value: Expr) -> Result<Expr> {
+    when(value.is_null(), lit(ScalarValue::Float64(None))).otherwise(lit(1.0))
+}
+
 /// NULL for NULL and NaN; otherwise the value clamped into the bounds.
+/// Only called on numeric columns: their casts to Float64 cannot fail.
 fn clamp_value(value: Expr, bounds: &ColumnBounds) -> Result<Expr> {
     let value = cast(value, DataType::Float64);
     when(

@@ -9,6 +9,13 @@ use crate::document::{Candidates, DpRule, KeyValue, NoiseKind};
 
 /// δ one query spends when the policy does not say.
 pub const DEFAULT_DELTA_PER_QUERY: f64 = 1e-7;
+/// Smallest ε per query when the policy does not say (capped at
+/// `epsilon_per_query`): with the demo's 10 ε a month, at most 1,000 queries.
+pub const DEFAULT_MIN_EPSILON: f64 = 0.01;
+/// No policy may allow a smaller ε per query: below it the noise of any
+/// sum outgrows the 64-bit integers it is drawn in, and a query buys
+/// nothing but another chance to observe what is not noised.
+pub const LOWEST_MIN_EPSILON: f64 = 1e-6;
 /// Quantile candidates between the bounds when the policy does not list them.
 pub const DEFAULT_CANDIDATES: u32 = 101;
 /// Most candidates a column may declare (the mechanism scores each one).
@@ -24,6 +31,8 @@ const MAX_CONTRIBUTION: u64 = 1 << 16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct DpGrant {
     pub epsilon_cap: f64,
+    /// Smallest ε one query may spend.
+    pub min_epsilon: f64,
     pub default_epsilon: f64,
     pub delta_per_query: f64,
     pub budget: Option<Budget>,
@@ -77,6 +86,13 @@ impl DpGrant {
                 format!("{default_epsilon} is above epsilon_per_query ({epsilon_cap})"),
             ));
         }
+        let min_epsilon = min_epsilon(rule.min_epsilon_per_query, epsilon_cap)?;
+        if default_epsilon < min_epsilon {
+            return Err(field(
+                "default_epsilon",
+                format!("{default_epsilon} is below min_epsilon_per_query ({min_epsilon})"),
+            ));
+        }
         let delta_per_query = rule.delta_per_query.unwrap_or(DEFAULT_DELTA_PER_QUERY);
         if !(delta_per_query > 0.0 && delta_per_query < 1e-3) {
             return Err(field(
@@ -97,6 +113,7 @@ impl DpGrant {
         }
         Ok(Self {
             epsilon_cap,
+            min_epsilon,
             default_epsilon,
             delta_per_query,
             budget,
@@ -114,6 +131,7 @@ impl DpGrant {
     pub fn restrict(&self, other: &DpGrant) -> DpGrant {
         let mut out = self.clone();
         out.epsilon_cap = self.epsilon_cap.min(other.epsilon_cap);
+        out.min_epsilon = self.min_epsilon.max(other.min_epsilon);
         out.default_epsilon = self.default_epsilon.min(other.default_epsilon);
         out.delta_per_query = self.delta_per_query.min(other.delta_per_query);
         out.max_groups = self.max_groups.min(other.max_groups);
@@ -147,6 +165,30 @@ fn positive(name: &str, value: f64) -> Result<f64, DpError> {
             format!("must be a finite number above 0, found {value}"),
         ))
     }
+}
+
+/// The floor on ε per query: as written (at least [`LOWEST_MIN_EPSILON`],
+/// at most the cap), else [`DEFAULT_MIN_EPSILON`] capped at the cap.
+fn min_epsilon(written: Option<f64>, epsilon_cap: f64) -> Result<f64, DpError> {
+    let Some(min) = written else {
+        return Ok(DEFAULT_MIN_EPSILON.min(epsilon_cap));
+    };
+    let min = positive("min_epsilon_per_query", min)?;
+    if min < LOWEST_MIN_EPSILON {
+        return Err(field(
+            "min_epsilon_per_query",
+            format!(
+                "{min} is below {LOWEST_MIN_EPSILON}: so small an ε buys no useful answer, only another observation of what is not noised"
+            ),
+        ));
+    }
+    if min > epsilon_cap {
+        return Err(field(
+            "min_epsilon_per_query",
+            format!("{min} is above epsilon_per_query ({epsilon_cap})"),
+        ));
+    }
+    Ok(min)
 }
 
 fn contribution(name: &str, value: Option<u64>) -> Result<u64, DpError> {
