@@ -206,4 +206,8 @@ impl PlanGate for NoPolicy {
     fn visible_columns(&self, _: &Principal, _: &str) -> Option<Vec<Field>> {
         None
     }
+
+    fn planning_view(&self, _: &Principal, _: &str) -> sluice_policy::PlanningView {
+        sluice_policy::PlanningView::Hidden
+    }
 }

@@ -10,12 +10,19 @@
 //! far below that (for two samples of 100,000 over 66 bins, the estimate's
 //! bias is about 0.005). A power check runs the same estimate with the
 //! sensitivity understated fourfold and requires it to fail.
+//!
+//! The last case is a group released more than once: published hourly keys
+//! on a timestamp, grouped by its date. The first build cast the 24 hourly
+//! keys of a day to that day and released it 24 times, each with the full
+//! ε; the test rebuilds that answer and shows the estimate sees it.
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{
+    ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{Expr, LogicalPlan};
@@ -58,7 +65,21 @@ fn schema() -> SchemaRef {
         Field::new("unit", DataType::Utf8, false),
         Field::new("g", DataType::Utf8, false),
         Field::new("x", DataType::Float64, true),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
     ]))
+}
+
+/// 2026-03-19T00:00:00Z in microseconds; every row falls on that day.
+const DAY: i64 = 1_773_878_400_000_000;
+const HOUR: i64 = 3_600_000_000;
+
+/// The rows' timestamp: an hour of [`DAY`].
+fn hour_of(u: usize, i: usize) -> i64 {
+    DAY + ((u * 3 + i) % 24) as i64 * HOUR
 }
 
 /// Twenty units with three rows each in group `common`; with `victim`, one
@@ -109,6 +130,12 @@ fn session(rows: &[(String, String, f64)]) -> SessionContext {
             rows.iter().map(|r| r.1.clone()),
         )),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(
+                (0..rows.len()).map(|i| hour_of(i / 3, i % 3)),
+            )
+            .with_timezone("UTC"),
+        ),
     ];
     let batch = RecordBatch::try_new(schema(), columns).unwrap();
     let table = MemTable::try_new(schema(), vec![vec![batch]]).unwrap();
@@ -157,6 +184,18 @@ fn prepare(policy: &str, rows: &[(String, String, f64)], sql: &str) -> (DpQuery,
 /// selection), each noised exactly as the real group would be. Returns one
 /// value per draw; `None` where private selection dropped the group.
 fn draws(query: &DpQuery, exact: &ExactStatistics, understate: u64) -> Vec<Option<f64>> {
+    draws_of(query, exact, understate, |k| {
+        k.is_empty() || k[0] == ScalarValue::from("rare")
+    })
+}
+
+/// [`draws`] for the group whose key `is_target` picks.
+fn draws_of(
+    query: &DpQuery,
+    exact: &ExactStatistics,
+    understate: u64,
+    is_target: impl Fn(&[ScalarValue]) -> bool,
+) -> Vec<Option<f64>> {
     let mut query = query.clone();
     for statistic in &mut query.statistics {
         statistic.sensitivity = (statistic.sensitivity / understate).max(1);
@@ -165,10 +204,7 @@ fn draws(query: &DpQuery, exact: &ExactStatistics, understate: u64) -> Vec<Optio
             statistic.delta = 0.1;
         }
     }
-    let target = exact
-        .keys
-        .iter()
-        .position(|k| k.is_empty() || k[0] == ScalarValue::from("rare"));
+    let target = exact.keys.iter().position(|k| is_target(k));
     let replicated = match target {
         Some(row) => ExactStatistics {
             keys: vec![exact.keys[row].clone(); DRAWS],
@@ -289,4 +325,79 @@ fn thresholded_group_by_is_ln3_dp_on_neighbouring_datasets() {
 fn gaussian_sum_is_ln3_dp_on_neighbouring_datasets() {
     let gaussian = POLICY.replace("cache: false", "cache: false\n          noise: gaussian");
     check_with(&gaussian, "SELECT sum(x) FROM t", "common");
+}
+
+/// Published hourly keys on `ts`; `max_groups: 1`.
+fn hourly_keys_policy() -> String {
+    let hours: Vec<String> = (0..24)
+        .map(|h| format!("\"2026-03-19T{h:02}:00:00Z\""))
+        .collect();
+    POLICY.replace("          x: aggregate_only", "          x: aggregate_only\n          ts: group_by_only").replace(
+        "          columns:\n            x: { bounds: [0, 10] }",
+        &format!(
+            "          columns:\n            x: {{ bounds: [0, 10] }}\n          public_keys:\n            ts: [{}]",
+            hours.join(", ")
+        ),
+    )
+}
+
+const BY_DATE: &str = "SELECT CAST(ts AS DATE) AS d, count(*) FROM t GROUP BY CAST(ts AS DATE)";
+
+/// Grouping by the date of a timestamp whose hours are published: the
+/// cast maps 24 keys to one, so published keys cannot be used, and the
+/// dates are selected privately: one release per date, within ln 3.
+#[test]
+fn grouping_published_hours_by_date_releases_each_date_once() {
+    let policy = hourly_keys_policy();
+    let (query, _) = prepare(&policy, &dataset(true, "common"), BY_DATE);
+    assert_eq!(query.groups, Groups::Private, "a lossy cast keeps no published keys");
+    let (_, exact_with) = prepare(&policy, &dataset(true, "common"), BY_DATE);
+    let (_, exact_without) = prepare(&policy, &dataset(false, "common"), BY_DATE);
+    let any = |_: &[ScalarValue]| true;
+    let delta = estimated_delta(
+        &draws_of(&query, &exact_with, 1, any),
+        &draws_of(&query, &exact_without, 1, any),
+        3f64.ln(),
+    );
+    assert!(delta <= DELTA_LIMIT, "{BY_DATE}: estimated δ = {delta}");
+    // The same column grouped as it is keeps its published keys.
+    let (plain, _) = prepare(
+        &policy,
+        &dataset(true, "common"),
+        "SELECT ts, count(*) FROM t GROUP BY ts",
+    );
+    assert!(matches!(&plain.groups, Groups::Public(keys) if keys.len() == 24));
+}
+
+/// The answer the first build gave: the date's group released once per
+/// hourly key, each with the full ε, read back as the mean of the 24 rows.
+/// The estimate must see that it is not within ln 3.
+#[test]
+fn the_estimate_sees_a_date_released_once_per_hourly_key() {
+    const REPEATS: usize = 24;
+    const MEANS: usize = 10_000;
+    let policy = hourly_keys_policy();
+    let mean_of_repeats = |victim: bool| -> Vec<Option<f64>> {
+        let (mut query, exact) = prepare(&policy, &dataset(victim, "common"), BY_DATE);
+        // As the old planner built it: public keys cast to dates, repeats
+        // and all, with the sensitivity of a single group.
+        query.groups = Groups::Public(vec![exact.keys[0].clone(); REPEATS * MEANS]);
+        for statistic in &mut query.statistics {
+            statistic.delta = 0.0;
+        }
+        let noisy = add_noise(&query, exact).unwrap().batch;
+        let counts = cast(noisy.column(noisy.num_columns() - 1), &DataType::Float64).unwrap();
+        let counts = counts.as_any().downcast_ref::<Float64Array>().unwrap();
+        counts
+            .values()
+            .chunks(REPEATS)
+            .map(|rows| Some(rows.iter().sum::<f64>() / REPEATS as f64))
+            .collect()
+    };
+    let broken = estimated_delta(&mean_of_repeats(true), &mean_of_repeats(false), 3f64.ln());
+    assert!(
+        broken > 0.5,
+        "24 releases of one group averaged must break ln 3 (estimated δ = {broken})"
+    );
+    eprintln!("a date released 24 times: estimated δ = {broken:.3}");
 }

@@ -92,12 +92,32 @@ pub trait PlanGate: Send + Sync {
         None
     }
 
+    /// What `principal` may name when a query over `dataset` is planned.
+    /// Queries are planned against this view, so that what a caller may
+    /// not use does not exist for it: an error cannot tell a hidden column
+    /// from a missing one, nor say what type it has.
+    fn planning_view(&self, principal: &Principal, dataset: &str) -> PlanningView {
+        let _ = (principal, dataset);
+        PlanningView::All
+    }
+
     /// An approved plan as text for `EXPLAIN POLICY`, with the names of
     /// columns hidden from `principal` replaced by `<hidden>`.
     fn describe_plan(&self, principal: &Principal, plan: &LogicalPlan) -> String {
         let _ = principal;
         plan.display_indent().to_string()
     }
+}
+
+/// The part of a dataset a principal's queries are planned against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanningView {
+    /// Every column (gates that are not policies).
+    All,
+    /// These columns, in the dataset's order.
+    Columns(Vec<String>),
+    /// None: the dataset does not exist for this principal.
+    Hidden,
 }
 
 /// The gate that enforces a [`PolicySet`].
@@ -486,6 +506,34 @@ impl PlanGate for PolicyGate {
 
     fn policy_set(&self) -> Option<&PolicySet> {
         Some(&self.policy)
+    }
+
+    /// Every column not hidden by the principal's grant, and under dp the
+    /// privacy unit, which COUNT(DISTINCT <unit>) counts (it can be used
+    /// for nothing else: the checker refuses it anywhere else).
+    fn planning_view(&self, principal: &Principal, dataset: &str) -> PlanningView {
+        let Some(resolved) = self.policy.resolve(principal) else {
+            return PlanningView::Hidden;
+        };
+        let (Some(grant), Some(rules)) = (
+            resolved.grants.get(dataset),
+            self.policy.datasets.get(dataset),
+        ) else {
+            return PlanningView::Hidden;
+        };
+        let unit = rules.privacy_unit.as_deref().filter(|_| grant.dp.is_some());
+        PlanningView::Columns(
+            rules
+                .schema
+                .fields()
+                .iter()
+                .map(|f| f.name())
+                .filter(|name| {
+                    grant.visibility(name) != Visibility::Hidden || Some(name.as_str()) == unit
+                })
+                .cloned()
+                .collect(),
+        )
     }
 }
 

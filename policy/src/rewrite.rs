@@ -16,7 +16,7 @@ use std::sync::Arc;
 use datafusion_common::tree_node::{Transformed, TreeNode};
 use datafusion_common::{Column, Result, ScalarValue, TableReference, plan_err};
 use datafusion_expr::logical_plan::{
-    Aggregate, Filter, LogicalPlan, Projection, SubqueryAlias, TableScan,
+    Aggregate, Filter, LogicalPlan, Projection, SubqueryAlias, TableScan, TableScanBuilder,
 };
 use datafusion_expr::{Expr, LogicalPlanBuilder, col, lit};
 
@@ -87,7 +87,17 @@ impl Rewriter<'_> {
         };
         let table = scan.table_name.clone();
         let schema = scan.projected_schema.clone();
-        let mut plan = LogicalPlan::TableScan(scan);
+        // A scan planned against the caller's view of the dataset reads only
+        // the columns the caller may name; the row filter may need others
+        // (and DP and k need the privacy unit), so it reads every column and
+        // the columns the query saw are selected again above the filter.
+        let narrowed = scan.projection.is_some();
+        let mut plan = match narrowed {
+            true => LogicalPlan::TableScan(
+                TableScanBuilder::from(scan).with_projection(None).build()?,
+            ),
+            false => LogicalPlan::TableScan(scan),
+        };
         if let Some(filter) = &grant.row_filter {
             let predicate = self.bind_row_filter(filter.clone(), &table)?;
             plan = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(plan))?);
@@ -100,7 +110,7 @@ impl Rewriter<'_> {
                 _ => None,
             })
             .collect();
-        if masks.is_empty() {
+        if masks.is_empty() && !narrowed {
             return Ok(plan);
         }
         let exprs = schema

@@ -48,16 +48,23 @@ impl ConnectorService for ConnectorInfo {
         &self,
         request: Request<GetServerInfoRequest>,
     ) -> Result<Response<GetServerInfoResponse>, Status> {
-        identity::caller(&request)?;
+        let caller = identity::caller(&request)?;
         let limits = self.engine.limits();
         Ok(Response::new(GetServerInfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             arrow_version: crate::ARROW_VERSION.into(),
+            // Only what the caller may use: a dataset it has no grant for
+            // does not exist for it, here as in queries and GetTables.
             datasets: self
                 .engine
                 .catalog()
                 .datasets()
                 .iter()
+                .filter(|d| {
+                    self.engine
+                        .visible_columns(&caller.principal, &d.name)
+                        .is_some()
+                })
                 .map(|d| d.name.clone())
                 .collect(),
             query_memory_limit_bytes: limits.query_memory as u64,

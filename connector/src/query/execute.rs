@@ -92,6 +92,7 @@ async fn produce(
     let failed = |e: DataFusionError| execution_error(&e, limits);
     let state = catalog.session().state();
     let physical = state.create_physical_plan(&plan).await.map_err(failed)?;
+    let physical = super::total::total_expressions(physical).map_err(failed)?;
     let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
     let mut stream =
         execute_stream(physical, catalog.task_context(limits.memory)).map_err(failed)?;

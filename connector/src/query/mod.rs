@@ -26,6 +26,8 @@ pub mod release;
 mod rows;
 pub mod slots;
 pub mod ticket;
+mod total;
+mod view;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -240,11 +242,17 @@ impl QueryEngine {
         self.pending.purge_expired(SystemTime::now());
     }
 
-    /// Parses and plans SQL; the plan may hold parameter placeholders.
-    async fn plan_sql(&self, sql: &str) -> Result<LogicalPlan, QueryError> {
+    /// Parses and plans SQL against `principal`'s view of the catalog
+    /// (what it may not use does not exist for it); the plan may hold
+    /// parameter placeholders.
+    async fn plan_sql(&self, principal: &Principal, sql: &str) -> Result<LogicalPlan, QueryError> {
         let state = self.catalog.session().state();
         let statement = plan::parse(&state, sql, self.limits.max_sql_bytes)?;
-        plan::plan(&state, &self.catalog, statement).await
+        let gate = self.policy.current();
+        let view = view::session_for(&state, &self.catalog, gate.as_ref(), principal).await?;
+        view::check_tables_visible(&view, &statement)?;
+        let plan = plan::plan(&view, &self.catalog, statement).await?;
+        view::real_scans(plan)
     }
 
     /// Runs planning work for `request` on the query runtime, in a planning
@@ -335,7 +343,7 @@ impl QueryEngine {
         sql: String,
     ) -> Result<(LogicalPlan, SchemaRef, SchemaRef), QueryError> {
         self.planned(&request.clone(), move |engine| async move {
-            let plan = engine.plan_sql(&sql).await?;
+            let plan = engine.plan_sql(&request.principal, &sql).await?;
             let parameters = Arc::new(plan::parameter_schema(&plan)?);
             let results = engine.prepared_schema(&request, &plan)?;
             Ok((plan, parameters, results))
@@ -350,7 +358,7 @@ impl QueryEngine {
     ) -> Result<IssuedTicket, QueryError> {
         if let Some(query) = explain::strip_explain_policy(sql) {
             let request = self.with_agreements(request)?;
-            let plan = self.plan_sql(query).await?;
+            let plan = self.plan_sql(&request.principal, query).await?;
             let state = self.catalog.session().state();
             let analyzed = plan::analyze(&state, plan)?;
             let gate = self.policy.current();
@@ -366,7 +374,7 @@ impl QueryEngine {
             let issued = self.ticket(&request, approval, None, None)?;
             return self.recorded_approval(&request, issued);
         }
-        let plan = match self.plan_sql(sql).await {
+        let plan = match self.plan_sql(&request.principal, sql).await {
             Ok(plan) => plan,
             Err(e) => return self.recorded_refusal(request, &PlanFacts::default(), e),
         };

@@ -313,8 +313,36 @@ pub fn bind(plan: LogicalPlan, values: Vec<ScalarValue>) -> Result<LogicalPlan, 
         };
         converted.push(value);
     }
-    plan.with_param_values(ParamValues::from(converted))
-        .map_err(QueryError::from_planning)
+    let plan = plan
+        .with_param_values(ParamValues::from(converted))
+        .map_err(QueryError::from_planning)?;
+    check_limits(&plan)?;
+    Ok(plan)
+}
+
+/// LIMIT and OFFSET must be constant integers of at least 0. The SQL
+/// planner checks literals; a bound parameter is only a literal once bound,
+/// so it is checked here rather than failing at execution.
+fn check_limits(plan: &LogicalPlan) -> Result<(), QueryError> {
+    use datafusion::logical_expr::logical_plan::{FetchType, SkipType};
+    let mut problem = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::Limit(limit) = node {
+            let constant = matches!(limit.get_skip_type(), Ok(SkipType::Literal(_)))
+                && matches!(limit.get_fetch_type(), Ok(FetchType::Literal(_)));
+            if !constant {
+                problem = Some(
+                    "LIMIT and OFFSET take an integer of at least 0; a bound value is negative or not an integer",
+                );
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    match problem {
+        Some(message) => Err(QueryError::InvalidRequest(message.into())),
+        None => Ok(()),
+    }
 }
 
 /// The parameters of a prepared statement as an Arrow schema (`$1`, `$2`, …;
@@ -371,9 +399,15 @@ fn check_table_exists(catalog: &Catalog, table: &TableReference) -> Result<(), Q
     if served_namespace && catalog.dataset(table.table()).is_some() {
         return Ok(());
     }
-    Err(QueryError::NotFound(format!(
+    Err(no_such_table(table))
+}
+
+/// The error for a table that does not exist, or that the caller may not
+/// see: the two must not be told apart.
+pub fn no_such_table(table: &TableReference) -> QueryError {
+    QueryError::NotFound(format!(
         "table `{table}` does not exist (list the tables with GetTables or `sluice tables`)"
-    )))
+    ))
 }
 
 /// Rewrites every `?` placeholder to `$1, $2, …` by position in the text.

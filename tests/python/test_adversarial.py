@@ -1,0 +1,177 @@
+"""What an adversarial consumer with one demo certificate tries, through real
+clients (pyarrow.flight, the ADBC Flight SQL driver, grpcio) against the real
+daemon under the demo policy: every outcome, error, metadata field and
+listing is an output, and none may tell it more than the policy gives.
+
+Cases are variants of the first review's findings (issue 14): a DP answer
+whose outcome depended on whether one trip existed, ε values too small to
+mean anything, hidden datasets and columns told apart from missing ones,
+and a bound LIMIT that crashed into INTERNAL."""
+
+import adbc_driver_manager
+import pyarrow.flight as flight
+import pytest
+
+from conftest import adbc_connect, flight_client, grpc_channel, sluice_v1
+from test_flight_tickets import statement_query
+
+
+def _options(purpose: str | None = "research", epsilon: str | None = None):
+    headers = []
+    if purpose:
+        headers.append((b"x-sluice-purpose", purpose.encode()))
+    if epsilon is not None:
+        headers.append((b"x-sluice-epsilon", epsilon.encode()))
+    return flight.FlightCallOptions(headers=headers)
+
+
+def _run(client, sql: str, **headers):
+    options = _options(**headers)
+    info = client.get_flight_info(statement_query(sql), options)
+    return client.do_get(info.endpoints[0].ticket, options).read_all()
+
+
+def _outcome(client, sql: str, **headers):
+    """("answered", schema) or (the error's class, message)."""
+    try:
+        return ("answered", _run(client, sql, **headers).schema)
+    except flight.FlightError as e:
+        return (type(e).__name__, str(e))
+
+
+# One card's trip, as the first review probed it: when a matching trip
+# existed, the DP statistics plan failed casting the counted text column to
+# a float, and the error said so for a nano-ε.
+ORACLE = ("SELECT count(z.district) AS n FROM trips t JOIN zones z ON t.start_zone = z.zone_id "
+          "WHERE t.start_zone = 'Z37' AND t.end_zone = '{end}' "
+          "AND t.start_time = TIMESTAMP '2026-03-19T23:00:00Z' AND t.mode = 'bus'")
+
+
+@pytest.mark.parametrize("aggregate", [
+    "count(z.district)", "count(t.mode)", "count(t.start_zone)", "count(*)",
+    "count(t.start_time)", "count(DISTINCT t.card_id)", "sum(t.fare_eur)", "avg(t.distance_km)",
+])
+def test_a_dp_answer_does_not_depend_on_whether_the_cell_exists(demo_daemon, aggregate):
+    client = flight_client(demo_daemon, "research")
+    # Z36 matched a real trip in the first review (it raised the error); no
+    # trip ends at the made-up zone Z99.
+    outcomes = [
+        _outcome(client, ORACLE.format(end=end).replace("count(z.district)", aggregate), epsilon="0.01")
+        for end in ["Z36", "Z99"]
+    ]
+    kinds = [o[0] for o in outcomes]
+    assert kinds == ["answered", "answered"], outcomes
+    # Same schema and the same noise description (both answered the same way).
+    present, absent = (o[1] for o in outcomes)
+    assert present.names == absent.names
+    for field in ("sluice.dp.mechanism", "sluice.dp.scale", "sluice.dp.epsilon"):
+        assert present.field(0).metadata[field.encode()] == absent.field(0).metadata[field.encode()]
+
+
+@pytest.mark.parametrize("epsilon", ["1e-9", "1e-300", "4.9e-324", "0.0099"])
+def test_epsilon_below_the_floor_is_refused_before_anything_is_charged(demo_daemon, epsilon):
+    client = flight_client(demo_daemon, "research")
+    probe = "SELECT count(*) AS n FROM trips WHERE start_zone = 'Z03'"
+    first = _run(client, probe, epsilon="0.01")
+    with pytest.raises(flight.FlightUnauthorizedError) as refused:
+        _run(client, "SELECT count(*) AS n FROM trips WHERE start_zone = 'Z04'", epsilon=epsilon)
+    assert "min_epsilon_per_query" in str(refused.value), str(refused.value)
+    # A repeat is served from the cache at no cost, and shows the budget
+    # left: the refusal spent nothing.
+    again = _run(client, probe, epsilon="0.01")
+    assert again.schema.metadata[b"sluice.dp.cached"] == b"true"
+    assert (again.schema.metadata[b"sluice.dp.remaining_epsilon"]
+            == first.schema.metadata[b"sluice.dp.remaining_epsilon"])
+
+
+def test_count_distinct_privacy_unit_is_answered_under_dp(demo_daemon):
+    with adbc_connect(demo_daemon, "research", purpose="research") as conn, conn.cursor() as cur:
+        cur.execute("SELECT mode, count(DISTINCT card_id) AS cards FROM trips GROUP BY mode ORDER BY mode")
+        table = cur.fetch_arrow_table()
+    assert table.column("mode").to_pylist() == ["bike", "bus", "metro", "tram"]
+    assert table.schema.field("cards").metadata[b"sluice.dp.mechanism"] == b"discrete_laplace"
+    # Each card counts once per group: far fewer than the trips.
+    assert all(c < 250_000 for c in table.column("cards").to_pylist())
+
+
+@pytest.fixture
+def refusal(demo_daemon):
+    """refusal(identity, sql, purpose) → (error class, message) of a
+    GetFlightInfo that must be refused."""
+    def refuse(identity: str, sql: str, purpose: str | None = None):
+        client = flight_client(demo_daemon, identity)
+        try:
+            client.get_flight_info(statement_query(sql), _options(purpose=purpose))
+        except flight.FlightError as e:
+            return type(e).__name__, str(e)
+        raise AssertionError(f"{sql} was not refused")
+    return refuse
+
+
+def _same_but_for(a: tuple, b: tuple, name_a: str, name_b: str):
+    assert a[0] == b[0], (a, b)
+    # The messages differ only in the name the query used (and the audit
+    # receipt, which every refusal has its own of).
+    strip = lambda m, name: m.split(" (audit receipt")[0].replace(name, "<name>")
+    assert strip(a[1], name_a) == strip(b[1], name_b), (a, b)
+
+
+def test_a_dataset_without_a_grant_is_indistinguishable_from_a_missing_one(refusal):
+    # The supplier consortium has no grant for trips.
+    for query in ["SELECT count(*) FROM {t}", "SELECT * FROM {t}", "SELECT 1 FROM zones JOIN {t} ON true"]:
+        _same_but_for(refusal("supplier", query.format(t="trips")),
+                      refusal("supplier", query.format(t="tripz")), "trips", "tripz")
+
+
+def test_a_hidden_column_is_indistinguishable_from_a_missing_one(refusal):
+    # card_id and trip_id are hidden from the planning agency; end_time is
+    # not hidden but redacted, so it exists for it.
+    for query in ["SELECT {c} FROM trips", "SELECT count({c}) FROM trips",
+                  "SELECT mode, count(*) FROM trips WHERE {c} = 'x' GROUP BY mode",
+                  "SELECT mode, count(*) FROM trips WHERE {c} + 1 > 2 GROUP BY mode",
+                  "SELECT mode, count(*) FROM trips GROUP BY mode, {c}"]:
+        for hidden in ["card_id", "trip_id"]:
+            _same_but_for(refusal("planning", query.format(c=hidden), "research"),
+                          refusal("planning", query.format(c="no_such_column"), "research"),
+                          hidden, "no_such_column")
+
+
+def test_errors_never_name_hidden_columns_or_their_types(refusal):
+    for query in ["SELECT *, count(*) FROM trips GROUP BY mode",
+                  "SELECT * FROM trips",
+                  "SELECT card_idd FROM trips",
+                  "SELECT mode, count(*) FROM trips GROUP BY mode HAVING sum(card_id) > 1"]:
+        kind, message = refusal("planning", query, "research")
+        for hidden in ["card_id", "trip_id"]:
+            assert hidden not in message.replace("card_idd", ""), (query, message)
+
+
+def test_server_info_lists_only_the_callers_datasets(demo_daemon):
+    pb = sluice_v1()
+    seen = {}
+    for identity in ["planning", "supplier", "research", "admin"]:
+        with grpc_channel(demo_daemon, identity) as channel:
+            info = pb.connector_pb2_grpc.ConnectorServiceStub(channel).GetServerInfo(
+                pb.connector_pb2.GetServerInfoRequest(), timeout=30)
+        seen[identity] = sorted(info.datasets)
+    assert seen["planning"] == ["trips", "zones"]
+    assert seen["supplier"] == ["machine_events", "zones"]
+    assert seen["research"] == ["trips", "zones"]
+    assert seen["admin"] == []
+
+
+@pytest.mark.parametrize("bound", [-5, -1])
+def test_a_negative_limit_bound_to_a_prepared_statement_is_invalid_argument(demo_daemon, bound):
+    with adbc_connect(demo_daemon, "planning", purpose="research") as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error) as info:
+            cur.execute("SELECT mode, count(*) AS n FROM trips GROUP BY mode ORDER BY mode LIMIT ?",
+                        parameters=(bound,))
+            cur.fetch_arrow_table()
+    message = str(info.value)
+    assert "InvalidArgument" in message or "INVALID_ARGUMENT" in message, message
+    assert "LIMIT" in message, message
+    # A bound in range works.
+    with adbc_connect(demo_daemon, "planning", purpose="research") as conn, conn.cursor() as cur:
+        cur.execute("SELECT mode, count(*) AS n FROM trips GROUP BY mode ORDER BY mode LIMIT ?",
+                    parameters=(2,))
+        assert cur.fetch_arrow_table().num_rows == 2
