@@ -959,6 +959,7 @@ async fn explain_policy_shows_the_decision_without_running_the_query() {
     let text = render(&allowed);
     assert!(text.contains("allow"), "{text}");
     assert!(text.contains("aggregation (k = 10"), "{text}");
+    assert!(text.contains("k does not stop differencing"), "{text}");
     assert!(
         text.contains("__sluice_units_0 >= Int64(10)"),
         "the rewritten plan is shown: {text}"
@@ -1015,4 +1016,46 @@ async fn prepared_statements_are_decided_when_prepared_and_when_executed() {
     )
     .await;
     assert_eq!(render(&got), render(&want));
+}
+
+/// Documents a limit rather than a defence (docs/policy.md, "What
+/// k-anonymity does and does not guarantee"): under k = 2 both sums below
+/// are allowed, and their difference is one event's energy reading, which
+/// the supplier may not read row by row. Only `dp:` stops this.
+#[tokio::test]
+async fn differencing_under_k_is_not_stopped_as_documented() {
+    let daemon = Daemon::start_demo_policy_with(&[]);
+    let mut client = client_for(&daemon, SUPPLIER, None).await;
+    let number = |batches: &[RecordBatch], column: usize| -> f64 {
+        let values = datafusion::arrow::compute::cast(
+            batches[0].column(column),
+            &datafusion::arrow::datatypes::DataType::Float64,
+        )
+        .unwrap();
+        values
+            .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+            .value(0)
+    };
+    // One of the supplier's own events with a reading (the oracle reads
+    // the file directly; the supplier may not).
+    let target = datafusion_answer(
+        &common::shared_state_dir(),
+        "SELECT event_id, energy_kwh FROM machine_events WHERE manufacturer = 'Kessler Werke' AND energy_kwh > 1 ORDER BY event_id LIMIT 1",
+    )
+    .await;
+    let (event, reading) = (number(&target, 0) as i64, number(&target, 1));
+    let (_, all) = run(&mut client, "SELECT sum(energy_kwh) FROM machine_events")
+        .await
+        .unwrap();
+    let (_, without) = run(
+        &mut client,
+        &format!("SELECT sum(energy_kwh) FROM machine_events WHERE event_id <> {event}"),
+    )
+    .await
+    .unwrap();
+    let difference = number(&all, 0) - number(&without, 0);
+    assert!(
+        (difference - reading).abs() < 1e-4,
+        "difference {difference}, reading of event {event}: {reading}"
+    );
 }
