@@ -190,24 +190,38 @@ impl Offer {
 
 fn dp_guarantee(dp: &DpGrant) -> String {
     let delta = match dp.delta_per_query {
-        d if d > 0.0 => format!(", δ ≤ {d} where a query needs one"),
+        d if d > 0.0 => format!(", δ ≤ {} where a query needs one", number(d)),
         _ => String::new(),
     };
     let budget = match &dp.budget {
         Some(b) if b.period == "total" => format!(
             "composed over a budget of ε = {} (δ = {}) for your organization that never resets, which bounds what any series of queries reveals about one unit",
-            b.epsilon, b.delta
+            number(b.epsilon),
+            number(b.delta)
         ),
         Some(b) => format!(
             "composed over a budget of ε = {} (δ = {}) for your organization per {}, which bounds what the queries of one period reveal about one unit (it resets each period, so over several periods the bound adds up)",
-            b.epsilon, b.delta, b.period
+            number(b.epsilon),
+            number(b.delta),
+            b.period
         ),
         None => "composed over every query; no total budget is set, so the bound grows with each query (spend is still recorded)".to_string(),
     };
     format!(
         "ε-differential privacy per query (ε ≤ {}{delta}), {budget}. Results are noisy; each unit counts in at most {} group(s) with at most {} row(s) each, and values are clamped to the declared bounds.",
-        dp.epsilon_cap, dp.max_groups, dp.max_rows
+        number(dp.epsilon_cap),
+        dp.max_groups,
+        dp.max_rows
     )
+}
+
+/// A number as people read it: `1e-8` rather than `0.00000001`.
+fn number(x: f64) -> String {
+    if x != 0.0 && x.abs() < 1e-3 {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
 }
 
 /// Visible columns in schema order, typed as a query returns them.
