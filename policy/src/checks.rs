@@ -11,14 +11,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use datafusion_common::arrow::datatypes::DataType;
 use datafusion_common::{Column, DFSchema, ScalarValue};
-use datafusion_expr::expr::{AggregateFunction, Cast};
-use datafusion_expr::logical_plan::{Aggregate, Distinct, Join, JoinType};
+use datafusion_expr::expr::{AggregateFunction, Case, Cast};
+use datafusion_expr::logical_plan::{Aggregate, Distinct, Join, JoinType, Sort};
 use datafusion_expr::{BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator};
 
 use crate::Denial;
 use crate::compile::{DatasetGrant, PolicySet};
 use crate::document::{Construct, JoinKind, Visibility};
-use crate::lineage::{Level, Lineage, NodeLineage, Source, strip_plain};
+use crate::lineage::{CountOrder, Level, Lineage, NodeLineage, Source, strip_plain};
 
 /// Rule name for refusals that no single grant line states: the engine's
 /// deny-by-default stance.
@@ -44,6 +44,85 @@ pub const VALUE_REVEALING_AGGREGATES: &[&str] = &[
     "bool_and",
     "bool_or",
 ];
+
+/// Aggregates whose value grows with the rows (or distinct values) of a
+/// group: bounding one from above selects small groups. `sum` counts too:
+/// `sum(1)` is `count(*)`, and a sum of a column that is always 1 (or any
+/// positive value) grows with the rows just the same.
+pub const COUNT_LIKE_AGGREGATES: &[&str] = &["count", "sum", "approx_distinct", "regr_count"];
+
+/// Aggregates whose value grows with the group in another form (the length
+/// of a list): a filter on anything computed from them may select small
+/// groups (`array_length(array_agg(x)) < 3`), and no bound on them is a
+/// plain lower bound on a count.
+const GROWING_AGGREGATES: &[&str] = &["array_agg", "string_agg"];
+
+/// Which outcome of a condition a query selects on. A comparison under
+/// `NOT` selects the rows where it is false, so it means its complement:
+/// `NOT (x = 'a')` is `x <> 'a'`, whatever the spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Polarity {
+    /// The rows where the condition holds (`WHERE x = 'a'`).
+    Positive,
+    /// The rows where it does not: under `NOT`, `IS NOT TRUE`, `IS FALSE`,
+    /// `= false`, `<> true`, or a later `CASE` branch or `ELSE`.
+    Negative,
+    /// Both outcomes show: the condition is used as a value (a cast, a
+    /// function argument, a `CASE` result or condition inside a value, a
+    /// group key, an output column, a comparison with another condition,
+    /// `IS [NOT] UNKNOWN`, `IS [NOT] NULL`).
+    Both,
+}
+
+impl Polarity {
+    fn flip(self) -> Self {
+        match self {
+            Polarity::Positive => Polarity::Negative,
+            Polarity::Negative => Polarity::Positive,
+            Polarity::Both => Polarity::Both,
+        }
+    }
+
+    /// Flipped when the SQL spells a negation (`<>`, `NOT IN`, …).
+    fn negated_if(self, negated: bool) -> Self {
+        if negated { self.flip() } else { self }
+    }
+}
+
+/// What a comparison means where it selects the rows it does not match,
+/// by De Morgan for `and` and `or`; `between` has no named complement
+/// (only `not`).
+fn complement(comparison: &str) -> Option<&'static str> {
+    Some(match comparison {
+        "=" => "<>",
+        "<" => ">=",
+        "<=" => ">",
+        ">" => "<=",
+        ">=" => "<",
+        "in" => "not_in",
+        "like" => "not_like",
+        "is_null" => "is_null",
+        "regex" => "regex",
+        "and" => "or",
+        "or" => "and",
+        _ => return None,
+    })
+}
+
+/// Whether `allowed` admits `comparison` under `polarity`: where it is
+/// negated, its complement or `not` (with the comparison itself) must be
+/// allowed; used as a value, both the comparison and its negation.
+fn comparison_allowed(allowed: &BTreeSet<String>, comparison: &str, polarity: Polarity) -> bool {
+    let has = |name: &str| allowed.contains(name);
+    let negation = || complement(comparison).is_some_and(has) || has("not");
+    match polarity {
+        Polarity::Positive => has(comparison),
+        Polarity::Negative => {
+            complement(comparison).is_some_and(has) || (has("not") && has(comparison))
+        }
+        Polarity::Both => has(comparison) && negation(),
+    }
+}
 
 /// Where a column is used; each use admits certain visibilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,11 +182,13 @@ impl Checker<'_> {
                 Ok(NodeLineage { columns, ..input })
             }
             LogicalPlan::Filter(filter) => {
-                let input = self.node(&filter.input)?;
+                let mut input = self.node(&filter.input)?;
                 self.condition(&filter.predicate, &filter.input, &input)?;
                 if input.aggregated {
-                    self.refuse_small_count_filter(&filter.predicate, &filter.input, &input)?;
+                    self.refuse_count_upper_bounds(&filter.predicate, &filter.input, &input)?;
                 }
+                let reads = row_reads(&filter.predicate, &filter.input, &input);
+                input.condition_reads.extend(reads);
                 Ok(input)
             }
             LogicalPlan::Aggregate(aggregate) => self.aggregate(aggregate),
@@ -122,10 +203,15 @@ impl Checker<'_> {
                     let lineage = self.value(&key.expr, &sort.input, &input)?;
                     self.require_released(&lineage, "ORDER BY key")?;
                 }
+                input.count_order = self.count_order(sort, &input)?;
+                if sort.fetch.is_some() {
+                    refuse_limit_by_count(input.count_order.as_ref(), None)?;
+                }
                 Ok(input)
             }
             LogicalPlan::Limit(limit) => {
                 let mut input = self.node(&limit.input)?;
+                refuse_limit_by_count(input.count_order.as_ref(), limit.skip.as_deref())?;
                 input
                     .position_selected
                     .extend(input.unaggregated.iter().cloned());
@@ -155,7 +241,10 @@ impl Checker<'_> {
                     merged.unaggregated.extend(branch.unaggregated);
                     merged.position_selected.extend(branch.position_selected);
                     merged.aggregated |= branch.aggregated;
+                    merged.row_level.extend(branch.row_level);
+                    merged.condition_reads.extend(branch.condition_reads);
                 }
+                merged.count_order = None;
                 self.require_construct(&merged.scans, Construct::Union, "UNION")?;
                 Ok(merged)
             }
@@ -233,6 +322,33 @@ impl Checker<'_> {
         for (field, column) in plan.schema().fields().iter().zip(&lineage.columns) {
             self.require_released(column, &format!("output column `{}`", field.name()))?;
         }
+        self.refuse_conditions_beside_rows(lineage)
+    }
+
+    /// Where rows leave, a condition on a column that may not leave would
+    /// show its value row by row (which rows come back): a `filter_only` or
+    /// `group_by_only` column may narrow aggregates only. This holds across
+    /// datasets: a condition on one dataset's column while another
+    /// dataset's rows leave singles out rows just the same.
+    fn refuse_conditions_beside_rows(&self, lineage: &NodeLineage) -> Checked<()> {
+        if lineage.row_level.is_empty() {
+            return Ok(());
+        }
+        for source in &lineage.condition_reads {
+            let grant = &self.grants[&source.dataset];
+            let visibility = grant.visibility(&source.column);
+            if Use::Output.admits(&visibility) {
+                continue;
+            }
+            let rows: Vec<String> = lineage.row_level.iter().map(|d| format!("`{d}`")).collect();
+            return Err(Denial::forbidden(
+                format!("{}.columns.{}", grant.rule, source.column),
+                format!(
+                    "column `{source}` is `{visibility}` for you: a condition on it may narrow aggregates, but this query returns rows of {} one by one, and which rows come back would show its value row by row; aggregate the result (GROUP BY with count/sum/avg) or drop the condition",
+                    rows.join(", ")
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -281,11 +397,14 @@ impl Checker<'_> {
             ..NodeLineage::default()
         };
         if grant.min_group_size.is_some() {
-            lineage.unaggregated.insert(dataset);
+            lineage.unaggregated.insert(dataset.clone());
         }
+        lineage.row_level.insert(dataset);
         let scan_plan = LogicalPlan::TableScan(scan.clone());
         for filter in &scan.filters {
             self.condition(filter, &scan_plan, &lineage)?;
+            let reads = row_reads(filter, &scan_plan, &lineage);
+            lineage.condition_reads.extend(reads);
         }
         Ok(lineage)
     }
@@ -320,12 +439,60 @@ impl Checker<'_> {
         for expr in &aggregate.aggr_expr {
             columns.push(self.aggregate_value(expr, &aggregate.input, &input)?);
         }
+        // Groups of at least k ≥ 2 units (or noisy ones) stand for no single
+        // row; without such a dataset in the aggregate, its groups can be
+        // single rows, which still leave one by one.
+        let protected = input.row_level.iter().any(|d| self.aggregates_protect(d));
         Ok(NodeLineage {
             columns,
             scans: input.scans,
             aggregated: true,
+            row_level: if protected {
+                BTreeSet::new()
+            } else {
+                input.row_level
+            },
+            condition_reads: input.condition_reads,
             ..NodeLineage::default()
         })
+    }
+
+    /// Whether an aggregate over `dataset` keeps single rows from leaving:
+    /// every group holds at least 2 privacy units, or the result is noisy.
+    fn aggregates_protect(&self, dataset: &str) -> bool {
+        let grant = &self.grants[dataset];
+        grant.dp.is_some() || grant.min_group_size.is_some_and(|k| k >= 2)
+    }
+
+    /// Whether the plan reads a dataset under differential privacy (then
+    /// every released value is noisy, and ordering it is post-processing).
+    fn is_private(&self, scans: &[String]) -> bool {
+        scans.iter().any(|d| self.grants[d].dp.is_some())
+    }
+
+    /// How `sort` orders aggregated rows by a count-like key, if it does.
+    fn count_order(&self, sort: &Sort, input: &NodeLineage) -> Checked<Option<CountOrder>> {
+        if !input.aggregated || self.is_private(&input.scans) {
+            return Ok(None);
+        }
+        let mut order: Option<CountOrder> = None;
+        for key in &sort.expr {
+            let lineage = self.value(&key.expr, &sort.input, input)?;
+            if !lineage.count_derived {
+                continue;
+            }
+            let largest_first = !key.asc && is_plain_count(&key.expr, &sort.input, input);
+            if order
+                .as_ref()
+                .is_none_or(|o| o.largest_first && !largest_first)
+            {
+                order = Some(CountOrder {
+                    largest_first,
+                    key: key.expr.to_string(),
+                });
+            }
+        }
+        Ok(order)
     }
 
     fn group_key(
@@ -370,9 +537,14 @@ impl Checker<'_> {
         if !params.order_by.is_empty() {
             return Err(refused(&format!("ORDER BY inside `{name}`")));
         }
+        let count_like = COUNT_LIKE_AGGREGATES.contains(&name.as_str());
+        // `sum(-1)` shrinks as the group grows: a lower bound on it is an
+        // upper bound on the count.
+        let shrinks = name == "sum" && params.args.iter().any(|a| !grows(a, input_plan.schema()));
         let mut lineage = Lineage {
             level: Level::Aggregated,
-            is_count: name == "count",
+            is_count: count_like && !shrinks,
+            count_derived: count_like || GROWING_AGGREGATES.contains(&name.as_str()),
             ..Lineage::default()
         };
         let schema = input_plan.schema();
@@ -536,17 +708,30 @@ impl Checker<'_> {
         for (l, r) in &pairs {
             self.require_join_grant(l, r, kind)?;
         }
+        // A join key is an equality condition on both sides.
+        let mut reads = BTreeSet::new();
+        let keys = join.on.iter().flat_map(|(l, r)| [l, r]);
+        for key in keys.chain(join.filter.iter()) {
+            reads.extend(row_reads(key, &join.left, &left));
+            reads.extend(row_reads(key, &join.right, &right));
+        }
         let mut out = NodeLineage {
             columns: left.columns,
             scans: left.scans,
             unaggregated: left.unaggregated,
             position_selected: left.position_selected,
             aggregated: left.aggregated || right.aggregated,
+            row_level: left.row_level,
+            condition_reads: left.condition_reads,
+            count_order: None,
         };
         out.columns.extend(right.columns);
         out.scans.extend(right.scans);
         out.unaggregated.extend(right.unaggregated);
         out.position_selected.extend(right.position_selected);
+        out.row_level.extend(right.row_level);
+        out.condition_reads.extend(right.condition_reads);
+        out.condition_reads.extend(reads);
         Ok(out)
     }
 
@@ -658,22 +843,26 @@ impl Checker<'_> {
                         ),
                     ));
                 }
-                let plain = inner
-                    .plain
-                    .clone()
-                    .filter(|_| is_lossless_cast(cast, plan.schema()));
+                let lossless = is_lossless_cast(cast, plan.schema());
+                let plain = inner.plain.clone().filter(|_| lossless);
                 self.no_masked_transform(
                     &inner,
                     &format!("CAST to {}", cast.field.data_type()),
                     plain.is_some(),
                 )?;
-                Ok(Lineage { plain, ..inner })
+                // A count cast to text no longer orders like a count.
+                Ok(Lineage {
+                    plain,
+                    is_count: inner.is_count && lossless,
+                    ..inner
+                })
             }
             Expr::TryCast(cast) => {
                 let inner = self.value(&cast.expr, plan, input)?;
                 self.no_masked_transform(&inner, "TRY_CAST", false)?;
                 Ok(Lineage {
                     plain: None,
+                    is_count: false,
                     ..inner
                 })
             }
@@ -689,6 +878,12 @@ impl Checker<'_> {
                     self.no_masked_transform(arg, &format!("function `{name}`"), false)?;
                 }
                 self.require_function(&lineage, &name)?;
+                if name == "nullif" {
+                    // `nullif(a, b)` is NULL where a = b: an equality whose
+                    // both outcomes show (`nullif(x, 'a') IS NOT NULL`
+                    // selects x <> 'a').
+                    self.require_comparison(&lineage, "=", Polarity::Both, expr)?;
+                }
                 Ok(lineage)
             }
             Expr::BinaryExpr(binary) => self.binary(binary, plan, input),
@@ -701,14 +896,12 @@ impl Checker<'_> {
                 })
             }
             Expr::Case(case) => {
+                // As a value, a CASE shows which branch each row took: every
+                // condition is seen both where it holds and where it fails.
                 let mut parts = Vec::new();
                 for (when, then) in &case.when_then_expr {
-                    // `CASE x WHEN v` compares x = v.
-                    let condition = match &case.expr {
-                        Some(base) => base.as_ref().clone().eq(when.as_ref().clone()),
-                        None => when.as_ref().clone(),
-                    };
-                    parts.push(self.condition_value(&condition, plan, input)?);
+                    let condition = case_condition(case, when);
+                    parts.push(self.condition_at(&condition, Polarity::Both, plan, input)?);
                     parts.push(self.value(then, plan, input)?);
                 }
                 if let Some(otherwise) = &case.else_expr {
@@ -728,7 +921,7 @@ impl Checker<'_> {
             | Expr::IsNotFalse(_)
             | Expr::IsNotUnknown(_)
             | Expr::Between(_)
-            | Expr::InList(_) => self.condition_value(expr, plan, input),
+            | Expr::InList(_) => self.condition_at(expr, Polarity::Both, plan, input),
             Expr::AggregateFunction(_) => {
                 Err(refused(&format!("the aggregate `{expr}` outside GROUP BY")))
             }
@@ -753,77 +946,180 @@ impl Checker<'_> {
         }
     }
 
-    /// A boolean condition used in WHERE, HAVING, CASE WHEN or a join.
+    /// A boolean condition used in WHERE, HAVING or a scan filter: the rows
+    /// where it holds are selected.
     fn condition(&self, predicate: &Expr, plan: &LogicalPlan, input: &NodeLineage) -> Checked<()> {
-        self.condition_value(predicate, plan, input).map(|_| ())
+        self.condition_at(predicate, Polarity::Positive, plan, input)
+            .map(|_| ())
     }
 
-    /// Checks a condition: every column it reads must admit `Use::Filter`,
-    /// every comparison must be allowed, and the privacy unit is never
-    /// compared with a value.
-    fn condition_value(
+    /// Checks a condition of which the query selects the `polarity`
+    /// outcome: every column it reads must admit `Use::Filter`, every
+    /// comparison must be allowed for what it means there (under a negation
+    /// its complement), and the privacy unit is never compared with a value.
+    /// Returns the lineage of everything the condition reads.
+    fn condition_at(
         &self,
         expr: &Expr,
+        polarity: Polarity,
         plan: &LogicalPlan,
         input: &NodeLineage,
     ) -> Checked<Lineage> {
-        let (operator, operands): (&str, Vec<&Expr>) = match expr {
-            Expr::BinaryExpr(b) if comparison_name(b.op).is_some() => (
-                comparison_name(b.op).unwrap_or_default(),
-                vec![&b.left, &b.right],
-            ),
-            Expr::Like(like) => (
-                if like.negated { "not_like" } else { "like" },
-                vec![&like.expr, &like.pattern],
-            ),
-            Expr::SimilarTo(_) => return Err(refused("SIMILAR TO")),
-            Expr::Not(inner) => ("not", vec![inner]),
-            Expr::IsNull(inner) | Expr::IsNotNull(inner) => ("is_null", vec![inner]),
-            Expr::IsTrue(inner)
-            | Expr::IsFalse(inner)
-            | Expr::IsNotTrue(inner)
-            | Expr::IsNotFalse(inner)
-            | Expr::IsUnknown(inner)
-            | Expr::IsNotUnknown(inner) => ("=", vec![inner]),
-            Expr::Between(between) => {
-                let op = if between.negated { "not" } else { "between" };
-                (op, vec![&between.expr, &between.low, &between.high])
+        let at = |e: &Expr, p: Polarity| self.condition_at(e, p, plan, input);
+        let compare = |name: &str, p: Polarity, operands: &[&Expr]| {
+            self.comparison(name, p, expr, operands, plan, input)
+        };
+        let lineage = match expr {
+            Expr::Alias(alias) => return at(&alias.expr, polarity),
+            Expr::Literal(..) => return Ok(Lineage::default()),
+            Expr::Not(inner) => at(inner, polarity.flip())?,
+            Expr::IsTrue(inner) | Expr::IsNotFalse(inner) => at(inner, polarity)?,
+            Expr::IsFalse(inner) | Expr::IsNotTrue(inner) => at(inner, polarity.flip())?,
+            // A null test of a condition shows both of its outcomes:
+            // `(x = 'a' OR NULL) IS UNKNOWN` selects x <> 'a'.
+            Expr::IsNull(inner) | Expr::IsUnknown(inner) => compare("is_null", polarity, &[inner])?,
+            Expr::IsNotNull(inner) | Expr::IsNotUnknown(inner) => {
+                compare("is_null", polarity.flip(), &[inner])?
             }
+            Expr::BinaryExpr(b) if is_logical(b.op) => {
+                let lineage = Lineage::derived([&at(&b.left, polarity)?, &at(&b.right, polarity)?]);
+                let name = if b.op == Operator::And { "and" } else { "or" };
+                self.require_comparison(&lineage, name, polarity, expr)?;
+                lineage
+            }
+            Expr::BinaryExpr(b) if is_null_test(b) => {
+                // `x IS DISTINCT FROM NULL` is `x IS NOT NULL`.
+                let operand = if is_null_literal(&b.left) {
+                    &b.right
+                } else {
+                    &b.left
+                };
+                let negated = b.op == Operator::IsDistinctFrom;
+                compare("is_null", polarity.negated_if(negated), &[operand])?
+            }
+            Expr::BinaryExpr(b) => match comparison_of(b.op) {
+                Some((name, negated)) => {
+                    let polarity = polarity.negated_if(negated);
+                    match truth_comparison(b, name) {
+                        // `c = true`, `c IS DISTINCT FROM false`: c itself.
+                        Some((condition, true)) => at(condition, polarity)?,
+                        // `c = false`, `c <> true`: NOT c.
+                        Some((condition, false)) => at(condition, polarity.flip())?,
+                        None => compare(name, polarity, &[&b.left, &b.right])?,
+                    }
+                }
+                None => return self.boolean_value(expr, polarity, plan, input),
+            },
+            Expr::Like(like) => compare(
+                "like",
+                polarity.negated_if(like.negated),
+                &[&like.expr, &like.pattern],
+            )?,
+            Expr::SimilarTo(_) => return Err(refused("SIMILAR TO")),
+            Expr::Between(between) => compare(
+                "between",
+                polarity.negated_if(between.negated),
+                &[&between.expr, &between.low, &between.high],
+            )?,
             Expr::InList(in_list) => {
-                let op = if in_list.negated { "not_in" } else { "in" };
                 let mut operands = vec![in_list.expr.as_ref()];
                 operands.extend(in_list.list.iter());
-                (op, operands)
+                compare("in", polarity.negated_if(in_list.negated), &operands)?
             }
-            other => {
-                // A value used as a condition (a boolean column, a function).
-                let lineage = self.value(other, plan, input)?;
-                self.require_use(&lineage, Use::Filter, "condition")?;
-                return Ok(lineage);
+            Expr::Case(case) if polarity != Polarity::Both => {
+                self.case_selection(case, polarity, plan, input)?
             }
+            other => return self.boolean_value(other, polarity, plan, input),
         };
+        Ok(Lineage {
+            plain: None,
+            is_count: false,
+            ..lineage
+        })
+    }
+
+    /// A comparison of values (`x = 'a'`, `x IN (…)`, `x IS NULL`): its
+    /// operands are values (a condition among them shows both outcomes),
+    /// the comparison must be allowed under `polarity`.
+    fn comparison(
+        &self,
+        name: &str,
+        polarity: Polarity,
+        expr: &Expr,
+        operands: &[&Expr],
+        plan: &LogicalPlan,
+        input: &NodeLineage,
+    ) -> Checked<Lineage> {
         let mut parts = Vec::new();
-        for operand in &operands {
-            let lineage = if is_condition(operand) {
-                self.condition_value(operand, plan, input)?
-            } else {
-                self.value(operand, plan, input)?
-            };
+        for operand in operands {
+            let lineage = self.value(operand, plan, input)?;
             if lineage.level == Level::Row || lineage.level == Level::GroupKey {
                 self.require_use(&lineage, Use::Filter, "condition")?;
             }
             parts.push(lineage);
         }
         let lineage = Lineage::derived(&parts);
-        self.require_comparison(&lineage, operator, expr)?;
-        if !matches!(operator, "and" | "or" | "not") {
-            self.refuse_unit_comparison(&parts)?;
+        self.require_comparison(&lineage, name, polarity, expr)?;
+        self.refuse_unit_comparison(&parts)?;
+        Ok(lineage)
+    }
+
+    /// A CASE whose outcome (true or false, per `polarity`) the query
+    /// selects on. Branch i is taken where conditions 1…i-1 are false and
+    /// condition i is true: a condition is seen positively where its own
+    /// result can give the selected outcome, and negatively where a later
+    /// result or the ELSE can; seen both ways, it shows both outcomes.
+    fn case_selection(
+        &self,
+        case: &Case,
+        polarity: Polarity,
+        plan: &LogicalPlan,
+        input: &NodeLineage,
+    ) -> Checked<Lineage> {
+        let selected = polarity == Polarity::Positive;
+        let selects = |result: &Expr| match literal_truth(result) {
+            Some(Some(value)) => value == selected,
+            Some(None) => false,
+            None => true,
+        };
+        let else_selects = case.else_expr.as_deref().is_some_and(selects);
+        let branches = &case.when_then_expr;
+        let mut parts = Vec::new();
+        for (i, (when, then)) in branches.iter().enumerate() {
+            let later = else_selects || branches[i + 1..].iter().any(|(_, t)| selects(t));
+            let condition_polarity = match (selects(then), later) {
+                (_, false) => Polarity::Positive,
+                (false, true) => Polarity::Negative,
+                (true, true) => Polarity::Both,
+            };
+            let condition = case_condition(case, when);
+            parts.push(self.condition_at(&condition, condition_polarity, plan, input)?);
+            parts.push(self.condition_at(then, polarity, plan, input)?);
         }
-        Ok(Lineage {
-            plain: None,
-            is_count: false,
-            ..lineage
-        })
+        if let Some(otherwise) = &case.else_expr {
+            parts.push(self.condition_at(otherwise, polarity, plan, input)?);
+        }
+        Ok(Lineage::derived(&parts))
+    }
+
+    /// A value used as a condition: a boolean column (`WHERE flag`, `NOT
+    /// flag` means `flag = false`) or a computed boolean, whose negation
+    /// needs `not` (there is no named complement for a function).
+    fn boolean_value(
+        &self,
+        expr: &Expr,
+        polarity: Polarity,
+        plan: &LogicalPlan,
+        input: &NodeLineage,
+    ) -> Checked<Lineage> {
+        let lineage = self.value(expr, plan, input)?;
+        if lineage.level == Level::Row || lineage.level == Level::GroupKey {
+            self.require_use(&lineage, Use::Filter, "condition")?;
+        }
+        if polarity != Polarity::Positive && lineage.plain.is_none() {
+            self.require_comparison(&lineage, "not", Polarity::Positive, expr)?;
+        }
+        Ok(lineage)
     }
 
     fn binary(
@@ -832,8 +1128,10 @@ impl Checker<'_> {
         plan: &LogicalPlan,
         input: &NodeLineage,
     ) -> Checked<Lineage> {
-        if comparison_name(binary.op).is_some() {
-            return self.condition_value(&Expr::BinaryExpr(binary.clone()), plan, input);
+        if is_logical(binary.op) || comparison_of(binary.op).is_some() {
+            // A condition used as a value: both of its outcomes show.
+            let expr = Expr::BinaryExpr(binary.clone());
+            return self.condition_at(&expr, Polarity::Both, plan, input);
         }
         let left = self.value(&binary.left, plan, input)?;
         let right = self.value(&binary.right, plan, input)?;
@@ -968,14 +1266,23 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn require_comparison(&self, lineage: &Lineage, operator: &str, expr: &Expr) -> Checked<()> {
+    /// `comparison` must be allowed, for what it means under `polarity`, by
+    /// the grant of every dataset whose columns flow into it.
+    fn require_comparison(
+        &self,
+        lineage: &Lineage,
+        comparison: &str,
+        polarity: Polarity,
+        expr: &Expr,
+    ) -> Checked<()> {
         for dataset in datasets_of(lineage) {
             let grant = &self.grants[dataset];
-            if !grant.comparisons.contains(operator) {
+            if !comparison_allowed(&grant.comparisons, comparison, polarity) {
                 return Err(Denial::forbidden(
                     format!("{}.comparisons", grant.rule),
                     format!(
-                        "comparison `{operator}` is not allowed on dataset `{dataset}` (allowed: {}); in `{}`",
+                        "{} not allowed on dataset `{dataset}` (allowed: {}); in `{}`",
+                        describe_comparison(comparison, polarity, &grant.comparisons),
                         list(&grant.comparisons),
                         describe_columns(expr)
                     ),
@@ -1006,38 +1313,56 @@ impl Checker<'_> {
         Ok(())
     }
 
-    /// HAVING count < n, count <= n or count = n selects small groups; k
-    /// suppression already hides groups below k, and bounding counts from
-    /// above is refused so that suppression is not probed.
-    fn refuse_small_count_filter(
+    /// Above an aggregate, a filter that reads a count-like value (see
+    /// [`COUNT_LIKE_AGGREGATES`]) may only bound it from below, with a
+    /// constant, under AND and OR: `count(*) > c`, `count(*) >= c`, `c <
+    /// count(*)`, `c <= count(*)`. Anything else (an upper bound, `=`,
+    /// `<>`, IN, BETWEEN, NOT, arithmetic or a function over the count, a
+    /// CASE) could select groups because they are small, and is refused:
+    /// an allow-list, since the spellings of an upper bound are endless.
+    fn refuse_count_upper_bounds(
         &self,
         predicate: &Expr,
         plan: &LogicalPlan,
         input: &NodeLineage,
     ) -> Checked<()> {
-        for conjunct in split_any(predicate) {
-            let Expr::BinaryExpr(b) = conjunct else {
-                continue;
-            };
-            let is_count = |e: &Expr| match strip_plain(e, plan.schema()) {
-                Expr::Column(c) => input.column(plan, c).is_some_and(|l| l.is_count),
-                _ => false,
-            };
-            let upper_bound = matches!(
-                (is_count(&b.left), b.op, is_count(&b.right)),
-                (true, Operator::Lt | Operator::LtEq | Operator::Eq, _)
-                    | (_, Operator::Gt | Operator::GtEq | Operator::Eq, true)
-            );
-            if upper_bound {
-                return Err(Denial::forbidden(
-                    DENY_BY_DEFAULT,
-                    format!(
-                        "`{conjunct}`: HAVING may not bound a count from above (it singles out small groups)"
-                    ),
-                ));
+        match strip_alias(predicate) {
+            Expr::BinaryExpr(b) if is_logical(b.op) => {
+                self.refuse_count_upper_bounds(&b.left, plan, input)?;
+                self.refuse_count_upper_bounds(&b.right, plan, input)
             }
+            expr if !reads_count(expr, plan, input) => Ok(()),
+            Expr::BinaryExpr(b) if self.is_count_lower_bound(b, plan, input) => Ok(()),
+            expr => Err(Denial::forbidden(
+                DENY_BY_DEFAULT,
+                format!(
+                    "`{expr}`: HAVING (or any filter over aggregated rows) may bound a count only from below (`count(*) > c`, `count(*) >= c`, combined with AND/OR); an upper bound, =, <>, IN, BETWEEN, NOT, arithmetic or a function over a count can single out small groups"
+                ),
+            )),
         }
-        Ok(())
+    }
+
+    /// `count > c`, `count >= c`, `c < count` or `c <= count`, with the
+    /// count passed through unchanged and `c` a constant.
+    fn is_count_lower_bound(
+        &self,
+        b: &BinaryExpr,
+        plan: &LogicalPlan,
+        input: &NodeLineage,
+    ) -> bool {
+        let constant = |e: &Expr| {
+            self.value(e, plan, input)
+                .is_ok_and(|l| l.level == Level::Constant && l.sources.is_empty())
+        };
+        match b.op {
+            Operator::Gt | Operator::GtEq => {
+                is_plain_count(&b.left, plan, input) && constant(&b.right)
+            }
+            Operator::Lt | Operator::LtEq => {
+                constant(&b.left) && is_plain_count(&b.right, plan, input)
+            }
+            _ => false,
+        }
     }
 
     fn require_construct(
@@ -1099,37 +1424,163 @@ fn describe_columns(expr: &Expr) -> String {
     )
 }
 
-fn comparison_name(op: Operator) -> Option<&'static str> {
+/// A comparison operator as the policy names it, and whether the SQL spells
+/// its negation (`<>` is a negated `=`, `!~` a negated `regex`).
+fn comparison_of(op: Operator) -> Option<(&'static str, bool)> {
     Some(match op {
-        Operator::Eq | Operator::IsNotDistinctFrom => "=",
-        Operator::NotEq | Operator::IsDistinctFrom => "<>",
-        Operator::Lt => "<",
-        Operator::LtEq => "<=",
-        Operator::Gt => ">",
-        Operator::GtEq => ">=",
-        Operator::And => "and",
-        Operator::Or => "or",
-        Operator::RegexMatch
-        | Operator::RegexIMatch
-        | Operator::RegexNotMatch
-        | Operator::RegexNotIMatch => "regex",
-        Operator::LikeMatch | Operator::ILikeMatch => "like",
-        Operator::NotLikeMatch | Operator::NotILikeMatch => "not_like",
+        Operator::Eq | Operator::IsNotDistinctFrom => ("=", false),
+        Operator::NotEq | Operator::IsDistinctFrom => ("=", true),
+        Operator::Lt => ("<", false),
+        Operator::LtEq => ("<=", false),
+        Operator::Gt => (">", false),
+        Operator::GtEq => (">=", false),
+        Operator::RegexMatch | Operator::RegexIMatch => ("regex", false),
+        Operator::RegexNotMatch | Operator::RegexNotIMatch => ("regex", true),
+        Operator::LikeMatch | Operator::ILikeMatch => ("like", false),
+        Operator::NotLikeMatch | Operator::NotILikeMatch => ("like", true),
         _ => return None,
     })
 }
 
+fn is_logical(op: Operator) -> bool {
+    matches!(op, Operator::And | Operator::Or)
+}
+
+/// How a refused comparison reads for what it means where it is used.
+fn describe_comparison(comparison: &str, polarity: Polarity, allowed: &BTreeSet<String>) -> String {
+    let negation = match complement(comparison) {
+        Some(other) => format!("`{other}`"),
+        None => format!("`not` with `{comparison}`"),
+    };
+    match polarity {
+        Polarity::Both if allowed.contains(comparison) => format!(
+            "comparison `{comparison}` is used as a value, so rows where it fails show too; that needs its negation, {negation} or `not`, which is"
+        ),
+        Polarity::Positive | Polarity::Both => format!("comparison `{comparison}` is"),
+        Polarity::Negative => format!("comparison {negation} (a negated `{comparison}`) is"),
+    }
+}
+
+/// An expression that is itself a condition (true, false or unknown).
 fn is_condition(expr: &Expr) -> bool {
     match expr {
-        Expr::BinaryExpr(b) => comparison_name(b.op).is_some(),
+        Expr::Alias(alias) => is_condition(&alias.expr),
+        Expr::BinaryExpr(b) => is_logical(b.op) || comparison_of(b.op).is_some(),
         Expr::Like(_)
         | Expr::Not(_)
         | Expr::IsNull(_)
         | Expr::IsNotNull(_)
+        | Expr::IsTrue(_)
+        | Expr::IsFalse(_)
+        | Expr::IsUnknown(_)
+        | Expr::IsNotTrue(_)
+        | Expr::IsNotFalse(_)
+        | Expr::IsNotUnknown(_)
         | Expr::Between(_)
         | Expr::InList(_) => true,
         _ => false,
     }
+}
+
+/// `c = true`, `c = false` (and `<>`, `IS [NOT] DISTINCT FROM` folded into
+/// `name` = "=" with the polarity) for a condition `c`: the condition, and
+/// the literal it is compared with.
+fn truth_comparison<'e>(b: &'e BinaryExpr, name: &str) -> Option<(&'e Expr, bool)> {
+    if name != "=" {
+        return None;
+    }
+    let pick = |condition: &'e Expr, literal: &Expr| match literal_truth(literal) {
+        Some(Some(value)) if is_condition(condition) => Some((condition, value)),
+        _ => None,
+    };
+    pick(&b.left, &b.right).or_else(|| pick(&b.right, &b.left))
+}
+
+/// `x IS [NOT] DISTINCT FROM NULL`: a null test, not a comparison.
+fn is_null_test(b: &BinaryExpr) -> bool {
+    matches!(b.op, Operator::IsDistinctFrom | Operator::IsNotDistinctFrom)
+        && (is_null_literal(&b.left) || is_null_literal(&b.right))
+}
+
+fn is_null_literal(expr: &Expr) -> bool {
+    literal_truth(expr) == Some(None)
+}
+
+/// `Some(Some(b))` for a boolean literal, `Some(None)` for a NULL, `None`
+/// for anything else (casts of literals seen through).
+fn literal_truth(expr: &Expr) -> Option<Option<bool>> {
+    match expr {
+        Expr::Alias(alias) => literal_truth(&alias.expr),
+        Expr::Cast(cast) => literal_truth(&cast.expr),
+        Expr::TryCast(cast) => literal_truth(&cast.expr),
+        Expr::Literal(ScalarValue::Boolean(value), _) => Some(*value),
+        Expr::Literal(value, _) if value.is_null() => Some(None),
+        _ => None,
+    }
+}
+
+/// The condition of one CASE branch: `CASE x WHEN v` compares `x = v`.
+fn case_condition(case: &Case, when: &Expr) -> Expr {
+    match &case.expr {
+        Some(base) => base.as_ref().clone().eq(when.clone()),
+        None => when.clone(),
+    }
+}
+
+/// The dataset columns `expr` reads row by row (not through an aggregate,
+/// not as a group key, whose value may leave as such).
+fn row_reads(expr: &Expr, plan: &LogicalPlan, input: &NodeLineage) -> BTreeSet<Source> {
+    expr.column_refs()
+        .into_iter()
+        .filter_map(|column| input.column(plan, column))
+        .filter(|lineage| lineage.level == Level::Row)
+        .flat_map(|lineage| lineage.sources.iter().cloned())
+        .collect()
+}
+
+/// Whether `expr` reads a value computed from a count-like aggregate.
+fn reads_count(expr: &Expr, plan: &LogicalPlan, input: &NodeLineage) -> bool {
+    expr.column_refs()
+        .into_iter()
+        .filter_map(|column| input.column(plan, column))
+        .any(|lineage| lineage.count_derived)
+}
+
+/// A count-like aggregate passed through unchanged (aliases, lossless casts).
+fn is_plain_count(expr: &Expr, plan: &LogicalPlan, input: &NodeLineage) -> bool {
+    matches!(strip_plain(expr, plan.schema()), Expr::Column(column)
+        if input.column(plan, column).is_some_and(|l| l.is_count))
+}
+
+/// Whether a `sum` argument grows the sum with every row: a column (as
+/// far as the policy can tell; see docs/policy.md) or a positive literal.
+fn grows(argument: &Expr, schema: &DFSchema) -> bool {
+    match strip_plain(argument, schema) {
+        Expr::Literal(value, _) => ScalarValue::new_zero(&value.data_type())
+            .ok()
+            .and_then(|zero| value.partial_cmp(&zero))
+            .is_some_and(|o| o == std::cmp::Ordering::Greater),
+        Expr::Cast(cast) => grows(&cast.expr, schema),
+        _ => true,
+    }
+}
+
+/// Refuses a LIMIT or OFFSET over rows ordered by a count-like key, unless
+/// the order is a plain count, largest first, and nothing is skipped: the
+/// tail of a count order is its smallest groups.
+fn refuse_limit_by_count(order: Option<&CountOrder>, skip: Option<&Expr>) -> Checked<()> {
+    let Some(order) = order else { return Ok(()) };
+    let skips = skip.is_some_and(|s| !matches!(strip_alias(s), Expr::Literal(v, _) if is_zero(v)));
+    if order.largest_first && !skips {
+        return Ok(());
+    }
+    Err(Denial::forbidden(
+        DENY_BY_DEFAULT,
+        format!(
+            "`ORDER BY {}` with LIMIT or OFFSET picks groups by their size: only a plain count in descending order (largest groups first) may be limited, and without OFFSET",
+            order.key
+        ),
+    ))
 }
 
 fn split_conjunction(expr: &Expr) -> Vec<&Expr> {
@@ -1143,23 +1594,6 @@ fn split_conjunction(expr: &Expr) -> Vec<&Expr> {
             out.extend(split_conjunction(right));
             out
         }
-        other => vec![other],
-    }
-}
-
-/// Every comparison under AND/OR/NOT.
-fn split_any(expr: &Expr) -> Vec<&Expr> {
-    match expr {
-        Expr::BinaryExpr(BinaryExpr {
-            left,
-            op: Operator::And | Operator::Or,
-            right,
-        }) => {
-            let mut out = split_any(left);
-            out.extend(split_any(right));
-            out
-        }
-        Expr::Not(inner) => split_any(inner),
         other => vec![other],
     }
 }

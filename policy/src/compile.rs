@@ -711,6 +711,7 @@ impl Compiler<'_> {
                 "`aggregate_only` needs `aggregation: { min_group_size: k }` in the same grant (add `rows: true` there to release other columns row by row): without a minimum group size, an aggregate over one row is that row's value",
             ));
         }
+        self.check_usage_limits(grant, field)?;
         let dp = match &grant.dp {
             Some(rule) => {
                 if dataset.privacy_unit.is_none() {
@@ -824,6 +825,49 @@ impl Compiler<'_> {
             dp,
             agreements: Vec::new(),
         })
+    }
+
+    /// `filter_only`, `group_by_only` and `aggregate_only` promise that a
+    /// column's value never leaves row by row. Where rows leave, `SELECT id
+    /// … WHERE code = 'E-106'` reads a filter column row by row, and `GROUP
+    /// BY id, site` a group key (k ≥ 2 still keeps `aggregate_only` values
+    /// out); where a group can be a single unit (k = 1), `GROUP BY id`
+    /// reads any of them. Such grants are refused at load, with what to
+    /// write instead.
+    fn check_usage_limits(&self, grant: &Grant, field: &str) -> Result<(), PolicyError> {
+        let Some(exposure) = RowExposure::of(grant) else {
+            return Ok(());
+        };
+        let limited = grant.columns.iter().find(|(_, v)| match v.value {
+            Visibility::FilterOnly | Visibility::GroupByOnly => true,
+            Visibility::AggregateOnly => exposure == RowExposure::SingleUnitGroups,
+            _ => false,
+        });
+        let Some((column, visibility)) = limited else {
+            return Ok(());
+        };
+        let how = match visibility.value {
+            Visibility::FilterOnly => {
+                "a query can return the rows WHERE it equals a value of its choice"
+            }
+            Visibility::GroupByOnly => {
+                "a query can return the rows WHERE it equals a value of its choice, or GROUP BY it and a unique column"
+            }
+            _ => "an aggregate over a group of one unit can be a single row's value",
+        };
+        let instead = match visibility.value {
+            Visibility::AggregateOnly => "`hidden` if its values may not leave",
+            _ => "`raw` (or a mask) if rows may carry it, `hidden` if not",
+        };
+        Err(self.error(
+            visibility.referenced.line(),
+            format!("{field}.columns.{column}"),
+            format!(
+                "`{v}` cannot hold in this grant: {why}, and {how}, which shows the value row by row. Write {instead}; or keep `{v}` and make the grant aggregation-only: `aggregation: {{ min_group_size: k }}` with k ≥ 2 and without `rows: true` (or use `dp:`)",
+                v = visibility.value,
+                why = exposure.describe(),
+            ),
+        ))
     }
 
     /// A grant may not loosen the defaults of a column's class and tags.
@@ -977,6 +1021,42 @@ impl Compiler<'_> {
                     ),
                 )
             })
+    }
+}
+
+/// How single rows can leave under a grant that is not differentially
+/// private.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowExposure {
+    /// No `aggregation`: rows leave and aggregates are not protected.
+    NoAggregation,
+    /// `rows: true`: rows leave beside the k-protected aggregates.
+    RowsToo,
+    /// `min_group_size: 1`: a group may be a single privacy unit.
+    SingleUnitGroups,
+}
+
+impl RowExposure {
+    fn of(grant: &Grant) -> Option<Self> {
+        if grant.dp.is_some() {
+            return None;
+        }
+        match &grant.aggregation {
+            None => Some(RowExposure::NoAggregation),
+            Some(a) if a.rows => Some(RowExposure::RowsToo),
+            Some(a) if a.min_group_size < 2 => Some(RowExposure::SingleUnitGroups),
+            Some(_) => None,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            RowExposure::NoAggregation => "the grant has no `aggregation`, so its rows leave",
+            RowExposure::RowsToo => "the grant says `rows: true`, so its rows leave",
+            RowExposure::SingleUnitGroups => {
+                "with `min_group_size: 1` a group can be a single privacy unit"
+            }
+        }
     }
 }
 

@@ -684,9 +684,11 @@ impl PolicyGate {
                 ));
             }
             // Under dp, noise and group selection take the place of k.
+            // k is named with what it does not do, so that nobody reads
+            // more into this line than it gives.
             if let Some(k) = grant.min_group_size.filter(|_| grant.dp.is_none()) {
                 rules.push(format!(
-                    "{}.aggregation (k = {k} distinct privacy units)",
+                    "{}.aggregation (k = {k} distinct privacy units; k does not stop differencing: aggregates whose filters differ by one unit reveal it, only dp bounds that)",
                     grant.rule
                 ));
             }

@@ -47,8 +47,15 @@ pub struct Lineage {
     /// (aliases and type-widening casts allowed).
     pub plain: Option<Source>,
     pub level: Level,
-    /// Set when the value is a COUNT, so HAVING on small counts can be seen.
+    /// Set when the value is an aggregate that grows with the rows of its
+    /// group (`count`, `sum`, … see `checks::COUNT_LIKE_AGGREGATES`) passed
+    /// through unchanged (aliases, lossless casts): a lower bound on it is
+    /// a lower bound on the group's size.
     pub is_count: bool,
+    /// Set when the value was computed from such an aggregate in any way
+    /// (`count(*) - 5`, `round(count(*))`, a CASE over it): a filter that
+    /// reads it may select groups by their size.
+    pub count_derived: bool,
 }
 
 impl Lineage {
@@ -58,6 +65,7 @@ impl Lineage {
             plain: Some(source),
             level: Level::Row,
             is_count: false,
+            count_derived: false,
         }
     }
 
@@ -70,6 +78,7 @@ impl Lineage {
         for input in inputs {
             out.sources.extend(input.sources.iter().cloned());
             out.level = out.level.max(input.level);
+            out.count_derived |= input.count_derived;
             row_level |= input.level == Level::Row;
         }
         if row_level {
@@ -84,6 +93,7 @@ impl Lineage {
         if self.plain == other.plain {
             out.plain = self.plain.clone();
         }
+        out.is_count = self.is_count && other.is_count;
         out
     }
 }
@@ -104,6 +114,28 @@ pub struct NodeLineage {
     pub position_selected: BTreeSet<String>,
     /// Whether an aggregate sits below.
     pub aggregated: bool,
+    /// Datasets whose rows reach this node one by one: not yet through an
+    /// aggregate that k (at least 2) or differential privacy protects.
+    /// Any dataset, whatever its grant, unlike `unaggregated`.
+    pub row_level: BTreeSet<String>,
+    /// Dataset columns read row by row by a condition anywhere below (WHERE,
+    /// HAVING, scan filters, join keys): if rows leave, each must be one
+    /// that could leave too (`filter_only` would be readable row by row).
+    pub condition_reads: BTreeSet<Source>,
+    /// Set when this node's rows are ordered by a count-like value (see
+    /// [`CountOrder`]): a LIMIT or OFFSET then selects groups by size.
+    pub count_order: Option<CountOrder>,
+}
+
+/// How the rows of a node are ordered by a count-like key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountOrder {
+    /// Largest groups first by a plain count (`ORDER BY count(*) DESC`): a
+    /// LIMIT keeps the largest groups, which is allowed; an OFFSET skips
+    /// them, which is not.
+    pub largest_first: bool,
+    /// The sort key, for messages (query text only, never data).
+    pub key: String,
 }
 
 impl NodeLineage {

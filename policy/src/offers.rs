@@ -165,6 +165,65 @@ fn offer(dataset: &str, consumer: &str, grant: &DatasetGrant, quotas: Option<Quo
     }
 }
 
+/// Said plainly wherever k-anonymity is on offer, because its name promises
+/// more than it gives.
+pub const DIFFERENCING_CAVEAT: &str = "k-anonymity does not stop differencing: two allowed aggregates whose filters differ by one unit or row (with and without it) reveal its value by subtraction";
+
+impl Offer {
+    /// What the offer guarantees about a single privacy unit, and what it
+    /// does not, in plain words: the catalog's honest summary of its terms.
+    pub fn guarantee(&self) -> String {
+        let k = self.min_group_size.unwrap_or_default();
+        match (self.mode, &self.dp) {
+            (OfferMode::Dp, Some(dp)) => dp_guarantee(dp),
+            (OfferMode::Dp, None) => "Only differentially private aggregates leave.".to_string(),
+            (OfferMode::Aggregate, _) => format!(
+                "Only aggregates leave, each over at least {k} distinct privacy units (smaller groups are suppressed). {DIFFERENCING_CAVEAT}; only differential privacy (an offer of mode dp) bounds what a series of queries reveals."
+            ),
+            (OfferMode::Raw, _) if self.min_group_size.is_some() => format!(
+                "Rows leave as the column visibilities allow (masks applied). Every aggregate needs at least {k} distinct privacy units, which keeps aggregate_only columns out of single results, but {DIFFERENCING_CAVEAT}."
+            ),
+            (OfferMode::Raw, _) => "Rows leave as the column visibilities allow (masks applied); nothing protects single rows beyond the masks and the row filter.".to_string(),
+        }
+    }
+}
+
+fn dp_guarantee(dp: &DpGrant) -> String {
+    let delta = match dp.delta_per_query {
+        d if d > 0.0 => format!(", δ ≤ {} where a query needs one", number(d)),
+        _ => String::new(),
+    };
+    let budget = match &dp.budget {
+        Some(b) if b.period == "total" => format!(
+            "composed over a budget of ε = {} (δ = {}) for your organization that never resets, which bounds what any series of queries reveals about one unit",
+            number(b.epsilon),
+            number(b.delta)
+        ),
+        Some(b) => format!(
+            "composed over a budget of ε = {} (δ = {}) for your organization per {}, which bounds what the queries of one period reveal about one unit (it resets each period, so over several periods the bound adds up)",
+            number(b.epsilon),
+            number(b.delta),
+            b.period
+        ),
+        None => "composed over every query; no total budget is set, so the bound grows with each query (spend is still recorded)".to_string(),
+    };
+    format!(
+        "ε-differential privacy per query (ε ≤ {}{delta}), {budget}. Results are noisy; each unit counts in at most {} group(s) with at most {} row(s) each, and values are clamped to the declared bounds.",
+        number(dp.epsilon_cap),
+        dp.max_groups,
+        dp.max_rows
+    )
+}
+
+/// A number as people read it: `1e-8` rather than `0.00000001`.
+fn number(x: f64) -> String {
+    if x != 0.0 && x.abs() < 1e-3 {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
 /// Visible columns in schema order, typed as a query returns them.
 fn catalog_columns(dataset: &DatasetRules, grant: &DatasetGrant) -> Vec<CatalogColumn> {
     visible_fields(&dataset.schema, grant)

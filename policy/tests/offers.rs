@@ -240,3 +240,60 @@ fn agreement_and_admin_mistakes_are_load_errors() {
     let bad_mode = POLICY.replace("approval: manual", "approval: sometimes");
     assert!(setup(&bad_mode).is_err());
 }
+
+/// Issue 14: every offer says what it guarantees and what it does not; an
+/// aggregate offer says that k does not stop differencing, a dp offer names
+/// its ε and budget, a raw one that rows leave.
+#[test]
+fn each_offer_states_its_guarantee_and_its_limits() {
+    let (_, gate) = setup(POLICY).unwrap();
+    let policy = gate.policy_set().unwrap();
+    let analyst = policy.catalog(&principal("Analysts", "a"));
+    let aggregate = analyst[0].offers[0].guarantee();
+    assert!(
+        aggregate.contains("at least 5 distinct privacy units"),
+        "{aggregate}"
+    );
+    assert!(
+        aggregate.contains("does not stop differencing"),
+        "{aggregate}"
+    );
+    assert!(aggregate.contains("differential privacy"), "{aggregate}");
+    let raw = analyst[1].offers[0].guarantee();
+    assert!(raw.starts_with("Rows leave"), "{raw}");
+    assert!(!raw.contains("k-anonymity"), "{raw}");
+
+    let research = policy.catalog(&principal("Researchers", "r"));
+    let dp = research[0].offers[0].guarantee();
+    assert!(
+        dp.starts_with("ε-differential privacy per query (ε ≤ 1"),
+        "{dp}"
+    );
+    assert!(dp.contains("budget of ε = 5"), "{dp}");
+    assert!(dp.contains("per month"), "{dp}");
+    assert!(!dp.contains("does not stop differencing"), "{dp}");
+}
+
+#[test]
+fn explain_policy_says_that_k_does_not_stop_differencing() {
+    let (ctx, gate) = setup(POLICY).unwrap();
+    let request = QueryContext::new(principal("Analysts", "a"))
+        .with_purpose("research")
+        .with_agreement(
+            "people/analysts",
+            ActiveAgreement {
+                id: "a1".into(),
+                purpose: "research".into(),
+            },
+        );
+    let approval = gate
+        .decide(&request, analyzed(&ctx, QUERY).unwrap())
+        .unwrap();
+    let line = approval
+        .record
+        .rules
+        .iter()
+        .find(|r| r.contains(".aggregation (k = 5"))
+        .unwrap_or_else(|| panic!("{:?}", approval.record.rules));
+    assert!(line.contains("does not stop differencing"), "{line}");
+}

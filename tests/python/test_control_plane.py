@@ -278,6 +278,9 @@ def test_trips_for_the_planning_agency_is_an_aggregate_offer_without_identifiers
     assert offer.valid_from == "2026-01-01T00:00:00Z"
     assert offer.valid_until == "2030-12-31T23:59:59Z"
     assert not offer.HasField("dp")
+    # The offer says what k gives and what it does not.
+    assert "at least 10 distinct privacy units" in offer.guarantee
+    assert "does not stop differencing" in offer.guarantee
 
 
 def test_trips_for_the_research_institute_is_a_dp_offer_under_manual_agreement(control):
@@ -300,6 +303,8 @@ def test_trips_for_the_research_institute_is_a_dp_offer_under_manual_agreement(c
     assert offer.dp.budget_epsilon == 10.0
     assert offer.dp.budget_period == "month"
     assert offer.dp.noise == "laplace"
+    assert offer.guarantee.startswith("ε-differential privacy per query (ε ≤ 1")
+    assert "budget of ε = 10" in offer.guarantee and "per month" in offer.guarantee
 
 
 def test_supplier_sees_machine_events_with_the_serial_hashed(control):
@@ -307,11 +312,15 @@ def test_supplier_sees_machine_events_with_the_serial_hashed(control):
     columns = {c.name: c for c in events.columns}
     assert columns["machine_serial"].visibility == "masked"
     assert columns["machine_serial"].data_type == "Utf8"
-    assert columns["fault_code"].visibility == "filter_only"
+    # Rows leave under this grant, so fault codes cannot be filter_only.
+    assert columns["fault_code"].visibility == "raw"
+    assert columns["energy_kwh"].visibility == "aggregate_only"
     [offer] = events.offers
     assert offer.id == "machine_events/axle-suppliers"
     assert offer.mode == "raw"
     assert offer.min_group_size == 2
+    assert offer.guarantee.startswith("Rows leave")
+    assert "does not stop differencing" in offer.guarantee
 
 
 def test_pages_of_one_walk_every_visible_dataset(control):

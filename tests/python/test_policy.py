@@ -34,6 +34,12 @@ def test_an_allowed_aggregate_matches_the_policy_applied_by_hand(demo_daemon):
     ("SELECT card_id, fare_eur FROM trips", "grants.trips.aggregation"),
     ("SELECT fare_eur FROM trips ORDER BY fare_eur DESC LIMIT 1", "fare_eur"),
     ("SELECT max(fare_eur) FROM trips", "`max`"),
+    # Issue 14: a negation by another spelling, an upper bound on a count,
+    # and rows beside a condition on a column that may not be returned.
+    ("SELECT count(*) FROM trips WHERE (start_zone = 'Z01') IS NOT TRUE", "grants.trips.comparisons"),
+    ("SELECT start_zone, count(*) FROM trips GROUP BY start_zone HAVING count(*) BETWEEN 1 AND 20", "HAVING"),
+    ("SELECT z.zone_id FROM zones z JOIN (SELECT start_zone FROM trips WHERE end_zone = 'Z01' "
+     "GROUP BY start_zone) t ON z.zone_id = t.start_zone", "grants.trips.columns.end_zone"),
 ])
 def test_forbidden_queries_are_refused_naming_the_rule(demo_daemon, sql, rule):
     with adbc_connect(demo_daemon, purpose="research") as conn, conn.cursor() as cur:

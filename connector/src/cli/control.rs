@@ -311,6 +311,9 @@ fn print_dataset(d: &pb::Dataset) {
         if !o.valid_until.is_empty() {
             println!("    valid until {}", o.valid_until);
         }
+        if !o.guarantee.is_empty() {
+            println!("    guarantee: {}", o.guarantee);
+        }
     }
 }
 

@@ -202,6 +202,7 @@ pub(crate) fn offer(o: &Offer) -> pb::Offer {
             .map_or(0, |days| u64::from(days) * 86_400),
         queries_per_day: quotas.queries_per_day.unwrap_or(0),
         rows_per_day: quotas.rows_per_day.unwrap_or(0),
+        guarantee: o.guarantee(),
     }
 }
 
