@@ -133,7 +133,10 @@ pub struct TenantCaps {
 impl TenantCaps {
     /// The first cap that `held` (in all, by the organization, by the
     /// principal) has reached, as (count, whose, setting).
-    pub fn reached(&self, held: (usize, usize, usize)) -> Option<(usize, &'static str, &'static str)> {
+    pub fn reached(
+        &self,
+        held: (usize, usize, usize),
+    ) -> Option<(usize, &'static str, &'static str)> {
         let (total, organization, principal) = held;
         let [all, per_organization, per_principal] = self.settings;
         if principal >= self.per_principal {

@@ -206,7 +206,11 @@ mod tests {
             let handles: Vec<_> = (0..8)
                 .map(|_| {
                     let (store, quota) = (store.clone(), quota.clone());
-                    s.spawn(move || (0..500).map(|_| store.take_rows(&quota, 7, tomorrow)).sum::<u64>())
+                    s.spawn(move || {
+                        (0..500)
+                            .map(|_| store.take_rows(&quota, 7, tomorrow))
+                            .sum::<u64>()
+                    })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()

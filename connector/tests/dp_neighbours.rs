@@ -350,7 +350,11 @@ const BY_DATE: &str = "SELECT CAST(ts AS DATE) AS d, count(*) FROM t GROUP BY CA
 fn grouping_published_hours_by_date_releases_each_date_once() {
     let policy = hourly_keys_policy();
     let (query, _) = prepare(&policy, &dataset(true, "common"), BY_DATE);
-    assert_eq!(query.groups, Groups::Private, "a lossy cast keeps no published keys");
+    assert_eq!(
+        query.groups,
+        Groups::Private,
+        "a lossy cast keeps no published keys"
+    );
     let (_, exact_with) = prepare(&policy, &dataset(true, "common"), BY_DATE);
     let (_, exact_without) = prepare(&policy, &dataset(false, "common"), BY_DATE);
     let any = |_: &[ScalarValue]| true;

@@ -71,7 +71,9 @@ consumers:
 "#;
 
 /// Columns of `t`, one of each type a dataset may hold.
-const COLUMNS: &[&str] = &["txt", "i64", "i32", "f64", "dec", "ts", "day", "flag", "unit"];
+const COLUMNS: &[&str] = &[
+    "txt", "i64", "i32", "f64", "dec", "ts", "day", "flag", "unit",
+];
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -132,8 +134,18 @@ fn rows(victim: bool) -> Vec<Row> {
         .collect();
     if victim {
         let extremes = [
-            (Some(i64::MAX), Some(i32::MIN), Some(f64::NAN), Some(i128::MAX / 10)),
-            (Some(i64::MIN), Some(i32::MAX), Some(f64::INFINITY), Some(-(10i128.pow(37)))),
+            (
+                Some(i64::MAX),
+                Some(i32::MIN),
+                Some(f64::NAN),
+                Some(i128::MAX / 10),
+            ),
+            (
+                Some(i64::MIN),
+                Some(i32::MAX),
+                Some(f64::INFINITY),
+                Some(-(10i128.pow(37))),
+            ),
             (None, None, Some(f64::NEG_INFINITY), None),
             (Some(0), Some(0), Some(f64::MAX), Some(0)),
         ];
@@ -156,14 +168,18 @@ fn rows(victim: bool) -> Vec<Row> {
 
 fn batch(rows: &[Row]) -> RecordBatch {
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.unit.clone()))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.unit.clone()),
+        )),
         Arc::new(StringArray::from_iter(
             rows.iter()
                 .enumerate()
                 .map(|(i, _)| Some(["a", "b", "c"][i % 3])),
         )),
         Arc::new(StringArray::from_iter(
-            rows.iter().enumerate().map(|(i, _)| Some(["Z01", "Z02"][i % 2])),
+            rows.iter()
+                .enumerate()
+                .map(|(i, _)| Some(["Z01", "Z02"][i % 2])),
         )),
         Arc::new(StringArray::from_iter(rows.iter().map(|r| r.tag))),
         Arc::new(StringArray::from_iter(rows.iter().map(|r| r.txt))),
@@ -348,7 +364,11 @@ fn outcomes_do_not_depend_on_the_data_for_any_aggregate_or_type() {
         .iter()
         .filter(|sql| probe(false, sql) == Outcome::Answered)
         .count();
-    assert!(answered >= queries.len() / 3, "{answered} of {}", queries.len());
+    assert!(
+        answered >= queries.len() / 3,
+        "{answered} of {}",
+        queries.len()
+    );
 }
 
 #[test]

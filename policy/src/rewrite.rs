@@ -93,9 +93,9 @@ impl Rewriter<'_> {
         // the columns the query saw are selected again above the filter.
         let narrowed = scan.projection.is_some();
         let mut plan = match narrowed {
-            true => LogicalPlan::TableScan(
-                TableScanBuilder::from(scan).with_projection(None).build()?,
-            ),
+            true => {
+                LogicalPlan::TableScan(TableScanBuilder::from(scan).with_projection(None).build()?)
+            }
             false => LogicalPlan::TableScan(scan),
         };
         if let Some(filter) = &grant.row_filter {

@@ -62,14 +62,19 @@ pub struct BudgetHold {
 
 impl BudgetHold {
     pub fn ticket(&self) -> &PrivacyTicket {
-        self.ticket.as_ref().expect("a hold keeps its ticket until started")
+        self.ticket
+            .as_ref()
+            .expect("a hold keeps its ticket until started")
     }
 
     /// The query is about to read data: from now on the charge stands,
     /// whatever happens (BigQuery's rule; a failure after this point is
     /// never refunded, since it may depend on the data).
     pub fn start(mut self) -> Result<PrivacyTicket, QueryError> {
-        let ticket = self.ticket.take().expect("a hold keeps its ticket until started");
+        let ticket = self
+            .ticket
+            .take()
+            .expect("a hold keeps its ticket until started");
         match self.privacy.start(&ticket) {
             Ok(()) => Ok(ticket),
             Err(e) => {
@@ -326,7 +331,9 @@ pub fn announced_schema(
     state: &datafusion::execution::SessionState,
 ) -> Result<SchemaRef, QueryError> {
     let (schema, split) = release::announced(query).map_err(|e| match e {
-        release::PlanNoiseError::EpsilonTooSmall { .. } => QueryError::InvalidRequest(e.to_string()),
+        release::PlanNoiseError::EpsilonTooSmall { .. } => {
+            QueryError::InvalidRequest(e.to_string())
+        }
         release::PlanNoiseError::Mechanism(_) => {
             tracing::error!(error = %e, "planning the noise of a DP query failed");
             QueryError::Internal(e.to_string())

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Decimal128Array, Float64Array, RecordBatch,
 };
-use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
     DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema, SchemaRef,
 };
+use datafusion::arrow::error::ArrowError;
 use datafusion::common::ScalarValue;
 use sluice_policy::document::NoiseKind;
 use sluice_policy::dp::{ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind};
@@ -324,12 +324,16 @@ fn output_array(values: &[f64], target: &DataType) -> Result<ArrayRef, ArrowErro
         }
         target if target.is_integer() => {
             let (low, high) = integer_range(target);
-            let rounded = Float64Array::from_iter_values(finite.map(|v| v.round().clamp(low, high)));
+            let rounded =
+                Float64Array::from_iter_values(finite.map(|v| v.round().clamp(low, high)));
             cast(&rounded, target)
         }
         DataType::Float32 => {
             let max = f64::from(f32::MAX);
-            cast(&Float64Array::from_iter_values(finite.map(|v| v.clamp(-max, max))), target)
+            cast(
+                &Float64Array::from_iter_values(finite.map(|v| v.clamp(-max, max))),
+                target,
+            )
         }
         other => cast(&Float64Array::from_iter_values(finite), other),
     }

@@ -8,11 +8,21 @@
 //! above every operator's output, so every batch that moves between two
 //! operators checks the clock: past the deadline, the batch is replaced by
 //! an error and the whole plan unwinds within one batch of work.
+//!
+//! The same wrapper makes execution share the query runtime. A CPU-bound
+//! operator whose input is always ready never returns `Pending`, so its
+//! task keeps a worker thread for as long as it runs, and every other
+//! tenant's query waits behind it. After [`TIME_SLICE`] of uninterrupted
+//! work, a [`DeadlineStream`] yields the way `tokio::task::yield_now` does:
+//! its task is woken again only once the runtime has run every other ready
+//! task, so a small query never waits behind a heavy one for more than a
+//! slice at a time. (Waking itself directly would not do: the scheduler may
+//! run a task that wakes itself again at once.)
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
@@ -23,6 +33,10 @@ use datafusion::physical_plan::{
     ReplaceChildrenOptions,
 };
 use futures::Stream;
+use std::future::Future;
+
+/// How long one operator's stream may keep its task busy before it yields.
+pub const TIME_SLICE: Duration = Duration::from_millis(2);
 
 /// The error an operator raises when the deadline has passed.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +146,7 @@ impl ExecutionPlan for DeadlineExec {
         Ok(Box::pin(DeadlineStream {
             input,
             deadline: self.deadline,
+            busy_since: Instant::now(),
         }))
     }
 }
@@ -139,18 +154,32 @@ impl ExecutionPlan for DeadlineExec {
 struct DeadlineStream {
     input: SendableRecordBatchStream,
     deadline: Instant,
+    /// When this stream last returned `Pending`.
+    busy_since: Instant,
 }
 
 impl Stream for DeadlineStream {
     type Item = Result<datafusion::arrow::record_batch::RecordBatch>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if Instant::now() >= self.deadline {
+        let now = Instant::now();
+        if now >= self.deadline {
             return Poll::Ready(Some(Err(DataFusionError::External(Box::new(
                 DeadlinePassed,
             )))));
         }
-        self.input.as_mut().poll_next(cx)
+        if now.duration_since(self.busy_since) >= TIME_SLICE {
+            self.busy_since = now;
+            let mut yielding = std::pin::pin!(tokio::task::yield_now());
+            if yielding.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        let polled = self.input.as_mut().poll_next(cx);
+        if polled.is_pending() {
+            self.busy_since = Instant::now();
+        }
+        polled
     }
 }
 

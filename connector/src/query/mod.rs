@@ -487,10 +487,7 @@ impl QueryEngine {
         let expires_at = SystemTime::now() + self.limits.ticket_ttl;
         let budget = match (&dp, &record.privacy) {
             (Some(query), Some(charge)) => {
-                Some(
-                    self.privacy
-                        .hold(charge, query, request.at, expires_at)?,
-                )
+                Some(self.privacy.hold(charge, query, request.at, expires_at)?)
             }
             _ => None,
         };
@@ -642,9 +639,7 @@ impl QueryEngine {
             plan_hash,
             ..
         } = pending;
-        let cached = budget
-            .as_ref()
-            .is_some_and(|b| b.ticket().cached.is_some());
+        let cached = budget.as_ref().is_some_and(|b| b.ticket().cached.is_some());
         let release = audit::release(
             principal,
             &approval.record,
@@ -814,16 +809,19 @@ impl QueryEngine {
         limits: ExecutionLimits,
         slot: Slot,
     ) -> Result<RecordBatch, QueryError> {
-        let receiver =
-            self.executor
-                .start(self.catalog.clone(), query.stats_plan.clone(), limits, Some(slot));
+        let receiver = self.executor.start(
+            self.catalog.clone(),
+            query.stats_plan.clone(),
+            limits,
+            Some(slot),
+        );
         let batches: Vec<RecordBatch> = tokio_stream::wrappers::ReceiverStream::new(receiver)
             .collect::<Vec<_>>()
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
-        let exact = privacy::release::exact_statistics(query, &batches)
-            .map_err(QueryError::Internal)?;
+        let exact =
+            privacy::release::exact_statistics(query, &batches).map_err(QueryError::Internal)?;
         let for_noise = query.clone();
         let noisy =
             tokio::task::spawn_blocking(move || privacy::release::add_noise(&for_noise, exact))
@@ -851,7 +849,6 @@ impl QueryEngine {
         self.limits.ticket_ttl
     }
 }
-
 
 /// SHA-256 of the plan's canonical text (with schemas), binding a ticket to
 /// the exact plan that was approved.

@@ -237,12 +237,22 @@ mod tests {
         // a queues first, b second; b holds nothing, so b goes first.
         let waiting_a = tokio::spawn({
             let slots = slots.clone();
-            async move { slots.acquire("a", soon()).await.map(|s| (Instant::now(), s)) }
+            async move {
+                slots
+                    .acquire("a", soon())
+                    .await
+                    .map(|s| (Instant::now(), s))
+            }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let waiting_b = tokio::spawn({
             let slots = slots.clone();
-            async move { slots.acquire("b", soon()).await.map(|s| (Instant::now(), s)) }
+            async move {
+                slots
+                    .acquire("b", soon())
+                    .await
+                    .map(|s| (Instant::now(), s))
+            }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(a1);

@@ -252,10 +252,7 @@ fn held(
 
 /// Removes and returns the expired entries, for the caller to drop once it
 /// has let go of the lock.
-fn take_expired(
-    map: &mut HashMap<[u8; 16], PendingQuery>,
-    now: SystemTime,
-) -> Vec<PendingQuery> {
+fn take_expired(map: &mut HashMap<[u8; 16], PendingQuery>, now: SystemTime) -> Vec<PendingQuery> {
     let ids: Vec<[u8; 16]> = map
         .iter()
         .filter(|(_, p)| p.expires_at <= now)

@@ -152,10 +152,24 @@ fn reads_columns(expr: &PhysicalExprRef) -> bool {
 
 /// An expression whose failure on a row gives that row NULL (or, where the
 /// expression cannot be NULL, its type's zero). See the module docs.
-#[derive(Debug, Hash, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct TotalExpr {
     inner: PhysicalExprRef,
 }
+
+impl Hash for TotalExpr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.inner.hash(state);
+    }
+}
+
+impl PartialEq for TotalExpr {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.as_ref().dyn_eq(other.inner.as_ref() as &dyn Any)
+    }
+}
+
+impl Eq for TotalExpr {}
 
 impl fmt::Display for TotalExpr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -180,7 +194,10 @@ impl PhysicalExpr for TotalExpr {
         vec![&self.inner]
     }
 
-    fn with_new_children(self: Arc<Self>, mut children: Vec<PhysicalExprRef>) -> Result<PhysicalExprRef> {
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<PhysicalExprRef>,
+    ) -> Result<PhysicalExprRef> {
         Ok(Arc::new(TotalExpr {
             inner: children.swap_remove(0),
         }))
@@ -261,7 +278,11 @@ mod tests {
     async fn run(sql: &str, wrapped: bool) -> Result<Vec<RecordBatch>> {
         let ctx = session();
         let plan = ctx.sql(sql).await?.create_physical_plan().await?;
-        let plan = if wrapped { total_expressions(plan)? } else { plan };
+        let plan = if wrapped {
+            total_expressions(plan)?
+        } else {
+            plan
+        };
         datafusion::physical_plan::collect(plan, ctx.task_ctx()).await
     }
 
@@ -280,10 +301,17 @@ mod tests {
         ] {
             assert!(run(sql, false).await.is_err(), "{sql} fails unwrapped");
             let got = render(&run(sql, true).await.unwrap());
-            assert_eq!(got.lines().filter(|l| l.starts_with("|")).count(), 5, "{sql}\n{got}");
+            assert_eq!(
+                got.lines().filter(|l| l.starts_with("|")).count(),
+                5,
+                "{sql}\n{got}"
+            );
         }
         let got = render(&run("SELECT abs(x) AS a FROM t", true).await.unwrap());
-        assert!(got.contains("| 1 ") && got.contains("| 3 ") && got.contains("| 4 "), "{got}");
+        assert!(
+            got.contains("| 1 ") && got.contains("| 3 ") && got.contains("| 4 "),
+            "{got}"
+        );
     }
 
     #[tokio::test]
@@ -303,8 +331,13 @@ mod tests {
 
     #[tokio::test]
     async fn constant_expressions_still_report_their_errors() {
-        assert!(run("SELECT abs(CAST(-9223372036854775808 AS BIGINT)) AS a FROM t", true)
+        assert!(
+            run(
+                "SELECT abs(CAST(-9223372036854775808 AS BIGINT)) AS a FROM t",
+                true
+            )
             .await
-            .is_err());
+            .is_err()
+        );
     }
 }

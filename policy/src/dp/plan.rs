@@ -340,12 +340,7 @@ fn group_keys(aggregate: &Aggregate) -> Result<Vec<Expr>> {
 /// would release one group once per repeat, each with the full noise
 /// budget (a `GROUP BY CAST(ts AS DATE)` over hourly keys released every
 /// date 24 times).
-fn groups(
-    keys: &[Expr],
-    aggregate: &Aggregate,
-    grant: &DpGrant,
-    source: &SourceColumns,
-) -> Groups {
+fn groups(keys: &[Expr], aggregate: &Aggregate, grant: &DpGrant, source: &SourceColumns) -> Groups {
     if keys.is_empty() {
         return Groups::Single;
     }
@@ -698,7 +693,10 @@ impl<'a> StatsBuilder<'a> {
     /// read, never by a value failing later.
     fn value(&mut self, column: &Column, needs_bounds: bool) -> Result<ColumnBounds> {
         let Some(data_type) = self.source.data_type(column) else {
-            return plan_err!("column `{}` cannot be traced to the aggregate's input", column.name);
+            return plan_err!(
+                "column `{}` cannot be traced to the aggregate's input",
+                column.name
+            );
         };
         let numeric = is_number(&data_type);
         if needs_bounds && !numeric {
