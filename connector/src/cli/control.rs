@@ -292,13 +292,20 @@ fn print_dataset(d: &pb::Dataset) {
         }
         if let Some(dp) = &o.dp {
             println!(
-                "    differential privacy: ε ≤ {} per query (default {}), budget {} ε per {}, {} noise",
+                "    differential privacy: ε from {} to {} per query (default {}), budget {} ε per {}, {} noise",
+                dp.min_epsilon_per_query,
                 dp.epsilon_per_query,
                 dp.default_epsilon,
                 dp.budget_epsilon,
                 dp.budget_period,
                 dp.noise
             );
+            if !d.privacy_unit.is_empty() {
+                println!(
+                    "    privacy unit: {} (count people with COUNT(DISTINCT {}))",
+                    d.privacy_unit, d.privacy_unit
+                );
+            }
         }
         let agreement = match o.agreement.as_str() {
             "none" => "not needed".to_string(),

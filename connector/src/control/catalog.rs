@@ -127,6 +127,13 @@ fn matches(d: &pb::Dataset, filter: &pb::ListDatasetsRequest) -> bool {
 
 fn dataset(entry: CatalogEntry, modified: Option<std::time::SystemTime>) -> pb::Dataset {
     let meta = entry.metadata;
+    let under_dp = entry.offers.iter().any(|o| o.dp.is_some());
+    let privacy_unit = meta
+        .privacy_unit
+        .as_ref()
+        .filter(|_| under_dp)
+        .map(|unit| unit.value.clone())
+        .unwrap_or_default();
     pb::Dataset {
         title: meta.title.unwrap_or_else(|| entry.name.clone()),
         name: entry.name,
@@ -139,6 +146,7 @@ fn dataset(entry: CatalogEntry, modified: Option<std::time::SystemTime>) -> pb::
         columns: entry.columns.into_iter().map(column).collect(),
         offers: entry.offers.iter().map(offer).collect(),
         public: meta.public,
+        privacy_unit,
     }
 }
 
@@ -182,6 +190,7 @@ pub(crate) fn offer(o: &Offer) -> pb::Offer {
             max_groups: dp.max_groups,
             max_rows: dp.max_rows,
             noise: format!("{:?}", dp.noise).to_lowercase(),
+            min_epsilon_per_query: dp.min_epsilon,
         }),
         valid_from: o
             .valid_from
