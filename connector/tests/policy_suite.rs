@@ -292,7 +292,7 @@ fn cases() -> Vec<Case> {
         supplier(
             "SELECT * expands to the visible columns only",
             "SELECT * FROM zones",
-            Same("SELECT zone_id, district FROM zones"),
+            Same("SELECT district, zone_id FROM zones"),
         ),
         planning(
             "rows of an aggregation-only dataset",

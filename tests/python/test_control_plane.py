@@ -650,7 +650,7 @@ def test_a_refusal_has_a_receipt_naming_its_rule(demo_daemon, control):
     planning, supplier = control("planning"), control("supplier")
     client, headers = flight_with_receipts(demo_daemon, "planning")
     with pytest.raises(flight.FlightUnauthorizedError) as info:
-        query(client, "SELECT card_id FROM trips", "urban-planning")
+        query(client, "SELECT fare_eur FROM trips", "urban-planning")
     message = str(info.value)
     receipt_id = receipt_in(message)
     record = planning.receipt(receipt_id)

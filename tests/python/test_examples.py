@@ -32,7 +32,7 @@ EXAMPLES = {
         "south: ε 0.5 charged there",
         "(95%, noise of both operators combined)",
         "remaining 9.5 ε",
-        "provider `south` failed (PERMISSION_DENIED)",
+        "provider `south` failed (INVALID_ARGUMENT): No field named age_band",
         "south named missing",
         "broker example: OK",
     ]),

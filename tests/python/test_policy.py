@@ -31,7 +31,7 @@ def test_an_allowed_aggregate_matches_the_policy_applied_by_hand(demo_daemon):
 
 
 @pytest.mark.parametrize("sql, rule", [
-    ("SELECT card_id, fare_eur FROM trips", "grants.trips.aggregation"),
+    ("SELECT mode, start_zone FROM trips", "grants.trips.aggregation"),
     ("SELECT fare_eur FROM trips ORDER BY fare_eur DESC LIMIT 1", "fare_eur"),
     ("SELECT max(fare_eur) FROM trips", "`max`"),
     # Issue 14: a negation by another spelling, an upper bound on a count,

@@ -271,8 +271,13 @@ fn remaining(charge: &PrivacyCharge, balance: &ledger::Balance) -> Option<(f64, 
 }
 
 /// Same organization, same approved plan (parameters are bound into it),
-/// same ε and δ: the same answer.
+/// same ε and δ: the same answer. The plans are compared with the columns
+/// they do not use pruned away, since a query is planned against its
+/// caller's view: asked directly or through a broker (whose view may be
+/// narrower), the same question reads the same columns.
 fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
+    let plan = without_unused_columns(&query.plan);
+    let stats_plan = without_unused_columns(&query.stats_plan);
     // Everything the noisy answer depends on: the bounded statistics plan
     // (clamps, per-unit caps), each statistic's sensitivity and share, the
     // groups and the noise, so that a query decided under other DP terms
@@ -283,8 +288,8 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
         charge.dataset,
         charge.epsilon,
         charge.delta,
-        query.plan.display_indent_schema(),
-        query.stats_plan.display_indent_schema(),
+        plan.display_indent_schema(),
+        stats_plan.display_indent_schema(),
         query.statistics,
         query.groups,
         query.noise,
@@ -292,6 +297,18 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
         query.max_rows
     );
     crate::identity::hex(digest::digest(&digest::SHA256, text.as_bytes()).as_ref())
+}
+
+/// `plan` as DataFusion's projection pruning leaves it, for comparing.
+fn without_unused_columns(
+    plan: &datafusion::logical_expr::LogicalPlan,
+) -> datafusion::logical_expr::LogicalPlan {
+    use datafusion::optimizer::optimize_projections::OptimizeProjections;
+    use datafusion::optimizer::{OptimizerContext, OptimizerRule};
+    OptimizeProjections::new()
+        .rewrite(plan.clone(), &OptimizerContext::new())
+        .map(|t| t.data)
+        .unwrap_or_else(|_| plan.clone())
 }
 
 fn ledger_error(e: LedgerError) -> QueryError {

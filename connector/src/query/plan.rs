@@ -320,20 +320,16 @@ pub fn bind(plan: LogicalPlan, values: Vec<ScalarValue>) -> Result<LogicalPlan, 
     Ok(plan)
 }
 
-/// LIMIT and OFFSET must be constant integers of at least 0. The SQL
+/// LIMIT and OFFSET must be integers of at least 0 (or NULL: none). The SQL
 /// planner checks literals; a bound parameter is only a literal once bound,
 /// so it is checked here rather than failing at execution.
 fn check_limits(plan: &LogicalPlan) -> Result<(), QueryError> {
-    use datafusion::logical_expr::logical_plan::{FetchType, SkipType};
     let mut problem = None;
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::Limit(limit) = node {
-            let constant = matches!(limit.get_skip_type(), Ok(SkipType::Literal(_)))
-                && matches!(limit.get_fetch_type(), Ok(FetchType::Literal(_)));
-            if !constant {
-                problem = Some(
-                    "LIMIT and OFFSET take an integer of at least 0; a bound value is negative or not an integer",
-                );
+            let bounds = limit.skip.iter().chain(limit.fetch.iter());
+            if let Some(bad) = bounds.filter_map(|e| limit_problem(e)).next() {
+                problem = Some(bad);
                 return Ok(TreeNodeRecursion::Stop);
             }
         }
@@ -342,6 +338,20 @@ fn check_limits(plan: &LogicalPlan) -> Result<(), QueryError> {
     match problem {
         Some(message) => Err(QueryError::InvalidRequest(message.into())),
         None => Ok(()),
+    }
+}
+
+/// What is wrong with a bound LIMIT or OFFSET value, if anything.
+fn limit_problem(bound: &datafusion::logical_expr::Expr) -> Option<&'static str> {
+    use datafusion::logical_expr::Expr;
+    match bound {
+        Expr::Literal(value, _) if value.is_null() => None,
+        Expr::Literal(ScalarValue::Int64(Some(n)), _) if *n >= 0 => None,
+        Expr::Literal(ScalarValue::Int64(Some(_)), _) => {
+            Some("LIMIT and OFFSET take an integer of at least 0; the bound value is negative")
+        }
+        Expr::Literal(..) => Some("LIMIT and OFFSET take an integer (BIGINT); bind one"),
+        _ => None,
     }
 }
 
