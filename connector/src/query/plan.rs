@@ -240,6 +240,11 @@ fn check_syntax_limits(statement: &Statement) -> Result<(), QueryError> {
         },
         Statement::CreateExternalTable(_) | Statement::Reset(_) => ControlFlow::Continue(()),
     };
+    syntax_limit_error(outcome)
+}
+
+/// The refusal for the limit a syntax walk stopped at, if any.
+fn syntax_limit_error(outcome: ControlFlow<SyntaxLimit>) -> Result<(), QueryError> {
     match outcome {
         ControlFlow::Continue(()) => Ok(()),
         ControlFlow::Break(SyntaxLimit::Depth) => Err(QueryError::InvalidRequest(format!(
@@ -266,6 +271,15 @@ fn check_syntax_limits(statement: &Statement) -> Result<(), QueryError> {
              {MAX_SELECT_ITEMS} items per SELECT"
         ))),
     }
+}
+
+/// [`check_syntax_limits`] for a statement parsed with sqlparser directly
+/// (the broker parses consumers' SQL itself): call it before anything else
+/// walks or prints the statement.
+pub fn check_statement_limits(
+    statement: &datafusion::sql::sqlparser::ast::Statement,
+) -> Result<(), QueryError> {
+    syntax_limit_error(statement.visit(&mut SyntaxSize::default()))
 }
 
 /// Depth and size of the syntax tree seen so far by the visitor.
@@ -795,6 +809,24 @@ mod tests {
             // Dropping it recurses once per level, within the query
             // runtime's stack.
             drop(statement);
+        });
+    }
+
+    #[test]
+    fn statements_parsed_elsewhere_are_checked_the_same_way() {
+        use datafusion::sql::sqlparser::dialect::GenericDialect;
+        use datafusion::sql::sqlparser::parser::Parser;
+        on_stack(QUERY_STACK_MIB, || {
+            let sql = format!("SELECT 1{} FROM trips", "::INT".repeat(5_000));
+            let statement = Parser::parse_sql(&GenericDialect {}, &sql)
+                .unwrap()
+                .remove(0);
+            let err = check_statement_limits(&statement).unwrap_err();
+            assert!(err.to_string().contains("the limit is 256 levels"), "{err}");
+            let fine = Parser::parse_sql(&GenericDialect {}, "SELECT mode FROM trips")
+                .unwrap()
+                .remove(0);
+            check_statement_limits(&fine).unwrap();
         });
     }
 
