@@ -6,18 +6,36 @@
 //! `sluice.public`. Results use plain Arrow string and binary types rather
 //! than the view types DataFusion prefers internally, because many Flight SQL
 //! clients (JDBC, older ADBC and pyarrow builds) cannot read view types.
+//!
+//! The session is DataFusion's default one with these changes, each of which
+//! bounds what one query can make the connector do (see
+//! `crate::query::guard` and the "Limits on one query" section of
+//! `docs/architecture.md`):
+//! - every built-in scalar function runs behind its guard, and an optimizer
+//!   rule puts the calls that bypass the registry (and `||`) behind theirs
+//!   before any constant is folded;
+//! - `input_file_name()`, `file_row_index()` and `version()` are removed:
+//!   they disclose the server (file paths, file layout, engine version), and
+//!   a function over constants passes the policy's function allow-list;
+//! - the table functions `generate_series` and `range` are removed: the
+//!   policy serves datasets only, and their arguments are evaluated while
+//!   the SQL is planned, before any check could run.
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
-use datafusion::execution::TaskContext;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
+use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::execution::{SessionState, TaskContext};
+use datafusion::optimizer::{Optimizer, OptimizerRule};
 use datafusion::prelude::{
     CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionConfig, SessionContext,
 };
+
+use crate::query::guard;
 
 use crate::config::{DatasetConfig, DatasetFormat};
 
@@ -62,7 +80,7 @@ impl Catalog {
     /// Registers every dataset; fails naming the dataset and path that could
     /// not be opened.
     pub async fn open(datasets: &[DatasetConfig]) -> Result<Self> {
-        let ctx = SessionContext::new_with_config_rt(session_config(), base_runtime()?);
+        let ctx = SessionContext::new_with_state(session_state()?);
         let mut served = Vec::with_capacity(datasets.len());
         for ds in datasets {
             register(&ctx, ds)
@@ -94,18 +112,42 @@ impl Catalog {
         self.datasets.iter().find(|d| d.name == name)
     }
 
-    /// A task context whose memory pool is private to one query and capped at
-    /// `memory_limit` bytes. Spilling is disabled, so a query that needs more
-    /// fails with ResourcesExhausted instead of filling the disk.
-    pub fn task_context(&self, memory_limit: usize) -> Arc<TaskContext> {
-        let state = self.ctx.state();
+    /// A task context for `state` (a query's own session state) whose
+    /// operators allocate from `pool` (see [`query_pool`]).
+    pub fn task_context_with(state: &SessionState, pool: Arc<dyn MemoryPool>) -> Arc<TaskContext> {
         let mut runtime = (*state.runtime_env().clone()).clone();
-        runtime.memory_pool = Arc::new(TrackConsumersPool::new(
-            GreedyMemoryPool::new(memory_limit),
-            std::num::NonZeroUsize::new(3).expect("non-zero"),
-        ));
-        Arc::new(TaskContext::from(&state).with_runtime(Arc::new(runtime)))
+        runtime.memory_pool = pool;
+        Arc::new(TaskContext::from(state).with_runtime(Arc::new(runtime)))
     }
+}
+
+/// A memory pool private to one query, capped at `memory_limit` bytes.
+/// Spilling is disabled, so a query that needs more fails with
+/// ResourcesExhausted instead of filling the disk.
+pub fn query_pool(memory_limit: usize) -> Arc<dyn MemoryPool> {
+    Arc::new(TrackConsumersPool::new(
+        GreedyMemoryPool::new(memory_limit),
+        std::num::NonZeroUsize::new(3).expect("non-zero"),
+    ))
+}
+
+/// DataFusion's default session with the connector's changes (see the
+/// module documentation): guarded scalar functions and the rule that
+/// guards every call first, no server-disclosing functions, no table
+/// functions.
+pub(crate) fn session_state() -> Result<SessionState> {
+    let mut builder = SessionStateBuilder::new()
+        .with_config(session_config())
+        .with_runtime_env(base_runtime()?)
+        .with_default_features();
+    let defaults = builder.scalar_functions().take().unwrap_or_default();
+    let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![Arc::new(guard::GuardCalls)];
+    rules.extend(Optimizer::new().rules);
+    Ok(builder
+        .with_scalar_functions(guard::session_functions(defaults))
+        .with_table_functions(Default::default())
+        .with_optimizer_rules(rules)
+        .build())
 }
 
 /// Settings shared by planning and execution.

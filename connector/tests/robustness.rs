@@ -400,3 +400,393 @@ async fn each_query_is_logged_in_one_span_as_json() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A deployment of the three demo datasets under the functions test policy
+/// (every string function the guards bound is allowed on the demo columns,
+/// so that calls over rows reach the guards), with `limits`.
+fn functions_config(limits: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = common::temp_dir();
+    let data = common::shared_state_dir().join("data");
+    let policy =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policies/functions.yaml");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nshutdown_grace = \"20s\"\n\n[policy]\nfile = \"{}\"\n\n[limits]\n{limits}\n\n\
+             [[datasets]]\nname = \"trips\"\nformat = \"parquet\"\npath = \"{}\"\n\n\
+             [[datasets]]\nname = \"machine_events\"\nformat = \"csv\"\npath = \"{}\"\n\n\
+             [[datasets]]\nname = \"zones\"\nformat = \"json\"\npath = \"{}\"\n",
+            policy.display(),
+            data.join("trips.parquet").display(),
+            data.join("machine_events.csv").display(),
+            data.join("zones.json").display()
+        ),
+    )
+    .unwrap();
+    (dir, config)
+}
+
+/// A CTE chain: `a0` is `base`, each next level applies `step` (over `s`)
+/// to the previous one; the query reads the length of the last level.
+fn chain(base: &str, step: &str, levels: usize) -> String {
+    let mut sql = format!("WITH a0 AS ({base})");
+    for i in 1..=levels {
+        sql.push_str(&format!(", a{i} AS (SELECT {step} AS s FROM a{})", i - 1));
+    }
+    sql.push_str(&format!(" SELECT length(s) AS n FROM a{levels}"));
+    sql
+}
+
+/// Each class of query that could build unbounded values, run unbounded
+/// super-linear work or nest without bound: refused with a precise status
+/// that names the limit, quickly, and the daemon keeps serving.
+#[tokio::test]
+async fn every_class_of_hostile_query_is_refused_precisely() {
+    let (_dir, config) = functions_config("query_timeout = \"20s\"\nquery_memory = \"256MiB\"");
+    let mut daemon = Daemon::start_config(&config);
+    let mut client = daemon.client("supplier").await;
+    let constant = "SELECT 'xx' AS s";
+    let rows = "SELECT mode AS s FROM trips";
+    let casts = format!("SELECT 1{}", "::INT".repeat(50_000));
+    let at_time_zone = format!("SELECT now(){} AS t", " AT TIME ZONE 'UTC'".repeat(5_000));
+    let minus = format!("SELECT {}1 AS x", "- ".repeat(2_000));
+    let nots = format!("SELECT {}true AS x", "NOT ".repeat(2_000));
+    let calls = format!("SELECT {}1{} AS x", "abs(".repeat(2_000), ")".repeat(2_000));
+    let siblings = format!(
+        "SELECT length(concat({})) AS n",
+        vec!["repeat('x', 100000)"; 50].join(", ")
+    );
+    let row_siblings = format!(
+        "SELECT length(concat({})) AS n FROM trips",
+        ["repeat(mode, 10000)"; 10].join(", ")
+    );
+    let per_value = "limit is 16 MiB per value";
+    let per_query = "limit is 1 MiB per query";
+    let query_memory = "limits.query_memory";
+    let cases: Vec<(&str, String, Code, Vec<&str>)> = vec![
+        (
+            "repeat to 30 GB",
+            "SELECT length(repeat(arrow_cast('x', 'LargeUtf8'), 30000000000)) AS n".into(),
+            Code::InvalidArgument,
+            vec!["repeat", "30000000000 bytes", per_value],
+        ),
+        (
+            "repeat to 1 GB",
+            "SELECT length(repeat('x', 1000000000)) AS n".into(),
+            Code::InvalidArgument,
+            vec!["repeat", per_value],
+        ),
+        (
+            "lpad to 2 GiB",
+            "SELECT length(lpad('x', 2147483647)) AS n".into(),
+            Code::InvalidArgument,
+            vec!["lpad", per_value],
+        ),
+        (
+            "rpad of a column to 2 GB",
+            "SELECT length(rpad(mode, 2000000000)) AS n FROM trips".into(),
+            Code::InvalidArgument,
+            vec!["rpad", "not reported", per_value],
+        ),
+        (
+            "lpad to lengths read from a column",
+            "SELECT length(lpad(mode, trip_id * 100)) AS n FROM trips".into(),
+            Code::InvalidArgument,
+            vec!["lpad", per_value],
+        ),
+        (
+            "|| doubling through 25 CTEs of constants",
+            chain(constant, "s || s || s || s", 25),
+            Code::ResourceExhausted,
+            vec!["||", query_memory],
+        ),
+        (
+            "|| doubling through 30 CTEs of rows",
+            chain(rows, "s || s", 30),
+            Code::ResourceExhausted,
+            vec!["||", query_memory],
+        ),
+        (
+            "replace quadrupling through CTEs of constants",
+            chain(constant, "replace(s, 'x', 'xxxx')", 20),
+            Code::InvalidArgument,
+            vec!["replace", "limit is"],
+        ),
+        (
+            "replace quadrupling through CTEs of rows",
+            chain(rows, "replace(s, 'b', repeat('b', 30))", 10),
+            Code::ResourceExhausted,
+            vec!["replace", query_memory],
+        ),
+        (
+            "regexp_replace at every character through CTEs of rows",
+            chain(rows, "regexp_replace(s, '', repeat('x', 8000), 'g')", 4),
+            Code::ResourceExhausted,
+            vec!["regexp_replace", query_memory],
+        ),
+        (
+            "50 sibling calls on constants",
+            siblings,
+            Code::InvalidArgument,
+            vec!["constant expressions", per_query],
+        ),
+        (
+            "10 sibling calls over rows",
+            row_siblings,
+            Code::ResourceExhausted,
+            vec!["repeat", query_memory],
+        ),
+        (
+            "levenshtein of two 120,000-character strings",
+            "SELECT levenshtein(repeat('a', 120000), repeat('b', 120000)) AS d".into(),
+            Code::InvalidArgument,
+            vec!["levenshtein", "14400000000 steps", "steps per value"],
+        ),
+        (
+            "btrim of 20,000 characters by a 20,000-character set",
+            "SELECT length(btrim(repeat('a', 20000), repeat('b', 20000))) AS n".into(),
+            Code::InvalidArgument,
+            vec!["btrim", "steps per value"],
+        ),
+        (
+            "levenshtein over long strings from rows",
+            "SELECT levenshtein(repeat(mode, 3000), repeat(start_zone, 4000)) AS d FROM trips"
+                .into(),
+            Code::InvalidArgument,
+            vec!["levenshtein", "steps per value"],
+        ),
+        (
+            "a constant copied into every row",
+            "SELECT mode, repeat('x', 100000) AS pad FROM trips".into(),
+            Code::InvalidArgument,
+            vec!["32 KiB", "every row"],
+        ),
+        (
+            "50,000 ::INT casts",
+            casts,
+            Code::InvalidArgument,
+            vec!["limit is 256 levels"],
+        ),
+        (
+            "5,000 AT TIME ZONE",
+            at_time_zone,
+            Code::InvalidArgument,
+            vec!["limit is 256 levels"],
+        ),
+        (
+            "2,000 unary minus",
+            minus,
+            Code::InvalidArgument,
+            vec!["recursion limit", "50"],
+        ),
+        (
+            "2,000 NOT",
+            nots,
+            Code::InvalidArgument,
+            vec!["recursion limit", "50"],
+        ),
+        (
+            "2,000 nested function calls",
+            calls,
+            Code::InvalidArgument,
+            vec!["recursion limit", "50"],
+        ),
+        (
+            "a LIKE pattern from a column",
+            "SELECT count(*) AS n FROM trips WHERE mode LIKE start_zone".into(),
+            Code::InvalidArgument,
+            vec!["LIKE", "pattern computed from the rows"],
+        ),
+        (
+            "generate_series to 10^13",
+            "SELECT * FROM generate_series(1, 10000000000000)".into(),
+            Code::NotFound,
+            vec!["generate_series"],
+        ),
+        (
+            "version()",
+            "SELECT version() AS v".into(),
+            Code::InvalidArgument,
+            vec!["version"],
+        ),
+        (
+            "input_file_name()",
+            "SELECT input_file_name() AS f FROM trips".into(),
+            Code::InvalidArgument,
+            vec!["input_file_name"],
+        ),
+    ];
+    for (what, sql, code, mentions) in cases {
+        let started = Instant::now();
+        let err = refusal(&mut client, &sql).await;
+        let took = started.elapsed();
+        eprintln!("{what}: {:?} in {took:?}", err.code());
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        for mention in mentions {
+            assert!(
+                err.message().contains(mention),
+                "{what}: message `{}` should mention `{mention}`",
+                err.message()
+            );
+        }
+        assert!(
+            err.message().len() < 2_000,
+            "{what}: the message echoes the input"
+        );
+        // Refused before the work, long before the deadline (20 s), even
+        // on a debug build sharing its cores with other tests.
+        assert!(
+            took < Duration::from_secs(5),
+            "{what}: refused after {took:?}"
+        );
+        assert!(daemon.is_running(), "{what}: the server died");
+    }
+    still_serving(&mut client).await;
+}
+
+/// What the guards leave alone answers as plain DataFusion does, and a
+/// negative length read from a column (a panic in DataFusion's lpad) pads
+/// to the empty string.
+#[tokio::test]
+async fn ordinary_string_functions_still_answer() {
+    let (_dir, config) = functions_config("query_timeout = \"30s\"");
+    let daemon = Daemon::start_config(&config);
+    let mut client = daemon.client("planning").await;
+    let sql = "SELECT trip_id, lpad(start_zone, 5) AS z, repeat('-', 3) AS d, \
+               concat(mode, '/', start_zone) AS c, mode || '!' AS e, \
+               levenshtein(mode, 'bus') AS l, date_trunc('day', start_time) AS t, \
+               btrim(end_zone, 'Z') AS b, replace(mode, 'u', 'uu') AS r, \
+               regexp_replace(start_zone, '[0-9]', '#', 'g') AS x, \
+               overlay(mode placing 'XY' from 2 for 1) AS o \
+               FROM trips ORDER BY trip_id LIMIT 20";
+    let (_, batches) = query(&mut client, sql).await.unwrap();
+    let want = common::datafusion_answer(&common::shared_state_dir(), sql).await;
+    assert_eq!(common::render(&batches), common::render(&want));
+    let (_, batches) = query(
+        &mut client,
+        "SELECT lpad(mode, trip_id - 2000000) AS a, rpad(mode, trip_id - 2000000) AS b \
+         FROM trips ORDER BY trip_id LIMIT 5",
+    )
+    .await
+    .unwrap();
+    let text = common::render(&batches);
+    assert!(
+        !text.contains("bus") && !text.contains("tram") && rows(&batches) == 5,
+        "{text}"
+    );
+}
+
+/// Hostile queries from one organization, several at once (long ones that
+/// run to their deadline in a guarded call, a stream of ones the guards
+/// refuse, and legal ones that are costly to plan), while another
+/// organization's small query answers within a second each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_queries_do_not_stall_another_tenant() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_dir, config) = functions_config("query_timeout = \"5s\"\nquery_memory = \"256MiB\"");
+    let mut daemon = Daemon::start_config(&config);
+    let mut victim = daemon.client("planning").await;
+    still_answers_quickly(&mut victim).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    // Within every per-value limit, far beyond the deadline in total:
+    // CPU-bound until the query's deadline.
+    for _ in 0..2 {
+        let mut client = daemon.client("supplier").await;
+        let stop = stop.clone();
+        attackers.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let err = refusal(
+                    &mut client,
+                    "SELECT levenshtein(repeat(mode, 1500), repeat(start_zone, 1500)) AS d FROM trips",
+                )
+                .await;
+                codes.push(err.code());
+            }
+            codes
+        }));
+    }
+    // Refused by the guards, over and over.
+    for _ in 0..2 {
+        let mut client = daemon.client("supplier").await;
+        let stop = stop.clone();
+        attackers.push(tokio::spawn(async move {
+            let hostile = [
+                format!("SELECT 1{}", "::INT".repeat(50_000)),
+                "SELECT length(repeat(arrow_cast('x', 'LargeUtf8'), 30000000000)) AS n".into(),
+                "SELECT levenshtein(repeat('a', 120000), repeat('b', 120000)) AS d".into(),
+                chain("SELECT 'xx' AS s", "s || s || s || s", 25),
+                format!(
+                    "SELECT length(concat({})) AS n",
+                    vec!["repeat('x', 100000)"; 50].join(", ")
+                ),
+            ];
+            let mut codes = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                for sql in &hostile {
+                    codes.push(refusal(&mut client, sql).await.code());
+                }
+            }
+            codes
+        }));
+    }
+    // Legal but costly to plan (five sums of 240 terms, near the limit on
+    // nested expressions): planning must not hold the runtime's workers.
+    {
+        let mut client = daemon.client("supplier").await;
+        let stop = stop.clone();
+        let sums = (0..5)
+            .map(|i| format!("({}) AS c{i}", vec!["trip_id"; 240].join(" + ")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("SELECT {sums} FROM trips LIMIT 1");
+        attackers.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                query(&mut client, &sql).await.unwrap();
+                codes.push(Code::Ok);
+            }
+            codes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        slowest = slowest.max(still_answers_quickly(&mut victim).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        let codes = attacker.await.unwrap();
+        assert!(!codes.is_empty());
+        assert!(
+            codes.iter().all(|c| matches!(
+                c,
+                Code::Ok | Code::InvalidArgument | Code::ResourceExhausted | Code::DeadlineExceeded
+            )),
+            "{codes:?}"
+        );
+    }
+    assert!(daemon.is_running(), "{}", daemon.logs());
+    eprintln!("the other tenant's slowest answer during the attack: {slowest:?}");
+    still_answers_quickly(&mut victim).await;
+}
+
+/// `SELECT count(*) FROM zones` answers within a second; returns how long
+/// it took.
+async fn still_answers_quickly(client: &mut FlightSqlServiceClient<Channel>) -> Duration {
+    let started = Instant::now();
+    let (_, batches) = query(client, "SELECT count(*) AS n FROM zones")
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(rows(&batches), 1);
+    assert!(
+        took < Duration::from_secs(1),
+        "the small query took {took:?}"
+    );
+    took
+}

@@ -426,17 +426,26 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
 
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Parsing, planning and execution run on these threads (and on the
+    // threads `block_in_place` hands a worker's tasks to, which tokio
+    // creates with the same stack size). SQL parsing and DataFusion
+    // planning are iterative or heap-grown for deep inputs, but dropping a
+    // deep syntax tree recurses natively: the parser builds chains of
+    // operators and `::` casts in a loop, so the default 256 KiB of
+    // `limits.max_sql_bytes` hold a chain 130,000 levels deep, which
+    // `query::plan` refuses and then drops (measured: within 16 MiB; 8 MiB
+    // overflowed planning a 2,000-cast chain before the syntax limits).
+    // 256 MiB leaves room for larger `max_sql_bytes`; it is virtual memory,
+    // committed only as far as it is used.
     let query_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name("sluice-query")
-        .thread_stack_size(8 << 20)
+        .thread_stack_size(256 << 20)
         .enable_all()
         .build()?;
-    // Planning runs on these threads. SQL parsing and DataFusion planning
-    // are iterative or heap-grown for deep inputs, but dropping and printing
-    // a deep expression tree recurse natively; a generous (lazily committed)
-    // stack lets `query::plan::check_depth` refuse such a query instead of
-    // the thread overflowing while it does.
+    // Connections, handshakes and health checks. Planning used to run here
+    // and needed the large stack; it no longer does, but the margin costs
+    // nothing (it is committed only as far as it is used).
     let io_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(2))
         .thread_name("sluice-io")

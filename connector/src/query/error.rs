@@ -119,6 +119,9 @@ impl QueryError {
     /// never read data, so DataFusion's message (which names tables, columns
     /// and types from the query and the catalog) is passed on.
     pub fn from_planning(err: DataFusionError) -> Self {
+        if let Some(refused) = super::guard::find_error(&err) {
+            return Self::from_guard(refused);
+        }
         match err.find_root() {
             DataFusionError::SQL(e, _) => {
                 QueryError::InvalidRequest(format!("SQL syntax error: {e}"))
@@ -141,6 +144,9 @@ impl QueryError {
     /// data-dependent failure is reported, never the message, which may
     /// contain the offending value.
     pub fn from_execution(err: &DataFusionError, memory_limit: usize) -> Self {
+        if let Some(refused) = super::guard::find_error(err) {
+            return Self::from_guard(refused);
+        }
         match err.find_root() {
             DataFusionError::ResourcesExhausted(_) => QueryError::ResourcesExhausted(format!(
                 "the query needs more memory than its limit of {} (limits.query_memory)",
@@ -166,6 +172,18 @@ fn arrow_error_kind(e: &ArrowError) -> &'static str {
             "a function failed on a value (the value is withheld)"
         }
         _ => "the query failed while reading data (details withheld)",
+    }
+}
+
+impl QueryError {
+    /// A function guard's refusal. Its message names the function and the
+    /// limit, and gives sizes only when they follow from constants in the
+    /// query, never from the data, so it is passed on as it is.
+    fn from_guard(refused: &super::guard::GuardError) -> Self {
+        match refused.blame() {
+            super::guard::Blame::Request => QueryError::InvalidRequest(refused.to_string()),
+            super::guard::Blame::Resources => QueryError::ResourcesExhausted(refused.to_string()),
+        }
     }
 }
 

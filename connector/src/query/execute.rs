@@ -5,6 +5,14 @@
 //! clients' small queries. Each query gets its own memory pool (spilling is
 //! disabled), a deadline covering the whole stream, and a bounded channel to
 //! the client: a slow reader slows the scan instead of buffering the result.
+//!
+//! Optimisation (which folds constant expressions) and physical planning
+//! happen here too, under the same limits: the query's own session state
+//! carries a [`QueryGuard`] that every function call sees, so a constant
+//! that would be too large, or take too long, is refused while it is
+//! folded, and the optimizer runs without holding a runtime worker
+//! ([`guard::blocking`]). A panic anywhere in the query ends the query with
+//! an error instead of a silently truncated stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,14 +21,15 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::execute_stream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::QueryError;
 use super::deadline::{is_deadline, with_deadline};
+use super::guard::{self, QueryGuard};
 use super::slots::Slot;
-use crate::catalog::Catalog;
+use crate::catalog::{self, Catalog};
 
 /// Batches in flight between execution and the client stream.
 const CHANNEL_DEPTH: usize = 2;
@@ -89,13 +98,52 @@ async fn produce(
     limits: ExecutionLimits,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
 ) -> Result<(), QueryError> {
+    // Guards and DataFusion turn the failures they foresee into errors;
+    // this catches the rest (a panic in DataFusion is re-raised in the
+    // task that polls its stream, this one), so that the client gets an
+    // error rather than a stream that just ends early.
+    match std::panic::AssertUnwindSafe(run(catalog, plan, limits, tx))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            tracing::error!("query execution panicked");
+            Err(QueryError::Internal(
+                "query execution failed (see the connector log)".into(),
+            ))
+        }
+    }
+}
+
+async fn run(
+    catalog: &Catalog,
+    plan: LogicalPlan,
+    limits: ExecutionLimits,
+    tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
+) -> Result<(), QueryError> {
     let failed = |e: DataFusionError| execution_error(&e, limits);
-    let state = catalog.session().state();
-    let physical = state.create_physical_plan(&plan).await.map_err(failed)?;
+    let pool = catalog::query_pool(limits.memory);
+    let query_guard = Arc::new(QueryGuard::new(
+        Some(limits.deadline.into_std()),
+        limits.memory,
+        Some(pool.clone()),
+    ));
+    let state = guard::for_query(catalog.session().state(), query_guard.clone());
+    // Folding constants cannot be interrupted: the guards bound it, and it
+    // runs without holding a runtime worker.
+    let optimized = guard::blocking(|| state.optimize(&plan)).map_err(failed)?;
+    guard::check_constants(&optimized).map_err(|e| failed(e.into()))?;
+    query_guard.share_memory(guard::call_sites(&optimized));
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&optimized, &state)
+        .await
+        .map_err(failed)?;
     let physical = super::total::total_expressions(physical).map_err(failed)?;
     let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
     let mut stream =
-        execute_stream(physical, catalog.task_context(limits.memory)).map_err(failed)?;
+        execute_stream(physical, Catalog::task_context_with(&state, pool)).map_err(failed)?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(failed)?;
         if batch.num_rows() == 0 {

@@ -21,6 +21,7 @@ pub mod deadline;
 mod error;
 pub mod execute;
 mod explain;
+pub mod guard;
 pub mod plan;
 pub mod release;
 mod rows;

@@ -15,9 +15,9 @@ use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::{DFParserBuilder, Statement};
 use datafusion::sql::sqlparser::ast::{
-    Expr, Query, SetExpr, Value, Visit, Visitor, visit_expressions_mut,
+    Expr, Query, Select, SetExpr, TableFactor, Value, Visit, Visitor, visit_expressions_mut,
 };
-use datafusion::sql::sqlparser::dialect::dialect_from_str;
+use datafusion::sql::sqlparser::dialect::{Dialect, dialect_from_str};
 
 use sluice_policy::Denial;
 
@@ -44,11 +44,17 @@ pub fn parse(
     if sql.trim().is_empty() {
         return Err(QueryError::InvalidRequest("the SQL text is empty".into()));
     }
-    let mut statement = parse_one_statement(state, sql)?;
-    refuse_non_queries(&statement)?;
-    refuse_deep_chains(&statement)?;
-    number_question_marks(&mut statement);
-    Ok(statement)
+    // Parsing 256 KiB and dropping what was refused take a while on a
+    // debug build: without holding a runtime worker.
+    super::guard::blocking(|| {
+        let mut statement = parse_one_statement(state, sql)?;
+        // First: everything after this (even printing the statement for an
+        // error message) walks the tree recursively.
+        check_syntax_limits(&statement)?;
+        refuse_non_queries(&statement)?;
+        number_question_marks(&mut statement);
+        Ok(statement)
+    })
 }
 
 /// The one statement in `sql`, parsed with the session's dialect and
@@ -58,12 +64,28 @@ fn parse_one_statement(state: &SessionState, sql: &str) -> Result<Statement, Que
     let dialect = dialect_from_str(options.dialect).ok_or_else(|| {
         QueryError::Internal(format!("unsupported SQL dialect {}", options.dialect))
     })?;
+    let limit = options.recursion_limit.get();
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(dialect.as_ref())
-        .with_recursion_limit(options.recursion_limit.get())
+        .with_recursion_limit(limit)
         .build()
         .and_then(|mut parser| parser.parse_statements())
-        .map_err(QueryError::from_planning)?;
+        .map_err(|e| {
+            // The parser stops at its recursion limit, but what it reports
+            // then is not always that (a chain of NOTs gives "Expected: end
+            // of statement"): a failed statement that nests that deep is
+            // told so.
+            let too_deep = e.to_string().contains("recursion limit exceeded")
+                || prefix_nesting(dialect.as_ref(), sql) >= limit;
+            if too_deep {
+                return QueryError::InvalidRequest(format!(
+                    "the query nests parentheses, function calls, subqueries or prefix operators \
+                     (NOT, -) more than {limit} levels deep, the SQL parser's recursion limit \
+                     (datafusion.sql_parser.recursion_limit)"
+                ));
+            }
+            QueryError::from_planning(e)
+        })?;
     if statements.len() > 1 {
         return Err(QueryError::InvalidRequest(format!(
             "the SQL text holds {} statements; send one statement per query",
@@ -73,6 +95,33 @@ fn parse_one_statement(state: &SessionState, sql: &str) -> Result<Statement, Que
     statements
         .pop_front()
         .ok_or_else(|| QueryError::InvalidRequest("the SQL text holds no statement".into()))
+}
+
+/// How deep parentheses and runs of prefix operators (`NOT`, `-`, `+`)
+/// nest in `sql`, read from its tokens without parsing: each level is a
+/// level of the parser's recursion.
+fn prefix_nesting(dialect: &dyn Dialect, sql: &str) -> usize {
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let Ok(tokens) = Tokenizer::new(dialect, sql).tokenize() else {
+        return 0;
+    };
+    let (mut parentheses, mut run, mut deepest) = (0usize, 0usize, 0usize);
+    for token in tokens {
+        match token {
+            Token::Whitespace(_) => continue,
+            Token::LParen => parentheses += 1,
+            Token::RParen => {
+                parentheses = parentheses.saturating_sub(1);
+                run = 0;
+            }
+            Token::Minus | Token::Plus => run += 1,
+            Token::Word(word) if word.keyword == Keyword::NOT => run += 1,
+            _ => run = 0,
+        }
+        deepest = deepest.max(parentheses + run);
+    }
+    deepest
 }
 
 /// Only queries are planned at all. The plan gate refuses writes and DDL
@@ -106,59 +155,217 @@ fn statement_keyword(sql: &str) -> String {
         .to_uppercase()
 }
 
-/// Refuses chains of binary operators (`a + b + …`, `x OR y OR …`) and of
-/// set operations (`… UNION ALL …`) nested deeper than [`MAX_NESTING_DEPTH`].
+/// Most syntax elements (expressions, queries, SELECT blocks, table
+/// references) one statement may hold.
 ///
-/// The SQL parser builds these chains in a loop, so its recursion limit does
-/// not bound them, but DataFusion's planner recurses through them: a 20,000
-/// term sum would overflow the planning thread's stack. The depth is measured
-/// with an explicit stack at the top of each chain, and the walk stops at
-/// the first chain that is too deep, before any recursive visitor descends
-/// into it.
-fn refuse_deep_chains(statement: &Statement) -> Result<(), QueryError> {
-    struct ChainDepth;
-    impl Visitor for ChainDepth {
-        type Break = usize;
-        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<usize> {
-            too_deep(set_operation_depth(&query.body))
-        }
-        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<usize> {
-            too_deep(binary_operator_depth(expr))
-        }
-    }
-    fn too_deep(depth: usize) -> ControlFlow<usize> {
-        if depth > MAX_NESTING_DEPTH {
-            ControlFlow::Break(depth)
-        } else {
-            ControlFlow::Continue(())
-        }
-    }
-    let Statement::Statement(inner) = statement else {
-        return Ok(());
+/// Planning and optimisation cost grows with the number of expressions
+/// times their depth (DataFusion names every expression after its whole
+/// subtree, and several rules re-derive those names), so both are bounded
+/// before any of it runs. At the default `limits.max_sql_bytes` (256 KiB) a
+/// statement can hold up to ~130,000 elements (`1,1,1,…`); 50,000 is far
+/// above what people or BI tools write (an `IN` list of 40,000 values
+/// still passes, and took 2.8 s to plan and run on a debug build, a
+/// fraction of that in a release build).
+pub const MAX_SYNTAX_NODES: usize = 50_000;
+
+/// Most work nested expressions may ask of the planner: the sum, over
+/// every expression node, of its depth within its expression (which is
+/// also the sum of the sizes of all subexpressions).
+///
+/// DataFusion names and types each subexpression after its whole subtree
+/// (type coercion, name preservation and several optimizer rules walk it
+/// again), so a chain of n operators costs about n² of these steps (an
+/// operator and an operand per level), and many chains cost their sum:
+/// 100 sums of 240 terms (2.9 million steps, within the depth and size
+/// limits) took 60 s to plan and run on a debug build, 20 µs a step;
+/// 300,000 steps took 3–4 s there (about a tenth of that in a release
+/// build). 300,000 admits four 250-term chains, an `IN` list of 40,000
+/// values, or 500 columns whose expressions nest 20 deep.
+pub const MAX_EXPRESSION_WORK: usize = 300_000;
+
+/// Most items one SELECT list may name. DataFusion resolves each output
+/// column against its input schema by name, so projections cost about
+/// items × input width: 12,000 columns took 10 s to plan on a debug
+/// build, 2,000 take 0.6 s. A wildcard (`SELECT *`) counts as one item:
+/// the width of a dataset is the provider's choice.
+pub const MAX_SELECT_ITEMS: usize = 2_000;
+
+/// Most table references (FROM items and JOIN operands, derived tables
+/// included) in one statement. DataFusion plans a FROM list or a JOIN
+/// chain as a left-deep tree, so this also bounds the plan depth that
+/// joins add; the parser builds such lists in a loop, so its recursion
+/// limit does not.
+pub const MAX_RELATIONS: usize = MAX_NESTING_DEPTH;
+
+/// A syntax limit a statement exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyntaxLimit {
+    Depth,
+    Nodes,
+    Relations,
+    ExpressionWork,
+    SelectItems,
+}
+
+/// Refuses a statement that nests deeper than [`MAX_NESTING_DEPTH`], holds
+/// more than [`MAX_SYNTAX_NODES`] syntax elements, more than
+/// [`MAX_RELATIONS`] table references, expressions heavier than
+/// [`MAX_EXPRESSION_WORK`] or a SELECT list longer than
+/// [`MAX_SELECT_ITEMS`], before it is planned.
+///
+/// Every kind of nesting counts: expressions of any kind (operators,
+/// `::` casts, `AT TIME ZONE`, unary operators, function calls, CASE…),
+/// queries and SELECT blocks, derived tables, and set operations. The
+/// parser's recursion limit bounds only what it parses recursively; chains
+/// of binary operators, casts, `AT TIME ZONE`, `IS NULL`, set operations
+/// and joins are built in loops, so a 250 KB statement can nest 100,000
+/// levels deep, and DataFusion's planner and optimizer do work quadratic in
+/// that depth (a 20,000-cast chain took 34 s of CPU to plan).
+///
+/// The walk is sqlparser's visitor, which recurses natively, but it counts
+/// depth on the way down and stops at the first element past a limit, so
+/// it never descends more than [`MAX_NESTING_DEPTH`] levels. Set operations
+/// have no visitor hook: the height of a query's set-operation tree is
+/// measured iteratively when the query is entered, before the visitor
+/// descends into it.
+fn check_syntax_limits(statement: &Statement) -> Result<(), QueryError> {
+    let outcome = match statement {
+        Statement::Statement(inner) => inner.visit(&mut SyntaxSize::default()),
+        Statement::Explain(explain) => return check_syntax_limits(&explain.statement),
+        Statement::CopyTo(copy) => match &copy.source {
+            datafusion::sql::parser::CopyToSource::Query(query) => {
+                query.visit(&mut SyntaxSize::default())
+            }
+            datafusion::sql::parser::CopyToSource::Relation(_) => ControlFlow::Continue(()),
+        },
+        Statement::CreateExternalTable(_) | Statement::Reset(_) => ControlFlow::Continue(()),
     };
-    match inner.visit(&mut ChainDepth) {
+    syntax_limit_error(outcome)
+}
+
+/// The refusal for the limit a syntax walk stopped at, if any.
+fn syntax_limit_error(outcome: ControlFlow<SyntaxLimit>) -> Result<(), QueryError> {
+    match outcome {
         ControlFlow::Continue(()) => Ok(()),
-        ControlFlow::Break(depth) => Err(QueryError::InvalidRequest(format!(
-            "the query chains {depth} operators into one expression (or set operations into one query); \
-             the limit is {MAX_NESTING_DEPTH} levels"
+        ControlFlow::Break(SyntaxLimit::Depth) => Err(QueryError::InvalidRequest(format!(
+            "the query nests more than {MAX_NESTING_DEPTH} levels deep (operators, casts, function calls, \
+             subqueries and set operations all count); the limit is {MAX_NESTING_DEPTH} levels"
+        ))),
+        ControlFlow::Break(SyntaxLimit::Nodes) => Err(QueryError::InvalidRequest(format!(
+            "the query has more than {MAX_SYNTAX_NODES} syntax elements (expressions, subqueries, \
+             table references); the limit is {MAX_SYNTAX_NODES} elements"
+        ))),
+        ControlFlow::Break(SyntaxLimit::Relations) => Err(QueryError::InvalidRequest(format!(
+            "the query references more than {MAX_RELATIONS} tables (FROM items and JOIN operands); \
+             the limit is {MAX_RELATIONS} table references"
+        ))),
+        ControlFlow::Break(SyntaxLimit::ExpressionWork) => {
+            Err(QueryError::InvalidRequest(format!(
+                "the query's nested expressions are too large to plan: the sizes of all their \
+             subexpressions add up to more than {MAX_EXPRESSION_WORK}, the limit (long chains of \
+             operators cost the square of their length; use IN lists, CASE or fewer terms)"
+            )))
+        }
+        ControlFlow::Break(SyntaxLimit::SelectItems) => Err(QueryError::InvalidRequest(format!(
+            "a SELECT list names more than {MAX_SELECT_ITEMS} items; the limit is \
+             {MAX_SELECT_ITEMS} items per SELECT"
         ))),
     }
 }
 
-/// Height of the tree of binary operators rooted at `expr`, counted without
-/// recursion. Other kinds of expression end a chain: the parser's recursion
-/// limit already bounds how deeply they nest.
-fn binary_operator_depth(expr: &Expr) -> usize {
-    let mut deepest = 0;
-    let mut pending = vec![(expr, 0)];
-    while let Some((expr, depth)) = pending.pop() {
-        if let Expr::BinaryOp { left, right, .. } = expr {
-            deepest = deepest.max(depth + 1);
-            pending.push((left, depth + 1));
-            pending.push((right, depth + 1));
+/// [`check_syntax_limits`] for a statement parsed with sqlparser directly
+/// (the broker parses consumers' SQL itself): call it before anything else
+/// walks or prints the statement.
+pub fn check_statement_limits(
+    statement: &datafusion::sql::sqlparser::ast::Statement,
+) -> Result<(), QueryError> {
+    syntax_limit_error(statement.visit(&mut SyntaxSize::default()))
+}
+
+/// Depth and size of the syntax tree seen so far by the visitor.
+#[derive(Default)]
+struct SyntaxSize {
+    depth: usize,
+    nodes: usize,
+    relations: usize,
+    /// How much each element on the current path added to `depth`.
+    path: Vec<usize>,
+    /// The depth of the current expression within its expression, for
+    /// each query on the path (an expression in a subquery starts anew).
+    expression_depth: Vec<usize>,
+    expression_work: usize,
+}
+
+impl SyntaxSize {
+    fn enter(&mut self, levels: usize) -> ControlFlow<SyntaxLimit> {
+        self.depth += levels;
+        self.nodes += 1;
+        self.path.push(levels);
+        if self.depth > MAX_NESTING_DEPTH {
+            ControlFlow::Break(SyntaxLimit::Depth)
+        } else if self.nodes > MAX_SYNTAX_NODES {
+            ControlFlow::Break(SyntaxLimit::Nodes)
+        } else {
+            ControlFlow::Continue(())
         }
     }
-    deepest
+
+    fn leave(&mut self) -> ControlFlow<SyntaxLimit> {
+        self.depth -= self.path.pop().unwrap_or(0);
+        ControlFlow::Continue(())
+    }
+}
+
+impl Visitor for SyntaxSize {
+    type Break = SyntaxLimit;
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<SyntaxLimit> {
+        self.expression_depth.push(0);
+        // A query plus the set operations it chains (each one a plan level).
+        self.enter(1 + set_operation_depth(&query.body))
+    }
+    fn post_visit_query(&mut self, _: &Query) -> ControlFlow<SyntaxLimit> {
+        self.expression_depth.pop();
+        self.leave()
+    }
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<SyntaxLimit> {
+        if select.projection.len() > MAX_SELECT_ITEMS {
+            return ControlFlow::Break(SyntaxLimit::SelectItems);
+        }
+        self.enter(1)
+    }
+    fn post_visit_select(&mut self, _: &Select) -> ControlFlow<SyntaxLimit> {
+        self.leave()
+    }
+    fn pre_visit_table_factor(&mut self, _: &TableFactor) -> ControlFlow<SyntaxLimit> {
+        self.relations += 1;
+        if self.relations > MAX_RELATIONS {
+            return ControlFlow::Break(SyntaxLimit::Relations);
+        }
+        self.enter(1)
+    }
+    fn post_visit_table_factor(&mut self, _: &TableFactor) -> ControlFlow<SyntaxLimit> {
+        self.leave()
+    }
+    fn pre_visit_expr(&mut self, _: &Expr) -> ControlFlow<SyntaxLimit> {
+        if self.expression_depth.is_empty() {
+            self.expression_depth.push(0);
+        }
+        if let Some(depth) = self.expression_depth.last_mut() {
+            *depth += 1;
+            self.expression_work += *depth;
+        }
+        if self.expression_work > MAX_EXPRESSION_WORK {
+            return ControlFlow::Break(SyntaxLimit::ExpressionWork);
+        }
+        self.enter(1)
+    }
+    fn post_visit_expr(&mut self, _: &Expr) -> ControlFlow<SyntaxLimit> {
+        if let Some(depth) = self.expression_depth.last_mut() {
+            *depth = depth.saturating_sub(1);
+        }
+        self.leave()
+    }
 }
 
 /// Height of the tree of set operations (`UNION`, `INTERSECT`, `EXCEPT`)
@@ -244,12 +451,120 @@ pub async fn plan(
     {
         check_table_exists(catalog, &table)?;
     }
-    let plan = state
-        .statement_to_plan(statement)
+    // Planning is synchronous CPU work inside; it runs without holding a
+    // runtime worker, so other tenants' queries go on meanwhile.
+    let plan = super::guard::blocking_async(state.statement_to_plan(statement))
         .await
         .map_err(QueryError::from_planning)?;
     check_depth(&plan)?;
+    refuse_computed_patterns(&plan)?;
     Ok(plan)
+}
+
+/// The regular-expression functions, with the positions of their arguments
+/// that are compiled into the regex (pattern and flags).
+const REGEX_FUNCTIONS: [(&str, &[usize]); 5] = [
+    ("regexp_like", &[1, 2]),
+    ("regexp_match", &[1, 2]),
+    ("regexp_count", &[1, 3]),
+    ("regexp_instr", &[1, 4]),
+    ("regexp_replace", &[1, 3]),
+];
+
+/// Refuses LIKE, ILIKE, SIMILAR TO, the regex operators (`~`, `~*`, `!~`,
+/// `!~*`) and the `regexp_*` functions when their pattern (or flags) is
+/// computed from the rows instead of being a constant.
+///
+/// A pattern is compiled into an automaton: a ten-byte pattern such as
+/// `\w{1000}` takes about a second and 10 MB to compile, outside the
+/// query's memory pool. With a constant pattern that happens once per
+/// batch; with a pattern taken from a column, once per distinct value (the
+/// regex kernels even keep every compiled pattern of a batch in memory),
+/// which no per-row limit could make cheap. There is no cheap safe bound
+/// on what one pattern costs to compile, so patterns must be constants
+/// (literals, parameters, or expressions over them). Refused here, after
+/// planning and before anything runs.
+pub fn refuse_computed_patterns(plan: &LogicalPlan) -> Result<(), QueryError> {
+    use datafusion::logical_expr::{Expr as PlanExpr, Operator};
+    let mut refused: Option<String> = None;
+    let mut check = |expr: &PlanExpr| {
+        let computed = |pattern: &PlanExpr| !is_constant(pattern);
+        let what = match expr {
+            PlanExpr::Like(like) if computed(&like.pattern) => Some(
+                if like.case_insensitive {
+                    "ILIKE"
+                } else {
+                    "LIKE"
+                }
+                .to_string(),
+            ),
+            PlanExpr::SimilarTo(like) if computed(&like.pattern) => Some("SIMILAR TO".into()),
+            PlanExpr::BinaryExpr(binary)
+                if matches!(
+                    binary.op,
+                    Operator::RegexMatch
+                        | Operator::RegexIMatch
+                        | Operator::RegexNotMatch
+                        | Operator::RegexNotIMatch
+                        | Operator::LikeMatch
+                        | Operator::ILikeMatch
+                        | Operator::NotLikeMatch
+                        | Operator::NotILikeMatch
+                ) && computed(&binary.right) =>
+            {
+                Some(format!("the operator `{}`", binary.op))
+            }
+            PlanExpr::ScalarFunction(function) => REGEX_FUNCTIONS
+                .iter()
+                .find(|(name, _)| *name == function.name())
+                .filter(|(_, positions)| {
+                    positions
+                        .iter()
+                        .filter_map(|&i| function.args.get(i))
+                        .any(computed)
+                })
+                .map(|(name, _)| format!("`{name}`")),
+            _ => None,
+        };
+        if let Some(what) = what {
+            refused.get_or_insert(what);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    };
+    plan.apply_with_subqueries(|node| node.apply_expressions(|expr| expr.apply(&mut check)))
+        .map_err(QueryError::from_planning)?;
+    match refused {
+        None => Ok(()),
+        Some(what) => Err(QueryError::InvalidRequest(format!(
+            "{what} with a pattern computed from the rows is not accepted: every distinct pattern \
+             would be compiled, which can take a second and megabytes of memory each; use a \
+             constant pattern (a literal or a parameter)"
+        ))),
+    }
+}
+
+/// True if `expr` has the same value for every row: no column, subquery,
+/// aggregate, window or volatile function in it. Parameters count as
+/// constants, since they are bound to values before execution.
+fn is_constant(expr: &datafusion::logical_expr::Expr) -> bool {
+    use datafusion::logical_expr::Expr as PlanExpr;
+    !expr
+        .exists(|e| {
+            Ok(matches!(
+                e,
+                PlanExpr::Column(_)
+                    | PlanExpr::OuterReferenceColumn(..)
+                    | PlanExpr::ScalarSubquery(_)
+                    | PlanExpr::Exists(_)
+                    | PlanExpr::InSubquery(_)
+                    | PlanExpr::SetComparison(_)
+                    | PlanExpr::AggregateFunction(_)
+                    | PlanExpr::WindowFunction(_)
+                    | PlanExpr::ScalarVariable(..)
+            ) || e.is_volatile_node())
+        })
+        .unwrap_or(true)
 }
 
 /// Runs DataFusion's analyzer (type coercion, function rewrites) so that the
@@ -278,10 +593,12 @@ pub fn analyze(state: &SessionState, plan: LogicalPlan) -> Result<LogicalPlan, Q
             unbound.join(", ")
         )));
     }
-    state
-        .analyzer()
-        .execute_and_check(plan, state.config_options(), |_, _| {})
-        .map_err(QueryError::from_planning)
+    super::guard::blocking(|| {
+        state
+            .analyzer()
+            .execute_and_check(plan, state.config_options(), |_, _| {})
+    })
+    .map_err(QueryError::from_planning)
 }
 
 /// Binds positional parameter values to a plan with `$n` placeholders,
@@ -458,4 +775,222 @@ pub fn cap_rows(plan: LogicalPlan, rows: u64) -> Result<LogicalPlan, QueryError>
         .limit(0, Some(rows))
         .and_then(|b| b.build())
         .map_err(|e| QueryError::Internal(format!("capping the result rows: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::prelude::SessionContext;
+
+    fn refusal(sql: &str) -> String {
+        let state = SessionContext::new().state();
+        match parse(&state, sql, 1 << 20) {
+            Ok(_) => panic!("`{}…` should be refused", &sql[..sql.len().min(60)]),
+            Err(e) => {
+                assert!(
+                    matches!(e, QueryError::InvalidRequest(_)),
+                    "{e:?} is not INVALID_ARGUMENT"
+                );
+                e.to_string()
+            }
+        }
+    }
+
+    fn accepted(sql: &str) {
+        let state = SessionContext::new().state();
+        if let Err(e) = parse(&state, sql, 1 << 20) {
+            panic!("`{sql}` refused: {e}");
+        }
+    }
+
+    /// Runs `work` on a thread with a `mib` MiB stack.
+    fn on_stack(mib: usize, work: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new()
+            .stack_size(mib << 20)
+            .spawn(work)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// The query runtime's stack (cli): refused trees are dropped there.
+    const QUERY_STACK_MIB: usize = 256;
+
+    #[test]
+    fn every_kind_of_chain_is_bounded_before_planning() {
+        on_stack(QUERY_STACK_MIB, || {
+            let casts = format!("SELECT 1{}", "::INT".repeat(50_000));
+            let at_time_zone = format!("SELECT now(){}", " AT TIME ZONE 'UTC'".repeat(5_000));
+            let is_null = format!("SELECT 1{}", " IS NULL".repeat(5_000));
+            let sum = format!("SELECT {}", vec!["1"; 20_000].join(" + "));
+            let unions = vec!["SELECT 1 AS x"; 5_000].join(" UNION ALL ");
+            let explained = format!("EXPLAIN SELECT 1{}", "::INT".repeat(5_000));
+            for sql in [&casts, &at_time_zone, &is_null, &sum, &unions, &explained] {
+                let message = refusal(sql);
+                assert!(message.contains("the limit is 256 levels"), "{message}");
+            }
+        });
+    }
+
+    #[test]
+    fn the_check_stops_at_the_limit_and_the_deepest_tree_drops_safely() {
+        on_stack(QUERY_STACK_MIB, || {
+            // The deepest chain the default limits.max_sql_bytes (256 KiB)
+            // can hold: two bytes a level.
+            let sql = format!("SELECT 1{}", "+1".repeat(128 * 1024));
+            let state = SessionContext::new().state();
+            let statement = parse_one_statement(&state, &sql).unwrap();
+            // The check itself needs no deep stack: it stops at the limit.
+            let statement = std::thread::Builder::new()
+                .stack_size(1 << 20)
+                .spawn(move || {
+                    assert!(check_syntax_limits(&statement).is_err());
+                    statement
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            // Dropping it recurses once per level, within the query
+            // runtime's stack.
+            drop(statement);
+        });
+    }
+
+    #[test]
+    fn statements_parsed_elsewhere_are_checked_the_same_way() {
+        use datafusion::sql::sqlparser::dialect::GenericDialect;
+        use datafusion::sql::sqlparser::parser::Parser;
+        on_stack(QUERY_STACK_MIB, || {
+            let sql = format!("SELECT 1{} FROM trips", "::INT".repeat(5_000));
+            let statement = Parser::parse_sql(&GenericDialect {}, &sql)
+                .unwrap()
+                .remove(0);
+            let err = check_statement_limits(&statement).unwrap_err();
+            assert!(err.to_string().contains("the limit is 256 levels"), "{err}");
+            let fine = Parser::parse_sql(&GenericDialect {}, "SELECT mode FROM trips")
+                .unwrap()
+                .remove(0);
+            check_statement_limits(&fine).unwrap();
+        });
+    }
+
+    #[test]
+    fn prefix_operators_and_nested_calls_stop_at_the_parser_limit() {
+        let minus = format!("SELECT {}1", "- ".repeat(2_000));
+        let not = format!("SELECT {}true", "NOT ".repeat(2_000));
+        let calls = format!("SELECT {}1{}", "abs(".repeat(2_000), ")".repeat(2_000));
+        let parentheses = format!("SELECT {}1{}", "(".repeat(2_000), ")".repeat(2_000));
+        for sql in [&minus, &not, &calls, &parentheses] {
+            let message = refusal(sql);
+            assert!(
+                message.contains("recursion limit") && message.contains("50"),
+                "{message}"
+            );
+        }
+        accepted(&format!("SELECT {}true", "NOT ".repeat(10)));
+        accepted(&format!("SELECT {}1", "- ".repeat(10)));
+    }
+
+    #[test]
+    fn wide_statements_are_bounded_too() {
+        let many = format!(
+            "SELECT count(*) FROM trips WHERE trip_id IN ({})",
+            vec!["1"; MAX_SYNTAX_NODES].join(",")
+        );
+        assert!(refusal(&many).contains("syntax elements"));
+        let tables = (0..=MAX_RELATIONS)
+            .map(|i| format!("trips t{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(refusal(&format!("SELECT 1 FROM {tables}")).contains("references more than"));
+        let joins = (1..=MAX_RELATIONS)
+            .map(|i| format!(" JOIN trips t{i} ON true"))
+            .collect::<String>();
+        assert!(
+            refusal(&format!("SELECT 1 FROM trips t0{joins}")).contains("references more than")
+        );
+    }
+
+    #[test]
+    fn expressions_that_are_costly_to_plan_are_refused() {
+        // 100 sums of 240 terms: within depth and size, quadratic to plan.
+        let sums = (0..100)
+            .map(|i| format!("({}) AS c{i}", vec!["trip_id"; 240].join(" + ")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let message = refusal(&format!("SELECT {sums} FROM trips"));
+        assert!(message.contains("too large to plan"), "{message}");
+        let columns = (0..=MAX_SELECT_ITEMS)
+            .map(|i| format!("trip_id AS c{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let message = refusal(&format!("SELECT {columns} FROM trips"));
+        assert!(message.contains("items per SELECT"), "{message}");
+        // A subquery's expressions are weighed on their own.
+        let chain = vec!["trip_id"; 250].join(" + ");
+        accepted(&format!(
+            "SELECT ({chain}) AS a, (SELECT {chain} FROM trips) AS b FROM trips"
+        ));
+    }
+
+    #[test]
+    fn ordinary_queries_pass() {
+        accepted("SELECT mode, count(*) FROM trips WHERE fare_eur > 2 GROUP BY mode");
+        accepted(&format!("SELECT 1{}", "::INT".repeat(200)));
+        accepted(&format!(
+            "SELECT count(*) FROM trips WHERE trip_id IN ({})",
+            (0..20_000)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+        accepted(
+            "WITH a AS (SELECT mode FROM trips), b AS (SELECT mode FROM a) SELECT * FROM b UNION ALL SELECT mode FROM trips",
+        );
+    }
+
+    async fn planned(sql: &str) -> Result<LogicalPlan, QueryError> {
+        let ctx = SessionContext::new();
+        ctx.sql("CREATE TABLE t (s VARCHAR, p VARCHAR) AS VALUES ('a', 'a%')")
+            .await
+            .unwrap();
+        let state = ctx.state();
+        let statement = parse(&state, sql, 1 << 20)?;
+        let plan = state
+            .statement_to_plan(statement)
+            .await
+            .map_err(QueryError::from_planning)?;
+        refuse_computed_patterns(&plan)?;
+        Ok(plan)
+    }
+
+    #[tokio::test]
+    async fn patterns_from_rows_are_refused() {
+        for sql in [
+            "SELECT s LIKE p FROM t",
+            "SELECT s ILIKE p || '%' FROM t",
+            "SELECT s NOT LIKE upper(p) FROM t",
+            "SELECT s ~ p FROM t",
+            "SELECT s SIMILAR TO p FROM t",
+            "SELECT regexp_like(s, p) FROM t",
+            "SELECT regexp_replace(s, 'a', 'b', p) FROM t",
+            "SELECT count(*) FROM t WHERE s LIKE (SELECT max(p) FROM t)",
+            "SELECT s LIKE CAST(random() AS VARCHAR) FROM t",
+        ] {
+            let err = planned(sql).await.unwrap_err();
+            assert!(
+                matches!(&err, QueryError::InvalidRequest(m) if m.contains("pattern computed from the rows")),
+                "{sql}: {err}"
+            );
+        }
+        for sql in [
+            "SELECT s LIKE 'a%' FROM t",
+            "SELECT s LIKE 'a' || '%' FROM t",
+            "SELECT s ~ '^a' FROM t",
+            "SELECT regexp_replace(s, 'a', p, 'g') FROM t",
+            "SELECT s LIKE $1 FROM t",
+        ] {
+            planned(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    }
 }

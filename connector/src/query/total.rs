@@ -14,10 +14,15 @@
 //! row-level function, which is what the DP sensitivity analysis and k
 //! suppression already account for.
 //!
-//! Not caught: the query's deadline and its memory pool (a limit reached is
-//! not a value's doing; the DP path reports those without their cause), and
-//! expressions over constants only, whose failure says nothing about data
-//! and is reported as it is.
+//! Not caught: the query's deadline, its memory pool and the function
+//! guards' limits on a whole call (a limit reached is not one value's doing;
+//! the DP path reports those without their cause), and expressions over
+//! constants only, whose failure says nothing about data and is reported as
+//! it is. A guard's limit on one value (a value too large to build, too
+//! much work for one value) is that value's failure: the row gets NULL.
+//! Evaluated row by row, a batch may not build more in all than one guarded
+//! call may ([`guard::MAX_CALL_BYTES`]), so the fallback cannot undo what
+//! the guards bound.
 
 use std::any::Any;
 use std::fmt;
@@ -41,6 +46,7 @@ use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
 use datafusion::physical_plan::projection::ProjectionExec;
 
 use super::deadline::is_deadline;
+use super::guard;
 
 /// Wraps the expressions of every filter, projection and grouping in
 /// `plan` that read columns.
@@ -213,6 +219,7 @@ impl TotalExpr {
     fn row_by_row(&self, batch: &RecordBatch) -> Result<ArrayRef> {
         let field = self.inner.return_field(&batch.schema())?;
         let mut parts: Vec<ArrayRef> = Vec::with_capacity(batch.num_rows());
+        let mut built = 0;
         for row in 0..batch.num_rows() {
             let one = batch.slice(row, 1);
             let value = match self.inner.evaluate(&one) {
@@ -220,6 +227,13 @@ impl TotalExpr {
                 Err(e) if is_limit(&e) => return Err(e),
                 Err(_) => fallback(field.data_type(), field.is_nullable())?,
             };
+            built += value.get_array_memory_size();
+            if built > guard::MAX_CALL_BYTES {
+                return Err(DataFusionError::ResourcesExhausted(format!(
+                    "an expression built more than {} MiB for one batch",
+                    guard::MAX_CALL_BYTES >> 20
+                )));
+            }
             parts.push(value);
         }
         let parts: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
@@ -238,9 +252,12 @@ fn fallback(data_type: &DataType, nullable: bool) -> Result<ArrayRef> {
     ScalarValue::new_default(data_type)?.to_array_of_size(1)
 }
 
-/// A limit of the query (its deadline, its memory pool), not a value.
+/// A limit of the query (its deadline, its memory pool, a guard's limit on
+/// a whole call or on its constants), not one value's failure.
 fn is_limit(e: &DataFusionError) -> bool {
-    is_deadline(e) || matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
+    is_deadline(e)
+        || matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
+        || guard::find_error(e).is_some_and(|g| !g.is_about_one_value())
 }
 
 #[cfg(test)]
