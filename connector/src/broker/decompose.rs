@@ -100,6 +100,10 @@ pub fn decompose(sql: &str, config: &BrokerConfig) -> Result<Federated, Unsuppor
         0 => return unsupported("the request holds no SQL statement"),
         n => return unsupported(format!("send one statement at a time, not {n}")),
     };
+    // The same bounds on depth and size as a provider's own planner applies:
+    // everything below walks, clones and prints the statement.
+    crate::query::plan::check_statement_limits(&statement)
+        .map_err(|e| Unsupported(e.to_string()))?;
     let Statement::Query(query) = statement else {
         return unsupported("the broker answers SELECT queries only");
     };
@@ -797,5 +801,26 @@ mod tests {
         )
         .unwrap();
         assert!(f.merge_sql.contains("AS \"n\"\"x\""), "{}", f.merge_sql);
+    }
+
+    #[test]
+    fn statements_beyond_the_syntax_limits_are_refused_before_the_broker_walks_them() {
+        let wide = format!(
+            "SELECT count(*) AS n FROM trips WHERE {}",
+            vec!["fare_eur > 1"; 1_000].join(" OR ")
+        );
+        let refused = decompose(&wide, &config()).unwrap_err().to_string();
+        assert!(refused.contains("limit"), "{refused}");
+        let many_aggregates = format!(
+            "SELECT {} FROM trips",
+            (0..2_500)
+                .map(|i| format!("sum(fare_eur) AS s{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let refused = decompose(&many_aggregates, &config())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("limit"), "{refused}");
     }
 }

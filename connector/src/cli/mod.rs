@@ -472,7 +472,9 @@ fn broker(args: BrokerArgs) -> Result<()> {
     crate::telemetry::init(cfg.log.format, &cfg.log.level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("sluice-broker")
-        .thread_stack_size(8 << 20)
+        // Dropping a statement near the nesting limit recurses as deeply as
+        // parsing it did; the serving runtime has the same margin.
+        .thread_stack_size(256 << 20)
         .enable_all()
         .build()?;
     let result = runtime.block_on(crate::broker::serve(cfg));
