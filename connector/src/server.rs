@@ -179,6 +179,9 @@ pub async fn serve_with(
         .tls_config(tls)
         .context("configuring TLS")?
         .layer(InterceptorLayer::new(identity::authenticate))
+        .layer(tower::util::MapResponseLayer::new(
+            undecodable_requests_are_invalid_arguments,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -342,3 +345,29 @@ fn print_banner(
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }
+
+/// A request whose protobuf does not decode is bad input, not a fault of
+/// the connector: INVALID_ARGUMENT rather than the INTERNAL that tonic's
+/// codec ("failed to decode Protobuf message: …") and arrow-flight's
+/// command decoding (`ParseError(…)`) report it as. Applied to every
+/// response in one place, since neither can be told otherwise.
+fn undecodable_requests_are_invalid_arguments<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    use tonic::codegen::http::HeaderValue;
+    let headers = response.headers_mut();
+    let internal = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"13");
+    let undecodable = headers.get("grpc-message").is_some_and(|message| {
+        let message = message.as_bytes();
+        message.starts_with(b"failed%20to%20decode%20Protobuf%20message")
+            || message.starts_with(b"failed to decode Protobuf message")
+            || message.starts_with(b"ParseError(")
+    });
+    if internal && undecodable {
+        headers.insert("grpc-status", HeaderValue::from_static("3"));
+    }
+    response
+}
+

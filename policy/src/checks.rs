@@ -831,8 +831,9 @@ impl Checker<'_> {
             Expr::Cast(cast) => {
                 // Checked first: the operand may hide a subquery.
                 let inner = self.value(&cast.expr, plan, input)?;
-                if inner.sources.is_empty() {
-                    // A cast of a constant cannot fail on data.
+                if inner.level == Level::Constant {
+                    // A cast of a constant cannot fail on data. (A count
+                    // has no source columns but is data all the same.)
                     return Ok(inner);
                 }
                 if !is_lossless_cast(cast, plan.schema()) && !cannot_fail(cast, plan.schema()) {

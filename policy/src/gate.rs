@@ -560,13 +560,15 @@ impl PolicyGate {
         }
         if epsilon > dp.epsilon_cap {
             return Err(refuse(format!(
-                "this query asks for ε = {epsilon}, above the {} allowed per query on dataset `{dataset}`",
+                "this query asks for ε = {}, above the {} allowed per query on dataset `{dataset}`",
+                short_number(epsilon),
                 dp.epsilon_cap
             )));
         }
         if epsilon < dp.min_epsilon {
             return Err(refuse(format!(
-                "this query asks for ε = {epsilon}, below the {} a query on dataset `{dataset}` must spend at least (min_epsilon_per_query): a smaller ε buys a useless answer and one more observation of what noise does not cover",
+                "this query asks for ε = {}, below the {} a query on dataset `{dataset}` must spend at least (min_epsilon_per_query): a smaller ε buys a useless answer and one more observation of what noise does not cover",
+                short_number(epsilon),
                 dp.min_epsilon
             )));
         }
@@ -962,6 +964,17 @@ fn wildcard_match(pattern: &str, text: &str) -> bool {
         }
     }
     true
+}
+
+
+/// A number as the consumer would write it: plain in the usual range, in
+/// scientific notation outside it (`1e-300` is not 300 digits long).
+fn short_number(value: f64) -> String {
+    if value == 0.0 || (1e-4..1e9).contains(&value.abs()) {
+        format!("{value}")
+    } else {
+        format!("{value:e}")
+    }
 }
 
 #[cfg(test)]

@@ -231,9 +231,15 @@ pub fn human_bytes(n: usize) -> String {
     format!("{n} bytes")
 }
 
+/// Longest status message sent, in bytes. A status message travels as an
+/// HTTP/2 header, and gRPC clients refuse response headers past 8 KiB by
+/// default (reporting RESOURCE_EXHAUSTED instead of the error); DataFusion
+/// messages that print a large expression can exceed that.
+const MAX_STATUS_MESSAGE_BYTES: usize = 2048;
+
 impl From<QueryError> for Status {
     fn from(e: QueryError) -> Self {
-        let mut status = Status::new(e.code(), e.to_string());
+        let mut status = Status::new(e.code(), shortened(e.to_string()));
         if let QueryError::Recorded(_, receipt) = &e
             && let Ok(value) = receipt.parse()
         {
@@ -245,6 +251,22 @@ impl From<QueryError> for Status {
     }
 }
 
+/// `message` cut to [`MAX_STATUS_MESSAGE_BYTES`] (at a character boundary),
+/// marked where it was cut.
+fn shortened(mut message: String) -> String {
+    const CUT: &str = " … (shortened)";
+    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return message;
+    }
+    let mut end = MAX_STATUS_MESSAGE_BYTES - CUT.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(CUT);
+    message
+}
+
 impl From<Denial> for QueryError {
     fn from(d: Denial) -> Self {
         QueryError::Denied(d)
@@ -254,6 +276,16 @@ impl From<Denial> for QueryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_shortened_to_fit_a_header() {
+        let long = QueryError::InvalidRequest("é".repeat(5000));
+        let status = Status::from(long);
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE_BYTES);
+        assert!(status.message().ends_with("(shortened)"));
+        let short = Status::from(QueryError::InvalidRequest("short".into()));
+        assert_eq!(short.message(), "short");
+    }
 
     #[test]
     fn unknown_column_errors_do_not_list_other_columns() {

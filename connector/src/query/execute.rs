@@ -123,18 +123,11 @@ async fn run(
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
 ) -> Result<(), QueryError> {
     let failed = |e: DataFusionError| execution_error(&e, limits);
-    let pool = catalog::query_pool(limits.memory);
-    let query_guard = Arc::new(QueryGuard::new(
-        Some(limits.deadline.into_std()),
-        limits.memory,
-        Some(pool.clone()),
-    ));
-    let state = guard::for_query(catalog.session().state(), query_guard.clone());
-    // Folding constants cannot be interrupted: the guards bound it, and it
-    // runs without holding a runtime worker.
-    let optimized = guard::blocking(|| state.optimize(&plan)).map_err(failed)?;
-    guard::check_constants(&optimized).map_err(|e| failed(e.into()))?;
-    query_guard.share_memory(guard::call_sites(&optimized));
+    let Prepared {
+        state,
+        optimized,
+        pool,
+    } = prepare(catalog, &plan, limits)?;
     let physical = state
         .query_planner()
         .create_physical_plan(&optimized, &state)
@@ -155,6 +148,56 @@ async fn run(
         }
     }
     Ok(())
+}
+
+/// An optimised plan with the session state and memory pool it runs with.
+struct Prepared {
+    state: datafusion::execution::SessionState,
+    optimized: LogicalPlan,
+    pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+}
+
+/// Everything before execution reads data: the query's own guarded
+/// session, optimisation (constant folding included), and the checks on
+/// what folding left: constants too large to broadcast, patterns too
+/// large to compile, constants that fail to evaluate.
+fn prepare(
+    catalog: &Catalog,
+    plan: &LogicalPlan,
+    limits: ExecutionLimits,
+) -> Result<Prepared, QueryError> {
+    let failed = |e: DataFusionError| execution_error(&e, limits);
+    let pool = catalog::query_pool(limits.memory);
+    let query_guard = Arc::new(QueryGuard::new(
+        Some(limits.deadline.into_std()),
+        limits.memory,
+        Some(pool.clone()),
+    ));
+    let state = guard::for_query(catalog.session().state(), query_guard.clone());
+    // Folding constants cannot be interrupted: the guards bound it, and it
+    // runs without holding a runtime worker.
+    let optimized = guard::blocking(|| state.optimize(plan)).map_err(failed)?;
+    guard::check_constants(&optimized).map_err(|e| failed(e.into()))?;
+    super::plan::check_patterns(&optimized)?;
+    guard::blocking(|| super::constants::refuse_failing_constants(&optimized, &state))
+        .map_err(failed)?;
+    query_guard.share_memory(guard::call_sites(&optimized));
+    Ok(Prepared {
+        state,
+        optimized,
+        pool,
+    })
+}
+
+/// What [`Executor::start`] would do before reading data, done now: the
+/// DP path calls it before it reserves any budget, so that a query that
+/// fails whatever the data fails before anything is charged.
+pub fn check_before_data(
+    catalog: &Catalog,
+    plan: &LogicalPlan,
+    limits: ExecutionLimits,
+) -> Result<(), QueryError> {
+    prepare(catalog, plan, limits).map(|_| ())
 }
 
 /// The full error stays in the provider's log; the client gets its kind.

@@ -17,6 +17,7 @@
 //! pending ticket, returned on every path that does not read data, and rows
 //! are taken from the daily quota as they leave (`rows::RowMeter`).
 
+mod constants;
 pub mod deadline;
 mod error;
 pub mod execute;
@@ -480,6 +481,13 @@ impl QueryEngine {
             Some(query) => Some(privacy::announced_schema(query, &state)?),
             None => None,
         };
+        // So is everything in the statistics plan that can fail without
+        // reading data (folding constants, evaluating those that fold to an
+        // error): such a failure comes before the reservation, as a plain
+        // refusal, not after it as a withheld answer.
+        if let Some(query) = &dp {
+            execute::check_before_data(&self.catalog, &query.stats_plan, self.limits_from_now())?;
+        }
         // Checked before anything is charged; the insert checks again.
         self.pending.check_room(&request.principal)?;
         if let Some(charge) = &record.quota {
@@ -629,9 +637,8 @@ impl QueryEngine {
         // with it the budget hold: nothing was read, the budget comes back.
         let (slot, deadline) = self.start_run(&claims, &pending).await?;
         let limits = ExecutionLimits {
-            memory: self.limits.query_memory,
             deadline,
-            timeout: self.limits.query_timeout,
+            ..self.limits_from_now()
         };
         let PendingQuery {
             approval,
@@ -843,6 +850,15 @@ impl QueryEngine {
             .batch
             .with_schema(schema)
             .map_err(|e| QueryError::Internal(e.to_string()))
+    }
+
+    /// The execution limits of a query that starts now.
+    fn limits_from_now(&self) -> ExecutionLimits {
+        ExecutionLimits {
+            memory: self.limits.query_memory,
+            deadline: tokio::time::Instant::now() + self.limits.query_timeout,
+            timeout: self.limits.query_timeout,
+        }
     }
 
     /// The ticket lifetime, for FlightEndpoint.expiration_time.

@@ -458,6 +458,8 @@ pub async fn plan(
         .map_err(QueryError::from_planning)?;
     check_depth(&plan)?;
     refuse_computed_patterns(&plan)?;
+    check_patterns(&plan)?;
+    check_limits(&plan)?;
     Ok(plan)
 }
 
@@ -544,10 +546,136 @@ pub fn refuse_computed_patterns(plan: &LogicalPlan) -> Result<(), QueryError> {
     }
 }
 
+/// Most wildcards (`%`, `_`) one LIKE pattern may hold. A LIKE pattern
+/// with wildcards inside is compiled into a regular expression with a
+/// `.*` or `.` per wildcard; past a few thousand the compiled automaton
+/// takes seconds to build and to run on each value (8,000 took 30 s of
+/// one core on a 40-row table, unpreemptible). Hand-written patterns hold
+/// a handful.
+pub const MAX_LIKE_WILDCARDS: usize = 100;
+
+/// Most memory one regular expression (a `~` operator, a `regexp_*`
+/// function, SIMILAR TO) may compile into: a fifth of the regex engine's
+/// default limit. Compilation time and the cost of matching grow with it;
+/// Unicode classes are large: `\w{100}` is over it, `\w{40}` and
+/// `[a-z]{1000}` are not.
+pub const MAX_REGEX_COMPILED_BYTES: usize = 2 << 20;
+
+/// Refuses constant patterns too large to compile cheaply (see
+/// [`MAX_LIKE_WILDCARDS`], [`MAX_REGEX_COMPILED_BYTES`]). Runs on the
+/// plan as written, when parameters are bound, and on the optimised plan,
+/// where patterns computed from constants have been folded.
+pub fn check_patterns(plan: &LogicalPlan) -> Result<(), QueryError> {
+    let mut problem: Option<String> = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                problem = pattern_problem(e);
+                Ok(if problem.is_some() {
+                    TreeNodeRecursion::Stop
+                } else {
+                    TreeNodeRecursion::Continue
+                })
+            })
+        })
+    });
+    problem.map_or(Ok(()), |p| Err(QueryError::InvalidRequest(p)))
+}
+
+/// What is wrong with the constant pattern of `expr`, if it has one.
+fn pattern_problem(expr: &datafusion::logical_expr::Expr) -> Option<String> {
+    use datafusion::logical_expr::{Expr as PlanExpr, Operator};
+    let (what, pattern, like) = match expr {
+        PlanExpr::Like(like) => (
+            if like.case_insensitive { "ILIKE" } else { "LIKE" },
+            &*like.pattern,
+            Some(like.escape_char),
+        ),
+        // DataFusion matches SIMILAR TO patterns as regular expressions.
+        PlanExpr::SimilarTo(like) => ("the SIMILAR TO pattern", &*like.pattern, None),
+        PlanExpr::BinaryExpr(binary) => match binary.op {
+            Operator::LikeMatch
+            | Operator::ILikeMatch
+            | Operator::NotLikeMatch
+            | Operator::NotILikeMatch => ("LIKE", &*binary.right, Some(None)),
+            Operator::RegexMatch
+            | Operator::RegexIMatch
+            | Operator::RegexNotMatch
+            | Operator::RegexNotIMatch => ("the regular expression", &*binary.right, None),
+            _ => return None,
+        },
+        PlanExpr::ScalarFunction(function)
+            if REGEX_FUNCTIONS
+                .iter()
+                .any(|(name, _)| *name == function.name()) =>
+        {
+            ("the regular expression", function.args.get(1)?, None)
+        }
+        _ => return None,
+    };
+    let text = literal_text(pattern)?;
+    if let Some(escape) = like {
+        let wildcards = like_wildcards(text, escape.unwrap_or('\\'));
+        if wildcards > MAX_LIKE_WILDCARDS {
+            return Some(format!(
+                "the {what} pattern has {wildcards} wildcards (`%`, `_`); the limit is \
+                 {MAX_LIKE_WILDCARDS}: each one becomes a step of a regular expression \
+                 that every value is matched against"
+            ));
+        }
+        return None;
+    }
+    match regex::RegexBuilder::new(text)
+        .size_limit(MAX_REGEX_COMPILED_BYTES)
+        .build()
+    {
+        Err(regex::Error::CompiledTooBig(_)) => Some(format!(
+            "{what} is too large: compiled, it would exceed {} (the limit); use fewer or \
+             smaller repetitions and character classes",
+            super::human_bytes(MAX_REGEX_COMPILED_BYTES)
+        )),
+        // Other errors (syntax) are DataFusion's to report, as they are.
+        _ => None,
+    }
+}
+
+/// The text of a string literal (through casts between string types).
+fn literal_text(expr: &datafusion::logical_expr::Expr) -> Option<&str> {
+    use datafusion::logical_expr::Expr as PlanExpr;
+    match expr {
+        PlanExpr::Literal(
+            ScalarValue::Utf8(Some(text))
+            | ScalarValue::LargeUtf8(Some(text))
+            | ScalarValue::Utf8View(Some(text)),
+            _,
+        ) => Some(text),
+        PlanExpr::Cast(cast) => literal_text(&cast.expr),
+        PlanExpr::TryCast(cast) => literal_text(&cast.expr),
+        PlanExpr::Alias(alias) => literal_text(&alias.expr),
+        _ => None,
+    }
+}
+
+/// Unescaped `%` and `_` in a LIKE pattern.
+fn like_wildcards(pattern: &str, escape: char) -> usize {
+    let mut count = 0;
+    let mut escaped = false;
+    for c in pattern.chars() {
+        if escaped {
+            escaped = false;
+        } else if c == escape {
+            escaped = true;
+        } else if c == '%' || c == '_' {
+            count += 1;
+        }
+    }
+    count
+}
+
 /// True if `expr` has the same value for every row: no column, subquery,
 /// aggregate, window or volatile function in it. Parameters count as
 /// constants, since they are bound to values before execution.
-fn is_constant(expr: &datafusion::logical_expr::Expr) -> bool {
+pub(super) fn is_constant(expr: &datafusion::logical_expr::Expr) -> bool {
     use datafusion::logical_expr::Expr as PlanExpr;
     !expr
         .exists(|e| {
@@ -634,12 +762,14 @@ pub fn bind(plan: LogicalPlan, values: Vec<ScalarValue>) -> Result<LogicalPlan, 
         .with_param_values(ParamValues::from(converted))
         .map_err(QueryError::from_planning)?;
     check_limits(&plan)?;
+    check_patterns(&plan)?;
     Ok(plan)
 }
 
-/// LIMIT and OFFSET must be integers of at least 0 (or NULL: none). The SQL
-/// planner checks literals; a bound parameter is only a literal once bound,
-/// so it is checked here rather than failing at execution.
+/// LIMIT and OFFSET must be integers from 0 to 2^63 - 1 (or NULL: none),
+/// checked when the statement is planned and again when parameters are
+/// bound, rather than failing at execution (where the optimizer would
+/// report it as an internal error, after any budget was reserved).
 fn check_limits(plan: &LogicalPlan) -> Result<(), QueryError> {
     let mut problem = None;
     let _ = plan.apply_with_subqueries(|node| {
@@ -658,17 +788,34 @@ fn check_limits(plan: &LogicalPlan) -> Result<(), QueryError> {
     }
 }
 
-/// What is wrong with a bound LIMIT or OFFSET value, if anything.
+/// What is wrong with a LIMIT or OFFSET value, if anything. A parameter
+/// not bound yet is checked once it is; an expression over constants
+/// (`-1`, `2 * 5`) is folded first.
 fn limit_problem(bound: &datafusion::logical_expr::Expr) -> Option<&'static str> {
     use datafusion::logical_expr::Expr;
-    match bound {
+    use datafusion::logical_expr::simplify::SimplifyContext;
+    use datafusion::optimizer::simplify_expressions::ExprSimplifier;
+    const NEGATIVE: &str = "LIMIT and OFFSET take an integer of at least 0; the value is negative";
+    const NOT_AN_INTEGER: &str =
+        "LIMIT and OFFSET take an integer from 0 to 9223372036854775807 (a BIGINT constant or parameter)";
+    if bound
+        .exists(|e| Ok(matches!(e, Expr::Placeholder(_))))
+        .unwrap_or(false)
+    {
+        return None;
+    }
+    let folded = match bound {
+        Expr::Literal(..) => bound.clone(),
+        _ => match ExprSimplifier::new(SimplifyContext::default()).simplify(bound.clone()) {
+            Ok(folded) => folded,
+            Err(_) => return Some(NOT_AN_INTEGER),
+        },
+    };
+    match folded {
         Expr::Literal(value, _) if value.is_null() => None,
-        Expr::Literal(ScalarValue::Int64(Some(n)), _) if *n >= 0 => None,
-        Expr::Literal(ScalarValue::Int64(Some(_)), _) => {
-            Some("LIMIT and OFFSET take an integer of at least 0; the bound value is negative")
-        }
-        Expr::Literal(..) => Some("LIMIT and OFFSET take an integer (BIGINT); bind one"),
-        _ => None,
+        Expr::Literal(ScalarValue::Int64(Some(n)), _) if n >= 0 => None,
+        Expr::Literal(ScalarValue::Int64(Some(_)), _) => Some(NEGATIVE),
+        _ => Some(NOT_AN_INTEGER),
     }
 }
 
@@ -961,7 +1108,66 @@ mod tests {
             .await
             .map_err(QueryError::from_planning)?;
         refuse_computed_patterns(&plan)?;
+        check_patterns(&plan)?;
+        check_limits(&plan)?;
         Ok(plan)
+    }
+
+    #[tokio::test]
+    async fn patterns_too_large_to_compile_cheaply_are_refused() {
+        let many = |unit: &str, n: usize| unit.repeat(n);
+        for sql in [
+            format!("SELECT s LIKE '{}' FROM t", many("%_", 51)),
+            format!("SELECT s NOT ILIKE 'x{}' FROM t", many("_", 101)),
+            format!("SELECT count(*) FROM t WHERE s ~~ '{}'", many("a%", 101)),
+            "SELECT s ~ '\\w{1000}' FROM t".to_string(),
+            format!("SELECT regexp_like(s, '{}') FROM t", many(".*.", 20_000)),
+            "SELECT s SIMILAR TO '(\\w{300}){10}' FROM t".to_string(),
+        ] {
+            let err = planned(&sql).await.unwrap_err();
+            assert!(
+                matches!(&err, QueryError::InvalidRequest(m) if m.contains("limit")),
+                "{}: {err}",
+                &sql[..60.min(sql.len())]
+            );
+        }
+        for sql in [
+            format!("SELECT s LIKE '{}' FROM t", many("%_", 50)),
+            // Escaped wildcards are literal characters.
+            format!("SELECT s LIKE '{}' FROM t", many("\\%", 500)),
+            "SELECT s ~ '^[a-z]{3}-\\d{1,4}$' FROM t".to_string(),
+            "SELECT s ~ '\\w{40}' FROM t".to_string(),
+            "SELECT s ~ '[a-z]{1000}' FROM t".to_string(),
+        ] {
+            planned(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", &sql[..60.min(sql.len())]));
+        }
+    }
+
+    #[tokio::test]
+    async fn limits_must_be_integers_from_zero() {
+        for sql in [
+            "SELECT s FROM t LIMIT -1",
+            "SELECT s FROM t LIMIT 1 OFFSET -5",
+            "SELECT s FROM t LIMIT 2 - 3",
+            "SELECT s FROM t OFFSET 18446744073709551615",
+            "SELECT s FROM t LIMIT 1.5",
+        ] {
+            let err = planned(sql).await.unwrap_err();
+            assert!(
+                matches!(&err, QueryError::InvalidRequest(m) if m.contains("LIMIT and OFFSET")),
+                "{sql}: {err}"
+            );
+        }
+        for sql in [
+            "SELECT s FROM t LIMIT 0",
+            "SELECT s FROM t LIMIT 2 * 5 OFFSET 1",
+            "SELECT s FROM t LIMIT NULL",
+            "SELECT s FROM t LIMIT $1",
+        ] {
+            planned(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
     }
 
     #[tokio::test]
