@@ -370,4 +370,3 @@ fn undecodable_requests_are_invalid_arguments<B>(
     }
     response
 }
-

@@ -966,7 +966,6 @@ fn wildcard_match(pattern: &str, text: &str) -> bool {
     true
 }
 
-
 /// A number as the consumer would write it: plain in the usual range, in
 /// scientific notation outside it (`1e-300` is not 300 digits long).
 fn short_number(value: f64) -> String {

@@ -188,3 +188,120 @@ def test_a_negative_limit_bound_to_a_prepared_statement_is_invalid_argument(demo
         cur.execute("SELECT mode, count(*) AS n FROM trips GROUP BY mode ORDER BY mode LIMIT ?",
                     parameters=(2,))
         assert cur.fetch_arrow_table().num_rows == 2
+
+
+# The independent review of the fixed build (issue 14) found that a constant
+# which fails when evaluated (the optimiser leaves it unfolded) failed only
+# when a row reached it: a group key, a filter term, a subquery column, a
+# join's grouping. Each is now evaluated before any data is read.
+ONE_TRIP = ("WHERE t.start_time = TIMESTAMP '2026-03-19T23:00:00Z' AND t.start_zone = 'Z37' "
+            "AND t.end_zone = '{end}' AND t.mode = 'bus'")
+FAILING_CONSTANTS = [
+    "SELECT to_timestamp('abc') AS g, count(*) AS n FROM trips t {where} GROUP BY 1",
+    "SELECT abs(-9223372036854775808) AS g, count(*) AS n FROM trips t {where} GROUP BY 1",
+    "SELECT count(*) AS n FROM (SELECT to_timestamp('abc') AS x, t.mode FROM trips t {where}) s GROUP BY x",
+    "SELECT count(*) AS n FROM trips t JOIN zones z ON t.start_zone = z.zone_id {where} GROUP BY to_date('zz')",
+    "SELECT count(*) AS n FROM trips t {where} AND to_date('2026-13-45') IS NOT NULL",
+    "SELECT t.mode, count(*) AS n FROM trips t {where} GROUP BY t.mode ORDER BY to_timestamp('x')",
+]
+
+
+@pytest.mark.parametrize("sql", FAILING_CONSTANTS)
+@pytest.mark.parametrize("identity,epsilon", [("research", "0.01"), ("planning", None)])
+def test_a_constant_that_fails_fails_whether_or_not_a_row_reaches_it(demo_daemon, sql, identity, epsilon):
+    client = flight_client(demo_daemon, identity)
+    strip = lambda m: m.split(" (audit receipt")[0]
+    present, absent = (_outcome(client, sql.format(where=ONE_TRIP.format(end=end)), epsilon=epsilon)
+                       for end in ["Z36", "Z99"])
+    assert present[0] == absent[0] == "ArrowInvalid", (present, absent)
+    assert strip(present[1]) == strip(absent[1]), (present, absent)
+
+
+def test_a_failing_constant_under_dp_is_refused_before_anything_is_charged(demo_daemon):
+    client = flight_client(demo_daemon, "research")
+    probe = "SELECT count(*) AS n FROM trips WHERE start_zone = 'Z05'"
+    first = _run(client, probe, epsilon="0.01")
+    for sql in ["SELECT to_timestamp('abc') AS g, count(*) AS n FROM trips GROUP BY 1",
+                "SELECT count(*) AS n FROM trips WHERE start_time > 'abc'",
+                "SELECT mode, count(*) AS n FROM trips GROUP BY mode LIMIT -1",
+                "SELECT mode, count(*) AS n FROM trips GROUP BY mode OFFSET 18446744073709551615"]:
+        with pytest.raises(pa.ArrowInvalid):
+            client.get_flight_info(statement_query(sql), _options(epsilon="0.01"))
+    again = _run(client, probe, epsilon="0.01")
+    assert again.schema.metadata[b"sluice.dp.cached"] == b"true"
+    assert (again.schema.metadata[b"sluice.dp.remaining_epsilon"]
+            == first.schema.metadata[b"sluice.dp.remaining_epsilon"])
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT CAST(count(*) AS TINYINT) AS n FROM trips WHERE start_zone = 'Z05'",
+    "SELECT mode, CAST(count(*) AS DECIMAL(3, 0)) AS n FROM trips GROUP BY mode",
+    "SELECT mode, CAST(sum(fare_eur) AS SMALLINT) AS s FROM trips GROUP BY mode",
+])
+@pytest.mark.parametrize("identity,epsilon", [("research", "0.01"), ("planning", None)])
+def test_narrowing_an_aggregate_is_refused_not_wrong_or_internal(demo_daemon, sql, identity, epsilon):
+    client = flight_client(demo_daemon, identity)
+    with pytest.raises(flight.FlightUnauthorizedError) as refused:
+        client.get_flight_info(statement_query(sql), _options(epsilon=epsilon))
+    assert "TRY_CAST" in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("pattern", ["%_" * 8000, "_" * 500, "a%" * 200])
+def test_a_like_pattern_too_large_to_match_cheaply_is_refused_at_once(demo_daemon, pattern):
+    client = flight_client(demo_daemon, "planning")
+    with pytest.raises(pa.ArrowInvalid, match="wildcards"):
+        client.get_flight_info(statement_query(
+            f"SELECT count(*) AS n FROM zones WHERE district LIKE '{pattern}'"), _options())
+    # The other tenant is served meanwhile (nothing was left running).
+    assert _run(flight_client(demo_daemon, "supplier"), "SELECT count(*) AS n FROM zones",
+                purpose=None).num_rows == 1
+
+
+def test_undecodable_requests_are_invalid_argument_not_internal(demo_daemon):
+    import grpc
+    with grpc_channel(demo_daemon, "planning") as channel:
+        info = channel.unary_unary("/arrow.flight.protocol.FlightService/GetFlightInfo",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        get = channel.unary_stream("/arrow.flight.protocol.FlightService/DoGet",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        # A FlightDescriptor (type CMD) whose command is a CommandGetTables
+        # holding bytes that are no protobuf.
+        url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandGetTables"
+        command = b"\x0a" + bytes([len(url)]) + url + b"\x12\x03\xff\xff\xff"
+        descriptor = b"\x08\x02\x12" + bytes([len(command)]) + command
+        for call in [lambda: info(b"\xff\xff", timeout=10),
+                     lambda: info(descriptor, timeout=10),
+                     lambda: list(get(b"\xff\xff\xff", timeout=10))]:
+            with pytest.raises(grpc.RpcError) as failed:
+                call()
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
+
+
+def test_an_error_message_always_fits_a_default_clients_headers(demo_daemon):
+    import grpc
+    # The policy's refusal quotes the expression, here 240 terms long; sent
+    # whole it would exceed grpcio's default 8 KiB of response headers, and
+    # the client would see RESOURCE_EXHAUSTED instead of the refusal.
+    terms = " + ".join(["count(*)"] * 240)
+    sql = f"SELECT CAST({terms} AS TINYINT) AS n FROM trips".encode()
+    url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
+    query = b"\x0a" + _varint(len(sql)) + sql
+    command = b"\x0a" + _varint(len(url)) + url + b"\x12" + _varint(len(query)) + query
+    descriptor = b"\x08\x02\x12" + _varint(len(command)) + command
+    with grpc_channel(demo_daemon, "planning") as channel:
+        info = channel.unary_unary("/arrow.flight.protocol.FlightService/GetFlightInfo",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as failed:
+            info(descriptor, timeout=30, metadata=[("x-sluice-purpose", "research")])
+    assert failed.value.code() == grpc.StatusCode.PERMISSION_DENIED, failed.value.details()
+    assert failed.value.details().endswith("(shortened)"), failed.value.details()
+    assert len(failed.value.details().encode()) <= 2048
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)

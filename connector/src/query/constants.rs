@@ -55,8 +55,10 @@ pub fn refuse_failing_constants(plan: &LogicalPlan, state: &SessionState) -> Res
 /// A constant expression that is not already a value: nothing in it
 /// varies by row, and nothing in it is bound later.
 fn is_unfolded_constant(expr: &Expr) -> bool {
-    !matches!(expr, Expr::Literal(..) | Expr::Alias(_) | Expr::Placeholder(_))
-        && is_constant(expr)
+    !matches!(
+        expr,
+        Expr::Literal(..) | Expr::Alias(_) | Expr::Placeholder(_)
+    ) && is_constant(expr)
         && !expr
             .exists(|e| Ok(matches!(e, Expr::Placeholder(_))))
             .unwrap_or(true)

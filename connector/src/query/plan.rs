@@ -587,7 +587,11 @@ fn pattern_problem(expr: &datafusion::logical_expr::Expr) -> Option<String> {
     use datafusion::logical_expr::{Expr as PlanExpr, Operator};
     let (what, pattern, like) = match expr {
         PlanExpr::Like(like) => (
-            if like.case_insensitive { "ILIKE" } else { "LIKE" },
+            if like.case_insensitive {
+                "ILIKE"
+            } else {
+                "LIKE"
+            },
             &*like.pattern,
             Some(like.escape_char),
         ),
@@ -796,8 +800,7 @@ fn limit_problem(bound: &datafusion::logical_expr::Expr) -> Option<&'static str>
     use datafusion::logical_expr::simplify::SimplifyContext;
     use datafusion::optimizer::simplify_expressions::ExprSimplifier;
     const NEGATIVE: &str = "LIMIT and OFFSET take an integer of at least 0; the value is negative";
-    const NOT_AN_INTEGER: &str =
-        "LIMIT and OFFSET take an integer from 0 to 9223372036854775807 (a BIGINT constant or parameter)";
+    const NOT_AN_INTEGER: &str = "LIMIT and OFFSET take an integer from 0 to 9223372036854775807 (a BIGINT constant or parameter)";
     if bound
         .exists(|e| Ok(matches!(e, Expr::Placeholder(_))))
         .unwrap_or(false)
