@@ -26,7 +26,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool, TrackConsumersPool};
+use datafusion::execution::memory_pool::{
+    GreedyMemoryPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+    TrackConsumersPool,
+};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::execution::{SessionState, TaskContext};
@@ -121,14 +124,106 @@ impl Catalog {
     }
 }
 
-/// A memory pool private to one query, capped at `memory_limit` bytes.
-/// Spilling is disabled, so a query that needs more fails with
-/// ResourcesExhausted instead of filling the disk.
-pub fn query_pool(memory_limit: usize) -> Arc<dyn MemoryPool> {
-    Arc::new(TrackConsumersPool::new(
-        GreedyMemoryPool::new(memory_limit),
-        std::num::NonZeroUsize::new(3).expect("non-zero"),
-    ))
+/// A memory pool private to one query, capped at `memory_limit` bytes and
+/// drawing from `process`, which all queries share. Spilling is disabled,
+/// so a query that needs more fails with ResourcesExhausted instead of
+/// filling the disk.
+pub fn query_pool(memory_limit: usize, process: &ProcessMemory) -> Arc<dyn MemoryPool> {
+    Arc::new(QueryPool {
+        query: Arc::new(TrackConsumersPool::new(
+            GreedyMemoryPool::new(memory_limit),
+            std::num::NonZeroUsize::new(3).expect("non-zero"),
+        )),
+        process: process.0.clone(),
+    })
+}
+
+/// The start of the error a query gets when the memory all queries share
+/// is in use (see [`crate::query::QueryError::from_execution`]).
+pub const PROCESS_MEMORY_IN_USE: &str = "the memory all running queries may hold together";
+
+/// The memory all queries running at once may hold together
+/// (`limits.total_query_memory`): without it, each of
+/// `max_concurrent_queries` queries could hold its whole `query_memory`.
+#[derive(Debug, Clone)]
+pub struct ProcessMemory(Arc<GreedyMemoryPool>);
+
+impl ProcessMemory {
+    pub fn new(limit: usize) -> Self {
+        Self(Arc::new(GreedyMemoryPool::new(limit)))
+    }
+
+    /// Bytes held by all queries now.
+    pub fn reserved(&self) -> usize {
+        self.0.reserved()
+    }
+}
+
+/// One query's pool: a reservation must fit both the query's own limit and
+/// what is left of the process-wide one.
+#[derive(Debug)]
+struct QueryPool {
+    query: Arc<dyn MemoryPool>,
+    process: Arc<GreedyMemoryPool>,
+}
+
+impl std::fmt::Display for QueryPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "query pool ({}, within {})", self.query, self.process)
+    }
+}
+
+impl MemoryPool for QueryPool {
+    fn name(&self) -> &str {
+        "sluice-query"
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.query.register(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.query.unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.query.grow(reservation, additional);
+        self.process.grow(reservation, additional);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.query.shrink(reservation, shrink);
+        self.process.shrink(reservation, shrink);
+    }
+
+    fn try_grow(
+        &self,
+        reservation: &MemoryReservation,
+        additional: usize,
+    ) -> datafusion::error::Result<()> {
+        self.query.try_grow(reservation, additional)?;
+        if self.process.try_grow(reservation, additional).is_err() {
+            self.query.shrink(reservation, additional);
+            return Err(datafusion::error::DataFusionError::ResourcesExhausted(
+                format!(
+                    "{PROCESS_MEMORY_IN_USE} (limits.total_query_memory, {}) is in use by the queries running now",
+                    crate::query::human_bytes(match self.process.memory_limit() {
+                        MemoryLimit::Finite(limit) => limit,
+                        _ => 0,
+                    })
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.query.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.query.memory_limit()
+    }
 }
 
 /// DataFusion's default session with the connector's changes (see the
@@ -218,4 +313,34 @@ async fn register(ctx: &SessionContext, ds: &DatasetConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_share_the_process_memory_and_return_it() {
+        let process = ProcessMemory::new(1000);
+        let first = query_pool(800, &process);
+        let second = query_pool(800, &process);
+        let a = MemoryConsumer::new("a").register(&first);
+        let b = MemoryConsumer::new("b").register(&second);
+        a.try_grow(600).unwrap();
+        // Within its own limit, beyond what the other query left.
+        let refused = b.try_grow(600).unwrap_err().to_string();
+        assert!(refused.contains(PROCESS_MEMORY_IN_USE), "{refused}");
+        assert!(refused.contains("limits.total_query_memory"), "{refused}");
+        // The refused reservation took nothing from its own query's pool.
+        assert_eq!(second.reserved(), 0);
+        b.try_grow(400).unwrap();
+        assert_eq!(process.reserved(), 1000);
+        // A query's own limit still applies first.
+        assert!(a.try_grow(300).is_err());
+        drop(a);
+        assert_eq!(process.reserved(), 400);
+        b.try_grow(400).unwrap();
+        drop(b);
+        assert_eq!(process.reserved(), 0);
+    }
 }

@@ -100,6 +100,8 @@ pub struct TlsConfig {
 pub struct Limits {
     /// Memory one query may hold (DataFusion memory pool), in bytes.
     pub query_memory: usize,
+    /// Memory all queries running at once may hold together, in bytes.
+    pub total_query_memory: usize,
     /// Wall-clock limit from the start of execution to the last batch.
     pub query_timeout: Duration,
     /// Queries executing at once; further queries wait (up to their timeout).
@@ -240,6 +242,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             query_memory: 1 << 30,
+            total_query_memory: 4 << 30,
             query_timeout: Duration::from_secs(300),
             max_concurrent_queries: 16,
             max_concurrent_queries_per_organization: 4,
@@ -419,6 +422,7 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     query_memory: Option<String>,
+    total_query_memory: Option<String>,
     query_timeout: Option<String>,
     max_concurrent_queries: Option<usize>,
     max_concurrent_queries_per_organization: Option<usize>,
@@ -642,11 +646,28 @@ fn parse_limits(raw: RawLimits) -> Result<Limits, (String, String)> {
         None => Ok(default),
     };
     let field = |name: &'static str| move |r: String| (name.to_string(), r);
+    let query_memory = match raw.query_memory {
+        Some(s) => parse_size(&s).map_err(field("query_memory"))?,
+        None => d.query_memory,
+    };
+    // Unset, it grows with query_memory so that one query always fits.
+    let total_query_memory = match raw.total_query_memory {
+        Some(s) => parse_size(&s).map_err(field("total_query_memory"))?,
+        None => d.total_query_memory.max(query_memory),
+    };
+    if total_query_memory < query_memory {
+        return Err((
+            "total_query_memory".into(),
+            format!(
+                "is {}, less than one query's query_memory ({}): raise it or lower query_memory",
+                crate::query::human_bytes(total_query_memory),
+                crate::query::human_bytes(query_memory)
+            ),
+        ));
+    }
     Ok(Limits {
-        query_memory: match raw.query_memory {
-            Some(s) => parse_size(&s).map_err(field("query_memory"))?,
-            None => d.query_memory,
-        },
+        query_memory,
+        total_query_memory,
         query_timeout: match raw.query_timeout {
             Some(s) => parse_duration(&s).map_err(field("query_timeout"))?,
             None => d.query_timeout,
@@ -867,6 +888,12 @@ mod tests {
         assert!(e.to_string().contains("/etc/sluice/sluice.toml"), "{e}");
         assert!(e.reason.contains("not a duration"), "{e}");
 
+        let e =
+            load("[limits]\nquery_memory = \"2GiB\"\ntotal_query_memory = \"1GiB\"\n").unwrap_err();
+        assert_eq!(e.field, "limits.total_query_memory");
+        assert!(e.reason.contains("less than one query's"), "{}", e.reason);
+        let grown = load("[limits]\nquery_memory = \"8GiB\"\n").unwrap();
+        assert_eq!(grown.limits.total_query_memory, 8 << 30);
         let e = load("[limits]\nmax_concurrent_queries = \"many\"\n").unwrap_err();
         assert_eq!(e.field, "limits.max_concurrent_queries");
         assert!(e.reason.contains("line 2"), "{e}");

@@ -102,7 +102,7 @@ pub async fn serve_with(
         policy.clone(),
         books,
         config.limits.clone(),
-        Executor::new(query_runtime),
+        Executor::new(query_runtime, config.limits.total_query_memory),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -148,6 +148,11 @@ impl QueryError {
             return Self::from_guard(refused);
         }
         match err.find_root() {
+            DataFusionError::ResourcesExhausted(message)
+                if message.starts_with(crate::catalog::PROCESS_MEMORY_IN_USE) =>
+            {
+                QueryError::ResourcesExhausted(format!("{message}; try again shortly"))
+            }
             DataFusionError::ResourcesExhausted(_) => QueryError::ResourcesExhausted(format!(
                 "the query needs more memory than its limit of {} (limits.query_memory)",
                 human_bytes(memory_limit)

@@ -29,7 +29,7 @@ use super::QueryError;
 use super::deadline::{is_deadline, with_deadline};
 use super::guard::{self, QueryGuard};
 use super::slots::Slot;
-use crate::catalog::{self, Catalog};
+use crate::catalog::{self, Catalog, ProcessMemory};
 
 /// Batches in flight between execution and the client stream.
 const CHANNEL_DEPTH: usize = 2;
@@ -38,6 +38,8 @@ const CHANNEL_DEPTH: usize = 2;
 #[derive(Clone)]
 pub struct Executor {
     runtime: tokio::runtime::Handle,
+    /// The memory all executions share (`limits.total_query_memory`).
+    memory: ProcessMemory,
 }
 
 /// Limits one execution runs under.
@@ -50,8 +52,23 @@ pub struct ExecutionLimits {
 }
 
 impl Executor {
-    pub fn new(runtime: tokio::runtime::Handle) -> Self {
-        Self { runtime }
+    pub fn new(runtime: tokio::runtime::Handle, total_memory: usize) -> Self {
+        Self {
+            runtime,
+            memory: ProcessMemory::new(total_memory),
+        }
+    }
+
+    /// What [`Executor::start`] would do before reading data, done now:
+    /// the DP path calls it before it reserves any budget, so that a query
+    /// that fails whatever the data fails before anything is charged.
+    pub fn check_before_data(
+        &self,
+        catalog: &Catalog,
+        plan: &LogicalPlan,
+        limits: ExecutionLimits,
+    ) -> Result<(), QueryError> {
+        prepare(catalog, plan, limits, &self.memory).map(|_| ())
     }
 
     /// Runs other CPU-bound work (planning) on the query runtime.
@@ -74,10 +91,13 @@ impl Executor {
         slot: Option<Slot>,
     ) -> mpsc::Receiver<Result<RecordBatch, QueryError>> {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let memory = self.memory.clone();
         self.runtime.spawn(async move {
             let _slot = slot;
-            let run =
-                tokio::time::timeout_at(limits.deadline, produce(&catalog, plan, limits, &tx));
+            let run = tokio::time::timeout_at(
+                limits.deadline,
+                produce(&catalog, plan, limits, &memory, &tx),
+            );
             let failure = match run.await {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
@@ -96,13 +116,14 @@ async fn produce(
     catalog: &Catalog,
     plan: LogicalPlan,
     limits: ExecutionLimits,
+    memory: &ProcessMemory,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
 ) -> Result<(), QueryError> {
     // Guards and DataFusion turn the failures they foresee into errors;
     // this catches the rest (a panic in DataFusion is re-raised in the
     // task that polls its stream, this one), so that the client gets an
     // error rather than a stream that just ends early.
-    match std::panic::AssertUnwindSafe(run(catalog, plan, limits, tx))
+    match std::panic::AssertUnwindSafe(run(catalog, plan, limits, memory, tx))
         .catch_unwind()
         .await
     {
@@ -120,6 +141,7 @@ async fn run(
     catalog: &Catalog,
     plan: LogicalPlan,
     limits: ExecutionLimits,
+    memory: &ProcessMemory,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
 ) -> Result<(), QueryError> {
     let failed = |e: DataFusionError| execution_error(&e, limits);
@@ -127,7 +149,7 @@ async fn run(
         state,
         optimized,
         pool,
-    } = prepare(catalog, &plan, limits)?;
+    } = prepare(catalog, &plan, limits, memory)?;
     let physical = state
         .query_planner()
         .create_physical_plan(&optimized, &state)
@@ -165,9 +187,10 @@ fn prepare(
     catalog: &Catalog,
     plan: &LogicalPlan,
     limits: ExecutionLimits,
+    memory: &ProcessMemory,
 ) -> Result<Prepared, QueryError> {
     let failed = |e: DataFusionError| execution_error(&e, limits);
-    let pool = catalog::query_pool(limits.memory);
+    let pool = catalog::query_pool(limits.memory, memory);
     let query_guard = Arc::new(QueryGuard::new(
         Some(limits.deadline.into_std()),
         limits.memory,
@@ -187,17 +210,6 @@ fn prepare(
         optimized,
         pool,
     })
-}
-
-/// What [`Executor::start`] would do before reading data, done now: the
-/// DP path calls it before it reserves any budget, so that a query that
-/// fails whatever the data fails before anything is charged.
-pub fn check_before_data(
-    catalog: &Catalog,
-    plan: &LogicalPlan,
-    limits: ExecutionLimits,
-) -> Result<(), QueryError> {
-    prepare(catalog, plan, limits).map(|_| ())
 }
 
 /// The full error stays in the provider's log; the client gets its kind.

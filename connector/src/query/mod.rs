@@ -486,7 +486,11 @@ impl QueryEngine {
         // error): such a failure comes before the reservation, as a plain
         // refusal, not after it as a withheld answer.
         if let Some(query) = &dp {
-            execute::check_before_data(&self.catalog, &query.stats_plan, self.limits_from_now())?;
+            self.executor.check_before_data(
+                &self.catalog,
+                &query.stats_plan,
+                self.limits_from_now(),
+            )?;
         }
         // Checked before anything is charged; the insert checks again.
         self.pending.check_room(&request.principal)?;

@@ -17,8 +17,9 @@
 //! Not caught: the query's deadline, its memory pool and the function
 //! guards' limits on a whole call (a limit reached is not one value's doing;
 //! the DP path reports those without their cause), and expressions over
-//! constants only, whose failure says nothing about data and is reported as
-//! it is. A guard's limit on one value (a value too large to build, too
+//! constants only: whether one is evaluated at all depends on whether a
+//! row reaches it, so one that fails is refused before execution reads
+//! anything ([`super::constants`]). A guard's limit on one value (a value too large to build, too
 //! much work for one value) is that value's failure: the row gets NULL.
 //! Evaluated row by row, a batch may not build more in all than one guarded
 //! call may ([`guard::MAX_CALL_BYTES`]), so the fallback cannot undo what

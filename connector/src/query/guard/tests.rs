@@ -12,7 +12,7 @@ use datafusion::physical_plan::collect;
 use datafusion::prelude::SessionContext;
 
 use super::*;
-use crate::catalog::{Catalog, query_pool, session_state};
+use crate::catalog::{Catalog, ProcessMemory, query_pool, session_state};
 
 /// A table `t` with a few short strings, a NULL, numbers and timestamps.
 const TABLE: &str = "CREATE TABLE t (s VARCHAR, n BIGINT, ts TIMESTAMP) AS VALUES \
@@ -52,7 +52,7 @@ async fn run_in(
     timeout: Duration,
 ) -> Result<Vec<RecordBatch>, DataFusionError> {
     let plan = ctx.state().create_logical_plan(sql).await?;
-    let pool = query_pool(memory);
+    let pool = query_pool(memory, &ProcessMemory::new(usize::MAX));
     let guard = Arc::new(QueryGuard::new(
         Some(Instant::now() + timeout),
         memory,
