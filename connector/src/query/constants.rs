@@ -13,9 +13,10 @@
 //!
 //! So every such expression is evaluated once, on one row of no columns,
 //! after optimisation and before execution; the query fails there if it
-//! fails, whatever the data. Expressions that are constant but never
-//! folded for another reason (volatile functions such as `random()`) do
-//! not fail on evaluation and pass. The DP path runs the same check before
+//! fails, whatever the data. Volatile functions (`random()`), which have a
+//! new value for each row and cannot be evaluated ahead, are refused when
+//! the statement is planned ([`super::plan::refuse_volatile_functions`]).
+//! The DP path runs the same check before
 //! it reserves any budget ([`super::execute::check_before_data`]).
 
 use std::sync::Arc;
@@ -114,6 +115,7 @@ mod tests {
         for sql in [
             "SELECT to_timestamp('2026-01-01T00:00:00Z') AS g, count(*) FROM t GROUP BY 1",
             "SELECT x, random() AS r FROM t WHERE x > abs(-5)",
+            "SELECT x FROM t WHERE now() > to_timestamp('2020-01-01T00:00:00Z')",
             "SELECT upper(s) FROM t WHERE s LIKE concat('a', '%')",
         ] {
             check(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));

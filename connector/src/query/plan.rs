@@ -458,9 +458,45 @@ pub async fn plan(
         .map_err(QueryError::from_planning)?;
     check_depth(&plan)?;
     refuse_computed_patterns(&plan)?;
+    refuse_volatile_functions(&plan)?;
     check_patterns(&plan)?;
     check_limits(&plan)?;
     Ok(plan)
+}
+
+/// Refuses volatile functions (`random()`, `uuid()`): a new value for every
+/// row.
+///
+/// An expression over one is evaluated once per row that reaches it and
+/// cannot be evaluated ahead like other constants ([`super::constants`]),
+/// so one that always fails (`to_timestamp(CAST(random() AS VARCHAR))`)
+/// fails exactly when some row reaches it: an exact answer to "does any
+/// row match?" under differential privacy or for a group smaller than k.
+/// Nor does a policy ever allow-list them: they read no column. Sampling
+/// belongs to the provider.
+pub fn refuse_volatile_functions(plan: &LogicalPlan) -> Result<(), QueryError> {
+    use datafusion::logical_expr::Expr as PlanExpr;
+    let mut found: Option<String> = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let PlanExpr::ScalarFunction(call) = e
+                    && e.is_volatile_node()
+                {
+                    found = Some(call.name().to_string());
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    match found {
+        None => Ok(()),
+        Some(name) => Err(QueryError::InvalidRequest(format!(
+            "`{name}()` gives each row a new value and is not accepted: whether an expression over \
+             it fails would depend on which rows the query reaches"
+        ))),
+    }
 }
 
 /// The regular-expression functions, with the positions of their arguments
@@ -1111,9 +1147,30 @@ mod tests {
             .await
             .map_err(QueryError::from_planning)?;
         refuse_computed_patterns(&plan)?;
+        refuse_volatile_functions(&plan)?;
         check_patterns(&plan)?;
         check_limits(&plan)?;
         Ok(plan)
+    }
+
+    #[tokio::test]
+    async fn volatile_functions_are_refused_anywhere() {
+        for sql in [
+            "SELECT to_timestamp(CAST(random() AS VARCHAR)) AS g, count(*) FROM t GROUP BY 1",
+            "SELECT s FROM t WHERE random() < 0.5",
+            "SELECT s FROM t ORDER BY uuid()",
+            "SELECT count(*) FROM t WHERE s IN (SELECT CAST(random() AS VARCHAR))",
+        ] {
+            let err = planned(sql).await.unwrap_err();
+            assert!(
+                matches!(&err, QueryError::InvalidRequest(m) if m.contains("gives each row a new value")),
+                "{sql}: {err}"
+            );
+        }
+        // Stable functions are one value per query: folded, then checked.
+        planned("SELECT s FROM t WHERE now() > TIMESTAMP '2020-01-01T00:00:00'")
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
