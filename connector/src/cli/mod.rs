@@ -437,8 +437,17 @@ fn serve(args: ServeArgs) -> Result<()> {
     // overflowed planning a 2,000-cast chain before the syntax limits).
     // 256 MiB leaves room for larger `max_sql_bytes`; it is virtual memory,
     // committed only as far as it is used.
+    //
+    // Some of DataFusion's work happens inside one poll of an operator that
+    // nothing can interrupt (building a hash join's table concatenates its
+    // whole input): such a poll holds its worker for as long as it takes
+    // (up to seconds in a debug build). One organization runs at most
+    // `max_concurrent_queries_per_organization` queries, so with that many
+    // workers beyond the cores, another organization's query always finds
+    // a worker, and the operating system shares the cores between them.
+    let workers = threads + cfg.limits.max_concurrent_queries_per_organization;
     let query_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(workers)
         .thread_name("sluice-query")
         .thread_stack_size(256 << 20)
         .enable_all()

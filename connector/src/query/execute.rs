@@ -150,11 +150,16 @@ async fn run(
         optimized,
         pool,
     } = prepare(catalog, &plan, limits, memory)?;
-    let physical = state
-        .query_planner()
-        .create_physical_plan(&optimized, &state)
-        .await
-        .map_err(failed)?;
+    // Physical planning is long synchronous work for a wide join (join
+    // selection, distribution and sort rules walk the plan many times): it
+    // must not hold a runtime worker that other tenants' queries need.
+    let physical = guard::blocking_async(
+        state
+            .query_planner()
+            .create_physical_plan(&optimized, &state),
+    )
+    .await
+    .map_err(failed)?;
     let physical = super::total::total_expressions(physical).map_err(failed)?;
     let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
     let mut stream =

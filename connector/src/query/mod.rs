@@ -465,7 +465,11 @@ impl QueryEngine {
         let analyzed = plan::analyze(&state, plan)?;
         facts.plan_hash = Some(crate::identity::hex(&plan_hash(&analyzed)));
         facts.datasets = plan::scanned_tables(&analyzed);
-        let Approval { plan, record, dp } = self.policy.current().decide(request, analyzed)?;
+        // The policy's check walks the whole plan (lineage through every
+        // join): synchronous work that must not hold a runtime worker.
+        let gate = self.policy.current();
+        let Approval { plan, record, dp } =
+            self::guard::blocking(|| gate.decide(request, analyzed))?;
         // The rewrite injected filters and masks: coerce their types too.
         let plan = plan::analyze(&state, plan)?;
         let dp = match dp {
