@@ -978,7 +978,16 @@ fn short_number(value: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::wildcard_match;
+    use super::{short_number, wildcard_match};
+
+    #[test]
+    fn numbers_in_messages_stay_short() {
+        assert_eq!(short_number(0.5), "0.5");
+        assert_eq!(short_number(0.0), "0");
+        assert_eq!(short_number(1e-300), "1e-300");
+        assert_eq!(short_number(5e-324), "5e-324");
+        assert_eq!(short_number(1e-9), "1e-9");
+    }
 
     #[test]
     fn replaces_whole_identifiers_only() {

@@ -283,6 +283,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn memory_all_queries_share_is_reported_as_such() {
+        let shared = DataFusionError::ResourcesExhausted(format!(
+            "{} (limits.total_query_memory, 4 GiB) is in use by the queries running now",
+            crate::catalog::PROCESS_MEMORY_IN_USE
+        ));
+        let e = QueryError::from_execution(&shared, 1 << 30);
+        assert!(matches!(&e, QueryError::ResourcesExhausted(m)
+            if m.contains("limits.total_query_memory") && m.ends_with("try again shortly")));
+        let own = DataFusionError::ResourcesExhausted("Failed to allocate".into());
+        let e = QueryError::from_execution(&own, 1 << 30);
+        assert!(
+            matches!(&e, QueryError::ResourcesExhausted(m) if m.contains("limits.query_memory"))
+        );
+    }
+
+    #[test]
     fn long_messages_are_shortened_to_fit_a_header() {
         let long = QueryError::InvalidRequest("é".repeat(5000));
         let status = Status::from(long);

@@ -167,60 +167,22 @@ async fn negative_and_huge_lengths_from_a_column() {
 async fn amplification_chains_and_siblings_hit_the_limits() {
     // Each CTE level quadruples a constant: refused once a value passes
     // 16 MiB (or the constants together pass 64 MiB).
-    let mut chain = String::from("WITH a0 AS (SELECT 'xx' AS s)");
-    for i in 1..=20 {
-        chain.push_str(&format!(
-            ", a{i} AS (SELECT s || s || s || s AS s FROM a{})",
-            i - 1
-        ));
+    for step in [
+        "s || s || s || s",
+        "replace(s, 'x', 'xxxx')",
+        "regexp_replace(s, 'x', 'xxxx', 'g')",
+    ] {
+        let err = refusal(run(&cte_chain("SELECT 'xx' AS s", step, 20)).await);
+        assert!(
+            matches!(
+                err,
+                GuardError::ValueTooLarge { .. }
+                    | GuardError::ConstantBudget { .. }
+                    | GuardError::CallTooLarge { .. }
+            ),
+            "{step}: {err}"
+        );
     }
-    chain.push_str(" SELECT length(s) AS n FROM a20");
-    let err = refusal(run(&chain).await);
-    assert!(
-        matches!(
-            err,
-            GuardError::ValueTooLarge { .. }
-                | GuardError::ConstantBudget { .. }
-                | GuardError::CallTooLarge { .. }
-        ),
-        "{err}"
-    );
-    let mut replaces = String::from("WITH a0 AS (SELECT 'xx' AS s)");
-    for i in 1..=20 {
-        replaces.push_str(&format!(
-            ", a{i} AS (SELECT replace(s, 'x', 'xxxx') AS s FROM a{})",
-            i - 1
-        ));
-    }
-    replaces.push_str(" SELECT length(s) AS n FROM a20");
-    let err = refusal(run(&replaces).await);
-    assert!(
-        matches!(
-            err,
-            GuardError::ValueTooLarge { .. }
-                | GuardError::ConstantBudget { .. }
-                | GuardError::CallTooLarge { .. }
-        ),
-        "{err}"
-    );
-    let mut regex = String::from("WITH a0 AS (SELECT 'xx' AS s)");
-    for i in 1..=20 {
-        regex.push_str(&format!(
-            ", a{i} AS (SELECT regexp_replace(s, 'x', 'xxxx', 'g') AS s FROM a{})",
-            i - 1
-        ));
-    }
-    regex.push_str(" SELECT length(s) AS n FROM a20");
-    let err = refusal(run(&regex).await);
-    assert!(
-        matches!(
-            err,
-            GuardError::ValueTooLarge { .. }
-                | GuardError::ConstantBudget { .. }
-                | GuardError::CallTooLarge { .. }
-        ),
-        "{err}"
-    );
     // Many sibling calls, each under the per-value limit, together over the
     // per-query budget of constants.
     let siblings = format!(
@@ -236,14 +198,7 @@ async fn amplification_chains_and_siblings_hit_the_limits() {
         "{err}"
     );
     // The same over a table's rows: each level is a call over a batch.
-    let mut rows = String::from("WITH a0 AS (SELECT s FROM t)");
-    for i in 1..=20 {
-        rows.push_str(&format!(
-            ", a{i} AS (SELECT s || s || s || s AS s FROM a{})",
-            i - 1
-        ));
-    }
-    rows.push_str(" SELECT length(s) AS n FROM a20");
+    let rows = cte_chain("SELECT s FROM t", "s || s || s || s", 20);
     let err = refusal(run(&rows).await);
     assert!(
         matches!(
@@ -254,14 +209,7 @@ async fn amplification_chains_and_siblings_hit_the_limits() {
     );
     // OVERLAY written with its syntax reaches the built-in without the
     // registry; it is guarded all the same.
-    let mut overlays = String::from("WITH a0 AS (SELECT s FROM t)");
-    for i in 1..=30 {
-        overlays.push_str(&format!(
-            ", a{i} AS (SELECT overlay(s placing s from 1 for 0) AS s FROM a{})",
-            i - 1
-        ));
-    }
-    overlays.push_str(" SELECT length(s) AS n FROM a30");
+    let overlays = cte_chain("SELECT s FROM t", "overlay(s placing s from 1 for 0)", 30);
     assert!(matches!(
         refusal(run(&overlays).await),
         GuardError::ValueTooLarge { .. } | GuardError::CallTooLarge { .. }
@@ -459,4 +407,15 @@ fn sizes_in_messages() {
     assert_eq!(bytes(16 << 20), "16 MiB");
     assert_eq!(bytes(30_000_000_000), "30000000000 bytes (27.9 GiB)");
     assert_eq!(bytes(12), "12 bytes");
+}
+
+/// `WITH a0 AS (<start>), a1 AS (SELECT <step> AS s FROM a0), …` for
+/// `levels` levels, then the length of the last level's `s`.
+fn cte_chain(start: &str, step: &str, levels: usize) -> String {
+    let mut sql = format!("WITH a0 AS ({start})");
+    for i in 1..=levels {
+        sql.push_str(&format!(", a{i} AS (SELECT {step} AS s FROM a{})", i - 1));
+    }
+    sql.push_str(&format!(" SELECT length(s) AS n FROM a{levels}"));
+    sql
 }
