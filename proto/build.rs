@@ -2,10 +2,7 @@
 //! and generates prost messages and tonic services from the descriptor set.
 //! The descriptor set is also written to OUT_DIR for gRPC server reflection.
 
-use std::path::PathBuf;
-
-use prost::Message;
-
+#[cfg(feature = "grpc")]
 const PROTOS: &[&str] = &[
     "sluice/v1/connector.proto",
     "sluice/v1/budget.proto",
@@ -15,11 +12,20 @@ const PROTOS: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Without the `grpc` feature the crate is only the wire contract.
+    #[cfg(feature = "grpc")]
+    generate()?;
+    Ok(())
+}
+
+#[cfg(feature = "grpc")]
+fn generate() -> Result<(), Box<dyn std::error::Error>> {
+    use prost::Message;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(PROTOS, ["."])?;
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out_dir.join("sluice_descriptor.bin"),
         descriptors.encode_to_vec(),

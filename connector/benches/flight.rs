@@ -57,7 +57,6 @@
 //! `SLUICE_BENCH_SECTIONS` (default `abcdef`) to run only some sections.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -272,7 +271,7 @@ struct Server {
 
 impl Server {
     fn start(state_dir: &Path) -> anyhow::Result<Server> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        let mut command = daemon_command();
         command
             .args([
                 "serve",
@@ -293,14 +292,6 @@ impl Server {
     /// Runs a `sluice` daemon (`serve` or `broker`) and waits for its
     /// `listening on grpc+tls://ADDR` line.
     fn spawn(mut command: Command) -> anyhow::Result<Server> {
-        // The server dies with the benchmark, even if it is killed.
-        // SAFETY: prctl is async-signal-safe and touches only this process.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
         let mut child = command.stdout(Stdio::piped()).spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
@@ -419,7 +410,8 @@ mod policy {
         let mut config = Config::embedded_default(state_dir);
         // The source tree's demo policy: the state directory keeps the copy it
         // was created with, which may be older.
-        config.policy = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/src/demo_policy.yaml").into());
+        config.policy =
+            Some(concat!(env!("CARGO_MANIFEST_DIR"), "/src/dev/demo_policy.yaml").into());
         // The supplier's daily query quota would run out over repeated runs.
         let _ = std::fs::remove_file(state_dir.join("quota.json"));
         let catalog = Catalog::open(&config.datasets).await?;
@@ -488,8 +480,10 @@ mod policy {
         let mut config = Config::embedded_default(state_dir);
         // The demo policy without the supplier's daily quota, which the
         // sustained run would exhaust.
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/demo_policy.yaml"))?;
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/dev/demo_policy.yaml"
+        ))?;
         let quota = "quotas: { queries_per_day: 2000, rows_per_day: 500000 }";
         anyhow::ensure!(
             text.contains(quota),
@@ -676,7 +670,7 @@ mod policy {
     }
 
     fn principal(who: &str) -> Principal {
-        let client = sluice::state::DEMO_CLIENTS
+        let client = sluice::dev::DEMO_CLIENTS
             .iter()
             .find(|c| c.name == who)
             .expect("a demo client");
@@ -826,8 +820,10 @@ mod privacy {
     /// The demo policy with an unlimited budget and the answer cache off, so
     /// every run pays for fresh noise.
     fn bench_policy(state_dir: &Path) -> anyhow::Result<PathBuf> {
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/demo_policy.yaml"))?;
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/dev/demo_policy.yaml"
+        ))?;
         let limited = "budget: { epsilon: 10.0, delta: 1.0e-6, period: month }";
         anyhow::ensure!(
             text.contains(limited),
@@ -1062,7 +1058,7 @@ consumers:
     }
 
     fn daemon(args: [&str; 2], config: &Path) -> anyhow::Result<Server> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        let mut command = crate::daemon_command();
         command.args(args).arg(config).args(["--log-level", "warn"]);
         Server::spawn(command)
     }
@@ -1215,4 +1211,15 @@ consumers:
         }
         Ok(out)
     }
+}
+
+/// The `sluice` binary for a daemon the benchmark starts: `setpriv` (from
+/// util-linux) sets the parent-death signal and executes it, so the server
+/// dies with the benchmark even if the benchmark is killed.
+fn daemon_command() -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(env!("CARGO_BIN_EXE_sluice"));
+    command
 }

@@ -479,7 +479,7 @@ fn new_id() -> Result<String, AgreementError> {
     SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| AgreementError::Store(anyhow::anyhow!("the system random source failed")))?;
-    Ok(format!("agr-{}", crate::identity::hex(&bytes)))
+    Ok(format!("agr-{}", hex::encode(bytes)))
 }
 
 fn non_empty(text: &str) -> Option<String> {

@@ -9,7 +9,7 @@
 //!
 //! The session is DataFusion's default one with these changes, each of which
 //! bounds what one query can make the connector do (see
-//! `crate::query::guard` and the "Limits on one query" section of
+//! `crate::guard` and the "Limits on one query" section of
 //! `docs/architecture.md`):
 //! - every built-in scalar function runs behind its guard, and an optimizer
 //!   rule puts the calls that bypass the registry (and `||`) behind theirs
@@ -38,7 +38,7 @@ use datafusion::prelude::{
     CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionConfig, SessionContext,
 };
 
-use crate::query::guard;
+use crate::guard;
 
 use crate::config::{DatasetConfig, DatasetFormat};
 
@@ -139,7 +139,7 @@ pub fn query_pool(memory_limit: usize, process: &ProcessMemory) -> Arc<dyn Memor
 }
 
 /// The start of the error a query gets when the memory all queries share
-/// is in use (see [`crate::query::QueryError::from_execution`]).
+/// is in use (see `QueryError::from_execution` in the query module).
 pub const PROCESS_MEMORY_IN_USE: &str = "the memory all running queries may hold together";
 
 /// The memory all queries running at once may hold together
@@ -207,7 +207,7 @@ impl MemoryPool for QueryPool {
             return Err(datafusion::error::DataFusionError::ResourcesExhausted(
                 format!(
                     "{PROCESS_MEMORY_IN_USE} (limits.total_query_memory, {}) is in use by the queries running now",
-                    crate::query::human_bytes(match self.process.memory_limit() {
+                    crate::config::human_bytes(match self.process.memory_limit() {
                         MemoryLimit::Finite(limit) => limit,
                         _ => 0,
                     })

@@ -194,7 +194,7 @@ impl Connection {
         if let Some(purpose) = &self.purpose {
             request
                 .metadata_mut()
-                .insert(crate::identity::PURPOSE_HEADER, purpose.clone());
+                .insert(sluice_proto::wire::header::PURPOSE, purpose.clone());
         }
         for (name, value) in &self.headers {
             request.metadata_mut().insert(*name, value.clone());
@@ -206,7 +206,7 @@ impl Connection {
                 .map_err(|_| anyhow::anyhow!("ε must be a number"))?;
             request
                 .metadata_mut()
-                .insert(crate::identity::EPSILON_HEADER, value);
+                .insert(sluice_proto::wire::header::EPSILON, value);
         }
         let info = self
             .client
@@ -230,7 +230,7 @@ impl Connection {
             let response = self.client.do_get(ticket).await.map_err(status_error)?;
             if let Some(receipt) = response
                 .metadata()
-                .get(crate::audit::RECEIPT_HEADER)
+                .get(sluice_proto::wire::header::RECEIPT)
                 .and_then(|v| v.to_str().ok())
             {
                 self.receipts.push(receipt.to_string());
@@ -254,29 +254,7 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
 }
 
-/// The canonical upper-case gRPC code name.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
+use sluice_proto::wire::code_name;
 
 #[cfg(test)]
 mod tests {

@@ -660,8 +660,8 @@ fn parse_limits(raw: RawLimits) -> Result<Limits, (String, String)> {
             "total_query_memory".into(),
             format!(
                 "is {}, less than one query's query_memory ({}): raise it or lower query_memory",
-                crate::query::human_bytes(total_query_memory),
-                crate::query::human_bytes(query_memory)
+                human_bytes(total_query_memory),
+                human_bytes(query_memory)
             ),
         ));
     }
@@ -838,6 +838,17 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         return Err(format!("`{s}`: must be larger than zero"));
     }
     Ok(v)
+}
+
+/// `1 GiB`, `256 MiB`, `4096 bytes`: a size as the configuration writes it.
+pub fn human_bytes(n: usize) -> String {
+    const UNITS: [(&str, usize); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} bytes")
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use tonic::{Request, Status};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::relay;
+use sluice_proto::wire::header;
 
 /// The principal of a request, plus facts about the certificate it came from.
 #[derive(Debug, Clone)]
@@ -38,7 +39,7 @@ pub fn authenticate(mut request: Request<()>) -> Result<Request<()>, Status> {
     let mut caller = caller_from_der(leaf.as_ref()).map_err(|reason| {
         Status::unauthenticated(format!("client certificate not usable: {reason}"))
     })?;
-    if let Some(token) = request.metadata().get(relay::ON_BEHALF_OF_HEADER) {
+    if let Some(token) = request.metadata().get(header::ON_BEHALF_OF) {
         caller.principal = relayed(token, leaf.as_ref(), caller.principal)?;
     }
     request.extensions_mut().insert(Arc::new(caller));
@@ -56,7 +57,7 @@ fn relayed(
     let refuse = |reason: &str| {
         Status::unauthenticated(format!(
             "the {} header is not valid: {reason}",
-            relay::ON_BEHALF_OF_HEADER
+            header::ON_BEHALF_OF
         ))
     };
     let token = token.to_str().map_err(|_| refuse("it is not ASCII"))?;
@@ -75,7 +76,7 @@ pub fn direct_principal<T>(request: &Request<T>) -> Result<Principal, Status> {
             "this service answers direct callers only; `{}` relays for `{}` (the {} header is for queries)",
             broker.id,
             principal.id,
-            relay::ON_BEHALF_OF_HEADER
+            header::ON_BEHALF_OF
         )));
     }
     Ok(principal)
@@ -95,21 +96,19 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
     caller(request).map(|c| c.principal.clone())
 }
 
-/// The request header in which a query declares its purpose.
-pub const PURPOSE_HEADER: &str = "x-sluice-purpose";
-
 /// Who asks and why: the principal and the declared purpose (the
 /// `x-sluice-purpose` header), for the policy decision.
 pub fn query_context<T>(request: &Request<T>) -> Result<QueryContext, Status> {
     let principal = principal(request)?;
-    let purpose = match request.metadata().get(PURPOSE_HEADER) {
+    let purpose = match request.metadata().get(header::PURPOSE) {
         None => None,
         Some(value) => Some(
             value
                 .to_str()
                 .map_err(|_| {
                     Status::invalid_argument(format!(
-                        "the {PURPOSE_HEADER} header must be ASCII text"
+                        "the {} header must be ASCII text",
+                        header::PURPOSE
                     ))
                 })?
                 .trim()
@@ -122,16 +121,14 @@ pub fn query_context<T>(request: &Request<T>) -> Result<QueryContext, Status> {
     Ok(context)
 }
 
-/// The request header in which a differentially private query picks its ε.
-pub const EPSILON_HEADER: &str = "x-sluice-epsilon";
-
 fn epsilon<T>(request: &Request<T>) -> Result<Option<f64>, Status> {
-    let Some(value) = request.metadata().get(EPSILON_HEADER) else {
+    let Some(value) = request.metadata().get(header::EPSILON) else {
         return Ok(None);
     };
     let bad = || {
         Status::invalid_argument(format!(
-            "the {EPSILON_HEADER} header must be a number above 0, e.g. `0.5`"
+            "the {} header must be a number above 0, e.g. `0.5`",
+            header::EPSILON
         ))
     };
     let epsilon: f64 = value
@@ -198,20 +195,9 @@ fn caller_from_der(der: &[u8]) -> Result<Caller, String> {
             san_uris,
             via: None,
         },
-        certificate_sha256: hex(digest::digest(&digest::SHA256, der).as_ref()),
+        certificate_sha256: hex::encode(digest::digest(&digest::SHA256, der).as_ref()),
         not_after: cert.validity().not_after.timestamp(),
     })
-}
-
-/// Lowercase hex encoding.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 0xf) as usize] as char);
-    }
-    s
 }
 
 #[cfg(test)]
@@ -257,10 +243,5 @@ mod tests {
     #[test]
     fn garbage_is_refused() {
         assert!(principal_from_der(b"not a certificate").is_err());
-    }
-
-    #[test]
-    fn hex_encodes() {
-        assert_eq!(hex(&[0x00, 0xab, 0xff]), "00abff");
     }
 }

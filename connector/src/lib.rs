@@ -31,6 +31,7 @@
 
 pub mod agreements;
 pub mod audit;
+pub mod blocking;
 pub mod broker;
 pub mod catalog;
 pub mod cli;
@@ -38,13 +39,12 @@ pub mod client;
 pub mod config;
 pub mod connections;
 pub mod control;
-pub mod demo;
+pub mod dev;
 pub mod flight;
+pub mod guard;
 pub mod identity;
-pub mod ledger;
 pub mod metrics;
 pub mod pki;
-pub mod privacy;
 pub mod query;
 pub mod quota;
 pub mod relay;

@@ -1,123 +1,330 @@
-//! Query and row quotas per organization and UTC day, kept across restarts.
+//! Query and row quotas per organization and UTC day, kept in the same
+//! SQLite database as the privacy ledger (`privacy-ledger.sqlite`, table
+//! `quota_usage`).
 //!
-//! A query is counted when its ticket is issued (GetFlightInfo): the check
-//! and the increment happen under one lock, so concurrent queries cannot race
-//! past the limit. Rows are taken as they are sent: before each batch leaves,
-//! [`QuotaStore::take_rows`] grants at most what is left of the day, under
-//! the same lock, so concurrent streams never receive more rows together than
-//! the day allows, and a query holds no rows it has not sent (an earlier
-//! design reserved every row left at issue, so one organization could not
-//! run two such queries at once, and rows of a ticket that was never
-//! redeemed stayed charged). Usage is written to `<state_dir>/quota.json`
-//! (atomically) before the rows it counts leave.
+//! A query **holds** one of the day's queries when its ticket is issued
+//! (GetFlightInfo), and the hold is **settled** (counted, durably) when the
+//! ticket is redeemed. A hold that is dropped unsettled (the issue failed
+//! after it, the ticket expired, was evicted or withdrawn) gives the query
+//! back by construction. Holds live in memory: a crash forgets them, which
+//! is exactly "given back". The check counts settled queries and holds
+//! together under one lock, so concurrent requests cannot race past the
+//! limit; settling checks the stored count again, so two processes on one
+//! state directory cannot either.
+//!
+//! Rows are taken as they are sent: before each batch leaves,
+//! [`QuotaStore::take_rows`] grants at most what is left of the day in one
+//! transaction, so concurrent streams never receive more rows together than
+//! the day allows, and a query holds no rows it has not sent.
+//!
+//! Durability: every change commits before the query or rows it counts go
+//! on (so it survives a crash of the process), but is not fsynced: the
+//! counters are a usage limit, not a privacy guarantee, and a power failure
+//! may forget the last moments of use. This keeps fsyncs off the path of
+//! every query; the privacy budget in the same file keeps `synchronous=FULL`.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use sluice_policy::{Denial, QuotaCharge};
 
-use crate::state::write_atomically;
+/// How long a write waits for another connection holding the database.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct Usage {
-    queries: u64,
-    rows: u64,
+/// Days of usage kept; older rows are removed when the store opens.
+const KEEP_DAYS: u64 = 35;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS quota_usage (
+    organization TEXT    NOT NULL,
+    day          INTEGER NOT NULL,
+    queries      INTEGER NOT NULL DEFAULT 0 CHECK (queries >= 0),
+    rows         INTEGER NOT NULL DEFAULT 0 CHECK (rows >= 0),
+    PRIMARY KEY (organization, day)
+);
+";
+
+/// Why the quota store failed or refused.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    /// The day's queries or rows are used up.
+    #[error("{0}")]
+    Exceeded(Denial),
+    #[error(
+        "cannot open the quota counters in {} (does the state directory exist and is it writable?): {source}",
+        .path.display()
+    )]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("quota counters in {}: {source}", .path.display())]
+    Database {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "{}: the old quota usage file is corrupt ({reason}); fix or remove it deliberately",
+        .path.display()
+    )]
+    CorruptLegacyFile { path: PathBuf, reason: String },
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Ledger {
-    /// Days since the Unix epoch (UTC) the counts are for.
-    day: u64,
-    usage: BTreeMap<String, Usage>,
+/// What an organization used on one day.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub queries: u64,
+    pub rows: u64,
 }
 
 pub struct QuotaStore {
-    file: PathBuf,
-    ledger: Mutex<Ledger>,
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    /// Queries held by issued, unredeemed tickets, per (organization, day).
+    held: Mutex<HashMap<(String, u64), u64>>,
 }
 
 impl QuotaStore {
-    /// Opens (or starts) the usage file. A corrupt file is an error, not a
-    /// fresh allowance.
-    pub fn open(file: PathBuf) -> anyhow::Result<Self> {
-        let ledger = match std::fs::read(&file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: the quota usage file is corrupt ({e}); fix or remove it deliberately",
-                    file.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::default(),
-            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", file.display())),
+    /// Opens the counters in the database at `path` (the privacy ledger's,
+    /// opened first so that the ledger recognises its file). A `legacy`
+    /// usage file from before the move (`quota.json`) is carried over once
+    /// and then removed.
+    pub fn open(path: &Path, legacy: Option<&Path>) -> Result<Self, QuotaError> {
+        let open_failed = |source| QuotaError::Open {
+            path: path.to_path_buf(),
+            source,
         };
-        Ok(Self {
-            file,
-            ledger: Mutex::new(ledger),
-        })
+        let conn = Connection::open(path).map_err(open_failed)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_failed)?;
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
+            .map_err(open_failed)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_failed)?;
+        conn.execute_batch(SCHEMA).map_err(open_failed)?;
+        let store = Self {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+            held: Mutex::new(HashMap::new()),
+        };
+        store.forget_before(day(SystemTime::now()).saturating_sub(KEEP_DAYS))?;
+        if let Some(legacy) = legacy {
+            store.import_legacy(legacy)?;
+        }
+        Ok(store)
     }
 
-    /// Counts one query against `charge`, or refuses when the day's queries
-    /// or rows are used up.
-    pub fn admit(&self, charge: &QuotaCharge, now: SystemTime) -> Result<(), Denial> {
-        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        roll_over(&mut ledger, now);
-        let usage = ledger.usage.entry(charge.key.clone()).or_default();
-        if let Some(limit) = charge.quotas.queries_per_day
-            && usage.queries >= limit
-        {
-            return Err(Denial::quota(
-                "quotas.queries_per_day",
-                format!(
-                    "`{}` has used its {limit} queries for today (UTC)",
-                    charge.key
-                ),
-            ));
-        }
-        if let Some(limit) = charge.quotas.rows_per_day
-            && usage.rows >= limit
-        {
-            return Err(rows_used_up(&charge.key, limit));
-        }
-        usage.queries += 1;
-        self.persist(&ledger);
-        Ok(())
+    /// Holds one of today's queries for `charge`, or refuses when the day's
+    /// queries or rows are used up. The hold is given back when dropped
+    /// unsettled.
+    pub fn hold(
+        self: &Arc<Self>,
+        charge: &QuotaCharge,
+        now: SystemTime,
+    ) -> Result<QuotaHold, QuotaError> {
+        let today = day(now);
+        let key = (charge.key.clone(), today);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let usage = self.usage(&charge.key, today)?;
+        let holding = held.get(&key).copied().unwrap_or_default();
+        check(charge, usage.queries + holding, usage.rows)?;
+        *held.entry(key.clone()).or_default() += 1;
+        Ok(QuotaHold {
+            store: self.clone(),
+            key: Some(key),
+        })
     }
 
     /// Takes up to `wanted` rows of today's allowance for `charge` (all of
     /// them when rows are not limited) and records them before they are
     /// sent. Returns how many were granted.
-    pub fn take_rows(&self, charge: &QuotaCharge, wanted: u64, now: SystemTime) -> u64 {
+    pub fn take_rows(
+        &self,
+        charge: &QuotaCharge,
+        wanted: u64,
+        now: SystemTime,
+    ) -> Result<u64, QuotaError> {
         let Some(limit) = charge.quotas.rows_per_day else {
-            return wanted;
+            return Ok(wanted);
         };
-        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        roll_over(&mut ledger, now);
-        let usage = ledger.usage.entry(charge.key.clone()).or_default();
-        let granted = wanted.min(limit.saturating_sub(usage.rows));
-        if granted > 0 {
-            usage.rows += granted;
-            self.persist(&ledger);
-        }
-        granted
+        let today = day(now);
+        self.write(|tx| {
+            let used = read_usage(tx, &charge.key, today)?.rows;
+            let granted = wanted.min(limit.saturating_sub(used));
+            if granted > 0 {
+                add(tx, &charge.key, today, 0, granted)?;
+            }
+            Ok(granted)
+        })
     }
 
-    /// Writes the current usage to disk.
-    pub fn flush(&self) {
-        let ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        self.persist(&ledger);
+    /// What `organization` used on the day of `at`, settled queries only.
+    pub fn used(&self, organization: &str, at: SystemTime) -> Result<Usage, QuotaError> {
+        self.usage(organization, day(at))
     }
 
-    fn persist(&self, ledger: &Ledger) {
-        let result = serde_json::to_vec_pretty(ledger)
-            .map_err(anyhow::Error::from)
-            .and_then(|bytes| write_atomically(&self.file, &bytes));
-        if let Err(e) = result {
-            tracing::error!(file = %self.file.display(), "writing quota usage failed: {e:#}");
+    /// Queries held by issued, unredeemed tickets of `organization` today.
+    pub fn held(&self, organization: &str, at: SystemTime) -> u64 {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(&(organization.to_string(), day(at)))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn usage(&self, organization: &str, today: u64) -> Result<Usage, QuotaError> {
+        let conn = self.conn();
+        read_usage(&conn, organization, today).map_err(|e| self.failed(e))
+    }
+
+    /// Counts a held query for good. Refused (and the hold dropped) when
+    /// another process on the same database used the day up meanwhile.
+    fn settle(&self, key: &(String, u64), charge: &QuotaCharge) -> Result<(), QuotaError> {
+        let (organization, today) = key;
+        let refused = self.write(|tx| {
+            let usage = read_usage(tx, organization, *today)?;
+            if let Err(denial) = check(charge, usage.queries, usage.rows) {
+                return Ok(Some(denial));
+            }
+            add(tx, organization, *today, 1, 0)?;
+            Ok(None)
+        })?;
+        match refused {
+            Some(denial) => Err(denial),
+            None => Ok(()),
         }
     }
+
+    fn release(&self, key: &(String, u64)) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(key);
+            }
+        }
+    }
+
+    /// Runs `change` in one immediate transaction and commits it.
+    fn write<T>(
+        &self,
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, QuotaError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.failed(e))?;
+        let value = change(&tx).map_err(|e| self.failed(e))?;
+        tx.commit().map_err(|e| self.failed(e))?;
+        Ok(value)
+    }
+
+    fn forget_before(&self, first_kept: u64) -> Result<(), QuotaError> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM quota_usage WHERE day < ?1",
+                [first_kept as i64],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Carries today's counts of a `quota.json` from before the move over,
+    /// then removes the file (so a restart does not count them twice).
+    fn import_legacy(&self, file: &Path) -> Result<(), QuotaError> {
+        let bytes = match std::fs::read(file) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(QuotaError::CorruptLegacyFile {
+                    path: file.to_path_buf(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let legacy: LegacyUsage =
+            serde_json::from_slice(&bytes).map_err(|e| QuotaError::CorruptLegacyFile {
+                path: file.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        if legacy.day == day(SystemTime::now()) {
+            self.write(|tx| {
+                for (organization, usage) in &legacy.usage {
+                    add(tx, organization, legacy.day, usage.queries, usage.rows)?;
+                }
+                Ok(())
+            })?;
+        }
+        std::fs::remove_file(file).map_err(|e| QuotaError::CorruptLegacyFile {
+            path: file.to_path_buf(),
+            reason: format!("it could not be removed after import: {e}"),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed(&self, source: rusqlite::Error) -> QuotaError {
+        QuotaError::Database {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+/// One of the day's queries, held by an issued ticket until it is redeemed
+/// ([`QuotaHold::settle`]) or dropped (given back).
+pub struct QuotaHold {
+    store: Arc<QuotaStore>,
+    key: Option<(String, u64)>,
+}
+
+impl QuotaHold {
+    /// The ticket is redeemed: the query counts for good.
+    pub fn settle(mut self, charge: &QuotaCharge) -> Result<(), QuotaError> {
+        let key = self.key.take().expect("a hold is settled once");
+        let settled = self.store.settle(&key, charge);
+        // Settled or refused, the hold itself is over.
+        self.store.release(&key);
+        settled
+    }
+}
+
+impl Drop for QuotaHold {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.store.release(&key);
+        }
+    }
+}
+
+impl std::fmt::Debug for QuotaHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaHold").field("key", &self.key).finish()
+    }
+}
+
+/// Refuses when `queries` or `rows` reach the charge's daily limits.
+fn check(charge: &QuotaCharge, queries: u64, rows: u64) -> Result<(), QuotaError> {
+    if let Some(limit) = charge.quotas.queries_per_day
+        && queries >= limit
+    {
+        return Err(QuotaError::Exceeded(Denial::quota(
+            "quotas.queries_per_day",
+            format!(
+                "`{}` has used its {limit} queries for today (UTC)",
+                charge.key
+            ),
+        )));
+    }
+    if let Some(limit) = charge.quotas.rows_per_day
+        && rows >= limit
+    {
+        return Err(QuotaError::Exceeded(rows_used_up(&charge.key, limit)));
+    }
+    Ok(())
 }
 
 /// The refusal once a day's rows are used up.
@@ -128,12 +335,47 @@ pub fn rows_used_up(key: &str, limit: u64) -> Denial {
     )
 }
 
-fn roll_over(ledger: &mut Ledger, now: SystemTime) {
-    let today = day(now);
-    if ledger.day != today {
-        ledger.day = today;
-        ledger.usage.clear();
-    }
+fn read_usage(conn: &Connection, organization: &str, today: u64) -> rusqlite::Result<Usage> {
+    let row = conn
+        .query_row(
+            "SELECT queries, rows FROM quota_usage WHERE organization = ?1 AND day = ?2",
+            rusqlite::params![organization, today as i64],
+            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
+        )
+        .optional()?;
+    Ok(row.map_or_else(Usage::default, |(queries, rows)| Usage {
+        queries: queries as u64,
+        rows: rows as u64,
+    }))
+}
+
+fn add(
+    tx: &rusqlite::Transaction<'_>,
+    organization: &str,
+    today: u64,
+    queries: u64,
+    rows: u64,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO quota_usage (organization, day, queries, rows) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (organization, day)
+         DO UPDATE SET queries = queries + excluded.queries, rows = rows + excluded.rows",
+        rusqlite::params![organization, today as i64, queries as i64, rows as i64],
+    )
+    .map(drop)
+}
+
+/// `quota.json` as written before the counters moved into SQLite.
+#[derive(serde::Deserialize)]
+struct LegacyUsage {
+    day: u64,
+    usage: std::collections::BTreeMap<String, LegacyCounts>,
+}
+
+#[derive(serde::Deserialize)]
+struct LegacyCounts {
+    queries: u64,
+    rows: u64,
 }
 
 /// Days since the Unix epoch, UTC.
@@ -144,89 +386,4 @@ fn day(at: SystemTime) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use sluice_policy::document::Quotas;
-    use std::sync::Arc;
-
-    fn charge(queries: u64, rows: Option<u64>) -> QuotaCharge {
-        QuotaCharge {
-            key: "Org".into(),
-            quotas: Quotas {
-                queries_per_day: Some(queries),
-                rows_per_day: rows,
-            },
-        }
-    }
-
-    #[test]
-    fn concurrent_admissions_never_exceed_the_limit_and_survive_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("quota.json");
-        let store = Arc::new(QuotaStore::open(file.clone()).unwrap());
-        let now = SystemTime::now();
-        let granted: usize = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| {
-                    let store = store.clone();
-                    s.spawn(move || {
-                        (0..50)
-                            .filter(|_| store.admit(&charge(100, None), now).is_ok())
-                            .count()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).sum()
-        });
-        assert_eq!(granted, 100);
-        let reopened = QuotaStore::open(file).unwrap();
-        let denial = reopened.admit(&charge(100, None), now).unwrap_err();
-        assert_eq!(denial.rule, "quotas.queries_per_day");
-    }
-
-    #[test]
-    fn rows_are_taken_as_sent_and_never_past_the_day() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("q.json");
-        let store = Arc::new(QuotaStore::open(file.clone()).unwrap());
-        let now = SystemTime::now();
-        let quota = charge(1000, Some(100));
-        // Two streams at once: both admitted, rows granted as they go.
-        store.admit(&quota, now).unwrap();
-        store.admit(&quota, now).unwrap();
-        assert_eq!(store.take_rows(&quota, 60, now), 60);
-        assert_eq!(store.take_rows(&quota, 60, now), 40);
-        assert_eq!(store.take_rows(&quota, 1, now), 0);
-        let denial = store.admit(&quota, now).unwrap_err();
-        assert_eq!(denial.rule, "quotas.rows_per_day");
-        // Many threads taking rows: exactly the day's allowance in all.
-        let quota = charge(1000, Some(10_000));
-        let tomorrow = now + std::time::Duration::from_secs(86_400);
-        let taken: u64 = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| {
-                    let (store, quota) = (store.clone(), quota.clone());
-                    s.spawn(move || {
-                        (0..500)
-                            .map(|_| store.take_rows(&quota, 7, tomorrow))
-                            .sum::<u64>()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).sum()
-        });
-        assert_eq!(taken, 10_000);
-        // What was taken is on disk.
-        let reopened = QuotaStore::open(file).unwrap();
-        assert_eq!(reopened.take_rows(&quota, 5, tomorrow), 0);
-    }
-
-    #[test]
-    fn a_corrupt_usage_file_is_an_error_not_a_fresh_allowance() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("q.json");
-        std::fs::write(&file, b"{not json").unwrap();
-        let err = QuotaStore::open(file).err().unwrap().to_string();
-        assert!(err.contains("corrupt"), "{err}");
-    }
-}
+mod tests;

@@ -43,9 +43,6 @@ use serde::{Deserialize, Serialize};
 use sluice_policy::Principal;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// The request header that carries the assertion.
-pub const ON_BEHALF_OF_HEADER: &str = "x-sluice-on-behalf-of";
-
 /// How long an assertion holds. It is made per upstream query and used for
 /// its GetFlightInfo and DoGet, so a few minutes cover any query that the
 /// broker's own timeouts let run.
@@ -226,7 +223,7 @@ impl RelaySigner {
             san_uris: consumer.san_uris.clone(),
             iat,
             exp: iat + ASSERTION_LIFETIME_SECS,
-            nonce: crate::identity::hex(&nonce),
+            nonce: hex::encode(nonce),
         };
         let json = serde_json::to_vec(&assertion).map_err(|e| e.to_string())?;
         let payload = URL_SAFE_NO_PAD.encode(json);

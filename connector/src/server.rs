@@ -25,16 +25,17 @@ use crate::catalog::Catalog;
 use crate::config::{Config, Source, TlsConfig};
 use crate::connections::OpenConnections;
 use crate::control::{AgreementDesk, AuditReceipts, Budgets, CatalogDirectory, ConnectorInfo};
+use crate::dev::DEFAULT_IDENTITY;
 use crate::flight::FlightSql;
 use crate::identity;
-use crate::ledger::Ledger;
 use crate::metrics::{self, Metrics};
-use crate::privacy::Privacy;
 use crate::query::execute::Executor;
 use crate::query::{Books, QueryEngine};
 use crate::quota::QuotaStore;
-use crate::state::{DEFAULT_IDENTITY, StateDir};
+use crate::state::StateDir;
 use crate::usage_policy::PolicyHandle;
+use sluice_privacy::Privacy;
+use sluice_privacy::ledger::Ledger;
 
 /// TLS handshakes that take longer are dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,8 +48,7 @@ pub async fn serve(config: Config, query_runtime: tokio::runtime::Handle) -> Res
 
 /// For benchmarks and embedding, never reachable from the CLI or a config
 /// file: a gate that replaces the configured policy, a channel that
-/// receives the bound address instead of the banner being printed, and a
-/// switch that turns the audit log off.
+/// receives the bound address, and a switch that turns the audit log off.
 #[derive(Default)]
 pub struct ServeHooks {
     pub gate: Option<Arc<dyn sluice_policy::PlanGate>>,
@@ -57,26 +57,232 @@ pub struct ServeHooks {
     pub audit_off: bool,
 }
 
-/// [`serve`] with [`ServeHooks`].
+/// [`serve`] with [`ServeHooks`]: build, listen, serve, drain.
 pub async fn serve_with(
     config: Config,
     query_runtime: tokio::runtime::Handle,
     mut hooks: ServeHooks,
 ) -> Result<()> {
-    let state = StateDir::new(&config.server.state_dir);
-    let tls_files = tls_files(&config, &state);
-    config.check_paths()?;
-    let tls = server_tls(&tls_files)?;
+    let bound = hooks.bound.take();
+    let app = App::build(config, query_runtime, hooks).await?;
+    let listening = app.listen().await?;
+    if let Some(bound) = bound {
+        let _ = bound.send(listening.addr());
+    }
+    listening.serve().await
+}
 
-    let catalog = Arc::new(Catalog::open(&config.datasets).await?);
-    let metrics = Arc::new(Metrics::new());
-    state.ensure_mask_key()?;
-    let mask_key = std::fs::read(state.mask_key())
-        .with_context(|| format!("reading the masking key {}", state.mask_key().display()))?;
-    let policy = Arc::new(match hooks.gate.take() {
-        Some(gate) => PolicyHandle::fixed(gate),
-        None => PolicyHandle::load(config.policy.as_deref(), mask_key, catalog.clone())?,
-    });
+/// Everything the daemon serves with, built (and checked) before it
+/// listens: TLS, the catalog, the policy, the books (ledger, quota
+/// counters, agreements, audit log) and the query engine.
+pub struct App {
+    config: Config,
+    state: StateDir,
+    tls: ServerTlsConfig,
+    tls_files: TlsConfig,
+    metrics: Arc<Metrics>,
+    policy: Arc<PolicyHandle>,
+    engine: Arc<QueryEngine>,
+}
+
+impl App {
+    pub async fn build(
+        config: Config,
+        query_runtime: tokio::runtime::Handle,
+        mut hooks: ServeHooks,
+    ) -> Result<App> {
+        let state = StateDir::new(&config.server.state_dir);
+        let tls_files = tls_files(&config, &state);
+        config.check_paths()?;
+        let tls = server_tls(&tls_files)?;
+        let catalog = Arc::new(Catalog::open(&config.datasets).await?);
+        let policy = Arc::new(match hooks.gate.take() {
+            Some(gate) => PolicyHandle::fixed(gate),
+            None => {
+                state.ensure_mask_key()?;
+                let mask_key = std::fs::read(state.mask_key()).with_context(|| {
+                    format!("reading the masking key {}", state.mask_key().display())
+                })?;
+                PolicyHandle::load(config.policy.as_deref(), mask_key, catalog.clone())?
+            }
+        });
+        log_policy(&policy);
+        let books = open_books(&state, hooks.audit_off)?;
+        let engine = Arc::new(QueryEngine::new(
+            catalog,
+            policy.clone(),
+            books,
+            config.limits.clone(),
+            Executor::new(query_runtime, config.limits.total_query_memory),
+        ));
+        Ok(App {
+            config,
+            state,
+            tls,
+            tls_files,
+            metrics: Arc::new(Metrics::new()),
+            policy,
+            engine,
+        })
+    }
+
+    pub fn engine(&self) -> &Arc<QueryEngine> {
+        &self.engine
+    }
+
+    /// Binds the gRPC listener and the metrics endpoint.
+    pub async fn listen(self) -> Result<Listening> {
+        let listen = self.config.server.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen} (server.listen / --listen)"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let metrics_addr = match self.config.metrics.listen {
+            Some(listen) => {
+                Some(metrics::serve(listen, self.metrics.clone(), wait(stopped.clone())).await?)
+            }
+            None => None,
+        };
+        Ok(Listening {
+            app: self,
+            listener,
+            addr,
+            metrics_addr,
+            stop,
+            stopped,
+        })
+    }
+}
+
+/// A bound daemon, ready to serve.
+pub struct Listening {
+    app: App,
+    listener: TcpListener,
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Listening {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Tells a newcomer what is running and how to reach it (the CLI
+    /// prints it). The first line is stable: scripts and tests wait for
+    /// `listening on grpc+tls://ADDR`.
+    pub fn banner(&self) -> String {
+        let policy = match self.app.policy.file() {
+            Some(file) => format!("{} ({})", file.display(), self.app.policy.version()),
+            None => "none: every query is refused until [policy] file is set".into(),
+        };
+        banner(
+            &self.app.config,
+            &self.app.state,
+            self.addr,
+            self.metrics_addr,
+            &self.app.tls_files,
+            &policy,
+        )
+    }
+
+    /// Serves until SIGTERM/SIGINT, then drains: stops taking connections,
+    /// lets in-flight streams finish for up to `server.shutdown_grace`, and
+    /// returns what unredeemed tickets held.
+    pub async fn serve(self) -> Result<()> {
+        let Listening {
+            app,
+            listener,
+            addr,
+            metrics_addr,
+            stop,
+            stopped,
+        } = self;
+        let engine = app.engine.clone();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        report_serving(&health).await;
+        spawn_background(&app, stopped.clone());
+        let (reflection_v1, reflection_v1alpha) = reflection()?;
+        let open = OpenConnections::default();
+        let tracker = open.clone();
+        let incoming = futures::StreamExt::map(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            move |accepted| accepted.map(|socket| tracker.track(socket)),
+        );
+        let server = Server::builder()
+            .tls_config(app.tls.clone())
+            .context("configuring TLS")?
+            .layer(InterceptorLayer::new(identity::authenticate))
+            .layer(tower::util::MapResponseLayer::new(
+                undecodable_requests_are_invalid_arguments,
+            ))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(FlightSql::new(engine.clone(), app.metrics.clone()).into_service())
+            .add_service(Budgets::new(engine.privacy().clone()).into_service())
+            .add_service(ConnectorInfo::new(engine.clone()).into_service())
+            .add_service(CatalogDirectory::new(engine.clone()).into_service())
+            .add_service(AgreementDesk::new(engine.clone()).into_service())
+            .add_service(AuditReceipts::new(engine.clone()).into_service())
+            .serve_with_incoming_shutdown(incoming, wait(stopped));
+        tracing::info!(%addr, metrics = ?metrics_addr, datasets = app.config.datasets.len(), "serving Flight SQL over mTLS");
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => result.context("the gRPC server stopped")?,
+            signal = shutdown_signal() => {
+                let grace = app.config.server.shutdown_grace;
+                tracing::info!(signal, grace_s = grace.as_secs_f64(), "shutting down: refusing new connections, finishing in-flight queries");
+                health.set_not_serving::<FlightServiceServer<FlightSql>>().await;
+                let _ = stop.send(true);
+                drain(&mut server, &open, grace).await?;
+            }
+        }
+        // Tickets never redeemed read nothing: their holds come back.
+        engine.withdraw_all();
+        let settled = engine.clone();
+        let _ = tokio::task::spawn_blocking(move || settled.privacy().settled()).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Waits for in-flight streams, then for every connection to close, both
+/// until `grace` is over.
+async fn drain<F>(
+    server: &mut std::pin::Pin<&mut F>,
+    open: &OpenConnections,
+    grace: Duration,
+) -> Result<()>
+where
+    F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + grace;
+    match tokio::time::timeout_at(deadline, server.as_mut()).await {
+        Ok(result) => result.context("the gRPC server stopped")?,
+        Err(_) => tracing::warn!("shutdown grace period over; closing the remaining streams"),
+    }
+    // Streams are done, but their last frames may still wait for the
+    // client's flow-control window: let every connection close.
+    let left = open
+        .drained(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "shutdown grace period over; closing open connections"
+        );
+    }
+    Ok(())
+}
+
+fn log_policy(policy: &PolicyHandle) {
     match policy.file() {
         Some(file) => {
             tracing::info!(file = %file.display(), version = %policy.version(), "usage policy loaded")
@@ -85,27 +291,31 @@ pub async fn serve_with(
             "no usage policy configured ([policy] file): every query will be refused"
         ),
     }
-    let books = Books {
-        quotas: Arc::new(QuotaStore::open(state.quota_file())?),
-        privacy: Arc::new(Privacy::new(Arc::new(Ledger::open(&state.ledger_file())?))),
+}
+
+/// The ledger, the quota counters, the agreements and the audit log.
+fn open_books(state: &StateDir, audit_off: bool) -> Result<Books> {
+    // The ledger first: the quota counters share its database.
+    let ledger = Arc::new(Ledger::open(&state.ledger_file())?);
+    Ok(Books {
+        privacy: Arc::new(Privacy::new(ledger)),
+        quotas: Arc::new(QuotaStore::open(
+            &state.ledger_file(),
+            Some(&state.legacy_quota_file()),
+        )?),
         agreements: Arc::new(Agreements::open(&state.agreements_file())?),
-        audit: Arc::new(match hooks.audit_off {
+        audit: Arc::new(match audit_off {
             true => {
                 tracing::warn!("audit log switched off by an embedding hook (benchmarks only)");
                 Audit::disabled()
             }
             false => Audit::open(&state.audit_dir())?,
         }),
-    };
-    let engine = Arc::new(QueryEngine::new(
-        catalog,
-        policy.clone(),
-        books,
-        config.limits.clone(),
-        Executor::new(query_runtime, config.limits.total_query_memory),
-    ));
+    })
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+/// Reports every service as serving.
+async fn report_serving(health: &tonic_health::server::HealthReporter) {
     health.set_serving::<FlightServiceServer<FlightSql>>().await;
     health
         .set_serving::<ConnectorServiceServer<ConnectorInfo>>()
@@ -120,118 +330,51 @@ pub async fn serve_with(
     health
         .set_serving::<AuditServiceServer<AuditReceipts>>()
         .await;
-    // Tickets that expired unredeemed read no data: their reservations go
-    // back to their budgets.
-    {
-        let engine = engine.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
-            loop {
-                every.tick().await;
-                let expiring = engine.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    // Unredeemed tickets return their budget as they go;
-                    // the ledger sweep catches any a crash left behind.
-                    expiring.purge_expired();
-                    expiring.privacy().expire(std::time::SystemTime::now())
-                })
-                .await;
-            }
-        });
-    }
-    let reflection = tonic_reflection::server::Builder::configure()
+}
+
+/// The policy file watcher, and the sweep that returns what expired
+/// tickets held.
+fn spawn_background(app: &App, stopped: watch::Receiver<bool>) {
+    let engine = app.engine.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            every.tick().await;
+            let expiring = engine.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                // Unredeemed tickets return their holds as they go; the
+                // ledger sweep catches any a crash left behind.
+                expiring.purge_expired();
+                expiring.privacy().expire(std::time::SystemTime::now())
+            })
+            .await;
+        }
+    });
+    tokio::spawn(crate::usage_policy::watch_for_changes(
+        app.policy.clone(),
+        stopped,
+    ));
+}
+
+fn reflection() -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    let reflection_v1 = reflection.build_v1().context("building gRPC reflection")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building gRPC reflection")?;
-
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding {} (server.listen / --listen)",
-                config.server.listen
-            )
-        })?;
-    let addr = listener.local_addr()?;
-    let open = OpenConnections::default();
-    let tracker = open.clone();
-    let incoming = futures::StreamExt::map(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        move |accepted| accepted.map(|socket| tracker.track(socket)),
-    );
-
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(crate::usage_policy::watch_for_changes(
-        policy.clone(),
-        stopped.clone(),
-    ));
-    let metrics_addr = match config.metrics.listen {
-        Some(listen) => Some(metrics::serve(listen, metrics.clone(), wait(stopped.clone())).await?),
-        None => None,
-    };
-
-    let server = Server::builder()
-        .tls_config(tls)
-        .context("configuring TLS")?
-        .layer(InterceptorLayer::new(identity::authenticate))
-        .layer(tower::util::MapResponseLayer::new(
-            undecodable_requests_are_invalid_arguments,
-        ))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(FlightSql::new(engine.clone(), metrics.clone()).into_service())
-        .add_service(Budgets::new(engine.privacy().clone()).into_service())
-        .add_service(ConnectorInfo::new(engine.clone()).into_service())
-        .add_service(CatalogDirectory::new(engine.clone()).into_service())
-        .add_service(AgreementDesk::new(engine.clone()).into_service())
-        .add_service(AuditReceipts::new(engine.clone()).into_service())
-        .serve_with_incoming_shutdown(incoming, wait(stopped));
-
-    match hooks.bound.take() {
-        Some(bound) => {
-            let _ = bound.send(addr);
-        }
-        None => {
-            let policy = match policy.file() {
-                Some(file) => format!("{} ({})", file.display(), policy.version()),
-                None => "none: every query is refused until [policy] file is set".into(),
-            };
-            print_banner(&config, &state, addr, metrics_addr, &tls_files, &policy)
-        }
-    }
-    tracing::info!(%addr, metrics = ?metrics_addr, datasets = config.datasets.len(), "serving Flight SQL over mTLS");
-
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result.context("the gRPC server stopped")?,
-        signal = shutdown_signal() => {
-            let grace = config.server.shutdown_grace;
-            let deadline = tokio::time::Instant::now() + grace;
-            tracing::info!(signal, grace_s = grace.as_secs_f64(), "shutting down: refusing new connections, finishing in-flight queries");
-            health.set_not_serving::<FlightServiceServer<FlightSql>>().await;
-            let _ = stop.send(true);
-            match tokio::time::timeout_at(deadline, &mut server).await {
-                Ok(result) => result.context("the gRPC server stopped")?,
-                Err(_) => tracing::warn!("shutdown grace period over; closing the remaining streams"),
-            }
-            // Streams are done, but their last frames may still wait for the
-            // client's flow-control window: let every connection close.
-            let left = open
-                .drained(deadline.saturating_duration_since(tokio::time::Instant::now()))
-                .await;
-            if left > 0 {
-                tracing::warn!(connections = left, "shutdown grace period over; closing open connections");
-            }
-        }
-    }
-    tracing::info!("stopped");
-    Ok(())
+    Ok((v1, v1alpha))
 }
 
 /// The configured TLS files, or the state directory's development PKI.
@@ -281,16 +424,15 @@ pub(crate) async fn shutdown_signal() -> &'static str {
     }
 }
 
-/// Tells a newcomer what is running and how to reach it. The first line is
-/// stable: scripts and tests wait for `listening on grpc+tls://ADDR`.
-fn print_banner(
+/// What is running and how to reach it.
+fn banner(
     config: &Config,
     state: &StateDir,
     addr: SocketAddr,
     metrics: Option<SocketAddr>,
     tls: &TlsConfig,
     policy: &str,
-) {
+) -> String {
     let endpoint = format!("grpc+tls://{addr}");
     let mut out = String::new();
     out.push_str(&format!(
@@ -341,9 +483,7 @@ fn print_banner(
             key = key.display(),
         ));
     }
-    print!("{out}");
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    out
 }
 
 /// A request whose protobuf does not decode is bad input, not a fault of

@@ -1,7 +1,7 @@
 //! The usage-policy suite: allowed queries with their expected results and
 //! forbidden queries with their expected denial, through the real Flight SQL
 //! path (FlightSqlServiceClient over mTLS against the `sluice` binary) under
-//! the embedded demo policy (`connector/src/demo_policy.yaml`).
+//! the embedded demo policy (`connector/src/dev/demo_policy.yaml`).
 //!
 //! Expected results come from plain in-process DataFusion over the same files,
 //! with the policy's semantics written out by hand in the oracle SQL (row

@@ -194,7 +194,7 @@ fn dp_guarantee(dp: &DpGrant) -> String {
         _ => String::new(),
     };
     let budget = match &dp.budget {
-        Some(b) if b.period == "total" => format!(
+        Some(b) if b.period == crate::dp::Period::Total => format!(
             "composed over a budget of ε = {} (δ = {}) for your organization that never resets, which bounds what any series of queries reveals about one unit",
             number(b.epsilon),
             number(b.delta)

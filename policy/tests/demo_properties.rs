@@ -1,5 +1,5 @@
 //! The same properties as `properties.rs`, over the demo schema under the
-//! demo policy (`connector/src/demo_policy.yaml`): a small `trips` table in
+//! demo policy (`connector/src/dev/demo_policy.yaml`): a small `trips` table in
 //! memory where every row is its own card, so a group's row count is its
 //! unit count.
 
@@ -17,7 +17,7 @@ use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
 use sluice_policy::{PlanGate, PolicyGate, PolicySet, Principal, QueryContext};
 
-const DEMO_POLICY: &str = include_str!("../../connector/src/demo_policy.yaml");
+const DEMO_POLICY: &str = include_str!("../../connector/src/dev/demo_policy.yaml");
 const K: i64 = 10;
 const ROWS: usize = 70;
 const MODES: [&str; 4] = ["bus", "tram", "metro", "ferry"];

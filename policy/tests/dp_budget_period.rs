@@ -49,7 +49,7 @@ fn compile(period: &str) -> Result<String, PolicyError> {
     researcher.organization = Some("Researchers".into());
     let catalog = set.catalog(&researcher);
     let dp = catalog[0].offers[0].dp.as_ref().expect("a dp offer");
-    Ok(dp.budget.as_ref().expect("a budget").period.clone())
+    Ok(dp.budget.as_ref().expect("a budget").period.to_string())
 }
 
 #[test]

@@ -11,11 +11,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod wire;
+
 /// `package sluice.v1`.
+#[cfg(feature = "grpc")]
 pub mod v1 {
     tonic::include_proto!("sluice.v1");
 }
 
+#[cfg(feature = "grpc")]
 /// Encoded `FileDescriptorSet` of every Sluice proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));

@@ -96,7 +96,7 @@ def state_dir() -> Path:
 OPEN_POLICY = ROOT / "connector" / "tests" / "policies" / "open.yaml"
 # The source tree's demo policy: a reused state directory keeps the copy it
 # was created with, which may be older.
-DEMO_POLICY = ROOT / "connector" / "src" / "demo_policy.yaml"
+DEMO_POLICY = ROOT / "connector" / "src" / "dev" / "demo_policy.yaml"
 
 
 @pytest.fixture(scope="session")

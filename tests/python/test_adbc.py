@@ -1,11 +1,15 @@
 """ADBC (adbc-driver-flightsql, the Go Flight SQL driver) over mTLS."""
 
+import json
+import re
+import subprocess
+
 import adbc_driver_manager
 import datafusion
 import pyarrow as pa
 import pytest
 
-from conftest import adbc_connect
+from conftest import adbc_connect, sluice_bin
 
 
 def datafusion_answer(state_dir, sql: str) -> pa.Table:
@@ -105,3 +109,70 @@ def test_the_readme_example_runs(demo_daemon):
     assert out.returncode == 0, out.stderr
     assert "sluice.public.trips" in out.stdout
     assert "start_zone" in out.stdout
+
+
+# ADBC executes every query by preparing it (CreatePreparedStatement, then
+# GetFlightInfo for the prepared statement). A query refused at prepare time
+# never reaches GetFlightInfo, so the prepare decision is the only record of
+# it: three such refusals once left audit.jsonl empty.
+REFUSED_AT_PREPARE = [
+    ("SELECT card_id FROM trips", "PermissionDenied", "denied"),
+    ("SELECT * FROM trips", "PermissionDenied", "denied"),
+    ("SELECT fare_eur FROM trips LIMIT 3", "PermissionDenied", "denied"),
+    ("SELECT * FROM no_such_table", "NotFound", "invalid"),
+]
+RECEIPT_ID = re.compile(r"audit receipt (r\d{8,}-[0-9a-f]{8})")
+
+
+def audit_records(daemon) -> list[dict]:
+    log = daemon.state_dir / "audit" / "audit.jsonl"
+    return [json.loads(line)["record"] for line in log.read_text().splitlines() if line.strip()]
+
+
+def test_queries_refused_at_prepare_time_are_on_the_audit_log(demo_daemon):
+    before = len(audit_records(demo_daemon))
+    receipts = []
+    with adbc_connect(demo_daemon, "planning", purpose="research") as conn, conn.cursor() as cur:
+        for sql, code, _ in REFUSED_AT_PREPARE:
+            with pytest.raises(adbc_driver_manager.Error) as info:
+                cur.execute(sql)
+                cur.fetch_arrow_table()
+            message = str(info.value)
+            assert code in message, message
+            found = RECEIPT_ID.search(message)
+            assert found, f"no audit receipt in: {message}"
+            receipts.append((found.group(1), message))
+    new = audit_records(demo_daemon)[before:]
+    by_receipt = {r["receipt_id"]: r for r in new}
+    for (receipt, message), (sql, code, outcome) in zip(receipts, REFUSED_AT_PREPARE):
+        record = by_receipt[receipt]
+        entry = record["entry"]
+        assert entry["event"] == "prepare", entry
+        assert entry["outcome"] == outcome, entry
+        assert entry["organization"] == "City Planning Agency", entry
+        if outcome == "denied":
+            # The rule that refused, as the client was told.
+            assert entry["rule"] and f"`{entry['rule']}`" in message, (entry, message)
+            assert entry["code"] == "PERMISSION_DENIED", entry
+        else:
+            assert entry["code"] == "NOT_FOUND", entry
+    # Refused at prepare, so never issued: no decision or release follows.
+    assert [r["entry"]["event"] for r in new] == ["prepare"] * len(REFUSED_AT_PREPARE), new
+    verify = subprocess.run([sluice_bin(), "audit", "verify", "--state-dir", str(demo_daemon.state_dir)],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_an_allowed_adbc_query_is_recorded_once_per_step(demo_daemon):
+    sql = "SELECT mode, count(*) AS trips FROM trips GROUP BY mode ORDER BY mode"
+    before = len(audit_records(demo_daemon))
+    with adbc_connect(demo_daemon, "planning", purpose="research") as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        assert cur.fetch_arrow_table().num_rows > 0
+    new = [r["entry"] for r in audit_records(demo_daemon)[before:]]
+    # The prepare decision, then the execution's decision, release and
+    # completion: each once.
+    assert [(e["event"], e["outcome"]) for e in new] == [
+        ("prepare", "allowed"), ("decision", "allowed"), ("release", "released"),
+        ("completion", "completed")], new
+    assert new[0]["plan_hash"] and new[1]["query_id"] == new[2]["query_id"] == new[3]["query_id"]

@@ -28,12 +28,8 @@ use serde_json::json;
 
 use super::decompose::{Federated, Merge, PARTIALS};
 use super::upstream::{PartialAnswer, ProviderFailure};
-use crate::privacy::release::{CI95, MECHANISM, NOTE, QUERY_DELTA, QUERY_EPSILON};
-
-/// Schema metadata keys of a federated result.
-pub const PROVIDERS: &str = "sluice.federation.providers";
-pub const MISSING: &str = "sluice.federation.missing";
-pub const PARTIAL: &str = "sluice.federation.partial";
+use sluice_proto::wire::dp::{CACHED, CI95, MECHANISM, NOTE, QUERY_DELTA, QUERY_EPSILON};
+use sluice_proto::wire::federation::{MISSING, PARTIAL, PROVIDERS};
 
 /// A merged result, ready to stream.
 #[derive(Debug, Clone)]
@@ -319,7 +315,7 @@ fn provenance(answers: &[PartialAnswer]) -> serde_json::Value {
                     "receipt": a.receipt,
                     "epsilon": number(a, QUERY_EPSILON),
                     "delta": number(a, QUERY_DELTA),
-                    "cached": a.schema.metadata().get(crate::privacy::CACHED).map(|v| v == "true"),
+                    "cached": a.schema.metadata().get(CACHED).map(|v| v == "true"),
                 })
             })
             .collect(),
@@ -333,7 +329,7 @@ fn missing_json(missing: &[ProviderFailure]) -> serde_json::Value {
             .map(|m| {
                 json!({
                     "provider": m.provider,
-                    "code": crate::client::code_name(m.code),
+                    "code": sluice_proto::wire::code_name(m.code),
                     "message": m.message,
                 })
             })

@@ -36,7 +36,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::BrokerConfig;
-pub use service::{ALLOW_PARTIAL_HEADER, Broker};
+pub use service::Broker;
 
 /// Serves until SIGTERM/SIGINT. The first line printed is stable for
 /// scripts: `Sluice broker … listening on grpc+tls://ADDR`.

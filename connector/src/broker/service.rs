@@ -27,12 +27,9 @@ use super::config::BrokerConfig;
 use super::decompose::{self, Federated};
 use super::merge::{self, Merged};
 use super::upstream::{PartialAnswer, ProviderClient, ProviderFailure, RelayHeaders};
-use crate::identity::{self, EPSILON_HEADER, PURPOSE_HEADER};
+use crate::identity;
 use crate::relay::RelaySigner;
-
-/// The request header with which a consumer accepts a result that lacks
-/// failed providers (`true`); by default one failed provider fails the query.
-pub const ALLOW_PARTIAL_HEADER: &str = "x-sluice-allow-partial";
+use sluice_proto::wire::header;
 
 /// How long a merged result waits for its DoGet.
 const RESULT_TTL: Duration = Duration::from_secs(300);
@@ -130,8 +127,8 @@ impl Broker {
         Ok(RelayHeaders {
             on_behalf_of: AsciiMetadataValue::try_from(token)
                 .map_err(|_| Status::internal("the on-behalf-of assertion is not ASCII"))?,
-            purpose: forward(PURPOSE_HEADER),
-            epsilon: forward(EPSILON_HEADER),
+            purpose: forward(header::PURPOSE),
+            epsilon: forward(header::EPSILON),
         })
     }
 
@@ -172,7 +169,7 @@ impl Broker {
         self.rng
             .fill(&mut bytes)
             .map_err(|_| Status::internal("no randomness available"))?;
-        let handle = identity::hex(&bytes);
+        let handle = hex::encode(bytes);
         let mut held = self.results.lock().unwrap_or_else(|e| e.into_inner());
         held.retain(|_, h| h.at.elapsed() < RESULT_TTL);
         let mine = held.values().filter(|h| h.holder == holder.id).count();
@@ -213,13 +210,14 @@ impl Broker {
 
 /// The consumer's choice about partial results.
 fn allow_partial<T>(request: &Request<T>) -> Result<bool, Status> {
-    match request.metadata().get(ALLOW_PARTIAL_HEADER) {
+    match request.metadata().get(header::ALLOW_PARTIAL) {
         None => Ok(false),
         Some(v) => match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
             Ok("true" | "1" | "yes") => Ok(true),
             Ok("false" | "0" | "no") => Ok(false),
             _ => Err(Status::invalid_argument(format!(
-                "the {ALLOW_PARTIAL_HEADER} header must be `true` or `false`"
+                "the {} header must be `true` or `false`",
+                header::ALLOW_PARTIAL
             ))),
         },
     }
@@ -234,13 +232,16 @@ fn failed(failures: &[ProviderFailure], total: usize) -> Status {
             format!(
                 "provider `{}` failed ({}): {}",
                 f.provider,
-                crate::client::code_name(f.code),
+                sluice_proto::wire::code_name(f.code),
                 f.message
             )
         })
         .collect();
     let hint = if failures.len() < total {
-        format!(" (send {ALLOW_PARTIAL_HEADER}: true to accept a result without it)")
+        format!(
+            " (send {}: true to accept a result without it)",
+            header::ALLOW_PARTIAL
+        )
     } else {
         String::new()
     };

@@ -18,9 +18,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::config::{BrokerConfig, Provider};
-use crate::audit::RECEIPT_HEADER;
-use crate::identity::{EPSILON_HEADER, PURPOSE_HEADER};
-use crate::relay::ON_BEHALF_OF_HEADER;
+use sluice_proto::wire::header;
 
 /// A provider the broker can ask, over a lazily connected mTLS channel (a
 /// provider that is down at start does not stop the broker).
@@ -42,12 +40,12 @@ pub struct RelayHeaders {
 
 impl RelayHeaders {
     fn apply(&self, metadata: &mut MetadataMap) {
-        metadata.insert(ON_BEHALF_OF_HEADER, self.on_behalf_of.clone());
+        metadata.insert(header::ON_BEHALF_OF, self.on_behalf_of.clone());
         if let Some(p) = &self.purpose {
-            metadata.insert(PURPOSE_HEADER, p.clone());
+            metadata.insert(header::PURPOSE, p.clone());
         }
         if let Some(e) = &self.epsilon {
-            metadata.insert(EPSILON_HEADER, e.clone());
+            metadata.insert(header::EPSILON, e.clone());
         }
     }
 }
@@ -180,7 +178,7 @@ impl ProviderClient {
         let response = client.do_get(request).await.map_err(|s| self.refused(s))?;
         if let Some(receipt) = response
             .metadata()
-            .get(RECEIPT_HEADER)
+            .get(header::RECEIPT)
             .and_then(|v| v.to_str().ok())
         {
             answer.receipt = Some(receipt.to_string());

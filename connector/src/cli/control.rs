@@ -14,10 +14,9 @@ use sluice_proto::v1::audit_service_client::AuditServiceClient;
 use sluice_proto::v1::catalog_service_client::CatalogServiceClient;
 
 use super::ConnArgs;
-use crate::audit::key::{key_id_of, read_public_key};
-use crate::audit::log::{self, Receipt, SignedRecord};
 use crate::client::status_error;
 use crate::config;
+use sluice_audit::{self as log, Receipt, SignedRecord, key_id_of, read_public_key};
 
 #[derive(Args)]
 pub struct CatalogArgs {

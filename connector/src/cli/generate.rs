@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use crate::demo;
+use crate::dev::demo;
 
 /// Most rows one `sluice generate` writes.
 const MAX_ROWS: usize = 100_000_000;

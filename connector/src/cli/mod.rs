@@ -20,8 +20,9 @@ use futures::TryStreamExt;
 
 use crate::client::{Connection, TlsFiles};
 use crate::config::{self, Config, LogFormat};
+use crate::dev::{self, DEFAULT_IDENTITY};
 use crate::pki::{self, Authority, ClientIdentity, Validity};
-use crate::state::{DEFAULT_IDENTITY, StateDir};
+use crate::state::StateDir;
 
 #[derive(Parser)]
 #[command(
@@ -343,7 +344,7 @@ fn run(command: Command) -> Result<()> {
         Command::Broker(args) => broker(args),
         Command::Init { state_dir } => {
             let state = StateDir::new(config::absolute(&state_dir));
-            report_created(&state.prepare(true)?);
+            report_created(&dev::prepare(&state, true)?);
             println!("state directory ready: {}", state.root().display());
             Ok(())
         }
@@ -422,7 +423,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let demo = matches!(cfg.source, config::Source::Embedded);
     if demo || cfg.tls.is_none() {
         let state = StateDir::new(&cfg.server.state_dir);
-        report_created(&state.prepare(demo)?);
+        report_created(&dev::prepare(&state, demo)?);
     }
 
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -461,7 +462,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         .thread_stack_size(256 << 20)
         .enable_all()
         .build()?;
-    let result = io_runtime.block_on(crate::server::serve(cfg, query_runtime.handle().clone()));
+    let result = io_runtime.block_on(async {
+        let app = crate::server::App::build(
+            cfg,
+            query_runtime.handle().clone(),
+            crate::server::ServeHooks::default(),
+        )
+        .await?;
+        let listening = app.listen().await?;
+        print!("{}", listening.banner());
+        std::io::Write::flush(&mut std::io::stdout())?;
+        listening.serve().await
+    });
     query_runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     io_runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result
@@ -521,7 +533,7 @@ async fn query(args: QueryArgs) -> Result<()> {
         conn.set_epsilon(epsilon);
     }
     if args.allow_partial {
-        conn.set_header(crate::broker::ALLOW_PARTIAL_HEADER, "true")?;
+        conn.set_header(sluice_proto::wire::header::ALLOW_PARTIAL, "true")?;
     }
     let (schema, batches) = conn.query_stream(&sql).await?;
     report_federation(&schema);
@@ -586,7 +598,7 @@ async fn query(args: QueryArgs) -> Result<()> {
 /// For a broker's answer: which providers contributed (with their receipts
 /// and ε) and which are missing, on standard error.
 fn report_federation(schema: &datafusion::arrow::datatypes::Schema) {
-    use crate::broker::merge::{MISSING, PROVIDERS};
+    use sluice_proto::wire::federation::{MISSING, PROVIDERS};
     let list = |key: &str| -> Vec<serde_json::Value> {
         schema
             .metadata()

@@ -10,10 +10,10 @@ use sluice_proto::v1::audit_service_server::{AuditService, AuditServiceServer};
 use tonic::{Request, Response, Status};
 
 use super::is_admin;
-use crate::audit::log::SignedRecord;
 use crate::audit::{self, AuditLog};
 use crate::identity;
 use crate::query::QueryEngine;
+use sluice_audit::SignedRecord;
 
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
@@ -67,7 +67,7 @@ impl AuditService for AuditReceipts {
         let readable = self.readable(&principal);
         let event = ask.event;
         let log = self.log()?;
-        let (records, next) = crate::privacy::blocking(|| {
+        let (records, next) = crate::blocking::blocking(|| {
             log.scan(from, limit, |r| {
                 readable(r) && (event.is_empty() || r.record.entry.event == event)
             })
@@ -86,7 +86,7 @@ impl AuditService for AuditReceipts {
         let principal = identity::direct_principal(&request)?;
         let id = request.into_inner().receipt_id;
         let log = self.log()?;
-        let found = crate::privacy::blocking(|| log.get(&id)).map_err(internal)?;
+        let found = crate::blocking::blocking(|| log.get(&id)).map_err(internal)?;
         found
             .filter(self.readable(&principal))
             .map(|r| Response::new(message(&r)))
@@ -110,8 +110,8 @@ impl AuditService for AuditReceipts {
     }
 }
 
-fn internal(e: anyhow::Error) -> Status {
-    tracing::error!(error = %format!("{e:#}"), "reading the audit log failed");
+fn internal(e: sluice_audit::StoreError) -> Status {
+    tracing::error!(error = %e, "reading the audit log failed");
     Status::internal("reading the audit log failed (see the connector log)")
 }
 

@@ -8,8 +8,8 @@ use sluice_proto::v1::{BudgetLine, GetBudgetRequest, GetBudgetResponse};
 use tonic::{Request, Response, Status};
 
 use crate::identity;
-use crate::ledger::{self, Balance};
-use crate::privacy::Privacy;
+use sluice_privacy::Privacy;
+use sluice_privacy::ledger::{self, Balance};
 
 pub struct Budgets {
     privacy: Arc<Privacy>,

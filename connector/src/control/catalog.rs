@@ -185,7 +185,7 @@ pub(crate) fn offer(o: &Offer) -> pb::Offer {
             budget_period: dp
                 .budget
                 .as_ref()
-                .map(|b| b.period.clone())
+                .map(|b| b.period.to_string())
                 .unwrap_or_default(),
             max_groups: dp.max_groups,
             max_rows: dp.max_rows,

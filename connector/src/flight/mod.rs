@@ -70,6 +70,19 @@ impl FlightSql {
             .max_encoding_message_size(64 << 20)
     }
 
+    /// A refused metadata or write request: logged, counted, and on the
+    /// audit log (event `request`, with the method in its message) like a
+    /// refused query.
+    fn refused_on_record(
+        &self,
+        method: &'static str,
+        principal: &sluice_policy::Principal,
+        err: QueryError,
+    ) -> Status {
+        let err = self.engine.refused_on_record(method, principal, err);
+        self.refuse(method, Some(&principal.id), err)
+    }
+
     /// Records and converts a failed request.
     fn refuse(&self, method: &'static str, principal: Option<&str>, err: QueryError) -> Status {
         self.metrics.count_rpc_error(method, err.code());
@@ -157,9 +170,10 @@ impl FlightSql {
     }
 }
 
-fn read_only(what: &str) -> Status {
-    Status::permission_denied(format!(
-        "denied by rule `read-only`: {what} is not accepted: Sluice answers read-only queries"
+fn read_only(what: &str) -> QueryError {
+    QueryError::Denied(sluice_policy::Denial::forbidden(
+        "read-only",
+        format!("{what} is not accepted: Sluice answers read-only queries"),
     ))
 }
 
@@ -268,7 +282,7 @@ impl FlightSqlService for FlightSql {
         if let Some(value) = receipt.and_then(|r| r.parse().ok()) {
             response
                 .metadata_mut()
-                .insert(crate::audit::RECEIPT_HEADER, value);
+                .insert(sluice_proto::wire::header::RECEIPT, value);
         }
         Ok(response)
     }
@@ -365,9 +379,10 @@ impl FlightSqlService for FlightSql {
         query: CommandGetCatalogs,
         request: Request<arrow_flight::Ticket>,
     ) -> DoGetResult {
-        identity::principal(&request)?;
+        let principal = identity::principal(&request)?;
         let schema = query.into_builder().schema();
-        let batch = metadata::catalogs(query).map_err(Status::from)?;
+        let batch = metadata::catalogs(query)
+            .map_err(|e| self.refused_on_record("GetCatalogs", &principal, e))?;
         Ok(Response::new(stream::encode_batch(schema, batch)))
     }
 
@@ -386,9 +401,10 @@ impl FlightSqlService for FlightSql {
         query: CommandGetDbSchemas,
         request: Request<arrow_flight::Ticket>,
     ) -> DoGetResult {
-        identity::principal(&request)?;
+        let principal = identity::principal(&request)?;
         let schema = query.clone().into_builder().schema();
-        let batch = metadata::db_schemas(query).map_err(Status::from)?;
+        let batch = metadata::db_schemas(query)
+            .map_err(|e| self.refused_on_record("GetDbSchemas", &principal, e))?;
         Ok(Response::new(stream::encode_batch(schema, batch)))
     }
 
@@ -412,7 +428,7 @@ impl FlightSqlService for FlightSql {
         let batch = metadata::tables(query, self.engine.catalog(), |dataset| {
             self.engine.visible_columns(&principal, dataset)
         })
-        .map_err(Status::from)?;
+        .map_err(|e| self.refused_on_record("GetTables", &principal, e))?;
         Ok(Response::new(stream::encode_batch(schema, batch)))
     }
 
@@ -431,9 +447,10 @@ impl FlightSqlService for FlightSql {
         query: CommandGetTableTypes,
         request: Request<arrow_flight::Ticket>,
     ) -> DoGetResult {
-        identity::principal(&request)?;
+        let principal = identity::principal(&request)?;
         let schema = query.into_builder().schema();
-        let batch = metadata::table_types(query).map_err(Status::from)?;
+        let batch = metadata::table_types(query)
+            .map_err(|e| self.refused_on_record("GetTableTypes", &principal, e))?;
         Ok(Response::new(stream::encode_batch(schema, batch)))
     }
 
@@ -488,17 +505,19 @@ impl FlightSqlService for FlightSql {
     async fn do_put_statement_update(
         &self,
         _query: CommandStatementUpdate,
-        _request: Request<PeekableFlightDataStream>,
+        request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        Err(read_only("an update statement"))
+        let principal = identity::principal(&request)?;
+        Err(self.refused_on_record("DoPut", &principal, read_only("an update statement")))
     }
 
     async fn do_put_statement_ingest(
         &self,
         _query: CommandStatementIngest,
-        _request: Request<PeekableFlightDataStream>,
+        request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        Err(read_only("bulk ingestion"))
+        let principal = identity::principal(&request)?;
+        Err(self.refused_on_record("DoPut", &principal, read_only("bulk ingestion")))
     }
 
     async fn do_action_begin_transaction(

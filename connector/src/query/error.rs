@@ -7,6 +7,8 @@
 use std::fmt;
 
 use datafusion::arrow::error::ArrowError;
+
+use crate::config::human_bytes;
 use datafusion::error::DataFusionError;
 use sluice_policy::{Denial, DenialKind};
 use tonic::{Code, Status};
@@ -119,7 +121,7 @@ impl QueryError {
     /// never read data, so DataFusion's message (which names tables, columns
     /// and types from the query and the catalog) is passed on.
     pub fn from_planning(err: DataFusionError) -> Self {
-        if let Some(refused) = super::guard::find_error(&err) {
+        if let Some(refused) = crate::guard::find_error(&err) {
             return Self::from_guard(refused);
         }
         match err.find_root() {
@@ -144,7 +146,7 @@ impl QueryError {
     /// data-dependent failure is reported, never the message, which may
     /// contain the offending value.
     pub fn from_execution(err: &DataFusionError, memory_limit: usize) -> Self {
-        if let Some(refused) = super::guard::find_error(err) {
+        if let Some(refused) = crate::guard::find_error(err) {
             return Self::from_guard(refused);
         }
         match err.find_root() {
@@ -184,10 +186,10 @@ impl QueryError {
     /// A function guard's refusal. Its message names the function and the
     /// limit, and gives sizes only when they follow from constants in the
     /// query, never from the data, so it is passed on as it is.
-    fn from_guard(refused: &super::guard::GuardError) -> Self {
+    fn from_guard(refused: &crate::guard::GuardError) -> Self {
         match refused.blame() {
-            super::guard::Blame::Request => QueryError::InvalidRequest(refused.to_string()),
-            super::guard::Blame::Resources => QueryError::ResourcesExhausted(refused.to_string()),
+            crate::guard::Blame::Request => QueryError::InvalidRequest(refused.to_string()),
+            crate::guard::Blame::Resources => QueryError::ResourcesExhausted(refused.to_string()),
         }
     }
 }
@@ -226,16 +228,6 @@ fn without_field_hints(msg: &str) -> String {
     )
 }
 
-pub fn human_bytes(n: usize) -> String {
-    const UNITS: [(&str, usize); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    for (unit, size) in UNITS {
-        if n >= size && n.is_multiple_of(size) {
-            return format!("{} {unit}", n / size);
-        }
-    }
-    format!("{n} bytes")
-}
-
 /// Longest status message sent, in bytes. A status message travels as an
 /// HTTP/2 header, and gRPC clients refuse response headers past 8 KiB by
 /// default (reporting RESOURCE_EXHAUSTED instead of the error); DataFusion
@@ -250,7 +242,7 @@ impl From<QueryError> for Status {
         {
             status
                 .metadata_mut()
-                .insert(crate::audit::RECEIPT_HEADER, value);
+                .insert(sluice_proto::wire::header::RECEIPT, value);
         }
         status
     }
@@ -270,6 +262,88 @@ fn shortened(mut message: String) -> String {
     message.truncate(end);
     message.push_str(CUT);
     message
+}
+
+impl QueryError {
+    /// How the audit record of this refusal describes it.
+    pub fn refusal(&self) -> crate::audit::Refusal {
+        let cause = self.cause();
+        crate::audit::Refusal {
+            outcome: match cause {
+                QueryError::Denied(_)
+                | QueryError::TicketRejected(_)
+                | QueryError::ResourcesExhausted(_) => "denied",
+                QueryError::InvalidRequest(_) | QueryError::NotFound(_) => "invalid",
+                _ => "failed",
+            },
+            code: sluice_proto::wire::code_name(self.code()),
+            rule: match cause {
+                QueryError::Denied(denial) => Some(denial.rule.clone()),
+                _ => None,
+            },
+            message: self.to_string(),
+        }
+    }
+}
+
+/// A quota refusal keeps its rule and message; a store fault is logged and
+/// reported without its path.
+impl From<crate::quota::QuotaError> for QueryError {
+    fn from(e: crate::quota::QuotaError) -> Self {
+        match e {
+            crate::quota::QuotaError::Exceeded(denial) => QueryError::Denied(denial),
+            other => {
+                tracing::error!(error = %other, "quota counters failure");
+                QueryError::Internal(
+                    "the quota counters cannot be read or written (see the connector log)".into(),
+                )
+            }
+        }
+    }
+}
+
+/// The audit log could not be written: nothing is released without its
+/// record. The cause (a path, an OS error) stays in the provider's log.
+impl From<sluice_audit::StoreError> for QueryError {
+    fn from(e: sluice_audit::StoreError) -> Self {
+        tracing::error!(error = %e, "the audit log cannot be written");
+        QueryError::Internal(
+            "the audit log cannot be written (see the connector log); nothing was released".into(),
+        )
+    }
+}
+
+/// Budget refusals keep their message (what remains, what the query
+/// needs: facts about the caller's own budget); faults are logged and
+/// reported without paths.
+impl From<sluice_privacy::PrivacyError> for QueryError {
+    fn from(e: sluice_privacy::PrivacyError) -> Self {
+        use sluice_privacy::PrivacyError;
+        match e {
+            e if e.is_exhausted() => QueryError::ResourcesExhausted(e.to_string()),
+            PrivacyError::ReservationSpent => QueryError::TicketRejected(e.to_string()),
+            other => {
+                tracing::error!(error = %other, "privacy ledger failure");
+                QueryError::Internal("the privacy ledger failed (see the connector log)".into())
+            }
+        }
+    }
+}
+
+/// Planning a DP query's noise: ε too small for the query is the caller's
+/// to fix; a mechanism OpenDP cannot build is ours.
+impl From<sluice_privacy::PlanNoiseError> for QueryError {
+    fn from(e: sluice_privacy::PlanNoiseError) -> Self {
+        match e {
+            sluice_privacy::PlanNoiseError::EpsilonTooSmall { .. } => {
+                QueryError::InvalidRequest(e.to_string())
+            }
+            sluice_privacy::PlanNoiseError::Mechanism(_) => {
+                tracing::error!(error = %e, "planning the noise of a DP query failed");
+                QueryError::Internal(e.to_string())
+            }
+        }
+    }
 }
 
 impl From<Denial> for QueryError {

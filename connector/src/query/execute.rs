@@ -26,10 +26,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::QueryError;
-use super::deadline::{is_deadline, with_deadline};
-use super::guard::{self, QueryGuard};
 use super::slots::Slot;
 use crate::catalog::{self, Catalog, ProcessMemory};
+use crate::guard::deadline::{is_deadline, with_deadline};
+use crate::guard::{self, QueryGuard};
 
 /// Batches in flight between execution and the client stream.
 const CHANNEL_DEPTH: usize = 2;

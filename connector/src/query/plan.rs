@@ -46,7 +46,7 @@ pub fn parse(
     }
     // Parsing 256 KiB and dropping what was refused take a while on a
     // debug build: without holding a runtime worker.
-    super::guard::blocking(|| {
+    crate::blocking::blocking(|| {
         let mut statement = parse_one_statement(state, sql)?;
         // First: everything after this (even printing the statement for an
         // error message) walks the tree recursively.
@@ -453,7 +453,7 @@ pub async fn plan(
     }
     // Planning is synchronous CPU work inside; it runs without holding a
     // runtime worker, so other tenants' queries go on meanwhile.
-    let plan = super::guard::blocking_async(state.statement_to_plan(statement))
+    let plan = crate::blocking::blocking_async(state.statement_to_plan(statement))
         .await
         .map_err(QueryError::from_planning)?;
     check_depth(&plan)?;
@@ -672,7 +672,7 @@ fn pattern_problem(expr: &datafusion::logical_expr::Expr) -> Option<String> {
         Err(regex::Error::CompiledTooBig(_)) => Some(format!(
             "{what} is too large: compiled, it would exceed {} (the limit); use fewer or \
              smaller repetitions and character classes",
-            super::human_bytes(MAX_REGEX_COMPILED_BYTES)
+            crate::config::human_bytes(MAX_REGEX_COMPILED_BYTES)
         )),
         // Other errors (syntax) are DataFusion's to report, as they are.
         _ => None,
@@ -761,7 +761,7 @@ pub fn analyze(state: &SessionState, plan: LogicalPlan) -> Result<LogicalPlan, Q
             unbound.join(", ")
         )));
     }
-    super::guard::blocking(|| {
+    crate::blocking::blocking(|| {
         state
             .analyzer()
             .execute_and_check(plan, state.config_options(), |_, _| {})

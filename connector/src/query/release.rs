@@ -7,6 +7,7 @@
 //! is also where differentially private noise will be added to released
 //! aggregates.
 
+use sluice_proto::wire::schema;
 use std::sync::Arc;
 
 use datafusion::arrow::array::ArrayRef;
@@ -33,19 +34,20 @@ pub fn advertised_schema(plan: &LogicalPlan) -> SchemaRef {
     ))
 }
 
-/// Schema metadata keys that carry the decision with the result.
-pub const CLASSIFICATION_KEY: &str = "sluice.classification";
-pub const TAGS_KEY: &str = "sluice.tags";
-pub const POLICY_VERSION_KEY: &str = "sluice.policy_version";
-
 /// `schema` with the output classification and policy version in its
 /// metadata, so every client sees what class of data it received.
 pub fn with_classification(schema: SchemaRef, decision: &DecisionRecord) -> SchemaRef {
     let mut metadata = schema.metadata().clone();
-    metadata.insert(CLASSIFICATION_KEY.into(), decision.output_class.to_string());
+    metadata.insert(
+        schema::CLASSIFICATION.into(),
+        decision.output_class.to_string(),
+    );
     let tags: Vec<String> = decision.output_tags.iter().map(|t| t.to_string()).collect();
-    metadata.insert(TAGS_KEY.into(), tags.join(","));
-    metadata.insert(POLICY_VERSION_KEY.into(), decision.policy_version.clone());
+    metadata.insert(schema::TAGS.into(), tags.join(","));
+    metadata.insert(
+        schema::POLICY_VERSION.into(),
+        decision.policy_version.clone(),
+    );
     Arc::new(Schema::new_with_metadata(schema.fields().clone(), metadata))
 }
 
@@ -53,9 +55,9 @@ pub fn with_classification(schema: SchemaRef, decision: &DecisionRecord) -> Sche
 pub fn with_privacy(
     schema: SchemaRef,
     charge: &sluice_policy::PrivacyCharge,
-    ticket: Option<&crate::privacy::PrivacyTicket>,
+    ticket: Option<&sluice_privacy::PrivacyTicket>,
 ) -> SchemaRef {
-    use crate::privacy::{self as p, release as r};
+    use sluice_proto::wire::dp;
     let mut metadata = schema.metadata().clone();
     let cached = ticket.is_some_and(|t| t.cached.is_some());
     let (epsilon, delta) = if cached {
@@ -63,12 +65,12 @@ pub fn with_privacy(
     } else {
         (charge.epsilon, charge.delta)
     };
-    metadata.insert(r::QUERY_EPSILON.into(), epsilon.to_string());
-    metadata.insert(r::QUERY_DELTA.into(), delta.to_string());
-    metadata.insert(p::CACHED.into(), cached.to_string());
+    metadata.insert(dp::QUERY_EPSILON.into(), epsilon.to_string());
+    metadata.insert(dp::QUERY_DELTA.into(), delta.to_string());
+    metadata.insert(dp::CACHED.into(), cached.to_string());
     if let Some((eps, delta)) = ticket.and_then(|t| t.remaining) {
-        metadata.insert(p::REMAINING_EPSILON.into(), eps.to_string());
-        metadata.insert(p::REMAINING_DELTA.into(), delta.to_string());
+        metadata.insert(dp::REMAINING_EPSILON.into(), eps.to_string());
+        metadata.insert(dp::REMAINING_DELTA.into(), delta.to_string());
     }
     Arc::new(Schema::new_with_metadata(schema.fields().clone(), metadata))
 }

@@ -77,7 +77,7 @@ impl RowMeter {
         let wanted = batch.num_rows() as u64;
         let granted = self
             .quotas
-            .take_rows(&self.charge, wanted, SystemTime::now());
+            .take_rows(&self.charge, wanted, SystemTime::now())?;
         self.sent += granted;
         if granted == wanted {
             return Ok((batch, None));

@@ -102,8 +102,8 @@ impl TicketSigner {
 }
 
 /// An approved plan waiting for its DoGet. It owns what the query holds
-/// (a privacy-budget reservation): dropping it unredeemed (expired,
-/// refused, withdrawn) gives that back.
+/// (see `holds.rs`): dropping it unredeemed (expired, evicted, refused,
+/// withdrawn) gives that back.
 pub struct PendingQuery {
     pub principal_id: String,
     /// The organization it counts against (the budget and quota key).
@@ -113,8 +113,8 @@ pub struct PendingQuery {
     pub schema: SchemaRef,
     pub plan_hash: Vec<u8>,
     pub expires_at: SystemTime,
-    /// The privacy budget reserved for a differentially private query.
-    pub budget: Option<crate::privacy::BudgetHold>,
+    /// One of the day's queries and, for a DP query, its privacy budget.
+    pub holds: super::holds::Holds,
 }
 
 /// Approved plans by query id. Each is redeemed at most once and dropped at
@@ -213,7 +213,7 @@ impl PendingQueries {
         let mut map = self.lock();
         let id = *map
             .keys()
-            .find(|id| crate::identity::hex(id.as_slice()) == query_id)?;
+            .find(|id| hex::encode(id.as_slice()) == query_id)?;
         map.remove(&id)
     }
 
@@ -229,6 +229,12 @@ impl PendingQueries {
     pub fn purge_expired(&self, now: SystemTime) {
         let expired = take_expired(&mut self.lock(), now);
         drop(expired);
+    }
+
+    /// Drops every entry (outside the lock: each returns its holds).
+    pub fn withdraw_all(&self) {
+        let all: Vec<PendingQuery> = self.lock().drain().map(|(_, p)| p).collect();
+        drop(all);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], PendingQuery>> {

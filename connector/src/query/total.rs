@@ -46,8 +46,8 @@ use datafusion::physical_plan::aggregates::{AggregateExec, PhysicalGroupBy};
 use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
 use datafusion::physical_plan::projection::ProjectionExec;
 
-use super::deadline::is_deadline;
-use super::guard;
+use crate::guard;
+use crate::guard::deadline::is_deadline;
 
 /// Wraps the expressions of every filter, projection and grouping in
 /// `plan` that read columns.

@@ -10,7 +10,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -31,6 +30,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// The `sluice` binary Cargo built for this test run.
 pub fn sluice() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// `sluice`, started so that it is killed if the test process dies without
+/// unwinding (killed by a timeout) instead of running on as an orphan:
+/// util-linux's `setpriv` sets the parent-death signal and executes it (so
+/// the child's pid is the daemon's), without unsafe code here.
+pub fn dies_with_parent() -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(env!("CARGO_BIN_EXE_sluice"));
+    command
 }
 
 /// A state directory with the development PKI and the demo datasets,
@@ -152,17 +163,7 @@ impl Daemon {
     }
 
     fn spawn(args: &[String], state_dir: PathBuf) -> Daemon {
-        let mut command = sluice();
-        // If the test process dies without unwinding (killed by a timeout),
-        // the daemon dies with it instead of running on as an orphan.
-        // SAFETY: prctl is async-signal-safe and touches only this process.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command
+        let mut child = dies_with_parent()
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
@@ -373,7 +374,7 @@ impl Drop for Daemon {
 
 /// The demo usage policy, as the source tree has it.
 pub fn demo_policy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/demo_policy.yaml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/dev/demo_policy.yaml")
 }
 
 /// The open test policy: every demo column raw for both demo organizations.

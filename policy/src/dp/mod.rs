@@ -2,8 +2,10 @@
 //! plan that answers an aggregate query with bounded contributions
 //! ([`plan`]). Noise, the budget ledger and the release are the connector's.
 
+pub mod period;
 pub mod plan;
 pub mod settings;
 
+pub use period::{MAX_WINDOW_DAYS, Period, PeriodError};
 pub use plan::{DpQuery, Groups, OutputKind, SUPPORTED, Statistic, StatisticKind};
 pub use settings::{Budget, ColumnBounds, DpGrant};

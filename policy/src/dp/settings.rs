@@ -6,6 +6,7 @@ use datafusion_common::ScalarValue;
 use datafusion_common::arrow::datatypes::{DataType, Schema};
 
 use crate::document::{Candidates, DpRule, KeyValue, NoiseKind};
+use crate::dp::Period;
 
 /// δ one query spends when the policy does not say.
 pub const DEFAULT_DELTA_PER_QUERY: f64 = 1e-7;
@@ -20,9 +21,6 @@ pub const LOWEST_MIN_EPSILON: f64 = 1e-6;
 pub const DEFAULT_CANDIDATES: u32 = 101;
 /// Most candidates a column may declare (the mechanism scores each one).
 const MAX_CANDIDATES: usize = 10_000;
-/// The longest budget window in days (about ten years); the ledger has
-/// the same limit.
-pub const MAX_WINDOW_DAYS: u64 = 3660;
 /// Most rows or groups per unit a policy may allow: keeps the sensitivity,
 /// and so every fixed-point sum, far from overflow.
 const MAX_CONTRIBUTION: u64 = 1 << 16;
@@ -49,9 +47,8 @@ pub struct DpGrant {
 pub struct Budget {
     pub epsilon: f64,
     pub delta: f64,
-    /// `day`, `month`, `year`, `total`, or `30d` for fixed windows of 30
-    /// days counted from 1970-01-01 (canonical: `30 days` becomes `30d`).
-    pub period: String,
+    /// The window the budget applies to (`budget.period`).
+    pub period: Period,
 }
 
 /// Clamping bounds and quantile candidates of one numeric column.
@@ -207,43 +204,15 @@ fn budget(budget: &crate::document::DpBudget) -> Result<Budget, DpError> {
     if !(budget.delta.is_finite() && (0.0..1e-3).contains(&budget.delta)) {
         return Err(field("budget.delta", "must be at least 0 and below 0.001"));
     }
-    let period = period(&budget.period).map_err(|why| field("budget.period", why))?;
+    let period = budget
+        .period
+        .parse::<Period>()
+        .map_err(|why| field("budget.period", why.to_string()))?;
     Ok(Budget {
         epsilon,
         delta: budget.delta,
         period,
     })
-}
-
-/// The canonical form of a budget period: `day`, `month`, `year` and
-/// `total` as they are, an N-day window written `30d`, `30days` or
-/// `30 days` (`1 day` too) as `30d`.
-pub fn period(text: &str) -> Result<String, String> {
-    if ["day", "month", "year", "total"].contains(&text) {
-        return Ok(text.to_string());
-    }
-    match window_days(text) {
-        Some(n) if (1..=MAX_WINDOW_DAYS).contains(&n) => Ok(format!("{n}d")),
-        Some(_) => Err(format!(
-            "`{text}` is out of range: a window of N days (`30d`, `30 days`) needs N from 1 to {MAX_WINDOW_DAYS}"
-        )),
-        None => Err(format!(
-            "`{text}` is not a period; use day, month, year, total, or a window of N days \
-             written `30d` or `30 days` (N from 1 to {MAX_WINDOW_DAYS})"
-        )),
-    }
-}
-
-/// N of `Nd`, `Ndays`, `N days` or `N day`, if `text` has that shape (plain
-/// decimal digits, no sign); u64::MAX when N does not fit in a u64.
-fn window_days(text: &str) -> Option<u64> {
-    let digits = [" days", "days", " day", "day", "d"]
-        .into_iter()
-        .find_map(|unit| text.strip_suffix(unit))?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(digits.parse().unwrap_or(u64::MAX))
 }
 
 fn bounds(

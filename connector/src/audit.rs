@@ -8,22 +8,16 @@
 //! end of stream ─▶ completion record (rows and bytes that left, or why it stopped)
 //! ```
 //!
-//! [`log`] is the file format, chain and offline verification; [`key`] the
-//! signing key. This module turns queries into [`Entry`]s.
-
-pub mod key;
-pub mod log;
+//! The `sluice-audit` crate is the record format, chain, signing, store and
+//! offline verification; this module turns queries into its [`Entry`]s.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use sluice_audit::StoreError;
 use sluice_policy::{DecisionRecord, Principal, QueryContext};
 
-use crate::query::QueryError;
-pub use log::{AuditLog, Entry, Receipt};
-
-/// Response header (DoGet) and error metadata key carrying a receipt.
-pub const RECEIPT_HEADER: &str = "x-sluice-receipt";
+pub use sluice_audit::{AuditLog, Entry, Receipt};
 
 /// The connector's audit log, or nothing when a benchmark switched it off.
 pub struct Audit {
@@ -32,14 +26,13 @@ pub struct Audit {
 
 impl Audit {
     /// Opens (or creates) the log and signing key in `dir`.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        Ok(Self {
-            log: Some(AuditLog::open(dir)?),
-        })
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let log = AuditLog::open_with_notices(dir, log_notice)?;
+        Ok(Self { log: Some(log) })
     }
 
-    /// No audit log at all. Only [`crate::server::ServeHooks`] reaches this,
-    /// so that benchmarks can measure what auditing costs.
+    /// No audit log at all. Only the server's `ServeHooks` reach this, so
+    /// that benchmarks can measure what auditing costs.
     pub fn disabled() -> Self {
         Self { log: None }
     }
@@ -50,18 +43,22 @@ impl Audit {
 
     /// Appends durably (fsync) before returning. The write runs off the
     /// async worker, so a slow disk does not stall other requests.
-    pub fn append(&self, entry: Entry) -> Result<Option<Receipt>, QueryError> {
+    pub fn append(&self, entry: Entry) -> Result<Option<Receipt>, StoreError> {
         let Some(log) = &self.log else {
             return Ok(None);
         };
-        let appended = crate::privacy::blocking(|| log.append(entry));
-        appended.map(Some).map_err(|e| {
-            tracing::error!(error = %format!("{e:#}"), "the audit log cannot be written");
-            QueryError::Internal(
-                "the audit log cannot be written (see the connector log); nothing was released"
-                    .into(),
-            )
-        })
+        crate::blocking::blocking(|| log.append(entry)).map(Some)
+    }
+}
+
+/// What the audit store reports while it works (a new key, a torn tail
+/// removed), in the connector's log.
+fn log_notice(notice: &sluice_audit::Notice) {
+    use sluice_audit::NoticeLevel;
+    match notice.level() {
+        NoticeLevel::Info => tracing::info!("{notice}"),
+        NoticeLevel::Warning => tracing::warn!("{notice}"),
+        NoticeLevel::Error => tracing::error!("{notice}"),
     }
 }
 
@@ -104,6 +101,21 @@ pub fn allowed(
     }
 }
 
+/// The record of a statement a client prepared (ADBC executes every query
+/// this way): the decision taken with NULL parameters. Executing it later
+/// is a decision of its own, recorded with its own plan and ticket.
+pub fn prepared(request: &QueryContext, decision: &DecisionRecord, plan_hash: &str) -> Entry {
+    Entry {
+        event: "prepare".into(),
+        outcome: "allowed".into(),
+        ..described(
+            about(&request.principal, &decision.policy_version),
+            decision,
+            plan_hash,
+        )
+    }
+}
+
 /// The record of a refused or failed request: `denied` (policy, quota,
 /// budget, agreement, ticket), `invalid` (bad SQL, unknown table) or
 /// `failed`. Messages never carry data values (a refusal is decided on the
@@ -113,31 +125,34 @@ pub fn refused(
     principal: &Principal,
     policy_version: &str,
     facts: &PlanFacts,
-    error: &QueryError,
+    refusal: Refusal,
 ) -> Entry {
-    let rule = match error.cause() {
-        QueryError::Denied(denial) => Some(denial.rule.clone()),
-        _ => None,
-    };
-    let outcome = match error.cause() {
-        QueryError::Denied(_)
-        | QueryError::TicketRejected(_)
-        | QueryError::ResourcesExhausted(_) => "denied",
-        QueryError::InvalidRequest(_) | QueryError::NotFound(_) => "invalid",
-        _ => "failed",
-    };
     Entry {
         event: event.into(),
-        outcome: outcome.into(),
+        outcome: refusal.outcome.into(),
         datasets: facts.datasets.clone(),
         purpose: facts.purpose.clone(),
         plan_hash: facts.plan_hash.clone(),
         query_id: facts.query_id.clone(),
-        code: Some(crate::client::code_name(error.code()).to_string()),
-        rule,
-        message: Some(error.to_string()),
+        code: Some(refusal.code.to_string()),
+        rule: refusal.rule,
+        message: Some(refusal.message),
         ..about(principal, policy_version)
     }
+}
+
+/// What the record of a refusal says about it (the query module derives
+/// it from its error).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// `denied`, `invalid` or `failed`.
+    pub outcome: &'static str,
+    /// The gRPC code name the caller got.
+    pub code: &'static str,
+    /// The policy rule that refused, if a rule did.
+    pub rule: Option<String>,
+    /// The message the caller got.
+    pub message: String,
 }
 
 /// The record written before an answer leaves. A differentially private
@@ -219,7 +234,7 @@ impl Completion {
         let audit = self.audit;
         let write = move || {
             if let Err(e) = audit.append(entry) {
-                tracing::warn!(error = %e, "the completion record could not be written");
+                tracing::error!(error = %e, "the completion record could not be written");
             }
         };
         match tokio::runtime::Handle::try_current() {

@@ -1,4 +1,11 @@
-//! Steps 7 and 8: differentially private release and the privacy budget.
+//! # sluice-privacy: the private pillar
+//!
+//! Steps 7a and 8 of a query: differentially private release and the
+//! privacy budget. [`noise`] builds OpenDP mechanisms, [`release`] turns
+//! the exact bounded statistics into a noisy aggregate, [`ledger`] is the
+//! durable budget ledger (SQLite), and [`Privacy`] holds, starts, commits
+//! and returns a query's budget and keeps the answer cache. No gRPC here:
+//! the connector maps [`PrivacyError`] to a status.
 //!
 //! ```text
 //! GetFlightInfo: PlanGate::decide → DpQuery ─▶ Privacy::reserve (ledger, durable) ─▶ ticket carries the reservation
@@ -11,31 +18,54 @@
 //! the data subjects privacy. A reservation comes back only when the query
 //! fails before it reads data.
 
+pub mod ledger;
 pub mod noise;
 pub mod release;
+mod settlement;
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use ring::digest;
 use sluice_policy::PrivacyCharge;
-use sluice_policy::dp::DpQuery;
+use sluice_policy::dp::{DpQuery, Period};
 
-use crate::ledger::{self, Account, Charge, Ledger, LedgerError, Period};
-use crate::query::QueryError;
+use ledger::{Account, Charge, Ledger, LedgerError};
+pub use release::{NoisyAggregate, PlanNoiseError, ReleaseError};
+use settlement::Settlement;
 
-/// Schema metadata with the budget left after this query.
-pub const REMAINING_EPSILON: &str = "sluice.dp.remaining_epsilon";
-pub const REMAINING_DELTA: &str = "sluice.dp.remaining_delta";
-/// `true` when the answer is a repeat served from the cache at no cost.
-pub const CACHED: &str = "sluice.dp.cached";
+/// Why a budget could not be reserved, started or committed, or a cached
+/// answer not stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivacyError {
+    /// The ledger refused or failed: [`LedgerError::Exhausted`] when the
+    /// charge does not fit in what remains of the budget.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// DoGet presented a ticket whose reservation was already started,
+    /// committed or returned.
+    #[error(
+        "ticket rejected: its privacy-budget reservation was already used or returned; call GetFlightInfo again"
+    )]
+    ReservationSpent,
+    /// A noisy answer could not be written to or read from the cache.
+    #[error("the cached differentially private answer cannot be encoded or decoded: {0}")]
+    Encoding(#[from] ArrowError),
+}
+
+impl PrivacyError {
+    /// Whether the budget is used up (as opposed to a fault).
+    pub fn is_exhausted(&self) -> bool {
+        matches!(self, PrivacyError::Ledger(LedgerError::Exhausted { .. }))
+    }
+}
 
 /// The privacy side of a ticket.
 #[derive(Debug, Clone)]
@@ -70,7 +100,7 @@ impl BudgetHold {
     /// The query is about to read data: from now on the charge stands,
     /// whatever happens (BigQuery's rule; a failure after this point is
     /// never refunded, since it may depend on the data).
-    pub fn start(mut self) -> Result<PrivacyTicket, QueryError> {
+    pub fn start(mut self) -> Result<PrivacyTicket, PrivacyError> {
         let ticket = self
             .ticket
             .take()
@@ -79,7 +109,7 @@ impl BudgetHold {
             Ok(()) => Ok(ticket),
             Err(e) => {
                 // Nothing was read.
-                self.privacy.refund(&ticket);
+                self.privacy.return_later(&ticket);
                 Err(e)
             }
         }
@@ -87,9 +117,11 @@ impl BudgetHold {
 }
 
 impl Drop for BudgetHold {
+    /// Returns the reservation through the settlement thread: a drop can
+    /// happen anywhere, an async worker included, and a refund is an fsync.
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket.take() {
-            self.privacy.refund(&ticket);
+            self.privacy.return_later(&ticket);
         }
     }
 }
@@ -103,13 +135,32 @@ impl std::fmt::Debug for BudgetHold {
 }
 
 /// The budget ledger and the answer cache.
+///
+/// Every method that writes the ledger commits (an fsync) before it
+/// returns: call them where blocking is allowed. Returning a hold is the
+/// exception: [`BudgetHold`]'s drop queues the refund for a settlement
+/// thread, and [`Privacy::settled`] waits until the queue is empty.
 pub struct Privacy {
     ledger: Arc<Ledger>,
+    settlement: Settlement,
 }
 
 impl Privacy {
     pub fn new(ledger: Arc<Ledger>) -> Self {
-        Self { ledger }
+        let settlement = Settlement::start(ledger.clone());
+        Self { ledger, settlement }
+    }
+
+    /// Waits until every refund queued by a dropped hold is in the ledger
+    /// (for shutdown, and for tests that read the ledger afterwards).
+    pub fn settled(&self) {
+        self.settlement.flush();
+    }
+
+    fn return_later(&self, ticket: &PrivacyTicket) {
+        if let Some(id) = &ticket.reservation {
+            self.settlement.refund(id.clone());
+        }
     }
 
     pub fn ledger(&self) -> &Arc<Ledger> {
@@ -124,7 +175,7 @@ impl Privacy {
         query: &DpQuery,
         at: SystemTime,
         expires_at: SystemTime,
-    ) -> Result<BudgetHold, QueryError> {
+    ) -> Result<BudgetHold, PrivacyError> {
         let ticket = self.reserve(charge, query, at, expires_at)?;
         Ok(BudgetHold {
             privacy: self.clone(),
@@ -140,18 +191,15 @@ impl Privacy {
         query: &DpQuery,
         at: SystemTime,
         expires_at: SystemTime,
-    ) -> Result<PrivacyTicket, QueryError> {
+    ) -> Result<PrivacyTicket, PrivacyError> {
         let at: DateTime<Utc> = at.into();
         let account = account(charge)?;
         let period_key = account.period.key(at);
         let cache_key = query.cache.then(|| cache_key(charge, query));
         if let Some(key) = &cache_key
-            && let Some(answer) = self
-                .ledger
-                .cache_get(&charge.key, key, &period_key)
-                .map_err(ledger_error)?
+            && let Some(answer) = self.ledger.cache_get(&charge.key, key, &period_key)?
         {
-            let balance = self.ledger.balance(&account, at).map_err(ledger_error)?;
+            let balance = self.ledger.balance(&account, at)?;
             return Ok(PrivacyTicket {
                 reservation: None,
                 organization: charge.key.clone(),
@@ -162,16 +210,15 @@ impl Privacy {
             });
         }
         let amount = Charge {
-            epsilon: ledger::epsilon_units(charge.epsilon).map_err(ledger_error)?,
-            delta: ledger::delta_units(charge.delta).map_err(ledger_error)?,
+            epsilon: ledger::epsilon_units(charge.epsilon)?,
+            delta: ledger::delta_units(charge.delta)?,
         };
         let ttl = expires_at
             .duration_since(at.into())
             .ok()
             .and_then(|d| chrono::TimeDelta::from_std(d).ok())
             .unwrap_or(ledger::DEFAULT_TICKET_TTL);
-        let reservation = blocking(|| self.ledger.reserve_with_ttl(&account, amount, at, ttl))
-            .map_err(ledger_error)?;
+        let reservation = self.ledger.reserve_with_ttl(&account, amount, at, ttl)?;
         Ok(PrivacyTicket {
             reservation: Some(reservation.id),
             organization: charge.key.clone(),
@@ -183,42 +230,28 @@ impl Privacy {
     }
 
     /// DoGet is about to read data: from now on the charge stands.
-    pub fn start(&self, ticket: &PrivacyTicket) -> Result<(), QueryError> {
+    pub fn start(&self, ticket: &PrivacyTicket) -> Result<(), PrivacyError> {
         let Some(id) = &ticket.reservation else {
             return Ok(());
         };
-        match blocking(|| self.ledger.start(id)).map_err(ledger_error)? {
+        match self.ledger.start(id)? {
             true => Ok(()),
-            false => Err(QueryError::TicketRejected(
-                "ticket rejected: its privacy-budget reservation was already used or returned; call GetFlightInfo again".into(),
-            )),
-        }
-    }
-
-    /// The query failed before reading data: the reservation comes back.
-    pub fn refund(&self, ticket: &PrivacyTicket) {
-        if let Some(id) = &ticket.reservation
-            && let Err(e) = blocking(|| self.ledger.refund(id))
-        {
-            tracing::error!(error = %e, reservation = %id, "could not return a privacy-budget reservation");
+            false => Err(PrivacyError::ReservationSpent),
         }
     }
 
     /// The answer is about to leave: the charge is final, and the answer is
     /// kept for identical repeats.
-    pub fn commit(&self, ticket: &PrivacyTicket, answer: &RecordBatch) -> Result<(), QueryError> {
+    pub fn commit(&self, ticket: &PrivacyTicket, answer: &RecordBatch) -> Result<(), PrivacyError> {
         if let Some(id) = &ticket.reservation {
-            blocking(|| self.ledger.commit(id)).map_err(ledger_error)?;
+            self.ledger.commit(id)?;
         }
         if let (Some(key), None) = (&ticket.cache_key, &ticket.cached) {
             // A concurrent identical query may have stored its answer
             // first; both were charged, so releasing either is sound.
             let bytes = encode(answer)?;
-            blocking(|| {
-                self.ledger
-                    .cache_put(&ticket.organization, key, &ticket.period_key, &bytes)
-            })
-            .map_err(ledger_error)?;
+            self.ledger
+                .cache_put(&ticket.organization, key, &ticket.period_key, &bytes)?;
         }
         Ok(())
     }
@@ -234,22 +267,12 @@ impl Privacy {
     }
 }
 
-/// Runs a ledger call (an fsync, 0.3 ms here, milliseconds on real disks)
-/// without stalling the other tasks of a multi-threaded runtime's worker.
-pub(crate) fn blocking<T>(call: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
-        _ => call(),
-    }
-}
-
-fn account(charge: &PrivacyCharge) -> Result<Account, QueryError> {
+fn account(charge: &PrivacyCharge) -> Result<Account, LedgerError> {
     let (limit_epsilon, limit_delta, period) = match &charge.budget {
         Some(b) => (
-            ledger::epsilon_limit_units(b.epsilon).map_err(ledger_error)?,
-            ledger::delta_limit_units(b.delta).map_err(ledger_error)?,
-            Period::parse(&b.period).unwrap_or(Period::Total),
+            ledger::epsilon_limit_units(b.epsilon)?,
+            ledger::delta_limit_units(b.delta)?,
+            b.period,
         ),
         None => (i64::MAX, i64::MAX, Period::Total),
     };
@@ -296,7 +319,11 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
         query.max_groups,
         query.max_rows
     );
-    crate::identity::hex(digest::digest(&digest::SHA256, text.as_bytes()).as_ref())
+    digest::digest(&digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `plan` as DataFusion's projection pruning leaves it, for comparing.
@@ -311,61 +338,24 @@ fn without_unused_columns(
         .unwrap_or_else(|_| plan.clone())
 }
 
-fn ledger_error(e: LedgerError) -> QueryError {
-    match e {
-        LedgerError::Exhausted { .. } => QueryError::ResourcesExhausted(e.to_string()),
-        other => {
-            tracing::error!(error = %other, "privacy ledger failure");
-            QueryError::Internal(format!("the privacy ledger failed: {other}"))
-        }
-    }
-}
-
 /// Arrow IPC bytes of a noisy aggregate (schema metadata included).
-pub fn encode(batch: &RecordBatch) -> Result<Vec<u8>, QueryError> {
+pub fn encode(batch: &RecordBatch) -> Result<Vec<u8>, PrivacyError> {
     let mut out = Vec::new();
-    let failed = |e: datafusion::arrow::error::ArrowError| QueryError::Internal(e.to_string());
-    let mut writer = StreamWriter::try_new(&mut out, &batch.schema()).map_err(failed)?;
-    writer.write(batch).map_err(failed)?;
-    writer.finish().map_err(failed)?;
+    let mut writer = StreamWriter::try_new(&mut out, &batch.schema())?;
+    writer.write(batch)?;
+    writer.finish()?;
     drop(writer);
     Ok(out)
 }
 
-pub fn decode(bytes: &[u8]) -> Result<RecordBatch, QueryError> {
-    let failed = |e: datafusion::arrow::error::ArrowError| QueryError::Internal(e.to_string());
-    let reader = StreamReader::try_new(Cursor::new(bytes), None).map_err(failed)?;
+/// The noisy aggregate [`encode`] wrote.
+pub fn decode(bytes: &[u8]) -> Result<RecordBatch, PrivacyError> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
     let schema = reader.schema();
-    let batches = reader.collect::<Result<Vec<_>, _>>().map_err(failed)?;
-    datafusion::arrow::compute::concat_batches(&schema, &batches).map_err(failed)
-}
-
-/// The schema announced at GetFlightInfo for a DP query: the finishing plan
-/// over an empty noisy table that carries each output's noise metadata, so
-/// clients that read the FlightInfo schema (ADBC does) see it too.
-pub fn announced_schema(
-    query: &DpQuery,
-    state: &datafusion::execution::SessionState,
-) -> Result<SchemaRef, QueryError> {
-    let (schema, split) = release::announced(query).map_err(|e| match e {
-        release::PlanNoiseError::EpsilonTooSmall { .. } => {
-            QueryError::InvalidRequest(e.to_string())
-        }
-        release::PlanNoiseError::Mechanism(_) => {
-            tracing::error!(error = %e, "planning the noise of a DP query failed");
-            QueryError::Internal(e.to_string())
-        }
-    })?;
-    let table = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])
-        .map_err(|e| QueryError::Internal(e.to_string()))?;
-    let source = datafusion::datasource::provider_as_source(Arc::new(table));
-    let plan = query
-        .finish_plan(source)
-        .map_err(|e| QueryError::Internal(e.to_string()))?;
-    let plan = crate::query::plan::analyze(state, plan)?;
-    let finished = plan.schema().as_arrow().clone();
-    let metadata = HashMap::from([(release::BUDGET_SPLIT.to_string(), split)]);
-    Ok(Arc::new(finished.with_metadata(metadata)))
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(datafusion::arrow::compute::concat_batches(
+        &schema, &batches,
+    )?)
 }
 
 /// The schema a DP answer streams with: the advertised one, with the noisy

@@ -27,9 +27,9 @@ use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
-use sluice::privacy::release::{ExactStatistics, add_noise, exact_statistics};
 use sluice_policy::dp::{DpQuery, Groups};
 use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
+use sluice_privacy::release::{ExactStatistics, add_noise, exact_statistics};
 
 const DRAWS: usize = 100_000;
 const BINS: usize = 66;

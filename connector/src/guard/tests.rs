@@ -257,7 +257,7 @@ async fn a_long_call_stops_at_the_deadline() {
     )
     .await
     .unwrap_err();
-    assert!(crate::query::deadline::is_deadline(&err), "{err}");
+    assert!(super::deadline::is_deadline(&err), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",

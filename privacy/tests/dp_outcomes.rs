@@ -20,8 +20,8 @@ use datafusion::common::DFSchema;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
-use sluice::privacy::release::{add_noise, announced, exact_statistics};
 use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
+use sluice_privacy::release::{add_noise, announced, exact_statistics};
 
 const POLICY: &str = r#"
 version: 1

@@ -57,6 +57,7 @@
 //! the query text); one reached on a row's value names the function and
 //! the limit, never the value or its size, which come from the data.
 
+pub mod deadline;
 mod functions;
 mod rule;
 mod sizes;
@@ -75,7 +76,7 @@ use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReser
 pub use functions::session_functions;
 pub use rule::{GuardCalls, call_sites, check_constants};
 
-use super::deadline::DeadlinePassed;
+use deadline::DeadlinePassed;
 
 /// Largest string or binary value a function may build: 16 MiB. Far above
 /// any value an analytic query returns (gRPC clients refuse messages above
@@ -411,31 +412,7 @@ pub fn for_query(mut state: SessionState, guard: Arc<QueryGuard>) -> SessionStat
     state
 }
 
-/// Runs CPU-heavy synchronous work (optimising a plan, a long function
-/// call) so that it does not hold a runtime worker: on the multi-threaded
-/// query runtime, the worker's other tasks move to another thread first
-/// (`block_in_place`), so other tenants' planning and execution go on.
-/// Elsewhere (a current-thread runtime in tests, no runtime) it just runs.
-pub fn blocking<R>(work: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
-        }
-        _ => work(),
-    }
-}
-
-/// [`blocking`] for a future whose polls do long synchronous work (SQL
-/// planning): on the multi-threaded runtime it runs to completion on the
-/// current thread after the worker's other tasks moved elsewhere.
-pub async fn blocking_async<F: std::future::Future>(work: F) -> F::Output {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| handle.block_on(work))
-        }
-        _ => work.await,
-    }
-}
+pub use crate::blocking::{blocking, blocking_async};
 
 #[cfg(test)]
 mod tests;

@@ -18,19 +18,9 @@ use datafusion::common::ScalarValue;
 use sluice_policy::document::NoiseKind;
 use sluice_policy::dp::{ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind};
 
-use super::noise::{self, NoiseFamily, ReleaseInfo};
+use crate::noise::{self, NoiseError, NoiseFamily, ReleaseInfo};
 
-/// Field metadata keys on every noisy column.
-pub const MECHANISM: &str = "sluice.dp.mechanism";
-pub const SCALE: &str = "sluice.dp.scale";
-pub const EPSILON: &str = "sluice.dp.epsilon";
-pub const DELTA: &str = "sluice.dp.delta";
-pub const CI95: &str = "sluice.dp.ci95_half_width";
-pub const NOTE: &str = "sluice.dp.note";
-/// Schema metadata keys of a DP result.
-pub const BUDGET_SPLIT: &str = "sluice.dp.budget_split";
-pub const QUERY_EPSILON: &str = "sluice.dp.query_epsilon";
-pub const QUERY_DELTA: &str = "sluice.dp.query_delta";
+use sluice_proto::wire::dp::{CI95, DELTA, EPSILON, MECHANISM, NOTE, SCALE};
 
 const CI_NOTE: &str = "95% half-width of the added noise only; excludes bias from clamping to the declared bounds and from capping each unit's rows and groups";
 
@@ -49,7 +39,7 @@ pub struct ExactStatistics {
 pub fn exact_statistics(
     query: &DpQuery,
     batches: &[RecordBatch],
-) -> Result<ExactStatistics, String> {
+) -> Result<ExactStatistics, ReleaseError> {
     let mut out = ExactStatistics {
         totals: vec![vec![]; query.statistics.len()],
         values: vec![vec![]; query.statistics.len()],
@@ -59,14 +49,13 @@ pub fn exact_statistics(
         for row in 0..batch.num_rows() {
             let key = (0..query.key_count)
                 .map(|i| ScalarValue::try_from_array(batch.column(i), row))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
+                .collect::<Result<Vec<_>, _>>()?;
             out.keys.push(key);
         }
         for (i, statistic) in query.statistics.iter().enumerate() {
             let column = batch
                 .column_by_name(&statistic.column)
-                .ok_or_else(|| format!("statistics column {} missing", statistic.column))?;
+                .ok_or_else(|| ReleaseError::MissingColumn(statistic.column.clone()))?;
             if let StatisticKind::Quantile { .. } = statistic.kind {
                 for row in 0..batch.num_rows() {
                     out.values[i].push(group_values(column, row, query.max_rows));
@@ -89,7 +78,7 @@ const TOTAL_LIMIT: i128 = 1 << 62;
 /// two totals further apart, so it keeps each total's sensitivity: a group
 /// too large for 64 bits gets a clamped, still private, answer rather than
 /// an error that would tell how large it is. NULL (no values) is 0.
-fn totals(column: &ArrayRef) -> Result<Vec<i64>, String> {
+fn totals(column: &ArrayRef) -> Result<Vec<i64>, ReleaseError> {
     let clamp = |v: i128| v.clamp(-TOTAL_LIMIT, TOTAL_LIMIT) as i64;
     match column.data_type() {
         DataType::Decimal128(..) => Ok(column
@@ -102,7 +91,7 @@ fn totals(column: &ArrayRef) -> Result<Vec<i64>, String> {
             .iter()
             .map(|v| v.map_or(0, |v| clamp(i128::from(v))))
             .collect()),
-        other => Err(format!("a statistics column of type {other}")),
+        other => Err(ReleaseError::UnexpectedType(other.clone())),
     }
 }
 
@@ -142,7 +131,7 @@ pub struct NoisyAggregate {
 
 /// Adds noise to `exact` as `query` prescribes. Blocking: call it on a
 /// blocking thread.
-pub fn add_noise(query: &DpQuery, exact: ExactStatistics) -> Result<NoisyAggregate, String> {
+pub fn add_noise(query: &DpQuery, exact: ExactStatistics) -> Result<NoisyAggregate, ReleaseError> {
     let family = family(query.noise);
     let (keys, rows_kept, mut noisy, mut infos) = select_groups(query, &exact, family)?;
     for (i, statistic) in query.statistics.iter().enumerate() {
@@ -190,7 +179,7 @@ fn select_groups(
     query: &DpQuery,
     exact: &ExactStatistics,
     family: NoiseFamily,
-) -> Result<Selection, String> {
+) -> Result<Selection, ReleaseError> {
     let n = query.statistics.len();
     let mut noisy = vec![None; n];
     let mut infos = vec![None; n];
@@ -207,7 +196,7 @@ fn select_groups(
                 .statistics
                 .iter()
                 .position(|s| s.kind == StatisticKind::Rows)
-                .ok_or("private selection without row counts")?;
+                .ok_or(ReleaseError::NoRowCounts)?;
             let statistic = &query.statistics[i];
             let counts = exact.totals[i]
                 .iter()
@@ -238,7 +227,7 @@ fn quantiles(
     q: f64,
     rows: &[Option<usize>],
     values: &[Vec<f64>],
-) -> Result<(Vec<f64>, ReleaseInfo), String> {
+) -> Result<(Vec<f64>, ReleaseInfo), ReleaseError> {
     // A unit touches at most max_groups groups: each group's release gets
     // that share of the statistic's ε.
     let per_group = statistic.epsilon / query.max_groups as f64;
@@ -247,8 +236,7 @@ fn quantiles(
     for row in rows {
         let group = row.map(|r| values[r].clone()).unwrap_or_default();
         let (value, info) =
-            noise::release_quantile(group, &bounds.candidates, q, query.max_rows, per_group)
-                .map_err(|e| e.to_string())?;
+            noise::release_quantile(group, &bounds.candidates, q, query.max_rows, per_group)?;
         out.push(value);
         last = Some(info);
     }
@@ -270,7 +258,7 @@ fn aggregate_batch(
     keys: &[Vec<ScalarValue>],
     noisy: &[Vec<f64>],
     infos: &[ReleaseInfo],
-) -> Result<RecordBatch, String> {
+) -> Result<RecordBatch, ReleaseError> {
     let schema = query.aggregate_schema.as_arrow();
     let mut columns: Vec<ArrayRef> = Vec::new();
     let mut fields: Vec<Field> = Vec::new();
@@ -280,9 +268,9 @@ fn aggregate_batch(
         let array = if keys.is_empty() {
             datafusion::arrow::array::new_empty_array(field.data_type())
         } else {
-            ScalarValue::iter_to_array(values).map_err(|e| e.to_string())?
+            ScalarValue::iter_to_array(values)?
         };
-        columns.push(cast(&array, field.data_type()).map_err(|e| e.to_string())?);
+        columns.push(cast(&array, field.data_type())?);
         fields.push(field.as_ref().clone().with_nullable(true));
     }
     for (o, output) in query.outputs.iter().enumerate() {
@@ -290,7 +278,7 @@ fn aggregate_batch(
         let values: Vec<f64> = (0..keys.len())
             .map(|g| finish(output, query, noisy, g))
             .collect();
-        columns.push(output_array(&values, field.data_type()).map_err(|e| e.to_string())?);
+        columns.push(output_array(&values, field.data_type())?);
         let metadata = describe(output, query, Some(noisy), infos);
         fields.push(
             field
@@ -301,7 +289,7 @@ fn aggregate_batch(
         );
     }
     let schema: SchemaRef = Arc::new(Schema::new(fields));
-    RecordBatch::try_new(schema, columns).map_err(|e| e.to_string())
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 /// Noisy values as an array of the aggregate's type. Noise can carry a
@@ -434,6 +422,26 @@ fn describe(
     metadata
 }
 
+/// Why the noisy answer could not be built from the exact statistics.
+/// None of these can depend on a data value: the statistics plan's types
+/// and columns are fixed at GetFlightInfo, and every mechanism was built
+/// then too. Messages never carry values or keys.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("the statistics plan has no column `{0}`")]
+    MissingColumn(String),
+    #[error("a statistics column of type {0}, where counts or fixed-point sums were expected")]
+    UnexpectedType(DataType),
+    #[error("a private selection of groups without row counts")]
+    NoRowCounts,
+    #[error("building the noisy answer failed: {0}")]
+    Arrow(#[from] ArrowError),
+    #[error("reading the statistics failed: {0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    #[error(transparent)]
+    Noise(#[from] NoiseError),
+}
+
 /// Why a DP query's noise cannot be planned.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanNoiseError {
@@ -452,7 +460,7 @@ pub enum PlanNoiseError {
     /// OpenDP could not build the mechanism (a bug or an impossible
     /// setting, never data).
     #[error("the noise for this query cannot be built: {0}")]
-    Mechanism(String),
+    Mechanism(#[from] NoiseError),
 }
 
 /// The largest noise scale (fixed-point units) a statistic may get. Totals
@@ -471,8 +479,7 @@ pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), PlanNoiseError>
         .statistics
         .iter()
         .map(|s| planned_release(query, s, family))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(PlanNoiseError::Mechanism)?;
+        .collect::<Result<Vec<_>, _>>()?;
     for (statistic, info) in query.statistics.iter().zip(&infos) {
         if info.scale > MAX_NOISE_SCALE {
             return Err(PlanNoiseError::EpsilonTooSmall {
@@ -504,14 +511,13 @@ fn planned_release(
     query: &DpQuery,
     statistic: &Statistic,
     family: NoiseFamily,
-) -> Result<ReleaseInfo, String> {
+) -> Result<ReleaseInfo, NoiseError> {
     let s = statistic;
     match &s.kind {
         StatisticKind::Quantile { bounds, q, .. } => {
             // Calibrated now on no values, so that it cannot fail later.
             let per_group = s.epsilon / query.max_groups as f64;
-            noise::release_quantile(vec![], &bounds.candidates, *q, query.max_rows, per_group)
-                .map_err(|e| e.to_string())?;
+            noise::release_quantile(vec![], &bounds.candidates, *q, query.max_rows, per_group)?;
             Ok(ReleaseInfo {
                 mechanism: "private_quantile",
                 scale: 0.0,
@@ -534,7 +540,7 @@ fn noisy_integers(
     s: &Statistic,
     family: NoiseFamily,
     values: &[i64],
-) -> Result<(Vec<i64>, ReleaseInfo), String> {
+) -> Result<(Vec<i64>, ReleaseInfo), NoiseError> {
     noise::release_integers(
         values,
         s.sensitivity,
@@ -543,7 +549,6 @@ fn noisy_integers(
         s.epsilon,
         s.delta,
     )
-    .map_err(|e| e.to_string())
 }
 
 /// The groups a noisy threshold on their row counts keeps.
@@ -552,7 +557,7 @@ fn selected_groups(
     s: &Statistic,
     family: NoiseFamily,
     counts: Vec<(String, i64)>,
-) -> Result<(Vec<(String, i64)>, ReleaseInfo), String> {
+) -> Result<(Vec<(String, i64)>, ReleaseInfo), NoiseError> {
     noise::select_partitions(
         counts,
         s.sensitivity,
@@ -561,7 +566,6 @@ fn selected_groups(
         s.epsilon,
         s.delta,
     )
-    .map_err(|e| e.to_string())
 }
 
 fn family(noise: NoiseKind) -> NoiseFamily {
