@@ -35,6 +35,9 @@ cargo fmt --all -- --check
 step "build (debug profile, target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --all-targets --locked
 
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 # One prepared state directory (development PKI + demo data) for all tests.
 STATE_DIR=$CARGO_TARGET_DIR/tmp/sluice-demo-state
 "$CARGO_TARGET_DIR/debug/sluice" init --state-dir "$STATE_DIR" >/dev/null

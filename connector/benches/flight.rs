@@ -617,12 +617,8 @@ mod policy {
                 &self,
                 sql: &str,
                 schema: &datafusion::common::DFSchema,
-            ) -> Result<datafusion::logical_expr::Expr, String> {
-                self.0
-                    .session()
-                    .state()
-                    .create_logical_expr(sql, schema)
-                    .map_err(|e| e.to_string())
+            ) -> datafusion::error::Result<datafusion::logical_expr::Expr> {
+                self.0.session().state().create_logical_expr(sql, schema)
             }
         }
         let file = config

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use sluice_policy::ActiveAgreement;
@@ -94,8 +93,41 @@ pub enum AgreementError {
     #[error("{0}")]
     WrongState(String),
     /// INTERNAL: the database failed.
-    #[error("agreement store: {0:#}")]
-    Store(#[from] anyhow::Error),
+    #[error("agreement store: {0}")]
+    Store(AgreementStoreError),
+}
+
+// Not `#[from]`: the message already includes the store error, and a
+// source would repeat it in `{:#}` chains.
+impl From<AgreementStoreError> for AgreementError {
+    fn from(e: AgreementStoreError) -> Self {
+        AgreementError::Store(e)
+    }
+}
+
+/// The agreement store itself failed (the SQLite file, the random source),
+/// not the request.
+#[derive(Debug, thiserror::Error)]
+pub enum AgreementStoreError {
+    /// The file could not be opened as an agreement store.
+    #[error(
+        "opening the agreement store {} (is it an SQLite file this connector wrote?)",
+        path.display()
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A read or write failed.
+    #[error("{}: {error}", path.display())]
+    Database {
+        path: PathBuf,
+        error: rusqlite::Error,
+    },
+    /// No random agreement id could be made.
+    #[error("the system random source failed")]
+    Random,
 }
 
 /// The agreement store.
@@ -127,7 +159,7 @@ CREATE INDEX IF NOT EXISTS agreements_by_org ON agreements (organization, state)
 
 impl Agreements {
     /// Opens (or creates) the store at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
+    pub fn open(path: &Path) -> Result<Self, AgreementStoreError> {
         let open = || -> rusqlite::Result<Connection> {
             let db = Connection::open(path)?;
             db.pragma_update(None, "journal_mode", "WAL")?;
@@ -136,11 +168,9 @@ impl Agreements {
             db.execute_batch(SCHEMA)?;
             Ok(db)
         };
-        let db = open().with_context(|| {
-            format!(
-                "opening the agreement store {} (is it an SQLite file this connector wrote?)",
-                path.display()
-            )
+        let db = open().map_err(|source| AgreementStoreError::Open {
+            path: path.to_path_buf(),
+            source,
         })?;
         Ok(Self {
             db: Mutex::new(db),
@@ -258,7 +288,7 @@ impl Agreements {
         })
     }
 
-    pub fn get(&self, id: &str, now: SystemTime) -> Result<Option<Agreement>, AgreementError> {
+    pub fn get(&self, id: &str, now: SystemTime) -> Result<Option<Agreement>, AgreementStoreError> {
         let db = self.lock();
         let found = db
             .query_row("SELECT * FROM agreements WHERE id = ?1", [id], read_row)
@@ -274,7 +304,7 @@ impl Agreements {
         organization: Option<&str>,
         offer: Option<&str>,
         now: SystemTime,
-    ) -> Result<Vec<Agreement>, AgreementError> {
+    ) -> Result<Vec<Agreement>, AgreementStoreError> {
         let db = self.lock();
         let mut statement = db
             .prepare_cached(
@@ -298,7 +328,7 @@ impl Agreements {
         organization: &str,
         purpose: Option<&str>,
         now: SystemTime,
-    ) -> Result<BTreeMap<String, ActiveAgreement>, AgreementError> {
+    ) -> Result<BTreeMap<String, ActiveAgreement>, AgreementStoreError> {
         let mut out: BTreeMap<String, ActiveAgreement> = BTreeMap::new();
         for agreement in self.list(Some(organization), None, now)? {
             if agreement.state != AgreementState::Active {
@@ -324,7 +354,7 @@ impl Agreements {
     }
 
     /// Whether agreement `id` is in force now (DoGet re-checks tickets).
-    pub fn is_active(&self, id: &str, now: SystemTime) -> Result<bool, AgreementError> {
+    pub fn is_active(&self, id: &str, now: SystemTime) -> Result<bool, AgreementStoreError> {
         Ok(self
             .get(id, now)?
             .is_some_and(|a| a.state == AgreementState::Active))
@@ -399,8 +429,11 @@ impl Agreements {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn store_error(&self, e: rusqlite::Error) -> AgreementError {
-        AgreementError::Store(anyhow::anyhow!("{}: {e}", self.path.display()))
+    fn store_error(&self, error: rusqlite::Error) -> AgreementStoreError {
+        AgreementStoreError::Database {
+            path: self.path.clone(),
+            error,
+        }
     }
 }
 
@@ -474,11 +507,11 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Agreement> {
     })
 }
 
-fn new_id() -> Result<String, AgreementError> {
+fn new_id() -> Result<String, AgreementStoreError> {
     let mut bytes = [0u8; 8];
     SystemRandom::new()
         .fill(&mut bytes)
-        .map_err(|_| AgreementError::Store(anyhow::anyhow!("the system random source failed")))?;
+        .map_err(|_| AgreementStoreError::Random)?;
     Ok(format!("agr-{}", hex::encode(bytes)))
 }
 

@@ -23,8 +23,8 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{
     GreedyMemoryPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
@@ -73,6 +73,23 @@ impl Dataset {
     }
 }
 
+/// Why the served datasets could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// A dataset could not be registered: its file is missing, unreadable
+    /// or not of the configured format (the cause says which).
+    #[error("dataset `{name}` ({})", path.display())]
+    Dataset {
+        name: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: DataFusionError,
+    },
+    /// The query engine could not be set up.
+    #[error(transparent)]
+    Engine(#[from] DataFusionError),
+}
+
 /// The served datasets and the DataFusion session they are registered in.
 pub struct Catalog {
     ctx: SessionContext,
@@ -82,13 +99,17 @@ pub struct Catalog {
 impl Catalog {
     /// Registers every dataset; fails naming the dataset and path that could
     /// not be opened.
-    pub async fn open(datasets: &[DatasetConfig]) -> Result<Self> {
+    pub async fn open(datasets: &[DatasetConfig]) -> Result<Self, CatalogError> {
         let ctx = SessionContext::new_with_state(session_state()?);
         let mut served = Vec::with_capacity(datasets.len());
         for ds in datasets {
             register(&ctx, ds)
                 .await
-                .with_context(|| format!("dataset `{}` ({})", ds.name, ds.path.display()))?;
+                .map_err(|source| CatalogError::Dataset {
+                    name: ds.name.clone(),
+                    path: ds.path.clone(),
+                    source,
+                })?;
             let schema = ctx.table_provider(ds.name.as_str()).await?.schema();
             served.push(Dataset {
                 name: ds.name.clone(),
@@ -257,11 +278,11 @@ pub fn session_config() -> SessionConfig {
 }
 
 fn base_runtime() -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
-    Ok(RuntimeEnvBuilder::new()
+    RuntimeEnvBuilder::new()
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
-        .build_arc()?)
+        .build_arc()
 }
 
 async fn register(ctx: &SessionContext, ds: &DatasetConfig) -> Result<()> {
@@ -344,3 +365,7 @@ mod tests {
         assert_eq!(process.reserved(), 0);
     }
 }
+
+/// The function guards at work in this session.
+#[cfg(test)]
+mod guarded_functions;

@@ -73,16 +73,17 @@ pub struct Connection {
     headers: Vec<(&'static str, tonic::metadata::AsciiMetadataValue)>,
 }
 
+/// An endpoint given without TLS: Sluice only speaks mTLS.
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint `{0}` must start with grpc+tls:// (Sluice always uses mTLS)")]
+pub struct PlaintextEndpoint(pub String);
+
 /// `grpc+tls://host:port` (or `https://`) to the URI tonic dials.
-pub(crate) fn dial_uri(endpoint: &str) -> Result<String> {
+pub(crate) fn dial_uri(endpoint: &str) -> Result<String, PlaintextEndpoint> {
     let rest = endpoint
         .strip_prefix("grpc+tls://")
         .or_else(|| endpoint.strip_prefix("https://"))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "endpoint `{endpoint}` must start with grpc+tls:// (Sluice always uses mTLS)"
-            )
-        })?;
+        .ok_or_else(|| PlaintextEndpoint(endpoint.to_string()))?;
     Ok(format!("https://{rest}"))
 }
 

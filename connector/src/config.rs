@@ -492,7 +492,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
     let resolve = |p: &Path| resolve_against(base, p);
 
     let listen = parse_addr(raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN))
-        .map_err(|r| err("server.listen".into(), r))?;
+        .map_err(|r| err("server.listen".into(), r.to_string()))?;
     let state_dir = resolve(
         raw.server
             .state_dir
@@ -500,7 +500,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
             .unwrap_or(Path::new(DEFAULT_STATE_DIR)),
     );
     let shutdown_grace = parse_duration(raw.server.shutdown_grace.as_deref().unwrap_or("30s"))
-        .map_err(|r| err("server.shutdown_grace".into(), r))?;
+        .map_err(|r| err("server.shutdown_grace".into(), r.to_string()))?;
 
     let tls = raw.tls.map(|t| TlsConfig {
         cert: resolve(&t.cert),
@@ -517,7 +517,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
         .unwrap_or(DEFAULT_METRICS_LISTEN)
     {
         "off" => None,
-        addr => Some(parse_addr(addr).map_err(|r| err("metrics.listen".into(), r))?),
+        addr => Some(parse_addr(addr).map_err(|r| err("metrics.listen".into(), r.to_string()))?),
     };
 
     let level = raw.log.level.unwrap_or_else(|| "info".into());
@@ -645,7 +645,7 @@ fn parse_limits(raw: RawLimits) -> Result<Limits, (String, String)> {
         Some(v) => Ok(v),
         None => Ok(default),
     };
-    let field = |name: &'static str| move |r: String| (name.to_string(), r);
+    let field = |name: &'static str| move |r: ValueError| (name.to_string(), r.to_string());
     let query_memory = match raw.query_memory {
         Some(s) => parse_size(&s).map_err(field("query_memory"))?,
         None => d.query_memory,
@@ -787,16 +787,30 @@ fn is_identifier(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// A setting whose text is not a value of its kind; each message shows
+/// how to write one. Each variant holds the text as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("`{0}` is not an address: write IP:PORT, e.g. 127.0.0.1:50051 or [::1]:50051")]
+    Address(String),
+    #[error("`{0}` is not a duration: write e.g. 500ms, 30s, 5m, 2h or 1d")]
+    Duration(String),
+    #[error("`{0}`: must be longer than zero")]
+    ZeroDuration(String),
+    #[error("`{0}` is not a size: write e.g. 65536, 512KiB, 256MiB or 2GiB")]
+    Size(String),
+    #[error("`{0}`: must be larger than zero")]
+    ZeroSize(String),
+}
+
 /// Parses `host:port` (IPv4 or bracketed IPv6).
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| {
-        format!("`{s}` is not an address: write IP:PORT, e.g. 127.0.0.1:50051 or [::1]:50051")
-    })
+pub fn parse_addr(s: &str) -> Result<SocketAddr, ValueError> {
+    s.parse().map_err(|_| ValueError::Address(s.to_string()))
 }
 
 /// Parses `250ms`, `30s`, `5m`, `2h`, `1d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}` is not a duration: write e.g. 500ms, 30s, 5m, 2h or 1d");
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
+    let bad = || ValueError::Duration(s.to_string());
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (num, unit) = s.split_at(split);
@@ -810,15 +824,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(bad()),
     };
     if ms == 0 {
-        return Err(format!("`{s}`: must be longer than zero"));
+        return Err(ValueError::ZeroDuration(s.to_string()));
     }
     Ok(Duration::from_millis(ms))
 }
 
 /// Parses `1048576`, `512KiB`, `256MiB`, `2GiB` (also `KB`/`MB`/`GB` as
 /// powers of 1000).
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let bad = || format!("`{s}` is not a size: write e.g. 65536, 512KiB, 256MiB or 2GiB");
+pub fn parse_size(s: &str) -> Result<usize, ValueError> {
+    let bad = || ValueError::Size(s.to_string());
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -835,7 +849,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     };
     let v = n.checked_mul(mult).ok_or_else(bad)?;
     if v == 0 {
-        return Err(format!("`{s}`: must be larger than zero"));
+        return Err(ValueError::ZeroSize(s.to_string()));
     }
     Ok(v)
 }

@@ -415,4 +415,13 @@ pub fn for_query(mut state: SessionState, guard: Arc<QueryGuard>) -> SessionStat
 pub use crate::blocking::{blocking, blocking_async};
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_messages() {
+        assert_eq!(bytes(16 << 20), "16 MiB");
+        assert_eq!(bytes(30_000_000_000), "30000000000 bytes (27.9 GiB)");
+        assert_eq!(bytes(12), "12 bytes");
+    }
+}

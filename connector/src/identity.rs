@@ -12,10 +12,26 @@ use std::sync::Arc;
 use ring::digest;
 use sluice_policy::{Principal, QueryContext};
 use tonic::{Request, Status};
+use x509_parser::error::X509Error;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::relay;
 use sluice_proto::wire::header;
+
+/// Why a client certificate does not name a principal.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    /// The bytes are not a DER X.509 certificate.
+    #[error("cannot parse the certificate: {0}")]
+    Unparsable(x509_parser::nom::Err<X509Error>),
+    /// The subjectAltName extension is present but cannot be read.
+    #[error("malformed subjectAltName: {0}")]
+    MalformedSubjectAltName(X509Error),
+    /// Nothing in the certificate can serve as the principal's id: issue it
+    /// with a SAN URI or a subject O/CN.
+    #[error("the certificate has neither a SAN URI nor a subject O/CN")]
+    NoIdentity,
+}
 
 /// The principal of a request, plus facts about the certificate it came from.
 #[derive(Debug, Clone)]
@@ -61,7 +77,7 @@ fn relayed(
         ))
     };
     let token = token.to_str().map_err(|_| refuse("it is not ASCII"))?;
-    let assertion = relay::Assertion::verify(token, leaf).map_err(|e| refuse(&e))?;
+    let assertion = relay::Assertion::verify(token, leaf).map_err(|e| refuse(&e.to_string()))?;
     tracing::debug!(broker = %broker.id, consumer = %assertion.sub, nonce = %assertion.nonce, "relayed request");
     Ok(assertion.subject().relayed_by(broker))
 }
@@ -145,13 +161,12 @@ fn epsilon<T>(request: &Request<T>) -> Result<Option<f64>, Status> {
 
 /// Derives the principal from a DER certificate: the first SAN URI, else
 /// `O=<org>,CN=<cn>` from the subject.
-pub fn principal_from_der(der: &[u8]) -> Result<Principal, String> {
+pub fn principal_from_der(der: &[u8]) -> Result<Principal, CertificateError> {
     caller_from_der(der).map(|c| c.principal)
 }
 
-fn caller_from_der(der: &[u8]) -> Result<Caller, String> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("cannot parse the certificate: {e}"))?;
+fn caller_from_der(der: &[u8]) -> Result<Caller, CertificateError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(CertificateError::Unparsable)?;
     let subject = cert.subject();
     let organization = subject
         .iter_organization()
@@ -174,7 +189,7 @@ fn caller_from_der(der: &[u8]) -> Result<Caller, String> {
             })
             .collect(),
         Ok(None) => Vec::new(),
-        Err(e) => return Err(format!("malformed subjectAltName: {e}")),
+        Err(e) => return Err(CertificateError::MalformedSubjectAltName(e)),
     };
     let id = match san_uris.first() {
         Some(uri) => uri.clone(),
@@ -182,9 +197,7 @@ fn caller_from_der(der: &[u8]) -> Result<Caller, String> {
             (Some(o), Some(cn)) => format!("O={o},CN={cn}"),
             (None, Some(cn)) => format!("CN={cn}"),
             (Some(o), None) => format!("O={o}"),
-            (None, None) => {
-                return Err("the certificate has neither a SAN URI nor a subject O/CN".into());
-            }
+            (None, None) => return Err(CertificateError::NoIdentity),
         },
     };
     Ok(Caller {
@@ -198,50 +211,4 @@ fn caller_from_der(der: &[u8]) -> Result<Caller, String> {
         certificate_sha256: hex::encode(digest::digest(&digest::SHA256, der).as_ref()),
         not_after: cert.validity().not_after.timestamp(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pki::{Authority, ClientIdentity, Validity, create_ca, write_pair};
-
-    fn client_der(who: ClientIdentity) -> Vec<u8> {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = create_ca("CA", None, Validity::days_from_now(1)).unwrap();
-        write_pair(dir.path(), "ca", &ca, false).unwrap();
-        let auth = Authority::load(&dir.path().join("ca.pem"), &dir.path().join("ca.key")).unwrap();
-        let issued = auth.issue_client(&who, Validity::days_from_now(1)).unwrap();
-        x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes())
-            .unwrap()
-            .1
-            .contents
-    }
-
-    #[test]
-    fn san_uri_wins_over_subject() {
-        let der = client_der(ClientIdentity {
-            common_name: "bob".into(),
-            organization: Some("Acme".into()),
-            uris: vec!["spiffe://acme.example/org/acme".into(), "urn:x:y".into()],
-        });
-        let p = principal_from_der(&der).unwrap();
-        assert_eq!(p.id, "spiffe://acme.example/org/acme");
-        assert_eq!(p.san_uris.len(), 2);
-        assert_eq!(p.common_name.as_deref(), Some("bob"));
-    }
-
-    #[test]
-    fn subject_o_cn_without_san_uri() {
-        let der = client_der(ClientIdentity {
-            common_name: "bob".into(),
-            organization: Some("Acme GmbH".into()),
-            uris: vec![],
-        });
-        assert_eq!(principal_from_der(&der).unwrap().id, "O=Acme GmbH,CN=bob");
-    }
-
-    #[test]
-    fn garbage_is_refused() {
-        assert!(principal_from_der(b"not a certificate").is_err());
-    }
 }

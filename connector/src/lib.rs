@@ -34,7 +34,6 @@ pub mod audit;
 pub mod blocking;
 pub mod broker;
 pub mod catalog;
-pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connections;

@@ -15,7 +15,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -140,17 +139,33 @@ impl Metrics {
     }
 }
 
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The address is in use or not this host's: change metrics.listen (or
+    /// `off`).
+    #[error("binding the metrics endpoint on {addr} (metrics.listen)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket has no local address (an OS failure).
+    #[error(transparent)]
+    LocalAddress(std::io::Error),
+}
+
 /// Binds the metrics endpoint and serves it until `shutdown` resolves.
 /// Returns the bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<SocketAddr> {
+) -> Result<SocketAddr, MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding the metrics endpoint on {addr} (metrics.listen)"))?;
-    let local = listener.local_addr()?;
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(MetricsError::LocalAddress)?;
     let app = Router::new()
         .route(
             "/metrics",

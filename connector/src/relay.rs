@@ -41,6 +41,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, RsaKeyPair};
 use serde::{Deserialize, Serialize};
 use sluice_policy::Principal;
+use x509_parser::error::{PEMError, X509Error};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// How long an assertion holds. It is made per upstream query and used for
@@ -51,6 +52,62 @@ pub const ASSERTION_LIFETIME_SECS: i64 = 300;
 const CLOCK_SKEW_SECS: i64 = 60;
 const CONTEXT: &[u8] = b"sluice-on-behalf-of-v1\n";
 const PREFIX: &str = "v1.";
+
+/// Why a provider refuses an on-behalf-of assertion. The messages complete
+/// "the x-sluice-on-behalf-of header is not valid: …".
+#[derive(Debug, thiserror::Error)]
+pub enum AssertionError {
+    #[error("it is not a v1 assertion (`v1.<payload>.<signature>`)")]
+    NotV1,
+    #[error("it is not of the form `v1.<payload>.<signature>`")]
+    Malformed,
+    #[error("the signature is not base64url")]
+    SignatureNotBase64,
+    #[error("the client certificate cannot be parsed: {0}")]
+    UnparsableCertificate(x509_parser::nom::Err<X509Error>),
+    /// The broker's certificate has a key of a type providers cannot verify.
+    #[error(
+        "the client certificate's key type ({oid}) cannot sign assertions; use ECDSA P-256/P-384, Ed25519 or RSA"
+    )]
+    UnsupportedKeyType { oid: String },
+    #[error("the signature does not verify against the key of the client certificate")]
+    BadSignature,
+    #[error("the payload is not base64url")]
+    PayloadNotBase64,
+    #[error("the payload is not a valid assertion: {0}")]
+    InvalidPayload(serde_json::Error),
+    #[error("it claims a lifetime over {ASSERTION_LIFETIME_SECS} s")]
+    LifetimeTooLong,
+    #[error("it has expired")]
+    Expired,
+    #[error("it was issued in the future (check the broker's clock)")]
+    IssuedInFuture,
+    #[error("the assertion names no consumer")]
+    NoConsumer,
+}
+
+/// Why the broker's client key cannot sign assertions.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayKeyError {
+    #[error("the key file is not PEM: {0}")]
+    NotPem(PEMError),
+    #[error("the key file holds no `PRIVATE KEY` (PKCS#8) block")]
+    NoPrivateKey,
+    #[error("the key is not a PKCS#8 ECDSA P-256/P-384, Ed25519 or RSA private key")]
+    UnsupportedKey,
+}
+
+/// Why the broker could not make an assertion (a fault on the broker's
+/// host, not in the request).
+#[derive(Debug, thiserror::Error)]
+pub enum SigningError {
+    #[error("no randomness available")]
+    NoRandomness,
+    #[error("{0}")]
+    Encoding(serde_json::Error),
+    #[error("signing failed")]
+    Failed,
+}
 
 /// What a broker asserts: the end consumer, and for how long.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,47 +143,40 @@ impl Assertion {
 
     /// Checks `token` against the broker's certificate (DER, the leaf it
     /// presented in the handshake) and the clock.
-    pub fn verify(token: &str, broker_cert_der: &[u8]) -> Result<Assertion, String> {
-        let rest = token
-            .strip_prefix(PREFIX)
-            .ok_or("it is not a v1 assertion (`v1.<payload>.<signature>`)")?;
-        let (payload, sig) = rest
-            .split_once('.')
-            .ok_or("it is not of the form `v1.<payload>.<signature>`")?;
+    pub fn verify(token: &str, broker_cert_der: &[u8]) -> Result<Assertion, AssertionError> {
+        let rest = token.strip_prefix(PREFIX).ok_or(AssertionError::NotV1)?;
+        let (payload, sig) = rest.split_once('.').ok_or(AssertionError::Malformed)?;
         let sig = URL_SAFE_NO_PAD
             .decode(sig)
-            .map_err(|_| "the signature is not base64url")?;
+            .map_err(|_| AssertionError::SignatureNotBase64)?;
         let (_, cert) = X509Certificate::from_der(broker_cert_der)
-            .map_err(|e| format!("the client certificate cannot be parsed: {e}"))?;
+            .map_err(AssertionError::UnparsableCertificate)?;
         let spki = cert.public_key();
         let algorithm = verification_algorithm(spki)?;
         let key = signature::UnparsedPublicKey::new(algorithm, &spki.subject_public_key.data);
-        key.verify(&signed_message(payload), &sig).map_err(|_| {
-            "the signature does not verify against the key of the client certificate".to_string()
-        })?;
+        key.verify(&signed_message(payload), &sig)
+            .map_err(|_| AssertionError::BadSignature)?;
         let json = URL_SAFE_NO_PAD
             .decode(payload)
-            .map_err(|_| "the payload is not base64url")?;
-        let assertion: Assertion = serde_json::from_slice(&json)
-            .map_err(|e| format!("the payload is not a valid assertion: {e}"))?;
+            .map_err(|_| AssertionError::PayloadNotBase64)?;
+        let assertion: Assertion =
+            serde_json::from_slice(&json).map_err(AssertionError::InvalidPayload)?;
         assertion.check_time(unix_now())?;
         if assertion.sub.is_empty() {
-            return Err("the assertion names no consumer".into());
+            return Err(AssertionError::NoConsumer);
         }
         Ok(assertion)
     }
 
-    fn check_time(&self, now: i64) -> Result<(), String> {
+    fn check_time(&self, now: i64) -> Result<(), AssertionError> {
         if self.exp - self.iat > ASSERTION_LIFETIME_SECS {
-            return Err(format!(
-                "it claims a lifetime over {ASSERTION_LIFETIME_SECS} s"
-            ));
+            return Err(AssertionError::LifetimeTooLong);
         }
         if now > self.exp + CLOCK_SKEW_SECS {
-            return Err("it has expired".into());
+            return Err(AssertionError::Expired);
         }
         if self.iat > now + CLOCK_SKEW_SECS {
-            return Err("it was issued in the future (check the broker's clock)".into());
+            return Err(AssertionError::IssuedInFuture);
         }
         Ok(())
     }
@@ -151,7 +201,7 @@ const OID_RSA: &str = "1.2.840.113549.1.1.1";
 
 fn verification_algorithm(
     spki: &x509_parser::x509::SubjectPublicKeyInfo,
-) -> Result<&'static dyn signature::VerificationAlgorithm, String> {
+) -> Result<&'static dyn signature::VerificationAlgorithm, AssertionError> {
     let oid = spki.algorithm.algorithm.to_id_string();
     let curve = spki
         .algorithm
@@ -164,9 +214,7 @@ fn verification_algorithm(
         (OID_EC, Some(OID_P384)) => Ok(&signature::ECDSA_P384_SHA384_ASN1),
         (OID_ED25519, _) => Ok(&signature::ED25519),
         (OID_RSA, _) => Ok(&signature::RSA_PKCS1_2048_8192_SHA256),
-        _ => Err(format!(
-            "the client certificate's key type ({oid}) cannot sign assertions; use ECDSA P-256/P-384, Ed25519 or RSA"
-        )),
+        _ => Err(AssertionError::UnsupportedKeyType { oid }),
     }
 }
 
@@ -185,7 +233,7 @@ enum SigningKey {
 
 impl RelaySigner {
     /// From a PKCS#8 PEM private key (what `sluice certs` writes).
-    pub fn from_pem(pem: &str) -> Result<Self, String> {
+    pub fn from_pem(pem: &str) -> Result<Self, RelayKeyError> {
         let der = pkcs8_der(pem)?;
         let rng = SystemRandom::new();
         let key = if let Ok(k) =
@@ -201,20 +249,18 @@ impl RelaySigner {
         } else if let Ok(k) = RsaKeyPair::from_pkcs8(&der) {
             SigningKey::Rsa(k)
         } else {
-            return Err(
-                "the key is not a PKCS#8 ECDSA P-256/P-384, Ed25519 or RSA private key".into(),
-            );
+            return Err(RelayKeyError::UnsupportedKey);
         };
         Ok(Self { key, rng })
     }
 
     /// An assertion that `consumer` asks, valid for
     /// [`ASSERTION_LIFETIME_SECS`].
-    pub fn sign(&self, consumer: &Principal) -> Result<String, String> {
+    pub fn sign(&self, consumer: &Principal) -> Result<String, SigningError> {
         let mut nonce = [0u8; 12];
         self.rng
             .fill(&mut nonce)
-            .map_err(|_| "no randomness available")?;
+            .map_err(|_| SigningError::NoRandomness)?;
         let iat = unix_now();
         let assertion = Assertion {
             sub: consumer.id.clone(),
@@ -225,20 +271,20 @@ impl RelaySigner {
             exp: iat + ASSERTION_LIFETIME_SECS,
             nonce: hex::encode(nonce),
         };
-        let json = serde_json::to_vec(&assertion).map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec(&assertion).map_err(SigningError::Encoding)?;
         let payload = URL_SAFE_NO_PAD.encode(json);
         let message = signed_message(&payload);
         let sig = match &self.key {
             SigningKey::Ecdsa(k) => k
                 .sign(&self.rng, &message)
-                .map_err(|_| "signing failed")?
+                .map_err(|_| SigningError::Failed)?
                 .as_ref()
                 .to_vec(),
             SigningKey::Ed25519(k) => k.sign(&message).as_ref().to_vec(),
             SigningKey::Rsa(k) => {
                 let mut out = vec![0; k.public().modulus_len()];
                 k.sign(&signature::RSA_PKCS1_SHA256, &self.rng, &message, &mut out)
-                    .map_err(|_| "signing failed")?;
+                    .map_err(|_| SigningError::Failed)?;
                 out
             }
         };
@@ -246,14 +292,14 @@ impl RelaySigner {
     }
 }
 
-fn pkcs8_der(pem: &str) -> Result<Vec<u8>, String> {
+fn pkcs8_der(pem: &str) -> Result<Vec<u8>, RelayKeyError> {
     for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
-        let block = block.map_err(|e| format!("the key file is not PEM: {e}"))?;
+        let block = block.map_err(RelayKeyError::NotPem)?;
         if block.label == "PRIVATE KEY" {
             return Ok(block.contents);
         }
     }
-    Err("the key file holds no `PRIVATE KEY` (PKCS#8) block".into())
+    Err(RelayKeyError::NoPrivateKey)
 }
 
 #[cfg(test)]
@@ -313,7 +359,7 @@ mod tests {
         let (_, other) = broker();
         let token = signer.sign(&consumer()).unwrap();
         let err = Assertion::verify(&token, &other).unwrap_err();
-        assert!(err.contains("does not verify"), "{err}");
+        assert!(matches!(err, AssertionError::BadSignature), "{err}");
     }
 
     #[test]
@@ -326,7 +372,7 @@ mod tests {
         forged.sub = "spiffe://city.example/org/admin".into();
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
         let err = Assertion::verify(&format!("v1.{payload}.{sig}"), &cert).unwrap_err();
-        assert!(err.contains("does not verify"), "{err}");
+        assert!(matches!(err, AssertionError::BadSignature), "{err}");
     }
 
     #[test]
@@ -348,7 +394,12 @@ mod tests {
             exp: now + 10 * ASSERTION_LIFETIME_SECS,
             ..base
         };
-        assert!(long.check_time(now).unwrap_err().contains("lifetime"));
+        assert!(
+            long.check_time(now)
+                .unwrap_err()
+                .to_string()
+                .contains("lifetime")
+        );
     }
 
     #[test]
@@ -356,7 +407,7 @@ mod tests {
         let (_, cert) = broker();
         for (token, want) in [("", "v1"), ("v1.abc", "form"), ("v1.abc.!!", "base64url")] {
             let err = Assertion::verify(token, &cert).unwrap_err();
-            assert!(err.contains(want), "{token}: {err}");
+            assert!(err.to_string().contains(want), "{token}: {err}");
         }
     }
 }

@@ -7,19 +7,38 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
 use datafusion::arrow::datatypes::{Field, SchemaRef};
 use datafusion::common::DFSchema;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use sluice_policy::{
-    Approval, Denial, PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext,
+    Approval, Denial, PlanGate, PlanningContext, PolicyError, PolicyGate, PolicySet, Principal,
+    QueryContext,
 };
 use tokio::sync::watch;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogError};
 
 /// How often the policy file is checked for changes.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why a usage policy file cannot be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum UsagePolicyError {
+    /// The file cannot be read (the cause says why).
+    #[error("reading the usage policy {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is read but wrong: the message names file, line and field.
+    #[error(transparent)]
+    Invalid(#[from] PolicyError),
+    /// The datasets the policy is checked against cannot be opened
+    /// (`sluice config check`).
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
 
 /// The gate in force, replaceable while queries run.
 pub struct PolicyHandle {
@@ -31,7 +50,11 @@ pub struct PolicyHandle {
 
 impl PolicyHandle {
     /// Loads `file` (or, with `None`, a gate that refuses everything).
-    pub fn load(file: Option<&Path>, mask_secret: Vec<u8>, catalog: Arc<Catalog>) -> Result<Self> {
+    pub fn load(
+        file: Option<&Path>,
+        mask_secret: Vec<u8>,
+        catalog: Arc<Catalog>,
+    ) -> Result<Self, UsagePolicyError> {
         let gate: Arc<dyn PlanGate> = match file {
             Some(path) => Arc::new(compile(path, &mask_secret, &catalog)?),
             None => Arc::new(NoPolicy),
@@ -68,7 +91,7 @@ impl PolicyHandle {
     }
 
     /// Re-reads the policy file. On error the old policy stays in force.
-    pub fn reload(&self) -> Result<bool> {
+    pub fn reload(&self) -> Result<bool, UsagePolicyError> {
         let (Some(path), Some(catalog)) = (&self.file, &self.catalog) else {
             return Ok(false);
         };
@@ -83,9 +106,15 @@ impl PolicyHandle {
     }
 }
 
-fn compile(path: &Path, mask_secret: &[u8], catalog: &Catalog) -> Result<PolicyGate> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the usage policy {}", path.display()))?;
+fn compile(
+    path: &Path,
+    mask_secret: &[u8],
+    catalog: &Catalog,
+) -> Result<PolicyGate, UsagePolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| UsagePolicyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let policy = PolicySet::compile(
         &path.display().to_string(),
         &text,
@@ -100,7 +129,10 @@ fn compile(path: &Path, mask_secret: &[u8], catalog: &Catalog) -> Result<PolicyG
 
 /// Compiles the policy file against the datasets of a config, as `serve`
 /// would, without serving: returns the policy version. (`sluice config check`.)
-pub async fn check(datasets: &[crate::config::DatasetConfig], file: &Path) -> Result<String> {
+pub async fn check(
+    datasets: &[crate::config::DatasetConfig],
+    file: &Path,
+) -> Result<String, UsagePolicyError> {
     let catalog = Catalog::open(datasets).await?;
     let gate = compile(file, b"check", &catalog)?;
     Ok(gate.version().to_string())
@@ -149,10 +181,23 @@ pub async fn watch_for_changes(handle: Arc<PolicyHandle>, mut stop: watch::Recei
             Err(e) => tracing::error!(
                 file = %path.display(),
                 version = %before,
-                "the changed usage policy was refused; the previous policy stays in force: {e:#}"
+                "the changed usage policy was refused; the previous policy stays in force: {}",
+                with_causes(&e)
             ),
         }
     }
+}
+
+/// `error: cause: cause…`, as anyhow's `{:#}` prints a chain.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// Modification time and length: enough to notice an edit.
@@ -172,12 +217,11 @@ impl PlanningContext for CatalogContext<'_> {
         self.catalog.dataset(name).map(|d| d.schema.clone())
     }
 
-    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> Result<Expr, String> {
+    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> datafusion::error::Result<Expr> {
         self.catalog
             .session()
             .state()
             .create_logical_expr(sql, schema)
-            .map_err(|e| e.strip_backtrace().to_string())
     }
 
     fn function_exists(&self, name: &str) -> bool {

@@ -48,10 +48,13 @@ async fn concurrent_queries_cannot_race_past_the_quota_and_it_survives_a_restart
     let (_dir, config, state) = deployment(POLICY);
     let mut daemon = Daemon::start_isolated(&config, &state);
     let mut tasks = Vec::new();
+    // Each query is issued (GetFlightInfo holds one of the day's queries)
+    // and redeemed (DoGet counts it for good).
     for _ in 0..30 {
         let mut client = daemon.client("planning").await;
         tasks.push(tokio::spawn(async move {
-            client.execute(SQL.into(), None).await.map_err(status)
+            let info = client.execute(SQL.into(), None).await.map_err(status)?;
+            fetch(&mut client, &info).await.map_err(status)
         }));
     }
     let mut granted = 0;

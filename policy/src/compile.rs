@@ -64,8 +64,10 @@ pub trait PlanningContext {
     /// dataset of that name.
     fn dataset_schema(&self, name: &str) -> Option<SchemaRef>;
     /// Parses a SQL predicate over `schema` (unqualified column names).
-    /// `$name` placeholders stand for principal attributes.
-    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> Result<Expr, String>;
+    /// `$name` placeholders stand for principal attributes. The error's text
+    /// (without backtrace) is shown to the policy author after "the row
+    /// filter does not plan: ".
+    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> datafusion_common::Result<Expr>;
 
     /// Whether a scalar or aggregate function of this name exists, so that
     /// a misspelt name in `functions:` is an error rather than a silent
@@ -998,7 +1000,7 @@ impl Compiler<'_> {
                 self.error(
                     sql.referenced.line(),
                     field,
-                    format!("the row filter does not plan: {e}"),
+                    format!("the row filter does not plan: {}", e.strip_backtrace()),
                 )
             })
     }
@@ -1082,8 +1084,8 @@ mod tests {
         fn dataset_schema(&self, name: &str) -> Option<SchemaRef> {
             (name == "people").then(|| self.0.clone())
         }
-        fn parse_predicate(&self, sql: &str, _: &DFSchema) -> Result<Expr, String> {
-            Err(format!("cannot parse {sql} here"))
+        fn parse_predicate(&self, sql: &str, _: &DFSchema) -> datafusion_common::Result<Expr> {
+            datafusion_common::plan_err!("cannot parse {sql} here")
         }
         fn function_exists(&self, name: &str) -> bool {
             ["count", "sum", "avg", "round"].contains(&name)

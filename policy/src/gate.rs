@@ -133,8 +133,8 @@ pub enum PlanningView {
 ///     fn dataset_schema(&self, name: &str) -> Option<SchemaRef> {
 ///         (name == "trips").then(|| self.0.clone())
 ///     }
-///     fn parse_predicate(&self, sql: &str, _: &DFSchema) -> Result<Expr, String> {
-///         Err(format!("no parser in this example: {sql}"))
+///     fn parse_predicate(&self, sql: &str, _: &DFSchema) -> datafusion_common::Result<Expr> {
+///         datafusion_common::not_impl_err!("no parser in this example: {sql}")
 ///     }
 /// }
 /// let schema = Arc::new(Schema::new(vec![Field::new("zone", DataType::Utf8, true)]));
@@ -594,7 +594,7 @@ impl PolicyGate {
         let rewritten = rewriter
             .rewrite_scans(plan, max_rows)
             .map_err(unsupported)?;
-        let aggregate = find_private_aggregate(&rewritten).map_err(&refuse)?;
+        let aggregate = find_private_aggregate(&rewritten).map_err(|e| refuse(e.to_string()))?;
         let (input, units) = rewriter
             .expose_units(std::sync::Arc::unwrap_or_clone(aggregate.input.clone()))
             .map_err(unsupported)?;
@@ -702,17 +702,21 @@ impl PolicyGate {
     }
 }
 
+/// A plan shape the DP planner cannot bound: `shape` names the part of the
+/// query at fault; the message lists what is supported instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{shape} is not supported under differential privacy; supported: {SUPPORTED}")]
+struct UnsupportedUnderDp {
+    shape: String,
+}
+
 /// The one aggregate of a DP query, reached from the top through nodes that
 /// only post-process its output (projection, HAVING, ORDER BY, LIMIT); below
 /// it only row-wise nodes and inner joins.
 fn find_private_aggregate(
     plan: &LogicalPlan,
-) -> Result<datafusion_expr::logical_plan::Aggregate, String> {
-    let unsupported = |what: &str| {
-        Err(format!(
-            "{what} is not supported under differential privacy; supported: {SUPPORTED}"
-        ))
-    };
+) -> Result<datafusion_expr::logical_plan::Aggregate, UnsupportedUnderDp> {
+    let unsupported = |shape: String| Err(UnsupportedUnderDp { shape });
     let mut node = plan;
     let aggregate = loop {
         match node {
@@ -722,8 +726,8 @@ fn find_private_aggregate(
             | LogicalPlan::Limit(_)
             | LogicalPlan::SubqueryAlias(_) => node = node.inputs()[0],
             LogicalPlan::Aggregate(a) => break a,
-            LogicalPlan::TableScan(_) => return unsupported("releasing rows"),
-            other => return unsupported(&format!("`{}` above the aggregate", other.display())),
+            LogicalPlan::TableScan(_) => return unsupported("releasing rows".to_string()),
+            other => return unsupported(format!("`{}` above the aggregate", other.display())),
         }
     };
     let mut problem = None;
@@ -743,7 +747,7 @@ fn find_private_aggregate(
         Ok(TreeNodeRecursion::Continue)
     });
     match problem {
-        Some(what) => unsupported(&what),
+        Some(shape) => unsupported(shape),
         None => Ok(aggregate.clone()),
     }
 }

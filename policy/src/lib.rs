@@ -21,12 +21,14 @@
 //! - [`offers`]: the catalog one principal sees, and the offers it may
 //!   request agreements for.
 
+mod casts;
 pub mod checks;
 pub mod compile;
 mod decision;
 pub mod document;
 pub mod dp;
 mod gate;
+mod internal;
 pub mod lineage;
 pub mod mask;
 pub mod offers;

@@ -157,7 +157,7 @@ impl NodeLineage {
 pub fn strip_plain<'e>(expr: &'e Expr, schema: &datafusion_common::DFSchema) -> &'e Expr {
     match expr {
         Expr::Alias(alias) => strip_plain(&alias.expr, schema),
-        Expr::Cast(cast) if crate::checks::is_lossless_cast(cast, schema) => {
+        Expr::Cast(cast) if crate::casts::is_lossless_cast(cast, schema) => {
             strip_plain(&cast.expr, schema)
         }
         other => other,

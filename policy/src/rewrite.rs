@@ -24,8 +24,7 @@ use crate::compile::{DatasetGrant, PolicySet};
 use crate::document::Visibility;
 use crate::mask::masked_column;
 
-/// Prefix of the internal columns the rewrite adds.
-pub const INTERNAL_PREFIX: &str = "__sluice_";
+pub use crate::internal::INTERNAL_PREFIX;
 
 pub struct Rewriter<'a> {
     pub policy: &'a PolicySet,

@@ -232,11 +232,8 @@ impl PlanningContext for Context {
         }
     }
 
-    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> Result<Expr, String> {
-        self.ctx
-            .state()
-            .create_logical_expr(sql, schema)
-            .map_err(|e| e.to_string())
+    fn parse_predicate(&self, sql: &str, schema: &DFSchema) -> datafusion::error::Result<Expr> {
+        self.ctx.state().create_logical_expr(sql, schema)
     }
 }
 

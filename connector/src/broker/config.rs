@@ -39,8 +39,8 @@ use serde::Deserialize;
 use sluice_policy::document::Matcher;
 
 use crate::config::{
-    ConfigError, LogConfig, LogFormat, Source, TlsConfig, absolute, deserialize_toml, parse_addr,
-    parse_duration,
+    ConfigError, LogConfig, LogFormat, Source, TlsConfig, ValueError, absolute, deserialize_toml,
+    parse_addr, parse_duration,
 };
 
 /// The validated broker configuration.
@@ -228,13 +228,15 @@ fn validate(raw: RawBroker, source: Source, base: &Path) -> Result<BrokerConfig,
             .as_deref()
             .unwrap_or(DEFAULT_BROKER_LISTEN),
     )
-    .map_err(|r| err("server.listen".into(), r))?;
+    .map_err(|r| err("server.listen".into(), r.to_string()))?;
     let shutdown_grace = match &raw.server.shutdown_grace {
-        Some(s) => parse_duration(s).map_err(|r| err("server.shutdown_grace".into(), r))?,
+        Some(s) => {
+            parse_duration(s).map_err(|r| err("server.shutdown_grace".into(), r.to_string()))?
+        }
         None => Duration::from_secs(30),
     };
     let timeout = match &raw.upstream.timeout {
-        Some(s) => positive(s).map_err(|r| err("upstream.timeout".into(), r))?,
+        Some(s) => positive(s).map_err(|r| err("upstream.timeout".into(), r.to_string()))?,
         None => DEFAULT_TIMEOUT,
     };
     let max_rows = raw.upstream.max_rows.unwrap_or(DEFAULT_MAX_ROWS);
@@ -281,7 +283,7 @@ fn validate(raw: RawBroker, source: Source, base: &Path) -> Result<BrokerConfig,
             ));
         }
         let timeout = match &p.timeout {
-            Some(s) => positive(s).map_err(|r| err(format!("{field}.timeout"), r))?,
+            Some(s) => positive(s).map_err(|r| err(format!("{field}.timeout"), r.to_string()))?,
             None => timeout,
         };
         providers.push(Provider {
@@ -382,17 +384,30 @@ fn validate(raw: RawBroker, source: Source, base: &Path) -> Result<BrokerConfig,
     })
 }
 
+/// The longest provider timeout: a query's on-behalf-of assertion must
+/// still hold when its last upstream call starts.
+const MAX_TIMEOUT: Duration =
+    Duration::from_secs(crate::relay::ASSERTION_LIFETIME_SECS as u64 - 60);
+
+/// A provider timeout that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeoutError {
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    #[error(
+        "at most {}s: the on-behalf-of assertion made for a query holds {}s",
+        MAX_TIMEOUT.as_secs(),
+        crate::relay::ASSERTION_LIFETIME_SECS
+    )]
+    TooLong,
+}
+
 /// A provider timeout: above zero, and short enough that the on-behalf-of
 /// assertion made at the start of a query still holds at its end.
-fn positive(s: &str) -> Result<Duration, String> {
+fn positive(s: &str) -> Result<Duration, TimeoutError> {
     let d = parse_duration(s)?;
-    let most = Duration::from_secs(crate::relay::ASSERTION_LIFETIME_SECS as u64 - 60);
-    if d > most {
-        return Err(format!(
-            "at most {}s: the on-behalf-of assertion made for a query holds {}s",
-            most.as_secs(),
-            crate::relay::ASSERTION_LIFETIME_SECS
-        ));
+    if d > MAX_TIMEOUT {
+        return Err(TimeoutError::TooLong);
     }
     Ok(d)
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
@@ -30,6 +31,61 @@ use super::decompose::{Federated, Merge, PARTIALS};
 use super::upstream::{PartialAnswer, ProviderFailure};
 use sluice_proto::wire::dp::{CACHED, CI95, MECHANISM, NOTE, QUERY_DELTA, QUERY_EPSILON};
 use sluice_proto::wire::federation::{MISSING, PARTIAL, PROVIDERS};
+
+/// Why partial answers could not be merged. [`precheck`]'s errors are the
+/// consumer's (a query that cannot be merged); [`merge`]'s are faults of a
+/// provider or of the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// The in-memory session for the merge could not be set up.
+    #[error("{0}")]
+    Session(DataFusionError),
+    /// The merge query refers to something the partials do not carry (an
+    /// output neither grouped nor aggregated).
+    #[error(
+        "the query cannot be merged across providers: {}",
+        .0.find_root().strip_backtrace()
+    )]
+    NotMergeable(DataFusionError),
+    #[error(
+        "provider `{provider}` answered with {columns} columns where {expected} were asked for"
+    )]
+    WrongWidth {
+        provider: String,
+        columns: usize,
+        expected: usize,
+    },
+    #[error("no provider answered")]
+    NoAnswer,
+    #[error(
+        "group key {key} is {first_type} at `{first}` but {other_type} at `{other}`; the datasets do not have one schema"
+    )]
+    KeyTypesDiffer {
+        /// 1-based.
+        key: usize,
+        first: String,
+        first_type: DataType,
+        other: String,
+        other_type: DataType,
+    },
+    /// A provider's column does not convert to the merged type.
+    #[error("provider `{provider}` answered with other types: {column}: {error}")]
+    ColumnType {
+        provider: String,
+        column: String,
+        error: ArrowError,
+    },
+    /// A provider's columns do not form a batch of the merged schema.
+    #[error("provider `{provider}` answered with other types: {error}")]
+    BatchShape { provider: String, error: ArrowError },
+    #[error("the merge failed: {}", .0.strip_backtrace())]
+    Failed(DataFusionError),
+    #[error("the merge took longer than {MERGE_TIMEOUT:?}")]
+    Timeout,
+    /// Describing the merged result (noise half-widths) failed.
+    #[error("{0}")]
+    Describe(ArrowError),
+}
 
 /// A merged result, ready to stream.
 #[derive(Debug, Clone)]
@@ -47,7 +103,7 @@ impl Merged {
 /// Plans the merge query over stand-in partials, so that a query whose
 /// merge cannot work (an output that is neither grouped nor aggregated) is
 /// refused before any provider spends budget on it.
-pub async fn precheck(federated: &Federated) -> Result<(), String> {
+pub async fn precheck(federated: &Federated) -> Result<(), MergeError> {
     let mut fields: Vec<Field> = (0..federated.keys)
         .map(|i| Field::new(format!("__k{i}"), DataType::Utf8, true))
         .collect();
@@ -60,10 +116,9 @@ pub async fn precheck(federated: &Federated) -> Result<(), String> {
         // Type errors may be artefacts of the stand-in types; only a missing
         // column is certain.
         // The planner wraps it (with a diagnostic), so look at the root.
-        Err(e) if matches!(e.find_root(), DataFusionError::SchemaError(..)) => Err(format!(
-            "the query cannot be merged across providers: {}",
-            e.find_root().strip_backtrace()
-        )),
+        Err(e) if matches!(e.find_root(), DataFusionError::SchemaError(..)) => {
+            Err(MergeError::NotMergeable(e))
+        }
         _ => Ok(()),
     }
 }
@@ -73,27 +128,24 @@ pub async fn merge(
     federated: &Federated,
     answers: &[PartialAnswer],
     missing: &[ProviderFailure],
-) -> Result<Merged, String> {
+) -> Result<Merged, MergeError> {
     let schema = partials_schema(federated, answers)?;
     let mut batches = Vec::new();
     for answer in answers {
         for batch in &answer.batches {
-            batches.push(conform(batch, &schema).map_err(|e| {
-                format!(
-                    "provider `{}` answered with other types: {e}",
-                    answer.provider
-                )
-            })?);
+            batches.push(conform(batch, &schema, &answer.provider)?);
         }
     }
     let ctx = context(schema, batches)?;
-    let failed = |e: DataFusionError| format!("the merge failed: {}", e.strip_backtrace());
-    let frame = ctx.sql(&federated.merge_sql).await.map_err(failed)?;
+    let frame = ctx
+        .sql(&federated.merge_sql)
+        .await
+        .map_err(MergeError::Failed)?;
     let merged_schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
     let out = tokio::time::timeout(MERGE_TIMEOUT, frame.collect())
         .await
-        .map_err(|_| format!("the merge took longer than {MERGE_TIMEOUT:?}"))?
-        .map_err(failed)?;
+        .map_err(|_| MergeError::Timeout)?
+        .map_err(MergeError::Failed)?;
     describe(federated, answers, missing, merged_schema, out)
 }
 
@@ -102,33 +154,36 @@ pub async fn merge(
 const MERGE_MEMORY: usize = 256 << 20;
 const MERGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn context(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<SessionContext, String> {
+fn context(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<SessionContext, MergeError> {
     let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
         .with_memory_limit(MERGE_MEMORY, 1.0)
         .build_arc()
-        .map_err(|e| e.to_string())?;
+        .map_err(MergeError::Session)?;
     let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
-    let table = MemTable::try_new(schema, vec![batches]).map_err(|e| e.to_string())?;
+    let table = MemTable::try_new(schema, vec![batches]).map_err(MergeError::Session)?;
     ctx.register_table(PARTIALS, Arc::new(table))
-        .map_err(|e| e.to_string())?;
+        .map_err(MergeError::Session)?;
     Ok(ctx)
 }
 
 /// `__k0…, __p0…`, all nullable. Group keys must have one type at every
 /// provider (else groups could not meet); partial aggregates of different
 /// numeric types meet as Float64.
-fn partials_schema(federated: &Federated, answers: &[PartialAnswer]) -> Result<SchemaRef, String> {
+fn partials_schema(
+    federated: &Federated,
+    answers: &[PartialAnswer],
+) -> Result<SchemaRef, MergeError> {
     let width = federated.keys + federated.partial_count;
     for answer in answers {
         if answer.schema.fields().len() != width {
-            return Err(format!(
-                "provider `{}` answered with {} columns where {width} were asked for",
-                answer.provider,
-                answer.schema.fields().len()
-            ));
+            return Err(MergeError::WrongWidth {
+                provider: answer.provider.clone(),
+                columns: answer.schema.fields().len(),
+                expected: width,
+            });
         }
     }
-    let first = answers.first().ok_or("no provider answered")?;
+    let first = answers.first().ok_or(MergeError::NoAnswer)?;
     let mut fields = Vec::with_capacity(width);
     for i in 0..width {
         let wanted = first.schema.field(i).data_type();
@@ -138,13 +193,13 @@ fn partials_schema(federated: &Federated, answers: &[PartialAnswer]) -> Result<S
         let (name, data_type) = match (i.checked_sub(federated.keys), differs) {
             (None, None) => (format!("__k{i}"), wanted.clone()),
             (None, Some(other)) => {
-                return Err(format!(
-                    "group key {} is {wanted} at `{}` but {} at `{}`; the datasets do not have one schema",
-                    i + 1,
-                    first.provider,
-                    other.schema.field(i).data_type(),
-                    other.provider
-                ));
+                return Err(MergeError::KeyTypesDiffer {
+                    key: i + 1,
+                    first: first.provider.clone(),
+                    first_type: wanted.clone(),
+                    other: other.provider.clone(),
+                    other_type: other.schema.field(i).data_type().clone(),
+                });
             }
             (Some(p), None) => (format!("__p{p}"), wanted.clone()),
             (Some(p), Some(_)) => (format!("__p{p}"), DataType::Float64),
@@ -154,7 +209,11 @@ fn partials_schema(federated: &Federated, answers: &[PartialAnswer]) -> Result<S
     Ok(Arc::new(Schema::new(fields)))
 }
 
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+fn conform(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+    provider: &str,
+) -> Result<RecordBatch, MergeError> {
     let columns = batch
         .columns()
         .iter()
@@ -165,11 +224,19 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Strin
                 safe: false,
                 ..Default::default()
             };
-            datafusion::arrow::compute::cast_with_options(c, f.data_type(), &strict)
-                .map_err(|e| format!("{}: {e}", f.name()))
+            datafusion::arrow::compute::cast_with_options(c, f.data_type(), &strict).map_err(
+                |error| MergeError::ColumnType {
+                    provider: provider.to_string(),
+                    column: f.name().clone(),
+                    error,
+                },
+            )
         })
         .collect::<Result<Vec<ArrayRef>, _>>()?;
-    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+    RecordBatch::try_new(schema.clone(), columns).map_err(|error| MergeError::BatchShape {
+        provider: provider.to_string(),
+        error,
+    })
 }
 
 /// A provider's 95% half-width for partial `p`, if it noised it.
@@ -208,7 +275,7 @@ fn describe(
     missing: &[ProviderFailure],
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
-) -> Result<Merged, String> {
+) -> Result<Merged, MergeError> {
     let hidden = federated.hidden_counts.len();
     let visible = schema.fields().len() - hidden;
     // Merged counts of the AVG aggregates, per row.
@@ -277,14 +344,14 @@ fn describe(
         .into_iter()
         .map(|b| {
             RecordBatch::try_new(schema.clone(), b.columns()[..visible].to_vec())
-                .map_err(|e| e.to_string())
+                .map_err(MergeError::Describe)
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Merged { schema, batches })
 }
 
-fn f64_values(column: &ArrayRef) -> Result<Vec<f64>, String> {
-    let column = cast(column, &DataType::Float64).map_err(|e| e.to_string())?;
+fn f64_values(column: &ArrayRef) -> Result<Vec<f64>, MergeError> {
+    let column = cast(column, &DataType::Float64).map_err(MergeError::Describe)?;
     let column = column.as_primitive::<Float64Type>();
     Ok((0..column.len())
         .map(|i| {
@@ -421,9 +488,9 @@ mod tests {
     async fn an_output_neither_grouped_nor_aggregated_is_refused_before_any_provider_is_asked() {
         let config = crate::broker::config::example();
         let ok = decompose(QUERY, &config).unwrap();
-        assert_eq!(precheck(&ok).await, Ok(()));
+        assert!(precheck(&ok).await.is_ok());
         let stray = decompose("SELECT x, count(*) AS n FROM trips GROUP BY mode", &config).unwrap();
-        let e = precheck(&stray).await.unwrap_err();
+        let e = precheck(&stray).await.unwrap_err().to_string();
         assert!(
             e.contains("cannot be merged across providers") && e.contains('x'),
             "{e}"
@@ -443,7 +510,10 @@ mod tests {
             .collect();
         fields[0] = Field::new("mode", DataType::LargeUtf8, true);
         south.schema = Arc::new(Schema::new(fields));
-        let e = merge(&federated, &[north, south], &[]).await.unwrap_err();
+        let e = merge(&federated, &[north, south], &[])
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("group key 1 is Utf8 at `north` but LargeUtf8 at `south`"),
             "{e}"

@@ -38,9 +38,10 @@ use tonic::transport::server::TcpIncoming;
 pub use config::BrokerConfig;
 pub use service::Broker;
 
-/// Serves until SIGTERM/SIGINT. The first line printed is stable for
+/// Serves until SIGTERM/SIGINT. Once listening, hands `on_listening` the
+/// banner for a person (the CLI prints it); its first line is stable for
 /// scripts: `Sluice broker … listening on grpc+tls://ADDR`.
-pub async fn serve(config: BrokerConfig) -> Result<()> {
+pub async fn serve(config: BrokerConfig, on_listening: impl FnOnce(String)) -> Result<()> {
     config.check_paths()?;
     let tls = crate::server::server_tls(&config.tls)?;
     let config = Arc::new(config);
@@ -72,8 +73,8 @@ pub async fn serve(config: BrokerConfig) -> Result<()> {
             format!("{} ({})", t.name, sources.join(", "))
         })
         .collect();
-    println!(
-        "Sluice broker {} listening on grpc+tls://{addr} (mTLS: client certificates required)\n  config:    {}\n  federated: {}\n  providers: {}",
+    on_listening(format!(
+        "Sluice broker {} listening on grpc+tls://{addr} (mTLS: client certificates required)\n  config:    {}\n  federated: {}\n  providers: {}\n",
         env!("CARGO_PKG_VERSION"),
         config.source,
         tables.join("; "),
@@ -83,9 +84,7 @@ pub async fn serve(config: BrokerConfig) -> Result<()> {
             .map(|p| format!("{} at {}", p.name, p.endpoint))
             .collect::<Vec<_>>()
             .join(", ")
-    );
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    ));
     tracing::info!(%addr, providers = config.providers.len(), "broker serving Flight SQL over mTLS");
 
     tokio::pin!(server);

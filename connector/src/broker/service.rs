@@ -8,6 +8,7 @@
 //! schema therefore equals the streamed one exactly.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,9 +27,11 @@ use tonic::{Request, Response, Status};
 use super::config::BrokerConfig;
 use super::decompose::{self, Federated};
 use super::merge::{self, Merged};
-use super::upstream::{PartialAnswer, ProviderClient, ProviderFailure, RelayHeaders};
+use super::upstream::{
+    PartialAnswer, ProviderClient, ProviderFailure, RelayHeaders, UpstreamSetupError,
+};
 use crate::identity;
-use crate::relay::RelaySigner;
+use crate::relay::{RelayKeyError, RelaySigner};
 use sluice_proto::wire::header;
 
 /// How long a merged result waits for its DoGet.
@@ -40,6 +43,22 @@ const MAX_HELD_RESULTS: usize = 256;
 const MAX_HELD_PER_CONSUMER: usize = 16;
 /// Federated queries running at once; more wait.
 const MAX_CONCURRENT_QUERIES: usize = 16;
+
+/// Why the broker cannot start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerSetupError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamSetupError),
+    /// upstream.key cannot be read.
+    #[error("reading upstream.key {}: {error}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// upstream.key is not a key the broker can sign assertions with.
+    #[error("upstream.key {}: {error}", path.display())]
+    Key { path: PathBuf, error: RelayKeyError },
+}
 
 /// The broker's Flight SQL service.
 pub struct Broker {
@@ -61,20 +80,23 @@ struct Held {
 type DoGetStream = <Broker as FlightService>::DoGetStream;
 
 impl Broker {
-    pub fn new(config: Arc<BrokerConfig>) -> anyhow::Result<Self> {
+    pub fn new(config: Arc<BrokerConfig>) -> Result<Self, BrokerSetupError> {
         let providers = config
             .providers
             .iter()
             .map(|p| ProviderClient::new(&config, p))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let key = std::fs::read_to_string(&config.upstream.key).map_err(|e| {
-            anyhow::anyhow!(
-                "reading upstream.key {}: {e}",
-                config.upstream.key.display()
-            )
+            .collect::<Result<Vec<_>, _>>()?;
+        let path = || config.upstream.key.clone();
+        let key = std::fs::read_to_string(&config.upstream.key).map_err(|error| {
+            BrokerSetupError::ReadKey {
+                path: path(),
+                error,
+            }
         })?;
-        let signer = RelaySigner::from_pem(&key)
-            .map_err(|e| anyhow::anyhow!("upstream.key {}: {e}", config.upstream.key.display()))?;
+        let signer = RelaySigner::from_pem(&key).map_err(|error| BrokerSetupError::Key {
+            path: path(),
+            error,
+        })?;
         Ok(Self {
             config,
             providers,
@@ -269,7 +291,7 @@ impl FlightSqlService for Broker {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         merge::precheck(&federated)
             .await
-            .map_err(Status::invalid_argument)?;
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let headers = self.relay_headers(&principal, &request)?;
         let (answers, failures) = self.fan_out(&federated, &headers).await;
         let total = federated.partial_sql.len();
@@ -279,7 +301,7 @@ impl FlightSqlService for Broker {
         }
         let merged = merge::merge(&federated, &answers, &failures)
             .await
-            .map_err(Status::internal)?;
+            .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(
             principal = %principal,
             table = %federated.table.name,

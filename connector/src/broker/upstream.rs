@@ -2,9 +2,9 @@
 //! the end consumer's identity asserted, a deadline, and the provider's
 //! receipt kept.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_client::FlightServiceClient;
@@ -19,6 +19,25 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use super::config::{BrokerConfig, Provider};
 use sluice_proto::wire::header;
+
+/// Why the broker cannot set up its connection to a provider.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    /// One of the broker's own TLS files (upstream.ca, .cert, .key) cannot
+    /// be read.
+    #[error("reading {field} {}", path.display())]
+    Read {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Endpoint(#[from] crate::client::PlaintextEndpoint),
+    /// tonic refused the URI or the TLS settings.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
 
 /// A provider the broker can ask, over a lazily connected mTLS channel (a
 /// provider that is down at start does not stop the broker).
@@ -77,9 +96,13 @@ pub struct ProviderFailure {
 }
 
 impl ProviderClient {
-    pub fn new(config: &BrokerConfig, provider: &Provider) -> Result<Self> {
-        let read = |path: &std::path::Path, field: &str| {
-            std::fs::read(path).with_context(|| format!("reading {field} {}", path.display()))
+    pub fn new(config: &BrokerConfig, provider: &Provider) -> Result<Self, UpstreamSetupError> {
+        let read = |path: &Path, field: &'static str| {
+            std::fs::read(path).map_err(|source| UpstreamSetupError::Read {
+                field,
+                path: path.to_path_buf(),
+                source,
+            })
         };
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(

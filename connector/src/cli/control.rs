@@ -13,9 +13,9 @@ use sluice_proto::v1::agreement_service_client::AgreementServiceClient;
 use sluice_proto::v1::audit_service_client::AuditServiceClient;
 use sluice_proto::v1::catalog_service_client::CatalogServiceClient;
 
-use super::ConnArgs;
-use crate::client::status_error;
-use crate::config;
+use super::conn::ConnArgs;
+use sluice::client::status_error;
+use sluice::config;
 use sluice_audit::{self as log, Receipt, SignedRecord, key_id_of, read_public_key};
 
 #[derive(Args)]

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use crate::dev::demo;
+use sluice::dev::demo;
 
 /// Most rows one `sluice generate` writes.
 const MAX_ROWS: usize = 100_000_000;
@@ -136,7 +136,17 @@ fn prepare(out: &OutArgs) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
-fn parse_seed(s: &str) -> Result<u64, String> {
+/// A `--seed` or `--rows` value that is not one (clap shows the message
+/// after "invalid value … for '--seed <SEED>'").
+#[derive(Debug, thiserror::Error)]
+enum ArgError {
+    #[error("`{0}` is not a seed: write a whole number from 0 to {max}, decimal or 0x-hex", max = u64::MAX)]
+    Seed(String),
+    #[error("`{0}` is not a row count: write a whole number from 1 to {MAX_ROWS}")]
+    Rows(String),
+}
+
+fn parse_seed(s: &str) -> Result<u64, ArgError> {
     let digits = s.replace('_', "");
     let parsed = match digits
         .strip_prefix("0x")
@@ -145,16 +155,11 @@ fn parse_seed(s: &str) -> Result<u64, String> {
         Some(hex) => u64::from_str_radix(hex, 16),
         None => digits.parse(),
     };
-    parsed.map_err(|_| {
-        format!(
-            "`{s}` is not a seed: write a whole number from 0 to {}, decimal or 0x-hex",
-            u64::MAX
-        )
-    })
+    parsed.map_err(|_| ArgError::Seed(s.to_string()))
 }
 
-fn parse_rows(s: &str) -> Result<usize, String> {
-    let bad = || format!("`{s}` is not a row count: write a whole number from 1 to {MAX_ROWS}");
+fn parse_rows(s: &str) -> Result<usize, ArgError> {
+    let bad = || ArgError::Rows(s.to_string());
     let rows: usize = s.replace('_', "").parse().map_err(|_| bad())?;
     if !(1..=MAX_ROWS).contains(&rows) {
         return Err(bad());

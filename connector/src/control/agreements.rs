@@ -231,8 +231,8 @@ impl Decision {
     }
 }
 
-fn status(e: AgreementError) -> Status {
-    match e {
+fn status(e: impl Into<AgreementError>) -> Status {
+    match e.into() {
         AgreementError::Invalid(m) => Status::invalid_argument(m),
         AgreementError::NotFound(m) => Status::not_found(m),
         AgreementError::WrongState(m) => Status::failed_precondition(m),

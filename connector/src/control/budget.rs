@@ -8,6 +8,7 @@ use sluice_proto::v1::{BudgetLine, GetBudgetRequest, GetBudgetResponse};
 use tonic::{Request, Response, Status};
 
 use crate::identity;
+use crate::query::QueryError;
 use sluice_privacy::Privacy;
 use sluice_privacy::ledger::{self, Balance};
 
@@ -41,7 +42,7 @@ impl BudgetService for Budgets {
             tokio::task::spawn_blocking(move || ledger.balances(Some(&owner), chrono::Utc::now()))
                 .await
                 .map_err(|e| Status::internal(format!("the ledger task failed: {e}")))?
-                .map_err(|e| Status::internal(format!("the privacy ledger failed: {e}")))?;
+                .map_err(|e| QueryError::from(sluice_privacy::PrivacyError::from(e)))?;
         let budgets = balances
             .iter()
             .filter(|b| wanted.is_empty() || b.dataset == wanted)

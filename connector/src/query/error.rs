@@ -346,6 +346,15 @@ impl From<sluice_privacy::PlanNoiseError> for QueryError {
     }
 }
 
+/// The agreement store cannot be read: the cause (a path, an SQLite
+/// error) stays in the provider's log.
+impl From<crate::agreements::AgreementStoreError> for QueryError {
+    fn from(e: crate::agreements::AgreementStoreError) -> Self {
+        tracing::error!(error = %e, "reading agreements failed");
+        QueryError::Internal("the agreement store cannot be read (see the connector log)".into())
+    }
+}
+
 impl From<Denial> for QueryError {
     fn from(d: Denial) -> Self {
         QueryError::Denied(d)

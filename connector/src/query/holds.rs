@@ -58,3 +58,77 @@ impl Holds {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::logical_expr::{EmptyRelation, LogicalPlan};
+    use sluice_policy::document::Quotas;
+    use sluice_policy::{Approval, DecisionRecord, QuotaCharge};
+
+    use super::Holds;
+    use crate::config::TenantCaps;
+    use crate::query::ticket::{PendingQueries, PendingQuery};
+    use crate::quota::QuotaStore;
+
+    fn pending(store: &Arc<QuotaStore>, charge: &QuotaCharge, principal: &str) -> PendingQuery {
+        let plan = LogicalPlan::EmptyRelation(EmptyRelation {
+            produce_one_row: false,
+            schema: Arc::new(datafusion::common::DFSchema::empty()),
+        });
+        PendingQuery {
+            principal_id: principal.into(),
+            organization: "Org".into(),
+            approval: Approval {
+                plan,
+                record: DecisionRecord::explain("v"),
+                dp: None,
+            },
+            schema: Arc::new(Schema::empty()),
+            plan_hash: vec![0; 32],
+            expires_at: SystemTime::now() + std::time::Duration::from_secs(60),
+            holds: Holds::new(Some(store.hold(charge, SystemTime::now()).unwrap()), None),
+        }
+    }
+
+    /// The last step of an issue can still fail after the holds were taken:
+    /// another request of the same principal took the last ticket first.
+    /// The refused pending query gives its hold back.
+    #[test]
+    fn a_ticket_refused_by_the_caps_gives_its_holds_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(QuotaStore::open(&dir.path().join("q.sqlite"), None).unwrap());
+        let charge = QuotaCharge {
+            key: "Org".into(),
+            quotas: Quotas {
+                queries_per_day: Some(10),
+                rows_per_day: None,
+            },
+        };
+        let caps = TenantCaps {
+            total: 10,
+            per_organization: 10,
+            per_principal: 1,
+            what: "tickets",
+            settings: ["a", "b", "c"],
+        };
+        let tickets = PendingQueries::new(caps);
+        let now = SystemTime::now();
+        tickets.insert(pending(&store, &charge, "p"), now).unwrap();
+        let refused = pending(&store, &charge, "p");
+        assert_eq!(store.held("Org", now), 2);
+        let error = tickets.insert(refused, now).unwrap_err();
+        assert!(error.to_string().contains("limits.c"), "{error}");
+        assert_eq!(
+            store.held("Org", now),
+            1,
+            "the refused ticket's hold came back"
+        );
+        tickets.withdraw_all();
+        assert_eq!(store.held("Org", now), 0);
+        assert_eq!(store.used("Org", now).unwrap().queries, 0);
+    }
+}

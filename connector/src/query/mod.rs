@@ -224,14 +224,9 @@ impl QueryEngine {
     ) -> Result<std::collections::BTreeMap<String, sluice_policy::ActiveAgreement>, QueryError>
     {
         let organization = audit::organization_key(principal);
-        self.agreements
-            .active(&organization, request.purpose.as_deref(), request.at)
-            .map_err(|e| {
-                tracing::error!(error = %e, "reading agreements failed");
-                QueryError::Internal(
-                    "the agreement store cannot be read (see the connector log)".into(),
-                )
-            })
+        Ok(self
+            .agreements
+            .active(&organization, request.purpose.as_deref(), request.at)?)
     }
 
     /// Tickets issued and not yet redeemed or expired.

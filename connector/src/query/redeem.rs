@@ -164,12 +164,7 @@ impl QueryEngine {
     pub(super) fn check_agreements(&self, decision: &DecisionRecord) -> Result<(), QueryError> {
         let now = SystemTime::now();
         for id in &decision.agreements {
-            let active = self.agreements.is_active(id, now).map_err(|e| {
-                tracing::error!(error = %e, "reading agreements failed");
-                QueryError::Internal(
-                    "the agreement store cannot be read (see the connector log)".into(),
-                )
-            })?;
+            let active = self.agreements.is_active(id, now)?;
             if !active {
                 return Err(QueryError::Denied(sluice_policy::Denial {
                     kind: sluice_policy::DenialKind::Precondition,

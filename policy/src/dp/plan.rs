@@ -35,7 +35,7 @@ use datafusion_functions_aggregate::sum::sum;
 
 use super::settings::{Budget, ColumnBounds, DpGrant};
 use crate::document::NoiseKind;
-use crate::rewrite::INTERNAL_PREFIX;
+use crate::internal::INTERNAL_PREFIX;
 
 /// Largest fixed-point magnitude of one clamped value (2^20): with at most
 /// 2^16 contributions per unit, sensitivities stay below 2^36 and noisy

@@ -1,6 +1,7 @@
-//! The guards, run the way `query::execute` runs a query: the connector's
-//! session, a per-query memory pool and deadline, optimisation (constant
-//! folding) under the query's guard, then execution.
+//! The function guards (`crate::guard`) in the connector's session, run the
+//! way `query::execute` runs a query: a per-query memory pool and
+//! deadline, optimisation (constant folding) under the query's guard, then
+//! execution.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,8 +12,8 @@ use datafusion::error::DataFusionError;
 use datafusion::physical_plan::collect;
 use datafusion::prelude::SessionContext;
 
-use super::*;
-use crate::catalog::{Catalog, ProcessMemory, query_pool, session_state};
+use super::{Catalog, ProcessMemory, query_pool, session_state};
+use crate::guard::*;
 
 /// A table `t` with a few short strings, a NULL, numbers and timestamps.
 const TABLE: &str = "CREATE TABLE t (s VARCHAR, n BIGINT, ts TIMESTAMP) AS VALUES \
@@ -89,7 +90,7 @@ fn refusal(result: Result<Vec<RecordBatch>, DataFusionError>) -> GuardError {
 #[tokio::test]
 async fn legitimate_calls_answer_as_plain_datafusion_does() {
     // DataFusion's own session with the connector's settings.
-    let plain = SessionContext::new_with_config(crate::catalog::session_config());
+    let plain = SessionContext::new_with_config(super::session_config());
     plain.sql(TABLE).await.unwrap().collect().await.unwrap();
     let guarded = guarded_context().await;
     for sql in [
@@ -257,7 +258,7 @@ async fn a_long_call_stops_at_the_deadline() {
     )
     .await
     .unwrap_err();
-    assert!(super::deadline::is_deadline(&err), "{err}");
+    assert!(crate::guard::deadline::is_deadline(&err), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -400,13 +401,6 @@ async fn server_disclosing_and_table_functions_are_gone() {
         );
         assert!(started.elapsed() < Duration::from_secs(1), "{sql}");
     }
-}
-
-#[test]
-fn sizes_in_messages() {
-    assert_eq!(bytes(16 << 20), "16 MiB");
-    assert_eq!(bytes(30_000_000_000), "30000000000 bytes (27.9 GiB)");
-    assert_eq!(bytes(12), "12 bytes");
 }
 
 /// `WITH a0 AS (<start>), a1 AS (SELECT <step> AS s FROM a0), …` for
