@@ -5,29 +5,34 @@
 //! against the provider's rules, runs it beside the data and streams back
 //! only what may leave.
 //!
-//! The modules follow the life of a query:
+//! The daemon joins the three pillars: `sluice_policy` (controllable),
+//! `sluice_privacy` (private) and `sluice_audit` (traceable), over the wire
+//! contract in `sluice_proto`. The modules follow the life of a query:
 //!
 //! | step | module |
 //! |---|---|
-//! | 1. identity: the principal from the client certificate | [`identity`] |
+//! | 1. identity: the principal from the client certificate | [`identity`], [`relay`] |
 //! | 2. plan: SQL → analyzed `LogicalPlan` | [`query::plan`] |
 //! | 3–4. decision and rewrite: the usage policy on the plan | [`usage_policy`] (loading, reload) and `sluice_policy` (the engine) |
-//! | quotas per organization and day | [`quota`] |
+//! | holds: a day's query ([`quota`]) and the DP budget | `query::holds` |
 //! | 5. signed, single-use ticket | [`query::ticket`] |
-//! | 6. execution under memory and time limits | [`query::execute`] |
+//! | 6. execution under memory and time limits | [`query::execute`], [`guard`] |
 //! | 7. release: the advertised schema, exactly | [`query::release`] |
-//! | 7a. differential privacy: bounded statistics + OpenDP noise | [`privacy`] |
-//! | 8. privacy budget: reserved before reading, in SQLite | [`ledger`] |
-//! | 9. audit: hash-chained, signed records; receipts for consumers | [`audit`] |
+//! | 7a. differential privacy: bounded statistics + OpenDP noise | `query::private` and `sluice_privacy` |
+//! | 8. privacy budget: reserved before reading, in SQLite | `sluice_privacy::ledger` |
+//! | 9. audit: hash-chained, signed records; receipts for consumers | [`audit`] and `sluice_audit` |
 //!
-//! The control plane: [`catalog`] and `control::catalog` (what is offered),
-//! [`agreements`] (contracts a grant may require), [`audit`] (receipts).
+//! GetFlightInfo is `query::issue`, DoGet `query::redeem`: each reads as
+//! its steps. The control plane: [`catalog`] and `control::catalog` (what
+//! is offered), [`agreements`] (contracts a grant may require), [`audit`]
+//! (receipts).
 //!
 //! Around them: [`flight`] (the Flight SQL protocol), [`control`] (Sluice's
-//! own gRPC services), [`catalog`] (datasets as tables), [`server`]
-//! (assembly, TLS, shutdown), [`config`], [`state`] (dev PKI and demo data),
-//! [`pki`] (`sluice certs`), [`metrics`], [`telemetry`], [`client`] and
-//! [`cli`].
+//! own gRPC services), [`broker`] (federation), [`server`] (built first,
+//! then served and drained), [`config`], [`state`] (the state directory),
+//! [`dev`] (development PKI and demo data), [`pki`] (`sluice certs`),
+//! [`metrics`], [`telemetry`], [`blocking`] and [`client`]. The command
+//! line is in the binary (`src/main.rs`, `src/cli/`).
 
 pub mod agreements;
 pub mod audit;
