@@ -29,6 +29,12 @@ if [[ $which != --rust ]]; then
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 fi
 
+if [[ $which != --python ]] && ! compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null; then
+    # connector/tests/faults.rs moves the daemon's wall clock with libfaketime.
+    step "libfaketime (Debian package faketime) for the clock-fault tests"
+    apt-get update && apt-get install -y faketime
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -56,5 +62,7 @@ if [[ $which != --rust ]]; then
     SLUICE_BIN=$CARGO_TARGET_DIR/debug/sluice SLUICE_TEST_STATE_DIR=$STATE_DIR \
         "$VENV/bin/python" -m pytest tests/python -q -p no:cacheprovider
 fi
+
+[[ $which == --python ]] || { step "coverage-guided fuzzing, a minute in all (tests/fuzz.sh --ci; cold build ~50 min)"; tests/fuzz.sh --ci; }
 
 step "all tests passed in $((SECONDS - started)) s"

@@ -80,6 +80,41 @@ pub enum StoreError {
     )]
     MisplacedRecord { seq: u64, found: u64, path: PathBuf },
 
+    /// At open, a complete line of the log is not the next record of the
+    /// chain: unreadable, out of order, not chained to the one before, or
+    /// changed since it was written.
+    #[error(
+        "the audit log {} is damaged at line {line}: {reason}. The connector does not append to a \
+         damaged chain: run `sluice audit verify` to see it, restore it from a backup (or move it \
+         aside, keeping it as evidence, to start a new log), and start again",
+        .path.display()
+    )]
+    DamagedRecord {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+
+    /// At open, the signing key is missing but the log has records.
+    #[error(
+        "the audit signing key {} is missing, but the audit log {} has records signed with it: \
+         restore it from a backup, and start again (a new key could not continue the chain, so \
+         the connector does not make one)",
+        .key.display(),
+        .path.display()
+    )]
+    KeyMissing { key: PathBuf, path: PathBuf },
+
+    /// At open, the log is missing but its signing key is there.
+    #[error(
+        "the audit log {} is missing, but its signing key {} is there: the log was deleted or \
+         moved. Restore it from a backup, and start again; to start a new log deliberately (its \
+         records begin again at 0), create an empty file there",
+        .path.display(),
+        .key.display()
+    )]
+    LogMissing { path: PathBuf, key: PathBuf },
+
     /// At open, the last line is not a signed record.
     #[error(
         "the last record of the audit log {} (line {line}) cannot be read; run `sluice audit verify`: {cause}",
@@ -184,7 +219,8 @@ pub enum KeyError {
 
     /// The private key file is not an Ed25519 PKCS#8 key.
     #[error(
-        "the audit signing key {} is not a valid Ed25519 PKCS#8 key ({reason})",
+        "the audit signing key {} is not a valid Ed25519 PKCS#8 key ({reason}): restore it from a \
+         backup (a new key could not continue the log's chain)",
         .path.display()
     )]
     Invalid { path: PathBuf, reason: String },

@@ -11,11 +11,12 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::encoding::to_hex;
 use crate::error::StoreError;
-use crate::files::sync_parent;
-use crate::key::AuditKey;
+use crate::files::{create_private_dir, sync_parent};
+use crate::key::{AuditKey, KEY_FILE};
 use crate::notice::{self, Notice};
 use crate::record::{
-    Entry, Head, Receipt, Record, SignedRecord, ZERO_HASH, seq_of_receipt, sign_record,
+    Entry, Head, Receipt, Record, SignedRecord, ZERO_HASH, canonical_hash, seq_of_receipt,
+    sign_record,
 };
 use crate::verify::verify_record;
 
@@ -90,8 +91,8 @@ impl AuditLog {
         dir: &Path,
         on_notice: impl Fn(&Notice) + Send + Sync + 'static,
     ) -> Result<AuditLog, StoreError> {
-        let key = AuditKey::load_or_create_with_notices(dir, &on_notice)?;
         let path = dir.join(LOG_FILE);
+        let key = open_key_and_log(dir, &path, &on_notice)?;
         let file = open_for_append(&path, &on_notice)?;
         // Under the file lock: another process may be mid-append, and its
         // unfinished line is not a torn tail.
@@ -459,6 +460,43 @@ fn check_finite(entry: &Entry) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Loads the signing key, creating it with the log on first use. A key
+/// is never created for a log that has records (they could not chain on
+/// to it), and a log is never created anew beside its key (its records
+/// would be lost without a trace): both mean a file was lost, and are
+/// refused. On a new directory the log comes first, so that a crash
+/// between the two leaves an empty log, which a later start completes.
+fn open_key_and_log(
+    dir: &Path,
+    path: &Path,
+    on_notice: &dyn Fn(&Notice),
+) -> Result<AuditKey, StoreError> {
+    let key_path = dir.join(KEY_FILE);
+    create_private_dir(dir)?;
+    let had_key = key_path.symlink_metadata().is_ok();
+    match path.symlink_metadata() {
+        Ok(log) if !had_key && log.is_file() && log.len() > 0 => {
+            return Err(StoreError::KeyMissing {
+                key: key_path,
+                path: path.to_path_buf(),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound && had_key => {
+            // A damaged key is reported as such first.
+            AuditKey::load_or_create_with_notices(dir, on_notice)?;
+            return Err(StoreError::LogMissing {
+                path: path.to_path_buf(),
+                key: key_path,
+            });
+        }
+        _ => {}
+    }
+    if !had_key {
+        drop(open_for_append(path, on_notice)?);
+    }
+    Ok(AuditKey::load_or_create_with_notices(dir, on_notice)?)
+}
+
 /// Opens the log for appending (and reading, for the index), 0600 if new.
 fn open_for_append(path: &Path, notify: &dyn Fn(&Notice)) -> Result<File, StoreError> {
     let mut options = OpenOptions::new();
@@ -473,11 +511,18 @@ fn open_for_append(path: &Path, notify: &dyn Fn(&Notice)) -> Result<File, StoreE
     Ok(file)
 }
 
-/// One pass over the file: line offsets, and the last complete line.
+/// One pass over the file: line offsets and the last complete line, and
+/// the chain checked on the way: every complete line must be the next
+/// record, chained to the one before, with the hash of its own content
+/// (signatures are not checked here: the last record's is, by
+/// [`resume_point`], and through the chain of hashes it vouches for every
+/// record before it). A damaged record anywhere is
+/// [`StoreError::DamagedRecord`]: nothing is appended to a broken chain.
 fn index_lines(file: &File, path: &Path) -> Result<LineIndex, StoreError> {
     let mut reader = BufReader::with_capacity(1 << 16, file);
     let mut index = LineIndex::default();
     let mut line = Vec::new();
+    let mut previous = ZERO_HASH.to_string();
     loop {
         line.clear();
         let read = reader
@@ -490,10 +535,88 @@ fn index_lines(file: &File, path: &Path) -> Result<LineIndex, StoreError> {
         if read == 0 || !line.ends_with(b"\n") {
             return Ok(index);
         }
+        let seq = index.offsets.len() as u64;
+        previous = chained(&line[..line.len() - 1], seq, &previous).map_err(|reason| {
+            StoreError::DamagedRecord {
+                path: path.to_path_buf(),
+                line: index.offsets.len() + 1,
+                reason: reason.to_string(),
+            }
+        })?;
         index.offsets.push(index.complete_len);
         index.complete_len += read as u64;
         std::mem::swap(&mut index.last_line, &mut line);
     }
+}
+
+/// Why a complete line of the log is not the next record of the chain.
+#[derive(Debug, thiserror::Error)]
+enum Damage {
+    #[error("the record there cannot be read ({0})")]
+    Unreadable(serde_json::Error),
+    #[error(
+        "it holds record {found} where record {seq} belongs: a record is missing or out of order"
+    )]
+    OutOfOrder { found: u64, seq: u64 },
+    #[error(
+        "record {seq} does not chain to the record before it (its prev_hash is not that record's hash)"
+    )]
+    Unchained { seq: u64 },
+    #[error("record {seq}'s content changed after it was written (its hash does not match)")]
+    ContentChanged { seq: u64 },
+}
+
+/// Checks that `line` holds record `seq`, chained to `previous` (a hash),
+/// with the hash of its own content; returns that hash. A line as the
+/// store writes it is checked on its bytes: the record's canonical JSON
+/// is the text between `{"record":` and `,"hash":"`, so no parsing is
+/// needed. Anything else is parsed and checked in full (as `audit
+/// verify` does), and only what fails that is damage.
+fn chained(line: &[u8], seq: u64, previous: &str) -> Result<String, Damage> {
+    if let Some(hash) = chained_as_written(line, seq, previous) {
+        return Ok(hash);
+    }
+    let signed: SignedRecord = serde_json::from_slice(line).map_err(Damage::Unreadable)?;
+    let record = &signed.record;
+    if record.seq != seq {
+        return Err(Damage::OutOfOrder {
+            found: record.seq,
+            seq,
+        });
+    }
+    if record.prev_hash != previous {
+        return Err(Damage::Unchained { seq });
+    }
+    if to_hex(&canonical_hash(record)) != signed.hash {
+        return Err(Damage::ContentChanged { seq });
+    }
+    Ok(signed.hash)
+}
+
+/// [`chained`] on the bytes of a line in the store's own layout; `None`
+/// when the line is laid out otherwise or any check fails.
+fn chained_as_written(line: &[u8], seq: u64, previous: &str) -> Option<String> {
+    const HASH: &[u8] = br#","hash":""#;
+    const PREV: &[u8] = br#","prev_hash":""#;
+    let rest = line.strip_prefix(br#"{"record":"#)?;
+    let split = rest.windows(HASH.len()).rposition(|w| w == HASH)?;
+    let record = &rest[..split];
+    let hash = rest.get(split + HASH.len()..split + HASH.len() + 64)?;
+    if rest.get(split + HASH.len() + 64) != Some(&b'"')
+        || !hash.iter().all(|b| crate::encoding::is_lower_hex(*b))
+    {
+        return None;
+    }
+    if !record.starts_with(format!(r#"{{"seq":{seq},"#).as_bytes()) {
+        return None;
+    }
+    let at = record.windows(PREV.len()).position(|w| w == PREV)? + PREV.len();
+    if record.get(at..at + 64)? != previous.as_bytes() || record.get(at + 64) != Some(&b'"') {
+        return None;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, record);
+    let hash = std::str::from_utf8(hash).ok()?;
+    (to_hex(digest.as_ref()) == hash).then(|| hash.to_string())
 }
 
 /// Cuts off a last line without its newline: the write that made it never

@@ -434,3 +434,65 @@ fn non_finite_values_are_refused() {
     assert_eq!(log.head().records, 1);
     assert_clean(&log, 1);
 }
+
+#[test]
+fn open_refuses_a_damaged_record_anywhere_in_the_chain() {
+    let (dir, log, _) = log_with(5);
+    let path = log.path().to_path_buf();
+    drop(log);
+    let damaged = |edit: &dyn Fn(&str) -> String| {
+        let original = fs::read(&path).expect("read");
+        edit_line(&path, 1, edit);
+        let err = AuditLog::open(dir.path()).expect_err("must refuse");
+        fs::write(&path, original).expect("restore");
+        assert!(
+            matches!(err, StoreError::DamagedRecord { line: 2, .. }),
+            "{err:?}"
+        );
+        err.to_string()
+    };
+    let text = damaged(&|l| l.replace(r#""rows":1001"#, r#""rows":1009"#));
+    assert!(text.contains("record 1's content changed"), "{text}");
+    assert!(text.contains("sluice audit verify"), "{text}");
+    assert!(text.contains("restore it from a backup"), "{text}");
+    let text = damaged(&|l| l[..l.len() / 2].to_string());
+    assert!(text.contains("cannot be read"), "{text}");
+    let text = damaged(&|l| l.replace(r#""seq":1,"#, r#""seq":7,"#));
+    assert!(
+        text.contains("holds record 7 where record 1 belongs"),
+        "{text}"
+    );
+    // The same record laid out differently (as a hand-edited log may be)
+    // is still the same record: checked in full, not refused.
+    edit_line(&path, 1, |l| {
+        let value: serde_json::Value = serde_json::from_str(l).expect("json");
+        serde_json::to_string_pretty(&value)
+            .expect("json")
+            .replace('\n', " ")
+    });
+    let log = AuditLog::open(dir.path()).expect("a re-laid-out record still chains");
+    log.append(entry(5)).expect("append");
+    assert_eq!(log.head().records, 6);
+}
+
+#[test]
+fn open_refuses_a_lost_key_or_a_lost_log() {
+    let (dir, log, _) = log_with(2);
+    drop(log);
+    let key = dir.path().join(KEY_FILE);
+    let saved = fs::read(&key).expect("key");
+    fs::remove_file(&key).expect("remove key");
+    let err = AuditLog::open(dir.path()).expect_err("no new key over a log with records");
+    assert!(matches!(err, StoreError::KeyMissing { .. }), "{err:?}");
+    assert!(!key.exists(), "no key was made");
+    fs::write(&key, saved).expect("restore key");
+    let log_file = dir.path().join(LOG_FILE);
+    fs::rename(&log_file, dir.path().join("moved.jsonl")).expect("move log");
+    let err = AuditLog::open(dir.path()).expect_err("no new log beside its key");
+    assert!(matches!(err, StoreError::LogMissing { .. }), "{err:?}");
+    assert!(!log_file.exists(), "no log was made");
+    // An empty file is the operator starting a new log on purpose.
+    fs::write(&log_file, "").expect("empty log");
+    let log = AuditLog::open(dir.path()).expect("a new log, deliberately");
+    assert_eq!(log.head().records, 0);
+}

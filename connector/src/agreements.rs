@@ -109,16 +109,26 @@ impl From<AgreementStoreError> for AgreementError {
 /// not the request.
 #[derive(Debug, thiserror::Error)]
 pub enum AgreementStoreError {
-    /// The file could not be opened as an agreement store.
+    /// The file could not be opened at all (a directory in its place, a
+    /// directory that does not exist, no permission).
     #[error(
-        "opening the agreement store {} (is it an SQLite file this connector wrote?)",
+        "cannot open the agreement store {}: {cause}. Check that it is a file this connector may \
+         read and write (not a directory) and that its directory exists",
         path.display()
     )]
     Open {
         path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
+    /// The file is not a readable SQLite database, or SQLite's integrity
+    /// check found damage in it.
+    #[error(
+        "the agreement store {} is damaged or not an SQLite database ({detail}). It holds the \
+         agreements consumers were granted: restore it from a backup, and start again (the \
+         connector does not replace it with an empty one)",
+        path.display()
+    )]
+    Damaged { path: PathBuf, detail: String },
     /// A read or write failed.
     #[error("{}: {error}", path.display())]
     Database {
@@ -158,20 +168,48 @@ CREATE INDEX IF NOT EXISTS agreements_by_org ON agreements (organization, state)
 ";
 
 impl Agreements {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path`, after SQLite's integrity
+    /// check (`quick_check`): a damaged store is refused, never replaced.
     pub fn open(path: &Path) -> Result<Self, AgreementStoreError> {
-        let open = || -> rusqlite::Result<Connection> {
+        let open = || -> rusqlite::Result<(Connection, Vec<String>)> {
             let db = Connection::open(path)?;
             db.pragma_update(None, "journal_mode", "WAL")?;
             db.pragma_update(None, "synchronous", "FULL")?;
             db.busy_timeout(Duration::from_secs(10))?;
+            let findings = db
+                .prepare("PRAGMA quick_check(5)")?
+                .query_map([], |row| row.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if findings != ["ok"] {
+                return Ok((db, findings));
+            }
             db.execute_batch(SCHEMA)?;
-            Ok(db)
+            Ok((db, Vec::new()))
         };
-        let db = open().map_err(|source| AgreementStoreError::Open {
+        let damaged = |detail: String| AgreementStoreError::Damaged {
             path: path.to_path_buf(),
-            source,
-        })?;
+            detail,
+        };
+        let db = match open() {
+            Ok((db, findings)) if findings.is_empty() => db,
+            Ok((_, findings)) => {
+                return Err(damaged(format!(
+                    "SQLite's integrity check reports {}",
+                    findings.join("; ")
+                )));
+            }
+            Err(cause) => match cause.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                    return Err(damaged(cause.to_string()));
+                }
+                _ => {
+                    return Err(AgreementStoreError::Open {
+                        path: path.to_path_buf(),
+                        cause,
+                    });
+                }
+            },
+        };
         Ok(Self {
             db: Mutex::new(db),
             path: path.to_path_buf(),

@@ -42,6 +42,10 @@ use crate::guard;
 
 use crate::config::{DatasetConfig, DatasetFormat};
 
+mod source;
+
+pub use source::{SourceError, SourceFault, find_source_error};
+
 /// Catalog and schema every dataset lives in.
 pub const CATALOG: &str = "sluice";
 pub const SCHEMA: &str = "public";
@@ -100,9 +104,11 @@ impl Catalog {
     /// Registers every dataset; fails naming the dataset and path that could
     /// not be opened.
     pub async fn open(datasets: &[DatasetConfig]) -> Result<Self, CatalogError> {
-        let ctx = SessionContext::new_with_state(session_state()?);
+        let sources = source::Sources::default();
+        let ctx = SessionContext::new_with_state(session_state_reading(sources.clone())?);
         let mut served = Vec::with_capacity(datasets.len());
         for ds in datasets {
+            sources.add(&ds.name, &ds.path);
             register(&ctx, ds)
                 .await
                 .map_err(|source| CatalogError::Dataset {
@@ -247,15 +253,29 @@ impl MemoryPool for QueryPool {
     }
 }
 
+/// [`session_state_reading`] with no datasets, for tests.
+#[cfg(test)]
+pub(crate) fn session_state() -> Result<SessionState> {
+    session_state_reading(source::Sources::default())
+}
+
 /// DataFusion's default session with the connector's changes (see the
 /// module documentation): guarded scalar functions and the rule that
 /// guards every call first, no server-disclosing functions, no table
-/// functions.
-pub(crate) fn session_state() -> Result<SessionState> {
+/// functions; the files of `sources` read through
+/// [`source::SourceStore`], their failures named by dataset
+/// ([`source::NameSourceFailures`], the last physical optimizer rule).
+fn session_state_reading(sources: source::Sources) -> Result<SessionState> {
+    let runtime = base_runtime()?;
+    runtime.register_object_store(
+        datafusion::datasource::object_store::ObjectStoreUrl::local_filesystem().as_ref(),
+        Arc::new(source::SourceStore::new(sources.clone())),
+    );
     let mut builder = SessionStateBuilder::new()
         .with_config(session_config())
-        .with_runtime_env(base_runtime()?)
-        .with_default_features();
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(source::NameSourceFailures { sources }));
     let defaults = builder.scalar_functions().take().unwrap_or_default();
     let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![Arc::new(guard::GuardCalls)];
     rules.extend(Optimizer::new().rules);

@@ -104,11 +104,18 @@ pub struct Limits {
     pub total_query_memory: usize,
     /// Wall-clock limit from the start of execution to the last batch.
     pub query_timeout: Duration,
-    /// Queries executing at once; further queries wait (up to their timeout).
+    /// Queries executing at once; further queries wait in a bounded queue.
     pub max_concurrent_queries: usize,
     /// Of those, how many one organization may run at once (also the cap
     /// on its statements being planned at once).
     pub max_concurrent_queries_per_organization: usize,
+    /// Queries that may wait for an execution (or planning) slot, in all;
+    /// beyond it a query is refused at once with RESOURCE_EXHAUSTED.
+    pub max_queued_queries: usize,
+    /// Of those, how many of one organization.
+    pub max_queued_queries_per_organization: usize,
+    /// Longest wait for a slot before RESOURCE_EXHAUSTED.
+    pub queue_timeout: Duration,
     /// Longest SQL text accepted, in bytes.
     pub max_sql_bytes: usize,
     /// How long a ticket from GetFlightInfo stays redeemable.
@@ -246,6 +253,9 @@ impl Default for Limits {
             query_timeout: Duration::from_secs(300),
             max_concurrent_queries: 16,
             max_concurrent_queries_per_organization: 4,
+            max_queued_queries: 64,
+            max_queued_queries_per_organization: 16,
+            queue_timeout: Duration::from_secs(10),
             max_sql_bytes: 256 * 1024,
             ticket_ttl: Duration::from_secs(300),
             tickets: TenantCaps {
@@ -426,6 +436,9 @@ struct RawLimits {
     query_timeout: Option<String>,
     max_concurrent_queries: Option<usize>,
     max_concurrent_queries_per_organization: Option<usize>,
+    max_queued_queries: Option<usize>,
+    max_queued_queries_per_organization: Option<usize>,
+    queue_timeout: Option<String>,
     max_sql_bytes: Option<String>,
     ticket_ttl: Option<String>,
     max_outstanding_tickets: Option<usize>,
@@ -690,6 +703,16 @@ fn parse_limits(raw: RawLimits) -> Result<Limits, (String, String)> {
             raw.max_concurrent_queries_per_organization,
             d.max_concurrent_queries_per_organization,
         )?,
+        // Zero is allowed: no queue, a query finding every slot taken is
+        // refused at once.
+        max_queued_queries: raw.max_queued_queries.unwrap_or(d.max_queued_queries),
+        max_queued_queries_per_organization: raw
+            .max_queued_queries_per_organization
+            .unwrap_or(d.max_queued_queries_per_organization),
+        queue_timeout: match raw.queue_timeout {
+            Some(s) => parse_duration(&s).map_err(field("queue_timeout"))?,
+            None => d.queue_timeout,
+        },
         tickets: TenantCaps {
             total: positive(
                 TICKET_SETTINGS[0],

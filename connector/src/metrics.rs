@@ -11,6 +11,10 @@
 //! | `sluice_result_bytes_total` | counter | encoded Flight bytes sent |
 //! | `sluice_active_queries` | gauge | |
 //! | `sluice_rpc_errors_total` | counter | `method`, `code` |
+//! | `sluice_open_connections` | gauge | client connections open (TLS handshakes included) |
+//! | `sluice_process_resident_memory_bytes` | gauge | the daemon's RSS, read at scrape time |
+//! | `sluice_process_open_fds` | gauge | open file descriptors, read at scrape time |
+//! | `sluice_process_threads` | gauge | OS threads, read at scrape time |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +31,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::connections::OpenConnections;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -48,6 +54,67 @@ pub struct Metrics {
     pub result_bytes: Counter,
     pub active_queries: Gauge,
     pub rpc_errors: Family<RpcErrorLabel, Counter>,
+    /// Counts accepted sockets until they close; the server tracks its
+    /// connections with it.
+    pub connections: OpenConnections,
+    process: ProcessGauges,
+}
+
+/// What the process holds, read from `/proc/self` at each scrape.
+#[derive(Default)]
+struct ProcessGauges {
+    open_connections: Gauge,
+    resident_memory: Gauge,
+    open_fds: Gauge,
+    threads: Gauge,
+}
+
+impl ProcessGauges {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "open_connections",
+            "Client connections open, TLS handshakes in progress included",
+            self.open_connections.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the daemon",
+            self.resident_memory.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors of the daemon",
+            self.open_fds.clone(),
+        );
+        registry.register(
+            "process_threads",
+            "OS threads of the daemon",
+            self.threads.clone(),
+        );
+    }
+
+    /// Reads the gauges afresh. On a system without `/proc` they stay 0.
+    fn refresh(&self, connections: &OpenConnections) {
+        self.open_connections.set(connections.count() as i64);
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|n| n.parse::<i64>().ok())
+            };
+            if let Some(kib) = field("VmRSS:") {
+                self.resident_memory.set(kib * 1024);
+            }
+            if let Some(n) = field("Threads:") {
+                self.threads.set(n);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -102,6 +169,8 @@ impl Metrics {
             "Failed RPCs by method and gRPC status code",
             rpc_errors.clone(),
         );
+        let process = ProcessGauges::default();
+        process.register(&mut registry);
         Self {
             registry,
             queries,
@@ -111,6 +180,8 @@ impl Metrics {
             result_bytes,
             active_queries,
             rpc_errors,
+            connections: OpenConnections::default(),
+            process,
         }
     }
 
@@ -133,6 +204,7 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
+        self.process.refresh(&self.connections);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -213,5 +285,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("sluice_result_rows_total 5"), "{text}");
+    }
+
+    #[test]
+    fn process_gauges_are_read_at_scrape_time() {
+        let m = Metrics::new();
+        let text = m.render();
+        let value = |name: &str| -> i64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing: {text}"))
+        };
+        assert!(value("sluice_process_resident_memory_bytes") > 1 << 20);
+        assert!(value("sluice_process_open_fds") >= 3);
+        assert!(value("sluice_process_threads") >= 1);
+        assert_eq!(value("sluice_open_connections"), 0);
     }
 }

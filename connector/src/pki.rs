@@ -166,6 +166,39 @@ fn set_validity(params: &mut CertificateParams, validity: Validity) {
     params.not_after = validity.not_after;
 }
 
+/// Checks that `cert` holds a PEM X.509 certificate and `key` a PEM
+/// (PKCS#8) private key whose public half is the certificate's, naming
+/// the file at fault. TLS would otherwise find out only when it serves,
+/// with a message that names neither file.
+pub fn check_pair(cert: &Path, key: &Path) -> Result<()> {
+    let cert_pem = fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let key_pem = fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+    let not_a_certificate = || {
+        anyhow::anyhow!(
+            "{} is not a usable certificate (expected a PEM X.509 certificate)",
+            cert.display()
+        )
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&cert_pem).map_err(|_| not_a_certificate())?;
+    let parsed = pem.parse_x509().map_err(|_| not_a_certificate())?;
+    let pair = KeyPair::from_pem(&key_pem).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a usable private key (expected PEM, PKCS#8): {e}",
+            key.display()
+        )
+    })?;
+    if rcgen::PublicKeyData::der_bytes(&pair)
+        != parsed.public_key().subject_public_key.data.as_ref()
+    {
+        bail!(
+            "{} does not belong to {} (their public keys differ)",
+            key.display(),
+            cert.display()
+        );
+    }
+    Ok(())
+}
+
 /// Paths of a certificate and key named `name` in `dir`: `NAME.pem`, `NAME.key`.
 pub fn pair_paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (
@@ -220,4 +253,31 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     }
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pair_is_checked_file_by_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = create_ca("test CA", None, Validity::days_from_now(1)).unwrap();
+        let (cert, key) = write_pair(dir.path(), "ca", &ca, false).unwrap();
+        check_pair(&cert, &key).unwrap();
+        let other = create_ca("other", None, Validity::days_from_now(1)).unwrap();
+        let (_, other_key) = write_pair(dir.path(), "other", &other, false).unwrap();
+        let wrong = check_pair(&cert, &other_key).unwrap_err().to_string();
+        assert!(wrong.contains("does not belong to"), "{wrong}");
+        fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let bad_key = check_pair(&cert, &key).unwrap_err().to_string();
+        assert!(bad_key.contains("not a usable private key"), "{bad_key}");
+        fs::write(&cert, "hello").unwrap();
+        let bad_cert = check_pair(&cert, &other_key).unwrap_err().to_string();
+        assert!(bad_cert.contains("not a usable certificate"), "{bad_cert}");
+    }
 }

@@ -169,13 +169,19 @@ impl Assertion {
     }
 
     fn check_time(&self, now: i64) -> Result<(), AssertionError> {
-        if self.exp - self.iat > ASSERTION_LIFETIME_SECS {
+        // `iat` and `exp` are whatever the payload says, any i64: computed
+        // in i128 they cannot overflow (in i64, `exp - iat` panicked in a
+        // debug build, and in a release build wrapped to a negative
+        // lifetime that passed, admitting an assertion that never expires;
+        // found by fuzz/fuzz_targets/on_behalf_of.rs).
+        let (iat, exp, now) = (i128::from(self.iat), i128::from(self.exp), i128::from(now));
+        if exp - iat > i128::from(ASSERTION_LIFETIME_SECS) {
             return Err(AssertionError::LifetimeTooLong);
         }
-        if now > self.exp + CLOCK_SKEW_SECS {
+        if now > exp + i128::from(CLOCK_SKEW_SECS) {
             return Err(AssertionError::Expired);
         }
-        if self.iat > now + CLOCK_SKEW_SECS {
+        if iat > now + i128::from(CLOCK_SKEW_SECS) {
             return Err(AssertionError::IssuedInFuture);
         }
         Ok(())
@@ -400,6 +406,62 @@ mod tests {
                 .to_string()
                 .contains("lifetime")
         );
+    }
+
+    /// Regression (fuzz/fuzz_targets/on_behalf_of.rs): times at the ends of
+    /// i64 overflowed `exp - iat` and `exp + skew`: a panic in a debug
+    /// build, and in a release build a lifetime that wrapped negative and
+    /// passed, so that an assertion claiming `exp` near i64::MAX never
+    /// expired.
+    #[test]
+    fn extreme_times_are_refused_without_overflow() {
+        let now = 1_800_000_000;
+        let at = |iat: i64, exp: i64| Assertion {
+            sub: "x".into(),
+            organization: None,
+            common_name: None,
+            san_uris: vec![],
+            iat,
+            exp,
+            nonce: "00".into(),
+        };
+        for (iat, exp) in [
+            (i64::MIN, i64::MAX),
+            (-200, i64::MAX - 100),
+            (i64::MIN, now),
+            (-1, i64::MAX),
+        ] {
+            let err = at(iat, exp).check_time(now).unwrap_err();
+            assert!(
+                matches!(err, AssertionError::LifetimeTooLong),
+                "{iat} {exp}: {err}"
+            );
+        }
+        let err = at(i64::MAX - 10, i64::MAX).check_time(now).unwrap_err();
+        assert!(matches!(err, AssertionError::IssuedInFuture), "{err}");
+        let err = at(i64::MIN, i64::MIN + 10).check_time(now).unwrap_err();
+        assert!(matches!(err, AssertionError::Expired), "{err}");
+        let err = at(now, now).check_time(i64::MAX).unwrap_err();
+        assert!(matches!(err, AssertionError::Expired), "{err}");
+        let err = at(now, now).check_time(i64::MIN).unwrap_err();
+        assert!(matches!(err, AssertionError::IssuedInFuture), "{err}");
+    }
+
+    /// The same through `verify`, with a payload the broker's key signed.
+    #[test]
+    fn a_signed_assertion_that_never_expires_is_refused() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["broker".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&key.serialize_der()).unwrap();
+        let payload = URL_SAFE_NO_PAD.encode(
+            br#"{"sub":"spiffe://city.example/org/planning","iat":-200,"exp":9223372036854775707,"nonce":"00"}"#,
+        );
+        let sig = URL_SAFE_NO_PAD.encode(pair.sign(&signed_message(&payload)));
+        let err = Assertion::verify(&format!("v1.{payload}.{sig}"), cert.der()).unwrap_err();
+        assert!(matches!(err, AssertionError::LifetimeTooLong), "{err}");
     }
 
     #[test]

@@ -37,8 +37,17 @@ use crate::usage_policy::PolicyHandle;
 use sluice_privacy::Privacy;
 use sluice_privacy::ledger::Ledger;
 
-/// TLS handshakes that take longer are dropped.
+/// TLS handshakes that take longer are dropped: a peer that connects and
+/// never finishes its handshake holds a socket for at most this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Peers that vanish without closing (a crashed client, a dropped NAT
+/// entry) are found by keepalive probes: TCP after a minute idle, HTTP/2
+/// PING every 30 s with 20 s to answer. Their streams are then cancelled
+/// and whatever they held (an execution slot, memory) comes back.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves until SIGTERM/SIGINT, then drains in-flight streams for up to
 /// `server.shutdown_grace`. Queries execute on `query_runtime`.
@@ -209,13 +218,17 @@ impl Listening {
         report_serving(&health).await;
         spawn_background(&app, stopped.clone());
         let (reflection_v1, reflection_v1alpha) = reflection()?;
-        let open = OpenConnections::default();
+        let open = app.metrics.connections.clone();
         let tracker = open.clone();
         let incoming = futures::StreamExt::map(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(TCP_KEEPALIVE)),
             move |accepted| accepted.map(|socket| tracker.track(socket)),
         );
         let server = Server::builder()
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .tls_config(app.tls.clone())
             .context("configuring TLS")?
             .layer(InterceptorLayer::new(identity::authenticate))
@@ -295,6 +308,8 @@ fn log_policy(policy: &PolicyHandle) {
 
 /// The ledger, the quota counters, the agreements and the audit log.
 fn open_books(state: &StateDir, audit_off: bool) -> Result<Books> {
+    // A lost ledger is never silently replaced by an empty one.
+    state.check_books()?;
     // The ledger first: the quota counters share its database.
     let ledger = Arc::new(Ledger::open(&state.ledger_file())?);
     Ok(Books {
@@ -393,14 +408,25 @@ pub(crate) fn server_tls(files: &TlsConfig) -> Result<ServerTlsConfig> {
     let read = |p: &PathBuf, what: &str| {
         std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
     };
-    Ok(ServerTlsConfig::new()
+    let config = ServerTlsConfig::new()
         .identity(Identity::from_pem(
             read(&files.cert, "server certificate")?,
             read(&files.key, "server key")?,
         ))
         .client_ca_root(Certificate::from_pem(read(&files.client_ca, "client CA")?))
         .client_auth_optional(false)
-        .timeout(HANDSHAKE_TIMEOUT))
+        .timeout(HANDSHAKE_TIMEOUT);
+    // Parsed now, so that a damaged key or certificate is reported by file
+    // name before anything listens, not after the banner.
+    Server::builder().tls_config(config.clone()).with_context(|| {
+        format!(
+            "the server certificate {}, its key {} or the client CA {} cannot be used: they must be PEM (a certificate chain; a PKCS#8, PKCS#1 or SEC1 private key that belongs to it; CA certificates). Restore them, or make new ones with `sluice certs`",
+            files.cert.display(),
+            files.key.display(),
+            files.client_ca.display()
+        )
+    })?;
+    Ok(config)
 }
 
 async fn wait(mut stopped: watch::Receiver<bool>) {

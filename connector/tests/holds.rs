@@ -218,7 +218,7 @@ async fn an_unrecorded_decision_returns_both_holds() {
         .set_len(0)
         .unwrap();
     let refused = issue(&d.engine).await.unwrap_err();
-    assert_eq!(refused.code(), Code::Internal, "{refused}");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused}");
     assert!(refused.to_string().contains("audit log"), "{refused}");
     assert_eq!(d.engine.outstanding_tickets(), 0);
     assert_eq!(queries(&d.engine), (0, 0));

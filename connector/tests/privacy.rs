@@ -314,6 +314,13 @@ async fn a_thousand_concurrent_charges_give_exactly_the_budget() {
             "budget: { epsilon: 1.0, period: total }\n          cache: false",
         );
     let (_dir, config, state) = deployment(&policy);
+    // Every one of the thousand must reach the ledger: a queue long enough
+    // that none is shed as busy (tests/overload.rs tests the shedding).
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[limits]\nmax_queued_queries = 1000\nmax_queued_queries_per_organization = 1000\nqueue_timeout = \"5m\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
     let daemon = Daemon::start_isolated(&config, &state);
     let mut clients = Vec::new();
     for _ in 0..8 {
@@ -337,7 +344,10 @@ async fn a_thousand_concurrent_charges_give_exactly_the_budget() {
     for task in tasks {
         match task.await.unwrap() {
             Ok(_) => answered += 1,
-            Err(s) => assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(s.message().contains("budget"), "{s:?}");
+            }
         }
     }
     assert_eq!(answered, 100, "1.0 / 0.01 answers, exactly");

@@ -74,19 +74,33 @@ pub enum LedgerError {
     },
     /// The file could not be opened or created at all.
     #[error(
-        "cannot open ledger database {} (does the directory exist and is it writable?): {source}",
+        "cannot open the privacy ledger {}: {cause}. Check that it is a file this connector may \
+         read and write (not a directory) and that its directory exists",
         .path.display()
     )]
     Open {
         path: PathBuf,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     /// The file exists but is not a readable SQLite database.
-    #[error("ledger database {} is corrupt or not an SQLite database: {source}", .path.display())]
+    #[error(
+        "the privacy ledger {} is damaged or not an SQLite database ({cause}). It records every \
+         privacy budget spent: restore it from a backup, and start again (the connector never \
+         creates a new ledger over it: that would reset every budget)",
+        .path.display()
+    )]
     Corrupt {
         path: PathBuf,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
+    /// SQLite's integrity check found damage when the ledger was opened.
+    #[error(
+        "the privacy ledger {} is damaged: SQLite's integrity check reports {detail}. It records \
+         every privacy budget spent: restore it from a backup, and start again (the connector \
+         never creates a new ledger over it: that would reset every budget)",
+        .path.display()
+    )]
+    Damaged { path: PathBuf, detail: String },
     /// The file is a valid SQLite database that belongs to something else.
     #[error("{} is an SQLite database but not a privacy ledger (it has unrelated tables)", .path.display())]
     NotALedger { path: PathBuf },
@@ -109,19 +123,25 @@ pub enum LedgerError {
     NoWal { path: PathBuf, mode: String },
     /// Another writer held the lock for longer than [`BUSY_TIMEOUT`].
     #[error(
-        "ledger database {} stayed locked by another writer for more than {:?}: {source}",
+        "ledger database {} stayed locked by another writer for more than {:?}: {cause}",
         .path.display(),
         BUSY_TIMEOUT
     )]
     Busy {
         path: PathBuf,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
+    },
+    /// The disk holding the ledger is full: nothing was changed.
+    #[error("the privacy ledger {} cannot be written: the disk is full ({cause})", .path.display())]
+    Full {
+        path: PathBuf,
+        cause: rusqlite::Error,
     },
     /// Any other SQLite failure.
-    #[error("ledger database {}: {source}", .path.display())]
+    #[error("ledger database {}: {cause}", .path.display())]
     Database {
         path: PathBuf,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     /// The stored totals disagree with the reservation rows.
     #[error("ledger database {} is inconsistent: {detail}", .path.display())]
@@ -545,17 +565,18 @@ trait AtPath<T> {
 
 impl<T> AtPath<T> for rusqlite::Result<T> {
     fn at_path(self, path: &Path) -> Result<T, LedgerError> {
-        self.map_err(|source| {
+        self.map_err(|cause| {
             let path = path.to_path_buf();
-            match source.sqlite_error_code() {
+            match cause.sqlite_error_code() {
                 Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
-                    LedgerError::Corrupt { path, source }
+                    LedgerError::Corrupt { path, cause }
                 }
                 Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-                    LedgerError::Busy { path, source }
+                    LedgerError::Busy { path, cause }
                 }
-                Some(ErrorCode::CannotOpen) => LedgerError::Open { path, source },
-                _ => LedgerError::Database { path, source },
+                Some(ErrorCode::DiskFull) => LedgerError::Full { path, cause },
+                Some(ErrorCode::CannotOpen) => LedgerError::Open { path, cause },
+                _ => LedgerError::Database { path, cause },
             }
         })
     }
@@ -595,11 +616,15 @@ impl std::fmt::Debug for Ledger {
 
 impl Ledger {
     /// Opens or creates the ledger at `path`: enables WAL and
-    /// `synchronous=FULL` and creates or checks the schema.
+    /// `synchronous=FULL`, checks the file's integrity (SQLite's
+    /// `quick_check`, which reads every page: a damaged ledger is refused
+    /// before anything is charged against it) and creates or checks the
+    /// schema.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
         let mut conn = Connection::open(path).at_path(path)?;
         conn.busy_timeout(BUSY_TIMEOUT).at_path(path)?;
         enable_wal(&conn, path)?;
+        check_integrity(&conn, path)?;
         // FULL makes every commit fsync the WAL: a reservation survives
         // power loss, not only a process crash.
         conn.pragma_update(None, "synchronous", "FULL")
@@ -962,6 +987,25 @@ impl Ledger {
             path: self.path.clone(),
             detail: format!("expected one account row for period {period_key}, updated {changed}"),
         })
+    }
+}
+
+/// SQLite's `quick_check` (every page and index entry read, in time
+/// linear in the file's size): anything but `ok` is [`LedgerError::Damaged`]
+/// with the first few findings.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), LedgerError> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)").at_path(path)?;
+    let findings = stmt
+        .query_map([], |row| row.get::<_, String>(0))
+        .at_path(path)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .at_path(path)?;
+    match findings.as_slice() {
+        [ok] if ok == "ok" => Ok(()),
+        _ => Err(LedgerError::Damaged {
+            path: path.to_path_buf(),
+            detail: findings.join("; "),
+        }),
     }
 }
 

@@ -91,7 +91,14 @@ fn ensure_dev_pki(state: &StateDir) -> Result<Vec<String>> {
         pki::write_pair(&dir, "ca", &ca, true)?;
         created.push(format!("development CA        {}", ca_cert.display()));
     }
-    let authority = Authority::load(&ca_cert, &ca_key)?;
+    let unusable = || {
+        format!(
+            "the development PKI in {} is not usable: restore the file, or remove the directory \
+             to have a new PKI made (clients then need their new certificates)",
+            dir.display()
+        )
+    };
+    let authority = Authority::load(&ca_cert, &ca_key).with_context(unusable)?;
     if !state.pair("server").0.exists() {
         let ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
         let server =
@@ -102,6 +109,8 @@ fn ensure_dev_pki(state: &StateDir) -> Result<Vec<String>> {
             state.pair("server").0.display()
         ));
     }
+    let (server_cert, server_key) = state.pair("server");
+    pki::check_pair(&server_cert, &server_key).with_context(unusable)?;
     for client in &DEMO_CLIENTS {
         if state.pair(client.name).0.exists() {
             continue;

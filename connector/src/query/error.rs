@@ -40,6 +40,14 @@ pub enum QueryError {
     /// cause would be an answer to a question about the data, without
     /// noise. RESOURCE_EXHAUSTED, always with the same message.
     PrivateAnswerWithheld,
+    /// The connector cannot keep its records (the disk holding its state
+    /// is full, a write failed), or a dataset's file went away or changed
+    /// under the query: nothing unrecorded was released. UNAVAILABLE; the
+    /// message says what failed and what to do, never where the files are.
+    Unavailable(String),
+    /// A dataset's file does not have the dataset's shape (a line cut
+    /// short, a value of another type). DATA_LOSS.
+    DataLoss(String),
     /// A fault on our side. INTERNAL.
     Internal(String),
     /// Any of the above, with the receipt of its audit record.
@@ -55,6 +63,8 @@ impl fmt::Display for QueryError {
             | QueryError::ResourcesExhausted(m)
             | QueryError::Timeout(m)
             | QueryError::DataDependent(m)
+            | QueryError::Unavailable(m)
+            | QueryError::DataLoss(m)
             | QueryError::Internal(m) => f.write_str(m),
             QueryError::Denied(d) => write!(f, "{d}"),
             QueryError::PrivateAnswerWithheld => f.write_str(PRIVATE_ANSWER_WITHHELD),
@@ -80,6 +90,8 @@ impl QueryError {
                 Code::ResourceExhausted
             }
             QueryError::Timeout(_) => Code::DeadlineExceeded,
+            QueryError::Unavailable(_) => Code::Unavailable,
+            QueryError::DataLoss(_) => Code::DataLoss,
             QueryError::Internal(_) => Code::Internal,
             QueryError::Recorded(e, _) => e.code(),
         }
@@ -112,6 +124,8 @@ impl QueryError {
             QueryError::Timeout(_) => "timeout",
             QueryError::DataDependent(_) => "data_error",
             QueryError::PrivateAnswerWithheld => "dp_withheld",
+            QueryError::Unavailable(_) => "unavailable",
+            QueryError::DataLoss(_) => "data_loss",
             QueryError::Internal(_) => "internal",
             QueryError::Recorded(e, _) => e.outcome(),
         }
@@ -148,6 +162,9 @@ impl QueryError {
     pub fn from_execution(err: &DataFusionError, memory_limit: usize) -> Self {
         if let Some(refused) = crate::guard::find_error(err) {
             return Self::from_guard(refused);
+        }
+        if let Some(failed) = crate::catalog::find_source_error(err) {
+            return Self::from_source(failed);
         }
         match err.find_root() {
             DataFusionError::ResourcesExhausted(message)
@@ -286,17 +303,123 @@ impl QueryError {
     }
 }
 
+impl QueryError {
+    /// A dataset that could not be read: named, with what happened to it
+    /// and what to do, and nothing from the file (no path, no value).
+    fn from_source(failed: &crate::catalog::SourceError) -> Self {
+        use crate::catalog::SourceFault;
+        let dataset = &failed.dataset;
+        let cannot = format!("dataset `{dataset}` cannot be read");
+        match failed.fault {
+            SourceFault::Missing => QueryError::Unavailable(format!(
+                "{cannot}: its data is missing (deleted or moved since the connector started), so \
+                 the answer ends here; try again later, and if it persists tell the provider"
+            )),
+            SourceFault::Changed => QueryError::Unavailable(format!(
+                "{cannot}: its data changed while this query read it (a file was cut short or \
+                 replaced), so the answer ends here, incomplete; try again"
+            )),
+            SourceFault::Unreadable => QueryError::Unavailable(format!(
+                "{cannot}: reading its data failed (an I/O error), so the answer ends here, \
+                 incomplete; try again later, and if it persists tell the provider"
+            )),
+            SourceFault::Malformed => QueryError::DataLoss(format!(
+                "{cannot}: its data does not have the dataset's shape (a line cut short, a field \
+                 missing, a value of another type; details withheld, as they could show data), so \
+                 the answer ends here, incomplete. Tell the provider"
+            )),
+        }
+    }
+}
+
+/// Why one of the connector's stores failed, told to a client: the cause
+/// and what the provider must do, never a path (the full error is logged).
+struct StorageFault {
+    cause: String,
+    fix: &'static str,
+}
+
+const FREE_SPACE: &str = "free space on the disk that holds the connector's state directory";
+const CHECK_DISK: &str = "check the disk that holds the connector's state directory";
+
+impl StorageFault {
+    fn full() -> Self {
+        StorageFault {
+            cause: "the disk is full".into(),
+            fix: FREE_SPACE,
+        }
+    }
+
+    fn io(e: &std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => Self::full(),
+            kind => StorageFault {
+                cause: format!("an I/O error: {kind}"),
+                fix: CHECK_DISK,
+            },
+        }
+    }
+
+    fn sqlite(e: &rusqlite::Error) -> Option<Self> {
+        use rusqlite::ErrorCode;
+        let cause = match e.sqlite_error_code()? {
+            ErrorCode::DiskFull => return Some(Self::full()),
+            ErrorCode::ReadOnly | ErrorCode::PermissionDenied => "its file cannot be written",
+            ErrorCode::SystemIoFailure | ErrorCode::CannotOpen => "an I/O error",
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                return Some(StorageFault {
+                    cause: "another process held its database for too long".into(),
+                    fix: "check that no other process holds the connector's databases",
+                });
+            }
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                return Some(StorageFault {
+                    cause: "its database is damaged".into(),
+                    fix: "restore it from a backup (the connector's log names the file)",
+                });
+            }
+            _ => return None,
+        };
+        Some(StorageFault {
+            cause: cause.into(),
+            fix: CHECK_DISK,
+        })
+    }
+
+    /// UNAVAILABLE: `what` (the audit log, …) could not be written, so the
+    /// request was refused.
+    fn refusal(self, what: &str) -> QueryError {
+        QueryError::Unavailable(format!(
+            "the connector cannot write its {what} ({}), and nothing leaves without its record \
+             there, so nothing more was sent. Try again later; the provider must {} (the \
+             connector's log has the details)",
+            self.cause, self.fix
+        ))
+    }
+}
+
 /// A quota refusal keeps its rule and message; a store fault is logged and
 /// reported without its path.
 impl From<crate::quota::QuotaError> for QueryError {
     fn from(e: crate::quota::QuotaError) -> Self {
+        use crate::quota::QuotaError;
         match e {
-            crate::quota::QuotaError::Exceeded(denial) => QueryError::Denied(denial),
+            QuotaError::Exceeded(denial) => QueryError::Denied(denial),
             other => {
                 tracing::error!(error = %other, "quota counters failure");
-                QueryError::Internal(
-                    "the quota counters cannot be read or written (see the connector log)".into(),
-                )
+                let fault = match &other {
+                    QuotaError::Open { source, .. } | QuotaError::Database { source, .. } => {
+                        StorageFault::sqlite(source)
+                    }
+                    _ => None,
+                };
+                match fault {
+                    Some(fault) => fault.refusal("quota counters"),
+                    None => QueryError::Internal(
+                        "the quota counters cannot be read or written (see the connector log)"
+                            .into(),
+                    ),
+                }
             }
         }
     }
@@ -306,10 +429,25 @@ impl From<crate::quota::QuotaError> for QueryError {
 /// record. The cause (a path, an OS error) stays in the provider's log.
 impl From<sluice_audit::StoreError> for QueryError {
     fn from(e: sluice_audit::StoreError) -> Self {
+        use sluice_audit::StoreError;
         tracing::error!(error = %e, "the audit log cannot be written");
-        QueryError::Internal(
-            "the audit log cannot be written (see the connector log); nothing was released".into(),
-        )
+        let fault = match &e {
+            StoreError::Append { cause, .. }
+            | StoreError::Open { cause, .. }
+            | StoreError::Lock { cause, .. }
+            | StoreError::Read { cause, .. }
+            | StoreError::Seek { cause, .. }
+            | StoreError::Truncate { cause, .. } => StorageFault::io(cause),
+            StoreError::Refused { .. } | StoreError::Shrank { .. } => StorageFault {
+                cause: "it refuses appends until the connector is restarted".into(),
+                fix: "check the log with `sluice audit verify` and restart the connector",
+            },
+            _ => StorageFault {
+                cause: "its records cannot be read or written".into(),
+                fix: "check the log with `sluice audit verify`",
+            },
+        };
+        fault.refusal("audit log")
     }
 }
 
@@ -323,8 +461,24 @@ impl From<sluice_privacy::PrivacyError> for QueryError {
             e if e.is_exhausted() => QueryError::ResourcesExhausted(e.to_string()),
             PrivacyError::ReservationSpent => QueryError::TicketRejected(e.to_string()),
             other => {
+                use sluice_privacy::ledger::LedgerError;
                 tracing::error!(error = %other, "privacy ledger failure");
-                QueryError::Internal("the privacy ledger failed (see the connector log)".into())
+                let fault = match &other {
+                    PrivacyError::Ledger(LedgerError::Full { .. }) => Some(StorageFault::full()),
+                    PrivacyError::Ledger(
+                        LedgerError::Open { cause, .. }
+                        | LedgerError::Corrupt { cause, .. }
+                        | LedgerError::Busy { cause, .. }
+                        | LedgerError::Database { cause, .. },
+                    ) => StorageFault::sqlite(cause),
+                    _ => None,
+                };
+                match fault {
+                    Some(fault) => fault.refusal("privacy-budget ledger"),
+                    None => QueryError::Internal(
+                        "the privacy ledger failed (see the connector log)".into(),
+                    ),
+                }
             }
         }
     }
@@ -350,8 +504,23 @@ impl From<sluice_privacy::PlanNoiseError> for QueryError {
 /// error) stays in the provider's log.
 impl From<crate::agreements::AgreementStoreError> for QueryError {
     fn from(e: crate::agreements::AgreementStoreError) -> Self {
+        use crate::agreements::AgreementStoreError;
         tracing::error!(error = %e, "reading agreements failed");
-        QueryError::Internal("the agreement store cannot be read (see the connector log)".into())
+        let fault = match &e {
+            AgreementStoreError::Open { cause, .. } => StorageFault::sqlite(cause),
+            AgreementStoreError::Database { error, .. } => StorageFault::sqlite(error),
+            _ => None,
+        };
+        match fault {
+            Some(fault) => QueryError::Unavailable(format!(
+                "the connector cannot read its agreement store ({}): this request was refused. Try \
+                 again later; the provider must {} (the connector's log has the details)",
+                fault.cause, fault.fix
+            )),
+            None => QueryError::Internal(
+                "the agreement store cannot be read (see the connector log)".into(),
+            ),
+        }
     }
 }
 

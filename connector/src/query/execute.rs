@@ -93,7 +93,6 @@ impl Executor {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let memory = self.memory.clone();
         self.runtime.spawn(async move {
-            let _slot = slot;
             let run = tokio::time::timeout_at(
                 limits.deadline,
                 produce(&catalog, plan, limits, &memory, &tx),
@@ -103,8 +102,13 @@ impl Executor {
                 Ok(Err(e)) => Some(e),
                 Err(_) => Some(timeout_error(limits.timeout)),
             };
+            // Execution is over and its plan dropped: the slot goes back
+            // now. A client that stopped reading has a full channel, and
+            // the error below waits for it (a result must never end
+            // without its error, or it would read as complete), holding
+            // only this task and the error until the client reads or goes.
+            drop(slot);
             if let Some(e) = failure {
-                // The client may be gone already; nothing to do then.
                 let _ = tx.send(Err(e)).await;
             }
         });

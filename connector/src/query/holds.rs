@@ -90,6 +90,7 @@ mod tests {
             schema: Arc::new(Schema::empty()),
             plan_hash: vec![0; 32],
             expires_at: SystemTime::now() + std::time::Duration::from_secs(60),
+            deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
             holds: Holds::new(Some(store.hold(charge, SystemTime::now()).unwrap()), None),
         }
     }

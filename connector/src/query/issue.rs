@@ -256,6 +256,11 @@ impl QueryEngine {
             schema: schema.clone(),
             plan_hash: plan_hash.clone(),
             expires_at,
+            // What is left of the TTL, on the clock that cannot be stepped.
+            deadline: std::time::Instant::now()
+                + expires_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default(),
             holds,
         };
         // Refused, the pending query is dropped and its holds come back.

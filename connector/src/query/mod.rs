@@ -61,9 +61,33 @@ use crate::quota::QuotaStore;
 use crate::usage_policy::PolicyHandle;
 use sluice_privacy::Privacy;
 
-/// How long a GetFlightInfo waits for a planning slot before it is told the
-/// connector is busy.
-const PLANNING_WAIT: Duration = Duration::from_secs(30);
+/// The queue in front of the planning and execution slots.
+fn queue_limits(limits: &Limits) -> slots::QueueLimits {
+    slots::QueueLimits {
+        total: limits.max_queued_queries,
+        per_organization: limits.max_queued_queries_per_organization,
+    }
+}
+
+/// The refusal when no slot was handed out: it says which limit was
+/// reached and what to do. It counts only the caller's own organization's
+/// queries: how busy other tenants are is not the caller's to learn.
+fn busy(slots: &FairSlots, organization: &str, why: slots::NoSlot, work: &str) -> QueryError {
+    let (_, own) = slots.held(organization);
+    let queue = slots.queue();
+    let reason = match why {
+        slots::NoSlot::QueueFull => format!(
+            "the queue of waiting queries is full (limits.max_queued_queries = {}, per organization {})",
+            queue.total, queue.per_organization
+        ),
+        slots::NoSlot::TimedOut => "no slot came free within limits.queue_timeout".to_string(),
+    };
+    QueryError::ResourcesExhausted(format!(
+        "the connector is busy {work}: your organization has {own} running (limits.max_concurrent_queries = {}, per organization {}) and {reason}; retry after a pause",
+        slots.total(),
+        slots.per_organization()
+    ))
+}
 
 /// A result on its way to the client.
 pub type Batches = Pin<Box<dyn Stream<Item = Result<RecordBatch, QueryError>> + Send>>;
@@ -136,10 +160,12 @@ impl QueryEngine {
             executions: FairSlots::new(
                 limits.max_concurrent_queries,
                 limits.max_concurrent_queries_per_organization,
+                queue_limits(&limits),
             ),
             planning: FairSlots::new(
                 limits.max_concurrent_queries,
                 limits.max_concurrent_queries_per_organization,
+                queue_limits(&limits),
             ),
             signer: TicketSigner::generate(),
             catalog,
@@ -284,14 +310,9 @@ impl QueryEngine {
         let organization = audit::organization_key(&request.principal);
         let slot = self
             .planning
-            .acquire(&organization, Instant::now() + PLANNING_WAIT)
+            .acquire(&organization, Instant::now() + self.limits.queue_timeout)
             .await
-            .map_err(|_| {
-                QueryError::ResourcesExhausted(format!(
-                    "the connector is busy planning other queries of your organization (at most {} at once, limits.max_concurrent_queries_per_organization); try again shortly",
-                    self.planning.per_organization()
-                ))
-            })?;
+            .map_err(|why| busy(&self.planning, &organization, why, "planning"))?;
         let engine = self.clone();
         self.executor
             .spawn(async move {

@@ -143,19 +143,18 @@ impl QueryEngine {
             ));
         }
         self.check_agreements(&pending.approval.record)?;
-        let deadline = Instant::now() + self.limits.query_timeout;
         let slot = self
             .executions
-            .acquire(&pending.organization, deadline)
+            .acquire(
+                &pending.organization,
+                Instant::now() + self.limits.queue_timeout,
+            )
             .await
-            .map_err(|_| {
-                let (all, own) = self.executions.held(&pending.organization);
-                QueryError::ResourcesExhausted(format!(
-                    "the connector is busy: {all} queries are running ({own} of your organization's; limits.max_concurrent_queries = {}, per organization {}) and no slot came free within the query's time limit",
-                    self.executions.total(),
-                    self.executions.per_organization()
-                ))
+            .map_err(|why| {
+                super::busy(&self.executions, &pending.organization, why, "executing")
             })?;
+        // The query's time limit starts when it starts running.
+        let deadline = Instant::now() + self.limits.query_timeout;
         Ok((slot, deadline))
     }
 

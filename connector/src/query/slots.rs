@@ -6,6 +6,11 @@
 //! once, and when a slot frees up it goes to the waiting organization that
 //! holds the fewest (then to whoever waited longest), so a second tenant's
 //! small query starts as soon as any slot is free.
+//!
+//! The queue in front of the slots is bounded too, in all and per
+//! organization: under overload a newcomer beyond it is refused at once
+//! (RESOURCE_EXHAUSTED) instead of piling up, and one tenant's flood cannot
+//! fill the queue for everyone else.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,6 +25,15 @@ pub struct FairSlots {
     total: usize,
     /// Slots one organization may hold at once.
     per_organization: usize,
+    /// How many may wait for a slot.
+    queue: QueueLimits,
+}
+
+/// How many requests may wait for a slot: in all, and of one organization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub total: usize,
+    pub per_organization: usize,
 }
 
 #[derive(Default)]
@@ -47,15 +61,42 @@ pub struct Slot {
 pub enum NoSlot {
     /// None came free before the deadline.
     TimedOut,
+    /// The queue (in all, or the organization's share of it) was full: the
+    /// request was refused without waiting.
+    QueueFull,
 }
 
 impl FairSlots {
-    pub fn new(total: usize, per_organization: usize) -> Arc<Self> {
+    pub fn new(total: usize, per_organization: usize, queue: QueueLimits) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::default()),
             total: total.max(1),
             per_organization: per_organization.clamp(1, total.max(1)),
+            queue: QueueLimits {
+                total: queue.total,
+                per_organization: queue.per_organization.min(queue.total),
+            },
         })
+    }
+
+    pub fn queue(&self) -> QueueLimits {
+        self.queue
+    }
+
+    /// Requests waiting now, in all and of `organization`.
+    pub fn waiting(&self, organization: &str) -> (usize, usize) {
+        let state = self.lock();
+        Self::queued(&state, organization)
+    }
+
+    fn queued(state: &State, organization: &str) -> (usize, usize) {
+        let live = state.waiting.iter().filter(|w| !w.wake.is_closed());
+        let (mut all, mut own) = (0, 0);
+        for w in live {
+            all += 1;
+            own += usize::from(w.organization == organization);
+        }
+        (all, own)
     }
 
     /// Slots held now, in all and by `organization`.
@@ -77,7 +118,8 @@ impl FairSlots {
         self.per_organization
     }
 
-    /// Waits until `organization` may take a slot, at most until `deadline`.
+    /// Waits until `organization` may take a slot, at most until `deadline`;
+    /// refuses at once if the queue has no room for it.
     pub async fn acquire(
         self: &Arc<Self>,
         organization: &str,
@@ -88,6 +130,13 @@ impl FairSlots {
             if self.may_start_now(&state, organization) {
                 return Ok(self.grant(&mut state, organization));
             }
+            let (all, own) = Self::queued(&state, organization);
+            if all >= self.queue.total || own >= self.queue.per_organization {
+                return Err(NoSlot::QueueFull);
+            }
+            // Waiters that gave up are dropped here too, so the queue never
+            // grows past its bound with stale entries.
+            state.waiting.retain(|w| !w.wake.is_closed());
             let (wake, woken) = oneshot::channel();
             let id = state.next_waiter;
             state.next_waiter += 1;
@@ -210,13 +259,18 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    const ROOMY: QueueLimits = QueueLimits {
+        total: 1_000,
+        per_organization: 1_000,
+    };
+
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(5)
     }
 
     #[tokio::test]
     async fn one_organization_cannot_take_every_slot() {
-        let slots = FairSlots::new(4, 2);
+        let slots = FairSlots::new(4, 2, ROOMY);
         let a1 = slots.acquire("a", soon()).await.unwrap();
         let _a2 = slots.acquire("a", soon()).await.unwrap();
         let third = slots
@@ -231,7 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_freed_slot_goes_to_the_organization_holding_fewest() {
-        let slots = FairSlots::new(2, 2);
+        let slots = FairSlots::new(2, 2, ROOMY);
         let a1 = slots.acquire("a", soon()).await.unwrap();
         let _a2 = slots.acquire("a", soon()).await.unwrap();
         // a queues first, b second; b holds nothing, so b goes first.
@@ -264,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_that_gives_up_does_not_keep_a_slot() {
-        let slots = FairSlots::new(1, 1);
+        let slots = FairSlots::new(1, 1, ROOMY);
         let held = slots.acquire("a", soon()).await.unwrap();
         let gave_up = slots
             .acquire("b", Instant::now() + Duration::from_millis(20))
@@ -277,7 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn many_waiters_all_finish_and_the_count_returns_to_zero() {
-        let slots = FairSlots::new(3, 2);
+        let slots = FairSlots::new(3, 2, ROOMY);
         let tasks: Vec<_> = (0..60)
             .map(|i| {
                 let slots = slots.clone();
@@ -295,5 +349,69 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(slots.held("a"), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_per_organization() {
+        let slots = FairSlots::new(
+            1,
+            1,
+            QueueLimits {
+                total: 3,
+                per_organization: 2,
+            },
+        );
+        let running = slots.acquire("a", soon()).await.unwrap();
+        let wait = |org: &'static str| {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.acquire(org, soon()).await })
+        };
+        let a1 = wait("a");
+        let a2 = wait("a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(slots.waiting("a"), (2, 2));
+        // a's share of the queue is full; b still finds room.
+        let started = Instant::now();
+        assert_eq!(
+            slots.acquire("a", soon()).await.unwrap_err(),
+            NoSlot::QueueFull
+        );
+        assert!(started.elapsed() < Duration::from_millis(100));
+        let b1 = wait("b");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(slots.waiting("b"), (3, 1));
+        // Now the whole queue is full.
+        assert_eq!(
+            slots.acquire("c", soon()).await.unwrap_err(),
+            NoSlot::QueueFull
+        );
+        // Every organization now holds none: the slot goes round in
+        // arrival order.
+        drop(running);
+        for waiter in [a1, a2, b1] {
+            drop(waiter.await.unwrap().unwrap());
+        }
+        assert_eq!(slots.waiting("a"), (0, 0));
+        assert_eq!(slots.held("a"), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn waiters_that_gave_up_leave_room_in_the_queue() {
+        let slots = FairSlots::new(
+            1,
+            1,
+            QueueLimits {
+                total: 1,
+                per_organization: 1,
+            },
+        );
+        let _running = slots.acquire("a", soon()).await.unwrap();
+        for _ in 0..3 {
+            let gave_up = slots
+                .acquire("b", Instant::now() + Duration::from_millis(10))
+                .await;
+            assert_eq!(gave_up.unwrap_err(), NoSlot::TimedOut);
+        }
+        assert_eq!(slots.waiting("b"), (0, 0));
     }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use prost::Message;
@@ -113,6 +113,9 @@ pub struct PendingQuery {
     pub schema: SchemaRef,
     pub plan_hash: Vec<u8>,
     pub expires_at: SystemTime,
+    /// The same expiry on the monotonic clock: a wall clock stepped back
+    /// (NTP, an operator) must not let a ticket live longer than its TTL.
+    pub deadline: Instant,
     /// One of the day's queries and, for a DP query, its privacy budget.
     pub holds: super::holds::Holds,
 }
@@ -204,6 +207,13 @@ impl PendingQueries {
                 "ticket rejected: it does not match the approved plan".into(),
             ));
         }
+        // The claims' expiry was checked on the wall clock; the TTL must
+        // also have not passed in real time (dropped, it returns its holds).
+        if pending.deadline <= Instant::now() {
+            return Err(QueryError::TicketRejected(
+                "ticket rejected: it has expired; call GetFlightInfo again".into(),
+            ));
+        }
         Ok(pending)
     }
 
@@ -256,12 +266,13 @@ fn held(
     (map.len(), by_organization, by_principal)
 }
 
-/// Removes and returns the expired entries, for the caller to drop once it
-/// has let go of the lock.
+/// Removes and returns the entries expired on either clock, for the
+/// caller to drop once it has let go of the lock.
 fn take_expired(map: &mut HashMap<[u8; 16], PendingQuery>, now: SystemTime) -> Vec<PendingQuery> {
+    let real_now = Instant::now();
     let ids: Vec<[u8; 16]> = map
         .iter()
-        .filter(|(_, p)| p.expires_at <= now)
+        .filter(|(_, p)| p.expires_at <= now || p.deadline <= real_now)
         .map(|(id, _)| *id)
         .collect();
     ids.iter().filter_map(|id| map.remove(id)).collect()

@@ -162,12 +162,33 @@ impl Daemon {
         Self::spawn(&args, state_dir.to_path_buf())
     }
 
+    /// [`Daemon::start_isolated`] with extra environment variables for the
+    /// daemon (a fake clock through libfaketime, say).
+    pub fn start_isolated_with_env(
+        config: &Path,
+        state_dir: &Path,
+        env: &[(String, String)],
+    ) -> Daemon {
+        let args = vec![
+            "--config".to_string(),
+            config.display().to_string(),
+            "--state-dir".to_string(),
+            state_dir.display().to_string(),
+        ];
+        Self::spawn_with_env(&args, state_dir.to_path_buf(), env)
+    }
+
     fn spawn(args: &[String], state_dir: PathBuf) -> Daemon {
+        Self::spawn_with_env(args, state_dir, &[])
+    }
+
+    fn spawn_with_env(args: &[String], state_dir: PathBuf, env: &[(String, String)]) -> Daemon {
         let mut child = dies_with_parent()
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("RUST_LOG")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -463,4 +484,77 @@ pub fn render(batches: &[RecordBatch]) -> String {
 
 pub fn rows(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+/// How a `sluice serve` that was expected to refuse to start ended.
+pub struct Refused {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+/// Runs `sluice serve --config CONFIG --state-dir STATE` expecting it to
+/// refuse to start: panics if it starts listening, or has not exited
+/// within a minute.
+pub fn serve_refused(config: &Path, state_dir: &Path) -> Refused {
+    let mut child = dies_with_parent()
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning sluice serve");
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        let text = Arc::new(Mutex::new(String::new()));
+        let sink = text.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        (text, reader)
+    };
+    let (stdout, out_reader) = collect(Box::new(child.stdout.take().unwrap()));
+    let (stderr, err_reader) = collect(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        let started = stdout.lock().unwrap().contains("listening on");
+        if started || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "sluice serve {} instead of refusing to start:\n{}\n{}",
+                if started {
+                    "started"
+                } else {
+                    "ran for a minute"
+                },
+                stdout.lock().unwrap(),
+                stderr.lock().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = (out_reader.join(), err_reader.join());
+    let stdout = stdout.lock().unwrap().clone();
+    assert!(
+        !stdout.contains("listening on"),
+        "sluice serve printed that it listens before it failed ({status}):\n{stdout}"
+    );
+    let stderr = stderr.lock().unwrap().clone();
+    Refused { status, stderr }
 }

@@ -808,3 +808,47 @@ fn killed_process_never_loses_a_returned_reservation() {
         ledger.verify().unwrap();
     }
 }
+
+/// A page of the ledger overwritten on disk: refused when opened, with
+/// what to do, and the file left as it was (never replaced by an empty
+/// ledger, which would reset every budget).
+#[test]
+fn a_damaged_ledger_is_refused_at_open_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let ledger = Ledger::open(&path).unwrap();
+    let acct = account(Period::Month, ONE);
+    let r = ledger
+        .reserve(&acct, eps(HUNDREDTH), at(2026, 11, 29))
+        .unwrap();
+    ledger.commit(&r.id).unwrap();
+    drop(ledger);
+    let root: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'accounts'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let page = 4096 * (root as usize - 1);
+    bytes[page..page + 64].fill(0xa5);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Ledger::open(&path).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LedgerError::Corrupt { .. } | LedgerError::Damaged { .. }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("restore it from a backup"), "{text}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the file is untouched"
+    );
+}
