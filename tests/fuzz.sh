@@ -17,11 +17,14 @@
 # cargo-fuzz on the stable toolchain: `--sanitizer none` (AddressSanitizer
 # needs nightly; Rust code is memory-safe, what we look for is panics,
 # aborts, hangs and unbounded memory). The build is instrumented for
-# coverage (SanitizerCoverage), release profile of fuzz/Cargo.toml (opt-level
-# 1, debug assertions and overflow checks on). Target dir:
+# coverage (SanitizerCoverage): --long uses the release profile of
+# fuzz/Cargo.toml (opt-level 1, debug assertions and overflow checks on),
+# --ci the dev profile (unoptimized: a third of the cold build time, and a
+# one-minute run needs coverage, not speed). Target dir:
 # $SLUICE_FUZZ_TARGET_DIR (default ~/.cache/sluice-fuzz-target); the corpora
 # grown by campaigns: $SLUICE_FUZZ_CORPUS (default ~/.cache/sluice-fuzz-corpus);
-# logs: $SLUICE_FUZZ_LOGS (default ~/.cache/sluice-fuzz-logs).
+# logs: $SLUICE_FUZZ_LOGS (default ~/.cache/sluice-fuzz-logs), one per target
+# and run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -71,10 +74,11 @@ options() {
     printf '%s\n' "${opts[@]}"
 }
 
-# run TARGET SECONDS: fuzzes from the committed seeds and the grown corpus.
+# run TARGET SECONDS [CORPUS]: fuzzes from the committed seeds and CORPUS
+# (default: the corpus grown by campaigns), where new inputs go.
 run() {
-    local target=$1 seconds=$2
-    local corpus="$CORPUS/$target" log="$LOGS/$target.log"
+    local target=$1 seconds=$2 corpus=${3:-$CORPUS/$1}
+    local log="$LOGS/$target-$(date +%Y%m%d-%H%M%S)-$$.log"
     mkdir -p "$corpus" "$LOGS" "$FUZZ/artifacts/$target"
     local opts dirs=("$corpus" "$FUZZ/seeds/$target")
     # Inputs that once crashed or hung run first, every time.
@@ -86,12 +90,12 @@ run() {
         -max_total_time="$seconds" "${opts[@]}" \
         -artifact_prefix="$FUZZ/artifacts/$target/") >"$log" 2>&1 || status=$?
     # The last status line (coverage, features, corpus) and the totals.
-    grep -E '^#[0-9]+.*cov: ' "$log" | tail -1 || true
-    grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" | tr -s ' ' | tr '\n' ' ' || true
+    grep -aE '^#[0-9]+.*cov: ' "$log" | tail -1 || true
+    grep -aE '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" | tr -s ' ' | tr '\n' ' ' || true
     echo
     if [[ $status -ne 0 ]]; then
         echo "FAILED: $target (exit $status); the input is in fuzz/artifacts/$target/:" >&2
-        grep -E 'panicked|ERROR: libFuzzer|SUMMARY|Test unit written|out-of-memory|timeout' "$log" | head -20 >&2 || true
+        grep -aE 'panicked|ERROR: libFuzzer|SUMMARY|Test unit written|out-of-memory|timeout' "$log" | head -20 >&2 || true
         return 1
     fi
 }
@@ -117,16 +121,22 @@ case "$mode" in
         seeds
         ;;
     --ci)
+        BUILD_FLAGS+=(--dev)
         build
         total=${FUZZ_CI_SECONDS:-60}
         # sql_policy gets a quarter of the budget, the others share the rest.
         sql=$((total / 4))
         each=$(((total - sql) / (${#TARGETS[@]} - 1)))
         failed=0
+        # From the committed seeds only, into a scratch corpus: the same
+        # start on every machine (a grown corpus of thousands of inputs
+        # would take minutes to replay unoptimized).
+        scratch=$(mktemp -d)
+        trap 'rm -rf "$scratch"' EXIT
         for target in "${TARGETS[@]}"; do
             seconds=$each
             [[ $target == sql_policy ]] && seconds=$sql
-            run "$target" "$((seconds > 1 ? seconds : 1))" || failed=1
+            run "$target" "$((seconds > 1 ? seconds : 1))" "$scratch/$target" || failed=1
         done
         exit $failed
         ;;

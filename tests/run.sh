@@ -63,6 +63,6 @@ if [[ $which != --rust ]]; then
         "$VENV/bin/python" -m pytest tests/python -q -p no:cacheprovider
 fi
 
-[[ $which == --python ]] || { step "coverage-guided fuzzing, a minute in all (tests/fuzz.sh --ci; cold build ~50 min)"; tests/fuzz.sh --ci; }
+[[ $which == --python ]] || { step "coverage-guided fuzzing, a minute in all (tests/fuzz.sh --ci; unoptimized build, ~18 min cold)"; tests/fuzz.sh --ci; }
 
 step "all tests passed in $((SECONDS - started)) s"

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench -p sluice --bench load -- --clients 200 --seconds 60
 //! cargo bench -p sluice --bench load -- --clients 24 --seconds 1800 --rate 30
+//! cargo bench -p sluice --bench load -- --clients 200 --seconds 60 --broker
 //! ```
 //!
 //! Not a test: it prints figures (docs/operations.md has the ones measured
@@ -22,12 +23,22 @@
 //!    one request at a time, drawn from its consumer's mix ([`Kind`]); with
 //!    `--rate` the clients together send that many requests per second
 //!    (open loop), otherwise each sends its next request when the last ends.
+//!    With `--broker`, the regional mobility data space of
+//!    `examples/broker` runs beside it (its `setup.sh`: two operators'
+//!    connectors and a broker, their budgets raised as above), and the
+//!    planning agency's clients also ask the broker federated DP
+//!    aggregates, cached and fresh, and one the operators refuse (fares:
+//!    hidden from queries through the broker).
 //! 3. Probes the gRPC health service every 100 ms on its own connection.
 //! 4. Samples the daemon's RSS, open descriptors and threads every second
 //!    (`/proc/<pid>`), and reports their slope over the run's second half.
 //! 5. At the end: the ledger's ε spent (BudgetService) must equal the sum of
 //!    the ε that the released answers say they cost; the daemon is stopped
-//!    with SIGTERM and `sluice audit verify` must pass on its log.
+//!    with SIGTERM and `sluice audit verify` must pass on its log. With
+//!    `--broker`, the same for each operator: its ledger's ε for the
+//!    planning agency equals the sum of what the broker's answers report
+//!    that operator charged (`sluice.federation.providers`), and its audit
+//!    log verifies; no answer may be partial.
 //!
 //! Outcomes are counted apart: `ok`; `refused` (the status the request is
 //! meant to get: PERMISSION_DENIED for a forbidden column, INVALID_ARGUMENT
@@ -42,7 +53,8 @@
 //! `samples` (write the resource samples as CSV here), `max-concurrent`,
 //! `per-organization`, `queue`, `queue-per-organization`, `queue-timeout`
 //! (the `[limits]` settings; default the embedded defaults), `mix` (e.g.
-//! `agg=4,dp_fresh=1`: weights by kind; default the mix below).
+//! `agg=4,dp_fresh=1`: weights by kind; default the mix below); the flag
+//! `--broker` (no value).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -85,6 +97,13 @@ async fn run(options: Options) -> anyhow::Result<()> {
     };
     let config = deployment(state_dir, &options)?;
     let mut daemon = Daemon::start(&config, state_dir)?;
+    let mut federation = match options.broker {
+        true => Some(Federation::start(
+            &state_dir.join("federation"),
+            &options.limits,
+        )?),
+        false => None,
+    };
     println!(
         "load: {} clients for {} s ({}), daemon pid {} on {}",
         options.clients,
@@ -96,6 +115,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
         daemon.child.id(),
         daemon.addr
     );
+    if let Some(f) = &federation {
+        println!(
+            "federation: broker on {}, operators north on {} and south on {}",
+            f.broker.addr, f.north.addr, f.south.addr
+        );
+    }
 
     let pki = state_dir.join("pki");
     let results = Arc::new(Results::default());
@@ -117,11 +142,16 @@ async fn run(options: Options) -> anyhow::Result<()> {
         if let Some(purpose) = consumer.purpose() {
             flight.set_header("x-sluice-purpose", purpose);
         }
+        let broker = match (&federation, consumer) {
+            (Some(f), Consumer::Planning) => Some(f.client().await?),
+            _ => None,
+        };
         let client = Client {
             flight,
+            broker,
             consumer,
             rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1)),
-            mix: options.mix.for_consumer(consumer),
+            mix: options.mix.for_consumer(consumer, federation.is_some()),
         };
         let schedule = options.rate.map(|rate| Schedule {
             // Client i sends at start + i/rate + k·clients/rate.
@@ -142,11 +172,16 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let samples = sampler.await??;
     let elapsed = options.seconds as f64;
 
-    let spent = ledger_spent(&daemon.addr, &pki).await?;
+    let spent = ledger_spent(&daemon.addr, &pki, "research").await?;
     daemon.stop()?;
     let verified = verify_audit_log(state_dir)?;
+    let operators = match &mut federation {
+        Some(f) => f.check().await?,
+        None => Vec::new(),
+    };
 
-    let failures = report(&results, elapsed, &samples, spent, &verified);
+    let mut failures = report(&results, elapsed, &samples, spent, &verified);
+    failures.extend(report_operators(&results, &operators));
     if let Some(path) = &options.samples {
         write_samples(path, &samples)?;
         println!("resource samples written to {}", path.display());
@@ -169,6 +204,7 @@ struct Options {
     samples: Option<PathBuf>,
     limits: Vec<(&'static str, String)>,
     mix: Mix,
+    broker: bool,
 }
 
 impl Options {
@@ -182,6 +218,7 @@ impl Options {
             samples: None,
             limits: Vec::new(),
             mix: Mix::default(),
+            broker: false,
         };
         // `cargo bench` adds `--bench`; everything else is `--name value`.
         let args: Vec<String> = std::env::args()
@@ -190,6 +227,10 @@ impl Options {
             .collect();
         let mut args = args.into_iter();
         while let Some(name) = args.next() {
+            if name == "--broker" {
+                options.broker = true;
+                continue;
+            }
             let value = args
                 .next()
                 .with_context(|| format!("{name} needs a value"))?;
@@ -278,10 +319,21 @@ enum Kind {
     Metadata,
     /// Every row the supplier may read of machine_events (5,000 rows).
     LargeStream,
+    /// Through the broker (`--broker`): a federated DP aggregate asked
+    /// before, answered from each operator's cache.
+    Broker,
+    /// Through the broker: at a fresh ε, charged at both operators.
+    BrokerFresh,
+    /// Through the broker: fares, which the operators release only to the
+    /// agency's direct questions. A relayed query gets the stricter of the
+    /// broker's and the agency's grants, and the broker's has no fares: to
+    /// it the column does not exist (INVALID_ARGUMENT, as for any hidden
+    /// column).
+    BrokerRefused,
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 12] = [
         Kind::Aggregate,
         Kind::Forbidden,
         Kind::Malformed,
@@ -291,6 +343,9 @@ impl Kind {
         Kind::Prepared,
         Kind::Metadata,
         Kind::LargeStream,
+        Kind::Broker,
+        Kind::BrokerFresh,
+        Kind::BrokerRefused,
     ];
 
     fn name(self) -> &'static str {
@@ -304,6 +359,9 @@ impl Kind {
             Kind::Prepared => "prepared",
             Kind::Metadata => "metadata",
             Kind::LargeStream => "large_stream",
+            Kind::Broker => "broker",
+            Kind::BrokerFresh => "broker_fresh",
+            Kind::BrokerRefused => "broker_refused",
         }
     }
 
@@ -311,7 +369,7 @@ impl Kind {
     fn expected_refusal(self) -> Option<Code> {
         match self {
             Kind::Forbidden => Some(Code::PermissionDenied),
-            Kind::Malformed => Some(Code::InvalidArgument),
+            Kind::Malformed | Kind::BrokerRefused => Some(Code::InvalidArgument),
             Kind::UnknownTable => Some(Code::NotFound),
             _ => None,
         }
@@ -327,7 +385,12 @@ impl Kind {
             Kind::Malformed | Kind::UnknownTable | Kind::Metadata => true,
             Kind::DpCached | Kind::DpFresh => consumer == Research,
             Kind::LargeStream => consumer == Supplier,
+            Kind::Broker | Kind::BrokerFresh | Kind::BrokerRefused => consumer == Planning,
         }
+    }
+
+    fn through_broker(self) -> bool {
+        matches!(self, Kind::Broker | Kind::BrokerFresh | Kind::BrokerRefused)
     }
 }
 
@@ -349,6 +412,10 @@ impl Default for Mix {
             (Kind::Prepared, 10),
             (Kind::Metadata, 8),
             (Kind::LargeStream, 2),
+            // Only with --broker (the planning agency's clients).
+            (Kind::Broker, 8),
+            (Kind::BrokerFresh, 2),
+            (Kind::BrokerRefused, 1),
         ]))
     }
 }
@@ -374,11 +441,12 @@ impl Mix {
         Ok(Mix(weights))
     }
 
-    /// The kinds `consumer` sends, with their weights.
-    fn for_consumer(&self, consumer: Consumer) -> Vec<(Kind, u32)> {
+    /// The kinds `consumer` sends, with their weights; broker kinds only
+    /// where a broker runs.
+    fn for_consumer(&self, consumer: Consumer, broker: bool) -> Vec<(Kind, u32)> {
         self.0
             .iter()
-            .filter(|(k, w)| k.sent_by(consumer) && **w > 0)
+            .filter(|(k, w)| k.sent_by(consumer) && **w > 0 && (broker || !k.through_broker()))
             .map(|(k, w)| (*k, *w))
             .collect()
     }
@@ -413,6 +481,8 @@ enum Outcome {
         /// ε the answer says it cost (DP answers only).
         epsilon: f64,
         cached: bool,
+        /// A federated answer: the ε each operator charged for it.
+        charged_by_operator: Vec<(String, f64)>,
     },
     Refused(Code),
     Shed,
@@ -427,6 +497,8 @@ struct Results {
     health_failures: Mutex<Vec<String>>,
     epsilon_released: Mutex<f64>,
     dp_answers_charged: Mutex<u64>,
+    /// Per operator (`--broker`): ε charged and answers charged.
+    operator_released: Mutex<BTreeMap<String, (f64, u64)>>,
 }
 
 #[derive(Default)]
@@ -442,6 +514,8 @@ struct KindResults {
 
 struct Client {
     flight: FlightSqlServiceClient<Channel>,
+    /// The planning agency's connection to the broker (`--broker`).
+    broker: Option<FlightSqlServiceClient<Channel>>,
     consumer: Consumer,
     rng: Rng,
     mix: Vec<(Kind, u32)>,
@@ -473,9 +547,14 @@ impl Client {
             let outcome = self.request(kind).await;
             let took = began.elapsed();
             let shed = matches!(outcome, Outcome::Shed);
-            if let Outcome::Ok { epsilon, cached } = &outcome {
+            if let Outcome::Ok {
+                epsilon,
+                cached,
+                charged_by_operator,
+            } = &outcome
+            {
                 // The ledger check counts warm-up answers too.
-                results.released(*epsilon, *cached);
+                results.released(*epsilon, *cached, charged_by_operator);
             }
             if began >= counted_from {
                 results.record(kind, took, outcome);
@@ -504,6 +583,7 @@ impl Client {
         let result = match kind {
             Kind::Prepared => self.prepared().await,
             Kind::Metadata => self.metadata().await,
+            Kind::Broker | Kind::BrokerFresh | Kind::BrokerRefused => self.federated(kind).await,
             _ => {
                 let (sql, epsilon) = self.statement(kind);
                 self.statement_query(sql, epsilon).await
@@ -537,7 +617,14 @@ impl Client {
             (Kind::LargeStream, _) => {
                 "SELECT event_id, machine_serial, site, event_time, event_type, temperature_c FROM machine_events".into()
             }
-            (Kind::Prepared | Kind::Metadata, _) => unreachable!("not a statement"),
+            (
+                Kind::Prepared
+                | Kind::Metadata
+                | Kind::Broker
+                | Kind::BrokerFresh
+                | Kind::BrokerRefused,
+                _,
+            ) => unreachable!("not a statement to the connector"),
         };
         // The research institute always names its ε: the cached question
         // at the policy's default, a fresh one at an ε not asked before
@@ -560,6 +647,36 @@ impl Client {
             client.set_header("x-sluice-epsilon", e);
         }
         let info = client.execute(sql, None).await?;
+        fetch(client, &info).await
+    }
+
+    /// A federated aggregate through the broker, always with an ε (the
+    /// operators' DP terms).
+    async fn federated(&mut self, kind: Kind) -> Result<Answer, FlightError> {
+        let (sql, epsilon) = match kind {
+            Kind::Broker if self.rng.below(2) == 0 => (
+                "SELECT mode, count(*) AS trips, avg(distance_km) AS km FROM trips GROUP BY mode",
+                "0.5".to_string(),
+            ),
+            Kind::Broker => (
+                "SELECT start_zone, count(*) AS trips FROM trips GROUP BY start_zone",
+                "0.5".to_string(),
+            ),
+            Kind::BrokerFresh => (
+                "SELECT mode, count(*) AS trips FROM trips GROUP BY mode",
+                format!("{:.6}", 0.1 + self.rng.below(400_000) as f64 / 1e6),
+            ),
+            _ => (
+                "SELECT mode, avg(fare_eur) AS fare FROM trips GROUP BY mode",
+                "0.5".to_string(),
+            ),
+        };
+        let client = self
+            .broker
+            .as_mut()
+            .ok_or_else(|| FlightError::ProtocolError("no broker connection".into()))?;
+        client.set_header("x-sluice-epsilon", epsilon);
+        let info = client.execute(sql.to_string(), None).await?;
         fetch(client, &info).await
     }
 
@@ -634,6 +751,10 @@ struct Answer {
     rows: usize,
     epsilon: f64,
     cached: bool,
+    /// A broker's answer: the ε each operator charged (not cached there).
+    charged_by_operator: Vec<(String, f64)>,
+    /// A broker's answer without some operator's part.
+    partial: bool,
 }
 
 async fn fetch(
@@ -661,22 +782,55 @@ async fn fetch(
     let cached = metadata
         .get(sluice_proto::wire::dp::CACHED)
         .is_some_and(|c| c == "true");
+    let charged_by_operator = match metadata.get(sluice_proto::wire::federation::PROVIDERS) {
+        Some(providers) => charged_by_operator(providers)?,
+        None => Vec::new(),
+    };
+    let partial = metadata
+        .get(sluice_proto::wire::federation::PARTIAL)
+        .is_some_and(|p| p == "true");
     Ok(Answer {
         rows,
         epsilon,
         cached,
+        charged_by_operator,
+        partial,
     })
+}
+
+/// From a broker's provenance (`sluice.federation.providers`): the ε each
+/// operator charged for its part, where it was computed (not cached).
+fn charged_by_operator(providers: &str) -> Result<Vec<(String, f64)>, FlightError> {
+    let bad = |what: &str| FlightError::ProtocolError(format!("provenance: {what}: {providers}"));
+    let list: serde_json::Value = serde_json::from_str(providers).map_err(|_| bad("not JSON"))?;
+    let mut charged = Vec::new();
+    for entry in list.as_array().ok_or_else(|| bad("not a list"))? {
+        let provider = entry["provider"]
+            .as_str()
+            .ok_or_else(|| bad("no provider"))?;
+        let epsilon = entry["epsilon"].as_f64().unwrap_or(0.0);
+        let cached = entry["cached"].as_bool().unwrap_or(false);
+        if epsilon > 0.0 && !cached {
+            charged.push((provider.to_string(), epsilon));
+        }
+    }
+    Ok(charged)
 }
 
 fn classify(kind: Kind, result: Result<Answer, FlightError>) -> Outcome {
     match (result, kind.expected_refusal()) {
         (Ok(answer), None) => {
-            if kind == Kind::DpCached && answer.rows == 0 {
+            if matches!(kind, Kind::DpCached | Kind::Broker | Kind::BrokerFresh) && answer.rows == 0
+            {
                 return Outcome::Unexpected(Code::Ok, "a DP answer without rows".into());
+            }
+            if answer.partial {
+                return Outcome::Unexpected(Code::Ok, "a partial federated answer".into());
             }
             Outcome::Ok {
                 epsilon: answer.epsilon,
                 cached: answer.cached,
+                charged_by_operator: answer.charged_by_operator,
             }
         }
         (Ok(_), Some(want)) => {
@@ -698,8 +852,16 @@ fn classify(kind: Kind, result: Result<Answer, FlightError>) -> Outcome {
 
 impl Results {
     /// An answer was released: what it says it cost.
-    fn released(&self, epsilon: f64, cached: bool) {
-        if epsilon > 0.0 && !cached {
+    fn released(&self, epsilon: f64, cached: bool, charged_by_operator: &[(String, f64)]) {
+        if !charged_by_operator.is_empty() {
+            // A broker's answer: its ε was charged at the operators.
+            let mut operators = self.operator_released.lock().unwrap();
+            for (operator, epsilon) in charged_by_operator {
+                let entry = operators.entry(operator.clone()).or_default();
+                entry.0 += epsilon;
+                entry.1 += 1;
+            }
+        } else if epsilon > 0.0 && !cached {
             *self.epsilon_released.lock().unwrap() += epsilon;
             *self.dp_answers_charged.lock().unwrap() += 1;
         }
@@ -966,17 +1128,17 @@ fn write_samples(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The research institute's spend on trips, from the ledger (BudgetService).
+/// An organization's spend on trips, from a ledger (BudgetService).
 struct LedgerSpent {
     epsilon: f64,
     reserved: f64,
     queries: u64,
 }
 
-async fn ledger_spent(addr: &str, pki: &Path) -> anyhow::Result<LedgerSpent> {
+async fn ledger_spent(addr: &str, pki: &Path, identity: &str) -> anyhow::Result<LedgerSpent> {
     use sluice_proto::v1::GetBudgetRequest;
     use sluice_proto::v1::budget_service_client::BudgetServiceClient;
-    let mut client = BudgetServiceClient::new(connect(addr, pki, "research").await?);
+    let mut client = BudgetServiceClient::new(connect(addr, pki, identity).await?);
     let response = client
         .get_budget(GetBudgetRequest {
             dataset: "trips".into(),
@@ -994,6 +1156,154 @@ async fn ledger_spent(addr: &str, pki: &Path) -> anyhow::Result<LedgerSpent> {
         spent.queries += line.queries.max(0) as u64;
     }
     Ok(spent)
+}
+
+/// The regional mobility data space of `examples/broker`: two operators'
+/// connectors and the broker federating their `trips`.
+struct Federation {
+    dir: PathBuf,
+    north: Daemon,
+    south: Daemon,
+    broker: Daemon,
+}
+
+/// What one operator's ledger and audit log say after the run.
+struct OperatorCheck {
+    name: String,
+    spent: LedgerSpent,
+    verified: String,
+}
+
+impl Federation {
+    /// `examples/broker/setup.sh` into `dir`, the operators' budgets raised
+    /// so that a long run cannot exhaust them and their `[limits]` those of
+    /// the run; then the three daemons.
+    fn start(dir: &Path, limits: &[(&str, String)]) -> anyhow::Result<Federation> {
+        let setup = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/broker/setup.sh"
+        ))
+        .arg(dir)
+        .env("SLUICE", env!("CARGO_BIN_EXE_sluice"))
+        .output()?;
+        ensure!(
+            setup.status.success(),
+            "examples/broker/setup.sh failed: {}",
+            String::from_utf8_lossy(&setup.stderr)
+        );
+        for operator in ["north", "south"] {
+            let path = dir.join(operator).join("policy.yaml");
+            let policy = std::fs::read_to_string(&path)?;
+            let from = "budget: { epsilon: 10, period: 30d }";
+            ensure!(
+                policy.contains(from),
+                "the operator policy no longer has `{from}`"
+            );
+            std::fs::write(
+                &path,
+                policy.replace(from, "budget: { epsilon: 1.0e9, period: total }"),
+            )?;
+            if !limits.is_empty() {
+                let config_path = dir.join(operator).join("sluice.toml");
+                let mut config = std::fs::read_to_string(&config_path)?;
+                config.push_str("\n[limits]\n");
+                for (name, value) in limits {
+                    config.push_str(&format!("{name} = {value}\n"));
+                }
+                std::fs::write(&config_path, config)?;
+            }
+        }
+        let operator = |name: &str| {
+            let config = dir.join(name).join("sluice.toml");
+            Daemon::spawn(
+                name,
+                &["serve".as_ref(), "--config".as_ref(), config.as_os_str()],
+            )
+        };
+        let north = operator("north")?;
+        let south = operator("south")?;
+        // The broker reaches the operators where they listen now.
+        let config_path = dir.join("broker.toml");
+        let mut config = std::fs::read_to_string(&config_path)?;
+        for (default_port, daemon) in [("50091", &north), ("50092", &south)] {
+            let from = format!("grpc+tls://127.0.0.1:{default_port}\"");
+            ensure!(config.contains(&from), "broker.toml has no `{from}`");
+            config = config.replace(&from, &format!("grpc+tls://{}\"", daemon.addr));
+        }
+        std::fs::write(&config_path, config)?;
+        let broker = Daemon::spawn(
+            "the broker",
+            &[
+                "broker".as_ref(),
+                "--config".as_ref(),
+                config_path.as_os_str(),
+            ],
+        )?;
+        Ok(Federation {
+            dir: dir.to_path_buf(),
+            north,
+            south,
+            broker,
+        })
+    }
+
+    /// The planning agency's connection to the broker.
+    async fn client(&self) -> anyhow::Result<FlightSqlServiceClient<Channel>> {
+        let channel = connect(&self.broker.addr, &self.dir.join("pki"), "planning").await?;
+        let mut client = FlightSqlServiceClient::new(channel);
+        client.set_header("x-sluice-purpose", "urban-planning");
+        Ok(client)
+    }
+
+    /// Each operator's ledger for the planning agency, then (daemons
+    /// stopped) its audit log verified.
+    async fn check(&mut self) -> anyhow::Result<Vec<OperatorCheck>> {
+        let pki = self.dir.join("pki");
+        let north = ledger_spent(&self.north.addr, &pki, "planning").await?;
+        let south = ledger_spent(&self.south.addr, &pki, "planning").await?;
+        self.broker.stop()?;
+        self.north.stop()?;
+        self.south.stop()?;
+        let mut checks = Vec::new();
+        for (name, spent) in [("north", north), ("south", south)] {
+            checks.push(OperatorCheck {
+                name: name.into(),
+                spent,
+                verified: verify_audit_log(&self.dir.join(name).join("state"))?,
+            });
+        }
+        Ok(checks)
+    }
+}
+
+/// Each operator's ledger against what the broker's answers said it
+/// charged; returns what went wrong.
+fn report_operators(results: &Results, operators: &[OperatorCheck]) -> Vec<String> {
+    let released = results.operator_released.lock().unwrap();
+    let mut failures = Vec::new();
+    for operator in operators {
+        let (epsilon, answers) = released.get(&operator.name).copied().unwrap_or_default();
+        let spent = &operator.spent;
+        println!(
+            "operator {}: ledger {:.6} ε spent in {} queries, {:.6} ε reserved; the broker's answers say {:.6} ε in {answers}; audit log: {}",
+            operator.name, spent.epsilon, spent.queries, spent.reserved, epsilon, operator.verified
+        );
+        if (spent.epsilon - epsilon).abs() > 1e-6 * spent.epsilon.max(1.0)
+            || spent.queries != answers
+        {
+            failures.push(format!(
+                "operator {}: the ledger ({} ε in {} queries) disagrees with the broker's answers ({epsilon} ε in {answers})",
+                operator.name, spent.epsilon, spent.queries
+            ));
+        }
+        if spent.reserved.abs() > 1e-9 {
+            failures.push(format!(
+                "operator {}: {} ε still reserved after the run",
+                operator.name, spent.reserved
+            ));
+        }
+    }
+    failures
 }
 
 /// `sluice audit verify` on the daemon's log, after it stopped.
@@ -1085,30 +1395,36 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, state_dir: &Path) -> anyhow::Result<Daemon> {
+        Daemon::spawn(
+            "the daemon",
+            &[
+                "serve".as_ref(),
+                "--metrics-listen".as_ref(),
+                "off".as_ref(),
+                "--config".as_ref(),
+                config.as_os_str(),
+                "--state-dir".as_ref(),
+                state_dir.as_os_str(),
+            ],
+        )
+    }
+
+    /// `sluice ARGS --listen 127.0.0.1:0 --log-level warn`, until it says
+    /// where it listens.
+    fn spawn(name: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<Daemon> {
         // `setpriv` makes the daemon die with the harness, even if it is killed.
         let mut child = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--"])
             .arg(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "off",
-                "--log-level",
-                "warn",
-                "--config",
-            ])
-            .arg(config)
-            .arg("--state-dir")
-            .arg(state_dir)
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
             .stdout(Stdio::piped())
             .spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let addr = loop {
             let Some(line) = lines.next() else {
-                bail!("the daemon exited before listening");
+                bail!("{name} exited before listening");
             };
             if let Some(rest) = line?.split("listening on grpc+tls://").nth(1) {
                 break rest

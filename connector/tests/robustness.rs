@@ -453,6 +453,23 @@ async fn every_class_of_hostile_query_is_refused_precisely() {
     let minus = format!("SELECT {}1 AS x", "- ".repeat(2_000));
     let nots = format!("SELECT {}true AS x", "NOT ".repeat(2_000));
     let calls = format!("SELECT {}1{} AS x", "abs(".repeat(2_000), ")".repeat(2_000));
+    // Prefixes the SQL parser reads twice (or three times) per level when
+    // the first reading fails: far below the recursion limit, the work
+    // doubles per level (40 closed `NOT (` took minutes of CPU).
+    let backtracking = |prefix: &str, levels: usize, closed: bool| {
+        let tail = if closed {
+            ")".repeat(levels)
+        } else {
+            String::new()
+        };
+        format!("SELECT {}1{tail} AS x", prefix.repeat(levels))
+    };
+    let found_by_the_fuzzer = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/regressions/sql_policy/timeout-98165e7869a9059df84fbb676de8bdb63096c9bd"
+    ))
+    .expect("the fuzz regression input");
+    let found_by_the_fuzzer = String::from_utf8_lossy(&found_by_the_fuzzer[1..]).into_owned();
     let siblings = format!(
         "SELECT length(concat({})) AS n",
         vec!["repeat('x', 100000)"; 50].join(", ")
@@ -591,6 +608,36 @@ async fn every_class_of_hostile_query_is_refused_precisely() {
             calls,
             Code::InvalidArgument,
             vec!["recursion limit", "50"],
+        ),
+        (
+            "40 nested NOT (…)",
+            backtracking("NOT (", 40, true),
+            Code::InvalidArgument,
+            vec!["gave up", "nest fewer"],
+        ),
+        (
+            "24 unclosed NOT (",
+            backtracking("NOT (", 24, false),
+            Code::InvalidArgument,
+            vec!["gave up", "nest fewer"],
+        ),
+        (
+            "30 nested POSITION(",
+            backtracking("POSITION(", 30, true),
+            Code::InvalidArgument,
+            vec!["gave up"],
+        ),
+        (
+            "30 nested CAST( and SUBSTRING(",
+            backtracking("CAST(SUBSTRING(", 15, false),
+            Code::InvalidArgument,
+            vec!["gave up"],
+        ),
+        (
+            "the fuzzer's 285-byte input",
+            found_by_the_fuzzer,
+            Code::InvalidArgument,
+            vec!["gave up"],
         ),
         (
             "a LIKE pattern from a column",

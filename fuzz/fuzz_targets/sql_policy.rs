@@ -15,7 +15,8 @@
 //!   bit  6    CreatePreparedStatement instead of GetFlightInfo
 //!
 //! With `SLUICE_FUZZ_STRICT=1`, an INTERNAL error (a fault on Sluice's side,
-//! not a refusal of the query) counts as a crash too.
+//! not a refusal of the query) counts as a crash too; with `report`, it is
+//! printed (replay a corpus with `-runs=0` to list them).
 
 #![no_main]
 
@@ -23,19 +24,27 @@ use libfuzzer_sys::fuzz_target;
 use sluice::query::QueryError;
 use sluice_policy::QueryContext;
 
-fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("SLUICE_FUZZ_STRICT").is_some_and(|v| v == "1"))
+/// `SLUICE_FUZZ_STRICT`: `1` makes an INTERNAL error a crash, `report`
+/// prints it (with the SQL) and goes on: for a replay of a corpus.
+fn strict() -> Option<&'static str> {
+    static STRICT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    STRICT
+        .get_or_init(|| std::env::var("SLUICE_FUZZ_STRICT").ok())
+        .as_deref()
 }
 
-fn check(result: Result<(), QueryError>) {
+fn check(result: Result<(), QueryError>, sql: &str) {
     if let Err(e) = result {
         let inner = match &e {
             QueryError::Recorded(inner, _) => inner.as_ref(),
             other => other,
         };
-        if strict() && matches!(inner, QueryError::Internal(_)) {
-            panic!("INTERNAL error on a query: {e}");
+        if matches!(inner, QueryError::Internal(_)) {
+            match strict() {
+                Some("1") => panic!("INTERNAL error on a query: {e}"),
+                Some("report") => eprintln!("INTERNAL: {e}\n    SQL: {sql:?}"),
+                _ => {}
+            }
         }
     }
 }
@@ -76,6 +85,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let engine = demo.engine.clone();
     let prepare = selector & 0x40 != 0;
+    let text = sql.clone();
     let result = sluice_fuzz::run(async move {
         if prepare {
             engine.prepare(request, sql).await.map(|_| ())
@@ -86,5 +96,5 @@ fuzz_target!(|data: &[u8]| {
             issued.map(|_| ())
         }
     });
-    check(result);
+    check(result, &text);
 });

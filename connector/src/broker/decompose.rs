@@ -36,6 +36,7 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
 use super::config::{BrokerConfig, FederatedTable};
+use crate::query::bounded_dialect::BoundedDialect;
 
 /// The table name of the partial answers in the merge query.
 pub const PARTIALS: &str = "partials";
@@ -114,11 +115,24 @@ fn unsupported<T>(message: impl Into<String>) -> Result<T, Unsupported> {
 
 const AGGREGATES: &[&str] = &["count", "sum", "avg", "mean", "min", "max"];
 
+/// The statements in `sql`, parsed with a bound on the parser's work (see
+/// `query::bounded_dialect`): the broker parses every consumer's SQL before
+/// any provider sees it.
+fn parse_bounded(sql: &str) -> Result<Vec<Statement>, Unsupported> {
+    let bounded = BoundedDialect::new(Box::new(GenericDialect {}), sql);
+    Parser::new(&bounded)
+        .try_with_sql(sql)
+        .and_then(|mut parser| parser.parse_statements())
+        .map_err(|e| match bounded.exhausted() {
+            true => Unsupported(bounded.exhausted_message()),
+            false => Unsupported(format!("the SQL does not parse: {e}")),
+        })
+}
+
 /// Splits `sql` for the federated tables of `config`.
 pub fn decompose(sql: &str, config: &BrokerConfig) -> Result<Federated, Unsupported> {
     refuse_square_brackets(sql)?;
-    let mut statements = Parser::parse_sql(&GenericDialect {}, sql)
-        .map_err(|e| Unsupported(format!("the SQL does not parse: {e}")))?;
+    let mut statements = parse_bounded(sql)?;
     let statement = match statements.len() {
         1 => statements.remove(0),
         0 => return unsupported("the request holds no SQL statement"),
@@ -719,6 +733,23 @@ mod tests {
             &config(),
         )
         .unwrap();
+    }
+
+    /// SQL on which the parser backtracks (the work doubles per nested
+    /// `NOT (`, `CAST(`, …) ends at the parse budget, with that reason.
+    #[test]
+    fn backtracking_sql_stops_at_the_parse_budget() {
+        for prefix in ["NOT (", "CAST(", "POSITION(", "CASE (", "a AND NOT ("] {
+            for closed in [")", ""] {
+                let sql = format!(
+                    "SELECT count(*) AS n FROM trips WHERE {}1{}",
+                    prefix.repeat(40),
+                    closed.repeat(40)
+                );
+                let err = decompose(&sql, &config()).unwrap_err();
+                assert!(err.to_string().contains("gave up"), "{sql:.60}: {err}");
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The life of a query. One function per RPC, each reading as its steps:
 //!
 //! ```text
-//! GetFlightInfo  issue::issue      plan (plan.rs, view.rs) → decide (PlanGate; DP: private.rs) → take holds (holds.rs: quota, ε/δ) → ticket (ticket.rs) → record the decision
+//! GetFlightInfo  issue::issue      plan (plan.rs, bounded_dialect.rs, view.rs) → decide (PlanGate; DP: private.rs) → take holds (holds.rs: quota, ε/δ) → ticket (ticket.rs) → record the decision
 //! Prepare        issue::prepare_recorded   plan → decide with NULL parameters → record the decision (`prepare`)
 //! DoGet          redeem::redeem    verify → redeem → slot (slots.rs) → settle holds → [DP: private.rs] → record the release → execute (execute.rs) → conform (release.rs) → meter rows (rows.rs) → record the completion
 //! ```
@@ -18,6 +18,7 @@
 //! returned on every path that does not read data (`holds.rs`), and rows
 //! are taken from the daily quota as they leave (`rows::RowMeter`).
 
+pub mod bounded_dialect;
 mod constants;
 mod error;
 pub mod execute;

@@ -25,6 +25,7 @@ use sluice_policy::Denial;
 pub const READ_ONLY_RULE: &str = "read-only";
 
 use super::QueryError;
+use super::bounded_dialect::BoundedDialect;
 use crate::catalog::{CATALOG, Catalog, SCHEMA};
 
 /// Parses one SQL statement and refuses anything but a query. `?` placeholders (ODBC/JDBC/ADBC style) are
@@ -65,18 +66,23 @@ fn parse_one_statement(state: &SessionState, sql: &str) -> Result<Statement, Que
         QueryError::Internal(format!("unsupported SQL dialect {}", options.dialect))
     })?;
     let limit = options.recursion_limit.get();
+    let bounded = BoundedDialect::new(dialect, sql);
     let mut statements = DFParserBuilder::new(sql)
-        .with_dialect(dialect.as_ref())
+        .with_dialect(&bounded)
         .with_recursion_limit(limit)
         .build()
         .and_then(|mut parser| parser.parse_statements())
         .map_err(|e| {
+            // Out of steps first: the error it left says nothing true.
+            if bounded.exhausted() {
+                return QueryError::InvalidRequest(bounded.exhausted_message());
+            }
             // The parser stops at its recursion limit, but what it reports
             // then is not always that (a chain of NOTs gives "Expected: end
             // of statement"): a failed statement that nests that deep is
             // told so.
             let too_deep = e.to_string().contains("recursion limit exceeded")
-                || prefix_nesting(dialect.as_ref(), sql) >= limit;
+                || prefix_nesting(&bounded, sql) >= limit;
             if too_deep {
                 return QueryError::InvalidRequest(format!(
                     "the query nests parentheses, function calls, subqueries or prefix operators \
