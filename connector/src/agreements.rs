@@ -140,6 +140,19 @@ pub enum AgreementStoreError {
     Random,
 }
 
+impl AgreementStoreError {
+    /// Whether a write failed for want of space (SQLite rolled it back).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            AgreementStoreError::Database { error, .. }
+            | AgreementStoreError::Open { cause: error, .. } => {
+                error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The agreement store.
 pub struct Agreements {
     db: Mutex<Connection>,

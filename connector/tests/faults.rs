@@ -4,7 +4,8 @@
 //!   test, filled until ENOSPC): nothing leaves without its records, every
 //!   query gets a clear UNAVAILABLE, and the daemon recovers when space
 //!   returns, with a chain that verifies and a ledger that holds what was
-//!   released;
+//!   released; agreement requests and decisions are UNAVAILABLE too, and
+//!   one the store could not write changed nothing;
 //! - damaged or unreadable state files at start (ledger, quota counters,
 //!   agreements, audit log, policy, keys): the daemon refuses to start,
 //!   naming the file and what to do, and changes nothing;
@@ -536,6 +537,126 @@ async fn a_full_disk_releases_nothing_unrecorded_refuses_clearly_and_recovers() 
     );
     drop(tmpfs);
     eprintln!("full disk: {:?}", started.elapsed());
+}
+
+/// A policy whose grant to the planning agency needs an agreement an
+/// admin approves.
+const AGREEMENT_POLICY: &str = r#"
+version: 1
+admins:
+  - organization: City Transport Agency
+datasets:
+  people: { title: People }
+consumers:
+  - name: analysts
+    match: { organization: City Planning Agency }
+    grants:
+      people:
+        columns: { city: raw }
+        purposes: [research]
+        agreement: { approval: manual }
+"#;
+
+/// Requests and decisions on agreements while the disk is full: each one
+/// that cannot be written is UNAVAILABLE, saying the disk is full and
+/// without a path; one the store could not keep changed nothing, one whose
+/// audit record could not be written stands and says so; when space comes
+/// back the next change goes through and the log verifies.
+#[tokio::test]
+async fn agreement_changes_on_a_full_disk_are_unavailable_and_recover() {
+    use sluice_proto::v1::agreement_service_client::AgreementServiceClient;
+    use sluice_proto::v1::{
+        Agreement, AgreementState, DecideAgreementRequest, ListAgreementsRequest,
+        RequestAgreementRequest,
+    };
+    let (dir, config, state) = common::people_deployment(&people_csv(), AGREEMENT_POLICY);
+    let tmpfs = Tmpfs::mount(&state, "16m");
+    let mut daemon = Daemon::start_isolated(&config, &state);
+    let mut as_planning = AgreementServiceClient::new(daemon.channel("planning").await);
+    let mut as_admin = AgreementServiceClient::new(daemon.channel("admin").await);
+    let request = RequestAgreementRequest {
+        offer_id: "people/analysts".into(),
+        purpose: "research".into(),
+    };
+    let decide = |id: &str| DecideAgreementRequest {
+        id: id.to_string(),
+        reason: "test".into(),
+    };
+    let mut current: Agreement = as_planning
+        .request_agreement(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(current.state(), AgreementState::Pending);
+    // The newest agreement of the planning agency, as the store has it.
+    let newest = async |client: &mut AgreementServiceClient<Channel>| -> Agreement {
+        let listed = client
+            .list_agreements(ListAgreementsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        listed.agreements.into_iter().next().expect("an agreement")
+    };
+
+    let filler = fill(&state);
+    // Request, approve, revoke, request anew, …: every step a write. Pages
+    // left at the ends of the files may take a few: a bounded number.
+    let mut unavailable = 0;
+    for _ in 0..100 {
+        if unavailable >= 3 {
+            break;
+        }
+        let step = match current.state() {
+            AgreementState::Pending => as_admin.approve_agreement(decide(&current.id)).await,
+            AgreementState::Active => as_admin.revoke_agreement(decide(&current.id)).await,
+            _ => as_planning.request_agreement(request.clone()).await,
+        };
+        match step {
+            Ok(changed) => {
+                current = changed.into_inner();
+                unavailable = 0;
+            }
+            Err(refused) => {
+                assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+                let m = refused.message();
+                assert!(m.contains("the disk is full"), "{m}");
+                assert_discreet(m, dir.path());
+                let now = newest(&mut as_planning).await;
+                if m.contains("but the audit log cannot be written") {
+                    // Stored, not recorded: the change stands.
+                    assert!(now.id != current.id || now.state != current.state, "{m}");
+                    current = now;
+                } else {
+                    assert!(m.contains("agreement store"), "{m}");
+                    assert_eq!(
+                        (&now.id, now.state()),
+                        (&current.id, current.state()),
+                        "a change the store refused changed nothing: {m}"
+                    );
+                }
+                eprintln!("refused: {m}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert!(
+        unavailable >= 3,
+        "within 100 steps the agreement store refused three in a row"
+    );
+    assert!(daemon.is_running(), "{}", daemon.logs());
+
+    // Space comes back: the next change goes through, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let step = match current.state() {
+        AgreementState::Pending => as_admin.approve_agreement(decide(&current.id)).await,
+        AgreementState::Active => as_admin.revoke_agreement(decide(&current.id)).await,
+        _ => as_planning.request_agreement(request.clone()).await,
+    };
+    step.expect("with space again, the change goes through");
+    drop(daemon);
+    let (verified, out) = audit_verifies(&state);
+    assert!(verified, "{out}");
+    drop(tmpfs);
 }
 
 // ---------------------------------------------------------------------------

@@ -65,11 +65,19 @@ impl AgreementDesk {
             message: agreement.reason.clone(),
             ..Entry::default()
         };
-        self.engine.audit().append(entry).map(drop).map_err(|_| {
-            Status::internal(format!(
-                "agreement `{}` is {} but the audit log cannot be written (see the connector log)",
+        self.engine.audit().append(entry).map(drop).map_err(|e| {
+            tracing::error!(error = %e, agreement = %agreement.id, "the audit log cannot be written");
+            let unrecorded = format!(
+                "agreement `{}` is {}, but the audit log cannot be written",
                 agreement.id, agreement.state
-            ))
+            );
+            match audit_disk_full(&e) {
+                true => Status::unavailable(format!(
+                    "{unrecorded} (the disk is full), so the change has no audit record yet. \
+                     The provider must {FREE_SPACE}"
+                )),
+                false => Status::internal(format!("{unrecorded} (see the connector log)")),
+            }
         })
     }
 
@@ -238,8 +246,34 @@ fn status(e: impl Into<AgreementError>) -> Status {
         AgreementError::WrongState(m) => Status::failed_precondition(m),
         AgreementError::Store(e) => {
             tracing::error!(error = %format!("{e:#}"), "agreement store failed");
-            Status::internal("the agreement store failed (see the connector log)")
+            match e.is_disk_full() {
+                true => Status::unavailable(format!(
+                    "the agreement store cannot be written (the disk is full), so nothing was \
+                     changed. Try again later; the provider must {FREE_SPACE}"
+                )),
+                false => Status::internal("the agreement store failed (see the connector log)"),
+            }
         }
+    }
+}
+
+/// What a provider does about a full disk (no path: that is in its log).
+const FREE_SPACE: &str = "free space on the disk that holds the connector's state directory";
+
+/// Whether the audit log failed for want of space.
+fn audit_disk_full(e: &sluice_audit::StoreError) -> bool {
+    use sluice_audit::StoreError;
+    use std::io::ErrorKind;
+    match e {
+        StoreError::Append { cause, .. }
+        | StoreError::Open { cause, .. }
+        | StoreError::Truncate { cause, .. } => {
+            matches!(
+                cause.kind(),
+                ErrorKind::StorageFull | ErrorKind::QuotaExceeded
+            )
+        }
+        _ => false,
     }
 }
 
