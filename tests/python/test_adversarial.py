@@ -276,6 +276,16 @@ def test_sql_that_makes_the_parser_backtrack_is_refused_at_its_budget(demo_daemo
     assert _run(client, "SELECT count(*) AS n FROM zones").num_rows == 1
 
 
+def test_sql_whose_parse_steps_grow_with_its_size_is_stopped_at_the_time_limit(demo_daemon):
+    # Within the step budget, each step re-skips 200 KB of whitespace:
+    # 14 minutes of CPU before the parser's time limit (5 s).
+    sql = "SELECT count(*) AS n FROM zones WHERE " + "NOT (" * 20 + " " * 200_000 + "1"
+    client = flight_client(demo_daemon, "planning")
+    with pytest.raises(pa.ArrowInvalid, match=r"parser gave up on this query after 5\.0 s"):
+        client.get_flight_info(statement_query(sql), _options())
+    assert _run(client, "SELECT count(*) AS n FROM zones").num_rows == 1
+
+
 def test_undecodable_requests_are_invalid_argument_not_internal(demo_daemon):
     import grpc
     with grpc_channel(demo_daemon, "planning") as channel:

@@ -19,11 +19,20 @@
 //! paths pass on instead of trying the next reading. From then on every path
 //! fails at its first step, so a parse ends within about its budget, whatever
 //! construct makes it backtrack (this one, or one a later sqlparser adds).
+//!
+//! Steps alone do not bound the time: the cost of one step can grow with the
+//! input. Before each token the parser skips whitespace one token per
+//! character, before each expression it tries to read a data type (which
+//! walks a whole dotted name or `ARRAY<ARRAY<…` chain), and it copies tokens
+//! (a 64 KiB string at every visit). 250 KiB of spaces after 20 `NOT (` took
+//! 14 minutes within the step budget. So the same hooks also stop a parse at
+//! [`TIME_LIMIT`]; ordinary queries parse in milliseconds, far from it.
 
 use std::any::TypeId;
 use std::cell::Cell;
 use std::iter::Peekable;
 use std::str::Chars;
+use std::time::{Duration, Instant};
 
 use datafusion::sql::sqlparser::ast::{
     ColumnOption, Expr, GranteesType, Ident, ObjectNamePart, Statement,
@@ -40,6 +49,8 @@ use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 pub const STEPS_PER_BYTE: u64 = 2;
 /// Steps every parse may take, however short its text.
 pub const BASE_STEPS: u64 = 10_000;
+/// Wall time a parse may take, whatever its steps.
+pub const TIME_LIMIT: Duration = Duration::from_secs(5);
 
 /// The session's dialect, counting the parser's steps against a budget.
 #[derive(Debug)]
@@ -47,6 +58,9 @@ pub struct BoundedDialect {
     inner: Box<dyn Dialect>,
     steps: Cell<u64>,
     budget: u64,
+    deadline: Instant,
+    time_limit: Duration,
+    out_of_time: Cell<bool>,
 }
 
 impl BoundedDialect {
@@ -57,13 +71,23 @@ impl BoundedDialect {
             inner,
             steps: Cell::new(0),
             budget,
+            deadline: Instant::now() + TIME_LIMIT,
+            time_limit: TIME_LIMIT,
+            out_of_time: Cell::new(false),
         }
+    }
+
+    /// The same with another time limit, counted from now.
+    pub fn with_time_limit(mut self, limit: Duration) -> Self {
+        self.deadline = Instant::now() + limit;
+        self.time_limit = limit;
+        self
     }
 
     /// Whether the parse ran out of steps (its error, if any, is then not
     /// about the SQL's syntax).
     pub fn exhausted(&self) -> bool {
-        self.steps.get() > self.budget
+        self.steps.get() > self.budget || self.out_of_time.get()
     }
 
     /// Steps taken so far.
@@ -78,6 +102,14 @@ impl BoundedDialect {
 
     /// What to tell the sender of a query that ran out of steps.
     pub fn exhausted_message(&self) -> String {
+        if self.out_of_time.get() {
+            return format!(
+                "the SQL parser gave up on this query after {:.1} s: long runs of whitespace, long \
+                 dotted names, long literals or deeply nested types make it re-read the same text \
+                 at every expression; shorten them",
+                self.time_limit.as_secs_f64()
+            );
+        }
         format!(
             "the SQL parser gave up after {} steps on this query: it parses nested NOT, CAST, \
              CASE, POSITION or similar prefixes once per way to read them, so the work doubles \
@@ -86,11 +118,18 @@ impl BoundedDialect {
         )
     }
 
-    /// Counts one step; true once the budget is spent.
+    /// Counts one step; true once the budget or the time is spent.
     fn over_budget(&self) -> bool {
         let steps = self.steps.get().saturating_add(1);
         self.steps.set(steps);
-        steps > self.budget
+        if self.out_of_time.get() || steps > self.budget {
+            return true;
+        }
+        if Instant::now() >= self.deadline {
+            self.out_of_time.set(true);
+            return true;
+        }
+        false
     }
 }
 
@@ -433,6 +472,43 @@ mod tests {
             if bounded.exhausted() {
                 assert!(result.is_err(), "{sql:.80}: parsed although out of steps");
             }
+        }
+    }
+
+    /// What makes each step cost more as the input grows (found by a
+    /// review; minutes to hours of CPU within the step budget): the parse
+    /// stops at its time limit, whatever the construct.
+    #[test]
+    fn costly_steps_stop_at_the_time_limit() {
+        let limit = Duration::from_millis(50);
+        let not_20 = "NOT (".repeat(20);
+        let cases = [
+            // Whitespace skipped one character at a time before each token.
+            format!("SELECT {not_20}{}1", " ".repeat(128 << 10)),
+            // A dotted name walked whole before each expression.
+            format!("SELECT {not_20}{}", vec!["a"; 32 << 10].join(".")),
+            // A long literal copied at every visit.
+            format!("SELECT {not_20}'{}'", "x".repeat(128 << 10)),
+            // A flat chain of ARRAY< that parses, but quadratically.
+            format!("SELECT {}1", "ARRAY<".repeat(20 << 10)),
+        ];
+        for sql in cases {
+            let bounded =
+                BoundedDialect::new(Box::new(GenericDialect {}), &sql).with_time_limit(limit);
+            let started = Instant::now();
+            let result = parse(&bounded, &sql);
+            let took = started.elapsed();
+            assert!(result.is_err(), "{sql:.60}: parsed");
+            assert!(
+                bounded.exhausted(),
+                "{sql:.60}: failed otherwise: {result:?}"
+            );
+            assert!(
+                bounded.exhausted_message().contains("after 0.1 s"),
+                "{sql:.60}: {}",
+                bounded.exhausted_message()
+            );
+            eprintln!("{took:?} ({} steps): {sql:.40}", bounded.steps());
         }
     }
 
