@@ -607,7 +607,13 @@ async fn every_class_of_hostile_query_is_refused_precisely() {
             "2,000 nested function calls",
             calls,
             Code::InvalidArgument,
-            vec!["recursion limit", "50"],
+            vec!["nests brackets", "2000 levels deep", "the limit is 128"],
+        ),
+        (
+            "20,000 nested ARRAY< types (they recurse past the recursion limit)",
+            format!("SELECT CAST(1 AS {}INT", "ARRAY<".repeat(20_000)),
+            Code::InvalidArgument,
+            vec!["nests brackets", "the limit is 128"],
         ),
         (
             "40 nested NOT (…)",

@@ -36,7 +36,7 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
 use super::config::{BrokerConfig, FederatedTable};
-use crate::query::bounded_dialect::BoundedDialect;
+use crate::query::bounded_dialect::{BoundedDialect, bracket_refusal};
 
 /// The table name of the partial answers in the merge query.
 pub const PARTIALS: &str = "partials";
@@ -119,6 +119,9 @@ const AGGREGATES: &[&str] = &["count", "sum", "avg", "mean", "min", "max"];
 /// `query::bounded_dialect`): the broker parses every consumer's SQL before
 /// any provider sees it.
 fn parse_bounded(sql: &str) -> Result<Vec<Statement>, Unsupported> {
+    if let Some(refusal) = bracket_refusal(&GenericDialect {}, sql) {
+        return Err(Unsupported(refusal));
+    }
     let bounded = BoundedDialect::new(Box::new(GenericDialect {}), sql);
     Parser::new(&bounded)
         .try_with_sql(sql)

@@ -27,6 +27,12 @@
 //! (a 64 KiB string at every visit). 250 KiB of spaces after 20 `NOT (` took
 //! 14 minutes within the step budget. So the same hooks also stop a parse at
 //! [`TIME_LIMIT`]; ordinary queries parse in milliseconds, far from it.
+//!
+//! Data types recurse without the parser's recursion limit (`ARRAY<ARRAY<…`,
+//! `NULLABLE(NULLABLE(…`): 20,000 levels overflow a thread's stack, which
+//! aborts the process. [`bracket_refusal`] reads the tokens first and
+//! refuses brackets nested deeper than [`MAX_BRACKET_DEPTH`], which no
+//! query needs (expressions stop at the recursion limit, 50, anyway).
 
 use std::any::TypeId;
 use std::cell::Cell;
@@ -40,6 +46,7 @@ use datafusion::sql::sqlparser::ast::{
 use datafusion::sql::sqlparser::dialect::{Dialect, Precedence};
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 /// Steps a parse may take per byte of SQL, beyond [`BASE_STEPS`]. The test
 /// suites' queries take at most 0.3 steps per byte and 40 steps in all
@@ -51,6 +58,58 @@ pub const STEPS_PER_BYTE: u64 = 2;
 pub const BASE_STEPS: u64 = 10_000;
 /// Wall time a parse may take, whatever its steps.
 pub const TIME_LIMIT: Duration = Duration::from_secs(5);
+
+/// How deep parentheses, square brackets and the angle brackets of
+/// `ARRAY<…>`, `MAP<…>` and `STRUCT<…>` may nest.
+pub const MAX_BRACKET_DEPTH: usize = 128;
+
+/// Why `sql` must not reach the parser at all: brackets nested deeper than
+/// [`MAX_BRACKET_DEPTH`]. SQL that does not tokenize is left to the parser,
+/// which says what is wrong with it.
+pub fn bracket_refusal(dialect: &dyn Dialect, sql: &str) -> Option<String> {
+    let tokens = Tokenizer::new(dialect, sql).tokenize().ok()?;
+    let depth = bracket_depth(&tokens);
+    (depth > MAX_BRACKET_DEPTH).then(|| {
+        format!(
+            "the query nests brackets (parentheses, [ ] or the < > of ARRAY, MAP and STRUCT \
+             types) {depth} levels deep; the limit is {MAX_BRACKET_DEPTH}"
+        )
+    })
+}
+
+/// The deepest nesting of brackets in `tokens`. A `<` opens a level only
+/// right after `ARRAY`, `MAP` or `STRUCT` (elsewhere it compares), and
+/// closes at `>` (or two at `>>`).
+fn bracket_depth(tokens: &[Token]) -> usize {
+    let (mut open, mut deepest) = (Vec::new(), 0);
+    let mut previous: Option<&Token> = None;
+    for token in tokens {
+        match token {
+            Token::Whitespace(_) => continue,
+            Token::LParen | Token::LBracket => open.push(false),
+            Token::Lt if previous.is_some_and(opens_a_type) => open.push(true),
+            Token::RParen | Token::RBracket => {
+                open.pop();
+            }
+            Token::Gt | Token::ShiftRight => {
+                let closes = if *token == Token::Gt { 1 } else { 2 };
+                for _ in 0..closes {
+                    if open.last() == Some(&true) {
+                        open.pop();
+                    }
+                }
+            }
+            _ => {}
+        }
+        deepest = deepest.max(open.len());
+        previous = Some(token);
+    }
+    deepest
+}
+
+fn opens_a_type(token: &Token) -> bool {
+    matches!(token, Token::Word(w) if matches!(w.keyword, Keyword::ARRAY | Keyword::MAP | Keyword::STRUCT))
+}
 
 /// The session's dialect, counting the parser's steps against a budget.
 #[derive(Debug)]
@@ -489,8 +548,6 @@ mod tests {
             format!("SELECT {not_20}{}", vec!["a"; 32 << 10].join(".")),
             // A long literal copied at every visit.
             format!("SELECT {not_20}'{}'", "x".repeat(128 << 10)),
-            // A flat chain of ARRAY< that parses, but quadratically.
-            format!("SELECT {}1", "ARRAY<".repeat(20 << 10)),
         ];
         for sql in cases {
             let bounded =
@@ -509,6 +566,48 @@ mod tests {
                 bounded.exhausted_message()
             );
             eprintln!("{took:?} ({} steps): {sql:.40}", bounded.steps());
+        }
+    }
+
+    /// Types nested past the limit never reach the parser (20,000 levels
+    /// overflowed a thread's stack); comparisons are not brackets.
+    #[test]
+    fn deeply_nested_brackets_are_refused_before_parsing() {
+        let generic = GenericDialect {};
+        for sql in [
+            format!("SELECT CAST(1 AS {}", "ARRAY<".repeat(20_000)),
+            format!("SELECT {}1", "ARRAY<".repeat(129)),
+            format!("SELECT {}", "NULLABLE(".repeat(10_000)),
+            format!("SELECT CAST(1 AS {}", "TABLE(a ".repeat(30_000)),
+            format!("SELECT {}1{}", "[".repeat(200), "]".repeat(200)),
+            format!(
+                "SELECT CAST(x AS {}INT{})",
+                "STRUCT<a ".repeat(200),
+                ">".repeat(200)
+            ),
+        ] {
+            let refusal = bracket_refusal(&generic, &sql).unwrap_or_else(|| panic!("{sql:.60}"));
+            assert!(refusal.contains("the limit is 128"), "{refusal}");
+        }
+        for sql in [
+            format!(
+                "SELECT 1 FROM t WHERE {}",
+                vec!["a < 1"; 2_000].join(" AND ")
+            ),
+            format!(
+                "SELECT CAST(x AS {}INT{})",
+                "ARRAY<".repeat(100),
+                ">".repeat(100)
+            ),
+            format!(
+                "SELECT CAST(x AS {}INT{})",
+                "ARRAY<".repeat(100),
+                ">>".repeat(50)
+            ),
+            format!("SELECT {}1{}", "(".repeat(120), ")".repeat(120)),
+            "SELECT a << 1, b >> 1, ARRAY[1, 2][1] FROM t".to_string(),
+        ] {
+            assert_eq!(bracket_refusal(&generic, &sql), None, "{sql:.60}");
         }
     }
 

@@ -25,7 +25,7 @@ use sluice_policy::Denial;
 pub const READ_ONLY_RULE: &str = "read-only";
 
 use super::QueryError;
-use super::bounded_dialect::BoundedDialect;
+use super::bounded_dialect::{BoundedDialect, bracket_refusal};
 use crate::catalog::{CATALOG, Catalog, SCHEMA};
 
 /// Parses one SQL statement and refuses anything but a query. `?` placeholders (ODBC/JDBC/ADBC style) are
@@ -66,6 +66,9 @@ fn parse_one_statement(state: &SessionState, sql: &str) -> Result<Statement, Que
         QueryError::Internal(format!("unsupported SQL dialect {}", options.dialect))
     })?;
     let limit = options.recursion_limit.get();
+    if let Some(refusal) = bracket_refusal(dialect.as_ref(), sql) {
+        return Err(QueryError::InvalidRequest(refusal));
+    }
     let bounded = BoundedDialect::new(dialect, sql);
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&bounded)
