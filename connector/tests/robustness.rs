@@ -94,7 +94,7 @@ async fn bad_sql_gets_a_precise_status_and_the_server_stays_up() {
             "2,000 nested parentheses",
             &deep_parens,
             Code::InvalidArgument,
-            "recursion",
+            "nests brackets",
         ),
         (
             "20,000-term sum",

@@ -1073,12 +1073,26 @@ mod tests {
     fn prefix_operators_and_nested_calls_stop_at_the_parser_limit() {
         let minus = format!("SELECT {}1", "- ".repeat(2_000));
         let not = format!("SELECT {}true", "NOT ".repeat(2_000));
-        let calls = format!("SELECT {}1{}", "abs(".repeat(2_000), ")".repeat(2_000));
-        let parentheses = format!("SELECT {}1{}", "(".repeat(2_000), ")".repeat(2_000));
+        // Between the recursion limit (50) and the bracket limit (128).
+        let calls = format!("SELECT {}1{}", "abs(".repeat(100), ")".repeat(100));
+        let parentheses = format!("SELECT {}1{}", "(".repeat(100), ")".repeat(100));
         for sql in [&minus, &not, &calls, &parentheses] {
             let message = refusal(sql);
             assert!(
                 message.contains("recursion limit") && message.contains("50"),
+                "{message}"
+            );
+        }
+        // Past the bracket limit: refused before the parser runs.
+        for sql in [
+            format!("SELECT {}1{}", "abs(".repeat(2_000), ")".repeat(2_000)),
+            format!("SELECT {}1{}", "(".repeat(2_000), ")".repeat(2_000)),
+        ] {
+            let message = refusal(&sql);
+            assert!(
+                message.contains("nests brackets")
+                    && message.contains("2000 levels deep")
+                    && message.contains("the limit is 128"),
                 "{message}"
             );
         }
