@@ -35,6 +35,13 @@ if [[ $which != --python ]] && ! compgen -G "/usr/lib/*/faketime/libfaketimeMT.s
     apt-get update && apt-get install -y faketime
 fi
 
+if [[ $which != --rust ]] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    # tests/python/test_sources.py serves datasets from a throwaway cluster
+    # (tests/services/postgres.sh).
+    step "PostgreSQL (Debian package postgresql) for the database-source tests"
+    apt-get update && apt-get install -y postgresql
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -73,6 +73,11 @@ pub struct Entry {
     /// decimal string (see the crate documentation).
     #[serde(default, with = "exact_f64")]
     pub delta: Option<f64>,
+    /// The versions of the data that answered, one per dataset read: file
+    /// sizes and modification times, object ETags, a database's
+    /// transaction snapshot and read time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_versions: Vec<String>,
 }
 
 /// One record as hashed: the entry plus its place in the chain.

@@ -414,7 +414,7 @@ mod policy {
             Some(concat!(env!("CARGO_MANIFEST_DIR"), "/src/dev/demo_policy.yaml").into());
         // The supplier's daily query quota would run out over repeated runs.
         let _ = std::fs::remove_file(state_dir.join("quota.json"));
-        let catalog = Catalog::open(&config.datasets).await?;
+        let catalog = Catalog::open(&config).await?;
         let gate = demo_gate(&catalog, &config, state_dir)?;
 
         println!("\n(c) the usage policy (demo policy), {runs} runs each:");
@@ -858,7 +858,7 @@ mod privacy {
         config.policy = Some(policy.to_path_buf());
         for dataset in &mut config.datasets {
             if dataset.name == "trips" {
-                dataset.path = trips.to_path_buf();
+                dataset.location = sluice::config::Location::Local(trips.to_path_buf());
             }
         }
         let _ = std::fs::remove_file(state_dir.join("privacy-ledger.sqlite"));

@@ -34,15 +34,21 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::execution::{SessionState, TaskContext};
 use datafusion::optimizer::{Optimizer, OptimizerRule};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{
     CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionConfig, SessionContext,
 };
 
 use crate::guard;
 
-use crate::config::{DatasetConfig, DatasetFormat};
+use crate::config::{Config, DatabaseConfig, DatasetConfig, DatasetFormat, Location};
 
+mod objects;
+pub mod postgres;
 mod source;
+mod versions;
+
+pub use versions::DataReads;
 
 pub use source::{SourceError, SourceFault, find_source_error};
 
@@ -58,23 +64,32 @@ pub struct Dataset {
     pub name: String,
     pub schema: SchemaRef,
     pub description: Option<String>,
-    /// The file or directory it is read from.
-    pub path: std::path::PathBuf,
+    /// Where it is read from.
+    pub location: Location,
 }
 
 impl Dataset {
-    /// When the data last changed: the newest modification time of its file
-    /// or of the files in its directory.
+    /// When the data last changed, for data on the connector's disk: the
+    /// newest modification time of its file or of the files in its
+    /// directory. `None` for a database or an object store.
     pub fn modified(&self) -> Option<std::time::SystemTime> {
-        let meta = std::fs::metadata(&self.path).ok()?;
+        let path = self.location.local_path()?;
+        let meta = std::fs::metadata(path).ok()?;
         if !meta.is_dir() {
             return meta.modified().ok();
         }
-        std::fs::read_dir(&self.path)
+        std::fs::read_dir(path)
             .ok()?
             .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
             .max()
     }
+}
+
+/// A configured dataset that could not be reached when the connector
+/// started: it is not served, and a query naming it is told so.
+#[derive(Debug, Clone)]
+pub struct Unreached {
+    pub name: String,
 }
 
 /// Why the served datasets could not be opened.
@@ -89,6 +104,21 @@ pub enum CatalogError {
         #[source]
         source: DataFusionError,
     },
+    /// A database relation cannot be served as configured (it does not
+    /// exist, or a column has a type Sluice does not serve).
+    #[error("dataset `{name}`")]
+    Relation {
+        name: String,
+        #[source]
+        source: postgres::DescribeError,
+    },
+    /// A `[[databases]]` entry cannot be used (its CA file).
+    #[error("database `{name}`")]
+    Database {
+        name: String,
+        #[source]
+        source: postgres::pool::ConnectError,
+    },
     /// The query engine could not be set up.
     #[error(transparent)]
     Engine(#[from] DataFusionError),
@@ -98,36 +128,136 @@ pub enum CatalogError {
 pub struct Catalog {
     ctx: SessionContext,
     datasets: Vec<Dataset>,
+    unreached: Vec<Unreached>,
+    sources: source::Sources,
 }
 
 impl Catalog {
-    /// Registers every dataset; fails naming the dataset and path that could
-    /// not be opened.
-    pub async fn open(datasets: &[DatasetConfig]) -> Result<Self, CatalogError> {
+    /// Registers every dataset of `config`. Fails naming the dataset that
+    /// cannot be served as configured (a local file that cannot be opened,
+    /// a relation that does not exist, a column type Sluice does not
+    /// serve); a database or object store that cannot be reached only
+    /// leaves its datasets out (see [`Catalog::unreached`]).
+    pub async fn open(config: &Config) -> Result<Self, CatalogError> {
         let sources = source::Sources::default();
         let ctx = SessionContext::new_with_state(session_state_reading(sources.clone())?);
-        let mut served = Vec::with_capacity(datasets.len());
-        for ds in datasets {
-            sources.add(&ds.name, &ds.path);
-            register(&ctx, ds)
-                .await
-                .map_err(|source| CatalogError::Dataset {
+        let databases = open_databases(&config.databases)?;
+        let schemas = SchemaCache::new(&config.server.state_dir);
+        let mut catalog = Self {
+            ctx,
+            datasets: Vec::with_capacity(config.datasets.len()),
+            unreached: Vec::new(),
+            sources: sources.clone(),
+        };
+        for ds in &config.datasets {
+            let opened = match &ds.location {
+                Location::Local(path) => {
+                    sources.add(&ds.name, path);
+                    register_files(&catalog.ctx, ds, &path.to_string_lossy())
+                        .await
+                        .map_err(|source| CatalogError::Dataset {
+                            name: ds.name.clone(),
+                            path: path.clone(),
+                            source,
+                        })?;
+                    true
+                }
+                Location::Object(url) => {
+                    sources.add_object(&ds.name, url);
+                    catalog
+                        .open_object_dataset(ds, url, &config.object_stores)
+                        .await
+                }
+                Location::Database { database, relation } => {
+                    let db = databases[database.as_str()].clone();
+                    catalog.open_relation(ds, db, relation, &schemas).await?
+                }
+            };
+            if !opened {
+                catalog.unreached.push(Unreached {
                     name: ds.name.clone(),
-                    path: ds.path.clone(),
-                    source,
-                })?;
-            let schema = ctx.table_provider(ds.name.as_str()).await?.schema();
-            served.push(Dataset {
+                });
+                continue;
+            }
+            let schema = catalog.ctx.table_provider(ds.name.as_str()).await?.schema();
+            catalog.datasets.push(Dataset {
                 name: ds.name.clone(),
                 schema,
                 description: ds.description.clone(),
-                path: ds.path.clone(),
+                location: ds.location.clone(),
             });
         }
-        Ok(Self {
-            ctx,
-            datasets: served,
-        })
+        Ok(catalog)
+    }
+
+    /// Registers a dataset in an object store; `false` (logged, naming the
+    /// dataset) if the store cannot be reached or read.
+    async fn open_object_dataset(
+        &self,
+        ds: &DatasetConfig,
+        url: &str,
+        stores: &[crate::config::ObjectStoreConfig],
+    ) -> bool {
+        let Some(bucket) = crate::config::bucket_of(url) else {
+            return false;
+        };
+        let config = stores.iter().find(|s| s.bucket == bucket);
+        let store = match objects::s3_store(bucket, config) {
+            Ok(store) => store,
+            Err(e) => {
+                tracing::error!(dataset = %ds.name, error = %e, "the dataset's object store cannot be set up; the dataset is not served");
+                return false;
+            }
+        };
+        let store_url = url::Url::parse(&format!("s3://{bucket}")).expect("a valid URL");
+        self.ctx.register_object_store(&store_url, store);
+        match register_files(&self.ctx, ds, url).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(dataset = %ds.name, error = %e, "the dataset's objects cannot be listed or read; the dataset is not served until the connector restarts");
+                false
+            }
+        }
+    }
+
+    /// Registers a database relation, described by the database or, if it
+    /// cannot be reached now, by the description saved when it last could;
+    /// `false` (logged) if neither is available.
+    async fn open_relation(
+        &self,
+        ds: &DatasetConfig,
+        db: Arc<postgres::Database>,
+        relation: &str,
+        schemas: &SchemaCache,
+    ) -> Result<bool, CatalogError> {
+        let described = match postgres::describe(&db, relation).await {
+            Ok(described) => {
+                schemas.save(&ds.name, &described);
+                described
+            }
+            Err(postgres::DescribeError::Unreachable { database, cause }) => {
+                let Some(saved) = schemas.load(&ds.name) else {
+                    tracing::error!(dataset = %ds.name, %database, %cause, "the dataset's database cannot be reached and its relation was never described; the dataset is not served until the connector restarts");
+                    return Ok(false);
+                };
+                tracing::warn!(dataset = %ds.name, %database, %cause, "the dataset's database cannot be reached; serving it with the description saved when it last could (queries fail with UNAVAILABLE until it is back)");
+                saved
+            }
+            Err(source) => {
+                return Err(CatalogError::Relation {
+                    name: ds.name.clone(),
+                    source,
+                });
+            }
+        };
+        let table = postgres::PgTable::new(&ds.name, db, described).map_err(|source| {
+            CatalogError::Relation {
+                name: ds.name.clone(),
+                source,
+            }
+        })?;
+        self.ctx.register_table(ds.name.as_str(), Arc::new(table))?;
+        Ok(true)
     }
 
     pub fn session(&self) -> &SessionContext {
@@ -140,6 +270,26 @@ impl Catalog {
 
     pub fn dataset(&self, name: &str) -> Option<&Dataset> {
         self.datasets.iter().find(|d| d.name == name)
+    }
+
+    /// Notes in `reads` the files each scan of `plan` was planned over.
+    pub fn note_files(&self, plan: &Arc<dyn ExecutionPlan>, reads: &DataReads) {
+        versions::note_files(plan, &self.sources, reads);
+    }
+
+    /// The DP answer cache's version key for `datasets` (see
+    /// [`versions::cache_version`]); `None`: do not cache.
+    pub fn cache_version(&self, datasets: &[String]) -> Option<String> {
+        let locations: Vec<&Location> = datasets
+            .iter()
+            .map(|name| self.dataset(name).map(|d| &d.location))
+            .collect::<Option<_>>()?;
+        versions::cache_version(locations.into_iter())
+    }
+
+    /// The configured datasets that could not be reached at startup.
+    pub fn unreached(&self) -> &[Unreached] {
+        &self.unreached
     }
 
     /// A task context for `state` (a query's own session state) whose
@@ -299,22 +449,88 @@ pub fn session_config() -> SessionConfig {
 
 fn base_runtime() -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
     RuntimeEnvBuilder::new()
+        // Data is live: every query lists a dataset's directory or prefix
+        // again, so that files added or removed since are seen (DataFusion
+        // would otherwise keep the first listing for ever).
+        .with_cache_manager(
+            datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+                .with_list_files_cache_limit(0),
+        )
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
         .build_arc()
 }
 
-async fn register(ctx: &SessionContext, ds: &DatasetConfig) -> Result<()> {
-    let is_dir = ds.path.is_dir();
-    let mut location = ds.path.to_string_lossy().into_owned();
+/// The pools of the `[[databases]]` entries, by name.
+fn open_databases(
+    configs: &[DatabaseConfig],
+) -> Result<std::collections::HashMap<&str, Arc<postgres::Database>>, CatalogError> {
+    configs
+        .iter()
+        .map(|c| {
+            let db =
+                postgres::Database::new(c.clone()).map_err(|source| CatalogError::Database {
+                    name: c.name.clone(),
+                    source,
+                })?;
+            Ok((c.name.as_str(), Arc::new(db)))
+        })
+        .collect()
+}
+
+/// Relation descriptions saved in the state directory, so that a dataset
+/// whose database is down when the connector starts is still served (and
+/// governed by the policy), failing with UNAVAILABLE until it is back.
+struct SchemaCache {
+    dir: std::path::PathBuf,
+}
+
+impl SchemaCache {
+    fn new(state_dir: &std::path::Path) -> Self {
+        Self {
+            dir: state_dir.join("sources"),
+        }
+    }
+
+    fn file(&self, dataset: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{dataset}.relation.json"))
+    }
+
+    fn save(&self, dataset: &str, relation: &postgres::Relation) {
+        let saved = std::fs::create_dir_all(&self.dir).and_then(|()| {
+            let text = serde_json::to_vec_pretty(relation).map_err(std::io::Error::other)?;
+            let temporary = self.file(&format!("{dataset}.tmp"));
+            std::fs::write(&temporary, text)?;
+            std::fs::rename(&temporary, self.file(dataset))
+        });
+        if let Err(e) = saved {
+            tracing::warn!(dataset, error = %e, "the relation's description could not be saved in the state directory");
+        }
+    }
+
+    fn load(&self, dataset: &str) -> Option<postgres::Relation> {
+        let text = std::fs::read(self.file(dataset)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+}
+
+/// Registers a dataset of files at `location` (a local path or an
+/// `s3://` URL): one file, or a directory of them (hive-style partitioned
+/// if the dataset declares partition columns).
+async fn register_files(ctx: &SessionContext, ds: &DatasetConfig, location: &str) -> Result<()> {
+    let is_dir = match &ds.location {
+        Location::Local(path) => path.is_dir(),
+        _ => location.ends_with('/'),
+    };
+    let mut location = location.to_string();
     let extension = if is_dir {
         if !location.ends_with('/') {
             location.push('/');
         }
         ds.format.extension().to_string()
     } else {
-        ds.path
+        std::path::Path::new(&location)
             .extension()
             .map(|e| format!(".{}", e.to_string_lossy()))
             .unwrap_or_default()
@@ -326,10 +542,17 @@ async fn register(ctx: &SessionContext, ds: &DatasetConfig) -> Result<()> {
                 .collect::<Vec<_>>(),
         )
     });
+    let partitions: Vec<(String, datafusion::arrow::datatypes::DataType)> = ds
+        .partitions
+        .iter()
+        .map(|c| (c.name.clone(), c.data_type.clone()))
+        .collect();
     let name = ds.name.as_str();
     match ds.format {
         DatasetFormat::Parquet => {
-            let mut opts = ParquetReadOptions::default().file_extension(&extension);
+            let mut opts = ParquetReadOptions::default()
+                .file_extension(&extension)
+                .table_partition_cols(partitions);
             if let Some(schema) = &declared {
                 opts = opts.schema(schema);
             }
@@ -339,18 +562,26 @@ async fn register(ctx: &SessionContext, ds: &DatasetConfig) -> Result<()> {
             let mut opts = CsvReadOptions::new()
                 .has_header(ds.csv.has_header)
                 .delimiter(ds.csv.delimiter)
-                .file_extension(&extension);
+                .file_extension(&extension)
+                .table_partition_cols(partitions);
             if let Some(schema) = &declared {
                 opts = opts.schema(schema);
             }
             ctx.register_csv(name, &location, opts).await?;
         }
         DatasetFormat::Json => {
-            let mut opts = JsonReadOptions::default().file_extension(&extension);
+            let mut opts = JsonReadOptions::default()
+                .file_extension(&extension)
+                .table_partition_cols(partitions);
             if let Some(schema) = &declared {
                 opts = opts.schema(schema);
             }
             ctx.register_json(name, &location, opts).await?;
+        }
+        DatasetFormat::Postgres => {
+            return Err(DataFusionError::Internal(
+                "a postgres dataset has no files".into(),
+            ));
         }
     }
     Ok(())

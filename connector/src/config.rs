@@ -36,6 +36,12 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::DataType;
 use serde::Deserialize;
 
+mod sources;
+
+pub use sources::{
+    DatabaseConfig, DatabaseKind, DatabaseTls, ObjectStoreConfig, Secret, bucket_of,
+};
+
 /// Where a configuration came from, for error messages.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -74,6 +80,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub datasets: Vec<DatasetConfig>,
+    /// Databases datasets are read from (`format = "postgres"`).
+    pub databases: Vec<DatabaseConfig>,
+    /// Object stores datasets' `s3://` paths are in.
+    pub object_stores: Vec<ObjectStoreConfig>,
     /// The usage policy file (YAML, `docs/policy.md`). `None`: no policy, and
     /// every query is refused (deny by default).
     pub policy: Option<PathBuf>,
@@ -198,6 +208,8 @@ pub enum DatasetFormat {
     Csv,
     /// Newline-delimited JSON.
     Json,
+    /// A table, view or schema-qualified relation in a PostgreSQL database.
+    Postgres,
 }
 
 impl DatasetFormat {
@@ -206,6 +218,36 @@ impl DatasetFormat {
             DatasetFormat::Parquet => ".parquet",
             DatasetFormat::Csv => ".csv",
             DatasetFormat::Json => ".json",
+            DatasetFormat::Postgres => "",
+        }
+    }
+
+    fn is_file_format(self) -> bool {
+        self != DatasetFormat::Postgres
+    }
+}
+
+/// Where a dataset's data is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A file, or a directory whose files (with the format's extension, in
+    /// hive-style partition directories if `partitions` are declared) form
+    /// the dataset. Absolute after loading.
+    Local(PathBuf),
+    /// `s3://bucket/prefix/` (a directory) or `s3://bucket/key` (one
+    /// object), in the object store configured for the bucket.
+    Object(String),
+    /// A relation (`table`, `schema.table`, a view) in `[[databases]]`
+    /// entry `database`.
+    Database { database: String, relation: String },
+}
+
+impl Location {
+    /// The local file or directory, for a dataset on the connector's disk.
+    pub fn local_path(&self) -> Option<&Path> {
+        match self {
+            Location::Local(path) => Some(path),
+            _ => None,
         }
     }
 }
@@ -214,12 +256,14 @@ impl DatasetFormat {
 pub struct DatasetConfig {
     pub name: String,
     pub format: DatasetFormat,
-    /// A file, or a directory whose files (with the format's extension) form
-    /// the dataset. Absolute after loading.
-    pub path: PathBuf,
+    pub location: Location,
     pub description: Option<String>,
-    /// Declared schema; inferred from the files when absent.
+    /// Declared schema; inferred from the files (or read from the
+    /// database's catalog) when absent.
     pub schema: Option<Vec<ColumnConfig>>,
+    /// Hive-style partition columns (`year=2026/month=11/…`), in directory
+    /// order; they become the dataset's last columns.
+    pub partitions: Vec<ColumnConfig>,
     pub csv: CsvOptions,
 }
 
@@ -328,20 +372,19 @@ impl Config {
     /// that the embedded default can be checked after demo data is created.
     pub fn check_paths(&self) -> Result<(), ConfigError> {
         for (i, ds) in self.datasets.iter().enumerate() {
-            let meta = std::fs::metadata(&ds.path).map_err(|e| {
+            let Some(path) = ds.location.local_path() else {
+                continue;
+            };
+            let meta = std::fs::metadata(path).map_err(|e| {
                 self.error(
                     format!("datasets[{i}].path"),
-                    format!(
-                        "dataset `{}`: cannot open {}: {e}",
-                        ds.name,
-                        ds.path.display()
-                    ),
+                    format!("dataset `{}`: cannot open {}: {e}", ds.name, path.display()),
                 )
             })?;
             if !meta.is_file() && !meta.is_dir() {
                 return Err(self.error(
                     format!("datasets[{i}].path"),
-                    format!("{} is neither a file nor a directory", ds.path.display()),
+                    format!("{} is neither a file nor a directory", path.display()),
                 ));
             }
         }
@@ -403,6 +446,10 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     datasets: Vec<RawDataset>,
+    #[serde(default)]
+    databases: Vec<sources::RawDatabase>,
+    #[serde(default)]
+    object_stores: Vec<sources::RawObjectStore>,
     policy: Option<RawPolicy>,
 }
 
@@ -468,9 +515,12 @@ struct RawLog {
 struct RawDataset {
     name: String,
     format: DatasetFormat,
-    path: PathBuf,
+    path: Option<String>,
+    database: Option<String>,
+    relation: Option<String>,
     description: Option<String>,
     schema: Option<Vec<RawColumn>>,
+    partitions: Option<Vec<RawColumn>>,
     csv: Option<RawCsv>,
 }
 
@@ -537,6 +587,31 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
     tracing_subscriber::EnvFilter::try_new(&level)
         .map_err(|e| err("log.level".into(), format!("invalid filter `{level}`: {e}")))?;
 
+    let mut databases: Vec<DatabaseConfig> = Vec::new();
+    for (i, db) in raw.databases.into_iter().enumerate() {
+        let db = sources::parse_database(db, &resolve, limits.query_timeout)
+            .map_err(|(f, r)| err(format!("databases[{i}].{f}"), r))?;
+        if databases.iter().any(|d| d.name == db.name) {
+            return Err(err(
+                format!("databases[{i}].name"),
+                format!("database `{}` is defined twice", db.name),
+            ));
+        }
+        databases.push(db);
+    }
+    let mut object_stores: Vec<ObjectStoreConfig> = Vec::new();
+    for (i, store) in raw.object_stores.into_iter().enumerate() {
+        let store = sources::parse_object_store(store, &resolve)
+            .map_err(|(f, r)| err(format!("object_stores[{i}].{f}"), r))?;
+        if object_stores.iter().any(|s| s.bucket == store.bucket) {
+            return Err(err(
+                format!("object_stores[{i}].url"),
+                format!("bucket `{}` is configured twice", store.bucket),
+            ));
+        }
+        object_stores.push(store);
+    }
+
     let mut datasets: Vec<DatasetConfig> = Vec::new();
     for (i, ds) in raw.datasets.into_iter().enumerate() {
         let field = |f: &str| format!("datasets[{i}].{f}");
@@ -566,12 +641,39 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
             ));
         }
         let csv = parse_csv(ds.csv).map_err(|(f, r)| err(field(&f), r))?;
+        let partitions = match ds.partitions {
+            None => Vec::new(),
+            Some(cols) => parse_columns(cols)
+                .map_err(|(f, r)| err(field(&f.replacen("schema", "partitions", 1)), r))?,
+        };
+        let location = dataset_location(
+            ds.format,
+            ds.path,
+            ds.database,
+            ds.relation,
+            &databases,
+            &resolve,
+        )
+        .map_err(|(f, r)| err(field(&f), r))?;
+        if schema.is_some() && !ds.format.is_file_format() {
+            return Err(err(
+                field("schema"),
+                "the schema of a database relation is read from the database; to serve other columns or types, define a view and name it in `relation`".into(),
+            ));
+        }
+        if !partitions.is_empty() && !ds.format.is_file_format() {
+            return Err(err(
+                field("partitions"),
+                "partition columns are for files in hive-style directories, not for a database relation".into(),
+            ));
+        }
         datasets.push(DatasetConfig {
             name: ds.name,
             format: ds.format,
-            path: resolve(&ds.path),
+            location,
             description: ds.description,
             schema,
+            partitions,
             csv,
         });
     }
@@ -593,8 +695,75 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
             level,
         },
         datasets,
+        databases,
+        object_stores,
         policy: raw.policy.map(|p| resolve(&p.file)),
     })
+}
+
+/// Where a dataset is: a local `path`, an `s3://` `path`, or a `database`
+/// and `relation` (for `format = "postgres"`).
+fn dataset_location(
+    format: DatasetFormat,
+    path: Option<String>,
+    database: Option<String>,
+    relation: Option<String>,
+    databases: &[DatabaseConfig],
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Location, (String, String)> {
+    let fail = |field: &str, reason: &str| Err((field.to_string(), reason.to_string()));
+    if !format.is_file_format() {
+        if path.is_some() {
+            return fail(
+                "path",
+                "a postgres dataset is a `database` and a `relation`, not a path",
+            );
+        }
+        let Some(database) = database else {
+            return fail(
+                "database",
+                "missing: name the [[databases]] entry this relation is in",
+            );
+        };
+        if !databases.iter().any(|d| d.name == database) {
+            return Err((
+                "database".into(),
+                format!("no [[databases]] entry is named `{database}`"),
+            ));
+        }
+        let Some(relation) = relation.filter(|r| !r.trim().is_empty()) else {
+            return fail(
+                "relation",
+                "missing: name the table or view, e.g. \"trips\" or \"transit.trips\"",
+            );
+        };
+        return Ok(Location::Database { database, relation });
+    }
+    if database.is_some() || relation.is_some() {
+        return fail(
+            "database",
+            "`database` and `relation` are for format = \"postgres\"; a file dataset has a `path`",
+        );
+    }
+    let Some(path) = path else {
+        return fail(
+            "path",
+            "missing: a file, a directory, or an s3://bucket/prefix/",
+        );
+    };
+    if path.starts_with("s3://") {
+        if bucket_of(&path).is_none() {
+            return fail("path", "an object store path is s3://bucket/prefix/");
+        }
+        return Ok(Location::Object(path));
+    }
+    if path.contains("://") {
+        return fail(
+            "path",
+            "only local paths and s3:// object store paths are supported",
+        );
+    }
+    Ok(Location::Local(resolve(Path::new(&path))))
 }
 
 /// TOML → raw structs, reporting the dotted field path and the line.
@@ -901,7 +1070,13 @@ mod tests {
         let cfg = Config::embedded_default(Path::new("/var/lib/sluice"));
         assert_eq!(cfg.server.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(cfg.datasets.len(), 3);
-        assert!(cfg.datasets[0].path.starts_with("/var/lib/sluice"));
+        assert!(
+            cfg.datasets[0]
+                .location
+                .local_path()
+                .unwrap()
+                .starts_with("/var/lib/sluice")
+        );
         assert_eq!(
             cfg.policy.as_deref(),
             Some(Path::new("/var/lib/sluice/policy.yaml"))
@@ -924,9 +1099,102 @@ mod tests {
     fn relative_paths_resolve_against_the_config_file() {
         let cfg = load("[[datasets]]\nname='t'\nformat='csv'\npath='data/t.csv'\n").unwrap();
         assert_eq!(
-            cfg.datasets[0].path,
-            PathBuf::from("/etc/sluice/data/t.csv")
+            cfg.datasets[0].location,
+            Location::Local(PathBuf::from("/etc/sluice/data/t.csv"))
         );
+    }
+
+    const DATABASE: &str = "[[databases]]\nname='transit'\nkind='postgres'\nhost='db.internal'\ndbname='transit'\nuser='sluice'\npassword_file='secrets/pg'\nca_file='pki/db-ca.pem'\n";
+
+    #[test]
+    fn a_database_dataset_names_its_database_and_relation() {
+        let cfg = load(&format!(
+            "{DATABASE}[[datasets]]\nname='trips'\nformat='postgres'\ndatabase='transit'\nrelation='public.trips'\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.datasets[0].location,
+            Location::Database {
+                database: "transit".into(),
+                relation: "public.trips".into()
+            }
+        );
+        let db = &cfg.databases[0];
+        assert_eq!(db.port, 5432);
+        assert_eq!(
+            db.password,
+            Secret::File(PathBuf::from("/etc/sluice/secrets/pg"))
+        );
+        assert_eq!(
+            db.tls,
+            DatabaseTls::VerifyFull {
+                ca: PathBuf::from("/etc/sluice/pki/db-ca.pem")
+            }
+        );
+        assert_eq!(db.statement_timeout, cfg.limits.query_timeout);
+    }
+
+    #[test]
+    fn database_settings_are_checked() {
+        let cases = [
+            (
+                "password='hunter2'\n",
+                "databases[0].password",
+                "unknown field",
+            ),
+            (
+                "password_env='PG'\n",
+                "databases[0].password_file",
+                "not both",
+            ),
+            ("tls='require'\n", "databases[0].tls", "not a TLS mode"),
+            (
+                "max_connections=0\n",
+                "databases[0].max_connections",
+                "at least 1",
+            ),
+        ];
+        for (extra, field, reason) in cases {
+            let e = load(&format!("{DATABASE}{extra}")).unwrap_err();
+            assert!(e.field.starts_with(field), "{extra}: {e}");
+            assert!(e.reason.contains(reason), "{extra}: {e}");
+        }
+        let no_ca = DATABASE.replace("ca_file='pki/db-ca.pem'\n", "");
+        let e = load(&no_ca).unwrap_err();
+        assert_eq!(e.field, "databases[0].ca_file", "{e}");
+        let e = load(&format!(
+            "{DATABASE}[[datasets]]\nname='trips'\nformat='postgres'\ndatabase='other'\nrelation='trips'\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "datasets[0].database", "{e}");
+        let e = load(&format!(
+            "{DATABASE}[[datasets]]\nname='trips'\nformat='postgres'\ndatabase='transit'\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "datasets[0].relation", "{e}");
+    }
+
+    #[test]
+    fn an_object_store_path_and_its_partitions() {
+        let cfg = load(
+            "[[object_stores]]\nurl='s3://lake'\nendpoint='http://127.0.0.1:5000'\nallow_http=true\n\
+             [[datasets]]\nname='t'\nformat='parquet'\npath='s3://lake/trips/'\n\
+             [[datasets.partitions]]\nname='year'\ntype='Int32'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.datasets[0].location,
+            Location::Object("s3://lake/trips/".into())
+        );
+        assert_eq!(cfg.datasets[0].partitions[0].name, "year");
+        assert_eq!(cfg.object_stores[0].bucket, "lake");
+        let e =
+            load("[[object_stores]]\nurl='s3://lake'\nendpoint='http://10.0.0.1'\n").unwrap_err();
+        assert_eq!(e.field, "object_stores[0].endpoint", "{e}");
+        let e = load("[[object_stores]]\nurl='s3://lake/prefix'\n").unwrap_err();
+        assert_eq!(e.field, "object_stores[0].url", "{e}");
+        let e = load("[[datasets]]\nname='t'\nformat='csv'\npath='https://x/y.csv'\n").unwrap_err();
+        assert_eq!(e.field, "datasets[0].path", "{e}");
     }
 
     #[test]

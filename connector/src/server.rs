@@ -104,7 +104,7 @@ impl App {
         let tls_files = tls_files(&config, &state);
         config.check_paths()?;
         let tls = server_tls(&tls_files)?;
-        let catalog = Arc::new(Catalog::open(&config.datasets).await?);
+        let catalog = Arc::new(Catalog::open(&config).await?);
         let policy = Arc::new(match hooks.gate.take() {
             Some(gate) => PolicyHandle::fixed(gate),
             None => {

@@ -130,10 +130,10 @@ fn compile(
 /// Compiles the policy file against the datasets of a config, as `serve`
 /// would, without serving: returns the policy version. (`sluice config check`.)
 pub async fn check(
-    datasets: &[crate::config::DatasetConfig],
+    config: &crate::config::Config,
     file: &Path,
 ) -> Result<String, UsagePolicyError> {
-    let catalog = Catalog::open(datasets).await?;
+    let catalog = Catalog::open(config).await?;
     let gate = compile(file, b"check", &catalog)?;
     Ok(gate.version().to_string())
 }

@@ -306,7 +306,7 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
     // groups and the noise, so that a query decided under other DP terms
     // (say, a broker's stricter grant) never gets this answer.
     let text = format!(
-        "{}\n{}\n{}\n{}\n{}\n{}\n{:?}\n{:?}\n{:?} {} {}",
+        "{}\n{}\n{}\n{}\n{}\n{}\n{:?}\n{:?}\n{:?} {} {}\n{}",
         charge.key,
         charge.dataset,
         charge.epsilon,
@@ -317,7 +317,8 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
         query.groups,
         query.noise,
         query.max_groups,
-        query.max_rows
+        query.max_rows,
+        query.data_version
     );
     digest::digest(&digest::SHA256, text.as_bytes())
         .as_ref()

@@ -45,6 +45,12 @@ EXAMPLES = {
         "remaining 9.25 ε",
         "city example: OK",
     ]),
+    "postgres": (50281, [
+        "live data, so a fresh answer, charged again",
+        "cached false; remaining ε 9",
+        'SELECT "card_id", "start_zone", "fare_eur" FROM public.trips',
+        "postgres example: OK",
+    ]),
 }
 
 

@@ -60,6 +60,13 @@ pub enum SourceFault {
     Unreadable,
     /// What was read does not parse as the dataset's rows.
     Malformed,
+    /// Its database or object store could not be reached.
+    Unreachable,
+    /// Its database or object store refused the connector's credentials or
+    /// permissions.
+    Refused,
+    /// Its database stopped the statement (`statement_timeout`).
+    TimedOut,
 }
 
 /// A dataset whose data could not be read. The path and the underlying
@@ -97,6 +104,8 @@ pub struct Sources(Arc<RwLock<Vec<Source>>>);
 #[derive(Debug)]
 struct Source {
     dataset: String,
+    /// The object store (`s3://bucket`); `None` for the local file system.
+    store: Option<String>,
     /// Object store path of the file, or of the directory with a trailing `/`.
     location: String,
     directory: Option<PathBuf>,
@@ -116,24 +125,57 @@ impl Sources {
             }
             known.push(Source {
                 dataset: name.to_string(),
+                store: None,
                 location,
                 directory: directory.then(|| path.clone()),
             });
         }
     }
 
+    /// Registers dataset `name` read from `url` (`s3://bucket/prefix/` or
+    /// `s3://bucket/key`) in an object store.
+    pub fn add_object(&self, name: &str, url: &str) {
+        let Some(bucket) = crate::config::bucket_of(url) else {
+            return;
+        };
+        let store = format!("s3://{bucket}");
+        let location = url[store.len()..].trim_start_matches('/').to_string();
+        let mut known = self.0.write().unwrap_or_else(|e| e.into_inner());
+        known.push(Source {
+            dataset: name.to_string(),
+            store: Some(store),
+            directory: location.ends_with('/').then(PathBuf::new),
+            location,
+        });
+    }
+
     /// The dataset `location` belongs to, if any; with its directory when
     /// `location` is a dataset's directory itself.
     fn find(&self, location: &str) -> Option<(String, Option<PathBuf>)> {
+        self.find_in(None, location)
+    }
+
+    /// [`Sources::find`] in the object store `store` (`None`: local files).
+    fn find_in(&self, store: Option<&str>, location: &str) -> Option<(String, Option<PathBuf>)> {
         let known = self.0.read().unwrap_or_else(|e| e.into_inner());
-        known.iter().find_map(|source| match &source.directory {
-            None => (source.location == location).then(|| (source.dataset.clone(), None)),
-            Some(dir) => {
-                let own = location.trim_end_matches('/') == source.location.trim_end_matches('/');
-                (own || location.starts_with(&source.location))
-                    .then(|| (source.dataset.clone(), own.then(|| dir.clone())))
-            }
-        })
+        known
+            .iter()
+            .filter(|source| source.store.as_deref() == store)
+            .find_map(|source| match &source.directory {
+                None => (source.location == location).then(|| (source.dataset.clone(), None)),
+                Some(dir) => {
+                    let own =
+                        location.trim_end_matches('/') == source.location.trim_end_matches('/');
+                    (own || location.starts_with(&source.location))
+                        .then(|| (source.dataset.clone(), own.then(|| dir.clone())))
+                }
+            })
+    }
+
+    /// The dataset `location` in object store `store` (`None`: local files)
+    /// belongs to.
+    pub fn dataset_in(&self, store: Option<&str>, location: &str) -> Option<String> {
+        self.find_in(store, location).map(|(dataset, _)| dataset)
     }
 
     fn dataset_of(&self, location: &str) -> Option<String> {
@@ -156,6 +198,9 @@ fn fault_of(e: &object_store::Error) -> SourceFault {
     use datafusion::object_store::Error;
     match e {
         Error::NotFound { .. } => SourceFault::Missing,
+        Error::PermissionDenied { .. } | Error::Unauthenticated { .. } => SourceFault::Refused,
+        // An object replaced while it was read (its ETag no longer matches).
+        Error::Precondition { .. } => SourceFault::Changed,
         Error::Generic { source, .. } => match source.downcast_ref::<SourceError>() {
             Some(found) => found.fault,
             None if is_short_read(e) => SourceFault::Changed,
@@ -392,11 +437,17 @@ impl PhysicalOptimizerRule for NameSourceFailures {
             let Some(files) = scan.data_source().downcast_ref::<FileScanConfig>() else {
                 return Ok(Transformed::no(node));
             };
+            let url = files.object_store_url.as_str().trim_end_matches('/');
+            let store = url.starts_with("s3://").then_some(url);
             let dataset = files
                 .file_groups
                 .iter()
                 .flat_map(|group| group.iter())
-                .find_map(|file| self.sources.dataset_of(file.object_meta.location.as_ref()));
+                .find_map(|file| {
+                    self.sources
+                        .find_in(store, file.object_meta.location.as_ref())
+                        .map(|(dataset, _)| dataset)
+                });
             match dataset {
                 Some(dataset) => Ok(Transformed::yes(Arc::new(SourceExec {
                     input: node,
@@ -514,6 +565,24 @@ fn named(e: DataFusionError, dataset: &str) -> DataFusionError {
 /// (CSV, JSON, Parquet) which no expression of a query raises.
 fn file_fault(e: &DataFusionError) -> Option<SourceFault> {
     use datafusion::arrow::error::ArrowError;
+    // A store error anywhere in the chain says what happened to the file,
+    // even inside a format reader's error (the Parquet reader wraps the
+    // store's NotFound for an object deleted mid-scan): it is not
+    // malformed data.
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = current {
+        if let Some(store) = cause.downcast_ref::<object_store::Error>() {
+            return Some(fault_of(store));
+        }
+        if let Some(DataFusionError::ParquetError(parquet)) =
+            cause.downcast_ref::<DataFusionError>()
+            && let Some(inner) = std::error::Error::source(parquet.as_ref())
+            && let Some(store) = inner.downcast_ref::<object_store::Error>()
+        {
+            return Some(fault_of(store));
+        }
+        current = cause.source();
+    }
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(cause) = current {
         if let Some(store) = cause.downcast_ref::<object_store::Error>() {

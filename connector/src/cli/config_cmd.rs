@@ -28,7 +28,7 @@ pub fn run(command: ConfigCommand) -> Result<()> {
             let policy = match &cfg.policy {
                 Some(policy_file) => {
                     let version = client_runtime()?
-                        .block_on(sluice::usage_policy::check(&cfg.datasets, policy_file))?;
+                        .block_on(sluice::usage_policy::check(&cfg, policy_file))?;
                     format!("policy {} {version}", policy_file.display())
                 }
                 None => "no policy: every query would be refused".into(),

@@ -146,5 +146,6 @@ fn message(r: &SignedRecord) -> pb::AuditRecord {
         record_json: serde_json::to_string(&r.record).unwrap_or_default(),
         message: e.message.clone().unwrap_or_default(),
         query_id: e.query_id.clone().unwrap_or_default(),
+        data_versions: e.data_versions.clone(),
     }
 }

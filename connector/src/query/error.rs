@@ -323,6 +323,18 @@ impl QueryError {
                 "{cannot}: reading its data failed (an I/O error), so the answer ends here, \
                  incomplete; try again later, and if it persists tell the provider"
             )),
+            SourceFault::Unreachable => QueryError::Unavailable(format!(
+                "{cannot}: the database or object store it is read from cannot be reached now; \
+                 try again later, and if it persists tell the provider"
+            )),
+            SourceFault::Refused => QueryError::Unavailable(format!(
+                "{cannot}: the database or object store it is read from refused the connector's \
+                 credentials or permissions; tell the provider"
+            )),
+            SourceFault::TimedOut => QueryError::Unavailable(format!(
+                "{cannot}: its database stopped the statement after its statement_timeout; \
+                 try again later, or ask for less"
+            )),
             SourceFault::Malformed => QueryError::DataLoss(format!(
                 "{cannot}: its data does not have the dataset's shape (a line cut short, a field \
                  missing, a value of another type; details withheld, as they could show data), so \

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use super::QueryError;
 use super::slots::Slot;
-use crate::catalog::{self, Catalog, ProcessMemory};
+use crate::catalog::{self, Catalog, DataReads, ProcessMemory};
 use crate::guard::deadline::{is_deadline, with_deadline};
 use crate::guard::{self, QueryGuard};
 
@@ -89,13 +89,14 @@ impl Executor {
         plan: LogicalPlan,
         limits: ExecutionLimits,
         slot: Option<Slot>,
+        reads: Arc<DataReads>,
     ) -> mpsc::Receiver<Result<RecordBatch, QueryError>> {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let memory = self.memory.clone();
         self.runtime.spawn(async move {
             let run = tokio::time::timeout_at(
                 limits.deadline,
-                produce(&catalog, plan, limits, &memory, &tx),
+                produce(&catalog, plan, limits, &memory, &reads, &tx),
             );
             let failure = match run.await {
                 Ok(Ok(())) => None,
@@ -121,13 +122,14 @@ async fn produce(
     plan: LogicalPlan,
     limits: ExecutionLimits,
     memory: &ProcessMemory,
+    reads: &Arc<DataReads>,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
 ) -> Result<(), QueryError> {
     // Guards and DataFusion turn the failures they foresee into errors;
     // this catches the rest (a panic in DataFusion is re-raised in the
     // task that polls its stream, this one), so that the client gets an
     // error rather than a stream that just ends early.
-    match std::panic::AssertUnwindSafe(run(catalog, plan, limits, memory, tx))
+    match std::panic::AssertUnwindSafe(run(catalog, plan, limits, memory, reads, tx))
         .catch_unwind()
         .await
     {
@@ -146,14 +148,17 @@ async fn run(
     plan: LogicalPlan,
     limits: ExecutionLimits,
     memory: &ProcessMemory,
+    reads: &Arc<DataReads>,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
 ) -> Result<(), QueryError> {
     let failed = |e: DataFusionError| execution_error(&e, limits);
     let Prepared {
-        state,
+        mut state,
         optimized,
         pool,
     } = prepare(catalog, &plan, limits, memory)?;
+    // Database scans note the snapshot they read in it.
+    state.config_mut().set_extension(reads.clone());
     // Physical planning is long synchronous work for a wide join (join
     // selection, distribution and sort rules walk the plan many times): it
     // must not hold a runtime worker that other tenants' queries need.
@@ -166,6 +171,7 @@ async fn run(
     .map_err(failed)?;
     let physical = super::total::total_expressions(physical).map_err(failed)?;
     let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
+    catalog.note_files(&physical, reads);
     let mut stream =
         execute_stream(physical, Catalog::task_context_with(&state, pool)).map_err(failed)?;
     while let Some(batch) = stream.next().await {

@@ -174,6 +174,12 @@ impl QueryEngine {
         let dp = match dp {
             Some(mut query) => {
                 query.stats_plan = plan::analyze(&state, query.stats_plan)?;
+                // A cached answer is served only while the data it was
+                // computed from is unchanged (docs/sources.md, live data).
+                match self.catalog.cache_version(&record.datasets) {
+                    Some(version) => query.data_version = version,
+                    None => query.cache = false,
+                }
                 Some(query)
             }
             None => None,

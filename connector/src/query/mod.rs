@@ -284,6 +284,7 @@ impl QueryEngine {
     async fn plan_sql(&self, principal: &Principal, sql: &str) -> Result<LogicalPlan, QueryError> {
         let state = self.catalog.session().state();
         let statement = plan::parse(&state, sql, self.limits.max_sql_bytes)?;
+        plan::refuse_unreached(&state, &self.catalog, &statement)?;
         let gate = self.policy.current();
         let view = view::session_for(&state, &self.catalog, gate.as_ref(), principal).await?;
         view::check_tables_visible(&view, &statement)?;

@@ -924,6 +924,38 @@ fn check_table_exists(catalog: &Catalog, table: &TableReference) -> Result<(), Q
     Err(no_such_table(table))
 }
 
+/// Refuses a query naming a configured dataset whose database or object
+/// store could not be reached when the connector started (it is not
+/// served until then). This tells a caller that the name is configured,
+/// which a caller without a grant for it could not learn otherwise; a
+/// database dataset described once is served from its saved description
+/// instead, and fails at execution, after the policy's decision.
+pub fn refuse_unreached(
+    state: &SessionState,
+    catalog: &Catalog,
+    statement: &Statement,
+) -> Result<(), QueryError> {
+    if catalog.unreached().is_empty() {
+        return Ok(());
+    }
+    for table in state
+        .resolve_table_references(statement)
+        .map_err(QueryError::from_planning)?
+    {
+        let served_namespace = table.catalog().is_none_or(|c| c == CATALOG)
+            && table.schema().is_none_or(|s| s == SCHEMA);
+        if served_namespace
+            && let Some(unreached) = catalog.unreached().iter().find(|u| u.name == table.table())
+        {
+            return Err(QueryError::Unavailable(format!(
+                "dataset `{}` is not available: its database or object store could not be reached when the connector started; try again later, and if it persists tell the provider (it is served once the connector restarts with its source reachable)",
+                unreached.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The error for a table that does not exist, or that the caller may not
 /// see: the two must not be told apart.
 pub fn no_such_table(table: &TableReference) -> QueryError {

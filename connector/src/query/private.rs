@@ -17,6 +17,7 @@ use super::execute::ExecutionLimits;
 use super::slots::Slot;
 use super::{QueryEngine, QueryError, plan};
 use crate::blocking::blocking;
+use crate::catalog::DataReads;
 
 /// The schema announced at GetFlightInfo for a DP query: the finishing plan
 /// over an empty noisy table that carries each output's noise metadata, so
@@ -56,6 +57,7 @@ impl QueryEngine {
         advertised: &SchemaRef,
         limits: ExecutionLimits,
         slot: Slot,
+        reads: &Arc<DataReads>,
     ) -> Result<(LogicalPlan, SchemaRef), QueryError> {
         let noisy = match &ticket.cached {
             Some(bytes) => {
@@ -64,7 +66,7 @@ impl QueryEngine {
             }
             None => {
                 let noisy = self
-                    .noisy_aggregate(&query, limits, slot)
+                    .noisy_aggregate(&query, limits, slot, reads)
                     .await
                     .map_err(|e| {
                         tracing::warn!(error = %e, "a differentially private answer failed after its budget was charged");
@@ -99,12 +101,14 @@ impl QueryEngine {
         query: &DpQuery,
         limits: ExecutionLimits,
         slot: Slot,
+        reads: &Arc<DataReads>,
     ) -> Result<RecordBatch, QueryError> {
         let receiver = self.executor.start(
             self.catalog.clone(),
             query.stats_plan.clone(),
             limits,
             Some(slot),
+            reads.clone(),
         );
         let batches: Vec<RecordBatch> = tokio_stream::wrappers::ReceiverStream::new(receiver)
             .collect::<Vec<_>>()

@@ -22,6 +22,7 @@ use super::ticket::{Claims, PendingQuery};
 use super::{Batches, QueryEngine, QueryError, QueryRun, release};
 use crate::audit::{self, Completion, PlanFacts};
 use crate::blocking::blocking;
+use crate::catalog::DataReads;
 
 impl QueryEngine {
     /// DoGet: verifies the ticket for `principal` and starts executing the
@@ -76,40 +77,49 @@ impl QueryEngine {
             ..
         } = pending;
         let cached = holds.privacy().is_some_and(|t| t.cached.is_some());
-        let release = audit::release(
-            principal,
-            &approval.record,
-            &hex::encode(&plan_hash),
-            &query_id,
-            cached,
-        );
+        let plan_hash = hex::encode(&plan_hash);
         let record = approval.record;
         // From here on the query counts and its budget is spent.
         let privacy = blocking(|| holds.settle(record.quota.as_ref()))?;
+        // What each dataset was when it was read, for the release record.
+        let reads = DataReads::new();
         // A DP answer uses its slot for the statistics; finishing runs over
         // a few noisy rows in memory.
-        let (plan, schema, slot) = match (approval.dp, privacy) {
+        let (plan, schema, slot, finish_reads) = match (approval.dp, privacy) {
             (Some(query), Some(ticket)) => {
                 let (plan, schema) = self
-                    .private_answer(*query, &ticket, &schema, limits, slot)
+                    .private_answer(*query, &ticket, &schema, limits, slot, &reads)
                     .await?;
-                (plan, schema, None)
+                (plan, schema, None, DataReads::new())
             }
-            _ => (approval.plan, schema, Some(slot)),
+            _ => (approval.plan, schema, Some(slot), reads.clone()),
         };
-        // A revocation during the wait for a slot or the noise still counts,
-        // and nothing leaves before its release is on record.
+        let receiver = self
+            .executor
+            .start(self.catalog.clone(), plan, limits, slot, finish_reads);
+        // Nothing leaves before its release is on record, and the record
+        // names the data that answers: the scans have started (files
+        // listed, database snapshots taken) once the first batch, the end
+        // or an error is here.
+        let mut receiver = tokio_stream::wrappers::ReceiverStream::new(receiver).peekable();
+        std::pin::Pin::new(&mut receiver).peek().await;
+        // A revocation during the wait for a slot or the noise still counts.
         self.check_agreements(&record)?;
+        let release = audit::Entry {
+            data_versions: if cached {
+                vec!["a cached answer, computed when this data version was read before".into()]
+            } else {
+                reads.lines()
+            },
+            ..audit::release(principal, &record, &plan_hash, &query_id, cached)
+        };
         let receipt = self.audit.append(release.clone())?;
         let completion = receipt
             .as_ref()
             .map(|r| Completion::new(self.audit.clone(), &release, r));
-        let receiver = self
-            .executor
-            .start(self.catalog.clone(), plan, limits, slot);
         let conform_to = schema.clone();
-        let batches = tokio_stream::wrappers::ReceiverStream::new(receiver)
-            .map(move |item| item.and_then(|batch| release::conform(batch, &conform_to)));
+        let batches =
+            receiver.map(move |item| item.and_then(|batch| release::conform(batch, &conform_to)));
         let mut batches: Batches = Box::pin(batches);
         if let Some(charge) = record.quota {
             batches = RowMeter::new(self.quotas.clone(), charge).meter(batches);

@@ -73,6 +73,11 @@ pub struct DpQuery {
     pub dataset: String,
     pub budget: Option<Budget>,
     pub cache: bool,
+    /// The version of the data the answer is computed from, as far as the
+    /// caller knows it before reading (the connector fills it in): part of
+    /// the answer cache's key, so that a cached answer is never served for
+    /// data that changed since.
+    pub data_version: String,
 }
 
 /// Which groups the answer reports.
@@ -246,6 +251,7 @@ impl DpQuery {
             dataset: request.dataset.to_string(),
             budget: grant.budget.clone(),
             cache: grant.cache,
+            data_version: String::new(),
         })
     }
 
