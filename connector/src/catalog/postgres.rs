@@ -31,6 +31,7 @@ use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -375,7 +376,8 @@ impl ExecutionPlan for PgScanExec {
         let scan = self.scan.clone();
         let read = self.read.clone();
         let reads = context.session_config().get_extension::<super::DataReads>();
-        tokio::spawn(run(scan, read, reads, tx));
+        let memory = MemoryConsumer::new("PgScanExec").register(context.memory_pool());
+        tokio::spawn(run(scan, read, reads, memory, tx));
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.scan.schema.clone(),
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -385,6 +387,14 @@ impl ExecutionPlan for PgScanExec {
 
 type Batches = mpsc::Sender<Result<RecordBatch>>;
 
+/// Rows of the first fetch of a scan, before their width is known.
+const FIRST_FETCH_ROWS: usize = 256;
+/// About how large one fetch (one Arrow batch) is, once rows are measured.
+const BATCH_BYTES: usize = 8 << 20;
+/// Batches a scan may hold at once: the two in its channel and the one
+/// being built.
+const IN_FLIGHT: usize = 3;
+
 /// Runs `scan` until it is read to the end, fails, or its reader goes away
 /// (the query's deadline, a cancelled stream): then the statement is
 /// cancelled on the server, and its connection closed.
@@ -392,11 +402,12 @@ async fn run(
     scan: Arc<Scan>,
     read: Arc<Mutex<Option<ReadVersion>>>,
     reads: Option<Arc<super::DataReads>>,
+    mut memory: MemoryReservation,
     tx: Batches,
 ) {
     let cancel: Arc<Mutex<Option<CancelToken>>> = Arc::default();
     let result = tokio::select! {
-        result = read_all(&scan, &read, reads.as_deref(), &cancel, &tx) => result,
+        result = read_all(&scan, &read, reads.as_deref(), &cancel, &mut memory, &tx) => result,
         () = tx.closed() => {
             let token = cancel.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(token) = token {
@@ -420,6 +431,7 @@ async fn read_all(
     read: &Mutex<Option<ReadVersion>>,
     reads: Option<&super::DataReads>,
     cancel: &Mutex<Option<CancelToken>>,
+    memory: &mut MemoryReservation,
     tx: &Batches,
 ) -> Result<(), SourceFault> {
     let mut client = scan.db.checkout().await.map_err(|e| {
@@ -467,15 +479,28 @@ async fn read_all(
     let statement = transaction.prepare(&scan.sql).await.map_err(failed)?;
     check_types(scan, statement.columns())?;
     let portal = transaction.bind(&statement, &[]).await.map_err(failed)?;
-    let fetch = i32::try_from(scan.db.config().fetch_rows).unwrap_or(i32::MAX);
+    // Rows are fetched in round trips of at most `fetch_rows`, and of about
+    // BATCH_BYTES once a first small fetch has shown how wide they are: a
+    // table of wide rows (long text, JSON) cannot make one fetch hold
+    // gigabytes.
+    let most = scan.db.config().fetch_rows.max(1);
+    let mut fetch = most.min(FIRST_FETCH_ROWS);
     loop {
+        let asked = i32::try_from(fetch).unwrap_or(i32::MAX);
         let rows = transaction
-            .query_portal(&portal, fetch)
+            .query_portal(&portal, asked)
             .await
             .map_err(failed)?;
-        let done = rows.len() < fetch as usize;
+        let done = rows.len() < fetch;
         if !rows.is_empty() {
             let batch = to_batch(scan, &rows)?;
+            let bytes = batch.get_array_memory_size();
+            fetch = (BATCH_BYTES / (bytes / rows.len()).max(1)).clamp(1, most);
+            // The batches in flight count against the query's memory.
+            if let Err(e) = memory.try_resize(bytes * IN_FLIGHT) {
+                let _ = tx.send(Err(e)).await;
+                return Ok(());
+            }
             if tx.send(Ok(batch)).await.is_err() {
                 return Ok(());
             }
