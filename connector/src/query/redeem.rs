@@ -107,7 +107,7 @@ impl QueryEngine {
         self.check_agreements(&record)?;
         let release = audit::Entry {
             data_versions: if cached {
-                vec!["a cached answer, computed when this data version was read before".into()]
+                vec!["none read: a cached differentially private answer".into()]
             } else {
                 reads.lines()
             },
