@@ -61,7 +61,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from conftest import _die_with_parent  # noqa: E402
 from sources_support import (  # noqa: E402
     DEMO_POLICY, SERVICES, Moto, Postgres, free_port, make_state, object_store, partitioned_trips,
-    postgres_database, postgres_dataset, toml_str, world_readable_tmpdir, write_hive,
+    postgres_database, postgres_dataset, statement_command, toml_str, world_readable_tmpdir, write_hive,
 )
 
 # --- queries ---------------------------------------------------------------------
@@ -138,24 +138,8 @@ class Result:
 
 # --- Sluice through pyarrow.flight ------------------------------------------------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
-
-
 def statement_query(sql: str) -> flight.FlightDescriptor:
-    command = _field(1, sql.encode())
-    any_message = (_field(1, b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery")
-                   + _field(2, command))
-    return flight.FlightDescriptor.for_command(any_message)
+    return flight.FlightDescriptor.for_command(statement_command(sql))
 
 
 class Sluice:
