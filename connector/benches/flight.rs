@@ -23,7 +23,12 @@
 //!     privacy in DataFusion in-process, on the demo trips (1M rows) and on
 //!     a 10M-row version (ten copies of the demo file, so each card has ten
 //!     times the trips); then the median relative error of each aggregate
-//!     at ε = 0.1 and ε = 1 against the exact answer.
+//!     at ε = 0.1 and ε = 1 against the exact answer. Where
+//!     `SLUICE_BENCH_SMARTNOISE=1`, SmartNoise SQL answers the same query on
+//!     the same files in the same run (`tests/bench/smartnoise.sh`, its own
+//!     virtualenv) with the same per-card bound (`max_ids` = max_groups ×
+//!     max_rows) and the same total ε (each of its four releases gets ε/4),
+//!     and the ratio of its time to Sluice's is printed.
 //! (e) The audit log: the supplier's small aggregate end to end with the
 //!     signed, fsynced audit records (decision, release, completion) next to
 //!     the same server with the audit log switched off (a `ServeHooks`
@@ -749,12 +754,27 @@ mod privacy {
             "\n(d) differential privacy (research identity, Laplace, published zone keys, cache off), {runs} runs each:"
         );
         println!("    {DP_QUERY}");
+        let smartnoise = std::env::var("SLUICE_BENCH_SMARTNOISE").is_ok_and(|v| v == "1");
         for (label, trips) in [
             ("1M rows ", state_dir.join("data/trips.parquet")),
             ("10M rows", big),
         ] {
             let (client, ctx) = setup(state_dir, &policy, &trips).await?;
-            time_one(label, client, &ctx, runs).await?;
+            let sluice = time_one(label, client, &ctx, runs).await?;
+            if smartnoise {
+                // SmartNoise loads 10M rows into SQLite in minutes: fewer runs.
+                let sn_runs = if label.starts_with("10M") {
+                    1
+                } else {
+                    runs.min(3)
+                };
+                let (seconds, line) = smartnoise_run(&trips, 1.0, sn_runs)?;
+                println!(
+                    "    {label}: SmartNoise SQL {:>8.1} ms   SmartNoise ÷ Sluice {:.1}   ({line})",
+                    seconds * 1e3,
+                    seconds / sluice.as_secs_f64()
+                );
+            }
         }
         let (mut client, ctx) =
             setup(state_dir, &policy, &state_dir.join("data/trips.parquet")).await?;
@@ -782,8 +802,45 @@ mod privacy {
                 "      ε = {epsilon:<3}: count {:>8.5}  sum(fare_eur) {:>8.5}  avg(distance_km) {:>8.5}",
                 n, fares, km
             );
+            if smartnoise {
+                let (_, line) = smartnoise_run(
+                    &state_dir.join("data/trips.parquet"),
+                    epsilon.parse()?,
+                    runs,
+                )?;
+                println!("      ε = {epsilon:<3}: SmartNoise SQL {line}");
+            }
         }
         Ok(())
+    }
+
+    /// SmartNoise SQL on the same files at the same total ε and per-card
+    /// bound: its median seconds and its output line.
+    fn smartnoise_run(data: &Path, epsilon: f64, runs: usize) -> anyhow::Result<(f64, String)> {
+        // The demo grant's bound on one card: max_groups × max_rows.
+        const MAX_IDS: u64 = 10 * 50;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/bench/smartnoise.sh");
+        let output = std::process::Command::new("bash")
+            .arg(script)
+            .arg("--data")
+            .arg(data)
+            .args(["--epsilon", &format!("{}", epsilon / 4.0)])
+            .args(["--runs", &runs.to_string()])
+            .args(["--max-ids", &MAX_IDS.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(output.status.success(), "smartnoise.sh failed");
+        let line = String::from_utf8(output.stdout)?
+            .lines()
+            .find(|l| l.starts_with("SMARTNOISE"))
+            .ok_or_else(|| anyhow::anyhow!("smartnoise.sh printed no result line"))?
+            .to_string();
+        let seconds = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("seconds="))
+            .ok_or_else(|| anyhow::anyhow!("no seconds= in {line}"))?
+            .parse()?;
+        Ok((seconds, line))
     }
 
     async fn time_one(
@@ -791,7 +848,7 @@ mod privacy {
         mut client: FlightSqlServiceClient<Channel>,
         ctx: &SessionContext,
         runs: usize,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Duration> {
         flight(&mut client, DP_QUERY).await?;
         collect(ctx, DP_QUERY).await?;
         let (mut dp, mut plain) = (Vec::new(), Vec::new());
@@ -810,7 +867,7 @@ mod privacy {
             ms(plain),
             dp.as_secs_f64() / plain.as_secs_f64()
         );
-        Ok(())
+        Ok(dp)
     }
 
     /// The demo policy with an unlimited budget and the answer cache off, so

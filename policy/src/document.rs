@@ -438,6 +438,11 @@ pub struct DpRule {
     /// new cost (default true).
     #[serde(default)]
     pub cache: Option<bool>,
+    /// Share of each query's ε spent on estimating what the bounds left out
+    /// (rows over `max_rows` and `max_groups`, values clamped), from 0 (no
+    /// estimates) to 0.5; default 0.1.
+    #[serde(default)]
+    pub bias_share: Option<f64>,
 }
 
 /// The noise family of a DP grant.

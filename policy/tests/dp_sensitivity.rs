@@ -153,7 +153,8 @@ fn dp_query(ctx: &SessionContext, sql: &str, policy: &str) -> DpQuery {
     *approval.dp.expect("a DP query")
 }
 
-/// Statistics per group key (NULL key as "<null>"), in statistics order.
+/// Statistics per group key (NULL key as "<null>"), in statistics order,
+/// then the bias columns.
 /// Quantile statistics become the number of values the group holds.
 fn statistics(ctx: &SessionContext, query: &DpQuery) -> BTreeMap<String, Vec<f64>> {
     let batches = execute(ctx, query.stats_plan.clone());
@@ -170,12 +171,16 @@ fn statistics(ctx: &SessionContext, query: &DpQuery) -> BTreeMap<String, Vec<f64
                     keys.value(row).to_string()
                 }
             };
-            let values = query
+            let bias_columns = query.bias.iter().map(|b| (&b.column, false));
+            let columns = query
                 .statistics
                 .iter()
-                .map(|s| {
-                    let column = batch.column_by_name(&s.column).unwrap();
-                    if let StatisticKind::Quantile { .. } = s.kind {
+                .map(|s| (&s.column, matches!(s.kind, StatisticKind::Quantile { .. })))
+                .chain(bias_columns);
+            let values = columns
+                .map(|(name, quantile)| {
+                    let column = batch.column_by_name(name).unwrap();
+                    if quantile {
                         return quantile_values(column, row) as f64;
                     }
                     // Counts are Int64, fixed-point sums Decimal128(38, 0).
@@ -313,13 +318,18 @@ proptest! {
         };
         let keys: std::collections::BTreeSet<&String> =
             a.keys().chain(b.keys()).filter(|k| reported(k)).collect();
-        let zeros = vec![0.0; plan_with.statistics.len()];
+        let n = plan_with.statistics.len();
+        let zeros = vec![0.0; n + plan_with.bias.len()];
         let mut changed_groups = 0;
+        let mut bias_change = vec![0.0; plan_with.bias.len()];
         for key in keys {
             let x = a.get(key).unwrap_or(&zeros);
             let y = b.get(key).unwrap_or(&zeros);
-            if x != y {
+            if x[..n] != y[..n] {
                 changed_groups += 1;
+            }
+            for (i, change) in bias_change.iter_mut().enumerate() {
+                *change += x[n + i] - y[n + i];
             }
             for (i, statistic) in plan_with.statistics.iter().enumerate() {
                 let difference = (x[i] - y[i]).abs();
@@ -329,6 +339,15 @@ proptest! {
                     statistic.kind, statistic.sensitivity
                 );
             }
+        }
+        // Each bias estimate is one total over the reported groups.
+        prop_assert!(!plan_with.bias.is_empty());
+        for (statistic, change) in plan_with.bias.iter().zip(&bias_change) {
+            prop_assert!(
+                change.abs() <= statistic.sensitivity as f64,
+                "bias {:?} changed by {change} > sensitivity {}",
+                statistic.kind, statistic.sensitivity
+            );
         }
         let max_groups = if plan_with.key_count == 0 { 1 } else { MAX_GROUPS };
         prop_assert!(plan_with.max_groups <= max_groups);

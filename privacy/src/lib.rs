@@ -306,7 +306,7 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
     // groups and the noise, so that a query decided under other DP terms
     // (say, a broker's stricter grant) never gets this answer.
     let text = format!(
-        "{}\n{}\n{}\n{}\n{}\n{}\n{:?}\n{:?}\n{:?} {} {}\n{}",
+        "{}\n{}\n{}\n{}\n{}\n{}\n{:?}\n{:?}\n{:?}\n{:?} {} {}\n{}",
         charge.key,
         charge.dataset,
         charge.epsilon,
@@ -314,6 +314,7 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
         plan.display_indent_schema(),
         stats_plan.display_indent_schema(),
         query.statistics,
+        query.bias,
         query.groups,
         query.noise,
         query.max_groups,

@@ -16,11 +16,16 @@ use datafusion::arrow::datatypes::{
 use datafusion::arrow::error::ArrowError;
 use datafusion::common::ScalarValue;
 use sluice_policy::document::NoiseKind;
-use sluice_policy::dp::{ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind};
+use sluice_policy::dp::{
+    BiasKind, ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind,
+};
 
 use crate::noise::{self, NoiseError, NoiseFamily, ReleaseInfo};
 
-use sluice_proto::wire::dp::{CI95, DELTA, EPSILON, MECHANISM, NOTE, SCALE};
+use sluice_proto::wire::dp::{
+    BIAS, BIAS_CLAMPED, BIAS_EPSILON, BIAS_OVER_MAX_GROUPS, BIAS_OVER_MAX_ROWS, CI95, DELTA,
+    EPSILON, MECHANISM, NOTE, SCALE,
+};
 
 const CI_NOTE: &str = "95% half-width of the added noise only; excludes bias from clamping to the declared bounds and from capping each unit's rows and groups";
 
@@ -33,6 +38,8 @@ pub struct ExactStatistics {
     pub totals: Vec<Vec<i64>>,
     /// For quantile statistics: the values of each group, each unit capped.
     pub values: Vec<Vec<Vec<f64>>>,
+    /// One vector per bias statistic, one entry per group.
+    pub bias: Vec<Vec<i64>>,
 }
 
 /// Reads the statistics plan's output.
@@ -43,6 +50,7 @@ pub fn exact_statistics(
     let mut out = ExactStatistics {
         totals: vec![vec![]; query.statistics.len()],
         values: vec![vec![]; query.statistics.len()],
+        bias: vec![vec![]; query.bias.len()],
         ..Default::default()
     };
     for batch in batches {
@@ -63,6 +71,12 @@ pub fn exact_statistics(
             } else {
                 out.totals[i].extend(totals(column)?);
             }
+        }
+        for (i, statistic) in query.bias.iter().enumerate() {
+            let column = batch
+                .column_by_name(&statistic.column)
+                .ok_or_else(|| ReleaseError::MissingColumn(statistic.column.clone()))?;
+            out.bias[i].extend(totals(column)?);
         }
     }
     Ok(out)
@@ -159,11 +173,211 @@ pub fn add_noise(query: &DpQuery, exact: ExactStatistics) -> Result<NoisyAggrega
         .into_iter()
         .map(|i| i.expect("every statistic released"))
         .collect();
-    let batch = aggregate_batch(query, &keys, &noisy, &infos)?;
+    let bias = bias_estimates(query, &exact, &rows_kept)?;
+    let batch = aggregate_batch(query, &keys, &noisy, &infos, bias.as_ref())?;
     Ok(NoisyAggregate {
         batch,
         split: query.split_summary(),
     })
+}
+
+/// The exact bias totals: each bias column summed over the groups the
+/// answer is built from (`rows_kept` for published keys, every group
+/// otherwise), clamped to ±2^62 like every total.
+pub fn bias_totals(
+    query: &DpQuery,
+    exact: &ExactStatistics,
+    rows_kept: &[Option<usize>],
+) -> Vec<i64> {
+    (0..query.bias.len())
+        .map(|i| {
+            let total: i128 = match query.groups {
+                Groups::Public(_) => rows_kept
+                    .iter()
+                    .flatten()
+                    .map(|r| i128::from(exact.bias[i][*r]))
+                    .sum(),
+                Groups::Single | Groups::Private => {
+                    exact.bias[i].iter().map(|v| i128::from(*v)).sum()
+                }
+            };
+            total.clamp(-TOTAL_LIMIT, TOTAL_LIMIT) as i64
+        })
+        .collect()
+}
+
+/// Each bias total with discrete Laplace noise from its share of ε, at its
+/// sensitivity over all groups; `copies` independent draws of each (the
+/// answer uses one; the neighbouring-datasets test many), with the 95%
+/// half-width of the noise.
+pub fn noisy_bias_totals(
+    query: &DpQuery,
+    totals: &[i64],
+    copies: usize,
+) -> Result<Vec<(Vec<i64>, f64)>, ReleaseError> {
+    query
+        .bias
+        .iter()
+        .zip(totals)
+        .map(|(statistic, total)| {
+            let (values, info) = noise::release_integers(
+                &vec![*total; copies],
+                statistic.sensitivity,
+                1,
+                NoiseFamily::Laplace,
+                statistic.epsilon,
+                0.0,
+            )?;
+            Ok((values, info.ci95_half_width))
+        })
+        .collect()
+}
+
+/// What the bounds left out, estimated privately (see [`BiasKind`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BiasEstimate {
+    /// Fractions of all rows (counted and left out).
+    pub over_max_rows: Fraction,
+    pub over_max_groups: Option<Fraction>,
+    /// Per column: the fraction of counted values clamped.
+    pub clamped: Vec<(String, ColumnBounds, Fraction)>,
+    pub epsilon: f64,
+    pub query_epsilon: f64,
+    pub max_rows: u64,
+    pub max_groups: u64,
+}
+
+/// Releases each bias total once ([`bias_totals`], [`noisy_bias_totals`]):
+/// summed over every group for a private selection (a unit touches at most
+/// `max_groups` of them, whichever are kept), over the published ones for
+/// public keys (only they are bounded by the public key count).
+fn bias_estimates(
+    query: &DpQuery,
+    exact: &ExactStatistics,
+    rows_kept: &[Option<usize>],
+) -> Result<Option<BiasEstimate>, ReleaseError> {
+    if query.bias.is_empty() {
+        return Ok(None);
+    }
+    let totals = bias_totals(query, exact, rows_kept);
+    let noisy: Vec<(f64, f64)> = noisy_bias_totals(query, &totals, 1)?
+        .into_iter()
+        .map(|(draws, ci95)| ((draws[0] as f64).max(0.0), ci95))
+        .collect();
+    let of = |kind: &BiasKind| {
+        query
+            .bias
+            .iter()
+            .position(|b| b.kind == *kind)
+            .map(|i| noisy[i])
+    };
+    let (counted, _) = of(&BiasKind::Counted).unwrap_or_default();
+    let over_rows = of(&BiasKind::OverMaxRows).unwrap_or_default();
+    let over_groups = of(&BiasKind::OverMaxGroups);
+    let all = (counted + over_rows.0 + over_groups.map_or(0.0, |g| g.0)).max(1.0);
+    // A fraction and its 95% half-width (the numerator's noise over the
+    // noisy denominator; post-processing).
+    let fraction = |(x, ci): (f64, f64), of: f64| Fraction {
+        value: (x / of.max(1.0)).clamp(0.0, 1.0),
+        ci95: ci / of.max(1.0),
+    };
+    let clamped = query
+        .bias
+        .iter()
+        .zip(&noisy)
+        .filter_map(|(b, value)| match &b.kind {
+            BiasKind::Clamped { column, bounds } => {
+                Some((column.clone(), bounds.clone(), fraction(*value, counted)))
+            }
+            _ => None,
+        })
+        .collect();
+    Ok(Some(BiasEstimate {
+        over_max_rows: fraction(over_rows, all),
+        over_max_groups: over_groups.map(|g| fraction(g, all)),
+        clamped,
+        epsilon: query.bias_epsilon,
+        query_epsilon: query.epsilon,
+        max_rows: query.max_rows,
+        max_groups: query.max_groups,
+    }))
+}
+
+/// A noisy fraction from 0 to 1 and the 95% half-width of its noise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fraction {
+    pub value: f64,
+    pub ci95: f64,
+}
+
+impl Fraction {
+    fn percent(&self) -> String {
+        format!("{:.1}% (± {:.1}%)", self.value * 100.0, self.ci95 * 100.0)
+    }
+}
+
+/// A share of ε for people: at most six significant digits.
+fn short(epsilon: f64) -> String {
+    format!("{}", (epsilon * 1e6).round() / 1e6)
+}
+
+impl BiasEstimate {
+    /// One sentence for people, e.g. "≈ 21% of rows were not counted: …".
+    /// `column`: only that column's clamping (all columns without).
+    pub fn sentence(&self, column: Option<&str>) -> String {
+        let left_out = self.over_max_rows.value + self.over_max_groups.map_or(0.0, |g| g.value);
+        let mut text = format!(
+            "≈ {:.1}% of rows were not counted: {} beyond max_rows = {} per unit and group",
+            left_out * 100.0,
+            self.over_max_rows.percent(),
+            self.max_rows
+        );
+        if let Some(groups) = self.over_max_groups {
+            text.push_str(&format!(
+                ", {} in groups beyond max_groups = {} per unit",
+                groups.percent(),
+                self.max_groups
+            ));
+        }
+        for (name, bounds, f) in &self.clamped {
+            if column.is_none_or(|c| c == name) {
+                text.push_str(&format!(
+                    "; ≈ {} of {name} values were clamped to [{}, {}]",
+                    f.percent(),
+                    bounds.lower,
+                    bounds.upper
+                ));
+            }
+        }
+        text.push_str(&format!(
+            ". Differentially private estimates from ε {} of this query's {} (± is their noise's 95% range); lower bounds where units exceed a cap by more than the cap itself.",
+            short(self.epsilon),
+            short(self.query_epsilon)
+        ));
+        text
+    }
+
+    /// Field metadata for an output reading `column` (if any).
+    fn metadata(&self, column: Option<&str>) -> HashMap<String, String> {
+        let mut out = HashMap::from([
+            (
+                BIAS_OVER_MAX_ROWS.to_string(),
+                format!("{}", self.over_max_rows.value),
+            ),
+            (BIAS_EPSILON.to_string(), format!("{}", self.epsilon)),
+            (BIAS.to_string(), self.sentence(column)),
+        ]);
+        if let Some(groups) = self.over_max_groups {
+            out.insert(
+                BIAS_OVER_MAX_GROUPS.to_string(),
+                format!("{}", groups.value),
+            );
+        }
+        if let Some((_, _, f)) = self.clamped.iter().find(|c| Some(c.0.as_str()) == column) {
+            out.insert(BIAS_CLAMPED.to_string(), format!("{}", f.value));
+        }
+        out
+    }
 }
 
 type Selection = (
@@ -258,6 +472,7 @@ fn aggregate_batch(
     keys: &[Vec<ScalarValue>],
     noisy: &[Vec<f64>],
     infos: &[ReleaseInfo],
+    bias: Option<&BiasEstimate>,
 ) -> Result<RecordBatch, ReleaseError> {
     let schema = query.aggregate_schema.as_arrow();
     let mut columns: Vec<ArrayRef> = Vec::new();
@@ -279,7 +494,10 @@ fn aggregate_batch(
             .map(|g| finish(output, query, noisy, g))
             .collect();
         columns.push(output_array(&values, field.data_type())?);
-        let metadata = describe(output, query, Some(noisy), infos);
+        let mut metadata = describe(output, query, Some(noisy), infos);
+        if let Some(bias) = bias {
+            metadata.extend(bias.metadata(output_column(output, query)));
+        }
         fields.push(
             field
                 .as_ref()
@@ -288,8 +506,27 @@ fn aggregate_batch(
                 .with_metadata(metadata),
         );
     }
-    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    let mut schema = Schema::new(fields);
+    if let Some(bias) = bias {
+        schema = schema.with_metadata(HashMap::from([(BIAS.to_string(), bias.sentence(None))]));
+    }
+    let schema: SchemaRef = Arc::new(schema);
     Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// The column whose values an output sums, averages or ranks.
+fn output_column<'a>(output: &OutputKind, query: &'a DpQuery) -> Option<&'a str> {
+    let statistic = match output {
+        OutputKind::Sum { sum }
+        | OutputKind::Avg { sum, .. }
+        | OutputKind::Variance { sum, .. } => &query.statistics[*sum],
+        OutputKind::Quantile(i) => &query.statistics[*i],
+        OutputKind::Count(_) => return None,
+    };
+    match &statistic.kind {
+        StatisticKind::Sum(c) | StatisticKind::Quantile { column: c, .. } => Some(c),
+        _ => None,
+    }
 }
 
 /// Noisy values as an array of the aggregate's type. Noise can carry a
@@ -480,6 +717,23 @@ pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), PlanNoiseError>
         .iter()
         .map(|s| planned_release(query, s, family))
         .collect::<Result<Vec<_>, _>>()?;
+    let bias_infos = query
+        .bias
+        .iter()
+        .map(|b| {
+            noise::release_integers(&[], b.sensitivity, 1, NoiseFamily::Laplace, b.epsilon, 0.0)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for (statistic, (_, info)) in query.bias.iter().zip(&bias_infos) {
+        if info.scale > MAX_NOISE_SCALE {
+            return Err(PlanNoiseError::EpsilonTooSmall {
+                epsilon: query.epsilon,
+                statistic: format!("bias estimate of {}", statistic.kind.describe()),
+                scale: info.scale,
+                needed: query.epsilon * info.scale / MAX_NOISE_SCALE,
+            });
+        }
+    }
     for (statistic, info) in query.statistics.iter().zip(&infos) {
         if info.scale > MAX_NOISE_SCALE {
             return Err(PlanNoiseError::EpsilonTooSmall {

@@ -27,9 +27,11 @@ use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
-use sluice_policy::dp::{DpQuery, Groups};
+use sluice_policy::dp::{BiasKind, DpQuery, Groups};
 use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
-use sluice_privacy::release::{ExactStatistics, add_noise, exact_statistics};
+use sluice_privacy::release::{
+    ExactStatistics, add_noise, bias_totals, exact_statistics, noisy_bias_totals,
+};
 
 const DRAWS: usize = 100_000;
 const BINS: usize = 66;
@@ -194,6 +196,8 @@ fn draws_of(
     is_target: impl Fn(&[ScalarValue]) -> bool,
 ) -> Vec<Option<f64>> {
     let mut query = query.clone();
+    // The bias estimates have their own test (`bias_estimates_are_private`).
+    query.bias.clear();
     for statistic in &mut query.statistics {
         statistic.sensitivity = (statistic.sensitivity / understate).max(1);
         if understate > 1 && statistic.delta > 0.0 {
@@ -207,12 +211,14 @@ fn draws_of(
             keys: vec![exact.keys[row].clone(); DRAWS],
             totals: exact.totals.iter().map(|t| vec![t[row]; DRAWS]).collect(),
             values: exact.values.clone(),
+            bias: vec![],
         },
         // The group does not exist on this side.
         None => ExactStatistics {
             keys: vec![],
             totals: vec![vec![]; exact.totals.len()],
             values: exact.values.clone(),
+            bias: vec![],
         },
     };
     let private = query.groups == Groups::Private;
@@ -401,4 +407,161 @@ fn the_estimate_sees_a_date_released_once_per_hourly_key() {
         "24 releases of one group averaged must break ln 3 (estimated δ = {broken})"
     );
     eprintln!("a date released 24 times: estimated δ = {broken:.3}");
+}
+
+/// `max_groups: 1`, `max_rows: 5`, half of each query's ε for the bias
+/// estimates (so that each gets enough to be measured).
+fn bias_policy(epsilon_cap: f64) -> String {
+    POLICY
+        .replace(
+            "epsilon_per_query: 2.0",
+            &format!("epsilon_per_query: {epsilon_cap}"),
+        )
+        .replace("cache: false", "cache: false\n          bias_share: 0.5")
+}
+
+const BIAS_QUERY: &str = "SELECT g, count(*), sum(x) FROM t GROUP BY g";
+
+/// The bias estimates are released from the data too, so they must be as
+/// private as the answer: each, at its own share of ε, within ln-3-style
+/// bounds on neighbouring datasets that differ in one unit that exceeds
+/// every bound (rows over `max_rows`, a second group over `max_groups`,
+/// values outside the bounds), with a power check at a fourfold understated
+/// sensitivity.
+#[test]
+fn bias_estimates_are_private_on_neighbouring_datasets() {
+    let policy = bias_policy(2.0);
+    let mut with = dataset(false, "common");
+    for i in 0..20 {
+        let (group, value) = if i < 12 {
+            ("common", 50.0)
+        } else {
+            ("rare", -3.0)
+        };
+        with.push(("victim".into(), group.into(), value));
+    }
+    let without = dataset(false, "common");
+    let (query, exact_with) = prepare(&policy, &with, BIAS_QUERY);
+    let (_, exact_without) = prepare(&policy, &without, BIAS_QUERY);
+    assert_eq!(query.groups, Groups::Private);
+    assert_eq!(query.bias.len(), 4, "{:?}", query.bias);
+    let all_groups = |exact: &ExactStatistics| vec![None; exact.keys.len()];
+    let totals_with = bias_totals(&query, &exact_with, &all_groups(&exact_with));
+    let totals_without = bias_totals(&query, &exact_without, &all_groups(&exact_without));
+    for (i, statistic) in query.bias.iter().enumerate() {
+        // The victim moves every total by its whole sensitivity.
+        assert_eq!(
+            (totals_with[i] - totals_without[i]).unsigned_abs(),
+            statistic.sensitivity,
+            "{:?}",
+            statistic.kind
+        );
+        // Every bias total goes through the same release at the same
+        // sensitivity here: the draws for one of them (100,000 per side,
+        // twice) cover the mechanism; the exact moves above cover the plan.
+        if statistic.kind != BiasKind::OverMaxRows {
+            continue;
+        }
+        let draw = |query: &DpQuery, totals: &[i64]| -> Vec<Option<f64>> {
+            noisy_bias_totals(query, totals, DRAWS).unwrap()[i]
+                .0
+                .iter()
+                .map(|v| Some(*v as f64))
+                .collect()
+        };
+        let delta = estimated_delta(
+            &draw(&query, &totals_with),
+            &draw(&query, &totals_without),
+            statistic.epsilon,
+        );
+        assert!(
+            delta <= DELTA_LIMIT,
+            "{:?}: estimated δ = {delta} at its ε = {}",
+            statistic.kind,
+            statistic.epsilon
+        );
+        let mut broken = query.clone();
+        broken.bias[i].sensitivity = (statistic.sensitivity / 4).max(1);
+        let broken_delta = estimated_delta(
+            &draw(&broken, &totals_with),
+            &draw(&broken, &totals_without),
+            statistic.epsilon,
+        );
+        assert!(
+            broken_delta > DELTA_LIMIT,
+            "{:?}: the test cannot see a fourfold understated sensitivity (δ = {broken_delta})",
+            statistic.kind
+        );
+        eprintln!(
+            "bias {:?}: estimated δ = {delta:.4}; understated {broken_delta:.4}",
+            statistic.kind
+        );
+    }
+}
+
+/// On data whose clipping is known, the estimates in the answer's metadata
+/// are close to the true fractions, and their ε is part of the query's.
+#[test]
+fn bias_estimates_are_close_to_the_true_fractions() {
+    // 500 light units: 4 rows in `a`, one of them above the bounds. 500
+    // heavy units: 10 rows in `a` (5 over max_rows), two above the bounds,
+    // and 3 rows in `b` (dropped by max_groups = 1).
+    let mut rows = Vec::new();
+    for u in 0..1000 {
+        let heavy = u % 2 == 1;
+        let (n, high) = if heavy { (10, 2) } else { (4, 1) };
+        for i in 0..n {
+            let x = if i < high { 50.0 } else { 5.0 };
+            rows.push((format!("u{u}"), "a".to_string(), x));
+        }
+        if heavy {
+            for _ in 0..3 {
+                rows.push((format!("u{u}"), "b".to_string(), 5.0));
+            }
+        }
+    }
+    let policy = bias_policy(200.0);
+    let (query, exact) = prepare(&policy, &rows, BIAS_QUERY);
+    let total_epsilon: f64 = query.statistics.iter().map(|s| s.epsilon).sum::<f64>()
+        + query.bias.iter().map(|b| b.epsilon).sum::<f64>();
+    assert!((total_epsilon - query.epsilon).abs() < 1e-12);
+    assert!((query.bias_epsilon - query.epsilon / 2.0).abs() < 1e-12);
+    assert!(query.split_summary().contains("bias estimates"));
+    // `prepare` asks for ε = ln 3; a hundred times the bias share makes
+    // the noise negligible, so the check is of what is estimated.
+    let mut precise = query.clone();
+    for b in &mut precise.bias {
+        b.epsilon *= 100.0;
+    }
+    let noisy = add_noise(&precise, exact).unwrap().batch;
+    let schema = noisy.schema();
+    let sum_field = schema.field(2);
+    let value = |key: &str| -> f64 {
+        sum_field.metadata()[key]
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}"))
+    };
+    // Counted 500·4 + 500·5 = 4500; over max_rows 500·5 = 2500; over
+    // max_groups 500·3 = 1500; of 8500. Clamped: 1 of 4 light, 2 of 10
+    // heavy weighted to 1 of 5: 1000 of 4500.
+    let close = |got: f64, want: f64| (got - want).abs() < 0.01;
+    let over_rows = value(sluice_proto::wire::dp::BIAS_OVER_MAX_ROWS);
+    let over_groups = value(sluice_proto::wire::dp::BIAS_OVER_MAX_GROUPS);
+    let clamped = value(sluice_proto::wire::dp::BIAS_CLAMPED);
+    assert!(close(over_rows, 2500.0 / 8500.0), "{over_rows}");
+    assert!(close(over_groups, 1500.0 / 8500.0), "{over_groups}");
+    assert!(close(clamped, 1000.0 / 4500.0), "{clamped}");
+    let sentence = &sum_field.metadata()[sluice_proto::wire::dp::BIAS];
+    assert!(
+        sentence.contains("of rows were not counted")
+            && sentence.contains("x values were clamped to [0, 10]"),
+        "{sentence}"
+    );
+    // The count's field says nothing about x's clamping.
+    assert!(
+        !schema
+            .field(1)
+            .metadata()
+            .contains_key(sluice_proto::wire::dp::BIAS_CLAMPED)
+    );
 }

@@ -42,6 +42,17 @@ pub mod dp {
     pub const DELTA: &str = "sluice.dp.delta";
     pub const CI95: &str = "sluice.dp.ci95_half_width";
     pub const NOTE: &str = "sluice.dp.note";
+    /// Field metadata: differentially private estimates of what the bounds
+    /// left out, as fractions from 0 to 1: rows beyond `max_rows`, rows in
+    /// groups beyond `max_groups` (only where groups are capped), and, on a
+    /// column that is summed, averaged or ranked, its values clamped to the
+    /// bounds; the ε they spent (their share of the query's), and a
+    /// sentence saying all of it. The sentence is also schema metadata.
+    pub const BIAS_OVER_MAX_ROWS: &str = "sluice.dp.bias.rows_over_max_rows";
+    pub const BIAS_OVER_MAX_GROUPS: &str = "sluice.dp.bias.rows_over_max_groups";
+    pub const BIAS_CLAMPED: &str = "sluice.dp.bias.clamped";
+    pub const BIAS_EPSILON: &str = "sluice.dp.bias.epsilon";
+    pub const BIAS: &str = "sluice.dp.bias";
     /// Schema metadata: how ε was divided between the statistics, and what
     /// the whole query spent.
     pub const BUDGET_SPLIT: &str = "sluice.dp.budget_split";

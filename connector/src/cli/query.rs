@@ -91,6 +91,7 @@ pub async fn query(args: QueryArgs) -> Result<()> {
                 )?;
             }
             writeln!(out, "{rows} row(s)")?;
+            report_bias(&all);
         }
         OutputFormat::Csv => {
             let mut writer = datafusion::arrow::csv::WriterBuilder::new()
@@ -125,6 +126,20 @@ pub async fn query(args: QueryArgs) -> Result<()> {
     }
     drop(out);
     report_receipts(conn.receipts(), args.receipt_out.as_deref())
+}
+
+/// For a differentially private answer: how much of the data its bounds
+/// left out (a DP estimate the answer carries), on standard error.
+fn report_bias(batches: &[RecordBatch]) {
+    let sentence = batches.first().and_then(|b| {
+        b.schema()
+            .metadata()
+            .get(sluice_proto::wire::dp::BIAS)
+            .cloned()
+    });
+    if let Some(sentence) = sentence {
+        eprintln!("bias: {sentence}");
+    }
 }
 
 /// For a broker's answer: which providers contributed (with their receipts

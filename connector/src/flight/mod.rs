@@ -270,6 +270,7 @@ impl FlightSqlService for FlightSql {
         ticket: TicketStatementQuery,
         request: Request<arrow_flight::Ticket>,
     ) -> DoGetResult {
+        let started = Instant::now();
         let principal = identity::principal(&request)?;
         let run = self
             .engine
@@ -277,8 +278,12 @@ impl FlightSqlService for FlightSql {
             .await
             .map_err(|e| self.refuse("DoGet", Some(&principal.id), e))?;
         let receipt = run.receipt.as_ref().map(|r| r.to_header());
-        let mut response =
-            Response::new(stream::encode_query(run, &principal, self.metrics.clone()));
+        let mut response = Response::new(stream::encode_query(
+            run,
+            &principal,
+            self.metrics.clone(),
+            started,
+        ));
         if let Some(value) = receipt.and_then(|r| r.parse().ok()) {
             response
                 .metadata_mut()

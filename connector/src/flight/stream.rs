@@ -24,11 +24,14 @@ use crate::query::QueryRun;
 pub type FlightDataStream =
     Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
 
-/// Turns a running query into the DoGet response stream.
+/// Turns a running query into the DoGet response stream. `started` is when
+/// DoGet began: a DP answer is computed before its stream exists, and the
+/// query's duration must include that work.
 pub fn encode_query(
     run: QueryRun,
     principal: &Principal,
     metrics: Arc<Metrics>,
+    started: Instant,
 ) -> FlightDataStream {
     let span = tracing::info_span!(
         "query",
@@ -39,7 +42,7 @@ pub fn encode_query(
         duration_ms = field::Empty,
         outcome = field::Empty,
     );
-    let observer = Arc::new(Observer::new(span, metrics, run.completion));
+    let observer = Arc::new(Observer::new(span, metrics, run.completion, started));
     let counting = observer.clone();
     let batches = run.batches.map(move |item| match item {
         Ok(batch) => {
@@ -89,11 +92,16 @@ struct Observer {
 }
 
 impl Observer {
-    fn new(span: Span, metrics: Arc<Metrics>, completion: Option<Completion>) -> Self {
+    fn new(
+        span: Span,
+        metrics: Arc<Metrics>,
+        completion: Option<Completion>,
+        started: Instant,
+    ) -> Self {
         metrics.active_queries.inc();
         Self {
             span,
-            started: Instant::now(),
+            started,
             rows: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             outcome: Mutex::new(None),

@@ -5,7 +5,10 @@
 pub mod period;
 pub mod plan;
 pub mod settings;
+pub mod top_groups;
 
 pub use period::{MAX_WINDOW_DAYS, Period, PeriodError};
-pub use plan::{DpQuery, Groups, OutputKind, SUPPORTED, Statistic, StatisticKind};
+pub use plan::{
+    BiasKind, BiasStatistic, DpQuery, Groups, OutputKind, SUPPORTED, Statistic, StatisticKind,
+};
 pub use settings::{Budget, ColumnBounds, DpGrant};

@@ -9,7 +9,8 @@
 //! input (row filter, masks, WHERE, joins with public data)
 //!  └ per row:  unit, group keys, clamp(value) and its fixed-point form
 //!  └ per (unit, group): rows, non-NULL count, fixed-point sum and sum of squares, values
-//!  └ keep each unit's `max_groups` largest groups (ROW_NUMBER over the unit)
+//!  └ keep each unit's `max_groups` largest groups ([`top_groups`], one hash
+//!    aggregation by unit; it also notes the rows of the groups dropped)
 //!  └ cap each (unit, group) at `max_rows` rows: counts capped, sums rescaled
 //!    to at most `max_rows` rows' worth of the unit's own mean, still clamped
 //!  └ per group: totals, and the number of units
@@ -18,6 +19,14 @@
 //! Removing one unit therefore changes at most `max_groups` groups, each
 //! statistic by at most its [`Statistic::sensitivity`]: a fact of the plan,
 //! never of the data.
+//!
+//! The same plan counts what the bounds removed ([`BiasStatistic`]): rows
+//! beyond `max_rows`, rows of groups beyond `max_groups`, values clamped.
+//! Each is a sum over all reported groups with its own bounded per-unit
+//! contribution, released once from a share of the query's ε, so the
+//! answer can say how much of the data it left out.
+//!
+//! [`top_groups`]: super::top_groups
 
 use std::sync::Arc;
 
@@ -26,14 +35,13 @@ use datafusion_common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion_common::{Column, DFSchemaRef, Result, ScalarValue, plan_err};
 use datafusion_expr::expr::AggregateFunction;
 use datafusion_expr::logical_plan::{Aggregate, LogicalPlan, Projection};
-use datafusion_expr::{
-    Expr, ExprFunctionExt, LogicalPlanBuilder, TableSource, cast, col, lit, when,
-};
+use datafusion_expr::{AggregateUDF, Expr, LogicalPlanBuilder, TableSource, cast, col, lit, when};
 use datafusion_functions_aggregate::array_agg::array_agg;
 use datafusion_functions_aggregate::count::count;
 use datafusion_functions_aggregate::sum::sum;
 
 use super::settings::{Budget, ColumnBounds, DpGrant};
+use super::top_groups::{DROPPED, TopGroups};
 use crate::document::NoiseKind;
 use crate::internal::INTERNAL_PREFIX;
 
@@ -63,6 +71,10 @@ pub struct DpQuery {
     /// noise.
     pub plan: LogicalPlan,
     pub groups: Groups,
+    /// Estimates of what the bounds left out, from `bias_epsilon`.
+    pub bias: Vec<BiasStatistic>,
+    /// The share of `epsilon` the bias estimates spend (0 without them).
+    pub bias_epsilon: f64,
     /// ε and δ this query spends in total.
     pub epsilon: f64,
     pub delta: f64,
@@ -107,6 +119,37 @@ pub struct Statistic {
     pub sensitivity: u64,
 }
 
+/// A differentially private estimate of how much of the data the bounds
+/// left out: one total over all reported groups, released once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BiasStatistic {
+    pub kind: BiasKind,
+    /// The statistics-plan column summed over the reported groups.
+    pub column: String,
+    pub epsilon: f64,
+    /// Most one unit changes the total over all groups (L1).
+    pub sensitivity: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BiasKind {
+    /// Rows counted after the caps (the denominator).
+    Counted,
+    /// Rows beyond `max_rows` in the groups a unit kept, at most `max_rows`
+    /// more per (unit, group): a lower bound where units exceed the cap by
+    /// more than that.
+    OverMaxRows,
+    /// Rows in the groups beyond a unit's `max_groups`, at most
+    /// `max_groups × max_rows` per unit (again a lower bound).
+    OverMaxGroups,
+    /// Counted values of a column that were clamped to its bounds (rows
+    /// beyond `max_rows` weighted as the rescaled sum weighs them).
+    Clamped {
+        column: String,
+        bounds: ColumnBounds,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum StatisticKind {
     /// Rows per group (also drives private group selection).
@@ -123,6 +166,18 @@ pub enum StatisticKind {
         q: f64,
         bounds: ColumnBounds,
     },
+}
+
+impl BiasKind {
+    /// What the estimate counts, e.g. `rows over max_rows`.
+    pub fn describe(&self) -> String {
+        match self {
+            BiasKind::Counted => "rows counted".into(),
+            BiasKind::OverMaxRows => "rows over max_rows".into(),
+            BiasKind::OverMaxGroups => "rows over max_groups".into(),
+            BiasKind::Clamped { column, .. } => format!("{column} clamped"),
+        }
+    }
 }
 
 /// How one aggregate expression is computed from noisy statistics
@@ -214,13 +269,11 @@ impl DpQuery {
             0.0
         };
         let mut statistics = builder.statistics();
-        split_budget(
-            &mut statistics,
-            request.epsilon,
-            delta,
-            grant.noise,
-            &groups,
-        );
+        // The bias estimates take their share first; `epsilon - main` is
+        // exact (Sterbenz), so the two shares add up to the query's ε.
+        let main_epsilon = request.epsilon * (1.0 - grant.bias_share);
+        let bias_epsilon = request.epsilon - main_epsilon;
+        split_budget(&mut statistics, main_epsilon, delta, grant.noise, &groups);
         // A unit changes at most as many reported groups as there are: with
         // few public keys, that (not max_groups) bounds it, so the noise is
         // smaller and no unit needs its groups capped.
@@ -234,11 +287,15 @@ impl DpQuery {
             Groups::Public(keys) => keys.len() as u64 > grant.max_groups,
             Groups::Private => true,
         };
-        let stats_plan = builder.plan(aggregate_input, &keys, cap_groups)?;
+        let bias = builder.bias_statistics(max_groups, cap_groups, bias_epsilon);
+        let bias_epsilon = if bias.is_empty() { 0.0 } else { bias_epsilon };
+        let stats_plan = builder.plan(aggregate_input, &keys, cap_groups, !bias.is_empty())?;
         Ok(DpQuery {
             stats_plan,
             key_count: keys.len(),
             statistics,
+            bias,
+            bias_epsilon,
             outputs,
             aggregate_schema: aggregate.schema.clone(),
             plan,
@@ -257,7 +314,8 @@ impl DpQuery {
 
     /// How ε (and δ) is divided, e.g. `count(*) ε 0.25; sum(fare_eur) ε 0.25`.
     pub fn split_summary(&self) -> String {
-        self.statistics
+        let mut parts: Vec<String> = self
+            .statistics
             .iter()
             .map(|s| {
                 let what = self.describe_statistic(s);
@@ -266,8 +324,16 @@ impl DpQuery {
                     _ => format!("{what} ε {}", s.epsilon),
                 }
             })
-            .collect::<Vec<_>>()
-            .join("; ")
+            .collect();
+        if !self.bias.is_empty() {
+            let what: Vec<String> = self.bias.iter().map(|b| b.kind.describe()).collect();
+            parts.push(format!(
+                "bias estimates ({}) ε {}",
+                what.join(", "),
+                self.bias_epsilon
+            ));
+        }
+        parts.join("; ")
     }
 
     /// A statistic as the consumer would write it, e.g. `sum(fare_eur)`.
@@ -735,14 +801,68 @@ impl<'a> StatsBuilder<'a> {
         Ok(bounds)
     }
 
-    /// The bounded per-group statistics plan (see the module docs).
-    fn plan(&self, input: LogicalPlan, keys: &[Expr], cap_groups: bool) -> Result<LogicalPlan> {
+    /// The bias estimates a query gets from `epsilon` (none at 0): rows
+    /// counted, rows over each cap, and values clamped per bounded column,
+    /// each with its L1 sensitivity over all reported groups.
+    fn bias_statistics(
+        &self,
+        max_groups: u64,
+        cap_groups: bool,
+        epsilon: f64,
+    ) -> Vec<BiasStatistic> {
+        if epsilon <= 0.0 {
+            return Vec::new();
+        }
+        // A unit adds at most `max_rows` to each of its `max_groups` groups'
+        // counted rows, rows over the cap and clamped values; its dropped
+        // groups' rows are clipped at `max_groups × max_rows` in the plan.
+        let per_groups = max_groups * self.grant.max_rows;
+        let mut kinds = vec![
+            (BiasKind::Counted, "rows".to_string(), per_groups),
+            (BiasKind::OverMaxRows, "over_rows".to_string(), per_groups),
+        ];
+        if cap_groups {
+            let clip = self.grant.max_groups * self.grant.max_rows;
+            kinds.push((BiasKind::OverMaxGroups, "dropped".to_string(), clip));
+        }
+        for (j, value) in self.values.iter().enumerate() {
+            if self.clamps(j) {
+                let kind = BiasKind::Clamped {
+                    column: value.column.name.clone(),
+                    bounds: value.bounds.clone(),
+                };
+                kinds.push((kind, format!("cl{j}"), per_groups));
+            }
+        }
+        let share = epsilon / kinds.len() as f64;
+        kinds
+            .into_iter()
+            .map(|(kind, column, sensitivity)| BiasStatistic {
+                kind,
+                column: format!("{INTERNAL_PREFIX}{column}"),
+                epsilon: share,
+                sensitivity,
+            })
+            .collect()
+    }
+
+    /// The bounded per-group statistics plan (see the module docs); with
+    /// `bias`, it also counts what the bounds leave out.
+    fn plan(
+        &self,
+        input: LogicalPlan,
+        keys: &[Expr],
+        cap_groups: bool,
+        bias: bool,
+    ) -> Result<LogicalPlan> {
         let p = |name: &str| format!("{INTERNAL_PREFIX}{name}");
+        let c = |name: &str| col(Column::new_unqualified(p(name)));
         let key_names: Vec<String> = (0..keys.len()).map(|i| p(&format!("k{i}"))).collect();
         let key_cols = || key_names.iter().map(|k| col(Column::new_unqualified(k)));
-        let unit = col(Column::new_unqualified(p("unit")));
+        let unit = c("unit");
 
-        // Per row: keys, unit, clamped values and their fixed-point forms.
+        // Per row: keys, unit, clamped values and their fixed-point forms
+        // (and, for the bias estimates, whether each value was clamped).
         let mut row_exprs: Vec<Expr> = keys
             .iter()
             .zip(&key_names)
@@ -768,26 +888,36 @@ impl<'a> StatsBuilder<'a> {
                         .alias(p(&format!("q{j}"))),
                 );
             }
+            if bias && self.clamps(j) {
+                row_exprs
+                    .push(out_of_bounds(col(column.clone()), bounds)?.alias(p(&format!("c{j}"))));
+            }
         }
         let rows = LogicalPlanBuilder::from(input).project(row_exprs)?;
 
         // Per (unit, group).
         let mut per_unit = vec![count(lit(1)).alias(p("rows"))];
         for j in 0..self.values.len() {
-            let v = col(Column::new_unqualified(p(&format!("v{j}"))));
+            let v = c(&format!("v{j}"));
             per_unit.push(count(v.clone()).alias(p(&format!("n{j}"))));
             if self.sums_of(j) {
-                let s = col(Column::new_unqualified(p(&format!("s{j}"))));
-                per_unit.push(sum(s).alias(p(&format!("sum{j}"))));
+                per_unit.push(sum(c(&format!("s{j}"))).alias(p(&format!("sum{j}"))));
             }
             if self.squares_of(j) {
-                let q = col(Column::new_unqualified(p(&format!("q{j}"))));
-                per_unit.push(sum(q).alias(p(&format!("sq{j}"))));
+                per_unit.push(sum(c(&format!("q{j}"))).alias(p(&format!("sq{j}"))));
             }
             if self.quantiles_of(j) {
                 per_unit.push(array_agg(v).alias(p(&format!("vals{j}"))));
             }
+            if bias && self.clamps(j) {
+                per_unit.push(sum(c(&format!("c{j}"))).alias(p(&format!("cl{j}"))));
+            }
         }
+        let cell_names: Vec<String> = key_names
+            .iter()
+            .cloned()
+            .chain(per_unit.iter().map(|e| e.schema_name().to_string()))
+            .collect();
         let mut by_unit = vec![unit.clone()];
         by_unit.extend(key_cols());
         let mut plan = rows.aggregate(by_unit, per_unit)?;
@@ -796,25 +926,17 @@ impl<'a> StatsBuilder<'a> {
         // by key): a choice that depends on the unit's own rows only, and
         // keeps as much of its data as the limit allows.
         if cap_groups {
-            let mut order = vec![col(Column::new_unqualified(p("rows"))).sort(false, false)];
-            order.extend(key_cols().map(|k| k.sort(true, false)));
-            let rank = datafusion_functions_window::expr_fn::row_number()
-                .partition_by(vec![unit.clone()])
-                .order_by(order)
-                .build()?
-                .alias(p("rank"));
-            plan = plan.window(vec![rank])?.filter(
-                col(Column::new_unqualified(p("rank"))).lt_eq(lit(self.grant.max_groups as i64)),
-            )?;
+            plan = keep_top_groups(plan, &cell_names, keys.len(), self.grant.max_groups)?;
         }
 
         // Each (unit, group) counts at most `max_rows` rows.
         let r = self.grant.max_rows as i64;
         let cap = |e: Expr| when(e.clone().gt(lit(r)), lit(r)).otherwise(e);
+        let rows_col = c("rows");
         let mut bounded: Vec<Expr> = key_cols().collect();
-        bounded.push(cap(col(Column::new_unqualified(p("rows"))))?.alias(p("rows")));
+        bounded.push(cap(rows_col.clone())?.alias(p("rows")));
         for (j, ValueColumn { bounds, .. }) in self.values.iter().enumerate() {
-            let n = col(Column::new_unqualified(p(&format!("n{j}"))));
+            let n = c(&format!("n{j}"));
             bounded.push(cap(n.clone())?.alias(p(&format!("n{j}"))));
             let (_, max) = fixed_point(bounds.max_abs());
             let (_, max_sq) = fixed_point(bounds.max_abs().powi(2));
@@ -823,18 +945,35 @@ impl<'a> StatsBuilder<'a> {
                 (format!("sq{j}"), max_sq, self.squares_of(j)),
             ];
             for (name, max, _) in totals.into_iter().filter(|t| t.2) {
-                let total = col(Column::new_unqualified(p(&name)));
-                bounded.push(rescale(total, n.clone(), r, max as i64 * r)?.alias(p(&name)));
+                bounded.push(rescale(c(&name), n.clone(), r, max as i64 * r)?.alias(p(&name)));
             }
             if self.quantiles_of(j) {
-                bounded.push(col(Column::new_unqualified(p(&format!("vals{j}")))));
+                bounded.push(c(&format!("vals{j}")));
+            }
+            if bias && self.clamps(j) {
+                let clamped = c(&format!("cl{j}"));
+                bounded
+                    .push(counted_share(clamped, rows_col.clone(), r)?.alias(p(&format!("cl{j}"))));
+            }
+        }
+        if bias {
+            // Rows over the cap, at most `max_rows` more per (unit, group).
+            let over = when(
+                rows_col.clone().gt(lit(r)),
+                least(rows_col.clone() - lit(r), lit(r)),
+            )
+            .otherwise(lit(0i64))?;
+            bounded.push(over.alias(p("over_rows")));
+            if cap_groups {
+                let clip = (self.grant.max_groups * self.grant.max_rows) as i64;
+                bounded.push(least(c("dropped"), lit(clip)).alias(p("dropped")));
             }
         }
         let plan = plan.project(bounded)?;
 
         // Per group.
         let mut totals = vec![
-            sum(col(Column::new_unqualified(p("rows")))).alias(p("rows")),
+            sum(c("rows")).alias(p("rows")),
             count(lit(1)).alias(p("units")),
         ];
         for j in 0..self.values.len() {
@@ -842,15 +981,16 @@ impl<'a> StatsBuilder<'a> {
                 (format!("n{j}"), true),
                 (format!("sum{j}"), self.sums_of(j)),
                 (format!("sq{j}"), self.squares_of(j)),
+                (format!("cl{j}"), bias && self.clamps(j)),
             ];
             for (name, _) in names.into_iter().filter(|n| n.1) {
-                let column = col(Column::new_unqualified(p(&name)));
+                let column = c(&name);
                 // Fixed-point totals add up in 128 bits: no group can
                 // overflow them, so no group size makes the plan fail.
-                let column = if name.starts_with('n') {
-                    column
-                } else {
+                let column = if name.starts_with("sum") || name.starts_with("sq") {
                     cast(column, DataType::Decimal128(38, 0))
+                } else {
+                    column
                 };
                 totals.push(sum(column).alias(p(&name)));
             }
@@ -859,7 +999,18 @@ impl<'a> StatsBuilder<'a> {
                 totals.push(array_agg(col(Column::new_unqualified(&name))).alias(name));
             }
         }
+        if bias {
+            totals.push(sum(c("over_rows")).alias(p("over_rows")));
+            if cap_groups {
+                totals.push(sum(c("dropped")).alias(p("dropped")));
+            }
+        }
         plan.aggregate(key_cols(), totals)?.build()
+    }
+
+    /// Whether column `j` is clamped (summed, squared or ranked).
+    fn clamps(&self, j: usize) -> bool {
+        self.values[j].numeric && (self.sums_of(j) || self.squares_of(j) || self.quantiles_of(j))
     }
 
     fn sums_of(&self, j: usize) -> bool {
@@ -968,4 +1119,81 @@ fn quantile_argument(args: &[Expr]) -> Result<f64> {
         },
         _ => plan_err!("the quantile must be a literal number from 0 to 1"),
     }
+}
+
+/// The smaller of two integers.
+fn least(a: Expr, b: Expr) -> Expr {
+    when(a.clone().gt(b.clone()), b)
+        .otherwise(a)
+        .expect("a CASE with one branch and an ELSE")
+}
+
+/// 1 where a number lies outside the bounds (and would be clamped), else 0
+/// (NULL and NaN too, which are skipped, not clamped).
+fn out_of_bounds(value: Expr, bounds: &ColumnBounds) -> Result<Expr> {
+    let value = cast(value, DataType::Float64);
+    when(
+        value
+            .clone()
+            .is_null()
+            .or(datafusion_functions::math::expr_fn::isnan(value.clone())),
+        lit(0i64),
+    )
+    .when(
+        value
+            .clone()
+            .lt(lit(bounds.lower))
+            .or(value.gt(lit(bounds.upper))),
+        lit(1i64),
+    )
+    .otherwise(lit(0i64))
+}
+
+/// A (unit, group)'s clamped values weighted as its counted rows are:
+/// `clamped × max_rows / rows` when the rows were capped (at most
+/// `max_rows`), else `clamped`.
+fn counted_share(clamped: Expr, rows: Expr, max_rows: i64) -> Result<Expr> {
+    let clamped = datafusion_functions::core::expr_fn::coalesce(vec![clamped, lit(0i64)]);
+    let scaled = to_fixed(
+        cast(clamped.clone(), DataType::Float64) * lit(max_rows as f64)
+            / cast(rows.clone(), DataType::Float64),
+    );
+    when(rows.gt(lit(max_rows)), scaled).otherwise(clamped)
+}
+
+/// Keeps each unit's `k` largest (unit, group) cells of `plan` (columns
+/// `unit` and `cells`) with [`TopGroups`] in one aggregation by unit, and
+/// adds `dropped`: the rows of the unit's other cells, on one kept cell.
+fn keep_top_groups(
+    plan: LogicalPlanBuilder,
+    cells: &[String],
+    key_count: usize,
+    k: u64,
+) -> Result<LogicalPlanBuilder> {
+    use datafusion_functions::core::expr_fn::{get_field, named_struct};
+    let p = |name: &str| format!("{INTERNAL_PREFIX}{name}");
+    let c = |name: &str| col(Column::new_unqualified(p(name)));
+    let fields = cells
+        .iter()
+        .flat_map(|name| [lit(name.clone()), col(Column::new_unqualified(name))])
+        .collect();
+    let cell = named_struct(fields).alias(p("cell"));
+    // The cell's row count directly follows its keys.
+    let top = AggregateUDF::from(TopGroups::new(
+        usize::try_from(k).unwrap_or(usize::MAX),
+        key_count,
+        key_count,
+    ));
+    let mut unpacked: Vec<Expr> = cells
+        .iter()
+        .map(|name| get_field(c("cells"), name.clone()).alias(name))
+        .collect();
+    unpacked.push(get_field(c("cells"), DROPPED.to_string()).alias(p("dropped")));
+    plan.project(vec![c("unit"), cell])?
+        .aggregate(
+            vec![c("unit")],
+            vec![top.call(vec![c("cell")]).alias(p("cells"))],
+        )?
+        .unnest_column(Column::new_unqualified(p("cells")))?
+        .project(unpacked)
 }

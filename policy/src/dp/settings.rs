@@ -40,6 +40,8 @@ pub struct DpGrant {
     pub columns: BTreeMap<String, ColumnBounds>,
     pub public_keys: BTreeMap<String, Vec<ScalarValue>>,
     pub cache: bool,
+    /// Share of each query's ε spent on the bias estimates (0 to 0.5).
+    pub bias_share: f64,
 }
 
 /// Total budget per organization and period.
@@ -120,6 +122,7 @@ impl DpGrant {
             columns,
             public_keys,
             cache: rule.cache.unwrap_or(true),
+            bias_share: bias_share(rule.bias_share)?,
         })
     }
 
@@ -142,6 +145,9 @@ impl DpGrant {
         out.public_keys
             .retain(|name, keys| other.public_keys.get(name) == Some(keys));
         out.cache = self.cache && other.cache;
+        // Either share is allowed by its own block; the smaller keeps more
+        // of the ε for the answer.
+        out.bias_share = self.bias_share.min(other.bias_share);
         if other.noise == NoiseKind::Gaussian {
             out.noise = NoiseKind::Gaussian;
         }
@@ -151,6 +157,21 @@ impl DpGrant {
 
 fn field(name: &str, message: impl Into<String>) -> DpError {
     (name.to_string(), message.into())
+}
+
+/// Share of ε for the bias estimates when the policy does not say.
+pub const DEFAULT_BIAS_SHARE: f64 = 0.1;
+
+fn bias_share(written: Option<f64>) -> Result<f64, DpError> {
+    let share = written.unwrap_or(DEFAULT_BIAS_SHARE);
+    if (0.0..=0.5).contains(&share) {
+        Ok(share)
+    } else {
+        Err(field(
+            "bias_share",
+            format!("must be from 0 (no bias estimates) to 0.5, found {share}"),
+        ))
+    }
 }
 
 fn positive(name: &str, value: f64) -> Result<f64, DpError> {
