@@ -287,9 +287,16 @@ fn describe(
         }
     }
     let keys = federated.keys;
+    // One provider's bias estimates describe its own data, not the merged
+    // answer: none is carried over (each provider's partial answer has its
+    // own).
     let mut fields: Vec<Field> = schema.fields()[..visible]
         .iter()
-        .map(|f| f.as_ref().clone())
+        .map(|f| {
+            let mut metadata = f.metadata().clone();
+            metadata.retain(|key, _| !key.starts_with(sluice_proto::wire::dp::BIAS));
+            f.as_ref().clone().with_metadata(metadata)
+        })
         .collect();
     for (output, call) in &federated.plain_outputs {
         let (width, mechanism) = match federated.merges[*call] {

@@ -44,6 +44,7 @@ use super::settings::{Budget, ColumnBounds, DpGrant};
 use super::top_groups::{DROPPED, TopGroups};
 use crate::document::NoiseKind;
 use crate::internal::INTERNAL_PREFIX;
+use datafusion_common::arrow::row::{RowConverter, SortField};
 
 /// Largest fixed-point magnitude of one clamped value (2^20): with at most
 /// 2^16 contributions per unit, sensitivities stay below 2^36 and noisy
@@ -289,7 +290,13 @@ impl DpQuery {
         };
         let bias = builder.bias_statistics(max_groups, cap_groups, bias_epsilon);
         let bias_epsilon = if bias.is_empty() { 0.0 } else { bias_epsilon };
-        let stats_plan = builder.plan(aggregate_input, &keys, cap_groups, !bias.is_empty())?;
+        let stats_plan = builder.plan(
+            aggregate_input,
+            &keys,
+            &groups,
+            cap_groups,
+            !bias.is_empty(),
+        )?;
         Ok(DpQuery {
             stats_plan,
             key_count: keys.len(),
@@ -852,6 +859,7 @@ impl<'a> StatsBuilder<'a> {
         &self,
         input: LogicalPlan,
         keys: &[Expr],
+        groups: &Groups,
         cap_groups: bool,
         bias: bool,
     ) -> Result<LogicalPlan> {
@@ -893,7 +901,15 @@ impl<'a> StatsBuilder<'a> {
                     .push(out_of_bounds(col(column.clone()), bounds)?.alias(p(&format!("c{j}"))));
             }
         }
-        let rows = LogicalPlanBuilder::from(input).project(row_exprs)?;
+        let mut rows = LogicalPlanBuilder::from(input).project(row_exprs)?;
+        // With published keys only they are reported: rows of any other key
+        // (a NULL, a value not listed) are left out before units choose
+        // their groups, so they neither take a unit's place in a published
+        // group nor count in the bias estimates. The list is public, so
+        // filtering by it is a per-row step like any WHERE.
+        if let Groups::Public(published) = groups {
+            rows = rows.filter(published_filter(&key_names, published))?;
+        }
 
         // Per (unit, group).
         let mut per_unit = vec![count(lit(1)).alias(p("rows"))];
@@ -1121,6 +1137,23 @@ fn quantile_argument(args: &[Expr]) -> Result<f64> {
     }
 }
 
+/// `k0 IN (…) AND k1 IN (…) …`: each key among its published values (the
+/// published combinations are every combination of those).
+fn published_filter(key_names: &[String], published: &[Vec<ScalarValue>]) -> Expr {
+    let mut filter = lit(true);
+    for (i, name) in key_names.iter().enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        let values: Vec<ScalarValue> = published
+            .iter()
+            .map(|row| row[i].clone())
+            .filter(|v| seen.insert(v.clone()))
+            .collect();
+        let list = values.into_iter().map(lit).collect();
+        filter = filter.and(col(Column::new_unqualified(name)).in_list(list, false));
+    }
+    filter
+}
+
 /// The smaller of two integers.
 fn least(a: Expr, b: Expr) -> Expr {
     when(a.clone().gt(b.clone()), b)
@@ -1177,6 +1210,21 @@ fn keep_top_groups(
         .iter()
         .flat_map(|name| [lit(name.clone()), col(Column::new_unqualified(name))])
         .collect();
+    // The order among a unit's groups compares keys in Arrow's row format;
+    // a key type it cannot compare is refused now, before any budget is
+    // reserved, not at DoGet.
+    let sort_fields = cells[..key_count]
+        .iter()
+        .map(|name| {
+            let field = plan.schema().field_with_unqualified_name(name)?;
+            Ok(SortField::new(field.data_type().clone()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !RowConverter::supports_fields(&sort_fields) {
+        return plan_err!(
+            "a GROUP BY key of this type cannot be used under differential privacy with more groups than max_groups"
+        );
+    }
     let cell = named_struct(fields).alias(p("cell"));
     // The cell's row count directly follows its keys.
     let top = AggregateUDF::from(TopGroups::new(

@@ -164,12 +164,14 @@ pub const DEFAULT_BIAS_SHARE: f64 = 0.1;
 
 fn bias_share(written: Option<f64>) -> Result<f64, DpError> {
     let share = written.unwrap_or(DEFAULT_BIAS_SHARE);
-    if (0.0..=0.5).contains(&share) {
+    // Below 1% the estimates would be too noisy to read, and at a small ε
+    // their noise would not fit in 64 bits: the query would be refused.
+    if share == 0.0 || (0.01..=0.5).contains(&share) {
         Ok(share)
     } else {
         Err(field(
             "bias_share",
-            format!("must be from 0 (no bias estimates) to 0.5, found {share}"),
+            format!("must be 0 (no bias estimates) or from 0.01 to 0.5, found {share}"),
         ))
     }
 }

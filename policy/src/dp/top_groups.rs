@@ -210,35 +210,26 @@ impl TopGroupsAccumulator {
         }
     }
 
-    /// Whether `a` ranks before `b`: more rows, then smaller keys.
-    fn before(&self, a: &Entry, b: &Entry) -> bool {
-        self.compare(a, b) == Ordering::Less
-    }
-
     fn compare(&self, a: &Entry, b: &Entry) -> Ordering {
-        b.rows.cmp(&a.rows).then_with(|| {
-            let ka = self.stored[a.batch as usize].keys.row(a.row as usize);
-            let kb = self.stored[b.batch as usize].keys.row(b.row as usize);
-            ka.cmp(&kb)
-        })
+        rank(&self.stored, a, b)
     }
 
-    /// Offers one cell to unit `group`'s top `k`.
+    /// Offers one cell to unit `group`'s top `k`, a heap with the worst
+    /// kept cell on top: O(log k) per cell, so a unit with many groups
+    /// costs no more than a sort would.
     fn offer(&mut self, group: usize, entry: Entry) {
-        if self.tops[group].len() < self.k {
-            self.tops[group].push(entry);
+        let top = &mut self.tops[group];
+        if top.len() < self.k {
+            top.push(entry);
+            let last = top.len() - 1;
+            sift_up(&self.stored, top, last);
             self.live_cells += 1;
             return;
         }
-        let top = &self.tops[group];
-        let mut worst = 0;
-        for i in 1..top.len() {
-            if self.before(&top[worst], &top[i]) {
-                worst = i;
-            }
-        }
-        let out = if self.before(&entry, &top[worst]) {
-            std::mem::replace(&mut self.tops[group][worst], entry)
+        let out = if rank(&self.stored, &entry, &top[0]) == Ordering::Less {
+            let out = std::mem::replace(&mut top[0], entry);
+            sift_down(&self.stored, top, 0);
+            out
         } else {
             entry
         };
@@ -352,6 +343,45 @@ impl TopGroupsAccumulator {
     }
 }
 
+/// The order of cells within a unit: more rows first, then smaller keys
+/// (NULL last). `Less` ranks first.
+fn rank(stored: &[Stored], a: &Entry, b: &Entry) -> Ordering {
+    b.rows.cmp(&a.rows).then_with(|| {
+        let ka = stored[a.batch as usize].keys.row(a.row as usize);
+        let kb = stored[b.batch as usize].keys.row(b.row as usize);
+        ka.cmp(&kb)
+    })
+}
+
+/// Restores the heap (worst-ranked cell at the root) after a push at `i`.
+fn sift_up(stored: &[Stored], heap: &mut [Entry], mut i: usize) {
+    while i > 0 {
+        let parent = (i - 1) / 2;
+        if rank(stored, &heap[i], &heap[parent]) != Ordering::Greater {
+            break;
+        }
+        heap.swap(i, parent);
+        i = parent;
+    }
+}
+
+/// Restores the heap after the root at `i` was replaced.
+fn sift_down(stored: &[Stored], heap: &mut [Entry], mut i: usize) {
+    loop {
+        let mut worst = i;
+        for child in [2 * i + 1, 2 * i + 2] {
+            if child < heap.len() && rank(stored, &heap[child], &heap[worst]) == Ordering::Greater {
+                worst = child;
+            }
+        }
+        if worst == i {
+            return;
+        }
+        heap.swap(i, worst);
+        i = worst;
+    }
+}
+
 /// `cells` (input or output type) with its [`DROPPED`] field set to `dropped`.
 fn with_dropped(cells: &StructArray, dropped: Int64Array) -> Result<StructArray> {
     let (fields, mut columns, nulls) = cells.clone().into_parts();
@@ -443,7 +473,9 @@ impl GroupsAccumulator for TopGroupsAccumulator {
             if passes(opt_filter, row) {
                 indices.push((0usize, row));
             }
-            offsets.push(indices.len() as i32);
+            let end = i32::try_from(indices.len())
+                .or_else(|_| exec_err!("top_groups: more cells than a list holds"))?;
+            offsets.push(end);
         }
         let kept = interleave(&[cells.as_ref()], &indices)?;
         let list = ListArray::try_new(
@@ -599,6 +631,63 @@ mod tests {
                     "reversed, split {split}"
                 );
             }
+        }
+    }
+
+    /// Many batches (so the storage is compacted several times), rows that
+    /// tie, and units emitted in two parts: the result equals the top `k`
+    /// computed directly.
+    #[test]
+    fn compaction_and_partial_emits_keep_the_same_cells() {
+        let top = TopGroups::new(3, 1, 1);
+        let data_type = cells(&[]).data_type().clone();
+        let mut acc = top.accumulator_for(&data_type).unwrap();
+        let mut state = 7u64;
+        let mut all: Vec<(usize, String, i64)> = Vec::new();
+        for batch in 0..200 {
+            let mut rows = Vec::new();
+            for i in 0..1000 {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let unit = (state >> 33) as usize % 5;
+                let count = (state >> 20) as i64 % 4;
+                rows.push((unit, format!("g{batch:03}-{i:04}"), count));
+            }
+            let array = cells(&rows.iter().map(|r| (r.1.as_str(), r.2)).collect::<Vec<_>>());
+            let groups: Vec<usize> = rows.iter().map(|r| r.0).collect();
+            acc.update_batch(&[array], &groups, None, 5).unwrap();
+            all.extend(rows);
+        }
+        assert!(
+            acc.stored.len() < 10,
+            "compacted: {} batches",
+            acc.stored.len()
+        );
+        let first = acc.evaluate(EmitTo::First(2)).unwrap();
+        let rest = acc.evaluate(EmitTo::All).unwrap();
+        let lists = [first, rest];
+        let mut got = Vec::new();
+        for list in &lists {
+            let list = list.as_list::<i32>();
+            for u in 0..list.len() {
+                let cells = list.value(u);
+                let cells = cells.as_struct();
+                let keys = cells.column(0).as_string::<i32>();
+                let dropped = cells.column(2).as_primitive::<Int64Type>();
+                let kept: Vec<String> = (0..cells.len())
+                    .map(|i| keys.value(i).to_string())
+                    .collect();
+                got.push((kept, dropped.value(0)));
+            }
+        }
+        for (unit, (kept, dropped)) in got.iter().enumerate() {
+            let mut mine: Vec<&(usize, String, i64)> = all.iter().filter(|r| r.0 == unit).collect();
+            mine.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.1.cmp(&b.1)));
+            let want: Vec<String> = mine.iter().take(3).map(|r| r.1.clone()).collect();
+            let want_dropped: i64 = mine.iter().skip(3).map(|r| r.2).sum();
+            assert_eq!(kept, &want, "unit {unit}");
+            assert_eq!(*dropped, want_dropped, "unit {unit}");
         }
     }
 }
