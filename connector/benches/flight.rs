@@ -918,7 +918,12 @@ mod privacy {
                 dataset.location = sluice::config::Location::Local(trips.to_path_buf());
             }
         }
-        let _ = std::fs::remove_file(state_dir.join("privacy-ledger.sqlite"));
+        // Empty budgets on purpose: an empty ledger file is the documented
+        // way (a missing one is refused once the audit log shows service).
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(state_dir.join(format!("privacy-ledger.sqlite{suffix}")));
+        }
+        std::fs::write(state_dir.join("privacy-ledger.sqlite"), b"")?;
         config.server.listen = "127.0.0.1:0".parse()?;
         config.metrics.listen = None;
         let (bound, address) = tokio::sync::oneshot::channel();
