@@ -423,10 +423,11 @@ fn bias_policy(epsilon_cap: f64) -> String {
 const BIAS_QUERY: &str = "SELECT g, count(*), sum(x) FROM t GROUP BY g";
 
 /// The bias estimates are released from the data too, so they must be as
-/// private as the answer: each, at its own share of ε, within ln-3-style
-/// bounds on neighbouring datasets that differ in one unit that exceeds
-/// every bound (rows over `max_rows`, a second group over `max_groups`,
-/// values outside the bounds), with a power check at a fourfold understated
+/// private as the answer. On neighbouring datasets that differ in one unit
+/// that exceeds every bound (rows over `max_rows`, a second group over
+/// `max_groups`, values outside the bounds), every bias total moves by
+/// exactly its sensitivity, and the shared release keeps δ̂ within the limit
+/// at the statistic's ε, with a power check at a fourfold understated
 /// sensitivity.
 #[test]
 fn bias_estimates_are_private_on_neighbouring_datasets() {
