@@ -1073,20 +1073,22 @@ fn presence(value: Expr) -> Result<Expr> {
     when(value.is_null(), lit(ScalarValue::Float64(None))).otherwise(lit(1.0))
 }
 
+/// Whether a Float64 value is NULL or NaN: skipped, never clamped.
+fn null_or_nan(value: &Expr) -> Expr {
+    value
+        .clone()
+        .is_null()
+        .or(datafusion_functions::math::expr_fn::isnan(value.clone()))
+}
+
 /// NULL for NULL and NaN; otherwise the value clamped into the bounds.
 /// Only called on numeric columns: their casts to Float64 cannot fail.
 fn clamp_value(value: Expr, bounds: &ColumnBounds) -> Result<Expr> {
     let value = cast(value, DataType::Float64);
-    when(
-        value
-            .clone()
-            .is_null()
-            .or(datafusion_functions::math::expr_fn::isnan(value.clone())),
-        lit(ScalarValue::Float64(None)),
-    )
-    .when(value.clone().lt(lit(bounds.lower)), lit(bounds.lower))
-    .when(value.clone().gt(lit(bounds.upper)), lit(bounds.upper))
-    .otherwise(value)
+    when(null_or_nan(&value), lit(ScalarValue::Float64(None)))
+        .when(value.clone().lt(lit(bounds.lower)), lit(bounds.lower))
+        .when(value.clone().gt(lit(bounds.upper)), lit(bounds.upper))
+        .otherwise(value)
 }
 
 fn to_fixed(value: Expr) -> Expr {
@@ -1165,21 +1167,15 @@ fn least(a: Expr, b: Expr) -> Expr {
 /// (NULL and NaN too, which are skipped, not clamped).
 fn out_of_bounds(value: Expr, bounds: &ColumnBounds) -> Result<Expr> {
     let value = cast(value, DataType::Float64);
-    when(
-        value
-            .clone()
-            .is_null()
-            .or(datafusion_functions::math::expr_fn::isnan(value.clone())),
-        lit(0i64),
-    )
-    .when(
-        value
-            .clone()
-            .lt(lit(bounds.lower))
-            .or(value.gt(lit(bounds.upper))),
-        lit(1i64),
-    )
-    .otherwise(lit(0i64))
+    when(null_or_nan(&value), lit(0i64))
+        .when(
+            value
+                .clone()
+                .lt(lit(bounds.lower))
+                .or(value.gt(lit(bounds.upper))),
+            lit(1i64),
+        )
+        .otherwise(lit(0i64))
 }
 
 /// A (unit, group)'s clamped values weighted as its counted rows are:
