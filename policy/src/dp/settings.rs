@@ -342,3 +342,20 @@ fn public_key_values(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_share_is_off_or_between_one_and_fifty_percent() {
+        assert_eq!(bias_share(None), Ok(DEFAULT_BIAS_SHARE));
+        assert_eq!(bias_share(Some(0.0)), Ok(0.0));
+        assert_eq!(bias_share(Some(0.5)), Ok(0.5));
+        for refused in [0.005, 0.6, -0.1, f64::NAN] {
+            let (field, message) = bias_share(Some(refused)).unwrap_err();
+            assert_eq!(field, "bias_share");
+            assert!(message.contains("from 0.01 to 0.5"), "{message}");
+        }
+    }
+}
