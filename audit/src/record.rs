@@ -73,6 +73,15 @@ pub struct Entry {
     /// decimal string (see the crate documentation).
     #[serde(default, with = "exact_f64")]
     pub delta: Option<f64>,
+    /// zCDP ρ charged, for a budget with `accounting: zcdp` (`epsilon` and
+    /// `delta` are then the query's own guarantee). Written like them;
+    /// absent for every other query, so older records hash as before.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "exact_f64")]
+    pub rho: Option<f64>,
+    /// The δ charged alongside `rho` (a private selection's threshold; 0
+    /// without one). Absent for every other query.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "exact_f64")]
+    pub charged_delta: Option<f64>,
     /// The versions of the data that answered, one per dataset read: file
     /// sizes and modification times, object ETags, a database's
     /// transaction snapshot and read time.

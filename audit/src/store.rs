@@ -452,7 +452,12 @@ impl Writer {
 
 /// Rejects values the canonical form cannot hold exactly.
 fn check_finite(entry: &Entry) -> Result<(), StoreError> {
-    for (field, value) in [("epsilon", entry.epsilon), ("delta", entry.delta)] {
+    for (field, value) in [
+        ("epsilon", entry.epsilon),
+        ("delta", entry.delta),
+        ("rho", entry.rho),
+        ("charged_delta", entry.charged_delta),
+    ] {
         if value.is_some_and(|v| !v.is_finite()) {
             return Err(StoreError::NonFinite { field, value });
         }

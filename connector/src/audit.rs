@@ -182,6 +182,7 @@ pub fn release(
 }
 
 fn described(base: Entry, decision: &DecisionRecord, plan_hash: &str) -> Entry {
+    let zcdp = decision.privacy.as_ref().and_then(|p| p.zcdp.as_ref());
     Entry {
         consumers: decision.consumers.clone(),
         datasets: decision.datasets.clone(),
@@ -191,6 +192,8 @@ fn described(base: Entry, decision: &DecisionRecord, plan_hash: &str) -> Entry {
         rule: decision.rules.first().cloned(),
         epsilon: decision.privacy.as_ref().map(|p| p.epsilon),
         delta: decision.privacy.as_ref().map(|p| p.delta),
+        rho: zcdp.map(|cost| cost.rho),
+        charged_delta: zcdp.map(|cost| cost.delta),
         ..base
     }
 }

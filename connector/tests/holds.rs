@@ -182,6 +182,7 @@ async fn a_budget_refusal_after_the_quota_hold_returns_it() {
     let charge = ledger::Charge {
         epsilon: ledger::epsilon_units(0.8).unwrap(),
         delta: 0,
+        rho: 0,
     };
     let spent = d
         .engine

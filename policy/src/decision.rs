@@ -3,7 +3,7 @@ use std::fmt;
 use datafusion_expr::LogicalPlan;
 
 use crate::document::{Class, Quotas, Tag};
-use crate::dp::{Budget, DpQuery};
+use crate::dp::{Budget, DpQuery, ZcdpCost};
 
 /// A plan the gate allowed, ready to execute exactly as given.
 #[derive(Debug, Clone)]
@@ -52,8 +52,11 @@ pub struct PrivacyCharge {
     /// The organization (or principal) whose budget is charged.
     pub key: String,
     pub dataset: String,
+    /// The query's own guarantee.
     pub epsilon: f64,
     pub delta: f64,
+    /// Under `accounting: zcdp`, what the ledger charges instead of ε and δ.
+    pub zcdp: Option<ZcdpCost>,
     pub budget: Option<Budget>,
 }
 

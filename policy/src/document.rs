@@ -493,6 +493,22 @@ pub struct DpBudget {
     /// `day`, `month`, `year`, `total`, or N days: `30d` / `30 days`.
     #[serde(default = "default_period")]
     pub period: String,
+    /// How queries are composed: `basic` (the default: their ε and δ add
+    /// up) or `zcdp` (their ρ adds up; Gaussian noise only).
+    #[serde(default)]
+    pub accounting: Accounting,
+}
+
+/// How the queries charged to one budget compose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accounting {
+    /// Basic composition: each query's ε and δ are added.
+    #[default]
+    Basic,
+    /// Zero-concentrated DP: each query's ρ is added, and the total is
+    /// converted to (ε, δ) against the budget.
+    Zcdp,
 }
 
 fn default_period() -> String {

@@ -473,6 +473,7 @@ impl PlanGate for PolicyGate {
                 dataset: q.dataset.clone(),
                 epsilon: q.epsilon,
                 delta: q.delta,
+                zcdp: q.zcdp.clone(),
                 budget: q.budget.clone(),
             }),
         };

@@ -21,9 +21,30 @@
 //!
 //! # Exact amounts
 //!
-//! ε is stored in nano-units (1e-9) and δ in atto-units (1e-18), both `i64`,
-//! so that thousands of small charges add up exactly. See [`epsilon_units`]
-//! and [`delta_units`].
+//! ε is stored in nano-units (1e-9), δ in atto-units (1e-18) and ρ in
+//! pico-units (1e-12), all `i64`, so that thousands of small charges add up
+//! exactly. See [`epsilon_units`], [`delta_units`] and [`rho_units`].
+//!
+//! # Two kinds of charge
+//!
+//! A query under basic accounting charges ε and δ, which add up. A query
+//! under `accounting: zcdp` charges ρ (and the δ of a private selection of
+//! groups, which adds up with the other δ). An account's spend is
+//!
+//! ```text
+//! ε: spent ε + ε_zcdp(spent ρ, δ_limit / 2)      δ: spent δ + δ_limit / 2 (once any ρ is spent)
+//! ```
+//!
+//! where `ε_zcdp(ρ, δ) = ρ + 2·√(ρ·ln(1/δ))` is the zCDP → (ε, δ) bound
+//! ([`sluice_policy::dp::zcdp`]). The stored amounts stay exact sums of
+//! integers; only the comparison with the limit converts.
+//!
+//! One period of one account holds one kind of charge: the first charge
+//! (not refunded) opens it as basic (ε) or zCDP (ρ), and a charge of the
+//! other kind is refused until the next period
+//! ([`LedgerError::AccountingChanged`]). The conversion above is a valid
+//! bound for ρ spent adaptively up to a fixed ceiling; letting an
+//! adaptively chosen ε spend lower that ceiling midway has no such proof.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -35,14 +56,17 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeDelta, Utc};
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior};
+use sluice_policy::dp::zcdp;
 pub use sluice_policy::dp::{MAX_WINDOW_DAYS, Period};
 
 /// Nano-units of ε per 1.0 ε.
 pub const EPSILON_SCALE: f64 = 1e9;
 /// Atto-units of δ per 1.0 δ.
 pub const DELTA_SCALE: f64 = 1e18;
+/// Pico-units of ρ per 1.0 ρ (a query of ε 0.01 at δ 1e-7 costs ρ ≈ 1.5e-6).
+pub const RHO_SCALE: f64 = 1e12;
 /// Schema version written by (and the newest understood by) this build.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// How long a reservation made by [`Ledger::reserve`] may stay unstarted
 /// before [`Ledger::expire_unstarted`] may refund it.
 pub const DEFAULT_TICKET_TTL: TimeDelta = TimeDelta::minutes(15);
@@ -152,6 +176,22 @@ pub enum LedgerError {
     /// A refunded reservation cannot be committed: its spend was returned.
     #[error("privacy-budget reservation {id} was refunded and can no longer be committed")]
     Refunded { id: String },
+    /// The period was opened under the other accounting (the policy's
+    /// `budget.accounting` changed, or two grants of the organization
+    /// disagree): its charges cannot be mixed.
+    #[error(
+        "the privacy budget of {organization} on {dataset} ({period_key}) was opened under \
+         {opened} accounting, and this query is charged under {asked} accounting: the two cannot \
+         be mixed in one period, so the policy's change of `budget.accounting` takes effect in \
+         the next period (ask the provider if the grants disagree)"
+    )]
+    AccountingChanged {
+        organization: String,
+        dataset: String,
+        period_key: String,
+        opened: &'static str,
+        asked: &'static str,
+    },
     /// A float amount that cannot be converted to units.
     #[error("invalid {what} {value}: must be finite, non-negative and not absurdly large")]
     InvalidAmount { what: &'static str, value: f64 },
@@ -219,6 +259,43 @@ pub fn delta_units(delta: f64) -> Result<i64, LedgerError> {
     to_units("delta", delta, DELTA_SCALE, Rounding::Up)
 }
 
+/// ρ as pico-units for a *charge*: rounded up, plus one unit. ρ is never
+/// typed by a person (it is computed from ε, δ and shares in floating
+/// point), so there is no decimal to snap to, and the extra unit (1e-12)
+/// covers any rounding in the computation.
+pub fn rho_units(rho: f64) -> Result<i64, LedgerError> {
+    let invalid = || LedgerError::InvalidAmount {
+        what: "rho",
+        value: rho,
+    };
+    if !rho.is_finite() || rho < 0.0 {
+        return Err(invalid());
+    }
+    if rho == 0.0 {
+        return Ok(0);
+    }
+    let units = (rho * RHO_SCALE).ceil() + 1.0;
+    if units >= i64::MAX as f64 {
+        return Err(invalid());
+    }
+    Ok(units as i64)
+}
+
+/// Pico-units back to ρ.
+pub fn rho_from_units(units: i64) -> f64 {
+    units as f64 / RHO_SCALE
+}
+
+/// The nano-ε that `rho` pico-ρ cost once converted at `delta` atto-δ,
+/// rounded up; `i64::MAX` when the conversion has no finite answer (no δ).
+pub fn zcdp_epsilon_units(rho: i64, delta: i64) -> i64 {
+    if rho <= 0 {
+        return 0;
+    }
+    let epsilon = zcdp::epsilon_for_rho(rho_from_units(rho), delta_from_units(delta));
+    epsilon_units(epsilon).unwrap_or(i64::MAX)
+}
+
 /// ε as nano-units for a *limit*, rounding down (never over-grants).
 pub fn epsilon_limit_units(eps: f64) -> Result<i64, LedgerError> {
     to_units("epsilon limit", eps, EPSILON_SCALE, Rounding::Down)
@@ -252,12 +329,14 @@ pub struct Account {
 }
 
 /// What one query costs, in units.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Charge {
     /// Nano-ε.
     pub epsilon: i64,
     /// Atto-δ.
     pub delta: i64,
+    /// Pico-ρ (zCDP accounting; 0 under basic accounting).
+    pub rho: i64,
 }
 
 /// A durable reservation: the caller's ticket to run one query.
@@ -328,6 +407,7 @@ pub struct ReservationRecord {
     pub period_key: String,
     pub epsilon: i64,
     pub delta: i64,
+    pub rho: i64,
     pub state: State,
     /// RFC 3339 UTC timestamps with microseconds.
     pub created_at: String,
@@ -336,6 +416,10 @@ pub struct ReservationRecord {
 }
 
 /// An account's standing in one period. `spent_*` includes `reserved_*`.
+/// `spent_epsilon` and `spent_delta` are what basic-accounting queries
+/// charged (and the δ of zCDP queries' selections); `spent_rho` is what
+/// zCDP queries charged. [`Balance::total_epsilon`] and
+/// [`Balance::total_delta`] combine them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Balance {
     pub organization: String,
@@ -345,23 +429,57 @@ pub struct Balance {
     pub spent_epsilon: i64,
     pub limit_delta: i64,
     pub spent_delta: i64,
+    pub spent_rho: i64,
     /// The part of `spent_epsilon` that could still be refunded.
     pub reserved_epsilon: i64,
     /// The part of `spent_delta` that could still be refunded.
     pub reserved_delta: i64,
+    /// The part of `spent_rho` that could still be refunded.
+    pub reserved_rho: i64,
     /// Queries counted against this period (refunded ones excluded).
     pub queries: i64,
 }
 
 impl Balance {
+    /// The δ at which spent ρ is converted to ε: half the limit.
+    pub fn conversion_delta(&self) -> i64 {
+        self.limit_delta / 2
+    }
+
+    /// Nano-ε spent in all: the basic part plus the converted ρ.
+    pub fn total_epsilon(&self) -> i64 {
+        self.total_epsilon_with(self.spent_epsilon, self.spent_rho)
+            .unwrap_or(i64::MAX)
+    }
+
+    /// Atto-δ spent in all: the basic part, plus the conversion's δ once
+    /// any ρ is spent.
+    pub fn total_delta(&self) -> i64 {
+        self.total_delta_with(self.spent_delta, self.spent_rho)
+            .unwrap_or(i64::MAX)
+    }
+
+    fn total_epsilon_with(&self, epsilon: i64, rho: i64) -> Option<i64> {
+        let converted = zcdp_epsilon_units(rho, self.conversion_delta());
+        (converted < i64::MAX).then_some(())?;
+        epsilon.checked_add(converted)
+    }
+
+    fn total_delta_with(&self, delta: i64, rho: i64) -> Option<i64> {
+        let conversion = if rho > 0 { self.conversion_delta() } else { 0 };
+        delta.checked_add(conversion)
+    }
+
     /// Nano-ε still available (0 if the limit was lowered below the spend).
     pub fn remaining_epsilon(&self) -> i64 {
-        self.limit_epsilon.saturating_sub(self.spent_epsilon).max(0)
+        self.limit_epsilon
+            .saturating_sub(self.total_epsilon())
+            .max(0)
     }
 
     /// Atto-δ still available.
     pub fn remaining_delta(&self) -> i64 {
-        self.limit_delta.saturating_sub(self.spent_delta).max(0)
+        self.limit_delta.saturating_sub(self.total_delta()).max(0)
     }
 
     fn empty(account: &Account, period_key: &str) -> Self {
@@ -373,47 +491,110 @@ impl Balance {
             spent_epsilon: 0,
             limit_delta: account.limit_delta,
             spent_delta: 0,
+            spent_rho: 0,
             reserved_epsilon: 0,
             reserved_delta: 0,
+            reserved_rho: 0,
             queries: 0,
+        }
+    }
+
+    /// The totals after `charge`, if no sum overflows.
+    fn totals_after(&self, charge: Charge) -> Option<(i64, i64)> {
+        let epsilon = self.spent_epsilon.checked_add(charge.epsilon)?;
+        let delta = self.spent_delta.checked_add(charge.delta)?;
+        let rho = self.spent_rho.checked_add(charge.rho)?;
+        Some((
+            self.total_epsilon_with(epsilon, rho)?,
+            self.total_delta_with(delta, rho)?,
+        ))
+    }
+
+    /// The kind of charge the period was opened with, if any.
+    fn accounting(&self) -> Option<&'static str> {
+        match (self.spent_epsilon > 0, self.spent_rho > 0) {
+            (true, _) => Some("basic"),
+            (false, true) => Some("zcdp"),
+            (false, false) => None,
+        }
+    }
+
+    /// Refuses a charge of the other kind than the period's.
+    fn same_accounting(&self, charge: Charge) -> Result<(), LedgerError> {
+        let asked = match (charge.epsilon > 0, charge.rho > 0) {
+            (true, false) => "basic",
+            (false, true) => "zcdp",
+            // Neither (a zero charge) fits either period.
+            (false, false) => return Ok(()),
+            (true, true) => {
+                return Err(LedgerError::InvalidAmount {
+                    what: "charge of both ε and ρ",
+                    value: 0.0,
+                });
+            }
+        };
+        match self.accounting() {
+            Some(opened) if opened != asked => Err(LedgerError::AccountingChanged {
+                organization: self.organization.clone(),
+                dataset: self.dataset.clone(),
+                period_key: self.period_key.clone(),
+                opened,
+                asked,
+            }),
+            _ => Ok(()),
         }
     }
 
     /// Whether `charge` fits; overflow counts as not fitting.
     fn fits(&self, charge: Charge) -> bool {
-        let within = |spent: i64, add: i64, limit: i64| {
-            spent.checked_add(add).is_some_and(|total| total <= limit)
-        };
-        within(self.spent_epsilon, charge.epsilon, self.limit_epsilon)
-            && within(self.spent_delta, charge.delta, self.limit_delta)
+        self.totals_after(charge).is_some_and(|(epsilon, delta)| {
+            epsilon <= self.limit_epsilon && delta <= self.limit_delta
+        })
+    }
+
+    /// What the charge adds to the totals (for a ρ charge, the growth of
+    /// the converted ε, and the conversion's δ if it is the first).
+    fn increase(&self, charge: Charge) -> (i64, i64) {
+        match self.totals_after(charge) {
+            Some((epsilon, delta)) => (
+                epsilon.saturating_sub(self.total_epsilon()),
+                delta.saturating_sub(self.total_delta()),
+            ),
+            None => (i64::MAX, i64::MAX),
+        }
     }
 
     fn exhausted(&self, charge: Charge) -> LedgerError {
+        let (needed_epsilon, needed_delta) = self.increase(charge);
         LedgerError::Exhausted {
             organization: self.organization.clone(),
             dataset: self.dataset.clone(),
             period_key: self.period_key.clone(),
             remaining_epsilon: self.remaining_epsilon(),
             remaining_delta: self.remaining_delta(),
-            needed_epsilon: charge.epsilon,
-            needed_delta: charge.delta,
+            needed_epsilon,
+            needed_delta,
         }
     }
 
     fn with_reserved(mut self, charge: Charge) -> Self {
         self.spent_epsilon += charge.epsilon;
         self.spent_delta += charge.delta;
+        self.spent_rho += charge.rho;
         self.reserved_epsilon += charge.epsilon;
         self.reserved_delta += charge.delta;
+        self.reserved_rho += charge.rho;
         self.queries += 1;
         self
     }
 }
 
-/// The current schema (version 2), for a new file. Version 2 differs from
-/// version 1 only in the `accounts.period` CHECK, which also admits N-day
-/// windows (`1d` to `3660d`, see [`MAX_WINDOW_DAYS`]); [`MIGRATE_V1_TO_V2`]
-/// upgrades a version 1 file.
+/// The version 2 schema, for a new file, which [`migrate`] then upgrades
+/// like any other (so that a new and an upgraded ledger have the very same
+/// schema). Version 2 differs from version 1 only in the `accounts.period`
+/// CHECK, which also admits N-day windows (`1d` to `3660d`, see
+/// [`MAX_WINDOW_DAYS`]); [`MIGRATE_V1_TO_V2`] upgrades a version 1 file.
+/// Version 3 adds the ρ columns of zCDP accounting ([`MIGRATE_V2_TO_V3`]).
 const SCHEMA: &str = "
 CREATE TABLE schema_version (
     version INTEGER NOT NULL
@@ -499,16 +680,28 @@ ALTER TABLE accounts_v2 RENAME TO accounts;
 UPDATE schema_version SET version = 2;
 ";
 
-const BALANCE_COLUMNS: &str = "organization, dataset, period_key, limit_epsilon, limit_delta, \
-     committed_epsilon, committed_delta, reserved_epsilon, reserved_delta, queries";
+/// Upgrades a version 2 file to version 3: adds the ρ columns (0 for
+/// every existing row, which spent no ρ). Frozen like the step before.
+const MIGRATE_V2_TO_V3: &str = "
+ALTER TABLE accounts ADD COLUMN committed_rho INTEGER NOT NULL DEFAULT 0 CHECK (committed_rho >= 0);
+ALTER TABLE accounts ADD COLUMN reserved_rho INTEGER NOT NULL DEFAULT 0 CHECK (reserved_rho >= 0);
+ALTER TABLE reservations ADD COLUMN rho INTEGER NOT NULL DEFAULT 0 CHECK (rho >= 0);
+UPDATE schema_version SET version = 3;
+";
 
-const RESERVATION_COLUMNS: &str = "id, organization, dataset, period_key, epsilon, delta, state, created_at, updated_at, expires_at";
+const BALANCE_COLUMNS: &str = "organization, dataset, period_key, limit_epsilon, limit_delta, \
+     committed_epsilon, committed_delta, reserved_epsilon, reserved_delta, queries, \
+     committed_rho, reserved_rho";
+
+const RESERVATION_COLUMNS: &str = "id, organization, dataset, period_key, epsilon, delta, state, created_at, updated_at, expires_at, rho";
 
 fn balance_from_row(row: &Row<'_>) -> rusqlite::Result<Balance> {
     let committed_epsilon: i64 = row.get(5)?;
     let committed_delta: i64 = row.get(6)?;
     let reserved_epsilon: i64 = row.get(7)?;
     let reserved_delta: i64 = row.get(8)?;
+    let committed_rho: i64 = row.get(10)?;
+    let reserved_rho: i64 = row.get(11)?;
     Ok(Balance {
         organization: row.get(0)?,
         dataset: row.get(1)?,
@@ -517,8 +710,10 @@ fn balance_from_row(row: &Row<'_>) -> rusqlite::Result<Balance> {
         limit_delta: row.get(4)?,
         spent_epsilon: committed_epsilon + reserved_epsilon,
         spent_delta: committed_delta + reserved_delta,
+        spent_rho: committed_rho + reserved_rho,
         reserved_epsilon,
         reserved_delta,
+        reserved_rho,
         queries: row.get(9)?,
     })
 }
@@ -535,6 +730,7 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<ReservationRecord> {
         created_at: row.get(7)?,
         updated_at: row.get(8)?,
         expires_at: row.get(9)?,
+        rho: row.get(10)?,
     })
 }
 
@@ -670,6 +866,7 @@ impl Ledger {
         check_units("delta limit", account.limit_delta)?;
         check_units("epsilon charge", charge.epsilon)?;
         check_units("delta charge", charge.delta)?;
+        check_units("rho charge", charge.rho)?;
         check_period(account.period)?;
         let period_key = account.period.key(at);
         let expires_at = at
@@ -681,6 +878,7 @@ impl Ledger {
             let before = load_balance(tx, &account.organization, &account.dataset, &period_key)
                 .at_path(&self.path)?
                 .unwrap_or_else(|| Balance::empty(account, &period_key));
+            before.same_accounting(charge)?;
             if !before.fits(charge) {
                 return Err(before.exhausted(charge));
             }
@@ -830,6 +1028,8 @@ impl Ledger {
                      OR a.committed_delta != coalesce(sum(CASE WHEN r.state = 'committed' THEN r.delta END), 0)
                      OR a.reserved_epsilon != coalesce(sum(CASE WHEN r.state IN ('reserved', 'started') THEN r.epsilon END), 0)
                      OR a.reserved_delta != coalesce(sum(CASE WHEN r.state IN ('reserved', 'started') THEN r.delta END), 0)
+                     OR a.committed_rho != coalesce(sum(CASE WHEN r.state = 'committed' THEN r.rho END), 0)
+                     OR a.reserved_rho != coalesce(sum(CASE WHEN r.state IN ('reserved', 'started') THEN r.rho END), 0)
                      OR a.queries != count(CASE WHEN r.state != 'refunded' THEN 1 END)
                  LIMIT 1",
                 [],
@@ -923,9 +1123,16 @@ impl Ledger {
         let changed = tx
             .execute(
                 "UPDATE accounts SET reserved_epsilon = reserved_epsilon + ?4, reserved_delta = reserved_delta + ?5,
-                     queries = queries + 1
+                     reserved_rho = reserved_rho + ?6, queries = queries + 1
                  WHERE organization = ?1 AND dataset = ?2 AND period_key = ?3",
-                (&account.organization, &account.dataset, period_key, charge.epsilon, charge.delta),
+                (
+                    &account.organization,
+                    &account.dataset,
+                    period_key,
+                    charge.epsilon,
+                    charge.delta,
+                    charge.rho,
+                ),
             )
             .at_path(&self.path)?;
         self.expect_one_account(changed, period_key)
@@ -940,6 +1147,7 @@ impl Ledger {
             .execute(
                 "UPDATE accounts SET reserved_epsilon = reserved_epsilon - ?4, reserved_delta = reserved_delta - ?5,
                      committed_epsilon = committed_epsilon + ?4, committed_delta = committed_delta + ?5,
+                     reserved_rho = reserved_rho - ?7, committed_rho = committed_rho + ?7,
                      updated_at = ?6
                  WHERE organization = ?1 AND dataset = ?2 AND period_key = ?3",
                 (
@@ -949,6 +1157,7 @@ impl Ledger {
                     record.epsilon,
                     record.delta,
                     timestamp(Utc::now()),
+                    record.rho,
                 ),
             )
             .at_path(&self.path)?;
@@ -964,7 +1173,7 @@ impl Ledger {
         let changed = tx
             .execute(
                 "UPDATE accounts SET reserved_epsilon = reserved_epsilon - ?4, reserved_delta = reserved_delta - ?5,
-                     queries = queries - 1, updated_at = ?6
+                     reserved_rho = reserved_rho - ?7, queries = queries - 1, updated_at = ?6
                  WHERE organization = ?1 AND dataset = ?2 AND period_key = ?3",
                 (
                     &record.organization,
@@ -973,6 +1182,7 @@ impl Ledger {
                     record.epsilon,
                     record.delta,
                     timestamp(Utc::now()),
+                    record.rho,
                 ),
             )
             .at_path(&self.path)?;
@@ -1034,9 +1244,9 @@ fn enable_wal(conn: &Connection, path: &Path) -> Result<(), LedgerError> {
     }
 }
 
-/// Creates the schema in an empty file, or checks the version of an
-/// existing one and upgrades it to [`SCHEMA_VERSION`] (version 1 → 2:
-/// [`MIGRATE_V1_TO_V2`]). Refuses a file from a newer build. Runs in one
+/// Creates the schema in an empty file (as version 2), checks the version
+/// of the file and upgrades it to [`SCHEMA_VERSION`] (version 1 → 2:
+/// [`MIGRATE_V1_TO_V2`]; 2 → 3: [`MIGRATE_V2_TO_V3`]). Refuses a file from a newer build. Runs in one
 /// IMMEDIATE transaction, so that processes opening a new file at the same
 /// time do not both create it, and so that an upgrade either happens
 /// entirely or not at all (a crash mid-way leaves the version 1 file).
@@ -1061,34 +1271,34 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
             });
         }
         tx.execute_batch(SCHEMA).at_path(path)?;
-        tx.execute(
-            "INSERT INTO schema_version (version) VALUES (?1)",
-            [SCHEMA_VERSION],
-        )
-        .at_path(path)?;
-    } else {
-        let found: Option<i64> = tx
-            .query_row("SELECT max(version) FROM schema_version", [], |row| {
-                row.get(0)
-            })
+        tx.execute("INSERT INTO schema_version (version) VALUES (2)", [])
             .at_path(path)?;
-        let found = found.unwrap_or(0);
-        let mut version = found;
-        if version == 1 {
-            tx.execute_batch(MIGRATE_V1_TO_V2).at_path(path)?;
-            version = 2;
-        }
-        // Later versions add their steps here, each from the one before.
-        if version != SCHEMA_VERSION {
-            return Err(LedgerError::UnsupportedSchema {
-                path: path.to_path_buf(),
-                found,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        if found != version {
-            check_foreign_keys(&tx, path)?;
-        }
+    }
+    let found: Option<i64> = tx
+        .query_row("SELECT max(version) FROM schema_version", [], |row| {
+            row.get(0)
+        })
+        .at_path(path)?;
+    let found = found.unwrap_or(0);
+    let mut version = found;
+    if version == 1 {
+        tx.execute_batch(MIGRATE_V1_TO_V2).at_path(path)?;
+        version = 2;
+    }
+    if version == 2 {
+        tx.execute_batch(MIGRATE_V2_TO_V3).at_path(path)?;
+        version = 3;
+    }
+    // Later versions add their steps here, each from the one before.
+    if version != SCHEMA_VERSION {
+        return Err(LedgerError::UnsupportedSchema {
+            path: path.to_path_buf(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if found != version {
+        check_foreign_keys(&tx, path)?;
     }
     tx.commit().at_path(path)
 }
@@ -1158,8 +1368,8 @@ fn insert_reservation(
     let created = timestamp(at);
     tx.execute(
         "INSERT INTO reservations
-             (id, organization, dataset, period_key, epsilon, delta, state, created_at, updated_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+             (id, organization, dataset, period_key, epsilon, delta, state, created_at, updated_at, expires_at, rho)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)",
         (
             id,
             &account.organization,
@@ -1170,6 +1380,7 @@ fn insert_reservation(
             State::Reserved,
             created,
             timestamp(expires_at),
+            charge.rho,
         ),
     )
 }

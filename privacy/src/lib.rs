@@ -209,10 +209,7 @@ impl Privacy {
                 remaining: remaining(charge, &balance),
             });
         }
-        let amount = Charge {
-            epsilon: ledger::epsilon_units(charge.epsilon)?,
-            delta: ledger::delta_units(charge.delta)?,
-        };
+        let amount = ledger_charge(charge)?;
         let ttl = expires_at
             .duration_since(at.into())
             .ok()
@@ -285,11 +282,28 @@ fn account(charge: &PrivacyCharge) -> Result<Account, LedgerError> {
     })
 }
 
+/// What the ledger records for a query: its ε and δ, or under zCDP
+/// accounting its ρ and its selection's δ.
+fn ledger_charge(charge: &PrivacyCharge) -> Result<Charge, LedgerError> {
+    Ok(match &charge.zcdp {
+        None => Charge {
+            epsilon: ledger::epsilon_units(charge.epsilon)?,
+            delta: ledger::delta_units(charge.delta)?,
+            rho: 0,
+        },
+        Some(cost) => Charge {
+            epsilon: 0,
+            delta: ledger::delta_units(cost.delta)?,
+            rho: ledger::rho_units(cost.rho)?,
+        },
+    })
+}
+
 fn remaining(charge: &PrivacyCharge, balance: &ledger::Balance) -> Option<(f64, f64)> {
     charge.budget.as_ref()?;
     Some((
-        ledger::epsilon_from_units(balance.limit_epsilon - balance.spent_epsilon),
-        ledger::delta_from_units(balance.limit_delta - balance.spent_delta),
+        ledger::epsilon_from_units(balance.remaining_epsilon()),
+        ledger::delta_from_units(balance.remaining_delta()),
     ))
 }
 
@@ -306,11 +320,12 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
     // groups and the noise, so that a query decided under other DP terms
     // (say, a broker's stricter grant) never gets this answer.
     let text = format!(
-        "{}\n{}\n{}\n{}\n{}\n{}\n{:?}\n{:?}\n{:?}\n{:?} {} {}\n{}",
+        "{}\n{}\n{}\n{}\n{:?}\n{}\n{}\n{:?}\n{:?}\n{:?}\n{:?} {} {}\n{}",
         charge.key,
         charge.dataset,
         charge.epsilon,
         charge.delta,
+        charge.zcdp,
         plan.display_indent_schema(),
         stats_plan.display_indent_schema(),
         query.statistics,

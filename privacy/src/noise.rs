@@ -94,6 +94,9 @@ pub struct ReleaseInfo {
     pub ci95_half_width: f64,
     /// Partition selection only: a key is kept when its noisy count is `>=` this.
     pub threshold: Option<i64>,
+    /// ρ charged by OpenDP's zCDP map, for releases calibrated in ρ
+    /// ([`release_integers_zcdp`], [`select_partitions_zcdp`]); 0 otherwise.
+    pub rho: f64,
 }
 
 /// Why a release was refused. Messages never contain data values or keys.
@@ -214,6 +217,81 @@ pub fn release_integers(
     }
 }
 
+/// Adds discrete Gaussian noise calibrated to `rho`-zCDP (for budgets that
+/// compose in zCDP): σ = L2 / √(2ρ), the inverse of OpenDP's map, nudged up
+/// by ulps if rounding makes the map charge more. Adding or removing one
+/// unit changes at most `max_groups` entries by at most `sensitivity`.
+pub fn release_integers_zcdp(
+    values: &[i64],
+    sensitivity: u64,
+    max_groups: u64,
+    rho: f64,
+) -> Result<(Vec<i64>, ReleaseInfo)> {
+    check_rho(rho)?;
+    check_contribution_bounds(sensitivity, max_groups)?;
+    let l2 = l2_sensitivity(sensitivity, max_groups)?;
+    let scale = fit_gaussian_rho_scale(l2, rho)?;
+    let meas = gaussian_zcdp_measurement(scale)?;
+    let spent = meas.map(&l2)?;
+    check_spent_rho(spent, rho)?;
+    let noisy = meas.invoke(&values.to_vec())?;
+    let info = ReleaseInfo {
+        mechanism: "discrete_gaussian",
+        scale,
+        epsilon: 0.0,
+        delta: 0.0,
+        ci95_half_width: gaussian_ci95(scale)?,
+        threshold: None,
+        rho: spent,
+    };
+    Ok((noisy, info))
+}
+
+/// [`select_partitions`] with discrete Gaussian noise calibrated to
+/// `rho`-zCDP, keeping only keys whose noisy count reaches the smallest
+/// threshold whose δ is at most `delta`: (ρ, δ)-approximate zCDP.
+pub fn select_partitions_zcdp(
+    counts: Vec<(String, i64)>,
+    sensitivity: u64,
+    max_groups: u64,
+    rho: f64,
+    delta: f64,
+) -> Result<(Vec<(String, i64)>, ReleaseInfo)> {
+    check_rho(rho)?;
+    check_delta(delta, true)?;
+    check_contribution_bounds(sensitivity, max_groups)?;
+    let l0 = u32::try_from(max_groups)
+        .map_err(|_| invalid(format!("max_groups {max_groups} exceeds u32::MAX")))?;
+    let linf = i64::try_from(sensitivity)
+        .map_err(|_| invalid(format!("sensitivity {sensitivity} exceeds i64::MAX")))?;
+    let l2 = l2_sensitivity(sensitivity, max_groups)?;
+    let d_in = (l0, l2, linf as f64);
+    let input = count_map(&counts)?;
+    let scale = fit_gaussian_rho_scale(l2, rho)?;
+    let threshold = smallest_threshold(linf, |t| {
+        Ok(gaussian_threshold_zcdp(scale, t)?.map(&d_in)?.1 <= delta)
+    })?;
+    let meas = gaussian_threshold_zcdp(scale, threshold)?;
+    let (spent_rho, spent_delta) = meas.map(&d_in)?;
+    check_spent_rho(spent_rho, rho)?;
+    check_spent(0.0, 0.0, spent_delta, delta)?;
+    let noisy = meas.invoke(&input)?;
+    let info = ReleaseInfo {
+        mechanism: "gaussian_threshold",
+        scale,
+        epsilon: 0.0,
+        delta: spent_delta,
+        ci95_half_width: gaussian_ci95(scale)?,
+        threshold: Some(threshold),
+        rho: spent_rho,
+    };
+    let kept = counts
+        .into_iter()
+        .filter_map(|(k, _)| noisy.get(&k).map(|&v| (k, v)))
+        .collect();
+    Ok((kept, info))
+}
+
 /// Private partition selection over per-key row counts.
 ///
 /// Each unit contributes to at most `max_groups` keys and at most
@@ -298,6 +376,7 @@ pub fn release_quantile(
         delta: 0.0,
         ci95_half_width: 0.0,
         threshold: None,
+        rho: 0.0,
     };
     Ok((out, info))
 }
@@ -339,6 +418,7 @@ fn release_laplace(values: &[i64], l1: i64, epsilon: f64) -> Result<(Vec<i64>, R
         delta: 0.0,
         ci95_half_width: laplace_ci95(scale)?,
         threshold: None,
+        rho: 0.0,
     };
     Ok((noisy, info))
 }
@@ -361,6 +441,7 @@ fn release_gaussian(
         delta: spent_delta,
         ci95_half_width: gaussian_ci95(scale)?,
         threshold: None,
+        rho: 0.0,
     };
     Ok((noisy, info))
 }
@@ -401,6 +482,19 @@ fn fit_laplace_scale(l1: i64, epsilon: f64) -> Result<f64> {
     }
     // Only reachable if the closed form is badly off; fall back to search.
     calibrate_scale(scale, epsilon, |s| laplace_epsilon(s, l1))
+}
+
+/// σ = `l2 / √(2ρ)`, nudged up by ulps until OpenDP's zCDP map (which
+/// rounds up) charges at most `rho`.
+fn fit_gaussian_rho_scale(l2: f64, rho: f64) -> Result<f64> {
+    let mut scale = l2 / (2.0 * rho).sqrt();
+    for _ in 0..MAX_ULP_NUDGES {
+        if gaussian_rho(scale, l2)? <= rho {
+            return Ok(scale);
+        }
+        scale = scale.next_up();
+    }
+    calibrate_scale(scale, rho, |s| gaussian_rho(s, l2))
 }
 
 /// Smallest σ (to [`SCALE_REL_TOL`]) whose converted ε at `delta` fits.
@@ -444,6 +538,7 @@ fn laplace_threshold_release(
         delta: spent_delta,
         ci95_half_width: laplace_ci95(scale)?,
         threshold: Some(threshold),
+        rho: 0.0,
     };
     Ok((meas.invoke(input)?, info))
 }
@@ -475,6 +570,7 @@ fn gaussian_threshold_release(
         delta: spent_delta,
         ci95_half_width: gaussian_ci95(scale)?,
         threshold: Some(threshold),
+        rho: 0.0,
     };
     Ok((meas.invoke(input)?, info))
 }
@@ -704,6 +800,26 @@ fn check_spent(eps: f64, eps_max: f64, delta: f64, delta_max: f64) -> Result<()>
     } else {
         Err(NoiseError::Calibration(format!(
             "budget: charged (ε={eps}, δ={delta}) exceeds (ε={eps_max}, δ={delta_max})"
+        )))
+    }
+}
+
+fn check_spent_rho(rho: f64, rho_max: f64) -> Result<()> {
+    if rho <= rho_max {
+        Ok(())
+    } else {
+        Err(NoiseError::Calibration(format!(
+            "budget: charged ρ={rho} exceeds ρ={rho_max}"
+        )))
+    }
+}
+
+fn check_rho(rho: f64) -> Result<()> {
+    if rho.is_finite() && rho > 0.0 {
+        Ok(())
+    } else {
+        Err(NoiseError::InvalidParameter(format!(
+            "rho {rho} must be finite and greater than 0"
         )))
     }
 }

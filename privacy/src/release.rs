@@ -17,14 +17,15 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::common::ScalarValue;
 use sluice_policy::document::NoiseKind;
 use sluice_policy::dp::{
-    BiasKind, ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind,
+    BiasKind, BiasStatistic, ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind,
+    zcdp,
 };
 
 use crate::noise::{self, NoiseError, NoiseFamily, ReleaseInfo};
 
 use sluice_proto::wire::dp::{
     BIAS, BIAS_CLAMPED, BIAS_EPSILON, BIAS_OVER_MAX_GROUPS, BIAS_OVER_MAX_ROWS, CI95, DELTA,
-    EPSILON, MECHANISM, NOTE, SCALE,
+    EPSILON, MECHANISM, NOTE, RHO, SCALE,
 };
 
 const CI_NOTE: &str = "95% half-width of the added noise only; excludes bias from clamping to the declared bounds and from capping each unit's rows and groups";
@@ -225,12 +226,32 @@ pub fn noisy_bias_totals(
                 statistic.sensitivity,
                 1,
                 NoiseFamily::Laplace,
-                statistic.epsilon,
+                bias_epsilon(statistic),
                 0.0,
             )?;
             Ok((values, info.ci95_half_width))
         })
         .collect()
+}
+
+/// The ε of a bias estimate's discrete Laplace noise: its share of the
+/// query's ε, or, paid in ρ, the ε whose zCDP cost (ε²/2) is its ρ.
+pub fn bias_epsilon(statistic: &BiasStatistic) -> f64 {
+    match statistic.rho {
+        rho if rho > 0.0 => zcdp::pure_epsilon(rho, 1),
+        _ => statistic.epsilon,
+    }
+}
+
+/// The ε each group's quantile release gets. A unit touches at most
+/// `max_groups` groups, so each gets that share of the statistic's ε; paid
+/// in ρ, k releases of ε/k cost k·(ε/k)²/2, which is the statistic's ρ when
+/// each gets √(2ρ/k).
+pub fn quantile_epsilon_per_group(query: &DpQuery, statistic: &Statistic) -> f64 {
+    match statistic.rho {
+        rho if rho > 0.0 => zcdp::pure_epsilon(rho, query.max_groups),
+        _ => statistic.epsilon / query.max_groups as f64,
+    }
 }
 
 /// What the bounds left out, estimated privately (see [`BiasKind`]).
@@ -442,9 +463,7 @@ fn quantiles(
     rows: &[Option<usize>],
     values: &[Vec<f64>],
 ) -> Result<(Vec<f64>, ReleaseInfo), ReleaseError> {
-    // A unit touches at most max_groups groups: each group's release gets
-    // that share of the statistic's ε.
-    let per_group = statistic.epsilon / query.max_groups as f64;
+    let per_group = quantile_epsilon_per_group(query, statistic);
     let mut out = Vec::with_capacity(rows.len());
     let mut last = None;
     for row in rows {
@@ -461,8 +480,10 @@ fn quantiles(
         delta: 0.0,
         ci95_half_width: 0.0,
         threshold: None,
+        rho: 0.0,
     });
     info.epsilon = statistic.epsilon;
+    info.rho = statistic.rho;
     Ok((out, info))
 }
 
@@ -624,6 +645,7 @@ fn describe(
     let used = kind.statistics();
     let epsilon: f64 = used.iter().map(|i| query.statistics[*i].epsilon).sum();
     let delta: f64 = used.iter().map(|i| infos[*i].delta).sum();
+    let rho: f64 = used.iter().map(|i| query.statistics[*i].rho).sum();
     let mechanisms: Vec<&str> = used.iter().map(|i| infos[*i].mechanism).collect();
     let scale = |i: usize| infos[i].scale / query.statistics[i].scale_factor;
     let ci = |i: usize| infos[i].ci95_half_width / query.statistics[i].scale_factor;
@@ -655,6 +677,9 @@ fn describe(
     ]);
     if let Some(ci95) = ci95.filter(|c| c.is_finite()) {
         metadata.insert(CI95.to_string(), format!("{ci95}"));
+    }
+    if rho > 0.0 {
+        metadata.insert(RHO.to_string(), format!("{rho}"));
     }
     metadata
 }
@@ -721,7 +746,14 @@ pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), PlanNoiseError>
         .bias
         .iter()
         .map(|b| {
-            noise::release_integers(&[], b.sensitivity, 1, NoiseFamily::Laplace, b.epsilon, 0.0)
+            noise::release_integers(
+                &[],
+                b.sensitivity,
+                1,
+                NoiseFamily::Laplace,
+                bias_epsilon(b),
+                0.0,
+            )
         })
         .collect::<Result<Vec<_>, _>>()?;
     for (statistic, (_, info)) in query.bias.iter().zip(&bias_infos) {
@@ -770,7 +802,7 @@ fn planned_release(
     match &s.kind {
         StatisticKind::Quantile { bounds, q, .. } => {
             // Calibrated now on no values, so that it cannot fail later.
-            let per_group = s.epsilon / query.max_groups as f64;
+            let per_group = quantile_epsilon_per_group(query, s);
             noise::release_quantile(vec![], &bounds.candidates, *q, query.max_rows, per_group)?;
             Ok(ReleaseInfo {
                 mechanism: "private_quantile",
@@ -779,6 +811,7 @@ fn planned_release(
                 delta: 0.0,
                 ci95_half_width: 0.0,
                 threshold: None,
+                rho: s.rho,
             })
         }
         StatisticKind::Rows if query.groups == Groups::Private => {
@@ -795,6 +828,9 @@ fn noisy_integers(
     family: NoiseFamily,
     values: &[i64],
 ) -> Result<(Vec<i64>, ReleaseInfo), NoiseError> {
+    if s.rho > 0.0 {
+        return noise::release_integers_zcdp(values, s.sensitivity, query.max_groups, s.rho);
+    }
     noise::release_integers(
         values,
         s.sensitivity,
@@ -812,6 +848,15 @@ fn selected_groups(
     family: NoiseFamily,
     counts: Vec<(String, i64)>,
 ) -> Result<(Vec<(String, i64)>, ReleaseInfo), NoiseError> {
+    if s.rho > 0.0 {
+        return noise::select_partitions_zcdp(
+            counts,
+            s.sensitivity,
+            query.max_groups,
+            s.rho,
+            s.delta,
+        );
+    }
     noise::select_partitions(
         counts,
         s.sensitivity,

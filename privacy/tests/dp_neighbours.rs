@@ -27,10 +27,10 @@ use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
-use sluice_policy::dp::{BiasKind, DpQuery, Groups};
+use sluice_policy::dp::{BiasKind, DpQuery, Groups, zcdp};
 use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
 use sluice_privacy::release::{
-    ExactStatistics, add_noise, bias_totals, exact_statistics, noisy_bias_totals,
+    self, ExactStatistics, add_noise, bias_totals, exact_statistics, noisy_bias_totals,
 };
 
 const DRAWS: usize = 100_000;
@@ -328,6 +328,93 @@ fn thresholded_group_by_is_ln3_dp_on_neighbouring_datasets() {
 fn gaussian_sum_is_ln3_dp_on_neighbouring_datasets() {
     let gaussian = POLICY.replace("cache: false", "cache: false\n          noise: gaussian");
     check_with(&gaussian, "SELECT sum(x) FROM t", "common");
+}
+
+/// [`POLICY`] with Gaussian noise and a budget that composes in zCDP.
+fn zcdp_policy() -> String {
+    POLICY.replace(
+        "cache: false",
+        "cache: false\n          noise: gaussian\n          budget: { epsilon: 100, delta: 1.0e-5, accounting: zcdp }",
+    )
+}
+
+/// Under zCDP accounting the query is charged ρ = ρ(ln 3, δ) instead of
+/// (ln 3, δ), and its noise is calibrated to that ρ: the answer must still
+/// be (ln 3, δ)-DP on its own.
+#[test]
+fn zcdp_gaussian_sum_is_ln3_dp_on_neighbouring_datasets() {
+    let policy = zcdp_policy();
+    let (query, _) = prepare(&policy, &dataset(true, "common"), "SELECT sum(x) FROM t");
+    let cost = query
+        .zcdp
+        .clone()
+        .expect("a zCDP budget prices the query in ρ");
+    let expected = zcdp::rho_for_epsilon(3f64.ln(), 1e-6);
+    assert!((cost.rho - expected).abs() <= expected * 1e-12, "{cost:?}");
+    assert_eq!(cost.delta, 0.0, "no selection, no δ of its own");
+    check_with(&policy, "SELECT sum(x) FROM t", "common");
+}
+
+#[test]
+fn zcdp_thresholded_group_by_is_ln3_dp_on_neighbouring_datasets() {
+    let policy = zcdp_policy();
+    let sql = "SELECT g, count(*) FROM t GROUP BY g";
+    let (query, _) = prepare(&policy, &dataset(true, "rare"), sql);
+    let cost = query.zcdp.clone().expect("priced in ρ");
+    // Half of δ pays for the threshold (charged as δ), half for the
+    // conversion of ρ (the budget's own conversion covers it).
+    assert_eq!(cost.delta, 0.5e-6);
+    assert!(cost.rho <= zcdp::rho_for_epsilon(3f64.ln(), 0.5e-6));
+    check_with(&policy, sql, "rare");
+}
+
+/// The noise of every statistic, the bias estimates included, is paid from
+/// the query's ρ, shared as ε would be, and the pure mechanisms (the bias
+/// estimates' Laplace noise) cost no more than their share.
+#[test]
+fn zcdp_shares_follow_the_epsilon_split() {
+    let policy = zcdp_policy().replace("max_rows: 5", "max_rows: 5\n          bias_share: 0.2");
+    let sql = "SELECT count(*), sum(x), avg(x) FROM t";
+    let (query, exact) = prepare(&policy, &dataset(true, "common"), sql);
+    let cost = query.zcdp.clone().unwrap();
+    let rho = zcdp::rho_for_epsilon(3f64.ln(), 1e-6);
+    assert!(
+        (cost.rho - rho).abs() <= rho * 1e-12,
+        "{} vs {rho}",
+        cost.rho
+    );
+    // Three statistics (rows, sum of x, count of x) share 80% ...
+    assert_eq!(query.statistics.len(), 3);
+    for statistic in &query.statistics {
+        assert!((statistic.rho - 0.8 * rho / 3.0).abs() <= rho * 1e-12);
+        assert_eq!(statistic.delta, 0.0);
+    }
+    // ... and the bias estimates 20%, each within its share as ε²/2.
+    let bias: f64 = query.bias.iter().map(|b| b.rho).sum();
+    assert!((bias - 0.2 * rho).abs() <= rho * 1e-12, "{bias}");
+    for b in &query.bias {
+        let epsilon = release::bias_epsilon(b);
+        assert!(epsilon * epsilon / 2.0 <= b.rho);
+    }
+    let released = add_noise(&query, exact).unwrap();
+    for field in released.batch.schema().fields() {
+        let column: f64 = field.metadata()["sluice.dp.rho"].parse().unwrap();
+        let expected = match field.name().as_str() {
+            // AVG reads the sum and the count of x.
+            name if name.starts_with("avg") => 2.0 * 0.8 * rho / 3.0,
+            _ => 0.8 * rho / 3.0,
+        };
+        assert!(
+            (column - expected).abs() <= rho * 1e-9,
+            "{}: ρ {column}",
+            field.name()
+        );
+    }
+    assert!(
+        query.split_summary().contains(" ρ "),
+        "{}",
+        query.split_summary()
+    );
 }
 
 /// Published hourly keys on `ts`; `max_groups: 1`.

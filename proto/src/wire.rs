@@ -42,6 +42,10 @@ pub mod dp {
     pub const DELTA: &str = "sluice.dp.delta";
     pub const CI95: &str = "sluice.dp.ci95_half_width";
     pub const NOTE: &str = "sluice.dp.note";
+    /// Field metadata under `accounting: zcdp`: the ρ the column's noise is
+    /// calibrated to (its `sluice.dp.epsilon` is then its share of the
+    /// query's ε, for reading only).
+    pub const RHO: &str = "sluice.dp.rho";
     /// Field metadata: differentially private estimates of what the bounds
     /// left out, as fractions from 0 to 1: rows beyond `max_rows`, rows in
     /// groups beyond `max_groups` (only where groups are capped), and, on a
@@ -58,6 +62,12 @@ pub mod dp {
     pub const BUDGET_SPLIT: &str = "sluice.dp.budget_split";
     pub const QUERY_EPSILON: &str = "sluice.dp.query_epsilon";
     pub const QUERY_DELTA: &str = "sluice.dp.query_delta";
+    /// Schema metadata under `accounting: zcdp`: the ρ the query is charged
+    /// (with `sluice.dp.query_charged_delta` for a private selection of
+    /// groups); `sluice.dp.query_epsilon` and `query_delta` are then the
+    /// guarantee the answer gives on its own.
+    pub const QUERY_RHO: &str = "sluice.dp.query_rho";
+    pub const QUERY_CHARGED_DELTA: &str = "sluice.dp.query_charged_delta";
     /// Schema metadata: the budget left after this query.
     pub const REMAINING_EPSILON: &str = "sluice.dp.remaining_epsilon";
     pub const REMAINING_DELTA: &str = "sluice.dp.remaining_delta";

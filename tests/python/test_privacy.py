@@ -2,12 +2,16 @@
 driver) and pyarrow.flight, over mTLS, for the demo's research institute,
 which may read `trips` only under differential privacy."""
 
+import math
+import subprocess
+
 import adbc_driver_manager
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from conftest import adbc_connect, flight_client
+from conftest import (DEMO_POLICY, Daemon, adbc_connect, ensure_research_agreement, flight_client,
+                      grpc_channel, sluice_bin, sluice_v1)
 from test_flight_tickets import statement_query
 
 BY_MODE = ("SELECT mode, count(*) AS trips, avg(fare_eur) AS fare FROM trips "
@@ -143,3 +147,83 @@ def test_the_query_log_times_the_whole_private_answer(demo_daemon):
     plain = re.sub(r"\x1b\[[0-9;]*m", "", finished[-1])
     logged_ms = float(re.search(r"duration_ms=([0-9.]+)", plain).group(1))
     assert logged_ms >= 0.5 * waited_ms, (logged_ms, waited_ms)
+
+
+# zCDP accounting ------------------------------------------------------------
+
+ZCDP_BUDGET = "budget: { epsilon: 3.0, delta: 1.0e-6, period: month, accounting: zcdp }"
+
+
+def _rho_for(epsilon: float, delta: float) -> float:
+    """The ρ whose zCDP → (ε, δ) conversion ρ + 2·√(ρ·ln(1/δ)) is ε."""
+    log_term = math.log(1 / delta)
+    return (epsilon / (math.sqrt(log_term + epsilon) + math.sqrt(log_term))) ** 2
+
+
+def _epsilon_of(rho: float, delta: float) -> float:
+    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
+
+
+@pytest.fixture(scope="module")
+def zcdp_daemon(tmp_path_factory):
+    """The demo, with the research grant's budget composing in zCDP (3 ε and
+    1e-6 δ a month, Gaussian noise), in a state directory of its own."""
+    state = tmp_path_factory.mktemp("zcdp-state")
+    subprocess.run([sluice_bin(), "init", "--state-dir", str(state)], check=True, capture_output=True)
+    text = DEMO_POLICY.read_text()
+    old_budget = "budget: { epsilon: 10.0, delta: 1.0e-6, period: month }"
+    assert text.count(old_budget) == 1 and text.count("noise: laplace") == 1
+    policy = state / "zcdp-policy.yaml"
+    policy.write_text(text.replace(old_budget, ZCDP_BUDGET).replace("noise: laplace", "noise: gaussian"))
+    daemon = Daemon(state, "--policy", str(policy))
+    try:
+        ensure_research_agreement(daemon)
+    except BaseException:
+        daemon.stop()
+        raise
+    yield daemon
+    daemon.stop()
+
+
+def test_zcdp_budget_admits_the_queries_its_rho_allows(zcdp_daemon):
+    """Queries of ε 1 at δ 1e-8 against 3 ε: three fit when their ε add up;
+    in zCDP their ρ add up, and the ledger converts the sum at half the
+    budget's δ. The daemon must admit exactly as many as that sum allows,
+    report the same remaining ε, and refuse the next one."""
+    rho = _rho_for(1.0, 1e-8)
+    conversion_delta = 0.5e-6
+    expected = math.floor(_rho_for(3.0, conversion_delta) / rho)
+    assert expected > 3
+    client = flight_client(zcdp_daemon, "research")
+    admitted = 0
+    for zone in range(1, 41):
+        sql = f"SELECT count(*) AS n FROM trips WHERE start_zone = 'Z{zone:02d}'"
+        try:
+            table = _run(client, sql, "1.0")
+        except pa.ArrowException as refused:
+            # RESOURCE_EXHAUSTED, naming what remains and what was asked.
+            assert "resource exhausted" in str(refused), str(refused)
+            assert "privacy budget exhausted" in str(refused), str(refused)
+            break
+        admitted += 1
+        metadata = table.schema.metadata
+        assert float(metadata[b"sluice.dp.query_epsilon"]) == 1.0
+        assert float(metadata[b"sluice.dp.query_rho"]) == pytest.approx(rho, rel=1e-9)
+        assert float(metadata[b"sluice.dp.query_charged_delta"]) == 0.0
+        spent = _epsilon_of(admitted * rho, conversion_delta)
+        assert float(metadata[b"sluice.dp.remaining_epsilon"]) == pytest.approx(3.0 - spent, abs=1e-8)
+        field = table.schema.field("n").metadata
+        assert field[b"sluice.dp.mechanism"] == b"discrete_gaussian"
+        assert float(field[b"sluice.dp.rho"]) > 0
+    else:
+        pytest.fail("the zCDP budget never ran out")
+    assert admitted == expected
+
+    pb = sluice_v1()
+    with grpc_channel(zcdp_daemon, "research") as channel:
+        lines = pb.budget_pb2_grpc.BudgetServiceStub(channel).GetBudget(
+            pb.budget_pb2.GetBudgetRequest(dataset="trips"), timeout=30).budgets
+    assert len(lines) == 1
+    assert lines[0].rho_spent == pytest.approx(admitted * rho, rel=1e-9)
+    assert lines[0].epsilon_spent == pytest.approx(_epsilon_of(admitted * rho, conversion_delta), abs=1e-8)
+    assert lines[0].delta_spent == pytest.approx(conversion_delta)

@@ -11,7 +11,8 @@
 //! error propagation from the merged sum and count.
 //!
 //! Schema metadata: `sluice.federation.providers` (JSON: provider, dataset,
-//! rows, receipt, ε and δ charged, cached), `sluice.federation.missing`
+//! rows, receipt, the ε and δ of its answer, and under zCDP accounting the
+//! ρ and δ its provider charged instead, cached), `sluice.federation.missing`
 //! (JSON: provider, gRPC code, message) and `sluice.federation.partial`.
 
 use std::collections::HashMap;
@@ -29,7 +30,9 @@ use serde_json::json;
 
 use super::decompose::{Federated, Merge, PARTIALS};
 use super::upstream::{PartialAnswer, ProviderFailure};
-use sluice_proto::wire::dp::{CACHED, CI95, MECHANISM, NOTE, QUERY_DELTA, QUERY_EPSILON};
+use sluice_proto::wire::dp::{
+    CACHED, CI95, MECHANISM, NOTE, QUERY_CHARGED_DELTA, QUERY_DELTA, QUERY_EPSILON, QUERY_RHO,
+};
 use sluice_proto::wire::federation::{MISSING, PARTIAL, PROVIDERS};
 
 /// Why partial answers could not be merged. [`precheck`]'s errors are the
@@ -389,6 +392,8 @@ fn provenance(answers: &[PartialAnswer]) -> serde_json::Value {
                     "receipt": a.receipt,
                     "epsilon": number(a, QUERY_EPSILON),
                     "delta": number(a, QUERY_DELTA),
+                    "rho": number(a, QUERY_RHO),
+                    "charged_delta": number(a, QUERY_CHARGED_DELTA),
                     "cached": a.schema.metadata().get(CACHED).map(|v| v == "true"),
                 })
             })

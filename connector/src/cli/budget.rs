@@ -41,11 +41,16 @@ pub async fn budget(args: BudgetArgs) -> Result<()> {
             )
         };
         println!(
-            "  {} ({}): spent {} ε and {} δ in {} queries (of which {} ε reserved); remaining {}; limit {limit}",
+            "  {} ({}): spent {} ε and {} δ{} in {} queries (of which {} ε reserved); remaining {}; limit {limit}",
             line.dataset,
             line.period,
             round9(line.epsilon_spent),
             delta_text(line.delta_spent),
+            if line.rho_spent > 0.0 {
+                format!(" (with ρ {} in zCDP)", line.rho_spent)
+            } else {
+                String::new()
+            },
             line.queries,
             round9(line.epsilon_reserved),
             if line.unlimited {

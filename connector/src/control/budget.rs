@@ -65,13 +65,18 @@ fn line(balance: &Balance) -> BudgetLine {
         dataset: balance.dataset.clone(),
         period: balance.period_key.clone(),
         epsilon_limit: limited(eps(balance.limit_epsilon)),
-        epsilon_spent: eps(balance.spent_epsilon),
-        epsilon_remaining: limited(eps(balance.limit_epsilon - balance.spent_epsilon)),
+        // ρ spent cannot be converted once the policy's δ limit is 0.
+        epsilon_spent: match balance.total_epsilon() {
+            i64::MAX => f64::INFINITY,
+            units => eps(units),
+        },
+        epsilon_remaining: limited(eps(balance.remaining_epsilon())),
         delta_limit: limited(delta(balance.limit_delta)),
-        delta_spent: delta(balance.spent_delta),
-        delta_remaining: limited(delta(balance.limit_delta - balance.spent_delta)),
+        delta_spent: delta(balance.total_delta()),
+        delta_remaining: limited(delta(balance.remaining_delta())),
         epsilon_reserved: eps(balance.reserved_epsilon),
         queries: balance.queries,
         unlimited,
+        rho_spent: ledger::rho_from_units(balance.spent_rho),
     }
 }

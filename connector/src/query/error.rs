@@ -471,6 +471,11 @@ impl From<sluice_privacy::PrivacyError> for QueryError {
         use sluice_privacy::PrivacyError;
         match e {
             e if e.is_exhausted() => QueryError::ResourcesExhausted(e.to_string()),
+            // A budget period closed to this kind of charge: like an
+            // exhausted budget, it reopens with the next period.
+            e @ PrivacyError::Ledger(sluice_privacy::ledger::LedgerError::AccountingChanged {
+                ..
+            }) => QueryError::ResourcesExhausted(e.to_string()),
             PrivacyError::ReservationSpent => QueryError::TicketRejected(e.to_string()),
             other => {
                 use sluice_privacy::ledger::LedgerError;

@@ -67,6 +67,15 @@ pub fn with_privacy(
     };
     metadata.insert(dp::QUERY_EPSILON.into(), epsilon.to_string());
     metadata.insert(dp::QUERY_DELTA.into(), delta.to_string());
+    if let Some(cost) = &charge.zcdp {
+        let (rho, charged_delta) = if cached {
+            (0.0, 0.0)
+        } else {
+            (cost.rho, cost.delta)
+        };
+        metadata.insert(dp::QUERY_RHO.into(), rho.to_string());
+        metadata.insert(dp::QUERY_CHARGED_DELTA.into(), charged_delta.to_string());
+    }
     metadata.insert(dp::CACHED.into(), cached.to_string());
     if let Some((eps, delta)) = ticket.and_then(|t| t.remaining) {
         metadata.insert(dp::REMAINING_EPSILON.into(), eps.to_string());

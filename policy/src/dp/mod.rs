@@ -6,9 +6,11 @@ pub mod period;
 pub mod plan;
 pub mod settings;
 pub mod top_groups;
+pub mod zcdp;
 
 pub use period::{MAX_WINDOW_DAYS, Period, PeriodError};
 pub use plan::{
     BiasKind, BiasStatistic, DpQuery, Groups, OutputKind, SUPPORTED, Statistic, StatisticKind,
+    ZcdpCost,
 };
-pub use settings::{Budget, ColumnBounds, DpGrant};
+pub use settings::{Accounting, Budget, ColumnBounds, DpGrant};

@@ -40,8 +40,9 @@ use datafusion_functions_aggregate::array_agg::array_agg;
 use datafusion_functions_aggregate::count::count;
 use datafusion_functions_aggregate::sum::sum;
 
-use super::settings::{Budget, ColumnBounds, DpGrant};
+use super::settings::{Accounting, Budget, ColumnBounds, DpGrant};
 use super::top_groups::{DROPPED, TopGroups};
+use super::zcdp;
 use crate::document::NoiseKind;
 use crate::internal::INTERNAL_PREFIX;
 use datafusion_common::arrow::row::{RowConverter, SortField};
@@ -76,9 +77,12 @@ pub struct DpQuery {
     pub bias: Vec<BiasStatistic>,
     /// The share of `epsilon` the bias estimates spend (0 without them).
     pub bias_epsilon: f64,
-    /// ε and δ this query spends in total.
+    /// ε and δ this query spends in total: under `accounting: zcdp`, the
+    /// guarantee the query gives on its own (its cost is `zcdp`).
     pub epsilon: f64,
     pub delta: f64,
+    /// What the query costs when its budget composes in zCDP.
+    pub zcdp: Option<ZcdpCost>,
     pub max_groups: u64,
     pub max_rows: u64,
     pub noise: NoiseKind,
@@ -91,6 +95,14 @@ pub struct DpQuery {
     /// the answer cache's key, so that a cached answer is never served for
     /// data that changed since.
     pub data_version: String,
+}
+
+/// What a query charged to a zCDP budget costs: ρ, and the δ of a private
+/// selection of groups (a threshold is not zCDP: its δ adds up on its own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZcdpCost {
+    pub rho: f64,
+    pub delta: f64,
 }
 
 /// Which groups the answer reports.
@@ -114,6 +126,9 @@ pub struct Statistic {
     /// Its share of the query's ε (and δ, for Gaussian noise and selection).
     pub epsilon: f64,
     pub delta: f64,
+    /// Under zCDP accounting, its share of the query's ρ: the noise is
+    /// calibrated to it instead of to ε (0 otherwise).
+    pub rho: f64,
     /// Fixed-point units per value unit (1 for counts).
     pub scale_factor: f64,
     /// Most one unit changes this statistic in one group, fixed-point units.
@@ -128,6 +143,8 @@ pub struct BiasStatistic {
     /// The statistics-plan column summed over the reported groups.
     pub column: String,
     pub epsilon: f64,
+    /// Under zCDP accounting, its share of the query's ρ (0 otherwise).
+    pub rho: f64,
     /// Most one unit changes the total over all groups (L1).
     pub sensitivity: u64,
 }
@@ -297,7 +314,7 @@ impl DpQuery {
             cap_groups,
             !bias.is_empty(),
         )?;
-        Ok(DpQuery {
+        let mut query = DpQuery {
             stats_plan,
             key_count: keys.len(),
             statistics,
@@ -309,6 +326,7 @@ impl DpQuery {
             groups,
             epsilon: request.epsilon,
             delta,
+            zcdp: None,
             max_groups,
             max_rows: grant.max_rows,
             noise: grant.noise,
@@ -316,7 +334,42 @@ impl DpQuery {
             budget: grant.budget.clone(),
             cache: grant.cache,
             data_version: String::new(),
-        })
+        };
+        if grant
+            .budget
+            .as_ref()
+            .is_some_and(|b| b.accounting == Accounting::Zcdp)
+        {
+            query.price_in_rho();
+        }
+        Ok(query)
+    }
+
+    /// Re-prices the query for a zCDP budget. Its ε at δ (δ less the
+    /// threshold's half under private selection) becomes ρ, shared as ε
+    /// was; the threshold keeps its δ. The query alone is then still
+    /// (ε, δ)-DP, and its ρ composes with the budget's other queries.
+    fn price_in_rho(&mut self) {
+        let private = self.groups == Groups::Private;
+        let threshold_delta = if private { self.delta / 2.0 } else { 0.0 };
+        let rho = zcdp::rho_for_epsilon(self.epsilon, self.delta - threshold_delta);
+        let per_epsilon = rho / self.epsilon;
+        for statistic in &mut self.statistics {
+            statistic.rho = statistic.epsilon * per_epsilon;
+            let selects = private && statistic.kind == StatisticKind::Rows;
+            statistic.delta = if selects { threshold_delta } else { 0.0 };
+        }
+        for bias in &mut self.bias {
+            bias.rho = bias.epsilon * per_epsilon;
+        }
+        // The sum of the parts, which rounding may put an ulp above `rho`:
+        // the charge is what the noise is calibrated to.
+        let charged = self.statistics.iter().map(|s| s.rho).sum::<f64>()
+            + self.bias.iter().map(|b| b.rho).sum::<f64>();
+        self.zcdp = Some(ZcdpCost {
+            rho: charged,
+            delta: threshold_delta,
+        });
     }
 
     /// How ε (and δ) is divided, e.g. `count(*) ε 0.25; sum(fare_eur) ε 0.25`.
@@ -326,19 +379,23 @@ impl DpQuery {
             .iter()
             .map(|s| {
                 let what = self.describe_statistic(s);
+                let cost = match s.rho {
+                    rho if rho > 0.0 => format!("ρ {rho}"),
+                    _ => format!("ε {}", s.epsilon),
+                };
                 match s.delta {
-                    d if d > 0.0 => format!("{what} ε {} δ {d}", s.epsilon),
-                    _ => format!("{what} ε {}", s.epsilon),
+                    d if d > 0.0 => format!("{what} {cost} δ {d}"),
+                    _ => format!("{what} {cost}"),
                 }
             })
             .collect();
         if !self.bias.is_empty() {
             let what: Vec<String> = self.bias.iter().map(|b| b.kind.describe()).collect();
-            parts.push(format!(
-                "bias estimates ({}) ε {}",
-                what.join(", "),
-                self.bias_epsilon
-            ));
+            let cost = match self.zcdp {
+                Some(_) => format!("ρ {}", self.bias.iter().map(|b| b.rho).sum::<f64>()),
+                None => format!("ε {}", self.bias_epsilon),
+            };
+            parts.push(format!("bias estimates ({}) {cost}", what.join(", ")));
         }
         parts.join("; ")
     }
@@ -648,6 +705,7 @@ impl<'a> StatsBuilder<'a> {
                     column: format!("{INTERNAL_PREFIX}{column}"),
                     epsilon: 0.0,
                     delta: 0.0,
+                    rho: 0.0,
                     scale_factor,
                     sensitivity,
                 }
@@ -848,6 +906,7 @@ impl<'a> StatsBuilder<'a> {
                 kind,
                 column: format!("{INTERNAL_PREFIX}{column}"),
                 epsilon: share,
+                rho: 0.0,
                 sensitivity,
             })
             .collect()

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use datafusion_common::ScalarValue;
 use datafusion_common::arrow::datatypes::{DataType, Schema};
 
+pub use crate::document::Accounting;
 use crate::document::{Candidates, DpRule, KeyValue, NoiseKind};
 use crate::dp::Period;
 
@@ -51,6 +52,8 @@ pub struct Budget {
     pub delta: f64,
     /// The window the budget applies to (`budget.period`).
     pub period: Period,
+    /// How the queries charged to it compose (`budget.accounting`).
+    pub accounting: Accounting,
 }
 
 /// Clamping bounds and quantile candidates of one numeric column.
@@ -59,6 +62,32 @@ pub struct ColumnBounds {
     pub lower: f64,
     pub upper: f64,
     pub candidates: Vec<f64>,
+}
+
+impl Budget {
+    /// The stricter of two budgets, field by field: the smaller ε (with
+    /// its period) and the smaller δ, composed in zCDP only if both are
+    /// (zCDP spends δ on its conversion, which a basic budget with δ 0,
+    /// pure DP, does not allow).
+    pub fn restrict(&self, other: &Budget) -> Budget {
+        let base = if other.epsilon < self.epsilon {
+            other
+        } else {
+            self
+        };
+        let delta = self.delta.min(other.delta);
+        let both_zcdp = self.accounting == Accounting::Zcdp && other.accounting == Accounting::Zcdp;
+        Budget {
+            epsilon: base.epsilon,
+            delta,
+            period: base.period,
+            accounting: if both_zcdp && delta > 0.0 {
+                Accounting::Zcdp
+            } else {
+                Accounting::Basic
+            },
+        }
+    }
 }
 
 impl ColumnBounds {
@@ -99,7 +128,11 @@ impl DpGrant {
                 "must be above 0 and below 0.001 (δ is the chance the guarantee fails)",
             ));
         }
-        let budget = rule.budget.as_ref().map(budget).transpose()?;
+        let budget = rule
+            .budget
+            .as_ref()
+            .map(|b| budget(b, rule.noise))
+            .transpose()?;
         let max_groups = contribution("max_groups", rule.max_groups)?;
         let max_rows = contribution("max_rows", rule.max_rows)?;
         let mut columns = BTreeMap::new();
@@ -137,7 +170,7 @@ impl DpGrant {
         out.max_groups = self.max_groups.min(other.max_groups);
         out.max_rows = self.max_rows.min(other.max_rows);
         out.budget = match (&self.budget, &other.budget) {
-            (Some(a), Some(b)) if b.epsilon < a.epsilon => Some(b.clone()),
+            (Some(a), Some(b)) => Some(a.restrict(b)),
             (a, b) => a.clone().or(b.clone()),
         };
         out.columns
@@ -222,10 +255,26 @@ fn contribution(name: &str, value: Option<u64>) -> Result<u64, DpError> {
     }
 }
 
-fn budget(budget: &crate::document::DpBudget) -> Result<Budget, DpError> {
+fn budget(budget: &crate::document::DpBudget, noise: NoiseKind) -> Result<Budget, DpError> {
     let epsilon = positive("budget.epsilon", budget.epsilon)?;
     if !(budget.delta.is_finite() && (0.0..1e-3).contains(&budget.delta)) {
         return Err(field("budget.delta", "must be at least 0 and below 0.001"));
+    }
+    if budget.accounting == Accounting::Zcdp {
+        if noise != NoiseKind::Gaussian {
+            // Laplace noise is pure ε-DP: in zCDP each query would cost
+            // ε²/2, which only pays off after hundreds of queries.
+            return Err(field(
+                "budget.accounting",
+                "zcdp composes Gaussian noise: set `noise: gaussian`, or keep the default `basic` accounting for Laplace noise",
+            ));
+        }
+        if budget.delta == 0.0 {
+            return Err(field(
+                "budget.delta",
+                "zcdp accounting converts the total to (ε, δ) and needs a δ above 0 (for example 1e-6)",
+            ));
+        }
     }
     let period = budget
         .period
@@ -235,6 +284,7 @@ fn budget(budget: &crate::document::DpBudget) -> Result<Budget, DpError> {
         epsilon,
         delta: budget.delta,
         period,
+        accounting: budget.accounting,
     })
 }
 
@@ -357,5 +407,82 @@ mod tests {
             assert_eq!(field, "bias_share");
             assert!(message.contains("from 0.01 to 0.5"), "{message}");
         }
+    }
+
+    fn written(delta: f64, accounting: Accounting) -> crate::document::DpBudget {
+        crate::document::DpBudget {
+            epsilon: 10.0,
+            delta,
+            period: "month".into(),
+            accounting,
+        }
+    }
+
+    #[test]
+    fn zcdp_accounting_needs_gaussian_noise_and_a_delta() {
+        let ok = budget(&written(1e-6, Accounting::Zcdp), NoiseKind::Gaussian).unwrap();
+        assert_eq!(ok.accounting, Accounting::Zcdp);
+        let (field, message) =
+            budget(&written(1e-6, Accounting::Zcdp), NoiseKind::Laplace).unwrap_err();
+        assert_eq!(field, "budget.accounting");
+        assert!(message.contains("noise: gaussian"), "{message}");
+        let (field, message) =
+            budget(&written(0.0, Accounting::Zcdp), NoiseKind::Gaussian).unwrap_err();
+        assert_eq!(field, "budget.delta");
+        assert!(message.contains("above 0"), "{message}");
+        // Basic accounting takes either noise and no δ.
+        budget(&written(0.0, Accounting::Basic), NoiseKind::Laplace).unwrap();
+    }
+
+    #[test]
+    fn restricting_budgets_keeps_the_stricter_of_each_field() {
+        let zcdp = Budget {
+            epsilon: 4.99,
+            delta: 1e-6,
+            period: Period::Month,
+            accounting: Accounting::Zcdp,
+        };
+        let pure = Budget {
+            epsilon: 5.0,
+            delta: 0.0,
+            period: Period::Total,
+            accounting: Accounting::Basic,
+        };
+        // A partner's pure-DP budget is not swapped for a zCDP one with δ.
+        for restricted in [zcdp.restrict(&pure), pure.restrict(&zcdp)] {
+            assert_eq!(restricted.epsilon, 4.99);
+            assert_eq!(restricted.delta, 0.0);
+            assert_eq!(restricted.period, Period::Month);
+            assert_eq!(restricted.accounting, Accounting::Basic);
+        }
+        let other_zcdp = Budget {
+            epsilon: 8.0,
+            delta: 1e-7,
+            ..zcdp.clone()
+        };
+        let both = zcdp.restrict(&other_zcdp);
+        assert_eq!((both.epsilon, both.delta), (4.99, 1e-7));
+        assert_eq!(both.accounting, Accounting::Zcdp);
+        let basic_with_delta = Budget {
+            delta: 1e-6,
+            ..pure.clone()
+        };
+        assert_eq!(
+            zcdp.restrict(&basic_with_delta).accounting,
+            Accounting::Basic
+        );
+    }
+
+    #[test]
+    fn accounting_is_written_in_plain_words() {
+        let parsed: crate::document::DpBudget =
+            serde_saphyr::from_str("{epsilon: 1, delta: 1.0e-6, accounting: zcdp}").unwrap();
+        assert_eq!(parsed.accounting, Accounting::Zcdp);
+        let default: crate::document::DpBudget = serde_saphyr::from_str("{epsilon: 1}").unwrap();
+        assert_eq!(default.accounting, Accounting::Basic);
+        assert!(
+            serde_saphyr::from_str::<crate::document::DpBudget>("{epsilon: 1, accounting: rdp}")
+                .is_err()
+        );
     }
 }

@@ -24,7 +24,17 @@ fn account(period: Period, limit_epsilon: i64) -> Account {
 }
 
 fn eps(epsilon: i64) -> Charge {
-    Charge { epsilon, delta: 0 }
+    Charge {
+        epsilon,
+        ..Charge::default()
+    }
+}
+
+fn rho(rho: i64) -> Charge {
+    Charge {
+        rho,
+        ..Charge::default()
+    }
 }
 
 fn temp_ledger() -> (tempfile::TempDir, Ledger) {
@@ -451,6 +461,7 @@ fn refund_commit_start_and_expiry_follow_the_life_cycle() {
     let charge = Charge {
         epsilon: 300_000_000,
         delta: MICRO_DELTA,
+        rho: 0,
     };
     let a = ledger.reserve(&acct, charge, t).unwrap();
     let b = ledger.reserve(&acct, charge, t).unwrap();
@@ -616,6 +627,7 @@ fn exhausted_error_names_the_remaining_budget() {
     let too_much_delta = Charge {
         epsilon: 1,
         delta: 11 * MICRO_DELTA,
+        rho: 0,
     };
     let err = ledger
         .reserve(&acct, too_much_delta, at(2026, 11, 29))
@@ -850,5 +862,221 @@ fn a_damaged_ledger_is_refused_at_open_and_left_alone() {
         std::fs::read(&path).unwrap(),
         bytes,
         "the file is untouched"
+    );
+}
+
+/// ρ of one query of ε 0.1 at δ 1e-7, in pico-units.
+fn rho_of_tenth() -> i64 {
+    rho_units(zcdp::rho_for_epsilon(0.1, 1e-7)).unwrap()
+}
+
+#[test]
+fn zcdp_charges_compose_exactly_and_convert_at_half_the_delta_limit() {
+    let (_dir, ledger) = temp_ledger();
+    // 1 ε and 10 µδ: ρ converts at 5 µδ.
+    let acct = account(Period::Month, ONE);
+    let t = at(2026, 11, 29);
+    let per_query = rho_of_tenth();
+    let mut admitted = 0_i64;
+    let refusal = loop {
+        match ledger.reserve(&acct, rho(per_query), t) {
+            Ok(reservation) => {
+                admitted += 1;
+                ledger.commit(&reservation.id).unwrap();
+            }
+            Err(err) => break err,
+        }
+        assert!(admitted < 10_000, "the budget never ran out");
+    };
+    let balance = ledger.balance(&acct, t).unwrap();
+    // The stored spend is the exact integer sum of the charges ...
+    assert_eq!(balance.spent_rho, admitted * per_query);
+    assert_eq!((balance.spent_epsilon, balance.spent_delta), (0, 0));
+    // ... and the check is the conversion of that sum, at the boundary:
+    let conversion_delta = 5 * MICRO_DELTA;
+    let converted = |queries: i64| zcdp_epsilon_units(queries * per_query, conversion_delta);
+    assert_eq!(balance.total_epsilon(), converted(admitted));
+    assert!(converted(admitted) <= ONE);
+    assert!(converted(admitted + 1) > ONE);
+    assert_eq!(balance.total_delta(), conversion_delta);
+    // Ten such queries would use up 1 ε under basic accounting.
+    assert!(admitted > 100, "only {admitted} queries of ε 0.1 fit");
+    match refusal {
+        LedgerError::Exhausted {
+            remaining_epsilon,
+            needed_epsilon,
+            remaining_delta,
+            needed_delta,
+            ..
+        } => {
+            assert_eq!(remaining_epsilon, ONE - converted(admitted));
+            assert_eq!(
+                needed_epsilon,
+                converted(admitted + 1) - converted(admitted)
+            );
+            assert_eq!(remaining_delta, 5 * MICRO_DELTA);
+            assert_eq!(needed_delta, 0, "the conversion's δ is already counted");
+        }
+        other => panic!("expected exhaustion, got {other:?}"),
+    }
+    ledger.verify().unwrap();
+}
+
+#[test]
+fn zcdp_reservations_refund_and_commit_their_rho() {
+    let (_dir, ledger) = temp_ledger();
+    let acct = account(Period::Month, ONE);
+    let t = at(2026, 11, 29);
+    let charge = Charge {
+        epsilon: 0,
+        delta: MICRO_DELTA,
+        rho: 12_345_678,
+    };
+    let a = ledger.reserve(&acct, charge, t).unwrap();
+    let b = ledger.reserve(&acct, charge, t).unwrap();
+    assert_eq!(b.remaining.spent_rho, 2 * 12_345_678);
+    assert_eq!(b.remaining.reserved_rho, 2 * 12_345_678);
+    // The selections' δ and the conversion's δ both count.
+    assert_eq!(b.remaining.total_delta(), 2 * MICRO_DELTA + 5 * MICRO_DELTA);
+    assert!(ledger.refund(&a.id).unwrap());
+    ledger.commit(&b.id).unwrap();
+    let balance = ledger.balance(&acct, t).unwrap();
+    assert_eq!((balance.spent_rho, balance.reserved_rho), (12_345_678, 0));
+    assert_eq!(balance.queries, 1);
+    assert_eq!(ledger.reservation(&b.id).unwrap().unwrap().rho, 12_345_678);
+    ledger.verify().unwrap();
+}
+
+#[test]
+fn a_period_keeps_the_accounting_it_was_opened_with() {
+    let (_dir, ledger) = temp_ledger();
+    let acct = account(Period::Month, ONE);
+    let (november, december) = (at(2026, 11, 29), at(2026, 12, 1));
+    let basic = ledger.reserve(&acct, eps(HUNDREDTH), november).unwrap();
+    // The policy now says zcdp: not in this period.
+    let err = ledger
+        .reserve(&acct, rho(rho_of_tenth()), november)
+        .unwrap_err();
+    match &err {
+        LedgerError::AccountingChanged {
+            opened,
+            asked,
+            period_key,
+            ..
+        } => assert_eq!(
+            (*opened, *asked, period_key.as_str()),
+            ("basic", "zcdp", "2026-11")
+        ),
+        other => panic!("expected AccountingChanged, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains("takes effect in the next period"),
+        "{err}"
+    );
+    // Nothing was charged by the refusal.
+    assert_eq!(ledger.balance(&acct, november).unwrap().spent_rho, 0);
+    // A refunded basic charge released nothing: the period is open again,
+    // and the first ρ makes it a zCDP period.
+    assert!(ledger.refund(&basic.id).unwrap());
+    ledger
+        .reserve(&acct, rho(rho_of_tenth()), november)
+        .unwrap();
+    assert!(matches!(
+        ledger.reserve(&acct, eps(HUNDREDTH), november),
+        Err(LedgerError::AccountingChanged {
+            opened: "zcdp",
+            asked: "basic",
+            ..
+        })
+    ));
+    // The next period opens with whatever comes first.
+    ledger.reserve(&acct, eps(HUNDREDTH), december).unwrap();
+    // A δ-only charge (a zero ε or ρ) fits either.
+    ledger
+        .reserve(
+            &acct,
+            Charge {
+                delta: 1,
+                ..Charge::default()
+            },
+            november,
+        )
+        .unwrap();
+    ledger.verify().unwrap();
+}
+
+#[test]
+fn zcdp_charges_need_a_delta_limit() {
+    let (_dir, ledger) = temp_ledger();
+    let acct = Account {
+        limit_delta: 0,
+        ..account(Period::Month, ONE)
+    };
+    let err = ledger.reserve(&acct, rho(1), at(2026, 11, 29)).unwrap_err();
+    assert!(matches!(err, LedgerError::Exhausted { .. }), "{err:?}");
+    // Basic charges are unaffected.
+    ledger.reserve(&acct, eps(1), at(2026, 11, 29)).unwrap();
+}
+
+#[test]
+fn rho_units_round_up() {
+    // Rounded up, plus one pico-unit for the floating point behind ρ.
+    assert_eq!(rho_units(1e-6).unwrap(), 1_000_001);
+    assert_eq!(
+        rho_units(1e-15).unwrap(),
+        2,
+        "a positive charge is never free"
+    );
+    for bad in [f64::NAN, f64::INFINITY, -1e-9, 1e10] {
+        assert!(rho_units(bad).is_err(), "{bad}");
+    }
+    assert_eq!(rho_units(0.0).unwrap(), 0);
+    assert_eq!(rho_from_units(1_500_000), 1.5e-6);
+    assert_eq!(
+        (0..1000).map(|_| rho_units(1e-6).unwrap()).sum::<i64>(),
+        1000 * 1_000_001,
+        "the stored sum is exactly the sum of the charges"
+    );
+    assert_eq!(zcdp_epsilon_units(0, 0), 0);
+    assert_eq!(zcdp_epsilon_units(1, 0), i64::MAX);
+}
+
+#[test]
+fn version_2_ledger_gains_the_rho_columns_keeping_its_spend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(
+            "INSERT INTO schema_version (version) VALUES (2);
+             INSERT INTO accounts VALUES ('acme', 'patients', '2026-11', 'month', 1000000000, 10000000000000,
+                 300000000, 0, 0, 0, 1, '2026-11-20T10:00:00.000000Z');
+             INSERT INTO reservations VALUES
+                 ('r-committed', 'acme', 'patients', '2026-11', 300000000, 0, 'committed',
+                  '2026-11-20T10:00:00.000000Z', '2026-11-20T10:00:01.000000Z', '2026-11-20T10:15:00.000000Z');",
+        )
+        .unwrap();
+    }
+    let ledger = Ledger::open(&path).unwrap();
+    let monthly = account(Period::Month, ONE);
+    let november = at(2026, 11, 29);
+    let balance = ledger.balance(&monthly, november).unwrap();
+    assert_eq!((balance.spent_epsilon, balance.spent_rho), (300_000_000, 0));
+    assert_eq!(ledger.reservation("r-committed").unwrap().unwrap().rho, 0);
+    // The migrated period was opened under basic accounting; the next one
+    // may take ρ.
+    ledger.reserve(&monthly, eps(HUNDREDTH), november).unwrap();
+    ledger
+        .reserve(&monthly, rho(rho_of_tenth()), at(2026, 12, 1))
+        .unwrap();
+    ledger.verify().unwrap();
+    drop(ledger);
+    let fresh = dir.path().join("fresh.db");
+    drop(Ledger::open(&fresh).unwrap());
+    assert_eq!(
+        schema_of(&Connection::open(&path).unwrap()),
+        schema_of(&Connection::open(&fresh).unwrap())
     );
 }

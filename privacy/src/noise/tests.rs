@@ -552,3 +552,44 @@ fn bad_quantile_arguments_are_rejected() {
         assert!(matches!(r, Err(NoiseError::InvalidParameter(_))), "{r:?}");
     }
 }
+
+#[test]
+fn zcdp_release_spends_at_most_its_rho() {
+    for rho in [1e-7, 1.3e-4, 0.013, 0.5, 2.0] {
+        for (sensitivity, max_groups) in [(1, 1), (5, 3), (100, 10), (1 << 16, 1 << 16)] {
+            let (noisy, info) =
+                release_integers_zcdp(&[10, 20, 30], sensitivity, max_groups, rho).unwrap();
+            assert_eq!(noisy.len(), 3);
+            let l2 = l2_sensitivity(sensitivity, max_groups).unwrap();
+            assert!(info.rho <= rho, "ρ {rho}: charged {}", info.rho);
+            assert!(
+                info.rho > rho * (1.0 - 1e-9),
+                "ρ {rho}: charged {}",
+                info.rho
+            );
+            assert_eq!(info.rho, gaussian_rho(info.scale, l2).unwrap());
+            assert_eq!((info.epsilon, info.delta), (0.0, 0.0));
+        }
+    }
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert!(release_integers_zcdp(&[1], 1, 1, bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn zcdp_selection_spends_its_rho_and_at_most_its_delta() {
+    let counts: Vec<(String, i64)> = (0..50).map(|i| (format!("k{i}"), i * 10)).collect();
+    let rho = 0.01;
+    let (kept, info) = select_partitions_zcdp(counts, 5, 3, rho, 1e-8).unwrap();
+    assert!(
+        info.rho <= rho && info.rho > rho * (1.0 - 1e-9),
+        "{}",
+        info.rho
+    );
+    assert!(info.delta <= 1e-8, "{}", info.delta);
+    let threshold = info.threshold.unwrap();
+    assert!(kept.iter().all(|(_, v)| *v >= threshold));
+    // A lower δ needs a higher threshold.
+    let (_, stricter) = select_partitions_zcdp(vec![("a".into(), 1)], 5, 3, rho, 1e-12).unwrap();
+    assert!(stricter.threshold.unwrap() > threshold);
+}
