@@ -27,7 +27,7 @@ use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{
-    GreedyMemoryPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+    FairSpillPool, GreedyMemoryPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
     TrackConsumersPool,
 };
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -40,6 +40,7 @@ use datafusion::prelude::{
 };
 
 use crate::guard;
+use std::path::{Path, PathBuf};
 
 use crate::config::{Config, DatabaseConfig, DatasetConfig, DatasetFormat, Location};
 
@@ -122,6 +123,13 @@ pub enum CatalogError {
     /// The query engine could not be set up.
     #[error(transparent)]
     Engine(#[from] DataFusionError),
+    /// The spill directory could not be emptied or created.
+    #[error(
+        "cannot prepare the spill directory {}: {cause}. It must be a directory this connector \
+         may write (or set limits.spill_space = \"0\" to turn spilling off)",
+        .path.display()
+    )]
+    SpillDirectory { path: PathBuf, cause: String },
 }
 
 /// The served datasets and the DataFusion session they are registered in.
@@ -140,7 +148,8 @@ impl Catalog {
     /// leaves its datasets out (see [`Catalog::unreached`]).
     pub async fn open(config: &Config) -> Result<Self, CatalogError> {
         let sources = source::Sources::default();
-        let ctx = SessionContext::new_with_state(session_state_reading(sources.clone())?);
+        let spill = Spill::prepare(&config.server.state_dir, config.limits.spill_space)?;
+        let ctx = SessionContext::new_with_state(session_state_reading(sources.clone(), &spill)?);
         let databases = open_databases(&config.databases)?;
         let schemas = SchemaCache::new(&config.server.state_dir);
         let mut catalog = Self {
@@ -302,15 +311,33 @@ impl Catalog {
 }
 
 /// A memory pool private to one query, capped at `memory_limit` bytes and
-/// drawing from `process`, which all queries share. Spilling is disabled,
-/// so a query that needs more fails with ResourcesExhausted instead of
-/// filling the disk.
-pub fn query_pool(memory_limit: usize, process: &ProcessMemory) -> Arc<dyn MemoryPool> {
-    Arc::new(QueryPool {
-        query: Arc::new(TrackConsumersPool::new(
+/// drawing from `process`, which all queries share. Sorts and aggregations
+/// that need more spill to disk (within `limits.spill_space` for all
+/// queries); anything else fails with ResourcesExhausted.
+///
+/// With spilling on, the query's limit is shared fairly between its
+/// spillable operators (DataFusion's `FairSpillPool`): under a first-come
+/// pool the first aggregation takes everything, and the next one fails
+/// instead of spilling.
+pub fn query_pool(
+    memory_limit: usize,
+    process: &ProcessMemory,
+    spilling: bool,
+) -> Arc<dyn MemoryPool> {
+    let top = std::num::NonZeroUsize::new(3).expect("non-zero");
+    let query: Arc<dyn MemoryPool> = if spilling {
+        Arc::new(TrackConsumersPool::new(
+            FairSpillPool::new(memory_limit),
+            top,
+        ))
+    } else {
+        Arc::new(TrackConsumersPool::new(
             GreedyMemoryPool::new(memory_limit),
-            std::num::NonZeroUsize::new(3).expect("non-zero"),
-        )),
+            top,
+        ))
+    };
+    Arc::new(QueryPool {
+        query,
         process: process.0.clone(),
     })
 }
@@ -406,7 +433,7 @@ impl MemoryPool for QueryPool {
 /// [`session_state_reading`] with no datasets, for tests.
 #[cfg(test)]
 pub(crate) fn session_state() -> Result<SessionState> {
-    session_state_reading(source::Sources::default())
+    session_state_reading(source::Sources::default(), &Spill::Off)
 }
 
 /// DataFusion's default session with the connector's changes (see the
@@ -415,8 +442,8 @@ pub(crate) fn session_state() -> Result<SessionState> {
 /// functions; the files of `sources` read through
 /// [`source::SourceStore`], their failures named by dataset
 /// ([`source::NameSourceFailures`], the last physical optimizer rule).
-fn session_state_reading(sources: source::Sources) -> Result<SessionState> {
-    let runtime = base_runtime()?;
+fn session_state_reading(sources: source::Sources, spill: &Spill) -> Result<SessionState> {
+    let runtime = base_runtime(spill)?;
     runtime.register_object_store(
         datafusion::datasource::object_store::ObjectStoreUrl::local_filesystem().as_ref(),
         Arc::new(source::SourceStore::new(sources.clone())),
@@ -447,7 +474,51 @@ pub fn session_config() -> SessionConfig {
     config
 }
 
-fn base_runtime() -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
+/// Where sorts and aggregations that outgrow `limits.query_memory` write
+/// what they spill.
+pub enum Spill {
+    Off,
+    /// A directory of the connector's own (emptied at start: spill files
+    /// hold rows of the data and never outlive the process that wrote
+    /// them), and the disk all queries may fill in it together.
+    Directory {
+        path: PathBuf,
+        max_bytes: u64,
+    },
+}
+
+impl Spill {
+    /// `<state_dir>/spill`, emptied and created, or [`Spill::Off`] for a
+    /// `spill_space` of 0.
+    pub fn prepare(state_dir: &Path, max_bytes: u64) -> Result<Self, CatalogError> {
+        if max_bytes == 0 {
+            return Ok(Spill::Off);
+        }
+        let path = state_dir.join("spill");
+        let failed = |e: std::io::Error| CatalogError::SpillDirectory {
+            path: path.clone(),
+            cause: e.to_string(),
+        };
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(failed(e)),
+        }
+        std::fs::create_dir_all(&path).map_err(failed)?;
+        Ok(Spill::Directory { path, max_bytes })
+    }
+
+    fn disk_manager(&self) -> DiskManagerBuilder {
+        match self {
+            Spill::Off => DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            Spill::Directory { path, max_bytes } => DiskManagerBuilder::default()
+                .with_mode(DiskManagerMode::Directories(vec![path.clone()]))
+                .with_max_temp_directory_size(*max_bytes),
+        }
+    }
+}
+
+fn base_runtime(spill: &Spill) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
     RuntimeEnvBuilder::new()
         // Data is live: every query lists a dataset's directory or prefix
         // again, so that files added or removed since are seen (DataFusion
@@ -456,9 +527,7 @@ fn base_runtime() -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>>
             datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
                 .with_list_files_cache_limit(0),
         )
-        .with_disk_manager_builder(
-            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-        )
+        .with_disk_manager_builder(spill.disk_manager())
         .build_arc()
 }
 
@@ -594,8 +663,8 @@ mod tests {
     #[test]
     fn queries_share_the_process_memory_and_return_it() {
         let process = ProcessMemory::new(1000);
-        let first = query_pool(800, &process);
-        let second = query_pool(800, &process);
+        let first = query_pool(800, &process, false);
+        let second = query_pool(800, &process, false);
         let a = MemoryConsumer::new("a").register(&first);
         let b = MemoryConsumer::new("b").register(&second);
         a.try_grow(600).unwrap();

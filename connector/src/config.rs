@@ -112,6 +112,10 @@ pub struct Limits {
     pub query_memory: usize,
     /// Memory all queries running at once may hold together, in bytes.
     pub total_query_memory: usize,
+    /// Disk all queries may fill together with what their sorts and
+    /// aggregations spill beyond `query_memory`, in bytes
+    /// (`<state_dir>/spill`); 0 turns spilling off.
+    pub spill_space: u64,
     /// Wall-clock limit from the start of execution to the last batch.
     pub query_timeout: Duration,
     /// Queries executing at once; further queries wait in a bounded queue.
@@ -294,6 +298,7 @@ impl Default for Limits {
         Self {
             query_memory: 1 << 30,
             total_query_memory: 4 << 30,
+            spill_space: 8 << 30,
             query_timeout: Duration::from_secs(300),
             max_concurrent_queries: 16,
             max_concurrent_queries_per_organization: 4,
@@ -480,6 +485,7 @@ struct RawTls {
 struct RawLimits {
     query_memory: Option<String>,
     total_query_memory: Option<String>,
+    spill_space: Option<String>,
     query_timeout: Option<String>,
     max_concurrent_queries: Option<usize>,
     max_concurrent_queries_per_organization: Option<usize>,
@@ -850,6 +856,12 @@ fn parse_limits(raw: RawLimits) -> Result<Limits, (String, String)> {
     Ok(Limits {
         query_memory,
         total_query_memory,
+        spill_space: match raw.spill_space {
+            // "0" is the one size of zero allowed: no spilling.
+            Some(s) if s.trim() == "0" => 0,
+            Some(s) => parse_size(&s).map_err(field("spill_space"))? as u64,
+            None => d.spill_space,
+        },
         query_timeout: match raw.query_timeout {
             Some(s) => parse_duration(&s).map_err(field("query_timeout"))?,
             None => d.query_timeout,
@@ -1210,6 +1222,15 @@ mod tests {
         assert!(e.reason.contains("less than one query's"), "{}", e.reason);
         let grown = load("[limits]\nquery_memory = \"8GiB\"\n").unwrap();
         assert_eq!(grown.limits.total_query_memory, 8 << 30);
+        assert_eq!(
+            grown.limits.spill_space,
+            8 << 30,
+            "spilling is on by default"
+        );
+        let off = load("[limits]\nspill_space = \"0\"\n").unwrap();
+        assert_eq!(off.limits.spill_space, 0);
+        let e = load("[limits]\nspill_space = \"lots\"\n").unwrap_err();
+        assert_eq!(e.field, "limits.spill_space");
         let e = load("[limits]\nmax_concurrent_queries = \"many\"\n").unwrap_err();
         assert_eq!(e.field, "limits.max_concurrent_queries");
         assert!(e.reason.contains("line 2"), "{e}");

@@ -549,3 +549,86 @@ async fn neighbouring_datasets_over_flight_stay_within_ln3() {
         "estimated δ = {delta} > {limit} at ε = ln 3 (p = {p:?}, q = {q:?})"
     );
 }
+
+/// 600,000 visits by 200,000 people (three each, to three sites) to 500
+/// sites of 1,200 visits each.
+fn visits_csv() -> String {
+    let mut csv = String::with_capacity(600_000 * 20);
+    csv.push_str("id,city,score\n");
+    for i in 0..600_000u64 {
+        let (person, visit) = (i % 200_000, i / 200_000);
+        let site = (person * 7 + visit) % 500;
+        csv.push_str(&format!("{person},s{site},{}\n", i % 300));
+    }
+    csv
+}
+
+/// Private selection of `city` (no public keys), three groups per person.
+const VISITS_POLICY: &str = r#"
+version: 1
+datasets:
+  people:
+    privacy_unit: id
+consumers:
+  - name: planning
+    match: { organization: City Planning Agency }
+    grants:
+      people:
+        columns: { city: group_by_only, score: aggregate_only }
+        functions: { aggregate: [count, sum] }
+        dp:
+          epsilon_per_query: 1.0
+          delta_per_query: 1.0e-7
+          max_groups: 3
+          max_rows: 2
+          cache: false
+          columns: { score: { bounds: [0, 300] } }
+"#;
+
+/// The visits deployment with `limits` in its configuration.
+fn visits_deployment(limits: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let (dir, config, state) = common::people_deployment(&visits_csv(), VISITS_POLICY);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("[limits]\n{limits}\n\n{text}")).unwrap();
+    (dir, config, state)
+}
+
+const BY_SITE: &str = "SELECT city, count(*) AS n, sum(score) AS total FROM people GROUP BY city";
+
+/// The statistics plan of a DP GROUP BY holds every (person, site) cell and
+/// every person's kept groups: more than a small `query_memory`. Without
+/// spilling the answer is withheld (its budget charged); with it, the
+/// aggregations spill to `<state_dir>/spill` and the answer arrives.
+#[tokio::test]
+async fn a_private_group_by_larger_than_its_memory_spills_to_disk() {
+    let limits = "query_memory = \"24MiB\"\ntotal_query_memory = \"64MiB\"";
+    let (_off, config, state) = visits_deployment(&format!("{limits}\nspill_space = \"0\""));
+    let daemon = Daemon::start_isolated(&config, &state);
+    let mut client = daemon.client("planning").await;
+    let err = status(query(&mut client, BY_SITE).await.unwrap_err());
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("could not be computed"),
+        "{}",
+        err.message()
+    );
+    drop(daemon);
+
+    let (_on, config, state) = visits_deployment(&format!("{limits}\nspill_space = \"1GiB\""));
+    let daemon = Daemon::start_isolated(&config, &state);
+    let mut client = daemon.client("planning").await;
+    let (schema, batches) = match query(&mut client, BY_SITE).await {
+        Ok(answer) => answer,
+        Err(e) => panic!("{e:?}\n{}", daemon.logs()),
+    };
+    // 500 sites of 1,200 visits each: all pass the threshold (about 220).
+    assert_eq!(rows(&batches), 500);
+    assert!(
+        schema
+            .field(1)
+            .metadata()
+            .contains_key("sluice.dp.ci95_half_width")
+    );
+    let spill = state.join("spill");
+    assert!(spill.is_dir(), "the spill directory is created at start");
+}

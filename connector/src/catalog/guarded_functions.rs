@@ -53,7 +53,7 @@ async fn run_in(
     timeout: Duration,
 ) -> Result<Vec<RecordBatch>, DataFusionError> {
     let plan = ctx.state().create_logical_plan(sql).await?;
-    let pool = query_pool(memory, &ProcessMemory::new(usize::MAX));
+    let pool = query_pool(memory, &ProcessMemory::new(usize::MAX), false);
     let guard = Arc::new(QueryGuard::new(
         Some(Instant::now() + timeout),
         memory,

@@ -172,6 +172,14 @@ impl QueryError {
             {
                 QueryError::ResourcesExhausted(format!("{message}; try again shortly"))
             }
+            DataFusionError::ResourcesExhausted(message) if message.contains("spilling process") => {
+                QueryError::ResourcesExhausted(format!(
+                    "the query needs more memory than its limit of {} (limits.query_memory), and \
+                     what it spilled to disk beyond that filled the spill space all queries \
+                     share (limits.spill_space)",
+                    human_bytes(memory_limit)
+                ))
+            }
             DataFusionError::ResourcesExhausted(_) => QueryError::ResourcesExhausted(format!(
                 "the query needs more memory than its limit of {} (limits.query_memory)",
                 human_bytes(memory_limit)
@@ -564,6 +572,22 @@ mod tests {
         let e = QueryError::from_execution(&own, 1 << 30);
         assert!(
             matches!(&e, QueryError::ResourcesExhausted(m) if m.contains("limits.query_memory"))
+        );
+    }
+
+    #[test]
+    fn full_spill_space_is_reported_with_its_setting() {
+        // DataFusion's DiskManager, when the spill files outgrow its limit.
+        let full = DataFusionError::ResourcesExhausted(
+            "The used disk space during the spilling process has exceeded the allowable limit \
+             of 1.0 MB. Please try increasing the config: `datafusion.runtime.max_temp_directory_size`."
+                .into(),
+        );
+        let e = QueryError::from_execution(&full, 1 << 30);
+        assert!(
+            matches!(&e, QueryError::ResourcesExhausted(m)
+                if m.contains("limits.spill_space") && !m.contains("datafusion.runtime")),
+            "{e:?}"
         );
     }
 

@@ -2,8 +2,8 @@
 //!
 //! Execution happens on a dedicated runtime, apart from the one serving
 //! gRPC, so a heavy scan cannot starve handshakes, health checks or other
-//! clients' small queries. Each query gets its own memory pool (spilling is
-//! disabled), a deadline covering the whole stream, and a bounded channel to
+//! clients' small queries. Each query gets its own memory pool (sorts and
+//! aggregations spill to disk beyond it, within `limits.spill_space`), a deadline covering the whole stream, and a bounded channel to
 //! the client: a slow reader slows the scan instead of buffering the result.
 //!
 //! Optimisation (which folds constant expressions) and physical planning
@@ -205,7 +205,12 @@ fn prepare(
     memory: &ProcessMemory,
 ) -> Result<Prepared, QueryError> {
     let failed = |e: DataFusionError| execution_error(&e, limits);
-    let pool = catalog::query_pool(limits.memory, memory);
+    let spilling = catalog
+        .session()
+        .runtime_env()
+        .disk_manager
+        .tmp_files_enabled();
+    let pool = catalog::query_pool(limits.memory, memory, spilling);
     let query_guard = Arc::new(QueryGuard::new(
         Some(limits.deadline.into_std()),
         limits.memory,
