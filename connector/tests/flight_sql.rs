@@ -36,31 +36,6 @@ async fn statement_results_match_in_process_datafusion() {
     }
 }
 
-/// A large result streams in batches of 65,536 rows, not DataFusion's
-/// 8,192 (each batch costs framing and a client round of work), with every
-/// row and in order.
-#[tokio::test]
-async fn large_results_stream_in_large_batches() {
-    let daemon = Daemon::start();
-    let mut client = daemon.client("planning").await;
-    let sql = "SELECT trip_id FROM trips ORDER BY trip_id";
-    let (_, batches) = query(&mut client, sql).await.unwrap();
-    let total = rows(&batches);
-    assert!(total > 500_000, "{total} rows");
-    assert_eq!(batches.len(), total.div_ceil(65_536), "{total} rows");
-    assert!(
-        batches[..batches.len() - 1]
-            .iter()
-            .all(|b| b.num_rows() == 65_536)
-    );
-    let ids: Vec<i64> = batches
-        .iter()
-        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
-        .collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "rows out of order");
-    assert_eq!(ids.len(), total);
-}
-
 #[tokio::test]
 async fn flight_info_schema_equals_do_get_schema() {
     let daemon = Daemon::start();

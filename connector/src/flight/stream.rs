@@ -12,9 +12,6 @@ use std::time::Instant;
 use arrow_flight::FlightData;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
-use datafusion::arrow::compute::BatchCoalescer;
-use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::record_batch::RecordBatch;
 use futures::{Stream, StreamExt};
 use sluice_policy::Principal;
 use tonic::Status;
@@ -26,15 +23,6 @@ use crate::query::QueryRun;
 
 pub type FlightDataStream =
     Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
-
-/// Rows per batch the stream sends. DataFusion's batches have 8,192 rows:
-/// sent as they are, a million rows take 123 batches, and the cost of each
-/// (IPC framing, gRPC and TLS frames, the client's own work per batch) adds
-/// up. The encoder still cuts a batch into messages of at most 2 MiB, which
-/// every gRPC client accepts.
-const OUTPUT_BATCH_ROWS: usize = 65_536;
-/// ... or fewer, once the rows held back take this much memory (wide rows).
-const OUTPUT_BATCH_BYTES: usize = 8 << 20;
 
 /// Turns a running query into the DoGet response stream. `started` is when
 /// DoGet began: a DP answer is computed before its stream exists, and the
@@ -68,7 +56,6 @@ pub fn encode_query(
             Err(FlightError::Tonic(Box::new(e.into())))
         }
     });
-    let batches = coalesced(run.schema.clone(), batches);
     let mut encoder = FlightDataEncoderBuilder::new().with_schema(run.schema);
     if let Some(receipt) = &run.receipt {
         // The first message (the schema) carries the receipt, so a client
@@ -79,74 +66,6 @@ pub fn encode_query(
     Box::pin(Observed {
         inner: Box::pin(encoded),
         observer,
-    })
-}
-
-/// `batches` regrouped into batches of [`OUTPUT_BATCH_ROWS`] rows or
-/// [`OUTPUT_BATCH_BYTES`] (the last one smaller). An error ends the stream at once: the rows held back
-/// belong to a result that will not be complete anyway.
-fn coalesced(
-    schema: SchemaRef,
-    batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
-) -> impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static {
-    struct State<S> {
-        input: Pin<Box<S>>,
-        coalescer: BatchCoalescer,
-        input_done: bool,
-        failed: bool,
-        /// Memory of the input batches since the last batch was cut.
-        pending_bytes: usize,
-    }
-    let state = State {
-        input: Box::pin(batches),
-        coalescer: BatchCoalescer::new(schema, OUTPUT_BATCH_ROWS),
-        input_done: false,
-        failed: false,
-        pending_bytes: 0,
-    };
-    futures::stream::unfold(state, |mut state| async move {
-        if state.failed {
-            return None;
-        }
-        loop {
-            if let Some(batch) = state.coalescer.next_completed_batch() {
-                return Some((Ok(batch), state));
-            }
-            if state.input_done {
-                return None;
-            }
-            let pushed = match state.input.next().await {
-                Some(Ok(batch)) => {
-                    state.pending_bytes += batch.get_array_memory_size();
-                    let before = state.coalescer.get_buffered_rows();
-                    let pushed = state.coalescer.push_batch(batch);
-                    if state.coalescer.get_buffered_rows() < before {
-                        // A batch was cut at the row target.
-                        state.pending_bytes = 0;
-                    }
-                    match pushed {
-                        Ok(()) if state.pending_bytes >= OUTPUT_BATCH_BYTES => {
-                            state.pending_bytes = 0;
-                            state.coalescer.finish_buffered_batch()
-                        }
-                        other => other,
-                    }
-                    .map_err(FlightError::from)
-                }
-                Some(Err(e)) => Err(e),
-                None => {
-                    state.input_done = true;
-                    state
-                        .coalescer
-                        .finish_buffered_batch()
-                        .map_err(FlightError::from)
-                }
-            };
-            if let Err(e) = pushed {
-                state.failed = true;
-                return Some((Err(e), state));
-            }
-        }
     })
 }
 
