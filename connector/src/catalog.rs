@@ -146,10 +146,11 @@ impl Catalog {
     /// a relation that does not exist, a column type Sluice does not
     /// serve); a database or object store that cannot be reached only
     /// leaves its datasets out (see [`Catalog::unreached`]).
-    pub async fn open(config: &Config) -> Result<Self, CatalogError> {
+    /// `spill` says where sorts and aggregations spill: `serve` passes
+    /// [`Spill::prepare`], a check that runs no query [`Spill::Off`].
+    pub async fn open(config: &Config, spill: &Spill) -> Result<Self, CatalogError> {
         let sources = source::Sources::default();
-        let spill = Spill::prepare(&config.server.state_dir, config.limits.spill_space)?;
-        let ctx = SessionContext::new_with_state(session_state_reading(sources.clone(), &spill)?);
+        let ctx = SessionContext::new_with_state(session_state_reading(sources.clone(), spill)?);
         let databases = open_databases(&config.databases)?;
         let schemas = SchemaCache::new(&config.server.state_dir);
         let mut catalog = Self {
@@ -444,12 +445,19 @@ pub(crate) fn session_state() -> Result<SessionState> {
 /// ([`source::NameSourceFailures`], the last physical optimizer rule).
 fn session_state_reading(sources: source::Sources, spill: &Spill) -> Result<SessionState> {
     let runtime = base_runtime(spill)?;
+    let mut config = session_config();
+    if let Spill::Directory {
+        sort_reservation, ..
+    } = spill
+    {
+        config.options_mut().execution.sort_spill_reservation_bytes = *sort_reservation;
+    }
     runtime.register_object_store(
         datafusion::datasource::object_store::ObjectStoreUrl::local_filesystem().as_ref(),
         Arc::new(source::SourceStore::new(sources.clone())),
     );
     let mut builder = SessionStateBuilder::new()
-        .with_config(session_config())
+        .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
         .with_physical_optimizer_rule(Arc::new(source::NameSourceFailures { sources }));
@@ -478,44 +486,92 @@ pub fn session_config() -> SessionConfig {
 /// what they spill.
 pub enum Spill {
     Off,
-    /// A directory of the connector's own (emptied at start: spill files
-    /// hold rows of the data and never outlive the process that wrote
-    /// them), and the disk all queries may fill in it together.
+    /// This process's own directory, `<state_dir>/spill/p<pid>`, the disk
+    /// all its queries may fill there together, and what each sort
+    /// partition reserves up front for merging its spilled runs.
     Directory {
         path: PathBuf,
         max_bytes: u64,
+        sort_reservation: usize,
     },
 }
 
 impl Spill {
-    /// `<state_dir>/spill`, emptied and created, or [`Spill::Off`] for a
-    /// `spill_space` of 0.
-    pub fn prepare(state_dir: &Path, max_bytes: u64) -> Result<Self, CatalogError> {
+    /// Removes what dead processes left in `<state_dir>/spill` (spill files
+    /// hold rows of the data and must not outlive the process that wrote
+    /// them; a crash leaves them behind), then, unless `max_bytes` is 0,
+    /// creates this process's own directory there. Directories of live
+    /// processes (another `serve` on the same state directory, say) are
+    /// left alone.
+    pub fn prepare(
+        state_dir: &Path,
+        max_bytes: u64,
+        query_memory: usize,
+    ) -> Result<Self, CatalogError> {
+        let base = state_dir.join("spill");
+        let failed = |path: &Path, e: std::io::Error| CatalogError::SpillDirectory {
+            path: path.to_path_buf(),
+            cause: e.to_string(),
+        };
+        remove_stale_spill(&base).map_err(|e| failed(&base, e))?;
         if max_bytes == 0 {
             return Ok(Spill::Off);
         }
-        let path = state_dir.join("spill");
-        let failed = |e: std::io::Error| CatalogError::SpillDirectory {
-            path: path.clone(),
-            cause: e.to_string(),
-        };
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(failed(e)),
-        }
-        std::fs::create_dir_all(&path).map_err(failed)?;
-        Ok(Spill::Directory { path, max_bytes })
+        let path = base.join(format!("p{}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(|e| failed(&path, e))?;
+        // DataFusion reserves 10 MiB per sort partition up front once
+        // spilling is on, which would take most of a small query's memory
+        // before a row is sorted: a quarter of the query's share per
+        // partition leaves room for the data.
+        let partitions = std::thread::available_parallelism().map_or(1, usize::from);
+        let sort_reservation = (query_memory / (4 * partitions)).clamp(256 << 10, 10 << 20);
+        Ok(Spill::Directory {
+            path,
+            max_bytes,
+            sort_reservation,
+        })
     }
 
     fn disk_manager(&self) -> DiskManagerBuilder {
         match self {
             Spill::Off => DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-            Spill::Directory { path, max_bytes } => DiskManagerBuilder::default()
+            Spill::Directory {
+                path, max_bytes, ..
+            } => DiskManagerBuilder::default()
                 .with_mode(DiskManagerMode::Directories(vec![path.clone()]))
                 .with_max_temp_directory_size(*max_bytes),
         }
     }
+}
+
+/// Removes every entry of `base` except the directories of live processes
+/// (`p<pid>` with `/proc/<pid>` present; this process starts afresh).
+fn remove_stale_spill(base: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(base) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let own = std::process::id();
+    for entry in entries {
+        let entry = entry?;
+        let live = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.strip_prefix('p'))
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| pid != own && Path::new("/proc").join(pid.to_string()).exists());
+        if live {
+            continue;
+        }
+        // A symlink is removed, never followed.
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn base_runtime(spill: &Spill) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
@@ -659,6 +715,55 @@ async fn register_files(ctx: &SessionContext, ds: &DatasetConfig, location: &str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_spill_of_dead_processes_is_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("spill");
+        let dead = base.join("p4000000000"); // above any pid_max
+        let live = base.join("p1"); // init: always running
+        let own = base.join(format!("p{}", std::process::id()));
+        for d in [&dead, &live, &own] {
+            std::fs::create_dir_all(d.join("datafusion-x")).unwrap();
+            std::fs::write(d.join("datafusion-x/rows.arrow"), b"rows").unwrap();
+        }
+        std::fs::write(base.join("stray.arrow"), b"rows").unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, base.join("plink")).unwrap();
+
+        let spill = Spill::prepare(dir.path(), 1 << 20, 64 << 20).unwrap();
+        assert!(!dead.exists() && !base.join("stray.arrow").exists());
+        assert!(
+            live.join("datafusion-x/rows.arrow").exists(),
+            "a live process keeps its files"
+        );
+        assert!(!base.join("plink").exists());
+        assert!(
+            outside.join("keep").exists(),
+            "a symlink is removed, not followed"
+        );
+        match spill {
+            Spill::Directory {
+                path,
+                sort_reservation,
+                ..
+            } => {
+                assert_eq!(path, own);
+                assert!(path.is_dir() && std::fs::read_dir(&path).unwrap().next().is_none());
+                assert!((256 << 10..=10 << 20).contains(&sort_reservation));
+            }
+            Spill::Off => panic!("spilling was asked for"),
+        }
+        // Off still cleans up, and creates nothing.
+        assert!(matches!(
+            Spill::prepare(dir.path(), 0, 64 << 20).unwrap(),
+            Spill::Off
+        ));
+        assert!(!own.exists());
+        assert!(live.exists());
+    }
 
     #[test]
     fn queries_share_the_process_memory_and_return_it() {

@@ -104,7 +104,12 @@ impl App {
         let tls_files = tls_files(&config, &state);
         config.check_paths()?;
         let tls = server_tls(&tls_files)?;
-        let catalog = Arc::new(Catalog::open(&config).await?);
+        let spill = crate::catalog::Spill::prepare(
+            &config.server.state_dir,
+            config.limits.spill_space,
+            config.limits.query_memory,
+        )?;
+        let catalog = Arc::new(Catalog::open(&config, &spill).await?);
         let policy = Arc::new(match hooks.gate.take() {
             Some(gate) => PolicyHandle::fixed(gate),
             None => {

@@ -133,7 +133,9 @@ pub async fn check(
     config: &crate::config::Config,
     file: &Path,
 ) -> Result<String, UsagePolicyError> {
-    let catalog = Catalog::open(config).await?;
+    // A check runs no query: it must not touch a running server's spill
+    // directory.
+    let catalog = Catalog::open(config, &crate::catalog::Spill::Off).await?;
     let gate = compile(file, b"check", &catalog)?;
     Ok(gate.version().to_string())
 }

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use common::{Daemon, fetch, query, rows, status};
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::Float64Type;
 use futures::TryStreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -232,6 +234,38 @@ async fn memory_limit_gives_resource_exhausted_and_others_continue() {
         err.message()
     );
     assert!(daemon.is_running());
+    still_serving(&mut client).await;
+}
+
+/// A sort of a million rows does not fit in 16 MiB: it spills and
+/// completes in order; with 1 MiB of spill space it fails with
+/// RESOURCE_EXHAUSTED naming that limit (not as a failure while reading).
+#[tokio::test]
+async fn a_sort_beyond_its_memory_spills_until_the_spill_space_is_full() {
+    let sql = "SELECT trip_id, fare_eur FROM trips ORDER BY fare_eur, trip_id";
+    let (_dir, config) = config_with("query_memory = \"16MiB\"");
+    let daemon = Daemon::start_config(&config);
+    let mut client = daemon.client("planning").await;
+    let (_, batches) = query(&mut client, sql).await.unwrap();
+    assert_eq!(rows(&batches), 1_000_000);
+    let fares: Vec<f64> = batches
+        .iter()
+        .flat_map(|b| b.column(1).as_primitive::<Float64Type>().values().to_vec())
+        .collect();
+    assert!(fares.windows(2).all(|w| w[0] <= w[1]), "not in order");
+    drop(daemon);
+
+    let (_dir, config) = config_with("query_memory = \"16MiB\"\nspill_space = \"1MiB\"");
+    let daemon = Daemon::start_config(&config);
+    let mut client = daemon.client("planning").await;
+    let err = refusal(&mut client, sql).await;
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("limits.spill_space"),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("datafusion"), "{}", err.message());
     still_serving(&mut client).await;
 }
 

@@ -166,19 +166,14 @@ impl QueryError {
         if let Some(failed) = crate::catalog::find_source_error(err) {
             return Self::from_source(failed);
         }
+        if let Some(full) = spill_full(err, memory_limit) {
+            return full;
+        }
         match err.find_root() {
             DataFusionError::ResourcesExhausted(message)
                 if message.starts_with(crate::catalog::PROCESS_MEMORY_IN_USE) =>
             {
                 QueryError::ResourcesExhausted(format!("{message}; try again shortly"))
-            }
-            DataFusionError::ResourcesExhausted(message) if message.contains("spilling process") => {
-                QueryError::ResourcesExhausted(format!(
-                    "the query needs more memory than its limit of {} (limits.query_memory), and \
-                     what it spilled to disk beyond that filled the spill space all queries \
-                     share (limits.spill_space)",
-                    human_bytes(memory_limit)
-                ))
             }
             DataFusionError::ResourcesExhausted(_) => QueryError::ResourcesExhausted(format!(
                 "the query needs more memory than its limit of {} (limits.query_memory)",
@@ -471,6 +466,29 @@ impl From<sluice_audit::StoreError> for QueryError {
     }
 }
 
+/// A spill that did not fit: DataFusion's writer fails with an I/O error
+/// when the spill space is used up (or the disk is full), which would
+/// otherwise read as a failure while reading data. The error text is only
+/// searched, never passed on.
+fn spill_full(err: &DataFusionError, memory_limit: usize) -> Option<QueryError> {
+    let text = err.to_string();
+    let over_limit = text.contains("during the spilling process has exceeded");
+    let disk_full = text.contains("No space left on device");
+    if !(over_limit || disk_full) {
+        return None;
+    }
+    let what = if over_limit {
+        "filled the spill space all queries share (limits.spill_space)"
+    } else {
+        "filled the disk that holds the spill directory"
+    };
+    Some(QueryError::ResourcesExhausted(format!(
+        "the query needs more memory than its limit of {} (limits.query_memory), and what it \
+         spilled to disk beyond that {what}",
+        human_bytes(memory_limit)
+    )))
+}
+
 /// Budget refusals keep their message (what remains, what the query
 /// needs: facts about the caller's own budget); faults are logged and
 /// reported without paths.
@@ -577,11 +595,18 @@ mod tests {
 
     #[test]
     fn full_spill_space_is_reported_with_its_setting() {
-        // DataFusion's DiskManager, when the spill files outgrow its limit.
-        let full = DataFusionError::ResourcesExhausted(
+        // As DataFusion's spill writer fails when the spill files outgrow
+        // the DiskManager's limit: an I/O error inside an Arrow error.
+        let io = std::io::Error::other(
             "The used disk space during the spilling process has exceeded the allowable limit \
-             of 1.0 MB. Please try increasing the config: `datafusion.runtime.max_temp_directory_size`."
-                .into(),
+             of 1.0 MB. Please try increasing the config: `datafusion.runtime.max_temp_directory_size`.",
+        );
+        let full = DataFusionError::ArrowError(
+            Box::new(datafusion::arrow::error::ArrowError::IoError(
+                io.to_string(),
+                io,
+            )),
+            None,
         );
         let e = QueryError::from_execution(&full, 1 << 30);
         assert!(
@@ -589,6 +614,18 @@ mod tests {
                 if m.contains("limits.spill_space") && !m.contains("datafusion.runtime")),
             "{e:?}"
         );
+        let enospc = DataFusionError::IoError(std::io::Error::from_raw_os_error(28));
+        let e = QueryError::from_execution(&enospc, 1 << 30);
+        assert!(
+            matches!(&e, QueryError::ResourcesExhausted(m) if m.contains("filled the disk")),
+            "{e:?}"
+        );
+        // Any other I/O failure is still a failure while reading.
+        let other = DataFusionError::IoError(std::io::Error::other("short read"));
+        assert!(matches!(
+            QueryError::from_execution(&other, 1 << 30),
+            QueryError::DataDependent(_) | QueryError::Internal(_)
+        ));
     }
 
     #[test]
