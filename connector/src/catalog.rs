@@ -553,8 +553,15 @@ fn remove_stale_spill(base: &Path) -> std::io::Result<()> {
         Err(e) => return Err(e),
     };
     let own = std::process::id();
+    // Another connector starting on the same state directory may clean up
+    // at the same time: an entry that is already gone is not an error.
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     for entry in entries {
-        let entry = entry?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
         let live = entry
             .file_name()
             .to_str()
@@ -565,10 +572,14 @@ fn remove_stale_spill(base: &Path) -> std::io::Result<()> {
             continue;
         }
         // A symlink is removed, never followed.
-        if entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-        } else {
-            std::fs::remove_file(entry.path())?;
+        let removed = match entry.file_type() {
+            Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(entry.path()),
+            Ok(_) => std::fs::remove_file(entry.path()),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Err(e) if !gone(&e) => return Err(e),
+            _ => {}
         }
     }
     Ok(())
@@ -756,6 +767,19 @@ mod tests {
             }
             Spill::Off => panic!("spilling was asked for"),
         }
+        // Connectors starting together clean up together without failing.
+        for i in 0..20 {
+            std::fs::create_dir_all(
+                base.join(format!("p{}/datafusion-{i}/x", 4_000_000_000u32 + i)),
+            )
+            .unwrap();
+        }
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| remove_stale_spill(&base).unwrap());
+            }
+        });
+        assert!(live.exists());
         // Off still cleans up, and creates nothing.
         assert!(matches!(
             Spill::prepare(dir.path(), 0, 64 << 20).unwrap(),
