@@ -259,11 +259,7 @@ pub fn select_partitions_zcdp(
 ) -> Result<(Vec<(String, i64)>, ReleaseInfo)> {
     check_rho(rho)?;
     check_delta(delta, true)?;
-    check_contribution_bounds(sensitivity, max_groups)?;
-    let l0 = u32::try_from(max_groups)
-        .map_err(|_| invalid(format!("max_groups {max_groups} exceeds u32::MAX")))?;
-    let linf = i64::try_from(sensitivity)
-        .map_err(|_| invalid(format!("sensitivity {sensitivity} exceeds i64::MAX")))?;
+    let (l0, linf) = selection_bounds(sensitivity, max_groups)?;
     let l2 = l2_sensitivity(sensitivity, max_groups)?;
     let d_in = (l0, l2, linf as f64);
     let input = count_map(&counts)?;
@@ -285,11 +281,7 @@ pub fn select_partitions_zcdp(
         threshold: Some(threshold),
         rho: spent_rho,
     };
-    let kept = counts
-        .into_iter()
-        .filter_map(|(k, _)| noisy.get(&k).map(|&v| (k, v)))
-        .collect();
-    Ok((kept, info))
+    Ok((kept_in_order(counts, &noisy), info))
 }
 
 /// Private partition selection over per-key row counts.
@@ -310,11 +302,7 @@ pub fn select_partitions(
 ) -> Result<(Vec<(String, i64)>, ReleaseInfo)> {
     check_epsilon(epsilon)?;
     check_delta(delta, true)?;
-    check_contribution_bounds(sensitivity, max_groups)?;
-    let l0 = u32::try_from(max_groups)
-        .map_err(|_| invalid(format!("max_groups {max_groups} exceeds u32::MAX")))?;
-    let linf = i64::try_from(sensitivity)
-        .map_err(|_| invalid(format!("sensitivity {sensitivity} exceeds i64::MAX")))?;
+    let (l0, linf) = selection_bounds(sensitivity, max_groups)?;
     let input = count_map(&counts)?;
     let (noisy, info) = match family {
         NoiseFamily::Laplace => {
@@ -326,12 +314,27 @@ pub fn select_partitions(
             gaussian_threshold_release(&input, (l0, l2, linf as f64), epsilon, delta)?
         }
     };
-    // Keep the caller's order; HashMap order is arbitrary.
-    let kept = counts
+    Ok((kept_in_order(counts, &noisy), info))
+}
+
+/// The L0 and L∞ bounds of a selection, in the types OpenDP's threshold
+/// measurements take.
+fn selection_bounds(sensitivity: u64, max_groups: u64) -> Result<(u32, i64)> {
+    check_contribution_bounds(sensitivity, max_groups)?;
+    let l0 = u32::try_from(max_groups)
+        .map_err(|_| invalid(format!("max_groups {max_groups} exceeds u32::MAX")))?;
+    let linf = i64::try_from(sensitivity)
+        .map_err(|_| invalid(format!("sensitivity {sensitivity} exceeds i64::MAX")))?;
+    Ok((l0, linf))
+}
+
+/// The kept keys with their noisy counts, in the caller's order (a
+/// HashMap's order is arbitrary).
+fn kept_in_order(counts: Vec<(String, i64)>, noisy: &HashMap<String, i64>) -> Vec<(String, i64)> {
+    counts
         .into_iter()
         .filter_map(|(k, _)| noisy.get(&k).map(|&v| (k, v)))
-        .collect();
-    Ok((kept, info))
+        .collect()
 }
 
 /// Private `alpha`-quantile of one group's values over declared candidates.
