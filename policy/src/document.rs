@@ -417,12 +417,14 @@ pub struct DpRule {
     /// Total budget per period, keyed to the organization.
     #[serde(default)]
     pub budget: Option<DpBudget>,
-    /// Groups one privacy unit may contribute to (default 1).
+    /// Groups one privacy unit may contribute to (default 1), or `auto`:
+    /// chosen for each query from the data, privately.
     #[serde(default)]
-    pub max_groups: Option<u64>,
-    /// Rows one privacy unit may contribute to one group (default 1).
+    pub max_groups: Option<Limit>,
+    /// Rows one privacy unit may contribute to one group (default 1), or
+    /// `auto`.
     #[serde(default)]
-    pub max_rows: Option<u64>,
+    pub max_rows: Option<Limit>,
     /// `laplace` (default) or `gaussian`.
     #[serde(default)]
     pub noise: NoiseKind,
@@ -443,6 +445,35 @@ pub struct DpRule {
     /// estimates) to 0.5; default 0.1.
     #[serde(default)]
     pub bias_share: Option<f64>,
+    /// Share of each query's ε spent choosing the bounds written `auto`
+    /// (from 0.01 to 0.5; default 0.1). Spent only by queries that use one.
+    #[serde(default)]
+    pub auto_share: Option<f64>,
+}
+
+/// A contribution limit: a number, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged, expecting = "a whole number of at least 1, or `auto`")]
+pub enum Limit {
+    Fixed(u64),
+    Chosen(Auto),
+}
+
+/// The word `auto`: a bound each query chooses from the data with a DP
+/// quantile paid from its own ε (docs/privacy.md, "Bounds chosen from the
+/// data").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Auto {
+    Auto,
+}
+
+/// A numeric column's clamping bounds: `[lower, upper]`, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged, expecting = "`[lower, upper]` (two numbers) or `auto`")]
+pub enum ValueBounds {
+    Fixed([f64; 2]),
+    Chosen(Auto),
 }
 
 /// The noise family of a DP grant.
@@ -460,7 +491,8 @@ pub enum NoiseKind {
 pub struct DpColumn {
     /// `[lower, upper]`: values are clamped into this range before they are
     /// aggregated; the sensitivity follows from it, never from the data.
-    pub bounds: [f64; 2],
+    /// `auto`: each query chooses the range with DP quantiles first.
+    pub bounds: ValueBounds,
     /// Candidate values for median and quantiles: a list, or a number of
     /// evenly spaced points between the bounds (default 101).
     #[serde(default)]

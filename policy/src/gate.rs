@@ -445,12 +445,11 @@ impl PlanGate for PolicyGate {
         }
         if let Some(query) = &dp {
             rules.push(format!(
-                "{}.dp (ε = {}, δ = {}, max_groups = {}, max_rows = {}; {})",
+                "{}.dp (ε = {}, δ = {}, {}; {})",
                 resolved.grants[&query.dataset].rule,
                 query.epsilon,
                 query.delta,
-                query.max_groups,
-                query.max_rows,
+                query.limits_summary(),
                 query.split_summary()
             ));
         }

@@ -38,8 +38,10 @@ pub struct CatalogColumn {
     pub visibility: Visibility,
     pub class: Class,
     pub tags: Vec<Tag>,
-    /// Clamping bounds under differential privacy.
+    /// Clamping bounds under differential privacy (fixed ones only).
     pub dp_bounds: Option<[f64; 2]>,
+    /// Under differential privacy, each query chooses the bounds (`auto`).
+    pub dp_bounds_auto: bool,
 }
 
 /// How results of an offer may leave.
@@ -207,11 +209,27 @@ fn dp_guarantee(dp: &DpGrant) -> String {
         ),
         None => "composed over every query; no total budget is set, so the bound grows with each query (spend is still recorded)".to_string(),
     };
+    let limit = |chosen: bool, fixed: u64, what: &str| match chosen {
+        true => format!("{what} (a number each query chooses from the data, privately)"),
+        false => format!("{fixed} {what}"),
+    };
+    let auto_columns = match dp.auto.columns.is_empty() {
+        true => String::new(),
+        false => format!(
+            " ({} with bounds each query chooses from the data, privately)",
+            dp.auto
+                .columns
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     format!(
-        "ε-differential privacy per query (ε ≤ {}{delta}), {budget}. Results are noisy; each unit counts in at most {} group(s) with at most {} row(s) each, and values are clamped to the declared bounds.",
+        "ε-differential privacy per query (ε ≤ {}{delta}), {budget}. Results are noisy; each unit counts in at most {} with at most {} each, and values are clamped to the declared bounds{auto_columns}.",
         number(dp.epsilon_cap),
-        dp.max_groups,
-        dp.max_rows
+        limit(dp.auto.max_groups, dp.max_groups, "group(s)"),
+        limit(dp.auto.max_rows, dp.max_rows, "row(s)")
     )
 }
 
@@ -230,10 +248,13 @@ fn catalog_columns(dataset: &DatasetRules, grant: &DatasetGrant) -> Vec<CatalogC
         .into_iter()
         .map(|(field, visibility)| {
             let class = dataset.class_of(field.name());
-            let dp_bounds = grant
-                .dp
-                .as_ref()
+            let dp = grant.dp.as_ref();
+            let dp_bounds_auto = dp.is_some_and(|dp| dp.auto.columns.contains_key(field.name()));
+            // An auto column's compiled bounds are the grid's worst case,
+            // not bounds any answer uses.
+            let dp_bounds = dp
                 .and_then(|dp| dp.columns.get(field.name()))
+                .filter(|_| !dp_bounds_auto)
                 .map(|b| [b.lower, b.upper]);
             CatalogColumn {
                 field,
@@ -241,6 +262,7 @@ fn catalog_columns(dataset: &DatasetRules, grant: &DatasetGrant) -> Vec<CatalogC
                 class: class.class,
                 tags: class.tags,
                 dp_bounds,
+                dp_bounds_auto,
             }
         })
         .collect()

@@ -317,10 +317,11 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
     let stats_plan = without_unused_columns(&query.stats_plan);
     // Everything the noisy answer depends on: the bounded statistics plan
     // (clamps, per-unit caps), each statistic's sensitivity and share, the
-    // groups and the noise, so that a query decided under other DP terms
-    // (say, a broker's stricter grant) never gets this answer.
+    // groups, the noise and the bounds it chooses from the data, so that a
+    // query decided under other DP terms (say, a broker's stricter grant)
+    // never gets this answer.
     let text = format!(
-        "{}\n{}\n{}\n{}\n{:?}\n{}\n{}\n{:?}\n{:?}\n{:?}\n{:?} {} {}\n{}",
+        "{}\n{}\n{}\n{}\n{:?}\n{}\n{}\n{:?}\n{:?}\n{:?}\n{:?} {} {}\n{}\n{:?} {}",
         charge.key,
         charge.dataset,
         charge.epsilon,
@@ -334,7 +335,9 @@ fn cache_key(charge: &PrivacyCharge, query: &DpQuery) -> String {
         query.noise,
         query.max_groups,
         query.max_rows,
-        query.data_version
+        query.data_version,
+        query.auto.as_ref().map(|auto| &auto.choices),
+        query.auto_epsilon,
     );
     digest::digest(&digest::SHA256, text.as_bytes())
         .as_ref()

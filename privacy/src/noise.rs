@@ -36,6 +36,11 @@
 //!   group, which is the symmetric distance handed to OpenDP's exponential
 //!   mechanism over the declared candidates. The caller divides ε across
 //!   groups before calling.
+//! * **Bounds.** A bound chosen from the data ([`release_bound`]) is an
+//!   exponential mechanism too: OpenDP's noisy max over quantile scores we
+//!   compute, one value per unit, plus a data-independent preference for
+//!   smaller candidates (OpenDP's quantile picks uniformly among the
+//!   candidates above the data, a bound of 10^9 as often as a tight one).
 //!
 //! OpenDP rounds privacy maps conservatively (up), so a scale computed in
 //! closed form can be charged a hair more than the requested ε; every scale is
@@ -56,14 +61,16 @@ use opendp::{
     domains::{AtomDomain, MapDomain, VectorDomain},
     measurements::{
         make_gaussian, make_gaussian_threshold, make_laplace, make_laplace_threshold,
-        make_private_quantile,
+        make_noisy_max, make_private_quantile,
     },
     measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence},
     metrics::{
-        AbsoluteDistance, L1Distance, L01InfDistance, L2Distance, L02InfDistance, SymmetricDistance,
+        AbsoluteDistance, L1Distance, L01InfDistance, L2Distance, L02InfDistance, LInfDistance,
+        SymmetricDistance,
     },
     traits::{InfMul, InfSqrt},
 };
+use sluice_policy::dp::grid_positions::{below_and_above, grid_position};
 
 /// Which noise distribution to add.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +104,22 @@ pub struct ReleaseInfo {
     /// ρ charged by OpenDP's zCDP map, for releases calibrated in ρ
     /// ([`release_integers_zcdp`], [`select_partitions_zcdp`]); 0 otherwise.
     pub rho: f64,
+}
+
+impl ReleaseInfo {
+    /// A pure-DP choice among candidates (a quantile, a bound): no δ, no
+    /// confidence interval, `scale` in rank units.
+    fn selection(mechanism: &'static str, scale: f64, epsilon: f64) -> Self {
+        Self {
+            mechanism,
+            scale,
+            epsilon,
+            delta: 0.0,
+            ci95_half_width: 0.0,
+            threshold: None,
+            rho: 0.0,
+        }
+    }
 }
 
 /// Why a release was refused. Messages never contain data values or keys.
@@ -372,16 +395,128 @@ pub fn release_quantile(
     check_spent(spent, epsilon, 0.0, 0.0)?;
     let finite: Vec<f64> = values.into_iter().filter(|v| !v.is_nan()).collect();
     let out = meas.invoke(&finite)?;
-    let info = ReleaseInfo {
-        mechanism: "private_quantile",
+    Ok((
+        out,
+        ReleaseInfo::selection("private_quantile", scale, spent),
+    ))
+}
+
+/// Denominator of a bound's quantile level: scores are integers in units
+/// of 1/10,000 of a value's rank.
+const BOUND_ALPHA_DENOMINATOR: u64 = 10_000;
+/// How many noise scales each step up the candidate grid costs a bound.
+const BOUND_STEP_SCALES: f64 = 2.0;
+
+/// Private `alpha`-quantile of `values` (one per privacy unit: adding or
+/// removing a unit adds or removes one value) among `candidates`, for a
+/// bound that tightly covers the data.
+///
+/// Each candidate `c` scores `|(1 - α)·#(x < c) - α·#(x > c)|` (in units
+/// of 1/10,000; one unit moves it by at most `max(α, 1 - α)`) plus two
+/// noise scales per grid step above the smallest candidate
+/// ([`BOUND_STEP_SCALES`]). That term does not depend on the data, so it
+/// changes neither the sensitivity nor the privacy; it breaks the tie
+/// between the candidates above every value (which all score `(1 - α)·n`)
+/// in favour of the smallest (e^-2 less likely per step up), and moves an
+/// interior choice down by about two noise scales of rank. OpenDP's noisy max picks the lowest noisy score and
+/// charges its own privacy map. NaN values are dropped (a per-unit filter).
+pub fn release_bound(
+    values: Vec<f64>,
+    candidates: &[f64],
+    alpha: f64,
+    epsilon: f64,
+) -> Result<(f64, ReleaseInfo)> {
+    BoundMechanism::new(candidates, alpha, epsilon)?.release(values)
+}
+
+/// [`release_bound`]'s mechanism, calibrated once for any number of draws.
+pub struct BoundMechanism {
+    candidates: Vec<f64>,
+    /// α and 1 - α in units of 1/[`BOUND_ALPHA_DENOMINATOR`].
+    above: u64,
+    below: u64,
+    /// The data-independent score added per grid step.
+    step: u64,
+    measurement: BoundChoice,
+    info: ReleaseInfo,
+}
+
+impl BoundMechanism {
+    pub fn new(candidates: &[f64], alpha: f64, epsilon: f64) -> Result<Self> {
+        check_epsilon(epsilon)?;
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(invalid(format!("alpha {alpha} must be within [0, 1]")));
+        }
+        let candidates = clean_candidates(candidates)?;
+        let den = BOUND_ALPHA_DENOMINATOR;
+        let above = (alpha * den as f64).round() as u64;
+        let d_in = above.max(den - above);
+        let guess = 2.0 * d_in as f64 / epsilon;
+        let scale = calibrate_scale(guess, epsilon, |s| Ok(bound_measurement(s)?.map(&d_in)?))?;
+        let measurement = bound_measurement(scale)?;
+        let spent = measurement.map(&d_in)?;
+        check_spent(spent, epsilon, 0.0, 0.0)?;
+        Ok(Self {
+            candidates,
+            above,
+            below: den - above,
+            step: (BOUND_STEP_SCALES * scale).ceil() as u64,
+            measurement,
+            info: ReleaseInfo::selection("private_bound", scale, spent),
+        })
+    }
+
+    /// One draw over `values` (one per unit; NaN dropped).
+    pub fn release(&self, values: Vec<f64>) -> Result<(f64, ReleaseInfo)> {
+        let mut counts = vec![0u64; 2 * self.candidates.len() + 1];
+        for at in values
+            .into_iter()
+            .filter_map(|v| grid_position(&self.candidates, v))
+        {
+            counts[at] += 1;
+        }
+        self.release_counts(&counts)
+    }
+
+    /// One draw over values already counted per position on the candidate
+    /// grid (`sluice_policy::dp::grid_positions`: `2m + 1` counts for `m`
+    /// candidates).
+    pub fn release_counts(&self, counts: &[u64]) -> Result<(f64, ReleaseInfo)> {
+        if counts.len() != 2 * self.candidates.len() + 1 {
+            return Err(invalid(format!(
+                "{} position counts for {} candidates",
+                counts.len(),
+                self.candidates.len()
+            )));
+        }
+        let scores: Vec<u64> = below_and_above(counts)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (lt, gt))| {
+                let score = self
+                    .below
+                    .saturating_mul(lt)
+                    .abs_diff(self.above.saturating_mul(gt));
+                score.saturating_add(self.step.saturating_mul(i as u64))
+            })
+            .collect();
+        let index = self.measurement.invoke(&scores)?;
+        Ok((self.candidates[index], self.info.clone()))
+    }
+}
+
+type BoundChoice =
+    Measurement<VectorDomain<AtomDomain<u64>>, LInfDistance<u64>, MaxDivergence, usize>;
+
+/// Report-noisy-min over integer scores (OpenDP's noisy max, negated).
+fn bound_measurement(scale: f64) -> Result<BoundChoice> {
+    Ok(make_noisy_max(
+        VectorDomain::new(AtomDomain::<u64>::default()),
+        LInfDistance::default(),
+        MaxDivergence,
         scale,
-        epsilon: spent,
-        delta: 0.0,
-        ci95_half_width: 0.0,
-        threshold: None,
-        rho: 0.0,
-    };
-    Ok((out, info))
+        true,
+    )?)
 }
 
 /// ε that OpenDP charges for discrete Laplace noise of `scale` on integer

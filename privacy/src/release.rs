@@ -11,14 +11,14 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
-    DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema, SchemaRef,
+    DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema, SchemaRef, UInt64Type,
 };
 use datafusion::arrow::error::ArrowError;
 use datafusion::common::ScalarValue;
 use sluice_policy::document::NoiseKind;
 use sluice_policy::dp::{
-    BiasKind, BiasStatistic, ColumnBounds, DpQuery, Groups, OutputKind, Statistic, StatisticKind,
-    zcdp,
+    BiasKind, BiasStatistic, Chosen, ColumnBounds, DpQuery, Groups, OutputKind, Statistic,
+    StatisticKind, zcdp,
 };
 
 use crate::noise::{self, NoiseError, NoiseFamily, ReleaseInfo};
@@ -134,6 +134,55 @@ fn group_values(column: &ArrayRef, row: usize, max_rows: u64) -> Vec<f64> {
         out.extend(values.into_iter().step_by(stride).take(max_rows as usize));
     }
     out
+}
+
+/// The bounds a query with `auto` bounds runs with: one DP quantile per
+/// choice over its column of the auto plan's counts per grid position
+/// (`batches`: one row; units' values counted, never held here), each
+/// from [`DpQuery::auto_epsilon_per_release`] at symmetric distance 1 (one
+/// row per unit). Blocking: call it on a blocking thread.
+pub fn choose_bounds(
+    query: &DpQuery,
+    batches: &[RecordBatch],
+) -> Result<Vec<Chosen>, ReleaseError> {
+    let Some(bounds) = &query.auto else {
+        return Ok(Vec::new());
+    };
+    let epsilon = query.auto_epsilon_per_release();
+    let mut chosen = Vec::with_capacity(bounds.choices.len());
+    for choice in &bounds.choices {
+        // Summed over batches and rows (one row, but a plan may split it).
+        let mut counts = vec![0u64; 2 * choice.candidates.len() + 1];
+        for batch in batches {
+            let column = batch
+                .column_by_name(&choice.column)
+                .ok_or_else(|| ReleaseError::MissingColumn(choice.column.clone()))?;
+            let lists = column
+                .as_list_opt::<i32>()
+                .ok_or_else(|| ReleaseError::UnexpectedType(column.data_type().clone()))?;
+            for partial in lists.iter().flatten() {
+                let partial = partial
+                    .as_primitive_opt::<UInt64Type>()
+                    .ok_or_else(|| ReleaseError::UnexpectedType(partial.data_type().clone()))?;
+                if partial.len() != counts.len() {
+                    return Err(ReleaseError::PositionCounts {
+                        got: partial.len(),
+                        expected: counts.len(),
+                    });
+                }
+                for (total, n) in counts.iter_mut().zip(partial.values()) {
+                    *total += n;
+                }
+            }
+        }
+        let mechanism = noise::BoundMechanism::new(&choice.candidates, choice.quantile, epsilon)?;
+        let (value, _) = mechanism.release_counts(&counts)?;
+        chosen.push(Chosen {
+            value,
+            quantile: choice.quantile,
+        });
+    }
+    Ok(chosen)
 }
 
 /// The noisy aggregate: rows in the aggregate's schema, with metadata.
@@ -696,6 +745,8 @@ pub enum ReleaseError {
     UnexpectedType(DataType),
     #[error("a private selection of groups without row counts")]
     NoRowCounts,
+    #[error("{got} counts per grid position where the grid has {expected} positions")]
+    PositionCounts { got: usize, expected: usize },
     #[error("building the noisy answer failed: {0}")]
     Arrow(#[from] ArrowError),
     #[error("reading the statistics failed: {0}")]
@@ -737,6 +788,12 @@ pub const MAX_NOISE_SCALE: f64 = (1u64 << 56) as f64;
 /// noise step at DoGet impossible for anything but the data.
 pub fn announced(query: &DpQuery) -> Result<(SchemaRef, String), PlanNoiseError> {
     let family = family(query.noise);
+    if let Some(bounds) = &query.auto {
+        let epsilon = query.auto_epsilon_per_release();
+        for choice in &bounds.choices {
+            noise::BoundMechanism::new(&choice.candidates, choice.quantile, epsilon)?;
+        }
+    }
     let infos = query
         .statistics
         .iter()

@@ -19,14 +19,15 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt64Type};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
+use sluice_policy::dp::grid_positions::grid_position;
 use sluice_policy::dp::{BiasKind, DpQuery, Groups, zcdp};
 use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
 use sluice_privacy::release::{
@@ -128,7 +129,10 @@ fn session(rows: &[(String, String, f64)]) -> SessionContext {
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.1.clone()),
         )),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+        // NaN in a row stands for NULL.
+        Arc::new(Float64Array::from_iter(
+            rows.iter().map(|r| (!r.2.is_nan()).then_some(r.2)),
+        )),
         Arc::new(
             TimestampMicrosecondArray::from_iter_values(
                 (0..rows.len()).map(|i| hour_of(i / 3, i % 3)),
@@ -652,4 +656,223 @@ fn bias_estimates_are_close_to_the_true_fractions() {
             .metadata()
             .contains_key(sluice_proto::wire::dp::BIAS_CLAMPED)
     );
+}
+
+/// `max_rows: auto` and `bounds: auto` on `x`, with half of each query's ε
+/// for choosing them.
+fn auto_policy() -> String {
+    POLICY
+        .replace("max_rows: 5", "max_rows: auto")
+        .replace("x: { bounds: [0, 10] }", "x: { bounds: auto }")
+        .replace("cache: false", "cache: false\n          auto_share: 0.5")
+}
+
+/// The per-unit rows an `auto` query chooses its bounds from.
+fn auto_rows(query: &DpQuery, rows: &[(String, String, f64)]) -> Vec<RecordBatch> {
+    let ctx = session(rows);
+    let plan = analyze(&ctx, query.auto.as_ref().expect("auto bounds").plan.clone());
+    runtime().block_on(async {
+        let physical = ctx.state().create_physical_plan(&plan).await.unwrap();
+        datafusion::physical_plan::collect(physical, ctx.task_ctx())
+            .await
+            .unwrap()
+    })
+}
+
+/// A choice's counts per grid position (summed over the plan's rows).
+fn position_counts(batches: &[RecordBatch], name: &str) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    for batch in batches {
+        let lists = batch.column_by_name(name).unwrap().as_list::<i32>();
+        for partial in lists.iter().flatten() {
+            let partial = partial.as_primitive::<UInt64Type>();
+            out.resize(out.len().max(partial.len()), 0);
+            for (total, n) in out.iter_mut().zip(partial.values()) {
+                *total += n;
+            }
+        }
+    }
+    out
+}
+
+/// Counts over the `full` grid moved onto `subset`, a run of its
+/// candidates: each full position lies in exactly one subset position.
+fn restricted_counts(full: &[f64], counts: &[u64], subset: &[f64]) -> Vec<u64> {
+    let mut out = vec![0; 2 * subset.len() + 1];
+    for (at, n) in counts.iter().enumerate() {
+        let moved = match at % 2 {
+            // Exactly full[i]: where that value lies on the subset.
+            1 => grid_position(subset, full[at / 2]).unwrap(),
+            // Strictly between full[i - 1] and full[i]: below every
+            // subset candidate from full[i] up, above the others.
+            _ => {
+                let next = full.get(at / 2).copied().unwrap_or(f64::INFINITY);
+                2 * subset.partition_point(|c| *c < next)
+            }
+        };
+        out[moved] += n;
+    }
+    out
+}
+
+/// Bounds chosen from the data are a release too. On neighbouring datasets
+/// (one unit with five rows of the largest value, or not), each choice's
+/// counts per grid position differ by one at one position (its input is at
+/// symmetric distance 1); the choice of `x`'s upper bound (100,000 draws per
+/// side at ε = ln 3) keeps δ̂ within the limit, with a power check at four
+/// times that ε (δ̂ about 0.12 there, against the limit of 0.04). The
+/// choices' ε is the query's `auto` share, and the shares of the whole
+/// query add up to its ε.
+#[test]
+fn auto_bounds_are_private_on_neighbouring_datasets() {
+    use sluice_policy::dp::AutoKind;
+    use sluice_privacy::noise::BoundMechanism;
+
+    let sql = "SELECT sum(x) FROM t";
+    // The victim's value (7) just above everyone else's (at most 6): the
+    // neighbour that moves the likeliest candidates most, so that the
+    // check at four times the ε has the power to fail.
+    let mut with = dataset(true, "common");
+    for row in with.iter_mut().filter(|row| row.0 == "victim") {
+        row.2 = 7.0;
+    }
+    // And a unit whose values are all NULL: it has rows, so it counts for
+    // `max_rows`, but no value, so the value bounds leave it out.
+    let mut without = dataset(false, "common");
+    for rows in [&mut with, &mut without] {
+        rows.extend((0..2).map(|_| ("blank".to_string(), "common".to_string(), f64::NAN)));
+    }
+    let (query, _) = prepare(&auto_policy(), &with, sql);
+    let bounds = query.auto.as_ref().expect("the query chooses its bounds");
+    let kinds: Vec<AutoKind> = bounds.choices.iter().map(|c| c.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [
+            AutoKind::MaxRows,
+            AutoKind::Upper("x".into()),
+            AutoKind::Lower("x".into())
+        ]
+    );
+    let parts = query.auto_epsilon
+        + query.bias_epsilon
+        + query.statistics.iter().map(|s| s.epsilon).sum::<f64>();
+    assert!(
+        (parts - query.epsilon).abs() <= 1e-15,
+        "{parts} vs {}",
+        query.epsilon
+    );
+    assert!((query.auto_epsilon - query.epsilon / 2.0).abs() <= 1e-15);
+    let epsilon = query.auto_epsilon_per_release();
+    assert!((epsilon * 3.0 - query.auto_epsilon).abs() <= 1e-15);
+
+    let (query_without, _) = prepare(&auto_policy(), &without, sql);
+    let (rows_with, rows_without) = (
+        auto_rows(&query, &with),
+        auto_rows(&query_without, &without),
+    );
+    for choice in &bounds.choices {
+        let (a, b) = (
+            position_counts(&rows_with, &choice.column),
+            position_counts(&rows_without, &choice.column),
+        );
+        assert_eq!(
+            a.len(),
+            2 * choice.candidates.len() + 1,
+            "{:?}",
+            choice.kind
+        );
+        // One value per unit, the blank one only where it has one.
+        let blank = u64::from(choice.kind == AutoKind::MaxRows);
+        assert_eq!(a.iter().sum::<u64>(), 21 + blank, "{:?}", choice.kind);
+        assert_eq!(b.iter().sum::<u64>(), 20 + blank, "{:?}", choice.kind);
+        // The extra unit's value is counted at one position, once.
+        let moved: Vec<u64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+        assert_eq!(
+            moved.iter().filter(|d| **d == 1).count(),
+            1,
+            "{:?}",
+            choice.kind
+        );
+    }
+
+    // The mechanism, at ε = ln 3 (the query's own share is too small for
+    // 100,000 draws to tell apart from a broken one), over the grid's
+    // candidates from 0.5 to 48 (exact Gumbel draws are slow in a debug
+    // build; the candidates above the data all behave alike).
+    let upper = &bounds.choices[1];
+    let candidates: Vec<f64> = upper
+        .candidates
+        .iter()
+        .copied()
+        .filter(|c| (0.5..=48.0).contains(c))
+        .collect();
+    let epsilon = 3f64.ln();
+    let draw = |rows: &[RecordBatch], epsilon: f64| -> Vec<Option<f64>> {
+        let full = position_counts(rows, &upper.column);
+        let counts = restricted_counts(&upper.candidates, &full, &candidates);
+        let mechanism = BoundMechanism::new(&candidates, upper.quantile, epsilon).unwrap();
+        (0..DRAWS)
+            .map(|_| Some(mechanism.release_counts(&counts).unwrap().0))
+            .collect()
+    };
+    let delta = estimated_delta(
+        &draw(&rows_with, epsilon),
+        &draw(&rows_without, epsilon),
+        epsilon,
+    );
+    assert!(
+        delta <= DELTA_LIMIT,
+        "upper bound: estimated δ = {delta} at ε = {epsilon}"
+    );
+    let broken = estimated_delta(
+        &draw(&rows_with, 4.0 * epsilon),
+        &draw(&rows_without, 4.0 * epsilon),
+        epsilon,
+    );
+    assert!(
+        broken > DELTA_LIMIT,
+        "the test cannot see four times the ε (δ = {broken})"
+    );
+    eprintln!("auto upper bound: estimated δ = {delta:.4}; at 4ε {broken:.4}");
+}
+
+/// Planned again with the bounds it chose, the query's statistics follow
+/// them (sensitivities from the chosen `max_rows` and range), its shares
+/// are unchanged, and under zCDP it charges the ρ it reserved.
+#[test]
+fn a_query_planned_with_chosen_bounds_keeps_its_charge() {
+    use sluice_policy::dp::Chosen;
+
+    for policy in [auto_policy(), auto_policy().replace("max_groups: 1", "max_groups: 1\n          noise: gaussian\n          budget: { epsilon: 10, delta: 1.0e-5, accounting: zcdp }")] {
+        let rows = dataset(true, "common");
+        let (query, _) = prepare(&policy, &rows, "SELECT count(*), sum(x) FROM t");
+        let chosen = [
+            Chosen { value: 3.0, quantile: 0.99 },
+            Chosen { value: 6.0, quantile: 0.99 },
+            Chosen { value: 0.0, quantile: 0.99 },
+        ];
+        let planned = query.with_chosen(&chosen).unwrap();
+        assert!(planned.auto.is_none());
+        assert_eq!(planned.max_rows, 3);
+        let sum = planned
+            .statistics
+            .iter()
+            .find(|s| matches!(s.kind, sluice_policy::dp::StatisticKind::Sum(_)))
+            .unwrap();
+        // 3 rows of at most 6, in fixed point (6 · 2^17 = 786,432 per row).
+        assert_eq!(sum.sensitivity, 3 * 786_432);
+        assert_eq!(planned.epsilon, query.epsilon);
+        assert_eq!(planned.auto_epsilon, query.auto_epsilon);
+        assert_eq!(planned.bias_epsilon, query.bias_epsilon);
+        let eps = |q: &DpQuery| q.statistics.iter().map(|s| s.epsilon).collect::<Vec<_>>();
+        assert_eq!(eps(&planned), eps(&query));
+        assert_eq!(planned.zcdp, query.zcdp);
+        let chosen_bounds = planned.chosen.as_ref().unwrap();
+        assert_eq!(chosen_bounds.columns["x"].0, [0.0, 6.0]);
+        assert!(planned.split_summary().contains("choosing bounds (max_rows, upper bound of x, lower bound of x)"), "{}", planned.split_summary());
+        // A value that is not a candidate is refused (a bug, not data).
+        let mut wrong = chosen;
+        wrong[0].value = 5.0;
+        assert!(query.with_chosen(&wrong).is_err());
+    }
 }

@@ -60,6 +60,9 @@ pub mod dp {
     /// Schema metadata: how ε was divided between the statistics, and what
     /// the whole query spent.
     pub const BUDGET_SPLIT: &str = "sluice.dp.budget_split";
+    /// Schema metadata of a query over `auto` bounds: the bounds it chose
+    /// from the data, their quantiles and what choosing them cost.
+    pub const AUTO_BOUNDS: &str = "sluice.dp.auto_bounds";
     pub const QUERY_EPSILON: &str = "sluice.dp.query_epsilon";
     pub const QUERY_DELTA: &str = "sluice.dp.query_delta";
     /// Schema metadata under `accounting: zcdp`: the ρ the query is charged

@@ -3,6 +3,7 @@ driver) and pyarrow.flight, over mTLS, for the demo's research institute,
 which may read `trips` only under differential privacy."""
 
 import math
+import re
 import subprocess
 
 import adbc_driver_manager
@@ -168,13 +169,24 @@ def _epsilon_of(rho: float, delta: float) -> float:
 def zcdp_daemon(tmp_path_factory):
     """The demo, with the research grant's budget composing in zCDP (3 ε and
     1e-6 δ a month, Gaussian noise), in a state directory of its own."""
-    state = tmp_path_factory.mktemp("zcdp-state")
+    yield from _demo_daemon_with(tmp_path_factory, "zcdp", {
+        "budget: { epsilon: 10.0, delta: 1.0e-6, period: month }": ZCDP_BUDGET,
+        "noise: laplace": "noise: gaussian",
+    })
+
+
+def _demo_daemon_with(tmp_path_factory, name: str, changes: dict):
+    """A daemon over the demo, in a state directory of its own, with its
+    policy changed as `changes` says (each text found exactly once), and the
+    research institute's agreement in place."""
+    state = tmp_path_factory.mktemp(f"{name}-state")
     subprocess.run([sluice_bin(), "init", "--state-dir", str(state)], check=True, capture_output=True)
     text = DEMO_POLICY.read_text()
-    old_budget = "budget: { epsilon: 10.0, delta: 1.0e-6, period: month }"
-    assert text.count(old_budget) == 1 and text.count("noise: laplace") == 1
-    policy = state / "zcdp-policy.yaml"
-    policy.write_text(text.replace(old_budget, ZCDP_BUDGET).replace("noise: laplace", "noise: gaussian"))
+    for old, new in changes.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    policy = state / f"{name}-policy.yaml"
+    policy.write_text(text)
     daemon = Daemon(state, "--policy", str(policy))
     try:
         ensure_research_agreement(daemon)
@@ -227,3 +239,83 @@ def test_zcdp_budget_admits_the_queries_its_rho_allows(zcdp_daemon):
     assert lines[0].rho_spent == pytest.approx(admitted * rho, rel=1e-9)
     assert lines[0].epsilon_spent == pytest.approx(_epsilon_of(admitted * rho, conversion_delta), abs=1e-8)
     assert lines[0].delta_spent == pytest.approx(conversion_delta)
+
+
+# Bounds chosen from the data ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def auto_daemon(tmp_path_factory):
+    """The demo, with the research grant's `max_groups`, `max_rows` and
+    fare bounds written `auto`, in a state directory of its own."""
+    yield from _demo_daemon_with(tmp_path_factory, "auto", {
+        "max_groups: 10\n": "max_groups: auto\n",
+        "max_rows: 50\n": "max_rows: auto\n",
+        "fare_eur: { bounds: [0, 10] }": "fare_eur: { bounds: auto }",
+    })
+
+
+def _exact_by_mode(daemon) -> dict:
+    import pyarrow.parquet as pq
+
+    trips = pq.read_table(daemon.state_dir / "data" / "trips.parquet", columns=["mode"])
+    counts = trips.group_by("mode").aggregate([("mode", "count")]).to_pylist()
+    return {row["mode"]: row["mode_count"] for row in counts if row["mode"] != "ferry"}
+
+
+def test_auto_bounds_are_chosen_privately_and_reported(auto_daemon):
+    """The README's query over `auto` bounds: 10% of its ε chooses them (DP
+    quantiles of per-card contributions and fares), the answer says which
+    were chosen and at what cost, and the counts stay close to the exact ones.
+
+    False alarms: the upper fare bound is 6 (every card's largest fare is
+    below 5.4) unless the mechanism climbs five grid steps (e^-10); max_rows
+    outside [16, 128] needs at least 26 noise scales of rank or three steps
+    beyond the data (below e^-6); a count more than 15% off needs noise of
+    over 7 scales (e^-7) on top of the caps' at most 12% bias. Together
+    below 2e-3."""
+    client = flight_client(auto_daemon, "research")
+    table = _run(client, BY_MODE, "0.5")
+    metadata = table.schema.metadata
+    sentence = metadata[b"sluice.dp.auto_bounds"].decode()
+    max_rows = int(re.search(r"max_rows = (\d+)", sentence).group(1))
+    lower, upper = map(float, re.search(r"fare_eur in \[([-0-9.e]+), ([-0-9.e]+)\]", sentence).groups())
+    assert 16 <= max_rows <= 128, sentence
+    assert lower == 0.0 and upper in (6.0, 8.0, 12.0, 16.0, 24.0), sentence
+    assert "max_groups = " in sentence and "differential privacy" in sentence, sentence
+    split = metadata[b"sluice.dp.budget_split"].decode()
+    share = split.split("choosing bounds (max_groups, max_rows, upper bound of fare_eur, "
+                        "lower bound of fare_eur) ε ")[1]
+    assert float(share) == pytest.approx(0.05), split
+    assert float(metadata[b"sluice.dp.query_epsilon"]) == 0.5
+    # The bias estimate names the cap that was chosen.
+    assert f"max_rows = {max_rows}" in metadata[b"sluice.dp.bias"].decode()
+    exact = _exact_by_mode(auto_daemon)
+    for row in table.to_pylist():
+        assert row["trips"] == pytest.approx(exact[row["mode"]], rel=0.15), (row, exact, sentence)
+        assert 0 <= row["fare"] <= upper
+
+
+def test_explain_policy_says_which_bounds_are_auto(auto_daemon):
+    client = flight_client(auto_daemon, "research")
+    table = _run(client, "EXPLAIN POLICY SELECT start_zone, count(*) FROM trips GROUP BY start_zone")
+    rules = table.column("rule")[0].as_py()
+    assert "max_rows = auto (the 0.99-quantile" in rules, rules
+    assert "max_groups = auto (the 0.9-quantile" in rules, rules
+    assert "choosing bounds (max_groups, max_rows) ε" in rules, rules
+
+
+def test_the_catalog_says_which_bounds_are_auto(auto_daemon):
+    """An `auto` column's compiled worst case (±1.6e9) is no bound any answer
+    uses: the catalog says `auto` instead, and keeps the fixed ones."""
+    pb = sluice_v1()
+    with grpc_channel(auto_daemon, "research") as channel:
+        trips = pb.catalog_pb2_grpc.CatalogServiceStub(channel).GetDataset(
+            pb.catalog_pb2.GetDatasetRequest(name="trips"), timeout=30)
+    columns = {c.name: c for c in trips.columns}
+    assert columns["fare_eur"].dp_bounds_auto
+    assert list(columns["fare_eur"].dp_bounds) == []
+    assert not columns["distance_km"].dp_bounds_auto
+    assert list(columns["distance_km"].dp_bounds) == [0.0, 30.0]
+    [offer] = trips.offers
+    assert offer.dp.max_rows == 0 and offer.dp.max_groups == 0
+    assert "row(s) (a number each query chooses from the data, privately)" in offer.guarantee

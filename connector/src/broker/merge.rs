@@ -395,6 +395,8 @@ fn provenance(answers: &[PartialAnswer]) -> serde_json::Value {
                     "rho": number(a, QUERY_RHO),
                     "charged_delta": number(a, QUERY_CHARGED_DELTA),
                     "cached": a.schema.metadata().get(CACHED).map(|v| v == "true"),
+                    // The bounds this provider chose from its own data.
+                    "auto_bounds": a.schema.metadata().get(sluice_proto::wire::dp::AUTO_BOUNDS),
                 })
             })
             .collect(),

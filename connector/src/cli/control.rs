@@ -276,6 +276,7 @@ fn print_dataset(d: &pb::Dataset) {
             false => format!("masked ({})", c.mask),
         };
         let bounds = match c.dp_bounds.as_slice() {
+            _ if c.dp_bounds_auto => "  bounds auto (chosen by each query)".to_string(),
             [lo, hi] => format!("  bounds [{lo}, {hi}]"),
             _ => String::new(),
         };

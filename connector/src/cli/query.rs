@@ -91,26 +91,30 @@ pub async fn query(args: QueryArgs) -> Result<()> {
                 )?;
             }
             writeln!(out, "{rows} row(s)")?;
-            report_bias(&all);
+            report_bias(all.first().map(|b| b.schema()));
         }
         OutputFormat::Csv => {
             let mut writer = datafusion::arrow::csv::WriterBuilder::new()
                 .with_header(true)
                 .build(&mut out);
-            let mut wrote = false;
+            let mut first = None;
             while let Some(batch) = batches.try_next().await? {
                 writer.write(&batch)?;
-                wrote = true;
+                first.get_or_insert_with(|| batch.schema());
             }
-            if !wrote {
+            if first.is_none() {
                 writer.write(&RecordBatch::new_empty(schema))?;
             }
+            report_bias(first);
         }
         OutputFormat::Json => {
             let mut writer = datafusion::arrow::json::ArrayWriter::new(&mut out);
+            let mut first = None;
             while let Some(batch) = batches.try_next().await? {
                 writer.write(&batch)?;
+                first.get_or_insert_with(|| batch.schema());
             }
+            report_bias(first);
             writer.finish()?;
             drop(writer);
             writeln!(out)?;
@@ -128,17 +132,19 @@ pub async fn query(args: QueryArgs) -> Result<()> {
     report_receipts(conn.receipts(), args.receipt_out.as_deref())
 }
 
-/// For a differentially private answer: how much of the data its bounds
-/// left out (a DP estimate the answer carries), on standard error.
-fn report_bias(batches: &[RecordBatch]) {
-    let sentence = batches.first().and_then(|b| {
-        b.schema()
-            .metadata()
-            .get(sluice_proto::wire::dp::BIAS)
-            .cloned()
-    });
-    if let Some(sentence) = sentence {
-        eprintln!("bias: {sentence}");
+/// For a differentially private answer (`schema` is its first batch's):
+/// the bounds it chose from the data (if any were `auto`) and how much of
+/// the data its bounds left out (DP estimates the answer carries), on
+/// standard error, whatever the output format.
+fn report_bias(schema: Option<datafusion::arrow::datatypes::SchemaRef>) {
+    use sluice_proto::wire::dp::{AUTO_BOUNDS, BIAS};
+    let Some(schema) = schema else {
+        return;
+    };
+    for (key, label) in [(AUTO_BOUNDS, "bounds"), (BIAS, "bias")] {
+        if let Some(sentence) = schema.metadata().get(key) {
+            eprintln!("{label}: {sentence}");
+        }
     }
 }
 

@@ -164,6 +164,7 @@ fn column(c: CatalogColumn) -> pb::Column {
         classification: c.class.to_string(),
         tags: c.tags.iter().map(ToString::to_string).collect(),
         dp_bounds: c.dp_bounds.map(|b| b.to_vec()).unwrap_or_default(),
+        dp_bounds_auto: c.dp_bounds_auto,
     }
 }
 
@@ -187,8 +188,9 @@ pub(crate) fn offer(o: &Offer) -> pb::Offer {
                 .as_ref()
                 .map(|b| b.period.to_string())
                 .unwrap_or_default(),
-            max_groups: dp.max_groups,
-            max_rows: dp.max_rows,
+            // 0 stands for `auto`: the number is chosen per query.
+            max_groups: if dp.auto.max_groups { 0 } else { dp.max_groups },
+            max_rows: if dp.auto.max_rows { 0 } else { dp.max_rows },
             noise: format!("{:?}", dp.noise).to_lowercase(),
             min_epsilon_per_query: dp.min_epsilon,
         }),

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
+use sluice_policy::dp::DpQuery;
 use sluice_policy::{Approval, DecisionRecord, QueryContext};
 
 use super::holds::Holds;
@@ -174,6 +175,9 @@ impl QueryEngine {
         let dp = match dp {
             Some(mut query) => {
                 query.stats_plan = plan::analyze(&state, query.stats_plan)?;
+                if let Some(auto) = &mut query.auto {
+                    auto.plan = plan::analyze(&state, auto.plan.clone())?;
+                }
                 // A cached answer is served only while the data it was
                 // computed from is unchanged (docs/sources.md, live data).
                 match self.catalog.cache_version(&record.datasets) {
@@ -198,6 +202,14 @@ impl QueryEngine {
                     &query.stats_plan,
                     self.limits_from_now(),
                 )?;
+                if let Some(auto) = &query.auto {
+                    self.executor.check_before_data(
+                        &self.catalog,
+                        &auto.plan,
+                        self.limits_from_now(),
+                    )?;
+                    self.check_tightest_bounds(query, &state)?;
+                }
                 Some(announced)
             }
             None => None,
@@ -372,6 +384,28 @@ impl QueryEngine {
             Ok(Some(receipt)) => error.recorded(receipt.receipt_id),
             Ok(None) | Err(_) => error,
         }
+    }
+
+    /// A query with `auto` bounds is answered by a plan built after the
+    /// charge, from bounds somewhere between the worst case (checked as
+    /// the query itself) and the tightest: check the tightest too, so a
+    /// failure of either shape is a refusal before the reservation rather
+    /// than a withheld answer after it.
+    fn check_tightest_bounds(
+        &self,
+        query: &DpQuery,
+        state: &datafusion::execution::SessionState,
+    ) -> Result<(), QueryError> {
+        let tightest = query
+            .with_tightest()
+            .map_err(|e| QueryError::Internal(format!("planning with the tightest bounds: {e}")))?;
+        let Some(mut tightest) = tightest else {
+            return Ok(());
+        };
+        tightest.stats_plan = plan::analyze(state, tightest.stats_plan)?;
+        private::announced_schema(&tightest, state)?;
+        self.executor
+            .check_before_data(&self.catalog, &tightest.stats_plan, self.limits_from_now())
     }
 
     /// Appends the record of a refusal (`event`: `decision`, `prepare`) and

@@ -103,18 +103,17 @@ impl QueryEngine {
         slot: Slot,
         reads: &Arc<DataReads>,
     ) -> Result<RecordBatch, QueryError> {
-        let receiver = self.executor.start(
-            self.catalog.clone(),
-            query.stats_plan.clone(),
-            limits,
-            Some(slot),
-            reads.clone(),
-        );
-        let batches: Vec<RecordBatch> = tokio_stream::wrappers::ReceiverStream::new(receiver)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+        let chosen;
+        let query = match &query.auto {
+            Some(_) => {
+                chosen = self.choose_bounds(query, limits, reads).await?;
+                &chosen
+            }
+            None => query,
+        };
+        let batches = self
+            .collect(query.stats_plan.clone(), limits, Some(slot), reads)
+            .await?;
         let exact = release::exact_statistics(query, &batches).map_err(release_failed)?;
         let for_noise = query.clone();
         let noisy = tokio::task::spawn_blocking(move || release::add_noise(&for_noise, exact))
@@ -126,6 +125,9 @@ impl QueryEngine {
             sluice_proto::wire::dp::BUDGET_SPLIT.into(),
             noisy.split.clone(),
         );
+        if let Some(chosen) = &query.chosen {
+            metadata.insert(dp::AUTO_BOUNDS.into(), chosen.sentence());
+        }
         let schema = Arc::new(
             noisy
                 .batch
@@ -138,6 +140,52 @@ impl QueryEngine {
             .batch
             .with_schema(schema)
             .map_err(|e| QueryError::Internal(e.to_string()))
+    }
+}
+
+impl QueryEngine {
+    /// Step 7a's first half for a query with `auto` bounds: the per-unit
+    /// plan (run while the caller holds the query's slot), the DP
+    /// quantiles on a blocking thread, and the query planned again with
+    /// the bounds they chose.
+    async fn choose_bounds(
+        &self,
+        query: &DpQuery,
+        limits: ExecutionLimits,
+        reads: &Arc<DataReads>,
+    ) -> Result<DpQuery, QueryError> {
+        let auto = query.auto.as_ref().expect("called for auto bounds only");
+        let batches = self.collect(auto.plan.clone(), limits, None, reads).await?;
+        let for_choice = query.clone();
+        let values =
+            tokio::task::spawn_blocking(move || release::choose_bounds(&for_choice, &batches))
+                .await
+                .map_err(|e| QueryError::Internal(format!("the bounds task failed: {e}")))?
+                .map_err(release_failed)?;
+        let mut chosen = query
+            .with_chosen(&values)
+            .map_err(|e| QueryError::Internal(format!("planning with the chosen bounds: {e}")))?;
+        let state = self.catalog.session().state();
+        chosen.stats_plan = plan::analyze(&state, chosen.stats_plan)?;
+        Ok(chosen)
+    }
+
+    /// Runs `plan` to the end and keeps every batch.
+    async fn collect(
+        &self,
+        plan: LogicalPlan,
+        limits: ExecutionLimits,
+        slot: Option<Slot>,
+        reads: &Arc<DataReads>,
+    ) -> Result<Vec<RecordBatch>, QueryError> {
+        let receiver = self
+            .executor
+            .start(self.catalog.clone(), plan, limits, slot, reads.clone());
+        tokio_stream::wrappers::ReceiverStream::new(receiver)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
     }
 }
 

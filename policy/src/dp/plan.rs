@@ -38,9 +38,14 @@ use datafusion_expr::logical_plan::{Aggregate, LogicalPlan, Projection};
 use datafusion_expr::{AggregateUDF, Expr, LogicalPlanBuilder, TableSource, cast, col, lit, when};
 use datafusion_functions_aggregate::array_agg::array_agg;
 use datafusion_functions_aggregate::count::count;
+use datafusion_functions_aggregate::min_max::{max, min};
 use datafusion_functions_aggregate::sum::sum;
 
-use super::settings::{Accounting, Budget, ColumnBounds, DpGrant};
+use super::auto::{
+    self, AutoBounds, AutoChoice, AutoKind, AutoSettings, Chosen, ChosenBounds, Rebuild,
+};
+use super::grid_positions::{Grid, GridPositions};
+use super::settings::{Accounting, Budget, ColumnBounds, DpGrant, evenly_spaced};
 use super::top_groups::{DROPPED, TopGroups};
 use super::zcdp;
 use crate::document::NoiseKind;
@@ -77,6 +82,14 @@ pub struct DpQuery {
     pub bias: Vec<BiasStatistic>,
     /// The share of `epsilon` the bias estimates spend (0 without them).
     pub bias_epsilon: f64,
+    /// Bounds to choose from the data before the statistics plan runs
+    /// (`auto` in the grant); `stats_plan` is then the worst case.
+    pub auto: Option<AutoBounds>,
+    /// The bounds chosen, once [`DpQuery::with_chosen`] planned the query.
+    pub chosen: Option<ChosenBounds>,
+    /// The share of `epsilon` (and of ρ under zCDP) spent choosing bounds.
+    pub auto_epsilon: f64,
+    pub auto_rho: f64,
     /// ε and δ this query spends in total: under `accounting: zcdp`, the
     /// guarantee the query gives on its own (its cost is `zcdp`).
     pub epsilon: f64,
@@ -264,6 +277,18 @@ impl DpQuery {
         aggregate_input: LogicalPlan,
         request: DpRequest<'_>,
     ) -> Result<Self> {
+        Self::build_with(plan, aggregate, aggregate_input, request, None)
+    }
+
+    /// [`DpQuery::build`], or with `chosen` the same query planned again
+    /// with the bounds its first step chose (its grant has no `auto` left).
+    fn build_with(
+        plan: LogicalPlan,
+        aggregate: &Aggregate,
+        aggregate_input: LogicalPlan,
+        request: DpRequest<'_>,
+        chosen: Option<ChosenBounds>,
+    ) -> Result<Self> {
         let grant = request.grant;
         let keys = group_keys(aggregate)?;
         let source = SourceColumns {
@@ -287,10 +312,19 @@ impl DpQuery {
             0.0
         };
         let mut statistics = builder.statistics();
-        // The bias estimates take their share first; `epsilon - main` is
-        // exact (Sterbenz), so the two shares add up to the query's ε.
-        let main_epsilon = request.epsilon * (1.0 - grant.bias_share);
-        let bias_epsilon = request.epsilon - main_epsilon;
+        // Choosing `auto` bounds takes its share first, then the bias
+        // estimates theirs; each `x - rest` is exact (Sterbenz, shares are
+        // at most one half), so the shares add up to the query's ε.
+        let choices = builder.auto_choices(&groups);
+        let auto_share = if chosen.is_some() || !choices.is_empty() {
+            grant.auto.share
+        } else {
+            0.0
+        };
+        let rest = request.epsilon * (1.0 - auto_share);
+        let auto_epsilon = request.epsilon - rest;
+        let main_epsilon = rest * (1.0 - grant.bias_share);
+        let bias_epsilon = rest - main_epsilon;
         split_budget(&mut statistics, main_epsilon, delta, grant.noise, &groups);
         // A unit changes at most as many reported groups as there are: with
         // few public keys, that (not max_groups) bounds it, so the noise is
@@ -308,18 +342,37 @@ impl DpQuery {
         let bias = builder.bias_statistics(max_groups, cap_groups, bias_epsilon);
         let bias_epsilon = if bias.is_empty() { 0.0 } else { bias_epsilon };
         let stats_plan = builder.plan(
-            aggregate_input,
+            aggregate_input.clone(),
             &keys,
             &groups,
             cap_groups,
             !bias.is_empty(),
         )?;
+        let auto = if choices.is_empty() {
+            None
+        } else {
+            Some(AutoBounds {
+                plan: builder.auto_plan(aggregate_input.clone(), &keys, &groups, &choices)?,
+                choices,
+                rebuild: Arc::new(Rebuild {
+                    aggregate: aggregate.clone(),
+                    aggregate_input,
+                    unit: request.unit.clone(),
+                    privacy_unit: request.privacy_unit.to_string(),
+                    grant: grant.clone(),
+                }),
+            })
+        };
         let mut query = DpQuery {
             stats_plan,
             key_count: keys.len(),
             statistics,
             bias,
             bias_epsilon,
+            auto,
+            chosen,
+            auto_epsilon,
+            auto_rho: 0.0,
             outputs,
             aggregate_schema: aggregate.schema.clone(),
             plan,
@@ -362,10 +415,15 @@ impl DpQuery {
         for bias in &mut self.bias {
             bias.rho = bias.epsilon * per_epsilon;
         }
+        self.auto_rho = self.auto_epsilon * per_epsilon;
+        if let Some(chosen) = &mut self.chosen {
+            chosen.rho = self.auto_rho;
+        }
         // The sum of the parts, which rounding may put an ulp above `rho`:
         // the charge is what the noise is calibrated to.
         let charged = self.statistics.iter().map(|s| s.rho).sum::<f64>()
-            + self.bias.iter().map(|b| b.rho).sum::<f64>();
+            + self.bias.iter().map(|b| b.rho).sum::<f64>()
+            + self.auto_rho;
         self.zcdp = Some(ZcdpCost {
             rho: charged,
             delta: threshold_delta,
@@ -397,7 +455,179 @@ impl DpQuery {
             };
             parts.push(format!("bias estimates ({}) {cost}", what.join(", ")));
         }
+        if self.auto_epsilon > 0.0 {
+            let what = match (&self.auto, &self.chosen) {
+                (Some(auto), _) => auto
+                    .choices
+                    .iter()
+                    .map(|c| c.kind.describe())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (None, Some(chosen)) => chosen.choices.join(", "),
+                (None, None) => String::new(),
+            };
+            let cost = match self.zcdp {
+                Some(_) => format!("ρ {}", self.auto_rho),
+                None => format!("ε {}", self.auto_epsilon),
+            };
+            parts.push(format!("choosing bounds ({what}) {cost}"));
+        }
         parts.join("; ")
+    }
+
+    /// The contribution limits as EXPLAIN POLICY and the audit record show
+    /// them, e.g. `max_groups = 4, max_rows = auto (the 0.99-quantile …)`.
+    pub fn limits_summary(&self) -> String {
+        let choices = self
+            .auto
+            .as_ref()
+            .map(|a| a.choices.as_slice())
+            .unwrap_or_default();
+        let chooses = |kind: AutoKind| choices.iter().find(|c| c.kind == kind);
+        let limit = |name: &str, kind: AutoKind, fixed: u64| match chooses(kind) {
+            Some(c) => format!(
+                "{name} = auto (the {}-quantile of units' {}, chosen per query among 1 to {})",
+                c.quantile,
+                if name == "max_groups" {
+                    "group counts"
+                } else {
+                    "largest group"
+                },
+                auto::CONTRIBUTION_CEILING
+            ),
+            None => format!("{name} = {fixed}"),
+        };
+        let mut parts = vec![
+            limit("max_groups", AutoKind::MaxGroups, self.max_groups),
+            limit("max_rows", AutoKind::MaxRows, self.max_rows),
+        ];
+        for choice in choices {
+            if let AutoKind::Upper(column) = &choice.kind {
+                parts.push(format!(
+                    "{column} bounds = auto (the {}-quantiles of units' largest and smallest values)",
+                    choice.quantile
+                ));
+            }
+        }
+        parts.join(", ")
+    }
+
+    /// The ε each quantile of the `auto` step may spend: an equal share, or
+    /// under zCDP the pure ε its share of ρ pays for.
+    pub fn auto_epsilon_per_release(&self) -> f64 {
+        let releases = self.auto.as_ref().map_or(1, |a| a.choices.len().max(1));
+        if self.auto_rho > 0.0 {
+            zcdp::pure_epsilon(self.auto_rho, releases as u64)
+        } else {
+            self.auto_epsilon / releases as f64
+        }
+    }
+
+    /// The query planned again with the bounds its `auto` step chose, one
+    /// per [`AutoBounds::choices`] (each one of its candidates). The result
+    /// charges what this query charges, split the same way.
+    pub fn with_chosen(&self, values: &[Chosen]) -> Result<DpQuery> {
+        let Some(auto) = &self.auto else {
+            return plan_err!("the query has no bounds to choose");
+        };
+        if values.len() != auto.choices.len() {
+            return plan_err!(
+                "{} bounds chosen for {} choices",
+                values.len(),
+                auto.choices.len()
+            );
+        }
+        let rebuild = &auto.rebuild;
+        let mut grant = rebuild.grant.clone();
+        let mut chosen = ChosenBounds {
+            choices: auto.choices.iter().map(|c| c.kind.describe()).collect(),
+            epsilon: self.auto_epsilon,
+            rho: self.auto_rho,
+            ..ChosenBounds::default()
+        };
+        let mut ranges: std::collections::BTreeMap<String, ([f64; 2], f64)> = Default::default();
+        for (choice, &Chosen { value, quantile }) in auto.choices.iter().zip(values) {
+            if !choice.candidates.contains(&value) {
+                return plan_err!("{value} is not a candidate for {}", choice.kind.describe());
+            }
+            match &choice.kind {
+                AutoKind::MaxGroups => {
+                    grant.max_groups = value as u64;
+                    chosen.max_groups = Some((grant.max_groups, quantile));
+                }
+                AutoKind::MaxRows => {
+                    grant.max_rows = value as u64;
+                    chosen.max_rows = Some((grant.max_rows, quantile));
+                }
+                AutoKind::Upper(column) => {
+                    let range = ranges.entry(column.clone()).or_default();
+                    range.0[1] = value;
+                    range.1 = quantile;
+                }
+                // A magnitude: 0 stays 0 (not -0, which would print as such).
+                AutoKind::Lower(column) => {
+                    ranges.entry(column.clone()).or_default().0[0] = 0.0 - value
+                }
+            }
+        }
+        for (column, ([lower, upper], quantile)) in ranges {
+            // Both at 0 (every unit's values are 0): the smallest range.
+            let upper = if upper > lower {
+                upper
+            } else {
+                auto::magnitude_candidates()[1]
+            };
+            let count = grant.auto.columns.get(&column).copied().unwrap_or(2);
+            grant.columns.insert(
+                column.clone(),
+                ColumnBounds {
+                    lower,
+                    upper,
+                    candidates: evenly_spaced(lower, upper, count.max(2)),
+                },
+            );
+            chosen.columns.insert(column, ([lower, upper], quantile));
+        }
+        grant.auto = AutoSettings {
+            share: grant.auto.share,
+            ..AutoSettings::default()
+        };
+        let mut query = Self::build_with(
+            self.plan.clone(),
+            &rebuild.aggregate,
+            rebuild.aggregate_input.clone(),
+            DpRequest {
+                dataset: &self.dataset,
+                unit: rebuild.unit.clone(),
+                privacy_unit: &rebuild.privacy_unit,
+                grant: &grant,
+                epsilon: self.epsilon,
+            },
+            Some(chosen),
+        )?;
+        query.cache = self.cache;
+        query.data_version = self.data_version.clone();
+        Ok(query)
+    }
+
+    /// The query planned with every `auto` bound at its smallest candidate:
+    /// with the worst case (this query) the two extremes of what
+    /// [`Self::with_chosen`] builds, so that both are checked before any
+    /// data is read (only the tightest caps keep a unit's top groups among
+    /// published keys, say).
+    pub fn with_tightest(&self) -> Result<Option<DpQuery>> {
+        let Some(auto) = &self.auto else {
+            return Ok(None);
+        };
+        let smallest: Vec<Chosen> = auto
+            .choices
+            .iter()
+            .map(|choice| Chosen {
+                value: choice.candidates[0],
+                quantile: choice.quantile,
+            })
+            .collect();
+        self.with_chosen(&smallest).map(Some)
     }
 
     /// A statistic as the consumer would write it, e.g. `sum(fare_eur)`.
@@ -930,12 +1160,7 @@ impl<'a> StatsBuilder<'a> {
 
         // Per row: keys, unit, clamped values and their fixed-point forms
         // (and, for the bias estimates, whether each value was clamped).
-        let mut row_exprs: Vec<Expr> = keys
-            .iter()
-            .zip(&key_names)
-            .map(|(k, name)| strip_alias(k).clone().alias(name))
-            .collect();
-        row_exprs.push(col(self.unit.clone()).alias(p("unit")));
+        let mut row_exprs = self.keys_and_unit(keys, &key_names);
         for (j, value) in self.values.iter().enumerate() {
             let (column, bounds) = (&value.column, &value.bounds);
             if !value.numeric {
@@ -1081,6 +1306,156 @@ impl<'a> StatsBuilder<'a> {
             }
         }
         plan.aggregate(key_cols(), totals)?.build()
+    }
+
+    /// The bounds this query chooses from the data: those of its grant
+    /// written `auto` that the query uses.
+    fn auto_choices(&self, groups: &Groups) -> Vec<AutoChoice> {
+        let auto = &self.grant.auto;
+        let mut choices = Vec::new();
+        let several_groups = match groups {
+            Groups::Single => false,
+            Groups::Public(keys) => keys.len() > 1,
+            Groups::Private => true,
+        };
+        if auto.max_groups && several_groups {
+            choices.push(AutoChoice::new(
+                AutoKind::MaxGroups,
+                format!("{INTERNAL_PREFIX}groups"),
+                auto::GROUPS_QUANTILE,
+                Grid::Contributions,
+            ));
+        }
+        if auto.max_rows {
+            choices.push(AutoChoice::new(
+                AutoKind::MaxRows,
+                format!("{INTERNAL_PREFIX}max_rows"),
+                auto::ROWS_QUANTILE,
+                Grid::Contributions,
+            ));
+        }
+        for (j, value) in self.values.iter().enumerate() {
+            let name = &value.column.name;
+            if !(self.clamps(j) && auto.columns.contains_key(name)) {
+                continue;
+            }
+            for (kind, column) in [
+                (
+                    AutoKind::Upper(name.clone()),
+                    format!("{INTERNAL_PREFIX}hi{j}"),
+                ),
+                (
+                    AutoKind::Lower(name.clone()),
+                    format!("{INTERNAL_PREFIX}lo{j}"),
+                ),
+            ] {
+                choices.push(AutoChoice::new(
+                    kind,
+                    column,
+                    auto::VALUES_QUANTILE,
+                    Grid::Magnitudes,
+                ));
+            }
+        }
+        choices
+    }
+
+    /// The plan the `auto` choices read: per privacy unit its number of
+    /// groups, its largest group's rows, and for each auto column its
+    /// largest value (0 if below 0) and its smallest negated (0 if above
+    /// 0; NULL, so not counted, if it has none), from the rows the
+    /// statistics plan would read; then, per choice,
+    /// those values counted per position on the choice's grid (one row).
+    fn auto_plan(
+        &self,
+        input: LogicalPlan,
+        keys: &[Expr],
+        groups: &Groups,
+        choices: &[AutoChoice],
+    ) -> Result<LogicalPlan> {
+        let p = |name: &str| format!("{INTERNAL_PREFIX}{name}");
+        let c = |name: &str| col(Column::new_unqualified(p(name)));
+        let key_names: Vec<String> = (0..keys.len()).map(|i| p(&format!("k{i}"))).collect();
+        let columns: Vec<usize> = (0..self.values.len())
+            .filter(|&j| choices.iter().any(|ch| ch.column == p(&format!("hi{j}"))))
+            .collect();
+        let mut row_exprs = self.keys_and_unit(keys, &key_names);
+        for &j in &columns {
+            let value = &self.values[j];
+            row_exprs.push(
+                clamp_value(col(value.column.clone()), &value.bounds)?.alias(p(&format!("v{j}"))),
+            );
+        }
+        let mut rows = LogicalPlanBuilder::from(input).project(row_exprs)?;
+        if let Groups::Public(published) = groups {
+            rows = rows.filter(published_filter(&key_names, published))?;
+        }
+        let mut by_cell = vec![count(lit(1)).alias(p("rows"))];
+        for &j in &columns {
+            let v = c(&format!("v{j}"));
+            by_cell.push(max(v.clone()).alias(p(&format!("hi{j}"))));
+            by_cell.push(min(v).alias(p(&format!("lo{j}"))));
+        }
+        let mut by_unit_keys = vec![c("unit")];
+        by_unit_keys.extend(key_names.iter().map(|k| col(Column::new_unqualified(k))));
+        let mut per_unit = vec![
+            count(lit(1)).alias(p("groups")),
+            max(c("rows")).alias(p("max_rows")),
+        ];
+        for &j in &columns {
+            per_unit.push(max(c(&format!("hi{j}"))).alias(p(&format!("hi{j}"))));
+            per_unit.push(min(c(&format!("lo{j}"))).alias(p(&format!("lo{j}"))));
+        }
+        let mut out = vec![
+            cast(c("groups"), DataType::Float64).alias(p("groups")),
+            cast(c("max_rows"), DataType::Float64).alias(p("max_rows")),
+        ];
+        // A unit without a value in the column (all NULL or NaN) stays
+        // NULL: not counted, rather than counted as 0 and pulling the
+        // bound of a sparse column towards nothing.
+        let none = || lit(ScalarValue::Float64(None));
+        for &j in &columns {
+            let (hi, lo) = (c(&format!("hi{j}")), c(&format!("lo{j}")));
+            out.push(
+                when(hi.clone().is_null(), none())
+                    .when(hi.clone().gt(lit(0.0)), hi)
+                    .otherwise(lit(0.0))?
+                    .alias(p(&format!("hi{j}"))),
+            );
+            out.push(
+                when(lo.clone().is_null(), none())
+                    .when(lo.clone().lt(lit(0.0)), -lo)
+                    .otherwise(lit(0.0))?
+                    .alias(p(&format!("lo{j}"))),
+            );
+        }
+        // One row: the units' values counted per grid position, so nothing
+        // per unit is held outside DataFusion's pool.
+        let positions: Vec<Expr> = choices
+            .iter()
+            .map(|choice| {
+                AggregateUDF::from(GridPositions::new(choice.grid))
+                    .call(vec![col(Column::new_unqualified(&choice.column))])
+                    .alias(&choice.column)
+            })
+            .collect();
+        rows.aggregate(by_unit_keys, by_cell)?
+            .aggregate(vec![c("unit")], per_unit)?
+            .project(out)?
+            .aggregate(Vec::<Expr>::new(), positions)?
+            .build()
+    }
+
+    /// A row's group keys (named `key_names`) and its privacy unit, the
+    /// first columns of every per-row projection.
+    fn keys_and_unit(&self, keys: &[Expr], key_names: &[String]) -> Vec<Expr> {
+        let mut exprs: Vec<Expr> = keys
+            .iter()
+            .zip(key_names)
+            .map(|(k, name)| strip_alias(k).clone().alias(name))
+            .collect();
+        exprs.push(col(self.unit.clone()).alias(format!("{INTERNAL_PREFIX}unit")));
+        exprs
     }
 
     /// Whether column `j` is clamped (summed, squared or ranked).

@@ -6,8 +6,9 @@ use datafusion_common::ScalarValue;
 use datafusion_common::arrow::datatypes::{DataType, Schema};
 
 pub use crate::document::Accounting;
-use crate::document::{Candidates, DpRule, KeyValue, NoiseKind};
+use crate::document::{Candidates, DpRule, KeyValue, Limit, NoiseKind, ValueBounds};
 use crate::dp::Period;
+use crate::dp::auto::{self, AutoSettings};
 
 /// δ one query spends when the policy does not say.
 pub const DEFAULT_DELTA_PER_QUERY: f64 = 1e-7;
@@ -43,6 +44,9 @@ pub struct DpGrant {
     pub cache: bool,
     /// Share of each query's ε spent on the bias estimates (0 to 0.5).
     pub bias_share: f64,
+    /// The bounds written `auto`: their fields above hold the worst case
+    /// (the top of their grid) until a query chooses them.
+    pub auto: AutoSettings,
 }
 
 /// Total budget per organization and period.
@@ -133,11 +137,29 @@ impl DpGrant {
             .as_ref()
             .map(|b| budget(b, rule.noise))
             .transpose()?;
-        let max_groups = contribution("max_groups", rule.max_groups)?;
-        let max_rows = contribution("max_rows", rule.max_rows)?;
+        let auto_share = share("auto_share", rule.auto_share, auto::DEFAULT_AUTO_SHARE)?;
+        if auto_share == 0.0 {
+            return Err(field(
+                "auto_share",
+                "must be from 0.01 to 0.5: bounds written `auto` are paid from it",
+            ));
+        }
+        let mut auto = AutoSettings {
+            share: auto_share,
+            ..AutoSettings::default()
+        };
+        let (max_groups, chosen) = contribution("max_groups", rule.max_groups)?;
+        auto.max_groups = chosen;
+        let (max_rows, chosen) = contribution("max_rows", rule.max_rows)?;
+        auto.max_rows = chosen;
         let mut columns = BTreeMap::new();
         for (name, column) in &rule.columns {
-            columns.insert(name.clone(), bounds(name, &column.value, schema)?);
+            let bounds = bounds(name, &column.value, schema)?;
+            if column.value.bounds == ValueBounds::Chosen(crate::document::Auto::Auto) {
+                auto.columns
+                    .insert(name.clone(), bounds.candidates.len() as u32);
+            }
+            columns.insert(name.clone(), bounds);
         }
         let mut public_keys = BTreeMap::new();
         for (name, keys) in &rule.public_keys {
@@ -156,6 +178,7 @@ impl DpGrant {
             public_keys,
             cache: rule.cache.unwrap_or(true),
             bias_share: bias_share(rule.bias_share)?,
+            auto,
         })
     }
 
@@ -169,12 +192,24 @@ impl DpGrant {
         out.delta_per_query = self.delta_per_query.min(other.delta_per_query);
         out.max_groups = self.max_groups.min(other.max_groups);
         out.max_rows = self.max_rows.min(other.max_rows);
+        // A fixed bound is stricter than `auto` (whose worst case is the
+        // grid's top); auto stays only where both are.
+        out.auto = self.auto.restrict(&other.auto);
         out.budget = match (&self.budget, &other.budget) {
             (Some(a), Some(b)) => Some(a.restrict(b)),
             (a, b) => a.clone().or(b.clone()),
         };
         out.columns
             .retain(|name, _| other.columns.contains_key(name));
+        for (name, bounds) in out.columns.iter_mut() {
+            if self.auto.columns.contains_key(name) && !other.auto.columns.contains_key(name) {
+                *bounds = other.columns[name].clone();
+            }
+            // Both auto: the worst case keeps the smaller candidate count.
+            if let Some(&count) = out.auto.columns.get(name) {
+                bounds.candidates = evenly_spaced(bounds.lower, bounds.upper, count.max(2));
+            }
+        }
         out.public_keys
             .retain(|name, keys| other.public_keys.get(name) == Some(keys));
         out.cache = self.cache && other.cache;
@@ -196,15 +231,20 @@ fn field(name: &str, message: impl Into<String>) -> DpError {
 pub const DEFAULT_BIAS_SHARE: f64 = 0.1;
 
 fn bias_share(written: Option<f64>) -> Result<f64, DpError> {
-    let share = written.unwrap_or(DEFAULT_BIAS_SHARE);
+    share("bias_share", written, DEFAULT_BIAS_SHARE)
+}
+
+/// A share of each query's ε: 0 (off) or from 1% to 50%.
+fn share(name: &str, written: Option<f64>, default: f64) -> Result<f64, DpError> {
+    let share = written.unwrap_or(default);
     // Below 1% the estimates would be too noisy to read, and at a small ε
     // their noise would not fit in 64 bits: the query would be refused.
     if share == 0.0 || (0.01..=0.5).contains(&share) {
         Ok(share)
     } else {
         Err(field(
-            "bias_share",
-            format!("must be 0 (no bias estimates) or from 0.01 to 0.5, found {share}"),
+            name,
+            format!("must be 0 (off) or from 0.01 to 0.5, found {share}"),
         ))
     }
 }
@@ -244,14 +284,16 @@ fn min_epsilon(written: Option<f64>, epsilon_cap: f64) -> Result<f64, DpError> {
     Ok(min)
 }
 
-fn contribution(name: &str, value: Option<u64>) -> Result<u64, DpError> {
-    match value.unwrap_or(1) {
-        0 => Err(field(name, "must be at least 1")),
-        n if n > MAX_CONTRIBUTION => Err(field(
+/// A contribution limit, and whether it is `auto` (then its worst case).
+fn contribution(name: &str, value: Option<Limit>) -> Result<(u64, bool), DpError> {
+    match value.unwrap_or(Limit::Fixed(1)) {
+        Limit::Chosen(_) => Ok((auto::CONTRIBUTION_CEILING, true)),
+        Limit::Fixed(0) => Err(field(name, "must be at least 1, or `auto`")),
+        Limit::Fixed(n) if n > MAX_CONTRIBUTION => Err(field(
             name,
             format!("at most {MAX_CONTRIBUTION}: a larger limit makes the noise useless"),
         )),
-        n => Ok(n),
+        Limit::Fixed(n) => Ok((n, false)),
     }
 }
 
@@ -304,7 +346,18 @@ fn bounds(
             format!("bounds apply to numeric columns; `{name}` is {data_type}"),
         ));
     }
-    let [lower, upper] = column.bounds;
+    let [lower, upper] = match column.bounds {
+        ValueBounds::Fixed(range) => range,
+        ValueBounds::Chosen(_) => {
+            if let Some(Candidates::List(_)) = column.candidates {
+                return Err(field(
+                    &format!("{at}.candidates"),
+                    "with `bounds: auto` give a number of candidates (spread over the chosen bounds), not a list",
+                ));
+            }
+            [-auto::VALUE_CEILING, auto::VALUE_CEILING]
+        }
+    };
     if !(lower.is_finite() && upper.is_finite() && lower < upper) {
         return Err(field(
             &format!("{at}.bounds"),
@@ -346,7 +399,7 @@ fn bounds(
     })
 }
 
-fn evenly_spaced(lower: f64, upper: f64, n: u32) -> Vec<f64> {
+pub(super) fn evenly_spaced(lower: f64, upper: f64, n: u32) -> Vec<f64> {
     let step = (upper - lower) / f64::from(n - 1);
     (0..n).map(|i| lower + step * f64::from(i)).collect()
 }
@@ -407,6 +460,87 @@ mod tests {
             assert_eq!(field, "bias_share");
             assert!(message.contains("from 0.01 to 0.5"), "{message}");
         }
+    }
+
+    fn compile_dp(yaml: &str) -> Result<DpGrant, DpError> {
+        use datafusion_common::arrow::datatypes::Field;
+        let rule: DpRule = serde_saphyr::from_str(yaml).expect("a dp block");
+        let schema = Schema::new(vec![
+            Field::new("fare", DataType::Float64, true),
+            Field::new("zone", DataType::Utf8, true),
+        ]);
+        DpGrant::compile(&rule, &schema)
+    }
+
+    #[test]
+    fn auto_bounds_compile_to_their_worst_case() {
+        let grant = compile_dp(
+            "epsilon_per_query: 1\nmax_groups: auto\nmax_rows: 5\ncolumns:\n  fare: { bounds: auto, candidates: 11 }\n",
+        )
+        .unwrap();
+        assert!(grant.auto.max_groups && !grant.auto.max_rows);
+        assert_eq!(grant.max_groups, auto::CONTRIBUTION_CEILING);
+        assert_eq!(grant.max_rows, 5);
+        assert_eq!(grant.auto.columns["fare"], 11);
+        assert_eq!(grant.columns["fare"].upper, auto::VALUE_CEILING);
+        assert_eq!(grant.auto.share, auto::DEFAULT_AUTO_SHARE);
+        // Fixed everywhere: nothing is auto.
+        let fixed = compile_dp("epsilon_per_query: 1\nmax_rows: 5\n").unwrap();
+        assert!(!fixed.auto.any());
+        // A fixed bound restricts an auto one; auto stays where both are.
+        let restricted = grant.restrict(&fixed);
+        assert_eq!(
+            (restricted.max_groups, restricted.auto.max_groups),
+            (1, false)
+        );
+        assert!(restricted.auto.columns.is_empty());
+        // Both auto: the worst case has the smaller candidate count, as the
+        // auto settings do (the cache key and the median grid agree).
+        let coarse =
+            compile_dp("epsilon_per_query: 1\ncolumns:\n  fare: { bounds: auto, candidates: 5 }\n")
+                .unwrap();
+        for both in [grant.restrict(&coarse), coarse.restrict(&grant)] {
+            assert_eq!(both.auto.columns["fare"], 5);
+            assert_eq!(both.columns["fare"].candidates.len(), 5);
+        }
+    }
+
+    #[test]
+    fn auto_bounds_refuse_what_they_cannot_use() {
+        for (yaml, at, says) in [
+            (
+                "epsilon_per_query: 1\nmax_rows: auto\nauto_share: 0\n",
+                "auto_share",
+                "from 0.01 to 0.5",
+            ),
+            (
+                "epsilon_per_query: 1\nauto_share: 0.7\n",
+                "auto_share",
+                "from 0.01 to 0.5",
+            ),
+            (
+                "epsilon_per_query: 1\ncolumns:\n  fare: { bounds: auto, candidates: [1, 2] }\n",
+                "columns.fare.candidates",
+                "not a list",
+            ),
+            (
+                "epsilon_per_query: 1\nmax_rows: 0\n",
+                "max_rows",
+                "or `auto`",
+            ),
+        ] {
+            let (field, message) = compile_dp(yaml).unwrap_err();
+            assert_eq!(field, at, "{yaml}");
+            assert!(message.contains(says), "{yaml}: {message}");
+        }
+        // Neither a number nor `auto`: refused when the YAML is read.
+        let error = serde_saphyr::from_str::<DpRule>("epsilon_per_query: 1\nmax_rows: sometimes\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("a whole number of at least 1, or `auto`"),
+            "{error}"
+        );
     }
 
     fn written(delta: f64, accounting: Accounting) -> crate::document::DpBudget {

@@ -593,3 +593,53 @@ fn zcdp_selection_spends_its_rho_and_at_most_its_delta() {
     let (_, stricter) = select_partitions_zcdp(vec![("a".into(), 1)], 5, 3, rho, 1e-12).unwrap();
     assert!(stricter.threshold.unwrap() > threshold);
 }
+
+/// A bound over uniform values in [0.5, 5.35] at the 0.969-quantile (5.2):
+/// the best candidate is 6, and every candidate above it scores the same.
+/// Each step up the grid is e^-2 less likely, so a choice of 12 or more has
+/// probability about e^-4 ≈ 0.02 and one above 100 (nine steps) about
+/// e^-18. Over 200 draws, more than 20 of the first (mean 4) or any of the
+/// second happen with probability below 1e-6 each.
+#[test]
+fn a_bound_prefers_the_tightest_candidate_that_covers_the_data() {
+    let candidates = sluice_policy::dp::auto::magnitude_candidates();
+    let values: Vec<f64> = (0..60_000)
+        .map(|i| 0.5 + 4.85 * f64::from(i) / 60_000.0)
+        .collect();
+    let (mut loose, mut far) = (0, 0);
+    for _ in 0..200 {
+        let (chosen, info) = release_bound(values.clone(), &candidates, 0.969, 0.0102).unwrap();
+        assert!(info.epsilon <= 0.0102, "{}", info.epsilon);
+        assert!(chosen >= 4.0, "{chosen}: below the data's 0.969-quantile");
+        loose += usize::from(chosen >= 12.0);
+        far += usize::from(chosen > 100.0);
+    }
+    assert!(loose <= 20, "{loose} of 200 draws chose 12 or more");
+    assert_eq!(far, 0, "{far} of 200 draws chose above 100");
+}
+
+/// The bound's ε is what OpenDP's noisy max charges at the score's
+/// sensitivity, `max(α, 1 - α)` in units of 1/10,000, and no more.
+#[test]
+fn a_bound_spends_what_the_map_says() {
+    for (alpha, epsilon) in [(0.5, 1.0), (0.9, 0.01), (0.99, 0.3)] {
+        let (_, info) =
+            release_bound(vec![1.0, 2.0], &[0.0, 1.0, 2.0, 4.0], alpha, epsilon).unwrap();
+        assert!(
+            info.epsilon <= epsilon,
+            "{alpha} {epsilon}: {}",
+            info.epsilon
+        );
+        assert!(
+            info.epsilon > epsilon * 0.999,
+            "{alpha} {epsilon}: {}",
+            info.epsilon
+        );
+        let d_in = ((alpha * 10_000.0_f64).round() as u64)
+            .max(10_000 - (alpha * 10_000.0_f64).round() as u64);
+        assert_eq!(
+            bound_measurement(info.scale).unwrap().map(&d_in).unwrap(),
+            info.epsilon
+        );
+    }
+}
