@@ -70,7 +70,7 @@ use opendp::{
     },
     traits::{InfMul, InfSqrt},
 };
-use sluice_policy::dp::grid_positions::{below_and_above, grid_position};
+use sluice_policy::dp::grid_positions::{below_and_above, count_positions};
 
 /// Which noise distribution to add.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -418,8 +418,9 @@ const BOUND_STEP_SCALES: f64 = 2.0;
 /// changes neither the sensitivity nor the privacy; it breaks the tie
 /// between the candidates above every value (which all score `(1 - α)·n`)
 /// in favour of the smallest (e^-2 less likely per step up), and moves an
-/// interior choice down by about two noise scales of rank. OpenDP's noisy max picks the lowest noisy score and
-/// charges its own privacy map. NaN values are dropped (a per-unit filter).
+/// interior choice down by about two noise scales of rank. OpenDP's noisy
+/// max picks the lowest noisy score and charges its own privacy map. NaN
+/// values are dropped (a per-unit filter).
 pub fn release_bound(
     values: Vec<f64>,
     candidates: &[f64],
@@ -469,12 +470,7 @@ impl BoundMechanism {
     /// One draw over `values` (one per unit; NaN dropped).
     pub fn release(&self, values: Vec<f64>) -> Result<(f64, ReleaseInfo)> {
         let mut counts = vec![0u64; 2 * self.candidates.len() + 1];
-        for at in values
-            .into_iter()
-            .filter_map(|v| grid_position(&self.candidates, v))
-        {
-            counts[at] += 1;
-        }
+        count_positions(&self.candidates, &mut counts, values);
         self.release_counts(&counts)
     }
 

@@ -11,11 +11,12 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
-    DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema, SchemaRef, UInt64Type,
+    DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema, SchemaRef,
 };
 use datafusion::arrow::error::ArrowError;
 use datafusion::common::ScalarValue;
 use sluice_policy::document::NoiseKind;
+use sluice_policy::dp::grid_positions::add_counts;
 use sluice_policy::dp::{
     BiasKind, BiasStatistic, Chosen, ColumnBounds, DpQuery, Groups, OutputKind, Statistic,
     StatisticKind, zcdp,
@@ -157,23 +158,7 @@ pub fn choose_bounds(
             let column = batch
                 .column_by_name(&choice.column)
                 .ok_or_else(|| ReleaseError::MissingColumn(choice.column.clone()))?;
-            let lists = column
-                .as_list_opt::<i32>()
-                .ok_or_else(|| ReleaseError::UnexpectedType(column.data_type().clone()))?;
-            for partial in lists.iter().flatten() {
-                let partial = partial
-                    .as_primitive_opt::<UInt64Type>()
-                    .ok_or_else(|| ReleaseError::UnexpectedType(partial.data_type().clone()))?;
-                if partial.len() != counts.len() {
-                    return Err(ReleaseError::PositionCounts {
-                        got: partial.len(),
-                        expected: counts.len(),
-                    });
-                }
-                for (total, n) in counts.iter_mut().zip(partial.values()) {
-                    *total += n;
-                }
-            }
+            add_counts(&mut counts, column.as_ref())?;
         }
         let mechanism = noise::BoundMechanism::new(&choice.candidates, choice.quantile, epsilon)?;
         let (value, _) = mechanism.release_counts(&counts)?;
@@ -745,8 +730,6 @@ pub enum ReleaseError {
     UnexpectedType(DataType),
     #[error("a private selection of groups without row counts")]
     NoRowCounts,
-    #[error("{got} counts per grid position where the grid has {expected} positions")]
-    PositionCounts { got: usize, expected: usize },
     #[error("building the noisy answer failed: {0}")]
     Arrow(#[from] ArrowError),
     #[error("reading the statistics failed: {0}")]

@@ -19,15 +19,16 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt64Type};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
-use sluice_policy::dp::grid_positions::grid_position;
+use sluice_policy::dp::AutoChoice;
+use sluice_policy::dp::grid_positions::{add_counts, grid_position};
 use sluice_policy::dp::{BiasKind, DpQuery, Groups, zcdp};
 use sluice_policy::{PlanGate, PlanningContext, PolicyGate, PolicySet, Principal, QueryContext};
 use sluice_privacy::release::{
@@ -680,17 +681,10 @@ fn auto_rows(query: &DpQuery, rows: &[(String, String, f64)]) -> Vec<RecordBatch
 }
 
 /// A choice's counts per grid position (summed over the plan's rows).
-fn position_counts(batches: &[RecordBatch], name: &str) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
+fn position_counts(batches: &[RecordBatch], choice: &AutoChoice) -> Vec<u64> {
+    let mut out = vec![0; 2 * choice.candidates.len() + 1];
     for batch in batches {
-        let lists = batch.column_by_name(name).unwrap().as_list::<i32>();
-        for partial in lists.iter().flatten() {
-            let partial = partial.as_primitive::<UInt64Type>();
-            out.resize(out.len().max(partial.len()), 0);
-            for (total, n) in out.iter_mut().zip(partial.values()) {
-                *total += n;
-            }
-        }
+        add_counts(&mut out, batch.column_by_name(&choice.column).unwrap()).unwrap();
     }
     out
 }
@@ -772,8 +766,8 @@ fn auto_bounds_are_private_on_neighbouring_datasets() {
     );
     for choice in &bounds.choices {
         let (a, b) = (
-            position_counts(&rows_with, &choice.column),
-            position_counts(&rows_without, &choice.column),
+            position_counts(&rows_with, choice),
+            position_counts(&rows_without, choice),
         );
         assert_eq!(
             a.len(),
@@ -808,7 +802,7 @@ fn auto_bounds_are_private_on_neighbouring_datasets() {
         .collect();
     let epsilon = 3f64.ln();
     let draw = |rows: &[RecordBatch], epsilon: f64| -> Vec<Option<f64>> {
-        let full = position_counts(rows, &upper.column);
+        let full = position_counts(rows, upper);
         let counts = restricted_counts(&upper.candidates, &full, &candidates);
         let mechanism = BoundMechanism::new(&candidates, upper.quantile, epsilon).unwrap();
         (0..DRAWS)

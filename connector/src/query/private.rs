@@ -9,7 +9,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::LogicalPlan;
 use futures::StreamExt;
-use sluice_policy::dp::DpQuery;
+use sluice_policy::dp::{AutoBounds, DpQuery};
 use sluice_privacy::{PrivacyTicket, release};
 use sluice_proto::wire::dp;
 
@@ -105,8 +105,8 @@ impl QueryEngine {
     ) -> Result<RecordBatch, QueryError> {
         let chosen;
         let query = match &query.auto {
-            Some(_) => {
-                chosen = self.choose_bounds(query, limits, reads).await?;
+            Some(auto) => {
+                chosen = self.choose_bounds(query, auto, limits, reads).await?;
                 &chosen
             }
             None => query,
@@ -151,10 +151,10 @@ impl QueryEngine {
     async fn choose_bounds(
         &self,
         query: &DpQuery,
+        auto: &AutoBounds,
         limits: ExecutionLimits,
         reads: &Arc<DataReads>,
     ) -> Result<DpQuery, QueryError> {
-        let auto = query.auto.as_ref().expect("called for auto bounds only");
         let batches = self.collect(auto.plan.clone(), limits, None, reads).await?;
         let for_choice = query.clone();
         let values =

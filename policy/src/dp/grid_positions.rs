@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use datafusion_common::arrow::array::{ArrayRef, AsArray, UInt64Array};
+use datafusion_common::arrow::array::{Array, ArrayRef, AsArray, UInt64Array};
 use datafusion_common::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, UInt64Type};
 use datafusion_common::utils::SingleRowListArrayBuilder;
 use datafusion_common::{Result, ScalarValue, exec_err};
@@ -53,6 +53,38 @@ pub fn grid_position(grid: &[f64], value: f64) -> Option<usize> {
     let below = grid.partition_point(|c| *c < value);
     let on = grid.get(below).is_some_and(|c| *c == value);
     Some(2 * below + usize::from(on))
+}
+
+/// Adds each of `values` at its position on `grid` to `counts` (`2m + 1`
+/// of them for `m` candidates); NaN is not counted.
+pub fn count_positions(grid: &[f64], counts: &mut [u64], values: impl IntoIterator<Item = f64>) {
+    for at in values.into_iter().filter_map(|v| grid_position(grid, v)) {
+        counts[at] += 1;
+    }
+}
+
+/// Adds every list of counts in `lists` (this aggregate's output or state,
+/// `List<UInt64>`; NULL lists skipped) to `totals`, position by position.
+pub fn add_counts(totals: &mut [u64], lists: &dyn Array) -> Result<()> {
+    let Some(lists) = lists.as_list_opt::<i32>() else {
+        return exec_err!("grid positions come as lists, not {}", lists.data_type());
+    };
+    for partial in lists.iter().flatten() {
+        let Some(partial) = partial.as_primitive_opt::<UInt64Type>() else {
+            return exec_err!("grid positions are UInt64 counts");
+        };
+        if partial.len() != totals.len() {
+            return exec_err!(
+                "{} counts per grid position where the grid has {} positions",
+                partial.len(),
+                totals.len()
+            );
+        }
+        for (total, n) in totals.iter_mut().zip(partial.values()) {
+            *total += n;
+        }
+    }
+    Ok(())
 }
 
 /// For each candidate of a grid with `counts.len() = 2m + 1` positions:
@@ -150,11 +182,7 @@ impl Accumulator for PositionCounts {
         let Some(values) = values.as_primitive_opt::<Float64Type>() else {
             return exec_err!("grid positions take Float64, not {}", values.data_type());
         };
-        for value in values.iter().flatten() {
-            if let Some(at) = grid_position(&self.grid, value) {
-                self.counts[at] += 1;
-            }
-        }
+        count_positions(&self.grid, &mut self.counts, values.iter().flatten());
         Ok(())
     }
 
@@ -162,25 +190,7 @@ impl Accumulator for PositionCounts {
         let Some(states) = states.first() else {
             return exec_err!("grid positions merge one list of counts");
         };
-        let Some(states) = states.as_list_opt::<i32>() else {
-            return exec_err!("grid positions merge lists, not {}", states.data_type());
-        };
-        for partial in states.iter().flatten() {
-            let Some(partial) = partial.as_primitive_opt::<UInt64Type>() else {
-                return exec_err!("grid positions merge UInt64 counts");
-            };
-            if partial.len() != self.counts.len() {
-                return exec_err!(
-                    "grid positions: a partial state has {} counts, not {}",
-                    partial.len(),
-                    self.counts.len()
-                );
-            }
-            for (total, n) in self.counts.iter_mut().zip(partial.values()) {
-                *total += n;
-            }
-        }
-        Ok(())
+        add_counts(&mut self.counts, states)
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
@@ -219,11 +229,7 @@ mod tests {
             f64::INFINITY,
         ];
         let mut counts = vec![0u64; 2 * grid.len() + 1];
-        for v in values {
-            if let Some(at) = grid_position(&grid, v) {
-                counts[at] += 1;
-            }
-        }
+        count_positions(&grid, &mut counts, values);
         let expected: Vec<(u64, u64)> = grid
             .iter()
             .map(|c| {
