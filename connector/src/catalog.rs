@@ -44,11 +44,13 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, DatabaseConfig, DatasetConfig, DatasetFormat, Location};
 
+mod decoded;
 mod objects;
 pub mod postgres;
 mod source;
 mod versions;
 
+pub use decoded::{KEEP_INTERVAL, TableCache, keep_decoded};
 pub use versions::DataReads;
 
 pub use source::{SourceError, SourceFault, find_source_error};
@@ -138,6 +140,10 @@ pub struct Catalog {
     datasets: Vec<Dataset>,
     unreached: Vec<Unreached>,
     sources: source::Sources,
+    /// Decoded copies of local datasets (`limits.table_cache`), and the
+    /// datasets that may have one, in configuration order.
+    table_cache: Option<Arc<TableCache>>,
+    decoded_tables: Vec<Arc<decoded::DecodedTable>>,
 }
 
 impl Catalog {
@@ -158,6 +164,9 @@ impl Catalog {
             datasets: Vec::with_capacity(config.datasets.len()),
             unreached: Vec::new(),
             sources: sources.clone(),
+            table_cache: (config.limits.table_cache > 0)
+                .then(|| TableCache::new(config.limits.table_cache)),
+            decoded_tables: Vec::new(),
         };
         for ds in &config.datasets {
             let opened = match &ds.location {
@@ -170,6 +179,7 @@ impl Catalog {
                             path: path.clone(),
                             source,
                         })?;
+                    catalog.keep_decoded(ds, path).await?;
                     true
                 }
                 Location::Object(url) => {
@@ -198,6 +208,29 @@ impl Catalog {
             });
         }
         Ok(catalog)
+    }
+
+    /// Puts the local dataset `ds`, registered from its files, behind a
+    /// [`decoded::DecodedTable`] when it may be kept decoded.
+    async fn keep_decoded(&mut self, ds: &DatasetConfig, path: &Path) -> Result<(), CatalogError> {
+        let Some(cache) = &self.table_cache else {
+            return Ok(());
+        };
+        if !ds.table_cache {
+            return Ok(());
+        }
+        let files = self.ctx.table_provider(ds.name.as_str()).await?;
+        let table = Arc::new(decoded::DecodedTable::new(
+            &ds.name,
+            path,
+            matches!(ds.format, DatasetFormat::Parquet),
+            files,
+            cache.clone(),
+        ));
+        self.ctx.deregister_table(ds.name.as_str())?;
+        self.ctx.register_table(ds.name.as_str(), table.clone())?;
+        self.decoded_tables.push(table);
+        Ok(())
     }
 
     /// Registers a dataset in an object store; `false` (logged, naming the
@@ -280,6 +313,19 @@ impl Catalog {
 
     pub fn dataset(&self, name: &str) -> Option<&Dataset> {
         self.datasets.iter().find(|d| d.name == name)
+    }
+
+    /// The decoded copies, unless `limits.table_cache` is 0.
+    pub fn table_cache(&self) -> Option<&Arc<TableCache>> {
+        self.table_cache.as_ref()
+    }
+
+    fn decoded_tables(&self) -> &[Arc<decoded::DecodedTable>] {
+        &self.decoded_tables
+    }
+
+    fn sources(&self) -> &source::Sources {
+        &self.sources
     }
 
     /// Notes in `reads` the files each scan of `plan` was planned over.

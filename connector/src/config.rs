@@ -116,6 +116,9 @@ pub struct Limits {
     /// aggregations spill beyond `query_memory`, in bytes
     /// (`<state_dir>/spill`); 0 turns spilling off.
     pub spill_space: u64,
+    /// Memory for decoded copies of datasets on the connector's disk, in
+    /// bytes, for all of them together; 0 keeps none.
+    pub table_cache: usize,
     /// Wall-clock limit from the start of execution to the last batch.
     pub query_timeout: Duration,
     /// Queries executing at once; further queries wait in a bounded queue.
@@ -269,6 +272,9 @@ pub struct DatasetConfig {
     /// order; they become the dataset's last columns.
     pub partitions: Vec<ColumnConfig>,
     pub csv: CsvOptions,
+    /// Whether a dataset on the connector's disk may be kept decoded in
+    /// memory (`limits.table_cache`).
+    pub table_cache: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -299,6 +305,7 @@ impl Default for Limits {
             query_memory: 1 << 30,
             total_query_memory: 4 << 30,
             spill_space: 8 << 30,
+            table_cache: 512 << 20,
             query_timeout: Duration::from_secs(300),
             max_concurrent_queries: 16,
             max_concurrent_queries_per_organization: 4,
@@ -486,6 +493,7 @@ struct RawLimits {
     query_memory: Option<String>,
     total_query_memory: Option<String>,
     spill_space: Option<String>,
+    table_cache: Option<String>,
     query_timeout: Option<String>,
     max_concurrent_queries: Option<usize>,
     max_concurrent_queries_per_organization: Option<usize>,
@@ -528,6 +536,7 @@ struct RawDataset {
     schema: Option<Vec<RawColumn>>,
     partitions: Option<Vec<RawColumn>>,
     csv: Option<RawCsv>,
+    table_cache: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -673,6 +682,12 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
                 "partition columns are for files in hive-style directories, not for a database relation".into(),
             ));
         }
+        if ds.table_cache == Some(true) && !matches!(location, Location::Local(_)) {
+            return Err(err(
+                field("table_cache"),
+                "only datasets on the connector's disk (`path` without s3://) are kept decoded in memory; remove the setting".into(),
+            ));
+        }
         datasets.push(DatasetConfig {
             name: ds.name,
             format: ds.format,
@@ -681,6 +696,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
             schema,
             partitions,
             csv,
+            table_cache: ds.table_cache.unwrap_or(true),
         });
     }
 
@@ -861,6 +877,12 @@ fn parse_limits(raw: RawLimits) -> Result<Limits, (String, String)> {
             Some(s) if s.trim() == "0" => 0,
             Some(s) => parse_size(&s).map_err(field("spill_space"))? as u64,
             None => d.spill_space,
+        },
+        table_cache: match raw.table_cache {
+            // "0" is the one size of zero allowed: no decoded copies.
+            Some(s) if s.trim() == "0" => 0,
+            Some(s) => parse_size(&s).map_err(field("table_cache"))?,
+            None => d.table_cache,
         },
         query_timeout: match raw.query_timeout {
             Some(s) => parse_duration(&s).map_err(field("query_timeout"))?,
@@ -1117,6 +1139,31 @@ mod tests {
     }
 
     const DATABASE: &str = "[[databases]]\nname='transit'\nkind='postgres'\nhost='db.internal'\ndbname='transit'\nuser='sluice'\npassword_file='secrets/pg'\nca_file='pki/db-ca.pem'\n";
+
+    #[test]
+    fn the_table_cache_is_a_size_and_only_for_files_on_disk() {
+        let d = load("[[datasets]]\nname='t'\nformat='csv'\npath='t.csv'\n").unwrap();
+        assert_eq!(d.limits.table_cache, 512 << 20, "on by default");
+        assert!(d.datasets[0].table_cache);
+        let off = load("[limits]\ntable_cache = \"0\"\n").unwrap();
+        assert_eq!(off.limits.table_cache, 0);
+        let e = load("[limits]\ntable_cache = \"a lot\"\n").unwrap_err();
+        assert_eq!(e.field, "limits.table_cache");
+        let out = load("[[datasets]]\nname='t'\nformat='csv'\npath='t.csv'\ntable_cache=false\n")
+            .unwrap();
+        assert!(!out.datasets[0].table_cache);
+        for location in [
+            "format='postgres'\ndatabase='transit'\nrelation='trips'",
+            "format='parquet'\npath='s3://lake/trips/'",
+        ] {
+            let e = load(&format!(
+                "{DATABASE}[[datasets]]\nname='t'\n{location}\ntable_cache=true\n"
+            ))
+            .unwrap_err();
+            assert_eq!(e.field, "datasets[0].table_cache", "{e}");
+            assert!(e.reason.contains("remove the setting"), "{e}");
+        }
+    }
 
     #[test]
     fn a_database_dataset_names_its_database_and_relation() {

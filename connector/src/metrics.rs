@@ -10,6 +10,7 @@
 //! | `sluice_result_rows_total` | counter | |
 //! | `sluice_result_bytes_total` | counter | encoded Flight bytes sent |
 //! | `sluice_active_queries` | gauge | |
+//! | `sluice_table_cache_bytes` | gauge | decoded copies of local datasets held (`limits.table_cache`) |
 //! | `sluice_rpc_errors_total` | counter | `method`, `code` |
 //! | `sluice_open_connections` | gauge | client connections open (TLS handshakes included) |
 //! | `sluice_process_resident_memory_bytes` | gauge | the daemon's RSS, read at scrape time |
@@ -53,6 +54,8 @@ pub struct Metrics {
     pub result_rows: Counter,
     pub result_bytes: Counter,
     pub active_queries: Gauge,
+    /// Bytes of decoded dataset copies held; the catalog's keeper sets it.
+    pub table_cache_bytes: Gauge,
     pub rpc_errors: Family<RpcErrorLabel, Counter>,
     /// Counts accepted sockets until they close; the server tracks its
     /// connections with it.
@@ -163,6 +166,12 @@ impl Metrics {
             "Queries currently streaming",
             active_queries.clone(),
         );
+        let table_cache_bytes = Gauge::default();
+        registry.register(
+            "table_cache_bytes",
+            "Decoded copies of datasets on the connector's disk held in memory (limits.table_cache)",
+            table_cache_bytes.clone(),
+        );
         let rpc_errors = Family::<RpcErrorLabel, Counter>::default();
         registry.register(
             "rpc_errors",
@@ -179,6 +188,7 @@ impl Metrics {
             result_rows,
             result_bytes,
             active_queries,
+            table_cache_bytes,
             rpc_errors,
             connections: OpenConnections::default(),
             process,

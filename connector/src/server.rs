@@ -110,6 +110,12 @@ impl App {
             config.limits.query_memory,
         )?;
         let catalog = Arc::new(Catalog::open(&config, &spill).await?);
+        let metrics = Arc::new(Metrics::new());
+        // Decoding is query work: it runs where queries run.
+        query_runtime.spawn(crate::catalog::keep_decoded(
+            Arc::downgrade(&catalog),
+            metrics.table_cache_bytes.clone(),
+        ));
         let policy = Arc::new(match hooks.gate.take() {
             Some(gate) => PolicyHandle::fixed(gate),
             None => {
@@ -134,7 +140,7 @@ impl App {
             state,
             tls,
             tls_files,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             policy,
             engine,
         })

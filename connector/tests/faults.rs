@@ -143,7 +143,12 @@ impl Deployment {
         let config = d.join("sluice.toml");
         std::fs::write(
             &config,
-            format!("[policy]\nfile = \"policy.yaml\"\n\n[limits]\n{limits}\n\n{datasets}"),
+            // Files are read from disk here, not from decoded copies: these
+            // tests break files under running queries (the copies' own
+            // behaviour is in tests/python/test_table_cache.py).
+            format!(
+                "[policy]\nfile = \"policy.yaml\"\n\n[limits]\ntable_cache = \"0\"\n{limits}\n\n{datasets}"
+            ),
         )
         .unwrap();
         let state = d.join("state");

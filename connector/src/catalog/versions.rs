@@ -44,6 +44,12 @@ impl DataReads {
         }
     }
 
+    /// What was noted for `dataset`.
+    pub fn version_of(&self, dataset: &str) -> Option<String> {
+        let reads = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        reads.get(dataset).cloned()
+    }
+
     /// `dataset: version` lines, in dataset order.
     pub fn lines(&self) -> Vec<String> {
         let reads = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -143,7 +149,7 @@ pub fn cache_version<'a>(locations: impl Iterator<Item = &'a Location>) -> Optio
 }
 
 /// Every file under `dir` (partition directories included).
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub(super) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
