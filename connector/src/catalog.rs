@@ -216,7 +216,9 @@ impl Catalog {
         let Some(cache) = &self.table_cache else {
             return Ok(());
         };
-        if !ds.table_cache {
+        // A scan of a partitioned dataset names only the partitions it
+        // read in its release record; a copy's would name them all.
+        if !ds.table_cache || !ds.partitions.is_empty() {
             return Ok(());
         }
         let files = self.ctx.table_provider(ds.name.as_str()).await?;

@@ -273,7 +273,7 @@ pub struct DatasetConfig {
     pub partitions: Vec<ColumnConfig>,
     pub csv: CsvOptions,
     /// Whether a dataset on the connector's disk may be kept decoded in
-    /// memory (`limits.table_cache`).
+    /// memory (`limits.table_cache`); never a partitioned one.
     pub table_cache: bool,
 }
 
@@ -688,7 +688,15 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
                 "only datasets on the connector's disk (`path` without s3://) are kept decoded in memory; remove the setting".into(),
             ));
         }
+        if ds.table_cache == Some(true) && !partitions.is_empty() {
+            return Err(err(
+                field("table_cache"),
+                "partitioned datasets are not kept decoded in memory (a query's release record names the partitions it read); remove the setting".into(),
+            ));
+        }
+        let table_cache = ds.table_cache.unwrap_or(partitions.is_empty());
         datasets.push(DatasetConfig {
+            table_cache,
             name: ds.name,
             format: ds.format,
             location,
@@ -696,7 +704,6 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
             schema,
             partitions,
             csv,
-            table_cache: ds.table_cache.unwrap_or(true),
         });
     }
 
@@ -1152,6 +1159,11 @@ mod tests {
         let out = load("[[datasets]]\nname='t'\nformat='csv'\npath='t.csv'\ntable_cache=false\n")
             .unwrap();
         assert!(!out.datasets[0].table_cache);
+        let partitioned = "[[datasets]]\nname='t'\nformat='csv'\npath='t/'\npartitions=[{name='day', type='Utf8'}]\n";
+        assert!(!load(partitioned).unwrap().datasets[0].table_cache);
+        let e = load(&format!("{partitioned}table_cache=true\n")).unwrap_err();
+        assert_eq!(e.field, "datasets[0].table_cache", "{e}");
+        assert!(e.reason.contains("partitioned"), "{e}");
         for location in [
             "format='postgres'\ndatabase='transit'\nrelation='trips'",
             "format='parquet'\npath='s3://lake/trips/'",

@@ -26,7 +26,13 @@ def test_an_allowed_aggregate_matches_the_policy_applied_by_hand(demo_daemon):
         cur.execute(QUERY)
         got = cur.fetch_arrow_table()
     assert got.num_rows > 0
-    assert got.to_pylist() == want.to_pylist()
+    assert got.column_names == want.column_names
+    for name in ("start_zone", "trips"):
+        assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
+    # A sum of doubles depends on the order rows meet in (file scans and
+    # decoded copies, partitions merged in parallel), so the rounded mean
+    # may differ in its last digit.
+    assert got.column("km").to_pylist() == pytest.approx(want.column("km").to_pylist(), abs=1.01e-4)
     assert got.schema.metadata[b"sluice.tags"] == b"personal"
 
 

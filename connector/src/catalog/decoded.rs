@@ -10,18 +10,25 @@
 //!
 //! A scan serves the decoded copy only while every file of the dataset has
 //! the size, modification time, change time and inode it had when it was
-//! decoded; it checks that (a `stat` per file) at each scan, so a query
-//! never reads an older version of the data than the files hold, and a
-//! missing or replaced file is read from disk, failing or answering exactly
-//! as it would without the cache. A query whose scan began from the copy
+//! decoded; it checks that (a `stat` per file) at each scan, so a missing,
+//! replaced or rewritten file is read from disk, failing or answering
+//! exactly as it would without the cache. Files are decoded only once
+//! their times are [`SETTLING`] old: a rewrite within the resolution of a
+//! file system's timestamps could otherwise keep every one of them. (On a
+//! network file system whose attribute cache hides changes from `stat`,
+//! turn the copies off for its datasets.) A query that began from the copy
 //! reads that copy to the end, a consistent snapshot, even if the file
-//! changes meanwhile. Its release record names the same version (files,
-//! times, digest) a scan of those files would.
+//! changes meanwhile; the copy's memory counts against the budget until
+//! the last such query ends. Its release record names the version of every
+//! file of the dataset (as a scan of the files does: hive-partitioned
+//! datasets, whose scans name only the partitions they read, are never
+//! kept decoded).
 //!
 //! What is decoded, and when, depends only on the configuration and the
 //! files: datasets in configuration order, decoded at start and after their
-//! files change, never because of a query. So how fast a query runs says
-//! nothing about what other consumers asked.
+//! files change, never because of a query. Decoding takes CPU beside the
+//! queries, so a change to a large dataset's files shows in everyone's
+//! latency for as long as it takes (docs/configuration.md).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -46,15 +53,81 @@ use super::versions::{self, DataReads};
 /// How often the keeper looks for datasets to decode (again).
 pub const KEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Files modified this recently are not decoded yet: a file rewritten
+/// within the resolution of its timestamps (a second on some file systems,
+/// a clock tick for change times on older kernels) could keep the size and
+/// times of the version decoded, and the copy would then outlive it.
+const SETTLING: Duration = Duration::from_secs(2);
+
+/// After a failure to read a dataset's files, how long before trying
+/// again with the same files.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+
 /// The decoded copies, within a budget of bytes for all of them.
 #[derive(Debug)]
 pub struct TableCache {
     budget: usize,
+    /// [`SETTLING`], but for tests.
+    settling: Duration,
     held: RwLock<BTreeMap<String, Arc<Decoded>>>,
-    /// Datasets not decoded at these versions of their files (too large
-    /// for what is left of the budget, or unreadable): tried again once
-    /// their files change.
-    passed_over: Mutex<BTreeMap<String, FilesVersion>>,
+    /// Copies no longer served whose batches queries that began from them
+    /// may still hold: they count against the budget until the last such
+    /// query lets go.
+    retired: Mutex<Vec<Retired>>,
+    /// Datasets not decoded at these versions of their files, and why.
+    passed_over: Mutex<BTreeMap<String, PassedOver>>,
+}
+
+#[derive(Debug)]
+struct Retired {
+    /// The first column of every batch: alive while any scan holds the
+    /// batches (a scan of a copy holds whole batches and projects them as
+    /// it emits them).
+    columns: Vec<Weak<dyn datafusion::arrow::array::Array>>,
+    bytes: usize,
+}
+
+impl Retired {
+    fn of(decoded: &Decoded) -> Self {
+        Self {
+            columns: decoded
+                .partitions
+                .iter()
+                .flatten()
+                .filter_map(|batch| batch.columns().first().map(Arc::downgrade))
+                .collect(),
+            bytes: decoded.bytes,
+        }
+    }
+
+    fn in_use(&self) -> bool {
+        self.columns.iter().any(|c| c.strong_count() > 0)
+    }
+}
+
+#[derive(Debug)]
+struct PassedOver {
+    files: FilesVersion,
+    why: Why,
+}
+
+#[derive(Debug)]
+enum Why {
+    /// Larger than the room the budget had left: tried again when there
+    /// is more.
+    TooLarge { room: usize },
+    /// Its files could not be read: tried again after a while.
+    Failed { at: Instant },
+}
+
+impl PassedOver {
+    fn still_applies(&self, files: &FilesVersion, room: usize) -> bool {
+        self.files == *files
+            && match self.why {
+                Why::TooLarge { room: then } => room <= then,
+                Why::Failed { at } => at.elapsed() < RETRY_AFTER_FAILURE,
+            }
+    }
 }
 
 /// One dataset's decoded batches, with the version of its files they are.
@@ -101,20 +174,38 @@ impl FilesVersion {
     fn bytes_on_disk(&self) -> u64 {
         self.0.iter().map(|f| f.1).sum()
     }
+
+    /// Whether a file's modification or change time is less than `window`
+    /// ago (or in the future).
+    fn changed_within(&self, window: Duration) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let settled_before = now - window.as_nanos() as i128;
+        self.0
+            .iter()
+            .any(|(_, _, modified, changed, _)| *modified.max(changed) > settled_before)
+    }
 }
 
 impl TableCache {
     pub fn new(budget: usize) -> Arc<Self> {
         Arc::new(Self {
             budget,
+            settling: SETTLING,
             held: RwLock::default(),
+            retired: Mutex::default(),
             passed_over: Mutex::default(),
         })
     }
 
-    /// Bytes of decoded batches held now.
+    /// Bytes of decoded batches in memory: the copies served, and retired
+    /// ones that queries still read.
     pub fn bytes(&self) -> usize {
-        self.read().values().map(|d| d.bytes).sum()
+        let served: usize = self.read().values().map(|d| d.bytes).sum();
+        let mut retired = lock(&self.retired);
+        retired.retain(Retired::in_use);
+        served + retired.iter().map(|r| r.bytes).sum::<usize>()
     }
 
     /// The copy of `dataset` if its files at `path` are still the ones it
@@ -128,15 +219,32 @@ impl TableCache {
         self.held.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Decoded>>> {
-        self.held.write().unwrap_or_else(|e| e.into_inner())
+    /// Stops serving `dataset`'s copy; its memory counts until the queries
+    /// reading it are done.
+    fn retire(&self, dataset: &str) {
+        let removed = self
+            .held
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(dataset);
+        if let Some(decoded) = removed {
+            lock(&self.retired).push(Retired::of(&decoded));
+        }
     }
 
-    fn passed_over(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FilesVersion>> {
-        self.passed_over.lock().unwrap_or_else(|e| e.into_inner())
+    fn serve(&self, dataset: &str, decoded: Decoded) {
+        lock(&self.passed_over).remove(dataset);
+        self.held
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dataset.to_string(), Arc::new(decoded));
     }
 
-    /// Brings every table up to date with its files, in order: drops the
+    fn pass_over(&self, dataset: &str, files: FilesVersion, why: Why) {
+        lock(&self.passed_over).insert(dataset.to_string(), PassedOver { files, why });
+    }
+
+    /// Brings every table up to date with its files, in order: retires the
     /// copies whose files changed, then decodes what is not held, as long
     /// as it fits in what the others leave of the budget.
     pub async fn keep(
@@ -147,55 +255,74 @@ impl TableCache {
     ) {
         for table in tables {
             let Some(files) = FilesVersion::now(&table.path) else {
-                self.write().remove(&table.dataset);
+                self.retire(&table.dataset);
                 continue;
             };
-            let held = self.read().get(&table.dataset).map(|d| d.files == files);
-            match held {
+            // Read, then let go of the lock: retiring takes it to write.
+            let current = self.read().get(&table.dataset).map(|d| d.files == files);
+            match current {
                 Some(true) => continue,
-                Some(false) => {
-                    self.write().remove(&table.dataset);
-                }
+                Some(false) => self.retire(&table.dataset),
                 None => {}
             }
-            if self.passed_over().get(&table.dataset) == Some(&files) {
-                continue;
+            if files.changed_within(self.settling) {
+                continue; // decoded once the files have settled
             }
             let room = self.budget.saturating_sub(self.bytes());
-            let started = Instant::now();
-            match decode(table, files.clone(), room, state, sources).await {
-                Ok(Some(decoded)) => {
-                    tracing::info!(
-                        dataset = %table.dataset,
-                        bytes = decoded.bytes,
-                        ms = started.elapsed().as_secs_f64() * 1e3,
-                        "dataset decoded into memory (limits.table_cache)"
-                    );
-                    self.passed_over().remove(&table.dataset);
-                    self.write()
-                        .insert(table.dataset.clone(), Arc::new(decoded));
-                }
-                Ok(None) => {
-                    tracing::info!(
-                        dataset = %table.dataset,
-                        room,
-                        "dataset not kept decoded: larger than what is left of limits.table_cache; it is read from its files"
-                    );
-                    self.passed_over().insert(table.dataset.clone(), files);
-                }
-                Err(Undecodable::Changed) => {} // tried again at the next round
-                Err(Undecodable::Failed(kind)) => {
-                    // The message of a decoding error can quote the data.
-                    tracing::warn!(
-                        dataset = %table.dataset,
-                        error = kind,
-                        "dataset could not be decoded into memory; it is read from its files"
-                    );
-                    self.passed_over().insert(table.dataset.clone(), files);
-                }
+            let passed_over = lock(&self.passed_over)
+                .get(&table.dataset)
+                .is_some_and(|p| p.still_applies(&files, room));
+            if passed_over {
+                continue;
+            }
+            self.decode_into(table, files, room, state, sources).await;
+        }
+    }
+
+    async fn decode_into(
+        &self,
+        table: &DecodedTable,
+        files: FilesVersion,
+        room: usize,
+        state: &SessionState,
+        sources: &Sources,
+    ) {
+        let started = Instant::now();
+        match decode(table, files.clone(), room, state, sources).await {
+            Ok(Some(decoded)) => {
+                tracing::info!(
+                    dataset = %table.dataset,
+                    bytes = decoded.bytes,
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "dataset decoded into memory (limits.table_cache)"
+                );
+                self.serve(&table.dataset, decoded);
+            }
+            Ok(None) => {
+                tracing::info!(
+                    dataset = %table.dataset,
+                    room,
+                    "dataset not kept decoded: larger than what is left of limits.table_cache; it is read from its files"
+                );
+                self.pass_over(&table.dataset, files, Why::TooLarge { room });
+            }
+            Err(Undecodable::Changed) => {} // tried again at the next round
+            Err(Undecodable::Failed(kind)) => {
+                // The message of a decoding error can quote the data.
+                tracing::warn!(
+                    dataset = %table.dataset,
+                    error = kind,
+                    "dataset could not be decoded into memory; it is read from its files"
+                );
+                let at = Instant::now();
+                self.pass_over(&table.dataset, files, Why::Failed { at });
             }
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 enum Undecodable {
@@ -219,6 +346,8 @@ async fn decode(
     if table.parquet && files.bytes_on_disk() > room as u64 {
         return Ok(None);
     }
+    // `state`'s runtime lists the files afresh (the catalog turns
+    // DataFusion's listing cache off): the batches are of `files`.
     let plan = table
         .files
         .scan(state, None, &[], None)
@@ -329,7 +458,9 @@ impl DecodedTable {
         projection: Option<Vec<usize>>,
     ) -> Option<Result<Arc<dyn ExecutionPlan>>> {
         let decoded = self.cache.fresh(&self.dataset, &self.path)?;
-        if let Some(reads) = state.config().get_extension::<DataReads>() {
+        if let Some(reads) = state.config().get_extension::<DataReads>()
+            && !decoded.read_note.is_empty()
+        {
             reads.note(&self.dataset, decoded.read_note.clone());
         }
         Some(
@@ -394,5 +525,172 @@ impl TableProvider for DecodedTable {
             Some(plan) => plan.map(ScanResult::from),
             None => self.files.scan_with_args(state, args).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::dataframe::DataFrameWriteOptions;
+    use datafusion::prelude::{ParquetReadOptions, SessionContext};
+
+    fn batch(from: i64, to: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from_iter_values(from..to))],
+        )
+        .unwrap()
+    }
+
+    async fn write_parquet(path: &Path, rows: RecordBatch) {
+        SessionContext::new()
+            .read_batch(rows)
+            .unwrap()
+            .write_parquet(path.to_str().unwrap(), DataFrameWriteOptions::new(), None)
+            .await
+            .unwrap();
+    }
+
+    /// `SELECT count(*), sum(x)` over `t` in `ctx`, and what the query
+    /// noted for its release record (as `execute.rs` runs a query).
+    async fn count_and_sum(
+        ctx: &SessionContext,
+        sources: &Sources,
+    ) -> ((i64, i64), Option<String>) {
+        let reads = DataReads::new();
+        let mut state = ctx.state();
+        state.config_mut().set_extension(reads.clone());
+        let plan = state
+            .create_logical_plan("SELECT count(*) AS n, sum(x) AS s FROM t")
+            .await
+            .unwrap();
+        let physical = state.create_physical_plan(&plan).await.unwrap();
+        versions::note_files(&physical, sources, &reads);
+        let out = datafusion::physical_plan::collect(physical, state.task_ctx())
+            .await
+            .unwrap();
+        let column = |i: usize| {
+            out[0]
+                .column(i)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        ((column(0), column(1)), reads.version_of("t"))
+    }
+
+    #[tokio::test]
+    async fn a_directory_is_served_from_its_copy_until_a_file_is_added() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("t");
+        std::fs::create_dir(&data).unwrap();
+        write_parquet(&data.join("a.parquet"), batch(0, 100)).await;
+        write_parquet(&data.join("b.parquet"), batch(100, 200)).await;
+        let sources = Sources::default();
+        sources.add("t", &data);
+        // The files as the catalog reads them (listed afresh at each scan,
+        // which the keeper relies on), and the same behind a copy.
+        let plain = SessionContext::new_with_state(
+            super::super::session_state_reading(sources.clone(), &super::super::Spill::Off)
+                .unwrap(),
+        );
+        plain
+            .register_parquet("t", data.to_str().unwrap(), ParquetReadOptions::default())
+            .await
+            .unwrap();
+        let mut cache = TableCache::new(1 << 20);
+        Arc::get_mut(&mut cache).unwrap().settling = Duration::ZERO;
+        let table = Arc::new(DecodedTable::new(
+            "t",
+            &data,
+            true,
+            plain.table_provider("t").await.unwrap(),
+            cache.clone(),
+        ));
+        let served = SessionContext::new();
+        served.register_table("t", table.clone()).unwrap();
+
+        let (files_answer, files_note) = count_and_sum(&plain, &sources).await;
+        assert_eq!(files_answer, (200, 19_900));
+        cache
+            .keep(std::slice::from_ref(&table), &plain.state(), &sources)
+            .await;
+        assert!(cache.read().contains_key("t"), "decoded");
+        let held = cache.bytes();
+        assert!(held > 0 && held <= 1 << 20, "{held}");
+        let (answer, note) = count_and_sum(&served, &sources).await;
+        assert_eq!(answer, files_answer);
+        assert!(note.is_some());
+        assert_eq!(
+            note, files_note,
+            "the copy's release record names the files' version"
+        );
+
+        // A file added: the next scan reads the files, at once.
+        write_parquet(&data.join("c.parquet"), batch(200, 250)).await;
+        let (answer, note) = count_and_sum(&served, &sources).await;
+        assert_eq!(answer, (250, 31_125));
+        assert_ne!(note, files_note);
+        cache
+            .keep(std::slice::from_ref(&table), &plain.state(), &sources)
+            .await;
+        let (again, again_note) = count_and_sum(&served, &sources).await;
+        assert_eq!((again, again_note), (answer, note));
+        assert!(cache.bytes() > held, "the copy of three files");
+
+        // Too small a budget: not decoded, and not tried again for the
+        // same files while the room stays what it was.
+        let mut small = TableCache::new(64);
+        Arc::get_mut(&mut small).unwrap().settling = Duration::ZERO;
+        let table = Arc::new(DecodedTable::new(
+            "t",
+            &data,
+            false,
+            plain.table_provider("t").await.unwrap(),
+            small.clone(),
+        ));
+        small
+            .keep(std::slice::from_ref(&table), &plain.state(), &sources)
+            .await;
+        assert_eq!(small.bytes(), 0);
+        assert!(lock(&small.passed_over).contains_key("t"));
+    }
+
+    #[test]
+    fn a_retired_copy_counts_until_its_last_reader_lets_go() {
+        let cache = TableCache::new(1 << 20);
+        let files = FilesVersion(Vec::new());
+        let decoded = Decoded {
+            files,
+            read_note: String::new(),
+            partitions: vec![vec![batch(0, 1000)], vec![batch(1000, 2000)]],
+            bytes: 16_000,
+        };
+        cache.serve("t", decoded);
+        assert_eq!(cache.bytes(), 16_000);
+        // A scan holds the batches of one partition, as MemoryStream does.
+        let reader: Vec<RecordBatch> = cache.read()["t"].partitions[1].clone();
+        cache.retire("t");
+        assert!(!cache.read().contains_key("t"));
+        assert_eq!(cache.bytes(), 16_000, "still read by a query");
+        drop(reader);
+        assert_eq!(cache.bytes(), 0);
+        assert!(lock(&cache.retired).is_empty());
+    }
+
+    #[test]
+    fn files_just_written_have_not_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.csv");
+        std::fs::write(&file, "x\n1\n").unwrap();
+        let version = FilesVersion::now(&file).unwrap();
+        assert!(version.changed_within(SETTLING));
+        let old = FilesVersion(vec![(file.clone(), 4, 0, 0, 1)]);
+        assert!(!old.changed_within(SETTLING));
+        assert!(FilesVersion::now(&dir.path().join("gone.csv")).is_none());
     }
 }

@@ -148,11 +148,20 @@ pub fn cache_version<'a>(locations: impl Iterator<Item = &'a Location>) -> Optio
     Some(short_digest(&lines.join("\n")))
 }
 
-/// Every file under `dir` (partition directories included).
+/// Every file under `dir` (partition directories included). A directory
+/// reached twice (through a symbolic link) is walked once.
 pub(super) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
+    let mut walked = std::collections::BTreeSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&d) else {
+            continue;
+        };
+        if !walked.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
@@ -178,6 +187,15 @@ fn short_digest(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_linked_into_itself_is_walked_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.csv"), "x\n1\n").unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("again")).unwrap();
+        assert_eq!(walk(dir.path()), vec![dir.path().join("a.csv")]);
+    }
 
     #[test]
     fn the_cache_version_follows_the_files() {
