@@ -18,15 +18,18 @@
 //! network file system whose attribute cache hides changes from `stat`,
 //! turn the copies off for its datasets.) A query that began from the copy
 //! reads that copy to the end, a consistent snapshot, even if the file
-//! changes meanwhile; the copy's memory counts against the budget until
-//! the last such query ends. Its release record names the version of every
-//! file of the dataset (as a scan of the files does: hive-partitioned
-//! datasets, whose scans name only the partitions they read, are never
-//! kept decoded).
+//! changes meanwhile; the copy's memory counts against the budget while
+//! such queries still hold its batches (not the few batches operators
+//! downstream may hold for a moment after the scan ends). Its release
+//! record names the version of every file of the dataset (a scan of the
+//! files names those it listed, which a `LIMIT` can make fewer;
+//! hive-partitioned datasets, whose scans name only the partitions they
+//! read, are never kept decoded).
 //!
-//! What is decoded, and when, depends only on the configuration and the
-//! files: datasets in configuration order, decoded at start and after their
-//! files change, never because of a query. Decoding takes CPU beside the
+//! When a dataset is decoded depends on the files, not on queries:
+//! datasets in configuration order, decoded at start and after their files
+//! change, never because a query asked. (Whether one fits can depend on
+//! retired copies that queries still read.) Decoding takes CPU beside the
 //! queries, so a change to a large dataset's files shows in everyone's
 //! latency for as long as it takes (docs/configuration.md).
 
@@ -140,9 +143,10 @@ struct Decoded {
     bytes: usize,
 }
 
-/// Every file of a local dataset as `stat` describes it now: path, size,
-/// modification and change times (ns), inode. A file rewritten in place
-/// changes its change time; one replaced by a rename, its inode.
+/// Every file (and directory) of a local dataset as `stat` describes it
+/// now: path, size, modification and change times (ns), inode. A file
+/// rewritten in place changes its change time; one replaced by a rename,
+/// its inode; a file added or removed, its directory's times.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FilesVersion(Vec<(PathBuf, u64, i128, i128, u64)>);
 
@@ -150,8 +154,12 @@ impl FilesVersion {
     /// `None` when the dataset's file or directory cannot be read.
     fn now(path: &Path) -> Option<Self> {
         let meta = std::fs::metadata(path).ok()?;
+        // A directory's own times change when a file is added or removed:
+        // one added and removed again while the files are decoded shows.
         let files = if meta.is_dir() {
-            versions::walk(path)
+            let (mut files, directories) = versions::walk_with_directories(path);
+            files.extend(directories);
+            files
         } else {
             vec![path.to_path_buf()]
         };
@@ -533,6 +541,7 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::Int64Array;
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::common::tree_node::TreeNode;
     use datafusion::dataframe::DataFrameWriteOptions;
     use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
@@ -559,7 +568,7 @@ mod tests {
     async fn count_and_sum(
         ctx: &SessionContext,
         sources: &Sources,
-    ) -> ((i64, i64), Option<String>) {
+    ) -> ((i64, i64), Option<String>, bool) {
         let reads = DataReads::new();
         let mut state = ctx.state();
         state.config_mut().set_extension(reads.clone());
@@ -569,6 +578,17 @@ mod tests {
             .unwrap();
         let physical = state.create_physical_plan(&plan).await.unwrap();
         versions::note_files(&physical, sources, &reads);
+        let mut from_copy = false;
+        physical
+            .apply(|node| {
+                from_copy |= node.downcast_ref::<DataSourceExec>().is_some_and(|scan| {
+                    scan.data_source()
+                        .downcast_ref::<MemorySourceConfig>()
+                        .is_some()
+                });
+                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+            })
+            .unwrap();
         let out = datafusion::physical_plan::collect(physical, state.task_ctx())
             .await
             .unwrap();
@@ -580,7 +600,7 @@ mod tests {
                 .unwrap()
                 .value(0)
         };
-        ((column(0), column(1)), reads.version_of("t"))
+        ((column(0), column(1)), reads.version_of("t"), from_copy)
     }
 
     #[tokio::test]
@@ -614,7 +634,8 @@ mod tests {
         let served = SessionContext::new();
         served.register_table("t", table.clone()).unwrap();
 
-        let (files_answer, files_note) = count_and_sum(&plain, &sources).await;
+        let (files_answer, files_note, read_copy) = count_and_sum(&plain, &sources).await;
+        assert!(!read_copy);
         assert_eq!(files_answer, (200, 19_900));
         cache
             .keep(std::slice::from_ref(&table), &plain.state(), &sources)
@@ -622,7 +643,8 @@ mod tests {
         assert!(cache.read().contains_key("t"), "decoded");
         let held = cache.bytes();
         assert!(held > 0 && held <= 1 << 20, "{held}");
-        let (answer, note) = count_and_sum(&served, &sources).await;
+        let (answer, note, read_copy) = count_and_sum(&served, &sources).await;
+        assert!(read_copy, "served from the copy");
         assert_eq!(answer, files_answer);
         assert!(note.is_some());
         assert_eq!(
@@ -632,13 +654,15 @@ mod tests {
 
         // A file added: the next scan reads the files, at once.
         write_parquet(&data.join("c.parquet"), batch(200, 250)).await;
-        let (answer, note) = count_and_sum(&served, &sources).await;
+        let (answer, note, read_copy) = count_and_sum(&served, &sources).await;
+        assert!(!read_copy, "a file was added: the files are read");
         assert_eq!(answer, (250, 31_125));
         assert_ne!(note, files_note);
         cache
             .keep(std::slice::from_ref(&table), &plain.state(), &sources)
             .await;
-        let (again, again_note) = count_and_sum(&served, &sources).await;
+        let (again, again_note, read_copy) = count_and_sum(&served, &sources).await;
+        assert!(read_copy, "decoded again");
         assert_eq!((again, again_note), (answer, note));
         assert!(cache.bytes() > held, "the copy of three files");
 
@@ -680,6 +704,18 @@ mod tests {
         drop(reader);
         assert_eq!(cache.bytes(), 0);
         assert!(lock(&cache.retired).is_empty());
+    }
+
+    #[test]
+    fn a_file_added_and_removed_again_changes_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.csv"), "x\n1\n").unwrap();
+        let before = FilesVersion::now(dir.path()).unwrap();
+        // Past the coarsest timestamp tick of a kernel (HZ = 100).
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::write(dir.path().join("b.csv"), "x\n2\n").unwrap();
+        std::fs::remove_file(dir.path().join("b.csv")).unwrap();
+        assert_ne!(FilesVersion::now(dir.path()).unwrap(), before);
     }
 
     #[test]

@@ -151,8 +151,16 @@ pub fn cache_version<'a>(locations: impl Iterator<Item = &'a Location>) -> Optio
 /// Every file under `dir` (partition directories included). A directory
 /// reached twice (through a symbolic link) is walked once.
 pub(super) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    walk_with_directories(dir).0
+}
+
+/// The files under `dir`, and the directories walked (`dir` first).
+pub(super) fn walk_with_directories(
+    dir: &std::path::Path,
+) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
     use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
+    let mut files = Vec::new();
+    let mut directories = Vec::new();
     let mut walked = std::collections::BTreeSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -165,16 +173,17 @@ pub(super) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
+        directories.push(d);
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
             } else {
-                out.push(path);
+                files.push(path);
             }
         }
     }
-    out
+    (files, directories)
 }
 
 fn short_digest(text: &str) -> String {
