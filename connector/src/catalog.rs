@@ -638,14 +638,9 @@ fn base_runtime(spill: &Spill) -> Result<Arc<datafusion::execution::runtime_env:
         // Data is live: every query lists a dataset's directory or prefix
         // again, so that files added or removed since are seen (DataFusion
         // would otherwise keep the first listing for ever).
-        // Nor are a file's Parquet footer and statistics kept: DataFusion
-        // keys them by size and modification time, which a file replaced
-        // by a copy that keeps both (`cp -p`, `rsync -t`) does not change.
         .with_cache_manager(
             datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
-                .with_list_files_cache_limit(0)
-                .with_metadata_cache_limit(0)
-                .with_file_statistics_cache_limit(0),
+                .with_list_files_cache_limit(0),
         )
         .with_disk_manager_builder(spill.disk_manager())
         .build_arc()
