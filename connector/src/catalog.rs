@@ -50,7 +50,7 @@ pub mod postgres;
 mod source;
 mod versions;
 
-pub use decoded::{KEEP_INTERVAL, TableCache, keep_decoded};
+pub use decoded::{TableCache, keep_decoded};
 pub use versions::DataReads;
 
 pub use source::{SourceError, SourceFault, find_source_error};

@@ -54,7 +54,7 @@ use super::source::Sources;
 use super::versions::{self, DataReads};
 
 /// How often the keeper looks for datasets to decode (again).
-pub const KEEP_INTERVAL: Duration = Duration::from_secs(5);
+const KEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Files modified this recently are not decoded yet: a file rewritten
 /// within the resolution of its timestamps (a second on some file systems,
@@ -603,6 +603,27 @@ mod tests {
         ((column(0), column(1)), reads.version_of("t"), from_copy)
     }
 
+    /// `t` of `files` (at `data`) behind a copy in a cache of `budget`
+    /// bytes that decodes files however new. `parquet: false` skips the
+    /// check of the size on disk, so that decoding itself runs out of room.
+    async fn decoded_table(
+        files: &SessionContext,
+        data: &Path,
+        budget: usize,
+        parquet: bool,
+    ) -> (Arc<TableCache>, Arc<DecodedTable>) {
+        let mut cache = TableCache::new(budget);
+        Arc::get_mut(&mut cache).unwrap().settling = Duration::ZERO;
+        let table = Arc::new(DecodedTable::new(
+            "t",
+            data,
+            parquet,
+            files.table_provider("t").await.unwrap(),
+            cache.clone(),
+        ));
+        (cache, table)
+    }
+
     #[tokio::test]
     async fn a_directory_is_served_from_its_copy_until_a_file_is_added() {
         let dir = tempfile::tempdir().unwrap();
@@ -622,15 +643,7 @@ mod tests {
             .register_parquet("t", data.to_str().unwrap(), ParquetReadOptions::default())
             .await
             .unwrap();
-        let mut cache = TableCache::new(1 << 20);
-        Arc::get_mut(&mut cache).unwrap().settling = Duration::ZERO;
-        let table = Arc::new(DecodedTable::new(
-            "t",
-            &data,
-            true,
-            plain.table_provider("t").await.unwrap(),
-            cache.clone(),
-        ));
+        let (cache, table) = decoded_table(&plain, &data, 1 << 20, true).await;
         let served = SessionContext::new();
         served.register_table("t", table.clone()).unwrap();
 
@@ -668,15 +681,7 @@ mod tests {
 
         // Too small a budget: not decoded, and not tried again for the
         // same files while the room stays what it was.
-        let mut small = TableCache::new(64);
-        Arc::get_mut(&mut small).unwrap().settling = Duration::ZERO;
-        let table = Arc::new(DecodedTable::new(
-            "t",
-            &data,
-            false,
-            plain.table_provider("t").await.unwrap(),
-            small.clone(),
-        ));
+        let (small, table) = decoded_table(&plain, &data, 64, false).await;
         small
             .keep(std::slice::from_ref(&table), &plain.state(), &sources)
             .await;
