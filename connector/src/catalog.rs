@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, DatabaseConfig, DatasetConfig, DatasetFormat, Location};
 
 mod decoded;
+mod footers;
 mod objects;
 pub mod postgres;
 mod source;
@@ -492,7 +493,7 @@ pub(crate) fn session_state() -> Result<SessionState> {
 /// [`source::SourceStore`], their failures named by dataset
 /// ([`source::NameSourceFailures`], the last physical optimizer rule).
 fn session_state_reading(sources: source::Sources, spill: &Spill) -> Result<SessionState> {
-    let runtime = base_runtime(spill)?;
+    let runtime = base_runtime(spill, sources.clone())?;
     let mut config = session_config();
     if let Spill::Directory {
         sort_reservation, ..
@@ -504,11 +505,16 @@ fn session_state_reading(sources: source::Sources, spill: &Spill) -> Result<Sess
         datafusion::datasource::object_store::ObjectStoreUrl::local_filesystem().as_ref(),
         Arc::new(source::SourceStore::new(sources.clone())),
     );
+    let name_failures = source::NameSourceFailures {
+        sources,
+        stores: Arc::clone(&runtime.object_store_registry),
+        footers: runtime.cache_manager.get_file_metadata_cache(),
+    };
     let mut builder = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
-        .with_physical_optimizer_rule(Arc::new(source::NameSourceFailures { sources }));
+        .with_physical_optimizer_rule(Arc::new(name_failures));
     let defaults = builder.scalar_functions().take().unwrap_or_default();
     let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![Arc::new(guard::GuardCalls)];
     rules.extend(Optimizer::new().rules);
@@ -633,14 +639,28 @@ fn remove_stale_spill(base: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn base_runtime(spill: &Spill) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
+fn base_runtime(
+    spill: &Spill,
+    sources: source::Sources,
+) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
+    use datafusion::execution::cache::cache_manager::{
+        CacheManagerConfig, DEFAULT_METADATA_CACHE_LIMIT,
+    };
     RuntimeEnvBuilder::new()
         // Data is live: every query lists a dataset's directory or prefix
         // again, so that files added or removed since are seen (DataFusion
-        // would otherwise keep the first listing for ever).
+        // would otherwise keep the first listing for ever). Parquet footers
+        // are kept only while they are still their files' (`footers`);
+        // per-file statistics, which DataFusion would keep by size and
+        // modification time alone, are computed from them at each query.
         .with_cache_manager(
-            datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
-                .with_list_files_cache_limit(0),
+            CacheManagerConfig::default()
+                .with_list_files_cache_limit(0)
+                .with_file_statistics_cache_limit(0)
+                .with_file_metadata_cache(Some(Arc::new(footers::FooterCache::new(
+                    DEFAULT_METADATA_CACHE_LIMIT,
+                    sources,
+                )))),
         )
         .with_disk_manager_builder(spill.disk_manager())
         .build_arc()
@@ -774,6 +794,61 @@ async fn register_files(ctx: &SessionContext, ds: &DatasetConfig, location: &str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A query's footer reads go through the footer cache, which keeps
+    /// the footer of a settled file for the next query
+    /// (`footers::FooterCache`; its own tests show when it must not).
+    #[tokio::test]
+    async fn queries_keep_the_footers_of_settled_files() {
+        tokio::spawn(async {
+            use datafusion::arrow::array::Int64Array;
+            use datafusion::arrow::record_batch::RecordBatch;
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("t.parquet");
+            let schema = Arc::new(Schema::new(vec![Field::new(
+                "x",
+                datafusion::arrow::datatypes::DataType::Int64,
+                false,
+            )]));
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from_iter_values(0..1000))],
+            )
+            .unwrap();
+            let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(
+                std::fs::File::create(&file).unwrap(),
+                schema,
+                None,
+            )
+            .unwrap();
+            writer.write(&batch).unwrap();
+            writer.close().unwrap();
+            tokio::time::sleep(footers::SETTLING + std::time::Duration::from_millis(100)).await;
+
+            let sources = source::Sources::default();
+            sources.add("t", &file);
+            let ctx = SessionContext::new_with_state(
+                session_state_reading(sources, &Spill::Off).unwrap(),
+            );
+            ctx.register_parquet("t", file.to_str().unwrap(), ParquetReadOptions::default())
+                .await
+                .unwrap();
+            let kept = ctx.runtime_env().cache_manager.get_file_metadata_cache();
+            for _ in 0..2 {
+                let rows = ctx
+                    .sql("SELECT count(*) FROM t WHERE x > 500")
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap();
+                assert_eq!(rows[0].num_rows(), 1);
+                assert_eq!(kept.len(), 1, "the footer was not kept");
+            }
+        })
+        .await
+        .unwrap();
+    }
 
     #[test]
     fn stale_spill_of_dead_processes_is_removed_and_live_ones_kept() {

@@ -34,7 +34,6 @@
 //! latency for as long as it takes (docs/configuration.md).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -51,7 +50,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
 
 use super::source::Sources;
-use super::versions::{self, DataReads};
+use super::versions::{self, DataReads, FilesVersion};
 
 /// How often the keeper looks for datasets to decode (again).
 const KEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -141,59 +140,6 @@ struct Decoded {
     read_note: String,
     partitions: Vec<Vec<RecordBatch>>,
     bytes: usize,
-}
-
-/// Every file (and directory) of a local dataset as `stat` describes it
-/// now: path, size, modification and change times (ns), inode. A file
-/// rewritten in place changes its change time; one replaced by a rename,
-/// its inode; a file added or removed, its directory's times.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FilesVersion(Vec<(PathBuf, u64, i128, i128, u64)>);
-
-impl FilesVersion {
-    /// `None` when the dataset's file or directory cannot be read.
-    fn now(path: &Path) -> Option<Self> {
-        let meta = std::fs::metadata(path).ok()?;
-        // A directory's own times change when a file is added or removed:
-        // one added and removed again while the files are decoded shows.
-        let files = if meta.is_dir() {
-            let (mut files, directories) = versions::walk_with_directories(path);
-            files.extend(directories);
-            files
-        } else {
-            vec![path.to_path_buf()]
-        };
-        let mut described = Vec::with_capacity(files.len());
-        for file in files {
-            let m = std::fs::metadata(&file).ok()?;
-            let nanos = |s: i64, ns: i64| i128::from(s) * 1_000_000_000 + i128::from(ns);
-            described.push((
-                file,
-                m.len(),
-                nanos(m.mtime(), m.mtime_nsec()),
-                nanos(m.ctime(), m.ctime_nsec()),
-                m.ino(),
-            ));
-        }
-        described.sort();
-        Some(Self(described))
-    }
-
-    fn bytes_on_disk(&self) -> u64 {
-        self.0.iter().map(|f| f.1).sum()
-    }
-
-    /// Whether a file's modification or change time is less than `window`
-    /// ago (or in the future).
-    fn changed_within(&self, window: Duration) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i128);
-        let settled_before = now - window.as_nanos() as i128;
-        self.0
-            .iter()
-            .any(|(_, _, modified, changed, _)| *modified.max(changed) > settled_before)
-    }
 }
 
 impl TableCache {
@@ -730,7 +676,14 @@ mod tests {
         std::fs::write(&file, "x\n1\n").unwrap();
         let version = FilesVersion::now(&file).unwrap();
         assert!(version.changed_within(SETTLING));
-        let old = FilesVersion(vec![(file.clone(), 4, 0, 0, 1)]);
+        let stamp = versions::FileStamp {
+            size: 4,
+            modified: 0,
+            changed: 0,
+            inode: 1,
+            device: 1,
+        };
+        let old = FilesVersion(vec![(file.clone(), stamp)]);
         assert!(!old.changed_within(SETTLING));
         assert!(FilesVersion::now(&dir.path().join("gone.csv")).is_none());
     }

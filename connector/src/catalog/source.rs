@@ -30,9 +30,11 @@ use std::task::{Context, Poll};
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::config::ConfigOptions;
-use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::physical_plan::{FileScanConfig, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::cache::cache_manager::FileMetadataCache;
+use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
 use datafusion::object_store::local::LocalFileSystem;
 use datafusion::object_store::path::Path;
@@ -45,6 +47,8 @@ use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::stream::{BoxStream, Stream, StreamExt};
 use prost::bytes::Bytes;
+
+use super::footers::FooterReaders;
 
 /// How much of a file one read takes.
 const CHUNK: u64 = 256 * 1024;
@@ -416,12 +420,39 @@ fn checked_chunks(
     .boxed()
 }
 
-/// Puts a [`SourceExec`] over every scan of a dataset's files. The last
-/// physical optimizer rule: every other rule has seen the scans as they
-/// are.
+/// Puts a [`SourceExec`] over every scan of a dataset's files, and has its
+/// Parquet footers read by [`FooterReaders`]. The last physical optimizer
+/// rule: every other rule has seen the scans as they are.
 #[derive(Debug)]
 pub struct NameSourceFailures {
     pub sources: Sources,
+    /// The session's object stores, which the footer readers read from.
+    pub stores: Arc<dyn ObjectStoreRegistry>,
+    /// The session's footer cache ([`super::footers::FooterCache`]).
+    pub footers: Arc<FileMetadataCache>,
+}
+
+impl NameSourceFailures {
+    /// `scan` with its Parquet footers read by [`FooterReaders`]; `scan`
+    /// itself if it does not read Parquet.
+    fn with_footer_readers(
+        &self,
+        scan: &DataSourceExec,
+        files: &FileScanConfig,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let Some(parquet) = files.file_source.downcast_ref::<ParquetSource>() else {
+            return Ok(Arc::new(scan.clone()));
+        };
+        let store = self.stores.get_store(files.object_store_url.as_ref())?;
+        let readers = FooterReaders::new(store, Arc::clone(&self.footers));
+        let mut config = files.clone();
+        config.file_source = Arc::new(
+            parquet
+                .clone()
+                .with_parquet_file_reader_factory(Arc::new(readers)),
+        );
+        Ok(Arc::new(scan.clone().with_data_source(Arc::new(config))))
+    }
 }
 
 impl PhysicalOptimizerRule for NameSourceFailures {
@@ -450,7 +481,7 @@ impl PhysicalOptimizerRule for NameSourceFailures {
                 });
             match dataset {
                 Some(dataset) => Ok(Transformed::yes(Arc::new(SourceExec {
-                    input: node,
+                    input: self.with_footer_readers(scan, files)?,
                     dataset,
                 }))),
                 None => Ok(Transformed::no(node)),

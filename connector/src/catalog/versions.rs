@@ -59,8 +59,8 @@ impl DataReads {
 
 /// Notes the files each scan of `plan` was planned over, by dataset: how
 /// many, the newest modification time (which the catalog shows anyway),
-/// and a digest of every file's name, size, time and ETag (equal digests,
-/// equal files). Sizes are not written out: consumers read their own
+/// and a digest of every file's name, size, time and ETag, and a local
+/// file's change time and device (equal digests, equal files). Sizes are not written out: consumers read their own
 /// release records, and a dataset's size in bytes changes with each row
 /// added, which DP answers do not reveal.
 pub fn note_files(plan: &Arc<dyn ExecutionPlan>, sources: &Sources, reads: &DataReads) {
@@ -86,8 +86,16 @@ pub fn note_files(plan: &Arc<dyn ExecutionPlan>, sources: &Sources, reads: &Data
             let Some(dataset) = sources.dataset_in(store, meta.location.as_ref()) else {
                 continue;
             };
+            // A local file rewritten in place can keep its size, time and
+            // ETag (inode, time, size): its change time tells.
+            let changed = match store {
+                None => local_stamp(&meta.location)
+                    .map(|stamp| format!("\t{}\t{}", stamp.changed, stamp.device))
+                    .unwrap_or_default(),
+                Some(_) => String::new(),
+            };
             by_dataset.entry(dataset.clone()).or_default().push(format!(
-                "{}\t{}\t{}\t{}",
+                "{}\t{}\t{}\t{}{changed}",
                 meta.location,
                 meta.size,
                 meta.last_modified.timestamp_micros(),
@@ -114,48 +122,129 @@ pub fn note_files(plan: &Arc<dyn ExecutionPlan>, sources: &Sources, reads: &Data
     });
 }
 
-/// The cache version of datasets on the connector's disk: their files'
-/// sizes and modification times now. `None` when a dataset is in a
-/// database or an object store, whose changes cannot be seen without
-/// reading them: DP answers over those are never served from the cache.
+/// The stamp of the local file at `location` now.
+fn local_stamp(location: &datafusion::object_store::path::Path) -> Option<FileStamp> {
+    let path = datafusion::object_store::local::LocalFileSystem::new()
+        .path_to_filesystem(location)
+        .ok()?;
+    FileStamp::of(&path)
+}
+
+/// The cache version of datasets on the connector's disk: a digest of
+/// their [`FilesVersion`]s now. `None` when a dataset is in a database or
+/// an object store, whose changes cannot be seen without reading them, or
+/// cannot be read at all: DP answers over those are never served from the
+/// cache.
 pub fn cache_version<'a>(locations: impl Iterator<Item = &'a Location>) -> Option<String> {
     let mut lines = Vec::new();
     for location in locations {
         let Location::Local(path) = location else {
             return None;
         };
-        let files: Vec<std::path::PathBuf> = if path.is_dir() {
-            walk(path)
-        } else {
-            vec![path.clone()]
-        };
-        for file in files {
-            let meta = std::fs::metadata(&file).ok();
-            let modified = meta
-                .as_ref()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            lines.push(format!(
-                "{}\t{}\t{modified}",
+        let files = FilesVersion::now(path)?;
+        lines.extend(files.0.iter().map(|(file, stamp)| {
+            format!(
+                "{}\t{}\t{}\t{}\t{}\t{}",
                 file.display(),
-                meta.map(|m| m.len()).unwrap_or(0)
-            ));
-        }
+                stamp.size,
+                stamp.modified,
+                stamp.changed,
+                stamp.inode,
+                stamp.device
+            )
+        }));
     }
     lines.sort();
     Some(short_digest(&lines.join("\n")))
 }
 
-/// Every file under `dir` (partition directories included). A directory
-/// reached twice (through a symbolic link) is walked once.
-pub(super) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    walk_with_directories(dir).0
+/// One file (or directory) as `stat` describes it: what changes when it
+/// is rewritten, replaced or touched. Size and modification time can be
+/// kept by a rewrite (`cp -p`, `touch -r`, a restore); the change time
+/// cannot (no system call sets it) and a file replaced by a rename has
+/// another inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct FileStamp {
+    pub size: u64,
+    /// Modification time, in ns since the epoch.
+    pub modified: i128,
+    /// Change time (of content or metadata), in ns since the epoch.
+    pub changed: i128,
+    pub inode: u64,
+    pub device: u64,
 }
 
-/// The files under `dir`, and the directories walked (`dir` first).
-pub(super) fn walk_with_directories(
+impl FileStamp {
+    /// `None` when `path` cannot be `stat`ed (gone, no permission).
+    pub(super) fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        let nanos = |s: i64, ns: i64| i128::from(s) * 1_000_000_000 + i128::from(ns);
+        Some(Self {
+            size: m.len(),
+            modified: nanos(m.mtime(), m.mtime_nsec()),
+            changed: nanos(m.ctime(), m.ctime_nsec()),
+            inode: m.ino(),
+            device: m.dev(),
+        })
+    }
+
+    /// Whether its modification or change time is less than `window` ago
+    /// (or in the future). A file changed that recently may change again
+    /// within the resolution of its times and keep this stamp.
+    pub(super) fn changed_within(&self, window: std::time::Duration) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let settled_before = now - window.as_nanos() as i128;
+        self.modified.max(self.changed) > settled_before
+    }
+}
+
+/// Every file (and directory) of a local dataset as [`FileStamp`]
+/// describes it now. A file rewritten in place changes its change time;
+/// one replaced by a rename, its inode; a file added or removed, its
+/// directory's times.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct FilesVersion(pub(super) Vec<(std::path::PathBuf, FileStamp)>);
+
+impl FilesVersion {
+    /// `None` when the dataset's file or directory cannot be read.
+    pub(super) fn now(path: &std::path::Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        // A directory's own times change when a file is added or removed:
+        // one added and removed again while the files are read shows.
+        let files = if meta.is_dir() {
+            let (mut files, directories) = walk_with_directories(path);
+            files.extend(directories);
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut described = Vec::with_capacity(files.len());
+        for file in files {
+            let stamp = FileStamp::of(&file)?;
+            described.push((file, stamp));
+        }
+        described.sort();
+        Some(Self(described))
+    }
+
+    pub(super) fn bytes_on_disk(&self) -> u64 {
+        self.0.iter().map(|(_, stamp)| stamp.size).sum()
+    }
+
+    /// Whether a file's modification or change time is less than `window`
+    /// ago (or in the future).
+    pub(super) fn changed_within(&self, window: std::time::Duration) -> bool {
+        self.0.iter().any(|(_, stamp)| stamp.changed_within(window))
+    }
+}
+
+/// The files under `dir` (partition directories included), and the
+/// directories walked (`dir` first). A directory reached twice (through a
+/// symbolic link) is walked once.
+fn walk_with_directories(
     dir: &std::path::Path,
 ) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
     use std::os::unix::fs::MetadataExt;
@@ -203,7 +292,9 @@ mod tests {
         std::fs::write(dir.path().join("a.csv"), "x\n1\n").unwrap();
         std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).unwrap();
         std::os::unix::fs::symlink(dir.path(), dir.path().join("again")).unwrap();
-        assert_eq!(walk(dir.path()), vec![dir.path().join("a.csv")]);
+        let (files, directories) = walk_with_directories(dir.path());
+        assert_eq!(files, vec![dir.path().join("a.csv")]);
+        assert_eq!(directories, vec![dir.path().to_path_buf()]);
     }
 
     #[test]
@@ -217,6 +308,22 @@ mod tests {
         assert_eq!(cache_version(std::iter::once(&location)).unwrap(), before);
         std::fs::write(part.join("a.csv"), "x\n1\n2\n").unwrap();
         assert_ne!(cache_version(std::iter::once(&location)).unwrap(), before);
+        // Rewritten in place with its size and modification time kept.
+        let file = part.join("a.csv");
+        let kept = std::fs::metadata(&file).unwrap().modified().unwrap();
+        let before = cache_version(std::iter::once(&location)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, "x\n3\n4\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(kept)
+            .unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), kept);
+        assert_ne!(cache_version(std::iter::once(&location)).unwrap(), before);
+        let gone = Location::Local(dir.path().join("gone"));
+        assert_eq!(cache_version(std::iter::once(&gone)), None);
         let remote = Location::Object("s3://lake/t/".into());
         assert_eq!(cache_version([&location, &remote].into_iter()), None);
     }
