@@ -493,7 +493,11 @@ pub(crate) fn session_state() -> Result<SessionState> {
 /// [`source::SourceStore`], their failures named by dataset
 /// ([`source::NameSourceFailures`], the last physical optimizer rule).
 fn session_state_reading(sources: source::Sources, spill: &Spill) -> Result<SessionState> {
-    let runtime = base_runtime(spill, sources.clone())?;
+    let footers = Arc::new(footers::FooterCache::new(
+        datafusion::execution::cache::cache_manager::DEFAULT_METADATA_CACHE_LIMIT,
+        sources.clone(),
+    ));
+    let runtime = base_runtime(spill, Arc::clone(&footers))?;
     let mut config = session_config();
     if let Spill::Directory {
         sort_reservation, ..
@@ -508,7 +512,7 @@ fn session_state_reading(sources: source::Sources, spill: &Spill) -> Result<Sess
     let name_failures = source::NameSourceFailures {
         sources,
         stores: Arc::clone(&runtime.object_store_registry),
-        footers: runtime.cache_manager.get_file_metadata_cache(),
+        footers,
     };
     let mut builder = SessionStateBuilder::new()
         .with_config(config)
@@ -641,11 +645,9 @@ fn remove_stale_spill(base: &Path) -> std::io::Result<()> {
 
 fn base_runtime(
     spill: &Spill,
-    sources: source::Sources,
+    footers: Arc<footers::FooterCache>,
 ) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
-    use datafusion::execution::cache::cache_manager::{
-        CacheManagerConfig, DEFAULT_METADATA_CACHE_LIMIT,
-    };
+    use datafusion::execution::cache::cache_manager::CacheManagerConfig;
     RuntimeEnvBuilder::new()
         // Data is live: every query lists a dataset's directory or prefix
         // again, so that files added or removed since are seen (DataFusion
@@ -657,10 +659,7 @@ fn base_runtime(
             CacheManagerConfig::default()
                 .with_list_files_cache_limit(0)
                 .with_file_statistics_cache_limit(0)
-                .with_file_metadata_cache(Some(Arc::new(footers::FooterCache::new(
-                    DEFAULT_METADATA_CACHE_LIMIT,
-                    sources,
-                )))),
+                .with_file_metadata_cache(Some(footers)),
         )
         .with_disk_manager_builder(spill.disk_manager())
         .build_arc()
@@ -795,9 +794,9 @@ async fn register_files(ctx: &SessionContext, ds: &DatasetConfig, location: &str
 mod tests {
     use super::*;
 
-    /// A query's footer reads go through the footer cache, which keeps
-    /// the footer of a settled file for the next query
-    /// (`footers::FooterCache`; its own tests show when it must not).
+    /// A query's scan keeps the footer of a settled file, and the next
+    /// queries are served it (`footers::FooterCache`; its own tests show
+    /// when it must not be).
     #[tokio::test]
     async fn queries_keep_the_footers_of_settled_files() {
         tokio::spawn(async {
@@ -834,7 +833,8 @@ mod tests {
                 .await
                 .unwrap();
             let kept = ctx.runtime_env().cache_manager.get_file_metadata_cache();
-            for _ in 0..2 {
+            let mut hits = Vec::new();
+            for _ in 0..3 {
                 let rows = ctx
                     .sql("SELECT count(*) FROM t WHERE x > 500")
                     .await
@@ -843,8 +843,13 @@ mod tests {
                     .await
                     .unwrap();
                 assert_eq!(rows[0].num_rows(), 1);
-                assert_eq!(kept.len(), 1, "the footer was not kept");
+                let entries = kept.list_entries();
+                assert_eq!(entries.len(), 1, "the footer was not kept");
+                hits.push(entries.values().next().unwrap().hits);
             }
+            // Kept by the first query's scan; served to the planning and
+            // the scan of the next ones.
+            assert!(hits[0] < hits[1] && hits[1] < hits[2], "{hits:?}");
         })
         .await
         .unwrap();

@@ -14,13 +14,13 @@
 //! replaced or rewritten file is read from disk, failing or answering
 //! exactly as it would without the cache. Files are decoded only once
 //! their times are [`SETTLING`] old: a rewrite within the resolution of a
-//! file system's timestamps could otherwise keep every one of them. (On a
-//! network file system whose attribute cache hides changes from `stat`,
-//! turn the copies off for its datasets.) A query that began from the copy
-//! reads that copy to the end, a consistent snapshot, even if the file
-//! changes meanwhile; the copy's memory counts against the budget while
-//! such queries still hold its batches (not the few batches operators
-//! downstream may hold for a moment after the scan ends). Its release
+//! file system's timestamps could otherwise keep every one of them.
+//! Datasets on network or FUSE file systems, whose `stat` can answer from a
+//! cache, are never decoded ([`Sources::stat_tells_changes`]). A query that
+//! began from the copy reads that copy to the end, a consistent snapshot,
+//! even if the file changes meanwhile; the copy's memory counts against the
+//! budget while such queries still hold its batches (not the few batches
+//! operators downstream may hold for a moment after the scan ends). Its release
 //! record names the version of every file of the dataset (a scan of the
 //! files names those it listed, which a `LIMIT` can make fewer;
 //! hive-partitioned datasets, whose scans name only the partitions they
@@ -208,6 +208,12 @@ impl TableCache {
         sources: &Sources,
     ) {
         for table in tables {
+            // A copy is served while `stat` shows its files unchanged,
+            // which a network or FUSE file system does not promise.
+            let location = table.path.to_string_lossy();
+            if !sources.stat_tells_changes(location.trim_start_matches('/')) {
+                continue;
+            }
             let Some(files) = FilesVersion::now(&table.path) else {
                 self.retire(&table.dataset);
                 continue;
@@ -221,6 +227,9 @@ impl TableCache {
             }
             if files.changed_within(self.settling) {
                 continue; // decoded once the files have settled
+            }
+            if !files.stat_tells_changes() {
+                continue; // a file on a network or FUSE file system
             }
             let room = self.budget.saturating_sub(self.bytes());
             let passed_over = lock(&self.passed_over)

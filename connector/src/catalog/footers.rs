@@ -9,34 +9,41 @@
 //! that sets the time) would then be read with the old footer: row groups
 //! skipped by the old statistics, an answer wrong without an error.
 //!
-//! - [`FooterCache`] keeps the footer of a dataset file on the connector's
-//!   disk only if it was read from the file DataFusion listed, settled (no
-//!   change for [`SETTLING`]) and unchanged until the footer was offered
-//!   back, and serves it only while the file's size, modification and
-//!   change times, inode and device are those it had (a `stat` per file
-//!   and lookup). No system call sets a change time back, so a footer is
-//!   never served for another version of its file.
-//!   Footers of objects in object stores are not kept: a store's
+//! - [`FooterCache`], the session's footer cache, serves a footer only
+//!   while its file's size, modification and change times, inode and
+//!   device are those it had when the footer was read (a `stat` per file
+//!   and lookup), and keeps only footers read by the scans'
+//!   [`FooterReaders`], each fetch on its own ([`OneFetch`]): a footer is
+//!   kept if the file had settled (no change for [`SETTLING`]) when the
+//!   fetch looked it up, still has the same stamp when the footer is
+//!   offered back, and is the file DataFusion listed. Any change in
+//!   between gives the file a later change time, which no system call can
+//!   set back, so a footer is never kept or served for another version of
+//!   its file. Only files of datasets on local file systems whose kernel
+//!   keeps change times are kept ([`Sources::stat_tells_changes`]):
+//!   network and FUSE file systems can answer `stat` from a cache or make
+//!   change times up.
+//! - Footers of objects in object stores are not kept: a store's
 //!   modification times have a resolution of a second, and DataFusion's
-//!   cache does not tell two buckets' keys apart, so each scan reads an
-//!   object's footer again (one ranged GET per object).
-//! - [`FooterReaders`] reads footers for the scans with that cache and
-//!   keeps the store's error when reading one fails (DataFusion's reader
-//!   turns it into text), so that a file deleted before its footer was
-//!   read is reported missing, not malformed.
+//!   cache does not tell two buckets' keys apart. Each query reads them
+//!   again (when planning, for statistics, and when scanning).
+//! - [`FooterReaders`] reads footers for the scans and keeps the store's
+//!   error when reading one fails (DataFusion's reader turns it into
+//!   text), so that a file deleted before its footer was read is reported
+//!   missing, not malformed.
 
-use datafusion::common::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use datafusion::common::HashMap;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
 use datafusion::datasource::physical_plan::parquet::{
-    CachedParquetFileReaderFactory, ParquetFileReaderFactory,
+    CachedParquetMetaData, DefaultParquetFileReaderFactory, ParquetFileReaderFactory,
 };
 use datafusion::error::Result;
-use datafusion::execution::cache::cache_manager::{CachedFileMetadataEntry, FileMetadataCache};
+use datafusion::execution::cache::cache_manager::CachedFileMetadataEntry;
 use datafusion::execution::cache::default_cache::DefaultCache;
 use datafusion::execution::cache::{Cache, CacheEntryInfo};
 use datafusion::object_store::local::LocalFileSystem;
@@ -45,49 +52,37 @@ use datafusion::object_store::{ObjectMeta, ObjectStore};
 use datafusion::parquet::arrow::arrow_reader::ArrowReaderOptions;
 use datafusion::parquet::arrow::async_reader::AsyncFileReader;
 use datafusion::parquet::errors::ParquetError;
-use datafusion::parquet::file::metadata::ParquetMetaData;
+use datafusion::parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use prost::bytes::Bytes;
 
 use super::source::Sources;
-use super::versions::FileStamp;
+use super::versions::{FileStamp, stat_tells_changes};
 
 /// A file must be unchanged this long before its footer is kept: a
 /// rewrite within the resolution of its times could keep every one of
 /// them, and a footer read just before it would outlive it.
 pub const SETTLING: Duration = Duration::from_secs(2);
 
-/// Lookups noted (see [`Noted::looked_up`]) past which the older are
-/// dropped: a fetch whose lookup was dropped keeps no footer, nothing
-/// worse.
-const NOTED_LOOKUPS: usize = 4096;
+/// Stamps of footers no longer held past which they are dropped.
+const UNHELD_STAMPS: usize = 1024;
 
 /// DataFusion's footer cache, trusted only as the module documentation
 /// says.
 pub struct FooterCache {
     footers: DefaultCache<Path, CachedFileMetadataEntry>,
-    /// Held while `footers` is read or written, so that a footer and its
-    /// stamp change together.
-    noted: Mutex<Noted>,
-    /// Which keys are files of the datasets on this machine's disk (others
-    /// are object stores' keys: never `stat`ed, never kept).
+    /// The stamp of each kept footer's file when the footer was read. Held
+    /// while `footers` is read or written, so that a footer and its stamp
+    /// change together.
+    kept: Mutex<HashMap<Path, FileStamp>>,
+    /// Which keys are files of datasets on the connector's disk whose
+    /// changes `stat` tells (others, object stores' keys among them, are
+    /// never `stat`ed here, never kept).
     sources: Sources,
     local: LocalFileSystem,
     settling: Duration,
-}
-
-#[derive(Debug, Default)]
-struct Noted {
-    /// The stamp of each kept footer's file when the footer was read.
-    kept: HashMap<Path, FileStamp>,
-    /// The file's stamp when a task looked for its footer, if it had
-    /// settled. DataFusion looks a footer up, in the same task, before it
-    /// reads one and offers it back: the footer offered is of that version
-    /// of the file if the file still has that stamp (any change since
-    /// gives it a later change time, which no system call can set back).
-    looked_up: HashMap<(Path, tokio::task::Id), FileStamp>,
 }
 
 impl std::fmt::Debug for FooterCache {
@@ -107,23 +102,55 @@ impl FooterCache {
     fn settling_for(limit: usize, sources: Sources, settling: Duration) -> Self {
         Self {
             footers: DefaultCache::new(limit).with_name("SluiceFooterCache"),
-            noted: Mutex::default(),
+            kept: Mutex::default(),
             sources,
             local: LocalFileSystem::new(),
             settling,
         }
     }
 
-    fn noted(&self) -> std::sync::MutexGuard<'_, Noted> {
-        self.noted.lock().unwrap_or_else(|e| e.into_inner())
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<Path, FileStamp>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The stamp of the local dataset file at `location` now; `None` for
-    /// an object store's key or a file that cannot be `stat`ed.
+    /// The stamp now of the dataset file at `location`, if its footer may
+    /// be kept at all.
     fn stamp_now(&self, location: &Path) -> Option<FileStamp> {
-        self.sources.dataset_in(None, location.as_ref())?;
+        if !self.sources.stat_tells_changes(location.as_ref()) {
+            return None;
+        }
         let path = self.local.path_to_filesystem(location).ok()?;
-        FileStamp::of(&path)
+        // A file under the dataset's root may be on another file system
+        // (a link, a mount point).
+        FileStamp::of(&path).filter(|stamp| stat_tells_changes(&path, stamp))
+    }
+
+    /// The footer kept for `key` if its file's stamp is `now`, the one it
+    /// had when the footer was read; otherwise forgets the footer.
+    fn serve(&self, key: &Path, now: Option<FileStamp>) -> Option<CachedFileMetadataEntry> {
+        let mut kept = self.kept();
+        if now.is_some()
+            && kept.get(key) == now.as_ref()
+            && let Some(footer) = self.footers.get(key)
+        {
+            return Some(footer);
+        }
+        kept.remove(key);
+        self.footers.remove(key);
+        None
+    }
+
+    /// Keeps `footer`, read from the file when it had `stamp`.
+    fn keep(&self, key: &Path, footer: CachedFileMetadataEntry, stamp: FileStamp) {
+        let mut kept = self.kept();
+        // `DefaultCache::put` leaves an entry it will not take (too large)
+        // where it is: none may outlive the stamp it was read at.
+        self.footers.remove(key);
+        self.footers.put(key, footer);
+        kept.insert(key.clone(), stamp);
+        if kept.len() > self.footers.len() + UNHELD_STAMPS {
+            kept.retain(|key, _| self.footers.contains_key(key));
+        }
     }
 
     /// Whether `stamp` is the file `meta` describes as DataFusion listed
@@ -142,61 +169,29 @@ impl FooterCache {
     }
 }
 
+/// DataFusion's own fetches (planning: schemas and statistics) are served
+/// kept footers; what they offer back is not kept, since nothing ties an
+/// offer to the lookup before its read ([`OneFetch`] does, for the scans).
 impl Cache<Path, CachedFileMetadataEntry> for FooterCache {
     fn get(&self, key: &Path) -> Option<CachedFileMetadataEntry> {
-        // `stat` before taking the lock: a slow file system holds up only
-        // the lookups of its own files.
-        let Some(now) = self.stamp_now(key) else {
-            self.remove(key);
-            return None;
-        };
-        let mut noted = self.noted();
-        if let Some(task) = tokio::task::try_id()
-            && !now.changed_within(self.settling)
-        {
-            if noted.looked_up.len() >= NOTED_LOOKUPS {
-                noted.looked_up.clear();
-            }
-            noted.looked_up.insert((key.clone(), task), now);
-        }
-        if noted.kept.get(key) == Some(&now)
-            && let Some(footer) = self.footers.get(key)
-        {
-            return Some(footer);
-        }
-        noted.kept.remove(key);
-        self.footers.remove(key);
+        // `stat` before taking the lock: a slow disk holds up only the
+        // lookups of its own files.
+        let now = self.stamp_now(key);
+        self.serve(key, now)
+    }
+
+    fn put(&self, _: &Path, _: CachedFileMetadataEntry) -> Option<CachedFileMetadataEntry> {
         None
     }
 
-    /// Keeps a footer only if it is of the file as it is now: the task
-    /// offering it looked it up when the file had settled, the file still
-    /// has the stamp it had then, and it is the file DataFusion listed.
-    fn put(&self, key: &Path, value: CachedFileMetadataEntry) -> Option<CachedFileMetadataEntry> {
-        let now = self.stamp_now(key);
-        let mut noted = self.noted();
-        let looked_up =
-            tokio::task::try_id().and_then(|task| noted.looked_up.remove(&(key.clone(), task)));
-        match now {
-            Some(now) if looked_up == Some(now) && Self::listed_as(&now, &value.meta) => {
-                noted.kept.insert(key.clone(), now);
-                self.footers.put(key, value)
-            }
-            _ => {
-                noted.kept.remove(key);
-                self.footers.remove(key)
-            }
-        }
-    }
-
     fn remove(&self, k: &Path) -> Option<CachedFileMetadataEntry> {
-        let mut noted = self.noted();
-        noted.kept.remove(k);
+        let mut kept = self.kept();
+        kept.remove(k);
         self.footers.remove(k)
     }
 
     fn contains_key(&self, k: &Path) -> bool {
-        let _noted = self.noted();
+        let _kept = self.kept();
         self.footers.contains_key(k)
     }
 
@@ -205,8 +200,8 @@ impl Cache<Path, CachedFileMetadataEntry> for FooterCache {
     }
 
     fn clear(&self) {
-        let mut noted = self.noted();
-        *noted = Noted::default();
+        let mut kept = self.kept();
+        kept.clear();
         self.footers.clear();
     }
 
@@ -244,17 +239,18 @@ impl Cache<Path, CachedFileMetadataEntry> for FooterCache {
 #[derive(Debug)]
 pub struct FooterReaders {
     store: Arc<dyn ObjectStore>,
-    footers: Arc<FileMetadataCache>,
-    inner: CachedParquetFileReaderFactory,
+    /// `None` for an object store: its footers are not kept.
+    footers: Option<Arc<FooterCache>>,
+    pages: DefaultParquetFileReaderFactory,
 }
 
 impl FooterReaders {
-    pub fn new(store: Arc<dyn ObjectStore>, footers: Arc<FileMetadataCache>) -> Self {
-        let inner = CachedParquetFileReaderFactory::new(Arc::clone(&store), Arc::clone(&footers));
+    pub fn new(store: Arc<dyn ObjectStore>, footers: Option<Arc<FooterCache>>) -> Self {
+        let pages = DefaultParquetFileReaderFactory::new(Arc::clone(&store));
         Self {
             store,
             footers,
-            inner,
+            pages,
         }
     }
 }
@@ -269,12 +265,12 @@ impl ParquetFileReaderFactory for FooterReaders {
     ) -> Result<Box<dyn AsyncFileReader + Send>> {
         let meta = file.object_meta.clone();
         let pages = self
-            .inner
+            .pages
             .create_reader(partition_index, file, metadata_size_hint, metrics)?;
         Ok(Box::new(FooterReader {
             pages,
             store: Arc::clone(&self.store),
-            footers: Arc::clone(&self.footers),
+            footers: self.footers.clone(),
             meta,
             metadata_size_hint,
         }))
@@ -286,7 +282,7 @@ impl ParquetFileReaderFactory for FooterReaders {
 struct FooterReader {
     pages: Box<dyn AsyncFileReader + Send>,
     store: Arc<dyn ObjectStore>,
-    footers: Arc<FileMetadataCache>,
+    footers: Option<Arc<FooterCache>>,
     meta: ObjectMeta,
     metadata_size_hint: Option<usize>,
 }
@@ -307,18 +303,100 @@ impl AsyncFileReader for FooterReader {
         &'a mut self,
         options: Option<&'a ArrowReaderOptions>,
     ) -> BoxFuture<'a, Result<Arc<ParquetMetaData>, ParquetError>> {
+        let (store, meta, hint) = (self.store.as_ref(), &self.meta, self.metadata_size_hint);
+        let location = &meta.location;
+        let keeping = self
+            .footers
+            .clone()
+            .filter(|footers| footers.sources.stat_tells_changes(location.as_ref()));
         async move {
-            DFParquetMetadata::new(self.store.as_ref(), &self.meta)
-                .with_file_metadata_cache(Some(Arc::clone(&self.footers)))
-                .with_metadata_size_hint(self.metadata_size_hint)
-                .with_page_index_policy(options.map(|o| o.column_index_policy()))
-                .fetch_metadata()
-                .await
-                // The error itself, not its text: it says whether the
-                // file was missing, unreadable or malformed.
-                .map_err(|e| ParquetError::External(Box::new(e)))
+            let Some(footers) = keeping else {
+                let policy = options.map(|o| o.column_index_policy());
+                return read_footer(store, meta, hint, policy).await;
+            };
+            let mut fetch = OneFetch::new(footers);
+            if let Some(kept) = fetch.lookup(location).and_then(|entry| {
+                let footer = entry
+                    .file_metadata
+                    .as_any()
+                    .downcast_ref::<CachedParquetMetaData>()?;
+                Some(Arc::clone(footer.parquet_metadata()))
+            }) {
+                return Ok(kept);
+            }
+            // Kept with its page index, so that the planning of later
+            // queries, which asks for it, is served the footer as it is.
+            let footer = read_footer(store, meta, hint, Some(PageIndexPolicy::Optional)).await?;
+            fetch.put(meta, Arc::clone(&footer));
+            Ok(footer)
         }
         .boxed()
+    }
+}
+
+/// Reads the footer of the file `meta` from `store`.
+async fn read_footer(
+    store: &dyn ObjectStore,
+    meta: &ObjectMeta,
+    metadata_size_hint: Option<usize>,
+    policy: Option<PageIndexPolicy>,
+) -> Result<Arc<ParquetMetaData>, ParquetError> {
+    DFParquetMetadata::new(store, meta)
+        .with_metadata_size_hint(metadata_size_hint)
+        .with_page_index_policy(policy)
+        .fetch_metadata()
+        .await
+        // The error itself, not its text: it says whether the file was
+        // missing, unreadable or malformed.
+        .map_err(|e| ParquetError::External(Box::new(e)))
+}
+
+/// One scan's fetch of one footer: it looks the footer up, and on a miss
+/// reads it and offers it back. The fetch notes the file's stamp at its
+/// lookup, and the footer is kept only if the file had settled then and
+/// still has that stamp.
+struct OneFetch {
+    cache: Arc<FooterCache>,
+    looked_up: Option<FileStamp>,
+}
+
+impl OneFetch {
+    fn new(cache: Arc<FooterCache>) -> Self {
+        Self {
+            cache,
+            looked_up: None,
+        }
+    }
+
+    fn lookup(&mut self, key: &Path) -> Option<CachedFileMetadataEntry> {
+        let now = self.cache.stamp_now(key);
+        self.looked_up = now.filter(|stamp| !stamp.changed_within(self.cache.settling));
+        self.cache.serve(key, now)
+    }
+
+    /// Offers `footer`, read after [`OneFetch::lookup`] from the file
+    /// listed as `meta`.
+    fn put(self, meta: &ObjectMeta, footer: Arc<ParquetMetaData>) {
+        let entry = CachedFileMetadataEntry::new(
+            meta.clone(),
+            Arc::new(CachedParquetMetaData::new(footer)),
+        );
+        self.offer(&meta.location, entry);
+    }
+
+    fn offer(self, key: &Path, entry: CachedFileMetadataEntry) {
+        // Offered without a settled lookup: not kept.
+        let Some(looked_up) = self.looked_up else {
+            return;
+        };
+        match self.cache.stamp_now(key) {
+            Some(now) if now == looked_up && FooterCache::listed_as(&now, &entry.meta) => {
+                self.cache.keep(key, entry, now);
+            }
+            _ => {
+                self.cache.remove(key);
+            }
+        }
     }
 }
 
@@ -345,10 +423,10 @@ mod tests {
 
     /// A cache of the footers of the files under `dir`, kept as soon as
     /// they are read.
-    fn cache_of(dir: &std::path::Path) -> FooterCache {
+    fn cache_of(dir: &std::path::Path) -> Arc<FooterCache> {
         let sources = Sources::default();
         sources.add("t", dir);
-        FooterCache::settling_for(1 << 20, sources, Duration::ZERO)
+        Arc::new(FooterCache::settling_for(1 << 20, sources, Duration::ZERO))
     }
 
     /// What DataFusion lists for `file`.
@@ -358,26 +436,28 @@ mod tests {
         (location, meta)
     }
 
-    /// DataFusion's fetch of a footer: look it up, and on a miss read it
-    /// (here: `footer`) and offer it back. What it gives the scan.
-    fn fetch(
-        cache: &FooterCache,
-        location: &Path,
-        meta: &ObjectMeta,
-        footer: &'static str,
-    ) -> &'static str {
-        match cache.get(location) {
-            Some(kept) => {
-                kept.file_metadata
-                    .as_any()
-                    .downcast_ref::<Footer>()
-                    .unwrap()
-                    .0
-            }
+    fn entry(meta: &ObjectMeta, footer: &'static str) -> CachedFileMetadataEntry {
+        CachedFileMetadataEntry::new(meta.clone(), Arc::new(Footer(footer)))
+    }
+
+    fn footer(entry: CachedFileMetadataEntry) -> &'static str {
+        entry
+            .file_metadata
+            .as_any()
+            .downcast_ref::<Footer>()
+            .unwrap()
+            .0
+    }
+
+    /// A scan's fetch of a footer: look it up, and on a miss read it (here:
+    /// `read`) and offer it back. What it gives the scan.
+    fn fetch(cache: &Arc<FooterCache>, meta: &ObjectMeta, read: &'static str) -> &'static str {
+        let mut one = OneFetch::new(Arc::clone(cache));
+        match one.lookup(&meta.location) {
+            Some(kept) => footer(kept),
             None => {
-                let entry = CachedFileMetadataEntry::new(meta.clone(), Arc::new(Footer(footer)));
-                cache.put(location, entry);
-                footer
+                one.offer(&meta.location, entry(meta, read));
+                read
             }
         }
     }
@@ -395,118 +475,122 @@ mod tests {
         assert_eq!(std::fs::metadata(file).unwrap().modified().unwrap(), kept);
     }
 
-    /// Runs `test` in a task of its own, as DataFusion's fetches run.
-    async fn in_a_task(test: impl std::future::Future<Output = ()> + Send + 'static) {
-        tokio::spawn(test).await.unwrap();
-    }
-
     #[tokio::test]
     async fn a_footer_is_served_until_its_file_is_rewritten_keeping_size_and_time() {
-        in_a_task(async {
-            let dir = tempfile::tempdir().unwrap();
-            let file = dir.path().join("a.parquet");
-            std::fs::write(&file, b"first").unwrap();
-            let cache = cache_of(dir.path());
-            let (location, meta) = listed(&file).await;
-            assert_eq!(fetch(&cache, &location, &meta, "first"), "first");
-            assert_eq!(
-                fetch(&cache, &location, &meta, "read again"),
-                "first",
-                "not kept"
-            );
-
-            rewrite_keeping_size_and_time(&file, b"other");
-            let (_, now) = listed(&file).await;
-            assert_eq!(
-                (now.size, now.last_modified),
-                (meta.size, meta.last_modified)
-            );
-            assert_eq!(
-                fetch(&cache, &location, &now, "other"),
-                "other",
-                "the old footer was served"
-            );
-            assert_eq!(fetch(&cache, &location, &now, "read again"), "other");
-
-            // Replaced by a rename: another inode.
-            let new = dir.path().join("new");
-            std::fs::write(&new, b"third").unwrap();
-            let time = std::fs::metadata(&file).unwrap().modified().unwrap();
-            std::fs::File::options()
-                .write(true)
-                .open(&new)
-                .unwrap()
-                .set_modified(time)
-                .unwrap();
-            std::fs::rename(&new, &file).unwrap();
-            let (_, renamed) = listed(&file).await;
-            assert_eq!(fetch(&cache, &location, &renamed, "third"), "third");
-
-            // Deleted.
-            std::fs::remove_file(&file).unwrap();
-            assert!(cache.get(&location).is_none());
-            assert_eq!(cache.len(), 0);
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn a_footer_is_kept_only_if_read_from_the_settled_file_listed() {
-        in_a_task(async {
-            let dir = tempfile::tempdir().unwrap();
-            let file = dir.path().join("a.parquet");
-            std::fs::write(&file, b"first").unwrap();
-            let (location, meta) = listed(&file).await;
-
-            // Just written: not settled.
-            let sources = Sources::default();
-            sources.add("t", dir.path());
-            let settling = FooterCache::new(1 << 20, sources);
-            fetch(&settling, &location, &meta, "first");
-            assert_eq!(settling.len(), 0);
-
-            // Changed in place between the lookup and the offer: the
-            // footer read may be of either version.
-            let cache = cache_of(dir.path());
-            assert!(cache.get(&location).is_none());
-            rewrite_keeping_size_and_time(&file, b"other");
-            let entry = CachedFileMetadataEntry::new(meta.clone(), Arc::new(Footer("first")));
-            cache.put(&location, entry.clone());
-            assert_eq!(cache.len(), 0);
-
-            // Offered without a lookup of this task's.
-            cache.put(&location, entry.clone());
-            assert_eq!(cache.len(), 0);
-
-            // Replaced by a rename between the listing and the lookup.
-            let (_, listed_before) = listed(&file).await;
-            let new = dir.path().join("new");
-            std::fs::write(&new, b"third").unwrap();
-            std::fs::rename(&new, &file).unwrap();
-            fetch(&cache, &location, &listed_before, "other");
-            assert_eq!(cache.len(), 0);
-
-            // Not a file of a local dataset (an object store's key).
-            let object = Path::from("lake/trips/part-0.parquet");
-            let remote = ObjectMeta {
-                location: object.clone(),
-                ..meta.clone()
-            };
-            assert_eq!(fetch(&cache, &object, &remote, "remote"), "remote");
-            assert_eq!(cache.len(), 0);
-        })
-        .await;
-    }
-
-    #[test]
-    fn outside_a_task_nothing_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.parquet");
         std::fs::write(&file, b"first").unwrap();
         let cache = cache_of(dir.path());
-        let location = Path::from_filesystem_path(&file).unwrap();
-        let meta = futures::executor::block_on(LocalFileSystem::new().head(&location)).unwrap();
-        fetch(&cache, &location, &meta, "first");
+        let (location, meta) = listed(&file).await;
+        assert_eq!(fetch(&cache, &meta, "first"), "first");
+        assert_eq!(fetch(&cache, &meta, "read again"), "first", "not kept");
+        // DataFusion's own lookups (planning) are served it too.
+        assert_eq!(cache.get(&location).map(footer), Some("first"));
+
+        rewrite_keeping_size_and_time(&file, b"other");
+        let (_, now) = listed(&file).await;
+        assert_eq!(
+            (now.size, now.last_modified),
+            (meta.size, meta.last_modified)
+        );
+        assert!(cache.get(&location).is_none(), "the old footer was served");
+        assert_eq!(fetch(&cache, &now, "other"), "other");
+        assert_eq!(fetch(&cache, &now, "read again"), "other");
+
+        // Replaced by a rename: another inode.
+        let new = dir.path().join("new");
+        std::fs::write(&new, b"third").unwrap();
+        let time = std::fs::metadata(&file).unwrap().modified().unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&new)
+            .unwrap()
+            .set_modified(time)
+            .unwrap();
+        std::fs::rename(&new, &file).unwrap();
+        let (_, renamed) = listed(&file).await;
+        assert_eq!(fetch(&cache, &renamed, "third"), "third");
+
+        // Deleted.
+        std::fs::remove_file(&file).unwrap();
+        assert!(cache.get(&location).is_none());
         assert_eq!(cache.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_footer_is_kept_only_if_read_from_the_settled_file_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.parquet");
+        std::fs::write(&file, b"first").unwrap();
+        let (location, meta) = listed(&file).await;
+
+        // Just written: not settled.
+        let sources = Sources::default();
+        sources.add("t", dir.path());
+        let settling = Arc::new(FooterCache::new(1 << 20, sources));
+        fetch(&settling, &meta, "first");
+        assert_eq!(settling.len(), 0);
+
+        // Changed in place between the lookup and the offer: the footer
+        // read may be of either version.
+        let cache = cache_of(dir.path());
+        let mut one = OneFetch::new(Arc::clone(&cache));
+        assert!(one.lookup(&location).is_none());
+        rewrite_keeping_size_and_time(&file, b"other");
+        one.offer(&location, entry(&meta, "first"));
+        assert_eq!(cache.len(), 0);
+
+        // Two fetches of one file at once: the first looks up, reads the
+        // old footer; the file changes and settles; the second looks up.
+        // The first's offer is still refused: its own lookup saw the old
+        // version.
+        let (_, before) = listed(&file).await;
+        let mut first = OneFetch::new(Arc::clone(&cache));
+        assert!(first.lookup(&location).is_none());
+        rewrite_keeping_size_and_time(&file, b"third");
+        let mut second = OneFetch::new(Arc::clone(&cache));
+        assert!(second.lookup(&location).is_none());
+        first.offer(&location, entry(&before, "other"));
+        assert_eq!(cache.len(), 0);
+        let (_, after) = listed(&file).await;
+        second.offer(&location, entry(&after, "third"));
+        assert_eq!(cache.get(&location).map(footer), Some("third"));
+
+        // Offered without a lookup, or by DataFusion's own fetches.
+        cache.remove(&location);
+        OneFetch::new(Arc::clone(&cache)).offer(&location, entry(&after, "third"));
+        cache.put(&location, entry(&after, "third"));
+        assert_eq!(cache.len(), 0);
+
+        // Replaced by a rename between the listing and the lookup, by a
+        // file of the same size and modification time: only the inode
+        // differs from what was listed.
+        let new = dir.path().join("new");
+        std::fs::write(&new, b"forth").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&new)
+            .unwrap()
+            .set_modified(std::fs::metadata(&file).unwrap().modified().unwrap())
+            .unwrap();
+        std::fs::rename(&new, &file).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let (_, renamed) = listed(&file).await;
+        assert_eq!(
+            (renamed.size, renamed.last_modified),
+            (after.size, after.last_modified)
+        );
+        fetch(&cache, &after, "third");
+        assert_eq!(cache.len(), 0);
+        assert_eq!(fetch(&cache, &renamed, "forth"), "forth");
+        assert_eq!(cache.len(), 1, "the file listed is kept");
+
+        // A file on this disk, but of no dataset.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let stray = elsewhere.path().join("b.parquet");
+        std::fs::write(&stray, b"stray").unwrap();
+        let (_, stray_meta) = listed(&stray).await;
+        assert_eq!(fetch(&cache, &stray_meta, "stray"), "stray");
+        assert_eq!(fetch(&cache, &stray_meta, "read again"), "read again");
     }
 }

@@ -33,7 +33,6 @@ use datafusion::config::ConfigOptions;
 use datafusion::datasource::physical_plan::{FileScanConfig, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::cache::cache_manager::FileMetadataCache;
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
 use datafusion::object_store::local::LocalFileSystem;
@@ -48,7 +47,7 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Pla
 use futures::stream::{BoxStream, Stream, StreamExt};
 use prost::bytes::Bytes;
 
-use super::footers::FooterReaders;
+use super::footers::{FooterCache, FooterReaders};
 
 /// How much of a file one read takes.
 const CHUNK: u64 = 256 * 1024;
@@ -113,6 +112,9 @@ struct Source {
     /// Object store path of the file, or of the directory with a trailing `/`.
     location: String,
     directory: Option<PathBuf>,
+    /// Whether `stat` tells every change of its files: a local file system
+    /// whose kernel keeps change times (`versions::stat_tells_changes_at`).
+    stat_tells_changes: bool,
 }
 
 impl Sources {
@@ -120,6 +122,15 @@ impl Sources {
     /// under the path as given and as the file system resolves it.
     pub fn add(&self, name: &str, path: &FsPath) {
         let directory = path.is_dir();
+        let stat_tells = super::versions::stat_tells_changes_at(path);
+        if !stat_tells {
+            tracing::warn!(
+                dataset = name,
+                "the dataset is on a network or FUSE file system (or one Sluice does not know), \
+                 whose `stat` may not show every change of its files: it is not kept decoded in \
+                 memory, and its Parquet footers are read again by every query"
+            );
+        }
         let mut known = self.0.write().unwrap_or_else(|e| e.into_inner());
         let resolved = std::fs::canonicalize(path).ok();
         for path in std::iter::once(path.to_path_buf()).chain(resolved) {
@@ -132,6 +143,7 @@ impl Sources {
                 store: None,
                 location,
                 directory: directory.then(|| path.clone()),
+                stat_tells_changes: stat_tells,
             });
         }
     }
@@ -150,6 +162,7 @@ impl Sources {
             store: Some(store),
             directory: location.ends_with('/').then(PathBuf::new),
             location,
+            stat_tells_changes: false,
         });
     }
 
@@ -161,19 +174,42 @@ impl Sources {
 
     /// [`Sources::find`] in the object store `store` (`None`: local files).
     fn find_in(&self, store: Option<&str>, location: &str) -> Option<(String, Option<PathBuf>)> {
+        self.find_source(store, location, |source| {
+            (source.dataset.clone(), source.directory.clone())
+        })
+        .map(|(found, own)| (found.0, if own { found.1 } else { None }))
+    }
+
+    /// What `read` takes from the source `location` in `store` belongs to,
+    /// and whether `location` is the source's directory itself.
+    fn find_source<T>(
+        &self,
+        store: Option<&str>,
+        location: &str,
+        read: impl Fn(&Source) -> T,
+    ) -> Option<(T, bool)> {
         let known = self.0.read().unwrap_or_else(|e| e.into_inner());
         known
             .iter()
             .filter(|source| source.store.as_deref() == store)
             .find_map(|source| match &source.directory {
-                None => (source.location == location).then(|| (source.dataset.clone(), None)),
-                Some(dir) => {
+                None => (source.location == location).then(|| (read(source), false)),
+                Some(_) => {
                     let own =
                         location.trim_end_matches('/') == source.location.trim_end_matches('/');
-                    (own || location.starts_with(&source.location))
-                        .then(|| (source.dataset.clone(), own.then(|| dir.clone())))
+                    (own || location.starts_with(&source.location)).then(|| (read(source), own))
                 }
             })
+    }
+
+    /// Whether `location` is a file of a dataset on the connector's disk
+    /// whose root is on a file system whose `stat` tells every change
+    /// (`versions::stat_tells_changes_at`; a file under it on another file
+    /// system is checked on its own by [`super::versions::FileStamp`]'s
+    /// users).
+    pub fn stat_tells_changes(&self, location: &str) -> bool {
+        self.find_source(None, location, |source| source.stat_tells_changes)
+            .is_some_and(|(tells, _)| tells)
     }
 
     /// The dataset `location` in object store `store` (`None`: local files)
@@ -428,8 +464,8 @@ pub struct NameSourceFailures {
     pub sources: Sources,
     /// The session's object stores, which the footer readers read from.
     pub stores: Arc<dyn ObjectStoreRegistry>,
-    /// The session's footer cache ([`super::footers::FooterCache`]).
-    pub footers: Arc<FileMetadataCache>,
+    /// The session's footer cache, for the local file system's scans.
+    pub footers: Arc<FooterCache>,
 }
 
 impl NameSourceFailures {
@@ -443,8 +479,10 @@ impl NameSourceFailures {
         let Some(parquet) = files.file_source.downcast_ref::<ParquetSource>() else {
             return Ok(Arc::new(scan.clone()));
         };
-        let store = self.stores.get_store(files.object_store_url.as_ref())?;
-        let readers = FooterReaders::new(store, Arc::clone(&self.footers));
+        let url = files.object_store_url.as_ref();
+        let store = self.stores.get_store(url)?;
+        let footers = (url.scheme() == "file").then(|| Arc::clone(&self.footers));
+        let readers = FooterReaders::new(store, footers);
         let mut config = files.clone();
         config.file_source = Arc::new(
             parquet

@@ -201,6 +201,54 @@ impl FileStamp {
     }
 }
 
+/// Whether `stat` tells every change of the files of the file system
+/// `path` is on: a local one whose kernel keeps change times (any write,
+/// rename or metadata change sets the change time to now, and no system
+/// call sets it back). Network and FUSE file systems are not: `stat` may
+/// answer from an attribute cache, and some make change times up.
+/// A path not there yet is on the file system of its nearest ancestor.
+pub(super) fn stat_tells_changes_at(path: &std::path::Path) -> bool {
+    path.ancestors()
+        .find_map(|p| rustix::fs::statfs(p).ok())
+        .is_some_and(|fs| kept_by_the_kernel(fs.f_type as u32))
+}
+
+/// [`stat_tells_changes_at`] for the file system of `stamp`, the stamp of
+/// `path`, known by its device after the first time.
+pub(super) fn stat_tells_changes(path: &std::path::Path, stamp: &FileStamp) -> bool {
+    static KNOWN: std::sync::OnceLock<Mutex<std::collections::HashMap<u64, bool>>> =
+        std::sync::OnceLock::new();
+    let known = KNOWN.get_or_init(Mutex::default);
+    if let Some(tells) = known
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&stamp.device)
+    {
+        return *tells;
+    }
+    let tells = stat_tells_changes_at(path);
+    known
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(stamp.device, tells);
+    tells
+}
+
+/// Whether `f_type` (from `statfs`) names a file system whose kernel
+/// keeps change times.
+fn kept_by_the_kernel(f_type: u32) -> bool {
+    const KEPT_BY_THE_KERNEL: [u32; 7] = [
+        0xEF53,      // ext2, ext3, ext4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+        0x794C_7630, // overlayfs
+        0x2FC1_2FC1, // zfs
+        0xF2F5_2010, // f2fs
+    ];
+    KEPT_BY_THE_KERNEL.contains(&f_type)
+}
+
 /// Every file (and directory) of a local dataset as [`FileStamp`]
 /// describes it now. A file rewritten in place changes its change time;
 /// one replaced by a rename, its inode; a file added or removed, its
@@ -221,11 +269,13 @@ impl FilesVersion {
         } else {
             vec![path.to_path_buf()]
         };
-        let mut described = Vec::with_capacity(files.len());
-        for file in files {
-            let stamp = FileStamp::of(&file)?;
-            described.push((file, stamp));
-        }
+        // An entry that cannot be `stat`ed (a dangling symbolic link, a file
+        // removed since the walk, which its directory's times show) is left
+        // out, as DataFusion's listing leaves it out.
+        let mut described: Vec<_> = files
+            .into_iter()
+            .filter_map(|file| FileStamp::of(&file).map(|stamp| (file, stamp)))
+            .collect();
         described.sort();
         Some(Self(described))
     }
@@ -238,6 +288,14 @@ impl FilesVersion {
     /// ago (or in the future).
     pub(super) fn changed_within(&self, window: std::time::Duration) -> bool {
         self.0.iter().any(|(_, stamp)| stamp.changed_within(window))
+    }
+
+    /// Whether `stat` tells every change of every file (none is on a
+    /// network or FUSE file system).
+    pub(super) fn stat_tells_changes(&self) -> bool {
+        self.0
+            .iter()
+            .all(|(path, stamp)| stat_tells_changes(path, stamp))
     }
 }
 
@@ -322,10 +380,31 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), kept);
         assert_ne!(cache_version(std::iter::once(&location)).unwrap(), before);
+        // A dangling link in the directory is left out: it does not make
+        // the version unknown.
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), part.join("b.csv")).unwrap();
+        assert!(cache_version(std::iter::once(&location)).is_some());
         let gone = Location::Local(dir.path().join("gone"));
         assert_eq!(cache_version(std::iter::once(&gone)), None);
         let remote = Location::Object("s3://lake/t/".into());
         assert_eq!(cache_version([&location, &remote].into_iter()), None);
+    }
+
+    #[test]
+    fn only_file_systems_that_keep_change_times_are_trusted() {
+        assert!(kept_by_the_kernel(0xEF53)); // ext4
+        assert!(kept_by_the_kernel(0x9123_683E)); // btrfs
+        assert!(!kept_by_the_kernel(0x6969)); // nfs
+        assert!(!kept_by_the_kernel(0x6573_5546)); // fuse
+        assert!(!kept_by_the_kernel(0xFF53_4D42)); // cifs
+        assert!(!kept_by_the_kernel(0x0102_1997)); // 9p
+        // The test machines' temporary directories are on one of them.
+        let dir = tempfile::tempdir().unwrap();
+        let stamp = FileStamp::of(dir.path()).unwrap();
+        assert!(stat_tells_changes_at(dir.path()));
+        assert!(stat_tells_changes(dir.path(), &stamp));
+        assert!(stat_tells_changes_at(&dir.path().join("not/yet")));
+        assert!(!stat_tells_changes_at(std::path::Path::new("/proc/self")));
     }
 
     #[test]
