@@ -19,8 +19,12 @@
 //!   offered back, and is the file DataFusion listed. Any change in
 //!   between gives the file a later change time, which no system call can
 //!   set back, so a footer is never kept or served for another version of
-//!   its file. Only files of datasets on local file systems whose kernel
-//!   keeps change times are kept ([`Sources::stat_tells_changes`]):
+//!   its file. (Two writes the times may not show: one `write` call
+//!   throttled for longer than [`SETTLING`], whose times are set as it
+//!   starts, and writes through a shared memory map, which set them only
+//!   at the first write after the pages were last written back.) Only
+//!   files on local file systems whose kernel keeps change times are kept
+//!   ([`Sources::stat_tells_changes`], and each file's own file system):
 //!   network and FUSE file systems can answer `stat` from a cache or make
 //!   change times up.
 //! - Footers of objects in object stores are not kept: a store's
@@ -59,7 +63,7 @@ use futures::future::BoxFuture;
 use prost::bytes::Bytes;
 
 use super::source::Sources;
-use super::versions::{FileStamp, stat_tells_changes};
+use super::versions::{FileStamp, stat_tells_changes_at};
 
 /// A file must be unchanged this long before its footer is kept: a
 /// rewrite within the resolution of its times could keep every one of
@@ -122,7 +126,7 @@ impl FooterCache {
         let path = self.local.path_to_filesystem(location).ok()?;
         // A file under the dataset's root may be on another file system
         // (a link, a mount point).
-        FileStamp::of(&path).filter(|stamp| stat_tells_changes(&path, stamp))
+        FileStamp::of(&path).filter(|_| stat_tells_changes_at(&path))
     }
 
     /// The footer kept for `key` if its file's stamp is `now`, the one it
@@ -191,7 +195,6 @@ impl Cache<Path, CachedFileMetadataEntry> for FooterCache {
     }
 
     fn contains_key(&self, k: &Path) -> bool {
-        let _kept = self.kept();
         self.footers.contains_key(k)
     }
 
@@ -315,7 +318,7 @@ impl AsyncFileReader for FooterReader {
                 return read_footer(store, meta, hint, policy).await;
             };
             let mut fetch = OneFetch::new(footers);
-            if let Some(kept) = fetch.lookup(location).and_then(|entry| {
+            if let Some(kept) = fetch.lookup(meta).and_then(|entry| {
                 let footer = entry
                     .file_metadata
                     .as_any()
@@ -368,14 +371,20 @@ impl OneFetch {
         }
     }
 
-    fn lookup(&mut self, key: &Path) -> Option<CachedFileMetadataEntry> {
-        let now = self.cache.stamp_now(key);
+    /// The footer kept for the file listed as `meta`: kept for the file as
+    /// it is now, and for the version the scan was planned on (the same
+    /// size, modification time and inode), whose byte ranges the scan
+    /// reads.
+    fn lookup(&mut self, meta: &ObjectMeta) -> Option<CachedFileMetadataEntry> {
+        let now = self.cache.stamp_now(&meta.location);
         self.looked_up = now.filter(|stamp| !stamp.changed_within(self.cache.settling));
-        self.cache.serve(key, now)
+        self.cache
+            .serve(&meta.location, now)
+            .filter(|kept| kept.is_valid_for(meta) && kept.meta.e_tag == meta.e_tag)
     }
 
     /// Offers `footer`, read after [`OneFetch::lookup`] from the file
-    /// listed as `meta`.
+    /// listed as `meta`, to be kept.
     fn put(self, meta: &ObjectMeta, footer: Arc<ParquetMetaData>) {
         let entry = CachedFileMetadataEntry::new(
             meta.clone(),
@@ -384,18 +393,19 @@ impl OneFetch {
         self.offer(&meta.location, entry);
     }
 
+    /// [`OneFetch::put`] of a footer in its cache entry.
     fn offer(self, key: &Path, entry: CachedFileMetadataEntry) {
         // Offered without a settled lookup: not kept.
         let Some(looked_up) = self.looked_up else {
             return;
         };
-        match self.cache.stamp_now(key) {
-            Some(now) if now == looked_up && FooterCache::listed_as(&now, &entry.meta) => {
-                self.cache.keep(key, entry, now);
-            }
-            _ => {
-                self.cache.remove(key);
-            }
+        // Otherwise a footer kept for the file as it is now stays: lookups
+        // check it against the file anyway.
+        if let Some(now) = self.cache.stamp_now(key)
+            && now == looked_up
+            && FooterCache::listed_as(&now, &entry.meta)
+        {
+            self.cache.keep(key, entry, now);
         }
     }
 }
@@ -453,7 +463,7 @@ mod tests {
     /// `read`) and offer it back. What it gives the scan.
     fn fetch(cache: &Arc<FooterCache>, meta: &ObjectMeta, read: &'static str) -> &'static str {
         let mut one = OneFetch::new(Arc::clone(cache));
-        match one.lookup(&meta.location) {
+        match one.lookup(meta) {
             Some(kept) => footer(kept),
             None => {
                 one.offer(&meta.location, entry(meta, read));
@@ -535,7 +545,7 @@ mod tests {
         // read may be of either version.
         let cache = cache_of(dir.path());
         let mut one = OneFetch::new(Arc::clone(&cache));
-        assert!(one.lookup(&location).is_none());
+        assert!(one.lookup(&meta).is_none());
         rewrite_keeping_size_and_time(&file, b"other");
         one.offer(&location, entry(&meta, "first"));
         assert_eq!(cache.len(), 0);
@@ -546,10 +556,10 @@ mod tests {
         // version.
         let (_, before) = listed(&file).await;
         let mut first = OneFetch::new(Arc::clone(&cache));
-        assert!(first.lookup(&location).is_none());
+        assert!(first.lookup(&before).is_none());
         rewrite_keeping_size_and_time(&file, b"third");
         let mut second = OneFetch::new(Arc::clone(&cache));
-        assert!(second.lookup(&location).is_none());
+        assert!(second.lookup(&before).is_none());
         first.offer(&location, entry(&before, "other"));
         assert_eq!(cache.len(), 0);
         let (_, after) = listed(&file).await;
@@ -584,6 +594,24 @@ mod tests {
         assert_eq!(cache.len(), 0);
         assert_eq!(fetch(&cache, &renamed, "forth"), "forth");
         assert_eq!(cache.len(), 1, "the file listed is kept");
+
+        // A scan planned on an older version (another size) is not served
+        // the footer kept for the file as it is now.
+        let smaller = ObjectMeta {
+            size: renamed.size - 1,
+            ..renamed.clone()
+        };
+        assert_eq!(fetch(&cache, &smaller, "planned"), "planned");
+        let other_inode = ObjectMeta {
+            e_tag: Some("1-2-3".into()),
+            ..renamed.clone()
+        };
+        assert!(
+            OneFetch::new(Arc::clone(&cache))
+                .lookup(&other_inode)
+                .is_none()
+        );
+        assert_eq!(fetch(&cache, &renamed, "read again"), "forth");
 
         // A file on this disk, but of no dataset.
         let elsewhere = tempfile::tempdir().unwrap();

@@ -126,9 +126,9 @@ impl Sources {
         if !stat_tells {
             tracing::warn!(
                 dataset = name,
-                "the dataset is on a network or FUSE file system (or one Sluice does not know), \
-                 whose `stat` may not show every change of its files: it is not kept decoded in \
-                 memory, and its Parquet footers are read again by every query"
+                "the dataset is on a network, FUSE or unknown file system, whose `stat` may not \
+                 show every change of its files: Sluice keeps no decoded copy and no Parquet \
+                 footer of it between queries"
             );
         }
         let mut known = self.0.write().unwrap_or_else(|e| e.into_inner());
@@ -469,15 +469,16 @@ pub struct NameSourceFailures {
 }
 
 impl NameSourceFailures {
-    /// `scan` with its Parquet footers read by [`FooterReaders`]; `scan`
-    /// itself if it does not read Parquet.
+    /// `node` (`scan`) with its Parquet footers read by [`FooterReaders`];
+    /// `node` itself if it does not read Parquet.
     fn with_footer_readers(
         &self,
+        node: &Arc<dyn ExecutionPlan>,
         scan: &DataSourceExec,
         files: &FileScanConfig,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let Some(parquet) = files.file_source.downcast_ref::<ParquetSource>() else {
-            return Ok(Arc::new(scan.clone()));
+            return Ok(Arc::clone(node));
         };
         let url = files.object_store_url.as_ref();
         let store = self.stores.get_store(url)?;
@@ -519,7 +520,7 @@ impl PhysicalOptimizerRule for NameSourceFailures {
                 });
             match dataset {
                 Some(dataset) => Ok(Transformed::yes(Arc::new(SourceExec {
-                    input: self.with_footer_readers(scan, files)?,
+                    input: self.with_footer_readers(&node, scan, files)?,
                     dataset,
                 }))),
                 None => Ok(Transformed::no(node)),

@@ -60,9 +60,9 @@ impl DataReads {
 /// Notes the files each scan of `plan` was planned over, by dataset: how
 /// many, the newest modification time (which the catalog shows anyway),
 /// and a digest of every file's name, size, time and ETag, and a local
-/// file's change time and device (equal digests, equal files). Sizes are not written out: consumers read their own
-/// release records, and a dataset's size in bytes changes with each row
-/// added, which DP answers do not reveal.
+/// file's change time (equal digests, equal files). Sizes are not written
+/// out: consumers read their own release records, and a dataset's size in
+/// bytes changes with each row added, which DP answers do not reveal.
 pub fn note_files(plan: &Arc<dyn ExecutionPlan>, sources: &Sources, reads: &DataReads) {
     let _ = plan.apply(|node| {
         let Some(files) = node
@@ -90,7 +90,7 @@ pub fn note_files(plan: &Arc<dyn ExecutionPlan>, sources: &Sources, reads: &Data
             // ETag (inode, time, size): its change time tells.
             let changed = match store {
                 None => local_stamp(&meta.location)
-                    .map(|stamp| format!("\t{}\t{}", stamp.changed, stamp.device))
+                    .map(|stamp| format!("\t{}", stamp.changed))
                     .unwrap_or_default(),
                 Some(_) => String::new(),
             };
@@ -131,7 +131,7 @@ fn local_stamp(location: &datafusion::object_store::path::Path) -> Option<FileSt
 }
 
 /// The cache version of datasets on the connector's disk: a digest of
-/// their [`FilesVersion`]s now. `None` when a dataset is in a database or
+/// their [`FilesVersion`]s now (all but the devices). `None` when a dataset is in a database or
 /// an object store, whose changes cannot be seen without reading them, or
 /// cannot be read at all: DP answers over those are never served from the
 /// cache.
@@ -143,14 +143,15 @@ pub fn cache_version<'a>(locations: impl Iterator<Item = &'a Location>) -> Optio
         };
         let files = FilesVersion::now(path)?;
         lines.extend(files.0.iter().map(|(file, stamp)| {
+            // Not the device: its number can change across a restart (it
+            // is made up for overlayfs, btrfs, tmpfs), and the key is kept.
             format!(
-                "{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{}\t{}\t{}\t{}",
                 file.display(),
                 stamp.size,
                 stamp.modified,
                 stamp.changed,
-                stamp.inode,
-                stamp.device
+                stamp.inode
             )
         }));
     }
@@ -213,31 +214,10 @@ pub(super) fn stat_tells_changes_at(path: &std::path::Path) -> bool {
         .is_some_and(|fs| kept_by_the_kernel(fs.f_type as u32))
 }
 
-/// [`stat_tells_changes_at`] for the file system of `stamp`, the stamp of
-/// `path`, known by its device after the first time.
-pub(super) fn stat_tells_changes(path: &std::path::Path, stamp: &FileStamp) -> bool {
-    static KNOWN: std::sync::OnceLock<Mutex<std::collections::HashMap<u64, bool>>> =
-        std::sync::OnceLock::new();
-    let known = KNOWN.get_or_init(Mutex::default);
-    if let Some(tells) = known
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&stamp.device)
-    {
-        return *tells;
-    }
-    let tells = stat_tells_changes_at(path);
-    known
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(stamp.device, tells);
-    tells
-}
-
 /// Whether `f_type` (from `statfs`) names a file system whose kernel
 /// keeps change times.
 fn kept_by_the_kernel(f_type: u32) -> bool {
-    const KEPT_BY_THE_KERNEL: [u32; 7] = [
+    const KEPT_BY_THE_KERNEL: [u32; 10] = [
         0xEF53,      // ext2, ext3, ext4
         0x5846_5342, // xfs
         0x9123_683E, // btrfs
@@ -245,6 +225,9 @@ fn kept_by_the_kernel(f_type: u32) -> bool {
         0x794C_7630, // overlayfs
         0x2FC1_2FC1, // zfs
         0xF2F5_2010, // f2fs
+        0x7371_7368, // squashfs (read-only)
+        0xE0F5_E1E2, // erofs (read-only)
+        0x9660,      // iso9660 (read-only)
     ];
     KEPT_BY_THE_KERNEL.contains(&f_type)
 }
@@ -293,9 +276,7 @@ impl FilesVersion {
     /// Whether `stat` tells every change of every file (none is on a
     /// network or FUSE file system).
     pub(super) fn stat_tells_changes(&self) -> bool {
-        self.0
-            .iter()
-            .all(|(path, stamp)| stat_tells_changes(path, stamp))
+        self.0.iter().all(|(path, _)| stat_tells_changes_at(path))
     }
 }
 
@@ -400,9 +381,7 @@ mod tests {
         assert!(!kept_by_the_kernel(0x0102_1997)); // 9p
         // The test machines' temporary directories are on one of them.
         let dir = tempfile::tempdir().unwrap();
-        let stamp = FileStamp::of(dir.path()).unwrap();
         assert!(stat_tells_changes_at(dir.path()));
-        assert!(stat_tells_changes(dir.path(), &stamp));
         assert!(stat_tells_changes_at(&dir.path().join("not/yet")));
         assert!(!stat_tells_changes_at(std::path::Path::new("/proc/self")));
     }
