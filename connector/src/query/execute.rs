@@ -169,6 +169,9 @@ async fn run(
     )
     .await
     .map_err(failed)?;
+    // A DP plan's per-(unit, group) and per-unit aggregations share one
+    // shuffle by unit (unit_shuffle.rs): the same answer, computed once.
+    let physical = super::unit_shuffle::shuffle_once_by_unit(physical).map_err(failed)?;
     let physical = super::total::total_expressions(physical).map_err(failed)?;
     let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
     catalog.note_files(&physical, reads);

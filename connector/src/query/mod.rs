@@ -33,6 +33,7 @@ mod rows;
 pub mod slots;
 pub mod ticket;
 mod total;
+mod unit_shuffle;
 mod view;
 
 use std::future::Future;
