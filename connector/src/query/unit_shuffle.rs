@@ -290,4 +290,96 @@ mod tests {
             );
         }
     }
+
+    /// The policy's DP grant over `t`: more groups than `max_groups`, so
+    /// each unit's groups are capped by `top_groups`.
+    const POLICY: &str = r#"
+version: 1
+datasets:
+  t:
+    privacy_unit: u
+consumers:
+  - name: analyst
+    match: { organization: Analysts }
+    grants:
+      t:
+        columns:
+          k: group_by_only
+          v: aggregate_only
+        functions:
+          aggregate: [count, sum, avg]
+        dp:
+          epsilon_per_query: 1.0
+          max_groups: 2
+          max_rows: 3
+          columns:
+            v: { bounds: [0, 50] }
+"#;
+
+    struct Planning(SessionContext);
+
+    impl sluice_policy::PlanningContext for Planning {
+        fn dataset_schema(&self, name: &str) -> Option<datafusion::arrow::datatypes::SchemaRef> {
+            let table = futures::executor::block_on(self.0.table_provider(name)).ok()?;
+            Some(table.schema())
+        }
+
+        fn parse_predicate(
+            &self,
+            sql: &str,
+            schema: &datafusion::common::DFSchema,
+        ) -> Result<datafusion::logical_expr::Expr> {
+            self.0.state().create_logical_expr(sql, schema)
+        }
+    }
+
+    /// The statistics plan the policy builds for a DP GROUP BY, as the
+    /// connector analyzes it.
+    async fn statistics_plan(
+        ctx: &SessionContext,
+        sql: &str,
+    ) -> datafusion::logical_expr::LogicalPlan {
+        use sluice_policy::{PlanGate, PolicyGate, PolicySet, Principal, QueryContext};
+        let policy = PolicySet::compile("dp.yaml", POLICY, &Planning(ctx.clone()), b"secret")
+            .expect("the policy compiles");
+        let mut principal = Principal::new("spiffe://test/analyst");
+        principal.organization = Some("Analysts".into());
+        let state = ctx.state();
+        let plan = state.create_logical_plan(sql).await.expect("plans");
+        let plan = crate::query::plan::analyze(&state, plan).expect("analyzes");
+        let approval = PolicyGate::new(policy)
+            .decide(&QueryContext::new(principal), plan)
+            .expect("allowed");
+        let stats = approval.dp.expect("a DP query").stats_plan;
+        crate::query::plan::analyze(&state, stats).expect("analyzes")
+    }
+
+    #[tokio::test]
+    async fn the_policy_statistics_plan_shares_one_shuffle_and_keeps_its_statistics() {
+        let ctx = context();
+        let plan = statistics_plan(
+            &ctx,
+            "SELECT k, count(*) AS n, sum(v) AS s FROM t GROUP BY k",
+        )
+        .await;
+        let before = ctx
+            .state()
+            .create_physical_plan(&plan)
+            .await
+            .expect("physical plan");
+        let after = shuffle_once_by_unit(Arc::clone(&before)).expect("rewrite");
+        let text = displayable(after.as_ref()).indent(false).to_string();
+        let after_shuffles = shuffles(&after);
+        assert!(
+            after_shuffles
+                .iter()
+                .any(|s| s.contains("Hash([__sluice_unit@")),
+            "{text}"
+        );
+        assert_eq!(after_shuffles.len(), shuffles(&before).len() - 1, "{text}");
+        assert!(text.contains("mode=SinglePartitioned"), "{text}");
+        let expected = answer(&ctx, before).await;
+        assert!(expected.len() > 10, "every group answers");
+        assert_eq!(answer(&ctx, after).await, expected);
+    }
 }
