@@ -16,7 +16,7 @@
 //!
 //! Rows hashed by (unit, group) spread one unit's cells over every
 //! partition, so the per-unit aggregation shuffles them again and merges
-//! partial lists of cells: more than half of a DP query's time at 1M rows.
+//! partial lists of cells: more than half of a DP query's CPU at 1M rows.
 //! Hashing by the unit alone puts all of a unit's rows, hence all of its
 //! (unit, group) cells, in one partition. The per-(unit, group) aggregation
 //! is still complete in each partition, and the per-unit one can run in one
