@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use datafusion::common::Result;
 use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
@@ -57,23 +58,21 @@ struct Shape<'a> {
     cells: &'a ProjectionExec,
     per_cell_final: &'a AggregateExec,
     per_cell_shuffle: &'a RepartitionExec,
-    /// Position of the unit among the per-cell aggregation's group keys.
-    unit_key: usize,
+    /// The unit as the per-cell aggregation reads it from its input: the
+    /// one column to hash by.
+    unit: &'a Arc<dyn PhysicalExpr>,
+    /// Partitions of the per-cell shuffle, kept by the new one.
+    partitions: usize,
 }
 
 fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     let Some(shape) = match_shape(node) else {
         return Ok(None);
     };
-    // Hash the per-cell partial states by the unit's column alone: the
-    // per-cell aggregation's own key, as it reads it from its input.
-    let Partitioning::Hash(_, partitions) = shape.per_cell_shuffle.partitioning() else {
-        return Ok(None);
-    };
-    let (unit, _) = &shape.per_cell_final.group_expr().expr()[shape.unit_key];
+    // Hash the per-cell partial states by the unit's column alone.
     let shuffle = RepartitionExec::try_new(
         Arc::clone(shape.per_cell_shuffle.input()),
-        Partitioning::Hash(vec![Arc::clone(unit)], *partitions),
+        Partitioning::Hash(vec![Arc::clone(shape.unit)], shape.partitions),
     )?;
     // New partitioning below: the parents' properties are recomputed.
     let recompute = ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
@@ -111,7 +110,7 @@ fn match_shape(node: &Arc<dyn ExecutionPlan>) -> Option<Shape<'_>> {
     let per_cell_shuffle = per_cell_final.input().downcast_ref::<RepartitionExec>()?;
     // The shuffle DataFusion adds for the per-cell aggregation: by exactly
     // its keys, in order, not preserving any order.
-    let Partitioning::Hash(hashed, _) = per_cell_shuffle.partitioning() else {
+    let Partitioning::Hash(hashed, partitions) = per_cell_shuffle.partitioning() else {
         return None;
     };
     let keys = per_cell_final.group_expr().expr();
@@ -127,16 +126,14 @@ fn match_shape(node: &Arc<dyn ExecutionPlan>) -> Option<Shape<'_>> {
     let unit = unit.downcast_ref::<Column>()?;
     let source = &cells.expr().get(unit.index())?.expr;
     let source = source.downcast_ref::<Column>()?;
-    let unit_key = source.index();
-    if unit_key >= per_cell_final.group_expr().expr().len() {
-        return None;
-    }
+    let (unit, _) = keys.get(source.index())?;
     Some(Shape {
         per_unit_partial,
         cells,
         per_cell_final,
         per_cell_shuffle,
-        unit_key,
+        unit,
+        partitions: *partitions,
     })
 }
 
