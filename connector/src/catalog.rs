@@ -54,7 +54,7 @@ mod versions;
 pub use decoded::{TableCache, keep_decoded};
 pub use versions::DataReads;
 
-pub use source::{SourceError, SourceFault, find_source_error};
+pub use source::{SourceError, SourceExec, SourceFault, find_source_error};
 
 /// Catalog and schema every dataset lives in.
 pub const CATALOG: &str = "sluice";

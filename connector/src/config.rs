@@ -87,6 +87,50 @@ pub struct Config {
     /// The usage policy file (YAML, `docs/policy.md`). `None`: no policy, and
     /// every query is refused (deny by default).
     pub policy: Option<PathBuf>,
+    /// The workers plan fragments run on (`[cluster]`); none: this
+    /// connector executes every query itself.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: the `sluice worker`s this connector (their coordinator)
+/// sends plan fragments to, and the certificate it presents to them.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterConfig {
+    /// `https://host:port` of each worker.
+    pub workers: Vec<url::Url>,
+    /// `None`: the development PKI's `coordinator` pair and CA.
+    pub tls: Option<ClusterTls>,
+}
+
+/// The coordinator's client certificate (role coordinator, `sluice certs
+/// coordinator`) and the CA its workers' certificates are issued by.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub worker_ca: PathBuf,
+}
+
+/// A worker's address as written in `[cluster] workers` or `--worker`.
+pub fn parse_worker_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text)
+        .map_err(|e| format!("`{text}` is not a URL ({e}); write https://HOST:PORT"))?;
+    if url.scheme() != "https" {
+        return Err(format!(
+            "`{text}`: workers are reached over mTLS only; write https://HOST:PORT"
+        ));
+    }
+    if url.host().is_none() || url.port().is_none() {
+        return Err(format!(
+            "`{text}` needs a host and a port: https://HOST:PORT"
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() {
+        return Err(format!(
+            "`{text}`: a worker URL has no path: https://HOST:PORT"
+        ));
+    }
+    Ok(url)
 }
 
 #[derive(Debug, Clone)]
@@ -463,6 +507,18 @@ struct RawConfig {
     #[serde(default)]
     object_stores: Vec<sources::RawObjectStore>,
     policy: Option<RawPolicy>,
+    #[serde(default)]
+    cluster: RawCluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    #[serde(default)]
+    workers: Vec<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    worker_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -587,6 +643,33 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
     });
 
     let limits = parse_limits(raw.limits).map_err(|(f, r)| err(format!("limits.{f}"), r))?;
+
+    let mut workers = Vec::with_capacity(raw.cluster.workers.len());
+    for (i, text) in raw.cluster.workers.iter().enumerate() {
+        let url = parse_worker_url(text).map_err(|r| err(format!("cluster.workers[{i}]"), r))?;
+        if workers.contains(&url) {
+            return Err(err(
+                format!("cluster.workers[{i}]"),
+                format!("`{text}` is listed twice"),
+            ));
+        }
+        workers.push(url);
+    }
+    let cluster_tls = match (raw.cluster.cert, raw.cluster.key, raw.cluster.worker_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => Some(ClusterTls {
+            cert: resolve(&cert),
+            key: resolve(&key),
+            worker_ca: resolve(&ca),
+        }),
+        _ => {
+            return Err(err(
+                "cluster".into(),
+                "set cert, key and worker_ca together (or none of them, for the development PKI)"
+                    .into(),
+            ));
+        }
+    };
 
     let metrics_listen = match raw
         .metrics
@@ -727,6 +810,10 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
         databases,
         object_stores,
         policy: raw.policy.map(|p| resolve(&p.file)),
+        cluster: ClusterConfig {
+            workers,
+            tls: cluster_tls,
+        },
     })
 }
 

@@ -55,11 +55,28 @@ pub fn authenticate(mut request: Request<()>) -> Result<Request<()>, Status> {
     let mut caller = caller_from_der(leaf.as_ref()).map_err(|reason| {
         Status::unauthenticated(format!("client certificate not usable: {reason}"))
     })?;
+    refuse_roles(&caller.principal)?;
     if let Some(token) = request.metadata().get(header::ON_BEHALF_OF) {
         caller.principal = relayed(token, leaf.as_ref(), caller.principal)?;
     }
     request.extensions_mut().insert(Arc::new(caller));
     Ok(request)
+}
+
+/// A certificate of the deployment's own processes (a coordinator's, a
+/// worker's) is not a consumer: it cannot query, relay or use the control
+/// plane.
+fn refuse_roles(principal: &Principal) -> Result<(), Status> {
+    match principal
+        .san_uris
+        .iter()
+        .find(|u| u.starts_with(crate::pki::ROLE_URI_PREFIX))
+    {
+        Some(role) => Err(Status::permission_denied(format!(
+            "this certificate carries the role `{role}`: it is for the connection between a coordinator and its workers, not for consumers; use a client certificate (`sluice certs client`)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The end consumer a broker asserts, relayed by the broker (the

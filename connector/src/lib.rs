@@ -40,6 +40,7 @@ pub mod blocking;
 pub mod broker;
 pub mod catalog;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod control;

@@ -17,6 +17,30 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
+/// The roles of a distributed deployment's own processes, carried as a SAN
+/// URI. A worker serves only certificates with [`Role::Coordinator`]; the
+/// connector's consumer-facing services refuse any certificate with a role,
+/// so neither kind of certificate can stand in for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A connector that sends plan fragments to workers (a client certificate).
+    Coordinator,
+    /// A `sluice worker` (a server certificate).
+    Worker,
+}
+
+/// Every role URI starts with this.
+pub const ROLE_URI_PREFIX: &str = "urn:sluice:role:";
+
+impl Role {
+    pub fn uri(self) -> &'static str {
+        match self {
+            Role::Coordinator => "urn:sluice:role:coordinator",
+            Role::Worker => "urn:sluice:role:worker",
+        }
+    }
+}
+
 /// A PEM certificate and its PEM private key.
 pub struct Issued {
     pub cert_pem: String,
@@ -99,6 +123,17 @@ impl Authority {
         ips: &[IpAddr],
         validity: Validity,
     ) -> Result<Issued> {
+        self.issue_server_with_role(dns_names, ips, None, validity)
+    }
+
+    /// [`Authority::issue_server`], for a process of the deployment itself.
+    pub fn issue_server_with_role(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        role: Option<Role>,
+        validity: Validity,
+    ) -> Result<Issued> {
         if dns_names.is_empty() && ips.is_empty() {
             bail!("a server certificate needs at least one DNS name or IP address");
         }
@@ -119,6 +154,11 @@ impl Authority {
         params
             .subject_alt_names
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        if let Some(role) = role {
+            params
+                .subject_alt_names
+                .push(SanType::URI(role.uri().try_into()?));
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         set_validity(&mut params, validity);
@@ -129,8 +169,29 @@ impl Authority {
         })
     }
 
-    /// Issues a TLS client certificate carrying `who`.
+    /// Issues a TLS client certificate carrying `who`. Role URIs are
+    /// refused: a consumer's certificate must never open a worker.
     pub fn issue_client(&self, who: &ClientIdentity, validity: Validity) -> Result<Issued> {
+        if let Some(uri) = who.uris.iter().find(|u| u.starts_with(ROLE_URI_PREFIX)) {
+            bail!(
+                "`{uri}` is a role of the deployment's own processes, not a consumer's identity: issue it with `sluice certs coordinator`"
+            );
+        }
+        self.issue_client_unchecked(who, validity)
+    }
+
+    /// A coordinator's client certificate: it may call workers, and only
+    /// workers (see [`Role`]).
+    pub fn issue_coordinator(&self, common_name: &str, validity: Validity) -> Result<Issued> {
+        let who = ClientIdentity {
+            common_name: common_name.into(),
+            organization: None,
+            uris: vec![Role::Coordinator.uri().into()],
+        };
+        self.issue_client_unchecked(&who, validity)
+    }
+
+    fn issue_client_unchecked(&self, who: &ClientIdentity, validity: Validity) -> Result<Issued> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&who.common_name, who.organization.as_deref());

@@ -128,12 +128,13 @@ impl App {
         });
         log_policy(&policy);
         let books = open_books(&state, hooks.audit_off)?;
+        let cluster = crate::cluster::Cluster::new(&config.cluster, &state)?.map(Arc::new);
         let engine = Arc::new(QueryEngine::new(
             catalog,
             policy.clone(),
             books,
             config.limits.clone(),
-            Executor::new(query_runtime, config.limits.total_query_memory),
+            Executor::new(query_runtime, config.limits.total_query_memory, cluster),
         ));
         Ok(App {
             config,
@@ -228,6 +229,10 @@ impl Listening {
         let (health, health_service) = tonic_health::server::health_reporter();
         report_serving(&health).await;
         spawn_background(&app, stopped.clone());
+        if let Some(cluster) = engine.executor().cluster() {
+            cluster.spawn_probes(stopped.clone());
+            tracing::info!(workers = ?cluster.workers().all().iter().map(|u| u.as_str()).collect::<Vec<_>>(), "coordinating workers: leaf stages of each query run on them");
+        }
         let (reflection_v1, reflection_v1alpha) = reflection()?;
         let open = app.metrics.connections.clone();
         let tracker = open.clone();
@@ -444,7 +449,7 @@ async fn wait(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-pub(crate) async fn shutdown_signal() -> &'static str {
+pub async fn shutdown_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -752,12 +752,37 @@ async fn run(
 #[tokio::test]
 async fn the_demo_policy_allows_and_denies_as_written() {
     let daemon = Daemon::start_demo_policy_with(&[]);
+    check_suite(&daemon).await;
+}
+
+/// The same suite on a coordinator with three workers (real processes, on
+/// loopback, over mTLS): the same answers and the same refusals. The
+/// coordinator's log shows that the queries' leaf stages went to workers.
+#[tokio::test]
+async fn the_policy_suite_answers_the_same_on_three_workers() {
+    let workers = common::Worker::start_many(3);
+    let mut args = common::Worker::args(&workers);
+    args.extend(["--log-level".to_string(), "info".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_demo_policy_with(&args);
+    check_suite(&daemon).await;
+    let logs = daemon.logs();
+    let distributed = logs.matches("leaf stages sent to workers").count();
+    // 25 of the allowed cases when written: the others have no stage a
+    // worker can run (masks, row queries over one small file, constants).
+    assert!(
+        distributed >= 20,
+        "only {distributed} queries ran on workers:\n{logs}"
+    );
+}
+
+async fn check_suite(daemon: &Daemon) {
     let state = common::shared_state_dir();
     let cases = cases();
     assert!(cases.len() >= 60, "the suite holds {} cases", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
-        let mut client = client_for(&daemon, case.identity, case.purpose).await;
+        let mut client = client_for(daemon, case.identity, case.purpose).await;
         let outcome = run(&mut client, case.sql).await;
         let problem = match (&case.expect, outcome) {
             (Same(oracle), Ok((_, got))) => {

@@ -528,26 +528,7 @@ async fn neighbouring_datasets_over_flight_stay_within_ln3() {
         counts_over_flight(&with, n)
     );
     // Bins: ≤ 37, 38, 39, 40, 41, ≥ 42 (true counts 40 and 41).
-    let bins = 6;
-    let histogram = |sample: &[i64]| {
-        let mut p = vec![0.0; bins];
-        for v in sample {
-            p[(v.clamp(&37, &42) - 37) as usize] += 1.0 / sample.len() as f64;
-        }
-        p
-    };
-    let (p, q) = (histogram(&a), histogram(&b));
-    let e = 3.0f64;
-    let one_way =
-        |p: &[f64], q: &[f64]| -> f64 { p.iter().zip(q).map(|(p, q)| (p - e * q).max(0.0)).sum() };
-    let delta = one_way(&p, &q).max(one_way(&q, &p));
-    let t = (2.0 * ((2f64.powi(bins as i32) - 2.0).ln() + 1e7f64.ln()) / n as f64).sqrt();
-    let limit = t * (1.0 + e);
-    assert!(limit < 1.0, "the test must be able to fail: limit {limit}");
-    assert!(
-        delta <= limit,
-        "estimated δ = {delta} > {limit} at ε = ln 3 (p = {p:?}, q = {q:?})"
-    );
+    common::assert_within_ln3(&a, &b, 37);
 }
 
 /// 600,000 visits by 200,000 people (three each, to three sites) to 500

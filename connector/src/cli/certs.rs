@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use sluice::pki::{self, Authority, ClientIdentity, Validity};
+use sluice::pki::{self, Authority, ClientIdentity, Role, Validity};
 
 #[derive(Subcommand)]
 pub enum CertsCommand {
@@ -59,6 +59,36 @@ pub enum CertsCommand {
         /// SAN URI identifying the principal, e.g. spiffe://city.example/org/planning (repeatable; the first is the principal id).
         #[arg(long = "uri")]
         uris: Vec<String>,
+        #[command(flatten)]
+        validity: ValidityArgs,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a coordinator's client certificate (role coordinator): the
+    /// connector presents it to its workers. DIR/NAME.pem and DIR/NAME.key.
+    Coordinator {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        #[arg(long, default_value = "coordinator")]
+        name: String,
+        #[command(flatten)]
+        validity: ValidityArgs,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a worker's server certificate (role worker) for the given DNS
+    /// names and IPs. DIR/NAME.pem and DIR/NAME.key.
+    Worker {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        #[arg(long, default_value = "worker")]
+        name: String,
+        /// DNS names the worker answers to (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// IP addresses the worker answers on (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
         #[command(flatten)]
         validity: ValidityArgs,
         #[arg(long)]
@@ -164,6 +194,43 @@ pub fn certs(cmd: CertsCommand) -> Result<()> {
             let (cert, key) = pki::write_pair(&dir, &name, &issued, force)?;
             println!(
                 "client certificate: {}\nclient key:         {}",
+                cert.display(),
+                key.display()
+            );
+        }
+        CertsCommand::Coordinator {
+            dir,
+            name,
+            validity,
+            force,
+        } => {
+            let authority = load_authority(&dir)?;
+            let issued = authority.issue_coordinator(&name, validity.resolve(397)?)?;
+            let (cert, key) = pki::write_pair(&dir, &name, &issued, force)?;
+            println!(
+                "coordinator certificate: {}\ncoordinator key:         {}",
+                cert.display(),
+                key.display()
+            );
+        }
+        CertsCommand::Worker {
+            dir,
+            name,
+            dns,
+            ips,
+            validity,
+            force,
+        } => {
+            let authority = load_authority(&dir)?;
+            let issued = authority.issue_server_with_role(
+                &dns,
+                &ips,
+                Some(Role::Worker),
+                validity.resolve(397)?,
+            )?;
+            let (cert, key) = pki::write_pair(&dir, &name, &issued, force)?;
+            println!(
+                "worker certificate: {}\nworker key:         {}",
                 cert.display(),
                 key.display()
             );

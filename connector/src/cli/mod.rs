@@ -15,6 +15,7 @@ mod generate;
 mod query;
 mod serve;
 mod tables;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ struct Cli {
 enum Command {
     /// Run the connector (the demo when no --config is given).
     Serve(serve::ServeArgs),
+    /// Run a worker: executes plan fragments for its coordinators only (docs/deploy.md).
+    Worker(worker::WorkerArgs),
     /// Run a broker: federated queries across several connectors (docs/federation.md).
     Broker(broker::BrokerArgs),
     /// Create the state directory (development PKI and demo datasets) and exit.
@@ -97,6 +100,7 @@ pub fn main() -> ExitCode {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Serve(args) => serve::serve(args),
+        Command::Worker(args) => worker::worker(args),
         Command::Broker(args) => broker::broker(args),
         Command::Init { state_dir } => {
             let state = StateDir::new(config::absolute(&state_dir));

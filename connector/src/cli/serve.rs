@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `sluice=debug`. Overrides log.level; RUST_LOG overrides both.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// A worker to run leaf stages on, https://HOST:PORT (repeatable). Overrides cluster.workers.
+    #[arg(long = "worker")]
+    pub workers: Vec<String>,
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
@@ -72,10 +75,24 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     if let Some(level) = &args.log_level {
         cfg.log.level = level.clone();
     }
+    if !args.workers.is_empty() {
+        cfg.cluster.workers = args
+            .workers
+            .iter()
+            .map(|w| config::parse_worker_url(w).map_err(|r| anyhow::anyhow!("--worker: {r}")))
+            .collect::<Result<_>>()?;
+    }
     sluice::telemetry::init(cfg.log.format, &cfg.log.level);
+    if !cfg.cluster.workers.is_empty() && cfg.limits.table_cache > 0 {
+        // Workers read the files; a decoded copy here would keep scans on
+        // the coordinator.
+        tracing::info!("limits.table_cache is off: with workers, scans run on them");
+        cfg.limits.table_cache = 0;
+    }
 
     let demo = matches!(cfg.source, config::Source::Embedded);
-    if demo || cfg.tls.is_none() {
+    let dev_cluster_pki = !cfg.cluster.workers.is_empty() && cfg.cluster.tls.is_none();
+    if demo || cfg.tls.is_none() || dev_cluster_pki {
         let state = StateDir::new(&cfg.server.state_dir);
         report_created(&dev::prepare(&state, demo)?);
     }

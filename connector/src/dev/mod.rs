@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 
-use crate::pki::{self, Authority, ClientIdentity, Validity};
+use crate::pki::{self, Authority, ClientIdentity, Role, Validity};
 use crate::state::{StateDir, restrict_to_owner, write_atomically};
 
 /// A demo organization with a client certificate in the development PKI.
@@ -111,6 +111,7 @@ fn ensure_dev_pki(state: &StateDir) -> Result<Vec<String>> {
     }
     let (server_cert, server_key) = state.pair("server");
     pki::check_pair(&server_cert, &server_key).with_context(unusable)?;
+    created.extend(ensure_cluster_pairs(state, &authority)?);
     for client in &DEMO_CLIENTS {
         if state.pair(client.name).0.exists() {
             continue;
@@ -128,6 +129,37 @@ fn ensure_dev_pki(state: &StateDir) -> Result<Vec<String>> {
             "client certificate    {} ({})",
             state.pair(client.name).0.display(),
             client.organization
+        ));
+    }
+    Ok(created)
+}
+
+/// A coordinator certificate for the connector and a worker certificate
+/// for `sluice worker` on this machine (docs/deploy.md, "Distributed
+/// execution").
+fn ensure_cluster_pairs(state: &StateDir, authority: &Authority) -> Result<Vec<String>> {
+    let dir = state.pki_dir();
+    let mut created = Vec::new();
+    if !state.pair("coordinator").0.exists() {
+        let issued = authority.issue_coordinator("coordinator", Validity::days_from_now(825))?;
+        pki::write_pair(&dir, "coordinator", &issued, true)?;
+        created.push(format!(
+            "coordinator cert      {}",
+            state.pair("coordinator").0.display()
+        ));
+    }
+    if !state.pair("worker").0.exists() {
+        let ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
+        let issued = authority.issue_server_with_role(
+            &["localhost".into()],
+            &ips,
+            Some(Role::Worker),
+            Validity::days_from_now(825),
+        )?;
+        pki::write_pair(&dir, "worker", &issued, true)?;
+        created.push(format!(
+            "worker certificate    {}",
+            state.pair("worker").0.display()
         ));
     }
     Ok(created)

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
@@ -32,6 +32,7 @@ use datafusion::physical_plan::{
     ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties,
     ReplaceChildrenOptions,
 };
+use datafusion_distributed::NetworkBoundaryExt;
 use futures::Stream;
 use std::future::Future;
 
@@ -49,29 +50,43 @@ pub fn is_deadline(err: &DataFusionError) -> bool {
 }
 
 /// Wraps the output of every operator of `plan` in a [`DeadlineExec`].
+///
+/// A distributed plan's stages below a network boundary run on workers and
+/// are sent there encoded: they are left as they are. The deadline stops
+/// the coordinator's side, and the workers' streams end when it drops them.
 pub fn with_deadline(
     plan: Arc<dyn ExecutionPlan>,
     deadline: Instant,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let plan = plan.transform_up(|node| {
-        if node.children().is_empty() {
-            return Ok(Transformed::no(node));
-        }
-        let children = node
-            .children()
-            .into_iter()
-            .map(|child| {
-                Arc::new(DeadlineExec::new(child.clone(), deadline)) as Arc<dyn ExecutionPlan>
-            })
-            .collect();
-        // The wrappers have their inputs' exact properties.
-        let wrapped = node.replace_children(
-            children,
-            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Keep),
-        )?;
-        Ok(Transformed::yes(wrapped))
-    })?;
-    Ok(Arc::new(DeadlineExec::new(plan.data, deadline)))
+    Ok(Arc::new(DeadlineExec::new(
+        wrap_inputs(plan, deadline)?,
+        deadline,
+    )))
+}
+
+fn wrap_inputs(node: Arc<dyn ExecutionPlan>, deadline: Instant) -> Result<Arc<dyn ExecutionPlan>> {
+    if node.children().is_empty() || node.is_network_boundary() {
+        return Ok(node);
+    }
+    let children = node
+        .children()
+        .into_iter()
+        .map(|child| {
+            // A wrapper that delegates downcasts would make a network
+            // boundary appear twice to datafusion-distributed (it looks
+            // boundaries up by downcasting): boundaries stay unwrapped.
+            if child.is_network_boundary() {
+                return Ok(Arc::clone(child));
+            }
+            let wrapped = wrap_inputs(Arc::clone(child), deadline)?;
+            Ok(Arc::new(DeadlineExec::new(wrapped, deadline)) as Arc<dyn ExecutionPlan>)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // The wrappers have their inputs' exact properties.
+    node.replace_children(
+        children,
+        ReplaceChildrenOptions::new(ChildrenPropertiesMode::Keep),
+    )
 }
 
 /// Passes its input through unchanged until the deadline, then fails.

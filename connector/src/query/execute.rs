@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::QueryError;
 use super::slots::Slot;
 use crate::catalog::{self, Catalog, DataReads, ProcessMemory};
+use crate::cluster::Cluster;
 use crate::guard::deadline::{is_deadline, with_deadline};
 use crate::guard::{self, QueryGuard};
 
@@ -40,6 +41,8 @@ pub struct Executor {
     runtime: tokio::runtime::Handle,
     /// The memory all executions share (`limits.total_query_memory`).
     memory: ProcessMemory,
+    /// The workers leaf stages run on (`[cluster]`), if any.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Limits one execution runs under.
@@ -52,11 +55,20 @@ pub struct ExecutionLimits {
 }
 
 impl Executor {
-    pub fn new(runtime: tokio::runtime::Handle, total_memory: usize) -> Self {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        total_memory: usize,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
         Self {
             runtime,
             memory: ProcessMemory::new(total_memory),
+            cluster,
         }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// What [`Executor::start`] would do before reading data, done now:
@@ -93,10 +105,19 @@ impl Executor {
     ) -> mpsc::Receiver<Result<RecordBatch, QueryError>> {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let memory = self.memory.clone();
+        let cluster = self.cluster.clone();
         self.runtime.spawn(async move {
             let run = tokio::time::timeout_at(
                 limits.deadline,
-                produce(&catalog, plan, limits, &memory, &reads, &tx),
+                produce(
+                    &catalog,
+                    plan,
+                    limits,
+                    &memory,
+                    &reads,
+                    cluster.as_deref(),
+                    &tx,
+                ),
             );
             let failure = match run.await {
                 Ok(Ok(())) => None,
@@ -123,13 +144,14 @@ async fn produce(
     limits: ExecutionLimits,
     memory: &ProcessMemory,
     reads: &Arc<DataReads>,
+    cluster: Option<&Cluster>,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
 ) -> Result<(), QueryError> {
     // Guards and DataFusion turn the failures they foresee into errors;
     // this catches the rest (a panic in DataFusion is re-raised in the
     // task that polls its stream, this one), so that the client gets an
     // error rather than a stream that just ends early.
-    match std::panic::AssertUnwindSafe(run(catalog, plan, limits, memory, reads, tx))
+    match std::panic::AssertUnwindSafe(run(catalog, plan, limits, memory, reads, cluster, tx))
         .catch_unwind()
         .await
     {
@@ -149,6 +171,7 @@ async fn run(
     limits: ExecutionLimits,
     memory: &ProcessMemory,
     reads: &Arc<DataReads>,
+    cluster: Option<&Cluster>,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
 ) -> Result<(), QueryError> {
     let failed = |e: DataFusionError| execution_error(&e, limits);
@@ -172,13 +195,46 @@ async fn run(
     // A DP plan's per-(unit, group) and per-unit aggregations share one
     // shuffle by unit (unit_shuffle.rs): the same answer, computed once.
     let physical = super::unit_shuffle::shuffle_once_by_unit(physical).map_err(failed)?;
+    catalog.note_files(&physical, reads);
+    // With workers: the leaf stages go to them (cluster/cut.rs); the rest,
+    // and everything after execution, stays here.
+    let (physical, state, workers) = match cluster {
+        None => (physical, state, Vec::new()),
+        Some(cluster) => match cluster
+            .distribute(Arc::clone(&physical), &optimized, &state)
+            .await
+            .map_err(failed)?
+        {
+            Some(d) => {
+                tracing::info!(workers = d.workers.len(), "leaf stages sent to workers");
+                // The provider's log only: plan text can hold the policy's
+                // literals, and worker addresses are the provider's own.
+                tracing::debug!(stages = %datafusion_distributed::display_plan_ascii(d.plan.as_ref(), false), "distributed plan");
+                (d.plan, d.state, d.workers)
+            }
+            None => (physical, state, Vec::new()),
+        },
+    };
+    // Workers apply the same rewrite to their stages (cluster/worker.rs).
     let physical = super::total::total_expressions(physical).map_err(failed)?;
     let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
-    catalog.note_files(&physical, reads);
-    let mut stream =
-        execute_stream(physical, Catalog::task_context_with(&state, pool)).map_err(failed)?;
+    let failed_here = |e: DataFusionError| async move {
+        match cluster.filter(|_| !workers.is_empty() && !is_deadline(&e)) {
+            Some(cluster) => worker_failure(cluster, &e)
+                .await
+                .unwrap_or_else(|| execution_error(&e, limits)),
+            None => execution_error(&e, limits),
+        }
+    };
+    let mut stream = match execute_stream(physical, Catalog::task_context_with(&state, pool)) {
+        Ok(stream) => stream,
+        Err(e) => return Err(failed_here(e).await),
+    };
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(failed)?;
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => return Err(failed_here(e).await),
+        };
         if batch.num_rows() == 0 {
             continue;
         }
@@ -233,6 +289,25 @@ fn prepare(
         optimized,
         pool,
     })
+}
+
+/// A distributed query failed: if a worker does not answer any more, the
+/// client learns which (and that new queries avoid it), not an internal
+/// error. `None`: every worker answers, so the failure is the query's own.
+async fn worker_failure(cluster: &Cluster, e: &DataFusionError) -> Option<QueryError> {
+    let gone = cluster.unreachable_now().await;
+    if gone.is_empty() {
+        return None;
+    }
+    tracing::warn!(error = %e, workers = ?gone.iter().map(|u| u.as_str()).collect::<Vec<_>>(), "a worker failed during the query");
+    let names: Vec<&str> = gone
+        .iter()
+        .map(|u| u.as_str().trim_end_matches('/'))
+        .collect();
+    Some(QueryError::Unavailable(format!(
+        "worker {} stopped answering during the query, which was stopped; new queries run without it until it answers again: retry",
+        names.join(", ")
+    )))
 }
 
 /// The full error stays in the provider's log; the client gets its kind.

@@ -33,6 +33,7 @@ mod rows;
 pub mod slots;
 pub mod ticket;
 mod total;
+pub(crate) use total::total_expressions;
 mod unit_shuffle;
 mod view;
 
@@ -150,6 +151,10 @@ pub struct QueryEngine {
 }
 
 impl QueryEngine {
+    pub fn executor(&self) -> &Executor {
+        &self.executor
+    }
+
     pub fn new(
         catalog: Arc<Catalog>,
         policy: Arc<PolicyHandle>,

@@ -45,14 +45,23 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, PhysicalGroupBy};
 use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
 use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion_distributed::NetworkBoundaryExt;
 
 use crate::guard;
 use crate::guard::deadline::is_deadline;
 
 /// Wraps the expressions of every filter, projection and grouping in
 /// `plan` that read columns.
+///
+/// A distributed plan's stages below a network boundary are left as they
+/// are: they are sent to workers encoded, which a [`TotalExpr`] cannot be,
+/// and every worker applies this same rewrite to each stage it receives
+/// (`cluster::worker`), so they hold there exactly as here.
 pub fn total_expressions(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
-    plan.transform_up(|node| {
+    plan.transform_down(|node| {
+        if node.is_network_boundary() {
+            return Ok(Transformed::new(node, false, TreeNodeRecursion::Jump));
+        }
         if let Some(filter) = node.downcast_ref::<FilterExec>() {
             return total_filter(filter);
         }

@@ -178,6 +178,11 @@ impl Daemon {
         Self::spawn_with_env(&args, state_dir.to_path_buf(), env)
     }
 
+    /// `sluice serve ARGS` with `state_dir` as its state directory.
+    pub fn start_args(args: &[String], state_dir: PathBuf) -> Daemon {
+        Self::spawn(args, state_dir)
+    }
+
     fn spawn(args: &[String], state_dir: PathBuf) -> Daemon {
         Self::spawn_with_env(args, state_dir, &[])
     }
@@ -557,4 +562,152 @@ pub fn serve_refused(config: &Path, state_dir: &Path) -> Refused {
     );
     let stderr = stderr.lock().unwrap().clone();
     Refused { status, stderr }
+}
+
+/// A running `sluice worker` process (docs/deploy.md, "Distributed
+/// execution"); killed when dropped.
+pub struct Worker {
+    child: Child,
+    /// `https://127.0.0.1:PORT`, as a coordinator's `--worker` names it.
+    pub url: String,
+}
+
+impl Worker {
+    /// A worker on a free loopback port, with the development PKI of
+    /// `state_dir` (its `worker` certificate, trusting its CA).
+    pub fn start(state_dir: &Path) -> Worker {
+        let mut child = dies_with_parent()
+            .arg("worker")
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning sluice worker");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(START_TIMEOUT)
+            .expect("sluice worker printed no banner");
+        let url = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected worker banner: {line}"))
+            .trim()
+            .to_string();
+        Worker { child, url }
+    }
+
+    /// `n` workers on the shared state directory's PKI.
+    pub fn start_many(n: usize) -> Vec<Worker> {
+        (0..n).map(|_| Worker::start(&shared_state_dir())).collect()
+    }
+
+    /// `--worker URL` for each of `workers`.
+    pub fn args(workers: &[Worker]) -> Vec<String> {
+        workers
+            .iter()
+            .flat_map(|w| ["--worker".to_string(), w.url.clone()])
+            .collect()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.url.trim_start_matches("https://").parse().unwrap()
+    }
+
+    /// SIGSTOP: it keeps its connections but answers nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGKILL, and reaps it: its connections are reset.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// An mTLS channel to the worker with a certificate of `pki`.
+    pub async fn channel_as(&self, pki: &Path, name: &str) -> Channel {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                std::fs::read(pki.join("ca.pem")).unwrap(),
+            ))
+            .identity(Identity::from_pem(
+                std::fs::read(pki.join(format!("{name}.pem"))).unwrap(),
+                std::fs::read(pki.join(format!("{name}.key"))).unwrap(),
+            ))
+            .domain_name("localhost");
+        Endpoint::from_shared(self.url.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connecting to the worker over mTLS")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Copies the shared state directory's PKI into `state_dir`, so that a
+/// deployment of its own trusts the same workers.
+pub fn share_pki(state_dir: &Path) {
+    let from = shared_state_dir().join("pki");
+    let to = state_dir.join("pki");
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// The neighbouring-datasets check at ε = ln 3 on two samples of answers
+/// (true values `low + 3` and `low + 4`), in six bins (≤ low, …, ≥ low + 5).
+/// By Weissman's inequality, ‖p̂ − p‖₁ ≥ t with probability at most
+/// (2^k − 2)·e^(−n t²/2), so with t for a false-alarm rate of 1e-7 per
+/// sample, δ̂ ≤ δ + t·(1 + e^ε) always holds but for 2e-7. An answer without
+/// noise (δ̂ = 1) fails it.
+pub fn assert_within_ln3(a: &[i64], b: &[i64], low: i64) {
+    let bins = 6;
+    let n = a.len().min(b.len());
+    let histogram = |sample: &[i64]| {
+        let mut p = vec![0.0; bins];
+        for v in sample {
+            p[((*v).clamp(low, low + 5) - low) as usize] += 1.0 / sample.len() as f64;
+        }
+        p
+    };
+    let (p, q) = (histogram(a), histogram(b));
+    let e = 3.0f64;
+    let one_way =
+        |p: &[f64], q: &[f64]| -> f64 { p.iter().zip(q).map(|(p, q)| (p - e * q).max(0.0)).sum() };
+    let delta = one_way(&p, &q).max(one_way(&q, &p));
+    let t = (2.0 * ((2f64.powi(bins as i32) - 2.0).ln() + 1e7f64.ln()) / n as f64).sqrt();
+    let limit = t * (1.0 + e);
+    assert!(limit < 1.0, "the test must be able to fail: limit {limit}");
+    assert!(
+        delta <= limit,
+        "estimated δ = {delta} > {limit} at ε = ln 3 (p = {p:?}, q = {q:?})"
+    );
 }

@@ -1,0 +1,181 @@
+//! `sluice worker`: executes plan fragments for its coordinators, nothing
+//! else. It never sees a consumer, a policy, the ledger or the audit log:
+//! it answers only mTLS clients whose certificate carries the coordinator
+//! role ([`Role::Coordinator`]), and runs what they send with DataFusion's
+//! operators and the connector's own guarded functions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use datafusion::error::DataFusionError;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SessionState, SessionStateBuilder};
+use datafusion_distributed::{
+    DistributedExt, Worker, WorkerPlanRewriteEvent, WorkerPlanRewriteEventResponse,
+    WorkerQueryContext, WorkerSessionBuilder,
+};
+use tonic::service::InterceptorLayer;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use super::ClusterError;
+use crate::guard;
+use crate::pki::Role;
+use crate::query::total_expressions;
+
+/// What a worker needs to serve.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub listen: SocketAddr,
+    /// The worker's server certificate and key (`sluice certs worker`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA its coordinators' certificates are issued by.
+    pub coordinator_ca: PathBuf,
+    /// Memory all fragments running on this worker share; beyond it a
+    /// fragment fails with RESOURCE_EXHAUSTED (workers do not spill).
+    pub memory: usize,
+}
+
+/// The session a worker runs fragments in: DataFusion's functions with the
+/// connector's guards, exactly as the coordinator's session has them, so a
+/// function sent by name means the same thing on both sides (the cut
+/// checks it: `cut::Functions`).
+pub fn worker_session(builder: SessionStateBuilder) -> SessionStateBuilder {
+    let mut builder = builder.with_default_features();
+    let defaults = builder.scalar_functions().take().unwrap_or_default();
+    builder.with_scalar_functions(guard::session_functions(defaults))
+}
+
+#[derive(Clone)]
+struct Sessions;
+
+/// The coordinator's [`total_expressions`] rewrite, applied here to every
+/// stage received: a row's failing value gives that row NULL instead of
+/// failing (and so describing) the query. The coordinator cannot send the
+/// wrapped expressions (datafusion-proto does not encode custom
+/// expressions through datafusion-distributed's codec), so every worker
+/// applies it itself, whatever it is sent.
+fn total_on_worker(
+    ev: WorkerPlanRewriteEvent<'_>,
+) -> Result<WorkerPlanRewriteEventResponse, DataFusionError> {
+    total_expressions(ev.plan).map(WorkerPlanRewriteEventResponse::new)
+}
+
+#[async_trait]
+impl WorkerSessionBuilder for Sessions {
+    async fn build_session_state(
+        &self,
+        ctx: WorkerQueryContext,
+    ) -> Result<SessionState, DataFusionError> {
+        Ok(worker_session(ctx.builder)
+            .with_distributed_worker_plan_rewrite_handler(total_on_worker)
+            .build())
+    }
+}
+
+/// A bound worker, ready to serve.
+pub struct ListeningWorker {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    tls: ServerTlsConfig,
+    options: WorkerOptions,
+}
+
+impl ListeningWorker {
+    /// Reads the certificates and binds the address; nothing is served yet.
+    pub async fn bind(options: WorkerOptions) -> Result<Self, ClusterError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| ClusterError::Tls {
+                file: path.clone(),
+                reason: e.to_string(),
+            })
+        };
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read(&options.cert)?,
+                read(&options.key)?,
+            ))
+            .client_ca_root(Certificate::from_pem(read(&options.coordinator_ca)?))
+            .client_auth_optional(false);
+        Server::builder()
+            .tls_config(tls.clone())
+            .map_err(|e| ClusterError::Tls {
+                file: options.cert.clone(),
+                reason: format!("the certificate, its key or the CA cannot be used: {e}"),
+            })?;
+        let listener = tokio::net::TcpListener::bind(options.listen)
+            .await
+            .map_err(|e| ClusterError::Listen {
+                addr: options.listen,
+                reason: e.to_string(),
+            })?;
+        let addr = listener.local_addr().map_err(|e| ClusterError::Listen {
+            addr: options.listen,
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            listener,
+            addr,
+            tls,
+            options,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves fragments until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), ClusterError> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.options.memory, 1.0)
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()
+            .map_err(|e| ClusterError::Runtime(e.to_string()))?;
+        let worker = Worker::from_session_builder(Sessions)
+            .with_runtime_env(runtime)
+            .with_version(env!("CARGO_PKG_VERSION"));
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        Server::builder()
+            .tls_config(self.tls)
+            .map_err(|e| ClusterError::Runtime(e.to_string()))?
+            .layer(InterceptorLayer::new(coordinators_only))
+            .add_service(worker.into_worker_server())
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(|e| ClusterError::Runtime(e.to_string()))
+    }
+}
+
+/// Every call must come from a coordinator of this deployment: TLS has
+/// checked the chain; this checks the role. A consumer's certificate from
+/// the same CA is refused here.
+pub fn coordinators_only(request: Request<()>) -> Result<Request<()>, Status> {
+    let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+        return Err(Status::unauthenticated(
+            "a worker needs the coordinator's client certificate (mTLS)",
+        ));
+    };
+    let principal = crate::identity::principal_from_der(leaf.as_ref())
+        .map_err(|e| Status::unauthenticated(format!("client certificate not usable: {e}")))?;
+    if principal
+        .san_uris
+        .iter()
+        .any(|u| u == Role::Coordinator.uri())
+    {
+        return Ok(request);
+    }
+    Err(Status::permission_denied(format!(
+        "this is a Sluice worker: it serves only its coordinators, and `{}` has no coordinator role (issue one with `sluice certs coordinator`); consumers query the connector",
+        principal.id
+    )))
+}

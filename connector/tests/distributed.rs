@@ -1,0 +1,352 @@
+//! Distributed execution: a coordinator (`sluice serve --worker …`) and
+//! `sluice worker`s, all real processes on loopback over mTLS.
+//!
+//! The policy suite on three workers is in `policy_suite.rs`. Here: who a
+//! worker serves, differential privacy over units whose rows are spread over
+//! every file (per-unit bounds hold over the whole dataset, not per worker),
+//! the neighbouring-datasets test against a distributed deployment, and a
+//! worker that dies or stalls during a query.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Worker, fetch, query, status};
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type};
+use sluice_proto::v1::GetBudgetRequest;
+use sluice_proto::v1::budget_service_client::BudgetServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Files each dataset is split into: every person has a row in each.
+const FILES: usize = 4;
+
+/// DP on `people` (and its neighbour `people_plus`) for `planning`: one row
+/// and one group per person, ε as given; plain aggregates for `supplier`.
+fn policy(epsilon: &str, budget: &str) -> String {
+    let grant = format!(
+        r#"
+        columns: {{ city: group_by_only, score: aggregate_only }}
+        functions: {{ aggregate: [count, sum, avg] }}
+        dp:
+          epsilon_per_query: {epsilon}
+          default_epsilon: {epsilon}
+          delta_per_query: 1.0e-7
+          budget: {budget}
+          cache: false
+          max_groups: 1
+          max_rows: 1
+          columns: {{ score: {{ bounds: [0, 300] }} }}
+          public_keys: {{ city: [Aarhus, Bergen, Cork] }}"#
+    );
+    format!(
+        r#"
+version: 1
+datasets:
+  people:
+    privacy_unit: id
+  people_plus:
+    privacy_unit: id
+consumers:
+  - name: planning
+    match: {{ organization: City Planning Agency }}
+    grants:
+      people:{grant}
+      people_plus:{grant}
+  - name: supplier
+    match: {{ organization: Axle Supplier Consortium }}
+    grants:
+      people:
+        columns: {{ city: group_by_only, score: aggregate_only }}
+        functions: {{ aggregate: [count, sum] }}
+        aggregation: {{ min_group_size: 2 }}
+"#
+    )
+}
+
+/// `people` rows for persons `0..n`, split over [`FILES`] CSV files in
+/// `dir`: person `i` lives in one city and has a row in every file.
+fn write_people(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in 0..FILES {
+        let mut csv = String::from("id,city,score\n");
+        for i in 0..n {
+            let city = ["Aarhus", "Bergen", "Cork"][i % 3];
+            csv.push_str(&format!("{i},{city},{}\n", (i * 7 + f * 13) % 280));
+        }
+        std::fs::write(dir.join(format!("part-{f}.csv")), csv).unwrap();
+    }
+}
+
+/// A deployment serving `people` (`n` persons) and `people_plus` (one more,
+/// whose rows are also in every file), with the shared PKI so that the
+/// same workers serve it.
+fn deployment(policy: &str, n: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = common::temp_dir();
+    let d = dir.path();
+    write_people(&d.join("people"), n);
+    write_people(&d.join("people_plus"), n + 1);
+    std::fs::write(d.join("policy.yaml"), policy).unwrap();
+    let config = d.join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[policy]\nfile = \"policy.yaml\"\n\n\
+         [[datasets]]\nname = \"people\"\nformat = \"csv\"\npath = \"people\"\n\n\
+         [[datasets]]\nname = \"people_plus\"\nformat = \"csv\"\npath = \"people_plus\"\n",
+    )
+    .unwrap();
+    let state = d.join("state");
+    common::share_pki(&state);
+    (dir, config, state)
+}
+
+fn start(config: &Path, state: &Path, workers: &[Worker]) -> Daemon {
+    let mut args = vec![
+        "--config".to_string(),
+        config.display().to_string(),
+        "--state-dir".to_string(),
+        state.display().to_string(),
+    ];
+    args.extend(Worker::args(workers));
+    Daemon::start_args(&args, state.to_path_buf())
+}
+
+fn column_f64(batches: &[RecordBatch], column: usize) -> Vec<f64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let c = cast(b.column(column), &DataType::Float64).unwrap();
+            c.as_primitive::<Float64Type>()
+                .iter()
+                .map(|v| v.unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+const BY_CITY: &str =
+    "SELECT city, count(*) AS n, sum(score) AS total FROM people GROUP BY city ORDER BY city";
+
+async fn spent(channel: Channel, dataset: &str) -> f64 {
+    let response = BudgetServiceClient::new(channel)
+        .get_budget(GetBudgetRequest {
+            dataset: dataset.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response.budgets.first().map_or(0.0, |b| b.epsilon_spent)
+}
+
+#[tokio::test]
+async fn a_worker_serves_its_coordinators_only() {
+    let workers = Worker::start_many(1);
+    let worker = &workers[0];
+    let pki = common::shared_state_dir().join("pki");
+    // A consumer's certificate from the same CA: past TLS, refused by role.
+    for consumer in ["planning", "research", "admin"] {
+        let mut health = HealthClient::new(worker.channel_as(&pki, consumer).await);
+        let refused = health
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(
+            refused.message().contains("serves only its coordinators"),
+            "{}",
+            refused.message()
+        );
+    }
+    // The coordinator's certificate passes the role check (the worker then
+    // has no health service: UNIMPLEMENTED, not a refusal).
+    let mut health = HealthClient::new(worker.channel_as(&pki, "coordinator").await);
+    let answered = health
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(answered.code(), Code::Unimplemented, "{answered:?}");
+}
+
+#[tokio::test]
+async fn a_coordinator_certificate_cannot_query_the_connector() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client("coordinator").await;
+    let refused = status(
+        client
+            .execute("SELECT 1".to_string(), None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("urn:sluice:role:coordinator"),
+        "{}",
+        refused.message()
+    );
+}
+
+/// With ε so large that the noise rounds to zero (the count's discrete
+/// Laplace scale is below 0.004: a non-zero draw has probability below
+/// 1e-100), the answers are the bounded statistics themselves. Every person
+/// has a row in each of the four files, which the workers read in different
+/// tasks: a bound applied per partition or per worker would count each
+/// person up to four times.
+#[tokio::test]
+async fn per_unit_bounds_hold_over_every_file_and_the_sensitivity_is_kept() {
+    let workers = Worker::start_many(3);
+    let policy = policy("1000.0", "{ epsilon: 1.0e9, period: total }");
+    for n in [7, 40, 301] {
+        let (_dir, config, state) = deployment(&policy, n);
+        let single_state = state.with_file_name("state-single");
+        common::share_pki(&single_state);
+        let distributed = start(&config, &state, &workers);
+        let single = start(&config, &single_state, &[]);
+        let expected: Vec<f64> = (0..3)
+            .map(|c| (0..n).filter(|i| i % 3 == c).count() as f64)
+            .collect();
+        let mut answers = Vec::new();
+        for dataset in ["people", "people_plus"] {
+            let sql = BY_CITY.replace("FROM people", &format!("FROM {dataset}"));
+            let mut client = distributed.client("planning").await;
+            let (_, got) = query(&mut client, &sql)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", distributed.logs()));
+            let mut client = single.client("planning").await;
+            let (_, one_node) = query(&mut client, &sql).await.unwrap();
+            let counts = column_f64(&got, 1);
+            assert_eq!(counts, column_f64(&one_node, 1), "n = {n}, {dataset}");
+            let totals = column_f64(&got, 2);
+            for (total, count) in totals.iter().zip(&counts) {
+                assert!(
+                    *total <= 300.0 * count + 1.0,
+                    "n = {n}: sum {total} over {count} persons exceeds one row each"
+                );
+            }
+            answers.push(counts);
+        }
+        assert_eq!(answers[0], expected, "n = {n}: one row per person");
+        // Neighbours: one more person changes one group by one, no more
+        // (max_groups 1, max_rows 1: the count's sensitivity is 1).
+        let changed: f64 = answers[0]
+            .iter()
+            .zip(&answers[1])
+            .map(|(a, b)| (a - b).abs())
+            .sum();
+        assert_eq!(changed, 1.0, "n = {n}: {answers:?}");
+        assert!(
+            distributed.logs().contains("leaf stages sent to workers"),
+            "{}",
+            distributed.logs()
+        );
+    }
+}
+
+/// The neighbouring-datasets test (as `privacy.rs`) against a distributed
+/// deployment: `people` and `people_plus` (one more person, with a row in
+/// every file), ε = ln 3, 1,000 answers each, six bins. By Weissman's
+/// inequality the estimated δ stays within t·(1 + e^ε) of the true one but
+/// for a false-alarm rate of 2e-7; an answer without noise fails it.
+#[tokio::test]
+async fn neighbouring_datasets_on_three_workers_stay_within_ln3() {
+    let workers = Worker::start_many(3);
+    let policy = policy("1.0986122886681098", "{ epsilon: 100000.0, period: total }");
+    let (_dir, config, state) = deployment(&policy, 40);
+    let daemon = start(&config, &state, &workers);
+    let n = 1000;
+    let counts = |dataset: &'static str| {
+        let daemon = &daemon;
+        async move {
+            let mut client = daemon.client("planning").await;
+            let sql = format!("SELECT count(*) AS n FROM {dataset}");
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (_, batches) = query(&mut client, &sql).await.unwrap();
+                out.push(column_f64(&batches, 0)[0] as i64);
+            }
+            out
+        }
+    };
+    let (a, b) = tokio::join!(counts("people"), counts("people_plus"));
+    common::assert_within_ln3(&a, &b, 37);
+    assert!(daemon.logs().contains("leaf stages sent to workers"));
+}
+
+/// A worker stalls (SIGSTOP) while a query's stage waits on it, then is
+/// killed. A plain aggregate fails with UNAVAILABLE naming the worker. A DP
+/// query fails as any DP query that fails after its ticket was redeemed:
+/// its ε is charged (once, no more) and why is withheld, since a failure's
+/// cause could depend on the data. The coordinator keeps serving, on the
+/// workers left.
+#[tokio::test]
+async fn a_worker_killed_during_a_query_fails_it_and_the_next_is_served() {
+    let mut workers = Worker::start_many(4);
+    let policy = policy("0.5", "{ epsilon: 100.0, period: total }");
+    let (_dir, config, state) = deployment(&policy, 40);
+    let daemon = start(&config, &state, &workers);
+    let mut plain = daemon.client("supplier").await;
+    let (_, expected) = query(&mut plain, BY_CITY).await.unwrap();
+    let mut private = daemon.client("planning").await;
+    query(&mut private, BY_CITY).await.unwrap();
+
+    for (victim, dp) in [(1, false), (2, true)] {
+        let before = spent(daemon.channel("planning").await, "people").await;
+        workers[victim].pause();
+        let url = workers[victim].url.clone();
+        let client = if dp { &mut private } else { &mut plain };
+        let info = client.execute(BY_CITY.to_string(), None).await.unwrap();
+        let killer = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            workers[victim].kill();
+        };
+        let (outcome, ()) = tokio::join!(fetch(client, &info), killer);
+        let failed = status(outcome.unwrap_err());
+        let after = spent(daemon.channel("planning").await, "people").await;
+        if dp {
+            assert_eq!(failed.code(), Code::ResourceExhausted, "{failed:?}");
+            assert!(failed.message().contains("its ε was charged"), "{failed:?}");
+            assert!((after - before - 0.5).abs() < 1e-9, "{before} → {after}");
+        } else {
+            assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+            assert!(failed.message().contains(&url), "{}", failed.message());
+            assert_eq!(after, before);
+        }
+        // The next queries are served, with the same answer.
+        for _ in 0..3 {
+            let (_, got) = query(&mut plain, BY_CITY).await.unwrap();
+            assert_eq!(column_f64(&got, 1), column_f64(&expected, 1));
+            assert_eq!(column_f64(&got, 2), column_f64(&expected, 2));
+            let (_, noisy) = query(&mut private, BY_CITY).await.unwrap();
+            assert_eq!(column_f64(&noisy, 1).len(), 3);
+        }
+    }
+    assert!(daemon.logs().contains("worker does not answer"));
+}
+
+/// A worker that stalls cannot hold a query past its deadline.
+#[tokio::test]
+async fn a_stalled_worker_cannot_hold_a_query_past_its_deadline() {
+    let workers = Worker::start_many(2);
+    let policy = policy("0.5", "{ epsilon: 100.0, period: total }");
+    let (_dir, config, state) = deployment(&policy, 40);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("[limits]\nquery_timeout = \"3s\"\n\n{text}"),
+    )
+    .unwrap();
+    let daemon = start(&config, &state, &workers);
+    let mut client = daemon.client("supplier").await;
+    query(&mut client, BY_CITY).await.unwrap();
+    workers[0].pause();
+    workers[1].pause();
+    let started = Instant::now();
+    let failed = status(query(&mut client, BY_CITY).await.unwrap_err());
+    let took = started.elapsed();
+    assert_eq!(failed.code(), Code::DeadlineExceeded, "{failed:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
