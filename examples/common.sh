@@ -14,6 +14,7 @@
 #   wait_ready NAME ENDPOINT CA CERT KEY   polls `sluice whoami` until the
 #                              daemon NAME answers; shows its log if not
 #   wait_listening NAME LOG    waits for the `listening on` line in LOG
+#                              (a broker's grpc+tls://, a worker's https://)
 #   install_traps              stops every daemon started when the script
 #                              exits, fails or is interrupted (Ctrl-C,
 #                              SIGTERM, SIGHUP, a closed output pipe)
@@ -110,12 +111,12 @@ wait_ready() {
     done
 }
 
-# Waits until a daemon's log says `listening on grpc+tls://` (for daemons
-# `sluice whoami` cannot ask, such as a broker).
+# Waits until a daemon's log says `listening on grpc+tls://` or `listening
+# on https://` (for daemons `sluice whoami` cannot ask: a broker, a worker).
 wait_listening() {
     local name=$1 log=$2
     local pid=${DAEMON_PID[$name]} deadline=$((SECONDS + READY_TIMEOUT))
-    until grep -q 'listening on grpc+tls://' "$log" 2>/dev/null; do
+    until grep -Eq 'listening on (grpc\+tls|https)://' "$log" 2>/dev/null; do
         if ! kill -0 "$pid" 2>/dev/null; then
             log_tail "$name"
             die "the $name exited before it was ready (log: $log)"

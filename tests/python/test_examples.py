@@ -45,6 +45,16 @@ EXAMPLES = {
         "remaining 9.25 ε",
         "city example: OK",
     ]),
+    "distributed": (50301, [
+        "every count and average agrees",
+        "mechanism discrete_laplace",
+        "remaining ε 9.5",
+        "PERMISSION_DENIED: this is a Sluice worker: it serves only its coordinators",
+        "leaf stages sent to workers, on all 3",
+        "worker does not answer: left out of new queries",
+        "with the leaf stages on the 2 remaining workers",
+        "distributed example: OK",
+    ]),
     "postgres": (50281, [
         "live data, so a fresh answer, charged again",
         "cached false; remaining ε 9",
@@ -73,7 +83,8 @@ def test_example_runs_and_its_client_passes(name):
     assert run.returncode == 0, f"{name}/run.sh --check exited {run.returncode} after {took:.1f} s:\n{output[-6000:]}"
     for text in expected:
         assert text in run.stdout, f"{name}: expected {text!r} in the output:\n{run.stdout[-6000:]}"
-    # Nothing left listening: the trap stopped the connectors.
-    for port in range(base, base + 4):
+    # Nothing left listening: the trap stopped the connectors (and the
+    # distributed example's workers, on base+2 to base+4).
+    for port in range(base, base + 5):
         probe = subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True)
         assert probe.returncode != 0, f"{name}: port {port} still open after run.sh exited"

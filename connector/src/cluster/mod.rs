@@ -18,12 +18,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::catalog::Session;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion_distributed::{DistributedExt, SessionStateBuilderExt};
+use datafusion_distributed::{DistributedExt, NetworkBoundaryExt, SessionStateBuilderExt};
 use url::Url;
 
 use crate::config::ClusterConfig;
@@ -124,6 +125,11 @@ impl Cluster {
             .query_planner()
             .create_physical_plan(logical, &state)
             .await?;
+        // It drops a boundary whose stage has one task (one worker): that
+        // stage would run here anyway.
+        if !plan.exists(|node| Ok(node.is_network_boundary()))? {
+            return Ok(None);
+        }
         Ok(Some(Distributed {
             plan,
             state,
