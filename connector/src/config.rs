@@ -94,12 +94,27 @@ pub struct Config {
 
 /// `[cluster]`: the `sluice worker`s this connector (their coordinator)
 /// sends plan fragments to, and the certificate it presents to them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClusterConfig {
     /// `https://host:port` of each worker.
     pub workers: Vec<url::Url>,
     /// `None`: the development PKI's `coordinator` pair and CA.
     pub tls: Option<ClusterTls>,
+    /// How often every worker is probed (and at once after a failed query).
+    pub probe_interval: Duration,
+}
+
+/// The default `cluster.probe_interval`.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            workers: Vec::new(),
+            tls: None,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+        }
+    }
 }
 
 /// The coordinator's client certificate (role coordinator, `sluice certs
@@ -111,22 +126,34 @@ pub struct ClusterTls {
     pub worker_ca: PathBuf,
 }
 
+/// Why a worker address is not usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WorkerUrlError(String);
+
 /// A worker's address as written in `[cluster] workers` or `--worker`.
-pub fn parse_worker_url(text: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(text)
-        .map_err(|e| format!("`{text}` is not a URL ({e}); write https://HOST:PORT"))?;
+pub fn parse_worker_url(text: &str) -> Result<url::Url, WorkerUrlError> {
+    let bad = |why: String| Err(WorkerUrlError(why));
+    let url = match url::Url::parse(text) {
+        Ok(url) => url,
+        Err(e) => {
+            return bad(format!(
+                "`{text}` is not a URL ({e}); write https://HOST:PORT"
+            ));
+        }
+    };
     if url.scheme() != "https" {
-        return Err(format!(
+        return bad(format!(
             "`{text}`: workers are reached over mTLS only; write https://HOST:PORT"
         ));
     }
     if url.host().is_none() || url.port().is_none() {
-        return Err(format!(
+        return bad(format!(
             "`{text}` needs a host and a port: https://HOST:PORT"
         ));
     }
     if url.path() != "/" || url.query().is_some() {
-        return Err(format!(
+        return bad(format!(
             "`{text}`: a worker URL has no path: https://HOST:PORT"
         ));
     }
@@ -519,6 +546,7 @@ struct RawCluster {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     worker_ca: Option<PathBuf>,
+    probe_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -646,7 +674,8 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
 
     let mut workers = Vec::with_capacity(raw.cluster.workers.len());
     for (i, text) in raw.cluster.workers.iter().enumerate() {
-        let url = parse_worker_url(text).map_err(|r| err(format!("cluster.workers[{i}]"), r))?;
+        let url = parse_worker_url(text)
+            .map_err(|r| err(format!("cluster.workers[{i}]"), r.to_string()))?;
         if workers.contains(&url) {
             return Err(err(
                 format!("cluster.workers[{i}]"),
@@ -655,6 +684,18 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
         }
         workers.push(url);
     }
+    let probe_interval = match raw.cluster.probe_interval.as_deref() {
+        None => DEFAULT_PROBE_INTERVAL,
+        Some(text) => parse_duration(text)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                err(
+                    "cluster.probe_interval".into(),
+                    format!("`{text}` is not a duration above zero, e.g. \"2s\""),
+                )
+            })?,
+    };
     let cluster_tls = match (raw.cluster.cert, raw.cluster.key, raw.cluster.worker_ca) {
         (None, None, None) => None,
         (Some(cert), Some(key), Some(ca)) => Some(ClusterTls {
@@ -813,6 +854,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
         cluster: ClusterConfig {
             workers,
             tls: cluster_tls,
+            probe_interval,
         },
     })
 }

@@ -61,6 +61,7 @@ pub mod deadline;
 mod functions;
 mod rule;
 mod sizes;
+pub mod total;
 
 use std::any::Any;
 use std::fmt;

@@ -128,7 +128,8 @@ impl App {
         });
         log_policy(&policy);
         let books = open_books(&state, hooks.audit_off)?;
-        let cluster = crate::cluster::Cluster::new(&config.cluster, &state)?.map(Arc::new);
+        let cluster = crate::cluster::Cluster::new(&config.cluster, &state, config.tls.is_some())?
+            .map(Arc::new);
         let engine = Arc::new(QueryEngine::new(
             catalog,
             policy.clone(),

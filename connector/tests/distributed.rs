@@ -105,6 +105,11 @@ fn deployment(policy: &str, n: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
     (dir, config, state)
 }
 
+fn prepend(config: &Path, text: &str) {
+    let rest = std::fs::read_to_string(config).unwrap();
+    std::fs::write(config, format!("{text}\n{rest}")).unwrap();
+}
+
 fn start(config: &Path, state: &Path, workers: &[Worker]) -> Daemon {
     let mut args = vec![
         "--config".to_string(),
@@ -287,6 +292,9 @@ async fn a_worker_killed_during_a_query_fails_it_and_the_next_is_served() {
     let mut workers = Worker::start_many(4);
     let policy = policy("0.5", "{ epsilon: 100.0, period: total }");
     let (_dir, config, state) = deployment(&policy, 40);
+    // Probed at start and after a failure only: the stalled worker is not
+    // found out before the query reaches it.
+    prepend(&config, "[cluster]\nprobe_interval = \"1h\"\n");
     let daemon = start(&config, &state, &workers);
     let mut plain = daemon.client("supplier").await;
     let (_, expected) = query(&mut plain, BY_CITY).await.unwrap();
@@ -312,15 +320,22 @@ async fn a_worker_killed_during_a_query_fails_it_and_the_next_is_served() {
             assert!((after - before - 0.5).abs() < 1e-9, "{before} → {after}");
         } else {
             assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
-            assert!(failed.message().contains(&url), "{}", failed.message());
+            // Named as configured, not by its address.
+            let name = format!("cluster.workers[{victim}]");
+            assert!(failed.message().contains(&name), "{}", failed.message());
+            assert!(!failed.message().contains(&url), "{}", failed.message());
             assert_eq!(after, before);
         }
         // The next queries are served, with the same answer.
         for _ in 0..3 {
-            let (_, got) = query(&mut plain, BY_CITY).await.unwrap();
+            let (_, got) = query(&mut plain, BY_CITY)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
             assert_eq!(column_f64(&got, 1), column_f64(&expected, 1));
             assert_eq!(column_f64(&got, 2), column_f64(&expected, 2));
-            let (_, noisy) = query(&mut private, BY_CITY).await.unwrap();
+            let (_, noisy) = query(&mut private, BY_CITY)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
             assert_eq!(column_f64(&noisy, 1).len(), 3);
         }
     }
@@ -349,4 +364,45 @@ async fn a_stalled_worker_cannot_hold_a_query_past_its_deadline() {
     let took = started.elapsed();
     assert_eq!(failed.code(), Code::DeadlineExceeded, "{failed:?}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// Misconfigured clusters are refused at start, naming what to fix: a
+/// coordinator certificate without the role, a production `[tls]` without
+/// the cluster's own certificates, a worker address that is not mTLS.
+#[test]
+fn a_misconfigured_cluster_is_refused_at_start() {
+    let policy = policy("0.5", "{ epsilon: 100.0, period: total }");
+    let (_dir, config, state) = deployment(&policy, 7);
+    let pki = state.join("pki");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let cases = [
+        (
+            format!(
+                "[cluster]\nworkers = [\"https://127.0.0.1:1\"]\ncert = \"{0}/planning.pem\"\nkey = \"{0}/planning.key\"\nworker_ca = \"{0}/ca.pem\"\n",
+                pki.display()
+            ),
+            "has no coordinator role",
+        ),
+        (
+            format!(
+                "[tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\n\n[cluster]\nworkers = [\"https://127.0.0.1:1\"]\n",
+                pki.display()
+            ),
+            "cluster.cert, cluster.key and cluster.worker_ca are not",
+        ),
+        (
+            "[cluster]\nworkers = [\"http://127.0.0.1:1\"]\n".to_string(),
+            "cluster.workers[0]",
+        ),
+    ];
+    for (section, expected) in cases {
+        std::fs::write(&config, format!("{section}\n{base}")).unwrap();
+        let refused = common::serve_refused(&config, &state);
+        assert!(!refused.status.success());
+        assert!(
+            refused.stderr.contains(expected),
+            "expected {expected:?}: {}",
+            refused.stderr
+        );
+    }
 }

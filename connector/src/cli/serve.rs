@@ -91,7 +91,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     }
 
     let demo = matches!(cfg.source, config::Source::Embedded);
-    let dev_cluster_pki = !cfg.cluster.workers.is_empty() && cfg.cluster.tls.is_none();
+    // Demo only: with its own [tls], a deployment must name the cluster's
+    // certificates too (the cluster refuses to start otherwise).
+    let dev_cluster_pki = !cfg.cluster.workers.is_empty() && cfg.cluster.tls.is_none() && demo;
     if demo || cfg.tls.is_none() || dev_cluster_pki {
         let state = StateDir::new(&cfg.server.state_dir);
         report_created(&dev::prepare(&state, demo)?);

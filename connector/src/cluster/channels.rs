@@ -2,8 +2,14 @@
 //! coordinator's certificate, and which workers are answering.
 //!
 //! A worker that stops answering is left out of the next queries' stages
-//! until it answers again: a probe (a TCP connection) runs every
-//! [`PROBE_INTERVAL`], and at once when a query fails.
+//! until it answers again: a probe runs every `cluster.probe_interval`, and
+//! at once when a query fails. The probe is a `GetWorkerInfo` call over
+//! the same mTLS channel queries use, within [`CONNECT_TIMEOUT`]: a worker
+//! that is stalled, presents a certificate the coordinator does not accept,
+//! refuses the coordinator's, or runs another build (its version is not
+//! [`build_fingerprint`]: a different hash seed or function would change
+//! answers, and could split a privacy unit's rows between partitions) is
+//! left out.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -13,16 +19,27 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::error::DataFusionError;
 use datafusion_distributed::grpc::{BoxCloneSyncChannel, create_worker_client};
-use datafusion_distributed::{ChannelResolver, WorkerChannel, WorkerResolver};
+use datafusion_distributed::{
+    ChannelResolver, GetWorkerInfoRequest, WorkerChannel, WorkerResolver,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use url::Url;
 
 use super::ClusterError;
 
-/// How often every worker is probed.
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a probe or a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a worker reports as its version, and what the coordinator requires:
+/// the Sluice and DataFusion versions and the worker session's functions.
+pub fn build_fingerprint(functions: &super::cut::Functions) -> String {
+    format!(
+        "sluice {} datafusion {} functions {}",
+        env!("CARGO_PKG_VERSION"),
+        datafusion::DATAFUSION_VERSION,
+        functions.fingerprint()
+    )
+}
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// Channels to the workers over mTLS, one per worker, reused by every query.
@@ -82,17 +99,30 @@ impl ChannelResolver for Channels {
 }
 
 /// The configured workers and which of them did not answer the last probe.
-#[derive(Debug)]
 pub struct Workers {
     all: Vec<Url>,
     down: Mutex<BTreeSet<Url>>,
+    channels: Channels,
+    /// The version a worker must report ([`build_fingerprint`]).
+    version: String,
 }
 
 impl Workers {
-    pub fn new(all: Vec<Url>) -> Self {
+    pub fn new(all: Vec<Url>, channels: Channels, version: String) -> Self {
         Self {
             all,
             down: Mutex::default(),
+            channels,
+            version,
+        }
+    }
+
+    /// `cluster.workers[i]`: how errors name a worker to consumers (its
+    /// address is the provider's own).
+    pub fn name(&self, url: &Url) -> String {
+        match self.all.iter().position(|u| u == url) {
+            Some(i) => format!("cluster.workers[{i}]"),
+            None => "a worker".into(),
         }
     }
 
@@ -113,42 +143,61 @@ impl Workers {
     /// Probes every worker now; returns those that do not answer.
     pub async fn probe(&self) -> Vec<Url> {
         let probes = self.all.iter().map(|url| async move {
-            let answered = reachable(url).await;
+            let answered = self.check(url).await;
             (url.clone(), answered)
         });
         let results = futures::future::join_all(probes).await;
         let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
         let mut unreachable = Vec::new();
         for (url, answered) in results {
-            if answered {
-                if down.remove(&url) {
-                    tracing::info!(worker = %url, "worker answers again");
+            match answered {
+                Ok(()) => {
+                    if down.remove(&url) {
+                        tracing::info!(worker = %url, "worker answers again");
+                    }
                 }
-            } else {
-                if down.insert(url.clone()) {
-                    tracing::warn!(worker = %url, "worker does not answer: left out of new queries");
+                Err(why) => {
+                    if down.insert(url.clone()) {
+                        tracing::warn!(worker = %url, %why, "worker does not answer: left out of new queries");
+                    }
+                    unreachable.push(url);
                 }
-                unreachable.push(url);
             }
         }
         unreachable
     }
+
+    /// One worker answers, over mTLS, as the same build.
+    async fn check(&self, url: &Url) -> Result<(), ProbeFailure> {
+        let info = async {
+            let mut client = self
+                .channels
+                .get_worker_client_for_url(url)
+                .await
+                .map_err(|e| e.to_string())?;
+            client
+                .get_worker_info(GetWorkerInfoRequest {})
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let info = tokio::time::timeout(CONNECT_TIMEOUT, info)
+            .await
+            .map_err(|_| ProbeFailure(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(ProbeFailure)?;
+        if info.version != self.version {
+            return Err(ProbeFailure(format!(
+                "it runs `{}`, this connector `{}`: run the same release everywhere",
+                info.version, self.version
+            )));
+        }
+        Ok(())
+    }
 }
 
-async fn reachable(url: &Url) -> bool {
-    let (Some(host), Some(port)) = (url.host_str(), url.port()) else {
-        return false;
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    matches!(
-        tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((host, port))
-        )
-        .await,
-        Ok(Ok(_))
-    )
-}
+/// Why a worker is left out, for the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProbeFailure(String);
 
 /// The workers one query's stages are routed to: fixed when the query is
 /// planned, so that the task count and the routing agree.

@@ -64,6 +64,19 @@ impl Functions {
         }
     }
 
+    /// The functions' names, hashed: part of the build a worker reports.
+    pub fn fingerprint(&self) -> String {
+        let mut names: Vec<&str> = self
+            .scalar
+            .keys()
+            .chain(self.aggregate.keys())
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        let digest = ring::digest::digest(&ring::digest::SHA256, names.join(",").as_bytes());
+        hex::encode(&digest.as_ref()[..8])
+    }
+
     fn knows_scalar(&self, f: &ScalarUDF) -> bool {
         self.scalar.get(f.name()).is_some_and(|w| **w == *f)
     }
@@ -114,7 +127,10 @@ fn cut(
     }
     if exactly::<CoalescePartitionsExec>(&node) {
         let child = Arc::clone(node.children()[0]);
-        if stage.runs_on_worker(&child) {
+        // A stage ending in a repartition that is not a hash shuffle would
+        // lose it (datafusion-distributed replaces a stage's top
+        // repartition by its own): such a stage stays here.
+        if stage.runs_on_worker(&child) && !exactly::<RepartitionExec>(&child) {
             let remote = NetworkCoalesceExec::try_new(without_source_wrappers(child)?, tasks, 1)?;
             let gathered = node.replace_children(
                 vec![Arc::new(remote)],

@@ -40,6 +40,12 @@ pub enum ClusterError {
     Listen { addr: SocketAddr, reason: String },
     #[error("the worker stopped: {0}")]
     Runtime(String),
+    #[error("{}: {reason}", file.display())]
+    Role { file: PathBuf, reason: String },
+    #[error(
+        "[cluster] has workers and [tls] is set, but cluster.cert, cluster.key and cluster.worker_ca are not: set them (the development PKI is for the demo only)"
+    )]
+    NoCoordinatorCertificate,
 }
 
 /// The coordinator's view of its workers.
@@ -47,6 +53,7 @@ pub struct Cluster {
     workers: Arc<Workers>,
     channels: Channels,
     functions: cut::Functions,
+    probe_interval: std::time::Duration,
 }
 
 /// A plan whose leaf stages run on workers, and the session (with the
@@ -59,22 +66,38 @@ pub struct Distributed {
 
 impl Cluster {
     /// `None` when no worker is configured: every query runs here.
-    pub fn new(config: &ClusterConfig, state: &StateDir) -> Result<Option<Self>, ClusterError> {
+    /// `production_tls`: the connector has its own `[tls]`, so the
+    /// development PKI must not stand in for the cluster's certificates.
+    pub fn new(
+        config: &ClusterConfig,
+        state: &StateDir,
+        production_tls: bool,
+    ) -> Result<Option<Self>, ClusterError> {
         if config.workers.is_empty() {
             return Ok(None);
         }
-        let channels = match &config.tls {
-            Some(tls) => Channels::new(&tls.cert, &tls.key, &tls.worker_ca)?,
+        let (cert, key, ca) = match &config.tls {
+            Some(tls) => (tls.cert.clone(), tls.key.clone(), tls.worker_ca.clone()),
+            None if production_tls => return Err(ClusterError::NoCoordinatorCertificate),
             None => {
                 let (cert, key) = state.pair("coordinator");
-                Channels::new(&cert, &key, &state.ca_cert())?
+                (cert, key, state.ca_cert())
             }
         };
+        check_coordinator_role(&cert)?;
+        let channels = Channels::new(&cert, &key, &ca)?;
         let worker_state = worker::worker_session(SessionStateBuilder::new()).build();
+        let functions = cut::Functions::of(&worker_state);
+        let version = channels::build_fingerprint(&functions);
         Ok(Some(Self {
-            workers: Arc::new(Workers::new(config.workers.clone())),
+            workers: Arc::new(Workers::new(
+                config.workers.clone(),
+                channels.clone(),
+                version,
+            )),
             channels,
-            functions: cut::Functions::of(&worker_state),
+            functions,
+            probe_interval: config.probe_interval,
         }))
     }
 
@@ -82,15 +105,15 @@ impl Cluster {
         &self.workers
     }
 
-    /// Probes the workers every [`channels::PROBE_INTERVAL`] until
-    /// `stopped`.
+    /// Probes the workers every `cluster.probe_interval` until `stopped`.
     pub fn spawn_probes(&self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let workers = Arc::clone(&self.workers);
+        let interval = self.probe_interval;
         tokio::spawn(async move {
             loop {
                 workers.probe().await;
                 tokio::select! {
-                    _ = tokio::time::sleep(channels::PROBE_INTERVAL) => {}
+                    _ = tokio::time::sleep(interval) => {}
                     _ = stopped.wait_for(|s| *s) => return,
                 }
             }
@@ -98,12 +121,15 @@ impl Cluster {
     }
 
     /// `physical` with its leaf stages on the live workers, or `None` to
-    /// run it here (no stage can move, or no worker answers).
+    /// run it here (no stage can move, or no worker answers). `limits`
+    /// travel with the stages: each worker guards its part of the query as
+    /// this connector guards the whole ([`worker::StageLimits`]).
     pub async fn distribute(
         &self,
         physical: Arc<dyn ExecutionPlan>,
         logical: &LogicalPlan,
         state: &SessionState,
+        limits: worker::StageLimits,
     ) -> Result<Option<Distributed>> {
         let live = self.workers.live();
         if live.is_empty() {
@@ -118,6 +144,7 @@ impl Cluster {
             .with_distributed_planner()
             .with_distributed_worker_resolver(Routing(live.clone()))
             .with_distributed_channel_resolver(self.channels.clone())
+            .with_distributed_passthrough_headers(limits.to_headers())?
             .build();
         // datafusion-distributed's planner takes the stages as cut, numbers
         // them and splits each scan's files between its tasks.
@@ -141,6 +168,35 @@ impl Cluster {
     /// left out of new queries until they do).
     pub async fn unreachable_now(&self) -> Vec<Url> {
         self.workers.probe().await
+    }
+}
+
+/// The coordinator's certificate must carry the coordinator role, or every
+/// worker would refuse it: said at start, not at the first query.
+fn check_coordinator_role(cert: &std::path::Path) -> Result<(), ClusterError> {
+    let role = |reason: String| ClusterError::Role {
+        file: cert.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read(cert).map_err(|e| ClusterError::Tls {
+        file: cert.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem)
+        .map_err(|e| role(format!("not a PEM certificate: {e}")))?;
+    let principal =
+        crate::identity::principal_from_der(&parsed.contents).map_err(|e| role(e.to_string()))?;
+    if principal
+        .san_uris
+        .iter()
+        .any(|u| u == crate::pki::Role::Coordinator.uri())
+    {
+        Ok(())
+    } else {
+        Err(role(format!(
+            "this certificate has no coordinator role ({}), so workers would refuse it: issue one with `sluice certs coordinator`",
+            crate::pki::Role::Coordinator.uri()
+        )))
     }
 }
 

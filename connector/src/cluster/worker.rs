@@ -6,6 +6,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use datafusion::error::DataFusionError;
@@ -16,15 +18,16 @@ use datafusion_distributed::{
     DistributedExt, Worker, WorkerPlanRewriteEvent, WorkerPlanRewriteEventResponse,
     WorkerQueryContext, WorkerSessionBuilder,
 };
+use tonic::codegen::http::{HeaderMap, HeaderValue};
 use tonic::service::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use super::ClusterError;
-use crate::guard;
+use crate::guard::total::total_expressions;
+use crate::guard::{self, QueryGuard};
 use crate::pki::Role;
-use crate::query::total_expressions;
 
 /// What a worker needs to serve.
 #[derive(Debug, Clone)]
@@ -65,15 +68,73 @@ fn total_on_worker(
     total_expressions(ev.plan).map(WorkerPlanRewriteEventResponse::new)
 }
 
+/// The query's limits, sent with each stage (as headers), so that a
+/// worker's function calls are bounded as the coordinator's are: by the
+/// query's deadline, and by its memory shared between its call sites.
+#[derive(Debug, Clone, Copy)]
+pub struct StageLimits {
+    /// Time left until the query's deadline.
+    pub remaining: Duration,
+    /// `limits.query_memory`.
+    pub memory: usize,
+    /// Calls in the query that build values (`guard::call_sites`).
+    pub call_sites: usize,
+}
+
+const DEADLINE_HEADER: &str = "x-sluice-deadline-ms";
+const MEMORY_HEADER: &str = "x-sluice-query-memory";
+const SITES_HEADER: &str = "x-sluice-call-sites";
+
+impl StageLimits {
+    pub fn to_headers(self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &'static str, value: u128| {
+            headers.insert(name, HeaderValue::from(value.min(u64::MAX as u128) as u64));
+        };
+        put(DEADLINE_HEADER, self.remaining.as_millis());
+        put(MEMORY_HEADER, self.memory as u128);
+        put(SITES_HEADER, self.call_sites as u128);
+        headers
+    }
+
+    /// The limits a stage came with; a stage without them (not sent by a
+    /// Sluice coordinator) gets the strictest: no time, no memory.
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let read = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        Self {
+            remaining: Duration::from_millis(read(DEADLINE_HEADER).unwrap_or(0)),
+            memory: read(MEMORY_HEADER).unwrap_or(0) as usize,
+            call_sites: read(SITES_HEADER).unwrap_or(1) as usize,
+        }
+    }
+}
+
 #[async_trait]
 impl WorkerSessionBuilder for Sessions {
     async fn build_session_state(
         &self,
         ctx: WorkerQueryContext,
     ) -> Result<SessionState, DataFusionError> {
-        Ok(worker_session(ctx.builder)
+        let limits = StageLimits::from_headers(&ctx.headers);
+        let state = worker_session(ctx.builder)
             .with_distributed_worker_plan_rewrite_handler(total_on_worker)
-            .build())
+            .build();
+        // The worker's pool is shared by every stage it runs; the guard
+        // reserves each call's estimate there, and refuses calls past the
+        // query's deadline or beyond its share of the query's memory.
+        let pool = Arc::clone(&state.runtime_env().memory_pool);
+        let guard = QueryGuard::new(
+            Some(std::time::Instant::now() + limits.remaining),
+            limits.memory,
+            Some(pool),
+        );
+        guard.share_memory(limits.call_sites);
+        Ok(guard::for_query(state, Arc::new(guard)))
     }
 }
 
@@ -141,9 +202,11 @@ impl ListeningWorker {
             )
             .build_arc()
             .map_err(|e| ClusterError::Runtime(e.to_string()))?;
+        let own = worker_session(SessionStateBuilder::new()).build();
+        let version = super::channels::build_fingerprint(&super::cut::Functions::of(&own));
         let worker = Worker::from_session_builder(Sessions)
             .with_runtime_env(runtime)
-            .with_version(env!("CARGO_PKG_VERSION"));
+            .with_version(version);
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         Server::builder()
             .tls_config(self.tls)

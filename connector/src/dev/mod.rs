@@ -214,8 +214,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path().join("state"));
         let first = prepare(&state, false).unwrap();
-        // CA, server certificate, the clients' certificates, the masking key.
-        assert_eq!(first.len(), 3 + DEMO_CLIENTS.len());
+        // CA, server, coordinator and worker certificates, the clients'
+        // certificates, the masking key.
+        assert_eq!(first.len(), 5 + DEMO_CLIENTS.len());
         let ca_before = fs::read(state.ca_cert()).unwrap();
         assert!(prepare(&state, false).unwrap().is_empty());
         assert_eq!(fs::read(state.ca_cert()).unwrap(), ca_before);

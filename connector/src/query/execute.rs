@@ -29,6 +29,7 @@ use super::QueryError;
 use super::slots::Slot;
 use crate::catalog::{self, Catalog, DataReads, ProcessMemory};
 use crate::cluster::Cluster;
+use crate::cluster::worker::StageLimits;
 use crate::guard::deadline::{is_deadline, with_deadline};
 use crate::guard::{self, QueryGuard};
 
@@ -200,23 +201,35 @@ async fn run(
     // and everything after execution, stays here.
     let (physical, state, workers) = match cluster {
         None => (physical, state, Vec::new()),
-        Some(cluster) => match cluster
-            .distribute(Arc::clone(&physical), &optimized, &state)
-            .await
-            .map_err(failed)?
-        {
-            Some(d) => {
-                tracing::info!(workers = d.workers.len(), "leaf stages sent to workers");
-                // The provider's log only: plan text can hold the policy's
-                // literals, and worker addresses are the provider's own.
-                tracing::debug!(stages = %datafusion_distributed::display_plan_ascii(d.plan.as_ref(), false), "distributed plan");
-                (d.plan, d.state, d.workers)
+        Some(cluster) => {
+            let limits = StageLimits {
+                remaining: limits.deadline.saturating_duration_since(Instant::now()),
+                memory: limits.memory,
+                call_sites: guard::call_sites(&optimized),
+            };
+            match cluster
+                .distribute(Arc::clone(&physical), &optimized, &state, limits)
+                .await
+            {
+                Ok(Some(d)) => {
+                    tracing::info!(workers = d.workers.len(), "leaf stages sent to workers");
+                    // The provider's log only: plan text can hold the
+                    // policy's literals, and worker addresses are the
+                    // provider's own.
+                    tracing::debug!(stages = %datafusion_distributed::display_plan_ascii(d.plan.as_ref(), false), "distributed plan");
+                    (d.plan, d.state, d.workers)
+                }
+                Ok(None) => (physical, state, Vec::new()),
+                // Nothing has run yet: the plan as built runs here.
+                Err(e) => {
+                    tracing::warn!(error = %e, "the plan could not be distributed: it runs on the coordinator");
+                    (physical, state, Vec::new())
+                }
             }
-            None => (physical, state, Vec::new()),
-        },
+        }
     };
     // Workers apply the same rewrite to their stages (cluster/worker.rs).
-    let physical = super::total::total_expressions(physical).map_err(failed)?;
+    let physical = guard::total::total_expressions(physical).map_err(failed)?;
     let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
     let failed_here = |e: DataFusionError| async move {
         match cluster.filter(|_| !workers.is_empty() && !is_deadline(&e)) {
@@ -300,10 +313,8 @@ async fn worker_failure(cluster: &Cluster, e: &DataFusionError) -> Option<QueryE
         return None;
     }
     tracing::warn!(error = %e, workers = ?gone.iter().map(|u| u.as_str()).collect::<Vec<_>>(), "a worker failed during the query");
-    let names: Vec<&str> = gone
-        .iter()
-        .map(|u| u.as_str().trim_end_matches('/'))
-        .collect();
+    // Named as configured, not by address: addresses are the provider's.
+    let names: Vec<String> = gone.iter().map(|u| cluster.workers().name(u)).collect();
     Some(QueryError::Unavailable(format!(
         "worker {} stopped answering during the query, which was stopped; new queries run without it until it answers again: retry",
         names.join(", ")

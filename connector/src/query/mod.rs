@@ -32,8 +32,6 @@ pub mod release;
 mod rows;
 pub mod slots;
 pub mod ticket;
-mod total;
-pub(crate) use total::total_expressions;
 mod unit_shuffle;
 mod view;
 

@@ -19,7 +19,7 @@
 //! the DP path reports those without their cause), and expressions over
 //! constants only: whether one is evaluated at all depends on whether a
 //! row reaches it, so one that fails is refused before execution reads
-//! anything ([`super::constants`]). A guard's limit on one value (a value too large to build, too
+//! anything (`query::constants`). A guard's limit on one value (a value too large to build, too
 //! much work for one value) is that value's failure: the row gets NULL.
 //! Evaluated row by row, a batch may not build more in all than one guarded
 //! call may ([`guard::MAX_CALL_BYTES`]), so the fallback cannot undo what
