@@ -1,8 +1,11 @@
 //! `sluice worker`: executes plan fragments for its coordinators, nothing
-//! else. It never sees a consumer, a policy, the ledger or the audit log:
-//! it answers only mTLS clients whose certificate carries the coordinator
-//! role ([`Role::Coordinator`]), and runs what they send with DataFusion's
-//! operators and the connector's own guarded functions.
+//! else. It never sees a consumer, the policy document, the ledger, the
+//! audit log or the masking key (the stages it runs do carry what the
+//! policy's rewrite put in them: row filters and their literals): it
+//! answers only mTLS clients whose certificate carries the coordinator role
+//! ([`Role::Coordinator`]), and runs what they send with DataFusion's
+//! operators and the connector's own guarded functions, under the limits
+//! of the query each stage belongs to.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
