@@ -12,14 +12,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Worker, fetch, query, status};
-use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Float64Type};
-use sluice_proto::v1::GetBudgetRequest;
-use sluice_proto::v1::budget_service_client::BudgetServiceClient;
+use common::{Daemon, Worker, fetch, floats, query, spent, status};
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -121,32 +115,8 @@ fn start(config: &Path, state: &Path, workers: &[Worker]) -> Daemon {
     Daemon::start_args(&args, state.to_path_buf())
 }
 
-fn column_f64(batches: &[RecordBatch], column: usize) -> Vec<f64> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            let c = cast(b.column(column), &DataType::Float64).unwrap();
-            c.as_primitive::<Float64Type>()
-                .iter()
-                .map(|v| v.unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 const BY_CITY: &str =
     "SELECT city, count(*) AS n, sum(score) AS total FROM people GROUP BY city ORDER BY city";
-
-async fn spent(channel: Channel, dataset: &str) -> f64 {
-    let response = BudgetServiceClient::new(channel)
-        .get_budget(GetBudgetRequest {
-            dataset: dataset.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    response.budgets.first().map_or(0.0, |b| b.epsilon_spent)
-}
 
 #[tokio::test]
 async fn a_worker_serves_its_coordinators_only() {
@@ -223,9 +193,9 @@ async fn per_unit_bounds_hold_over_every_file_and_the_sensitivity_is_kept() {
                 .unwrap_or_else(|e| panic!("{e}\n{}", distributed.logs()));
             let mut client = single.client("planning").await;
             let (_, one_node) = query(&mut client, &sql).await.unwrap();
-            let counts = column_f64(&got, 1);
-            assert_eq!(counts, column_f64(&one_node, 1), "n = {n}, {dataset}");
-            let totals = column_f64(&got, 2);
+            let counts = floats(&got, 1);
+            assert_eq!(counts, floats(&one_node, 1), "n = {n}, {dataset}");
+            let totals = floats(&got, 2);
             for (total, count) in totals.iter().zip(&counts) {
                 assert!(
                     *total <= 300.0 * count + 1.0,
@@ -271,7 +241,7 @@ async fn neighbouring_datasets_on_three_workers_stay_within_ln3() {
             let mut out = Vec::with_capacity(n);
             for _ in 0..n {
                 let (_, batches) = query(&mut client, &sql).await.unwrap();
-                out.push(column_f64(&batches, 0)[0] as i64);
+                out.push(floats(&batches, 0)[0] as i64);
             }
             out
         }
@@ -331,12 +301,12 @@ async fn a_worker_killed_during_a_query_fails_it_and_the_next_is_served() {
             let (_, got) = query(&mut plain, BY_CITY)
                 .await
                 .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
-            assert_eq!(column_f64(&got, 1), column_f64(&expected, 1));
-            assert_eq!(column_f64(&got, 2), column_f64(&expected, 2));
+            assert_eq!(floats(&got, 1), floats(&expected, 1));
+            assert_eq!(floats(&got, 2), floats(&expected, 2));
             let (_, noisy) = query(&mut private, BY_CITY)
                 .await
                 .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
-            assert_eq!(column_f64(&noisy, 1).len(), 3);
+            assert_eq!(floats(&noisy, 1).len(), 3);
         }
     }
     assert!(daemon.logs().contains("worker does not answer"));

@@ -11,12 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use common::{Daemon, fetch, query, rows, status};
-use datafusion::arrow::array::{AsArray, RecordBatch};
+use common::{Daemon, fetch, floats, query, rows, spent, status};
+use datafusion::arrow::array::AsArray;
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Float64Type, SchemaRef};
-use sluice_proto::v1::GetBudgetRequest;
-use sluice_proto::v1::budget_service_client::BudgetServiceClient;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -70,31 +68,6 @@ fn meta<'a>(schema: &'a SchemaRef, key: &str) -> &'a str {
         .metadata()
         .get(key)
         .unwrap_or_else(|| panic!("schema metadata {key} missing: {:?}", schema.metadata()))
-}
-
-fn floats(batches: &[RecordBatch], column: usize) -> Vec<f64> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            let c = cast(b.column(column), &DataType::Float64).unwrap();
-            c.as_primitive::<Float64Type>()
-                .iter()
-                .map(|v| v.unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-async fn spent(channel: Channel) -> f64 {
-    let mut budget = BudgetServiceClient::new(channel);
-    let response = budget
-        .get_budget(GetBudgetRequest {
-            dataset: "people".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    response.budgets.first().map_or(0.0, |b| b.epsilon_spent)
 }
 
 #[tokio::test]
@@ -168,7 +141,7 @@ async fn answers_are_noisy_described_charged_and_cached() {
         }
         assert_eq!(meta(&again_schema, "sluice.dp.cached"), "true");
     }
-    assert!((spent(daemon.channel("planning").await).await - 0.5).abs() < 1e-9);
+    assert!((spent(daemon.channel("planning").await, "people").await - 0.5).abs() < 1e-9);
 
     // A chosen ε is a different query: charged anew.
     client.set_header("x-sluice-epsilon", "1");
@@ -245,7 +218,7 @@ async fn answers_are_noisy_described_charged_and_cached() {
     client.set_header("x-sluice-epsilon", "0.5");
     let (schema, _) = query(&mut client, BY_CITY).await.unwrap();
     assert_eq!(meta(&schema, "sluice.dp.cached"), "true");
-    assert!((spent(daemon.channel("planning").await).await - 3.0).abs() < 1e-9);
+    assert!((spent(daemon.channel("planning").await, "people").await - 3.0).abs() < 1e-9);
 
     // The CLI shows the same ledger.
     let out = common::sluice()
@@ -353,7 +326,7 @@ async fn a_thousand_concurrent_charges_give_exactly_the_budget() {
         }
     }
     assert_eq!(answered, 100, "1.0 / 0.01 answers, exactly");
-    assert!((spent(daemon.channel("planning").await).await - 1.0).abs() < 1e-12);
+    assert!((spent(daemon.channel("planning").await, "people").await - 1.0).abs() < 1e-12);
 }
 
 /// Runs queries in a loop until the daemon dies; counts released answers.
@@ -417,7 +390,7 @@ async fn sigkill_never_leaves_recorded_spend_below_released_answers() {
         }
         released += answers.load(Ordering::SeqCst);
         let daemon = Daemon::start_isolated(&config, &state);
-        let recorded = spent(daemon.channel("planning").await).await;
+        let recorded = spent(daemon.channel("planning").await, "people").await;
         assert!(
             recorded + 1e-9 >= released as f64 * 0.01,
             "round {round}: {released} answers released but only {recorded} ε recorded"

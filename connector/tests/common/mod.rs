@@ -618,10 +618,6 @@ impl Worker {
             .collect()
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.url.trim_start_matches("https://").parse().unwrap()
-    }
-
     /// SIGSTOP: it keeps its connections but answers nothing.
     pub fn pause(&self) {
         self.signal("-STOP");
@@ -710,4 +706,32 @@ pub fn assert_within_ln3(a: &[i64], b: &[i64], low: i64) {
         delta <= limit,
         "estimated δ = {delta} > {limit} at ε = ln 3 (p = {p:?}, q = {q:?})"
     );
+}
+
+/// Column `column` of `batches` as f64 (every value non-null).
+pub fn floats(batches: &[RecordBatch], column: usize) -> Vec<f64> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{DataType, Float64Type};
+    batches
+        .iter()
+        .flat_map(|b| {
+            let c = datafusion::arrow::compute::cast(b.column(column), &DataType::Float64).unwrap();
+            c.as_primitive::<Float64Type>()
+                .iter()
+                .map(|v| v.unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The ε the caller of `channel` has spent on `dataset`.
+pub async fn spent(channel: Channel, dataset: &str) -> f64 {
+    let response = sluice_proto::v1::budget_service_client::BudgetServiceClient::new(channel)
+        .get_budget(sluice_proto::v1::GetBudgetRequest {
+            dataset: dataset.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response.budgets.first().map_or(0.0, |b| b.epsilon_spent)
 }
