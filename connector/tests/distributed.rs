@@ -376,3 +376,297 @@ fn a_misconfigured_cluster_is_refused_at_start() {
         );
     }
 }
+
+/// The `stages` column of `EXPLAIN POLICY <sql>` for `consumer`.
+async fn explained_stages(daemon: &Daemon, consumer: &str, sql: &str) -> String {
+    use datafusion::arrow::array::AsArray;
+    let mut client = daemon.client(consumer).await;
+    let (schema, batches) = query(&mut client, &format!("EXPLAIN POLICY {sql}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
+    let (column, _) = schema.column_with_name("stages").expect("a stages column");
+    batches[0]
+        .column(column)
+        .as_string::<i32>()
+        .value(0)
+        .to_string()
+}
+
+/// The `worker stage finished` events of the JSON log, each in the span of
+/// its query: (query id, stage, task, worker, rows read).
+fn worker_reports(logs: &str) -> Vec<(String, u64, u64, String, u64)> {
+    logs.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["fields"]["message"] == "worker stage finished")
+        .map(|event| {
+            let fields = &event["fields"];
+            assert_eq!(event["span"]["name"], "query", "{event}");
+            for metric in ["rows", "bytes", "cpu_ms"] {
+                assert!(fields[metric].is_number(), "{metric} in {event}");
+            }
+            (
+                event["span"]["query_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                fields["stage"].as_u64().unwrap(),
+                fields["task"].as_u64().unwrap(),
+                fields["worker"].as_str().unwrap().to_string(),
+                fields["rows_read"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `EXPLAIN POLICY` shows where an allowed query would run: the leaf stage
+/// on the workers, the rest on the coordinator; never a file or a worker's
+/// address. Once a distributed query has run, each worker's rows, bytes
+/// and CPU time for each stage are in the query's span: together the
+/// workers read every row once.
+#[tokio::test]
+async fn explain_shows_the_stages_and_each_worker_reports_in_the_query_span() {
+    let workers = Worker::start_many(3);
+    let n = 40;
+    let (dir, config, state) = deployment(&policy("1.0", "{ epsilon: 100.0, period: total }"), n);
+    prepend(&config, "[log]\nformat = \"json\"\nlevel = \"info\"\n");
+    let single_state = state.with_file_name("state-single");
+    common::share_pki(&single_state);
+    let daemon = start(&config, &state, &workers);
+    let single = start(&config, &single_state, &[]);
+
+    let stages = explained_stages(&daemon, "supplier", BY_CITY).await;
+    assert!(
+        stages.starts_with("stage 0, on this connector:"),
+        "{stages}"
+    );
+    assert!(
+        stages.contains(
+            "stage 1, on the workers (3 tasks, one per worker), its rows shuffled by hash"
+        ),
+        "{stages}"
+    );
+    assert!(
+        stages.contains("AggregateExec (FinalPartitioned)"),
+        "{stages}"
+    );
+    assert!(stages.contains("AggregateExec (Partial)"), "{stages}");
+    assert!(stages.contains("DataSourceExec (a scan)"), "{stages}");
+    let data_dir = dir.path().display().to_string();
+    for secret in [data_dir.as_str(), "part-", "127.0.0.1", "https://", ".csv"] {
+        assert!(!stages.contains(secret), "{secret} in {stages}");
+    }
+    // The DP statistics plan: scans on the workers, per-unit bounding here.
+    let private = explained_stages(&daemon, "planning", BY_CITY).await;
+    assert!(private.contains("stage 1, on the workers"), "{private}");
+    let above_workers = private.split("stage 1,").next().unwrap();
+    assert!(above_workers.contains("AggregateExec"), "{private}");
+    // A query with nothing to scan has no stage to send.
+    let constant = explained_stages(&daemon, "supplier", "SELECT 1 AS one").await;
+    assert!(
+        constant.starts_with("stage 0, on this connector: the whole plan"),
+        "{constant}"
+    );
+    assert_eq!(
+        explained_stages(&single, "supplier", BY_CITY).await,
+        "stage 0, on this connector: the whole plan (no workers are configured)"
+    );
+
+    let mut client = daemon.client("supplier").await;
+    query(&mut client, BY_CITY)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
+    // Metrics arrive after the answer: the workers send them when their
+    // channels close.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reports = loop {
+        let reports = worker_reports(&daemon.logs());
+        if reports.len() >= 3 || Instant::now() > deadline {
+            break reports;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reports.len(), 3, "one report per worker: {reports:?}");
+    let query_id = &reports[0].0;
+    assert!(!query_id.is_empty(), "{reports:?}");
+    let mut named: Vec<&str> = reports.iter().map(|r| r.3.as_str()).collect();
+    named.sort_unstable();
+    assert_eq!(
+        named,
+        [
+            "cluster.workers[0]",
+            "cluster.workers[1]",
+            "cluster.workers[2]"
+        ],
+        "{reports:?}"
+    );
+    for (id, stage, _, _, _) in &reports {
+        assert_eq!((id, *stage), (query_id, reports[0].1), "{reports:?}");
+    }
+    let read: u64 = reports.iter().map(|r| r.4).sum();
+    assert_eq!(read, (FILES * n) as u64, "every row read once: {reports:?}");
+}
+
+/// `people` as [`FILES`] Parquet files (which carry row counts and column
+/// minimums and maximums DataFusion could plan with), person `i` (id and
+/// privacy unit `i`) in every file with a score of `i * scale`.
+fn write_people_parquet(dir: &Path, n: usize, scale: i64) {
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::parquet::arrow::ArrowWriter;
+    use std::sync::Arc;
+    std::fs::create_dir_all(dir).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("person", DataType::Int64, false),
+        Field::new("city", DataType::Utf8, false),
+        Field::new("score", DataType::Int64, false),
+    ]));
+    for f in 0..FILES {
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..n as i64)),
+                Arc::new(Int64Array::from_iter_values(0..n as i64)),
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| ["Aarhus", "Bergen", "Cork"][i % 3]),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    (0..n as i64).map(|i| i * scale),
+                )),
+            ],
+        )
+        .unwrap();
+        let file = std::fs::File::create(dir.join(format!("part-{f}.parquet"))).unwrap();
+        let mut writer = ArrowWriter::try_new(file, schema.clone(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    }
+}
+
+/// `supplier` may join `people` and `people_plus` on `id` and aggregate.
+const JOIN_POLICY: &str = r#"
+version: 1
+datasets:
+  people: { privacy_unit: person }
+  people_plus: { privacy_unit: person }
+consumers:
+  - name: supplier
+    match: { organization: Axle Supplier Consortium }
+    grants:
+      people:
+        columns: { id: group_by_only, city: group_by_only, score: aggregate_only }
+        functions: { aggregate: [count, sum] }
+        aggregation: { min_group_size: 2 }
+        joins: [ { dataset: people_plus, on: [[id, id]] } ]
+      people_plus:
+        columns: { id: group_by_only, city: group_by_only, score: aggregate_only }
+        functions: { aggregate: [count, sum] }
+        aggregation: { min_group_size: 2 }
+        joins: [ { dataset: people, on: [[id, id]] } ]
+"#;
+
+/// The stages `EXPLAIN POLICY` shows follow the query and the deployment,
+/// never the data: with the two datasets' sizes swapped, a join has the
+/// same stages. (With the files' statistics, DataFusion would build the
+/// join's hash table from the smaller input, and the stages would tell
+/// which dataset has more rows; a filter's estimate from the columns'
+/// minimums and maximums would tell more.)
+#[tokio::test]
+async fn the_stages_do_not_depend_on_the_data() {
+    let workers = Worker::start_many(3);
+    let queries = [
+        BY_CITY,
+        "SELECT p.city, count(*) AS n, sum(q.score) AS total FROM people p \
+         JOIN people_plus q ON p.id = q.id GROUP BY p.city",
+    ];
+    let mut seen = Vec::new();
+    for (small, large) in [("people", "people_plus"), ("people_plus", "people")] {
+        let (_dir, config, state) = deployment(JOIN_POLICY, 1);
+        for (dataset, n) in [(small, 30), (large, 3000)] {
+            let dir = config.with_file_name(dataset);
+            std::fs::remove_dir_all(&dir).unwrap();
+            write_people_parquet(&dir, n, if n == 30 { 1 } else { 7 });
+        }
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("format = \"csv\"", "format = \"parquet\"");
+        std::fs::write(&config, text).unwrap();
+        let daemon = start(&config, &state, &workers);
+        let mut stages = Vec::new();
+        for sql in queries {
+            stages.push(explained_stages(&daemon, "supplier", sql).await);
+        }
+        // And the join is answered as planned, on the workers.
+        let mut client = daemon.client("supplier").await;
+        let (_, joined) = query(&mut client, queries[1])
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
+        let matched: f64 = floats(&joined, 1).iter().sum();
+        assert_eq!(matched, (FILES * FILES * 30) as f64, "{stages:?}");
+        assert!(
+            stages[1].contains("stage 2, on the workers"),
+            "{}",
+            stages[1]
+        );
+        seen.push(stages);
+    }
+    assert_eq!(seen[0], seen[1]);
+}
+
+/// A scan that finds no file (here: no partition directory for the region
+/// asked about) is placed where a scan that finds files is: the stages do
+/// not tell whether the data has such a region, and the query is answered
+/// from the workers either way.
+#[tokio::test]
+async fn a_scan_that_finds_no_file_has_the_same_stages() {
+    let workers = Worker::start_many(3);
+    let (dir, config, state) = deployment(JOIN_POLICY, 1);
+    let visits = dir.path().join("visits");
+    for region in ["north", "east"] {
+        write_people(&visits.join(format!("region={region}")), 12);
+    }
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        r#"
+version: 1
+datasets:
+  visits: { privacy_unit: id }
+consumers:
+  - name: supplier
+    match: { organization: Axle Supplier Consortium }
+    grants:
+      visits:
+        columns: { region: group_by_only, city: group_by_only, score: aggregate_only }
+        functions: { aggregate: [count, sum] }
+        aggregation: { min_group_size: 2 }
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        "[policy]\nfile = \"policy.yaml\"\n\n\
+         [[datasets]]\nname = \"visits\"\nformat = \"csv\"\npath = \"visits\"\n\
+         [[datasets.partitions]]\nname = \"region\"\ntype = \"Utf8\"\n",
+    )
+    .unwrap();
+    let daemon = start(&config, &state, &workers);
+    let sql = |region: &str| {
+        format!(
+            "SELECT city, count(*) AS n FROM visits WHERE region = '{region}' GROUP BY city ORDER BY city"
+        )
+    };
+    let found = explained_stages(&daemon, "supplier", &sql("north")).await;
+    let not_found = explained_stages(&daemon, "supplier", &sql("south")).await;
+    assert!(found.contains("stage 1, on the workers"), "{found}");
+    assert_eq!(found, not_found);
+    let mut client = daemon.client("supplier").await;
+    let (_, north) = query(&mut client, &sql("north"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
+    assert_eq!(floats(&north, 1), [16.0, 16.0, 16.0]);
+    let (_, south) = query(&mut client, &sql("south"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.logs()));
+    assert_eq!(common::rows(&south), 0);
+}

@@ -113,8 +113,24 @@ echo
 echo "connector log: leaf stages sent to workers, on all 3, for $(sent_to 3) queries"
 (($(sent_to 3) >= 2)) || die "the connector did not send the client's queries to the workers (log: $LOG)"
 
-step "a worker fails: kill -9 worker 2, then the same question through the sluice CLI"
 SQL="SELECT mode, count(*) AS trips FROM trips GROUP BY mode ORDER BY mode"
+step "where a query runs: the stages column of EXPLAIN POLICY"
+echo "\$ sluice query --endpoint $TRANSPORT -p $PURPOSE -f json \"EXPLAIN POLICY $SQL\""
+explained=$("$SLUICE" query --endpoint "$TRANSPORT" "${CONN[@]}" -p "$PURPOSE" -f json "EXPLAIN POLICY $SQL")
+stages=$("$PYTHON" -c 'import json, sys; print(json.loads(sys.stdin.read())[0]["stages"])' <<<"$explained")
+echo "$stages"
+grep -q "on the workers (3 tasks" <<<"$stages" || die "EXPLAIN POLICY does not show a stage on the 3 workers"
+# Each worker's metrics arrive when its tasks' channels close, after the answer.
+deadline=$((SECONDS + 10))
+until (($(log_text | grep -c "worker stage finished") >= 3)); do
+    ((SECONDS < deadline)) || die "the workers' metrics are not in the connector log (log: $LOG)"
+    sleep 0.2
+done
+echo
+echo "connector log, in each query's span: what each worker did (the last three)"
+log_text | grep "worker stage finished" | tail -n 3 | sed 's/^.*worker stage finished/  worker stage finished/'
+
+step "a worker fails: kill -9 worker 2, then the same question through the sluice CLI"
 echo "\$ sluice query --endpoint $TRANSPORT -p $PURPOSE \"$SQL\"   # as the operations department"
 before=$("$SLUICE" query --endpoint "$TRANSPORT" "${CONN[@]}" -p "$PURPOSE" "$SQL")
 echo "$before"

@@ -37,6 +37,7 @@ use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
 use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -177,7 +178,7 @@ impl Stage<'_> {
                 _ => return false,
             }
         }
-        is_local_file_scan(node) && encodable(top)
+        (is_local_file_scan(node) || exactly::<EmptyExec>(node)) && encodable(top)
     }
 
     /// Operators that work on each partition by itself (see the module
@@ -195,6 +196,7 @@ impl Stage<'_> {
                 || exactly::<RepartitionExec>(node)
                 || exactly::<SourceExec>(node)
                 || exactly::<DataSourceExec>(node)
+                || exactly::<EmptyExec>(node)
         };
         operator && self.scalar_functions_known(node)
     }
@@ -223,6 +225,10 @@ fn is_hash_shuffle(node: &Arc<dyn ExecutionPlan>) -> bool {
 
 /// A scan of files on the local file system (a path every worker sees).
 /// Object stores and databases are read by the coordinator.
+///
+/// A scan that found no file (no partition directory matched, say) is an
+/// `EmptyExec`: it is placed as the scan would be, so that the stages (and
+/// `EXPLAIN POLICY`, which shows them) do not tell whether there was one.
 fn is_local_file_scan(node: &Arc<dyn ExecutionPlan>) -> bool {
     exact_ref::<DataSourceExec>(node)
         .and_then(|scan| scan.data_source().downcast_ref::<FileScanConfig>())
@@ -313,6 +319,50 @@ mod tests {
     }
 
     use datafusion::execution::SessionStateBuilder;
+
+    /// The description `EXPLAIN POLICY` shows: each input of a shuffled
+    /// join is a stage of its own, numbered in the order it is read; no
+    /// path, no partition plumbing, no projection.
+    #[tokio::test]
+    async fn the_stages_are_described_without_files_or_plumbing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path()).await;
+        ctx.sql("SET datafusion.optimizer.hash_join_single_partition_threshold = 0")
+            .await
+            .unwrap();
+        ctx.sql("SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0")
+            .await
+            .unwrap();
+        let plan = planned(
+            "SELECT a.city, count(*) FROM t a JOIN t b ON a.unit = b.unit GROUP BY a.city",
+            &ctx,
+        )
+        .await;
+        let cut = place_stages(plan, 3, &functions())
+            .unwrap()
+            .expect("stages move");
+        let text = super::super::report::describe_stages(&cut);
+        assert!(text.starts_with("stage 0, on this connector:\n"), "{text}");
+        for stage in [1, 2] {
+            assert!(text.contains(&format!("(reads stage {stage})")), "{text}");
+            assert!(
+                text.contains(&format!(
+                    "stage {stage}, on the workers (3 tasks, one per worker), its rows shuffled by hash"
+                )),
+                "{text}"
+            );
+        }
+        assert!(text.contains("HashJoinExec"), "{text}");
+        for hidden in [
+            "t.csv",
+            "/",
+            "ProjectionExec",
+            "CoalescePartitionsExec",
+            "round robin",
+        ] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
+    }
 
     #[tokio::test]
     async fn a_group_by_sends_only_the_partial_aggregation() {

@@ -6,10 +6,12 @@
 //! coordinator. After physical planning, [`Cluster::distribute`] moves the
 //! plan's leaf stages (scans, filters, projections, partial aggregations:
 //! [`cut`]) to the workers, which stream partial results back; the rest of
-//! the plan runs here as on a single node.
+//! the plan runs here as on a single node. [`report`] shows the stages to
+//! consumers (`EXPLAIN POLICY`) and logs what each worker did.
 
 pub mod channels;
 pub mod cut;
+pub mod report;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -24,7 +26,10 @@ use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion_distributed::{DistributedExt, NetworkBoundaryExt, SessionStateBuilderExt};
+use datafusion_distributed::{
+    DistributedExt, NetworkBoundaryExt, RouteTasksEvent, RouteTasksEventResponse,
+    RouteTasksHandler, SessionStateBuilderExt,
+};
 use url::Url;
 
 use crate::config::ClusterConfig;
@@ -136,18 +141,57 @@ impl Cluster {
             tracing::warn!("no worker answers: the query runs on the coordinator");
             return Ok(None);
         }
-        let Some(cut) = cut::place_stages(physical, live.len(), &self.functions)? else {
+        let Some((plan, state)) = self
+            .place(physical, logical, state, &live, limits.to_headers())
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Distributed {
+            plan,
+            state,
+            workers: live,
+        }))
+    }
+
+    /// The stages `physical` would run in with every configured worker
+    /// answering, as [`cut`] places them, for `EXPLAIN POLICY`: nothing is
+    /// sent. `None`: the plan runs on the coordinator whatever the workers
+    /// (no stage can move, or one worker, whose stages datafusion-
+    /// distributed runs here).
+    pub fn stages(
+        &self,
+        physical: Arc<dyn ExecutionPlan>,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let workers = self.workers.all().len();
+        if workers < 2 {
+            return Ok(None);
+        }
+        cut::place_stages(physical, workers, &self.functions)
+    }
+
+    /// Cuts `physical` for `workers` and lets datafusion-distributed's
+    /// planner number the stages and split each scan's files between the
+    /// tasks; `None` if no stage is left to send.
+    async fn place(
+        &self,
+        physical: Arc<dyn ExecutionPlan>,
+        logical: &LogicalPlan,
+        state: &SessionState,
+        workers: &[Url],
+        headers: tonic::codegen::http::HeaderMap,
+    ) -> Result<Option<(Arc<dyn ExecutionPlan>, SessionState)>> {
+        let Some(cut) = cut::place_stages(physical, workers.len(), &self.functions)? else {
             return Ok(None);
         };
         let state = SessionStateBuilder::new_from_existing(state.clone())
             .with_query_planner(Arc::new(AlreadyPlanned(cut)))
             .with_distributed_planner()
-            .with_distributed_worker_resolver(Routing(live.clone()))
+            .with_distributed_worker_resolver(Routing(workers.to_vec()))
+            .with_distributed_route_tasks_handler(RoundRobin(workers.to_vec()))
             .with_distributed_channel_resolver(self.channels.clone())
-            .with_distributed_passthrough_headers(limits.to_headers())?
+            .with_distributed_passthrough_headers(headers)?
             .build();
-        // datafusion-distributed's planner takes the stages as cut, numbers
-        // them and splits each scan's files between its tasks.
         let plan = state
             .query_planner()
             .create_physical_plan(logical, &state)
@@ -157,11 +201,7 @@ impl Cluster {
         if !plan.exists(|node| Ok(node.is_network_boundary()))? {
             return Ok(None);
         }
-        Ok(Some(Distributed {
-            plan,
-            state,
-            workers: live,
-        }))
+        Ok(Some((plan, state)))
     }
 
     /// After a failed query: the workers that do not answer now (they are
@@ -197,6 +237,23 @@ fn check_coordinator_role(cert: &std::path::Path) -> Result<(), ClusterError> {
             "this certificate has no coordinator role ({}), so workers would refuse it: issue one with `sluice certs coordinator`",
             crate::pki::Role::Coordinator.uri()
         )))
+    }
+}
+
+/// Task `i` of every stage runs on `workers[i]` (modulo their number),
+/// so that what a task did can be told of its worker
+/// ([`report::log_worker_metrics`]).
+struct RoundRobin(Vec<Url>);
+
+impl RouteTasksHandler for RoundRobin {
+    fn handle(&self, ev: RouteTasksEvent) -> Option<Result<RouteTasksEventResponse>> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let urls = (0..ev.task_count)
+            .map(|i| self.0[i % self.0.len()].clone())
+            .collect();
+        Some(Ok(RouteTasksEventResponse::new(urls)))
     }
 }
 

@@ -38,6 +38,7 @@ use datafusion::common::ScalarValue;
 use futures::TryStreamExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::identity;
 use crate::metrics::Metrics;
@@ -272,15 +273,17 @@ impl FlightSqlService for FlightSql {
     ) -> DoGetResult {
         let started = Instant::now();
         let principal = identity::principal(&request)?;
+        let span = stream::query_span(&principal);
         let run = self
             .engine
             .redeem(&principal, &ticket.statement_handle)
+            .instrument(span.clone())
             .await
             .map_err(|e| self.refuse("DoGet", Some(&principal.id), e))?;
         let receipt = run.receipt.as_ref().map(|r| r.to_header());
         let mut response = Response::new(stream::encode_query(
             run,
-            &principal,
+            span,
             self.metrics.clone(),
             started,
         ));

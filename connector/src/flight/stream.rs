@@ -24,24 +24,31 @@ use crate::query::QueryRun;
 pub type FlightDataStream =
     Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
 
-/// Turns a running query into the DoGet response stream. `started` is when
-/// DoGet began: a DP answer is computed before its stream exists, and the
-/// query's duration must include that work.
-pub fn encode_query(
-    run: QueryRun,
-    principal: &Principal,
-    metrics: Arc<Metrics>,
-    started: Instant,
-) -> FlightDataStream {
-    let span = tracing::info_span!(
+/// The span of one query, opened when DoGet starts: execution runs in it
+/// (a distributed query's workers report there), and it closes when the
+/// stream ends.
+pub fn query_span(principal: &Principal) -> Span {
+    tracing::info_span!(
         "query",
-        query_id = %run.query_id,
+        query_id = field::Empty,
         principal = %principal,
         rows = field::Empty,
         bytes = field::Empty,
         duration_ms = field::Empty,
         outcome = field::Empty,
-    );
+    )
+}
+
+/// Turns a running query into the DoGet response stream, observed in
+/// `span` ([`query_span`]). `started` is when DoGet began: a DP answer is
+/// computed before its stream exists, and the query's duration must
+/// include that work.
+pub fn encode_query(
+    run: QueryRun,
+    span: Span,
+    metrics: Arc<Metrics>,
+    started: Instant,
+) -> FlightDataStream {
     let observer = Arc::new(Observer::new(span, metrics, run.completion, started));
     let counting = observer.clone();
     let batches = run.batches.map(move |item| match item {

@@ -20,15 +20,18 @@ use std::time::Duration;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::execute_stream;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::QueryError;
 use super::slots::Slot;
 use crate::catalog::{self, Catalog, DataReads, ProcessMemory};
 use crate::cluster::Cluster;
+use crate::cluster::report::WorkerMetrics;
 use crate::cluster::worker::StageLimits;
 use crate::guard::deadline::{is_deadline, with_deadline};
 use crate::guard::{self, QueryGuard};
@@ -107,7 +110,10 @@ impl Executor {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let memory = self.memory.clone();
         let cluster = self.cluster.clone();
-        self.runtime.spawn(async move {
+        // The query's span (flight/stream.rs) follows it onto the query
+        // runtime: what workers report is logged in it.
+        let span = tracing::Span::current();
+        let execution = async move {
             let run = tokio::time::timeout_at(
                 limits.deadline,
                 produce(
@@ -120,11 +126,19 @@ impl Executor {
                     &tx,
                 ),
             );
-            let failure = match run.await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(_) => Some(timeout_error(limits.timeout)),
+            let (failure, workers) = match run.await {
+                Ok(Ok(workers)) => (None, workers),
+                Ok(Err(e)) => (Some(e), None),
+                Err(_) => (Some(timeout_error(limits.timeout)), None),
             };
+            if let Some(metrics) = workers {
+                // The answer is complete: the client's stream ends now.
+                // What the workers did arrives as their channels close;
+                // the plan, and the slot, are kept until it is logged.
+                drop(tx);
+                metrics.log().await;
+                return;
+            }
             // Execution is over and its plan dropped: the slot goes back
             // now. A client that stopped reading has a full channel, and
             // the error below waits for it (a result must never end
@@ -134,9 +148,116 @@ impl Executor {
             if let Some(e) = failure {
                 let _ = tx.send(Err(e)).await;
             }
-        });
+        };
+        self.runtime.spawn(execution.instrument(span));
         rx
     }
+
+    /// The stages `plan` would run in, for `EXPLAIN POLICY`, planned as
+    /// [`Executor::start`] plans it (the same guards and limits) but not
+    /// run. `None` without workers: the whole plan runs here. `slot` is
+    /// held until planning ends, even past the deadline (planning cannot
+    /// be interrupted), as an execution holds its slot.
+    pub async fn stages(
+        &self,
+        catalog: Arc<Catalog>,
+        plan: LogicalPlan,
+        limits: ExecutionLimits,
+        slot: Slot,
+    ) -> Result<Option<String>, QueryError> {
+        let Some(cluster) = self.cluster.clone() else {
+            return Ok(None);
+        };
+        let memory = self.memory.clone();
+        let planning = async move {
+            let _slot = slot;
+            // Nothing is read: what scans note goes nowhere.
+            let reads = DataReads::new();
+            let (physical, _) = plan_physical(
+                &catalog,
+                &plan,
+                limits,
+                &memory,
+                &reads,
+                Planning::DataIndependent,
+            )
+            .await?;
+            let staged = cluster
+                .stages(physical)
+                .map_err(|e| execution_error(&e, limits))?;
+            Ok(Some(match staged {
+                Some(plan) => crate::cluster::report::describe_stages(&plan),
+                None => NOT_DISTRIBUTED.to_string(),
+            }))
+        };
+        // As in `produce`: a panic is the connector's, and its message is
+        // for the provider's log.
+        let planning = std::panic::AssertUnwindSafe(planning)
+            .catch_unwind()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|_| {
+                    tracing::error!("planning the stages of a query panicked");
+                    Err(QueryError::Internal(
+                        "planning the stages failed (see the connector log)".into(),
+                    ))
+                })
+            });
+        match tokio::time::timeout_at(limits.deadline, self.runtime.spawn(planning)).await {
+            Ok(Ok(described)) => described,
+            Ok(Err(_)) => Err(QueryError::Internal(
+                "planning the stages failed (see the connector log)".into(),
+            )),
+            Err(_) => Err(timeout_error(limits.timeout)),
+        }
+    }
+}
+
+/// `EXPLAIN POLICY` for a plan with no stage a worker can run.
+const NOT_DISTRIBUTED: &str = "stage 0, on this connector: the whole plan (no part of it can run on the workers: see docs/deploy.md)";
+
+/// What physical planning may look at besides the query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Planning {
+    /// What DataFusion knows of the files (statistics, sizes), as usual.
+    Informed,
+    /// The query and the deployment only: with workers, where the stages
+    /// are an output ([`super::independent`]).
+    DataIndependent,
+}
+
+/// Optimisation and physical planning, as every execution starts: the
+/// query's guarded session, then DataFusion's planner (off the runtime's
+/// workers) and the one DP-specific physical rewrite.
+async fn plan_physical(
+    catalog: &Catalog,
+    plan: &LogicalPlan,
+    limits: ExecutionLimits,
+    memory: &ProcessMemory,
+    reads: &Arc<DataReads>,
+    planning: Planning,
+) -> Result<(Arc<dyn ExecutionPlan>, Prepared), QueryError> {
+    let failed = |e: DataFusionError| execution_error(&e, limits);
+    let mut prepared = prepare(catalog, plan, limits, memory)?;
+    // Scans note the data version they read in it while they are planned.
+    prepared.state.config_mut().set_extension(reads.clone());
+    if planning == Planning::DataIndependent {
+        prepared.state = super::independent::data_independent(prepared.state);
+    }
+    // Physical planning is long synchronous work for a wide join (join
+    // selection, distribution and sort rules walk the plan many times): it
+    // must not hold a runtime worker that other tenants' queries need.
+    let physical = guard::blocking_async(
+        prepared
+            .state
+            .query_planner()
+            .create_physical_plan(&prepared.optimized, &prepared.state),
+    )
+    .await
+    .map_err(failed)?;
+    // A DP plan's per-(unit, group) and per-unit aggregations share one
+    // shuffle by unit (unit_shuffle.rs): the same answer, computed once.
+    let physical = super::unit_shuffle::shuffle_once_by_unit(physical).map_err(failed)?;
+    Ok((physical, prepared))
 }
 
 async fn produce(
@@ -147,7 +268,7 @@ async fn produce(
     reads: &Arc<DataReads>,
     cluster: Option<&Cluster>,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
-) -> Result<(), QueryError> {
+) -> Result<Option<WorkerMetrics>, QueryError> {
     // Guards and DataFusion turn the failures they foresee into errors;
     // this catches the rest (a panic in DataFusion is re-raised in the
     // task that polls its stream, this one), so that the client gets an
@@ -174,28 +295,27 @@ async fn run(
     reads: &Arc<DataReads>,
     cluster: Option<&Cluster>,
     tx: &mpsc::Sender<Result<RecordBatch, QueryError>>,
-) -> Result<(), QueryError> {
+) -> Result<Option<WorkerMetrics>, QueryError> {
     let failed = |e: DataFusionError| execution_error(&e, limits);
-    let Prepared {
-        mut state,
-        optimized,
-        pool,
-    } = prepare(catalog, &plan, limits, memory)?;
-    // Database scans note the snapshot they read in it.
-    state.config_mut().set_extension(reads.clone());
-    // Physical planning is long synchronous work for a wide join (join
-    // selection, distribution and sort rules walk the plan many times): it
-    // must not hold a runtime worker that other tenants' queries need.
-    let physical = guard::blocking_async(
-        state
-            .query_planner()
-            .create_physical_plan(&optimized, &state),
+    let (
+        physical,
+        Prepared {
+            state,
+            optimized,
+            pool,
+        },
+    ) = plan_physical(
+        catalog,
+        &plan,
+        limits,
+        memory,
+        reads,
+        match cluster {
+            Some(_) => Planning::DataIndependent,
+            None => Planning::Informed,
+        },
     )
-    .await
-    .map_err(failed)?;
-    // A DP plan's per-(unit, group) and per-unit aggregations share one
-    // shuffle by unit (unit_shuffle.rs): the same answer, computed once.
-    let physical = super::unit_shuffle::shuffle_once_by_unit(physical).map_err(failed)?;
+    .await?;
     catalog.note_files(&physical, reads);
     // With workers: the leaf stages go to them (cluster/cut.rs); the rest,
     // and everything after execution, stays here.
@@ -231,14 +351,17 @@ async fn run(
     // Workers apply the same rewrite to their stages (cluster/worker.rs).
     let physical = guard::total::total_expressions(physical).map_err(failed)?;
     let physical = with_deadline(physical, limits.deadline.into_std()).map_err(failed)?;
+    let distributed = !workers.is_empty();
     let failed_here = |e: DataFusionError| async move {
-        match cluster.filter(|_| !workers.is_empty() && !is_deadline(&e)) {
+        match cluster.filter(|_| distributed && !is_deadline(&e)) {
             Some(cluster) => worker_failure(cluster, &e)
                 .await
                 .unwrap_or_else(|| execution_error(&e, limits)),
             None => execution_error(&e, limits),
         }
     };
+    // Kept to read what the workers report once the query is over.
+    let executed = Arc::clone(&physical);
     let mut stream = match execute_stream(physical, Catalog::task_context_with(&state, pool)) {
         Ok(stream) => stream,
         Err(e) => return Err(failed_here(e).await),
@@ -253,10 +376,13 @@ async fn run(
         }
         if tx.send(Ok(batch)).await.is_err() {
             // The client went away: dropping the stream cancels the plan.
-            return Ok(());
+            return Ok(None);
         }
     }
-    Ok(())
+    drop(stream);
+    Ok(cluster
+        .filter(|_| distributed)
+        .map(|cluster| WorkerMetrics::new(executed, workers, Arc::clone(cluster.workers()))))
 }
 
 /// An optimised plan with the session state and memory pool it runs with.

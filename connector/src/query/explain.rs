@@ -20,11 +20,16 @@ fn first_word(text: &str) -> Option<(&str, &str)> {
     (end > 0).then(|| text.split_at(end))
 }
 
+/// The `stages` of a query on a connector without workers.
+pub const ONE_NODE: &str = "stage 0, on this connector: the whole plan (no workers are configured)";
+
 /// A one-row plan describing `decision`: columns `decision`, `rule`,
-/// `message`, `policy_version`, `consumers`, `output_class` and `plan`.
+/// `message`, `policy_version`, `consumers`, `output_class`, `plan` and
+/// `stages` (where an allowed query would run: `cluster/report.rs`).
 pub fn explain(
     decision: Result<Approval, Denial>,
     version: &str,
+    stages: &str,
     describe: impl Fn(&LogicalPlan) -> String,
 ) -> Result<LogicalPlan, QueryError> {
     let row = match decision {
@@ -43,6 +48,7 @@ pub fn explain(
                 record.consumers.join(", "),
                 class,
                 describe(&approval.plan),
+                stages.to_string(),
             ]
         }
         Err(denial) => [
@@ -58,6 +64,7 @@ pub fn explain(
             String::new(),
             String::new(),
             String::new(),
+            String::new(),
         ],
     };
     let names = [
@@ -68,6 +75,7 @@ pub fn explain(
         "consumers",
         "output_class",
         "plan",
+        "stages",
     ];
     LogicalPlanBuilder::values(vec![row.iter().map(|v| lit(v.as_str())).collect()])
         .and_then(|b| {

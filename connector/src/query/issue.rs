@@ -65,10 +65,24 @@ impl QueryEngine {
             let state = self.catalog.session().state();
             let analyzed = plan::analyze(&state, plan)?;
             let gate = self.policy.current();
-            let explanation =
-                explain::explain(gate.decide(&request, analyzed), gate.version(), |plan| {
-                    gate.describe_plan(&request.principal, plan)
-                })?;
+            let decision = gate.decide(&request, analyzed);
+            let stages = match &decision {
+                Ok(approval) => match self.explain_stages(&request, approval).await {
+                    Ok(stages) => stages,
+                    Err(e) => {
+                        return self.recorded_refusal(
+                            "decision",
+                            &request,
+                            &PlanFacts::default(),
+                            e,
+                        );
+                    }
+                },
+                Err(_) => String::new(),
+            };
+            let explanation = explain::explain(decision, gate.version(), &stages, |plan| {
+                gate.describe_plan(&request.principal, plan)
+            })?;
             let approval = Approval {
                 plan: explanation,
                 record: DecisionRecord::explain(gate.version()),
@@ -87,6 +101,40 @@ impl QueryEngine {
             Err(e) => return self.recorded_refusal("decision", request, &PlanFacts::default(), e),
         };
         self.issue(request, plan, None)
+    }
+
+    /// Where an approved query would run, for `EXPLAIN POLICY`: the
+    /// stages of the plan that would execute (a DP query's statistics
+    /// plan), planned in an execution slot under the query limits, and not
+    /// run.
+    async fn explain_stages(
+        &self,
+        request: &QueryContext,
+        approval: &Approval,
+    ) -> Result<String, QueryError> {
+        if self.executor.cluster().is_none() {
+            return Ok(explain::ONE_NODE.to_string());
+        }
+        let plan = match &approval.dp {
+            Some(dp) => dp.stats_plan.clone(),
+            None => approval.plan.clone(),
+        };
+        // As `decide` does: the rewrite's filters and masks get their types.
+        let plan = plan::analyze(&self.catalog.session().state(), plan)?;
+        let organization = audit::organization_key(&request.principal);
+        let slot = self
+            .executions
+            .acquire(
+                &organization,
+                tokio::time::Instant::now() + self.limits.queue_timeout,
+            )
+            .await
+            .map_err(|why| super::busy(&self.executions, &organization, why, "explaining"))?;
+        let stages = self
+            .executor
+            .stages(self.catalog.clone(), plan, self.limits_from_now(), slot)
+            .await?;
+        Ok(stages.unwrap_or_else(|| explain::ONE_NODE.to_string()))
     }
 
     /// Decides on a plan (binding `params` first, if any), takes what the

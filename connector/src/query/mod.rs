@@ -24,6 +24,7 @@ mod error;
 pub mod execute;
 mod explain;
 mod holds;
+mod independent;
 mod issue;
 pub mod plan;
 mod private;

@@ -57,6 +57,8 @@ impl QueryEngine {
         let claims = self.signer.verify(ticket, principal, SystemTime::now())?;
         let query_id = hex::encode(&claims.query_id);
         facts.query_id = Some(query_id.clone());
+        // The query's span (flight/stream.rs), for what execution logs.
+        tracing::Span::current().record("query_id", query_id.as_str());
         let pending = self.pending.redeem(&claims)?;
         *facts = PlanFacts {
             plan_hash: Some(hex::encode(&pending.plan_hash)),
