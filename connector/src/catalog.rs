@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, DatabaseConfig, DatasetConfig, DatasetFormat, Location};
 
 mod decoded;
+pub mod file_table;
 mod footers;
 mod objects;
 pub mod postgres;
@@ -786,6 +787,12 @@ async fn register_files(ctx: &SessionContext, ds: &DatasetConfig, location: &str
                 "a postgres dataset has no files".into(),
             ));
         }
+    }
+    // Scans that keep their shape on a connector with workers.
+    let files = ctx.table_provider(name).await?;
+    if let Some(table) = file_table::FileTable::wrap(&files) {
+        ctx.deregister_table(name)?;
+        ctx.register_table(name, Arc::new(table))?;
     }
     Ok(())
 }

@@ -37,7 +37,6 @@ use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
 use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
-use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -178,7 +177,7 @@ impl Stage<'_> {
                 _ => return false,
             }
         }
-        (is_local_file_scan(node) || exactly::<EmptyExec>(node)) && encodable(top)
+        is_local_file_scan(node) && encodable(top)
     }
 
     /// Operators that work on each partition by itself (see the module
@@ -196,7 +195,6 @@ impl Stage<'_> {
                 || exactly::<RepartitionExec>(node)
                 || exactly::<SourceExec>(node)
                 || exactly::<DataSourceExec>(node)
-                || exactly::<EmptyExec>(node)
         };
         operator && self.scalar_functions_known(node)
     }
@@ -224,11 +222,9 @@ fn is_hash_shuffle(node: &Arc<dyn ExecutionPlan>) -> bool {
 }
 
 /// A scan of files on the local file system (a path every worker sees).
-/// Object stores and databases are read by the coordinator.
-///
-/// A scan that found no file (no partition directory matched, say) is an
-/// `EmptyExec`: it is placed as the scan would be, so that the stages (and
-/// `EXPLAIN POLICY`, which shows them) do not tell whether there was one.
+/// Object stores and databases are read by the coordinator. (A scan that
+/// found no file is a scan of no file here, not an `EmptyExec`:
+/// `catalog/file_table.rs`.)
 fn is_local_file_scan(node: &Arc<dyn ExecutionPlan>) -> bool {
     exact_ref::<DataSourceExec>(node)
         .and_then(|scan| scan.data_source().downcast_ref::<FileScanConfig>())

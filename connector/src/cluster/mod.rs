@@ -21,14 +21,17 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNode;
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion_distributed::{
-    DistributedExt, NetworkBoundaryExt, RouteTasksEvent, RouteTasksEventResponse,
-    RouteTasksHandler, SessionStateBuilderExt,
+    DistributedExt, DistributedLeafExec, NetworkBoundaryExt, RouteTasksEvent,
+    RouteTasksEventResponse, RouteTasksHandler, ScaleUpLeafNodeEvent, ScaleUpLeafNodeEventResponse,
+    SessionStateBuilderExt,
 };
 use url::Url;
 
@@ -67,6 +70,18 @@ pub struct Distributed {
     pub plan: Arc<dyn ExecutionPlan>,
     pub state: SessionState,
     pub workers: Vec<Url>,
+}
+
+impl Distributed {
+    /// How many stages run on the workers.
+    pub fn stages(&self) -> usize {
+        let mut stages = 0;
+        let _ = self.plan.apply(|node| {
+            stages += usize::from(node.is_network_boundary());
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        });
+        stages
+    }
 }
 
 impl Cluster {
@@ -189,6 +204,7 @@ impl Cluster {
             .with_distributed_planner()
             .with_distributed_worker_resolver(Routing(workers.to_vec()))
             .with_distributed_route_tasks_handler(RoundRobin(workers.to_vec()))
+            .with_distributed_scale_up_leaf_node_handler(scan_of_no_file)
             .with_distributed_channel_resolver(self.channels.clone())
             .with_distributed_passthrough_headers(headers)?
             .build();
@@ -255,6 +271,24 @@ impl RouteTasksHandler for RoundRobin {
             .collect();
         Some(Ok(RouteTasksEventResponse::new(urls)))
     }
+}
+
+/// A scan that found no file (`catalog/file_table.rs` plans it as a scan
+/// of empty partitions, so that it has the shape of any other) runs as
+/// every task's share of nothing: datafusion-distributed would split its
+/// partitions between the tasks, and cannot when there are fewer than
+/// tasks.
+fn scan_of_no_file(ev: ScaleUpLeafNodeEvent) -> Option<Result<ScaleUpLeafNodeEventResponse>> {
+    let scan = ev.plan.downcast_ref::<DataSourceExec>()?;
+    let files = scan.data_source().downcast_ref::<FileScanConfig>()?;
+    if files.file_groups.iter().any(|group| !group.is_empty()) {
+        return None;
+    }
+    let tasks = (0..ev.task_count.max(1)).map(|_| Arc::clone(ev.plan));
+    Some(
+        DistributedLeafExec::try_new(Arc::clone(ev.plan), tasks)
+            .map(|leaf| ScaleUpLeafNodeEventResponse::new(Arc::new(leaf))),
+    )
 }
 
 /// Hands datafusion-distributed's planner the plan already built (and cut):

@@ -15,7 +15,6 @@ use datafusion::datasource::memory::DataSourceExec;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
-use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::metrics::MetricsSet;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -111,9 +110,8 @@ fn describe_operators(
 
 /// Operators left out of the description: those that only move rows
 /// between a stage's partitions (how many partitions there are follows
-/// the files), projections (DataFusion folds one into a scan of files, not
-/// into the scan of a dataset that found none, and the `plan` column shows
-/// what they compute) and the wrapper that names a dataset in errors.
+/// the coordinator's cores), projections (the `plan` column shows what
+/// they compute) and the wrapper that names a dataset in errors.
 fn is_plumbing(node: &Arc<dyn ExecutionPlan>) -> bool {
     if let Some(repartition) = exact::<RepartitionExec>(node) {
         return !matches!(
@@ -140,12 +138,7 @@ fn operator(node: &Arc<dyn ExecutionPlan>) -> String {
     if exact::<RepartitionExec>(node).is_some() {
         return "RepartitionExec (hash)".into();
     }
-    // A scan that found no file is an `EmptyExec`: shown as the scan, so
-    // that the text does not tell (see `cut::is_local_file_scan`).
-    if exact::<DataSourceExec>(node).is_some()
-        || exact::<DistributedLeafExec>(node).is_some()
-        || exact::<EmptyExec>(node).is_some()
-    {
+    if exact::<DataSourceExec>(node).is_some() || exact::<DistributedLeafExec>(node).is_some() {
         return "DataSourceExec (a scan)".into();
     }
     node.name().to_string()

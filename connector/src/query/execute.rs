@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 use super::QueryError;
 use super::slots::Slot;
+use crate::catalog::file_table::ScanShapes;
 use crate::catalog::{self, Catalog, DataReads, ProcessMemory};
 use crate::cluster::Cluster;
 use crate::cluster::report::WorkerMetrics;
@@ -179,7 +180,7 @@ impl Executor {
                 limits,
                 &memory,
                 &reads,
-                Planning::DataIndependent,
+                Planning::DataIndependent(ScanShapes::WithoutListing),
             )
             .await?;
             let staged = cluster
@@ -222,7 +223,7 @@ enum Planning {
     Informed,
     /// The query and the deployment only: with workers, where the stages
     /// are an output ([`super::independent`]).
-    DataIndependent,
+    DataIndependent(ScanShapes),
 }
 
 /// Optimisation and physical planning, as every execution starts: the
@@ -240,8 +241,8 @@ async fn plan_physical(
     let mut prepared = prepare(catalog, plan, limits, memory)?;
     // Scans note the data version they read in it while they are planned.
     prepared.state.config_mut().set_extension(reads.clone());
-    if planning == Planning::DataIndependent {
-        prepared.state = super::independent::data_independent(prepared.state);
+    if let Planning::DataIndependent(shapes) = planning {
+        prepared.state = super::independent::data_independent(prepared.state, shapes);
     }
     // Physical planning is long synchronous work for a wide join (join
     // selection, distribution and sort rules walk the plan many times): it
@@ -311,7 +312,7 @@ async fn run(
         memory,
         reads,
         match cluster {
-            Some(_) => Planning::DataIndependent,
+            Some(_) => Planning::DataIndependent(ScanShapes::Fixed),
             None => Planning::Informed,
         },
     )
@@ -332,7 +333,11 @@ async fn run(
                 .await
             {
                 Ok(Some(d)) => {
-                    tracing::info!(workers = d.workers.len(), "leaf stages sent to workers");
+                    tracing::info!(
+                        workers = d.workers.len(),
+                        stages = d.stages(),
+                        "leaf stages sent to workers"
+                    );
                     // The provider's log only: plan text can hold the
                     // policy's literals, and worker addresses are the
                     // provider's own.
