@@ -258,7 +258,7 @@ fn check_coordinator_role(cert: &std::path::Path) -> Result<(), ClusterError> {
 
 /// Task `i` of every stage runs on `workers[i]` (modulo their number),
 /// so that what a task did can be told of its worker
-/// ([`report::log_worker_metrics`]).
+/// ([`report::WorkerMetrics`]).
 struct RoundRobin(Vec<Url>);
 
 impl RouteTasksHandler for RoundRobin {

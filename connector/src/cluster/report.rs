@@ -38,8 +38,8 @@ const METRICS_WAIT: Duration = Duration::from_secs(5);
 /// where it runs, and how its output reaches the stage that reads it.
 /// Nothing else: no expressions (the `plan` column of `EXPLAIN POLICY` has
 /// those, with hidden columns hidden), no files, no worker addresses (the
-/// provider's own), and none of the operators whose presence follows the
-/// files rather than the query ([`is_plumbing`]).
+/// provider's own), and none of the operators that only move rows between
+/// partitions or compute columns (`is_plumbing`).
 ///
 /// Stages are numbered here, in the order they are read; datafusion-
 /// distributed numbers them its own way when the query runs.
@@ -176,7 +176,7 @@ impl WorkerMetrics {
         }
     }
 
-    /// Waits (at most [`METRICS_WAIT`]) for the workers' metrics and logs,
+    /// Waits (at most `METRICS_WAIT`, 5 s) for the workers' metrics and logs,
     /// as events in the current span, what each worker did for each stage.
     /// The log is the provider's: exact counts of the data are in it, as in
     /// DataFusion's own metrics.
