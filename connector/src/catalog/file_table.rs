@@ -54,7 +54,8 @@ impl FileTable {
         })
     }
 
-    /// The scan as planned, in the shape `shapes` asks for.
+    /// `plan`, DataFusion's scan of what the listing found, with a
+    /// partition per core ([`ScanShapes::Fixed`]).
     async fn shaped(
         &self,
         state: &dyn Session,
@@ -103,7 +104,10 @@ impl FileTable {
         };
         let options = self.files.options();
         // The partition columns come last in the table's schema.
-        let file_fields = schema.fields().len() - options.table_partition_cols.len();
+        let file_fields = schema
+            .fields()
+            .len()
+            .saturating_sub(options.table_partition_cols.len());
         let file_schema = Arc::new(Schema::new(schema.fields()[..file_fields].to_vec()));
         let partition_cols: Vec<_> = options
             .table_partition_cols
