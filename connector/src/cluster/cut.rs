@@ -216,7 +216,7 @@ impl Stage<'_> {
     }
 }
 
-fn is_hash_shuffle(node: &Arc<dyn ExecutionPlan>) -> bool {
+pub(super) fn is_hash_shuffle(node: &Arc<dyn ExecutionPlan>) -> bool {
     exact_ref::<RepartitionExec>(node)
         .is_some_and(|r| matches!(r.partitioning(), Partitioning::Hash(..)))
 }
@@ -254,11 +254,11 @@ fn without_source_wrappers(stage: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Exec
 }
 
 /// The node's own type, not a type it delegates downcasts to.
-fn exactly<T: ExecutionPlan>(node: &Arc<dyn ExecutionPlan>) -> bool {
+pub(super) fn exactly<T: ExecutionPlan>(node: &Arc<dyn ExecutionPlan>) -> bool {
     exact_ref::<T>(node).is_some()
 }
 
-fn exact_ref<T: ExecutionPlan>(node: &Arc<dyn ExecutionPlan>) -> Option<&T> {
+pub(super) fn exact_ref<T: ExecutionPlan>(node: &Arc<dyn ExecutionPlan>) -> Option<&T> {
     (node.as_ref() as &dyn Any).downcast_ref::<T>()
 }
 

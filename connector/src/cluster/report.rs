@@ -27,6 +27,7 @@ use datafusion_distributed::{
 use url::Url;
 
 use super::channels::Workers;
+use super::cut::{exact_ref, exactly, is_hash_shuffle};
 use crate::catalog::SourceExec;
 
 /// How long a finished query waits for its workers' metrics: they are sent
@@ -113,32 +114,22 @@ fn describe_operators(
 /// the coordinator's cores), projections (the `plan` column shows what
 /// they compute) and the wrapper that names a dataset in errors.
 fn is_plumbing(node: &Arc<dyn ExecutionPlan>) -> bool {
-    if let Some(repartition) = exact::<RepartitionExec>(node) {
-        return !matches!(
-            repartition.partitioning(),
-            datafusion::physical_plan::Partitioning::Hash(..)
-        );
-    }
-    exact::<CoalescePartitionsExec>(node).is_some()
-        || exact::<SortPreservingMergeExec>(node).is_some()
-        || exact::<ProjectionExec>(node).is_some()
-        || exact::<SourceExec>(node).is_some()
-}
-
-/// The node's own type, not one it delegates downcasts to.
-fn exact<T: ExecutionPlan>(node: &Arc<dyn ExecutionPlan>) -> Option<&T> {
-    (node.as_ref() as &dyn std::any::Any).downcast_ref::<T>()
+    (exactly::<RepartitionExec>(node) && !is_hash_shuffle(node))
+        || exactly::<CoalescePartitionsExec>(node)
+        || exactly::<SortPreservingMergeExec>(node)
+        || exactly::<ProjectionExec>(node)
+        || exactly::<SourceExec>(node)
 }
 
 /// An operator as a consumer reads it in `EXPLAIN POLICY`.
 fn operator(node: &Arc<dyn ExecutionPlan>) -> String {
-    if let Some(aggregate) = exact::<AggregateExec>(node) {
+    if let Some(aggregate) = exact_ref::<AggregateExec>(node) {
         return format!("AggregateExec ({:?})", aggregate.mode());
     }
-    if exact::<RepartitionExec>(node).is_some() {
+    if exactly::<RepartitionExec>(node) {
         return "RepartitionExec (hash)".into();
     }
-    if exact::<DataSourceExec>(node).is_some() || exact::<DistributedLeafExec>(node).is_some() {
+    if exactly::<DataSourceExec>(node) || exactly::<DistributedLeafExec>(node) {
         return "DataSourceExec (a scan)".into();
     }
     node.name().to_string()
@@ -146,15 +137,15 @@ fn operator(node: &Arc<dyn ExecutionPlan>) -> String {
 
 /// What one worker did for one stage of a query.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct TaskReport {
+struct TaskReport {
     /// Rows the stage sent to the coordinator.
-    pub rows: usize,
+    rows: usize,
     /// Their size in memory (Arrow buffers), before they were encoded.
-    pub bytes: usize,
+    bytes: usize,
     /// Rows the stage's scans produced.
-    pub rows_read: usize,
+    rows_read: usize,
     /// CPU time of the stage's operators, all partitions together.
-    pub cpu: Duration,
+    cpu: Duration,
 }
 
 /// A distributed query that has run, whose workers' metrics are still to
@@ -219,7 +210,7 @@ impl WorkerMetrics {
 
 /// Stage number → task number → what that task did, from a plan rewritten
 /// with per-task metrics.
-pub fn task_reports(plan: &Arc<dyn ExecutionPlan>) -> BTreeMap<usize, BTreeMap<usize, TaskReport>> {
+fn task_reports(plan: &Arc<dyn ExecutionPlan>) -> BTreeMap<usize, BTreeMap<usize, TaskReport>> {
     let mut stages = BTreeMap::new();
     let _ = plan.apply(|node| {
         if let Some(boundary) = node.as_network_boundary()
