@@ -57,7 +57,7 @@ STATE_DIR=$CARGO_TARGET_DIR/tmp/sluice-demo-state
 # The demo's privacy budget (10 ε a month) would run out over repeated runs
 # on one machine: every run starts from an empty ledger, agreement store and
 # audit log.
-rm -rf "$STATE_DIR"/privacy-ledger.sqlite* "$STATE_DIR"/agreements.sqlite* "$STATE_DIR"/audit
+rm -rf "$STATE_DIR"/privacy-ledger.sqlite* "$STATE_DIR"/agreements.sqlite* "$STATE_DIR"/dsp.sqlite* "$STATE_DIR"/audit
 
 if [[ $which != --python ]]; then
     step "Rust unit, integration and doc tests"

@@ -492,6 +492,8 @@ mod policy {
 
     pub async fn run(state_dir: &Path, runs: usize) -> anyhow::Result<()> {
         let mut config = Config::embedded_default(state_dir);
+        // Servers run side by side here: no DSP endpoint on its fixed port.
+        config.dsp.listen = None;
         // The source tree's demo policy: the state directory keeps the copy it
         // was created with, which may be older.
         config.policy =
@@ -562,6 +564,8 @@ mod policy {
     /// (e): the audit log on vs off, then the sustained audited rate.
     pub async fn audit_cost(state_dir: &Path, runs: usize, window: Duration) -> anyhow::Result<()> {
         let mut config = Config::embedded_default(state_dir);
+        // Servers run side by side here: no DSP endpoint on its fixed port.
+        config.dsp.listen = None;
         // The demo policy without the supplier's daily quota, which the
         // sustained run would exhaust.
         let text = std::fs::read_to_string(concat!(
@@ -1041,6 +1045,8 @@ mod privacy {
         trips: &Path,
     ) -> anyhow::Result<(FlightSqlServiceClient<Channel>, SessionContext)> {
         let mut config = Config::embedded_default(state_dir);
+        // Servers run side by side here: no DSP endpoint on its fixed port.
+        config.dsp.listen = None;
         config.policy = Some(policy.to_path_buf());
         for dataset in &mut config.datasets {
             if dataset.name == "trips" {

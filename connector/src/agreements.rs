@@ -12,6 +12,12 @@
 //! principal id, as for budgets), so a new certificate of the same
 //! organization uses the same agreements. Expiry is not a write: an active
 //! agreement past `expires_at` reads as expired.
+//!
+//! An agreement negotiated over the Dataspace Protocol (`crate::dsp`) is
+//! *token-bound*: a query may rest on it only when it presents an access
+//! token of one of the agreement's transfers, still started, unexpired and
+//! issued to the querying principal. The store keeps SHA-256 hashes of
+//! tokens, never the tokens.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -160,6 +166,17 @@ pub struct Agreements {
     /// Held from the look-up to the insert of a request, so that two
     /// identical concurrent requests make one agreement.
     requesting: Mutex<()>,
+    /// Every approval, rejection and revocation, for those who act on them
+    /// (a DSP negotiation waiting for a manual approval).
+    changes: tokio::sync::broadcast::Sender<Agreement>,
+}
+
+/// What an access token gives: the agreement a query may rest on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub agreement_id: String,
+    /// The transfer process that issued it.
+    pub transfer_id: String,
 }
 
 const SCHEMA: &str = "
@@ -178,6 +195,17 @@ CREATE TABLE IF NOT EXISTS agreements (
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS agreements_by_org ON agreements (organization, state);
+CREATE TABLE IF NOT EXISTS token_bound (agreement_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS access_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    agreement_id TEXT NOT NULL,
+    transfer_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS access_tokens_by_transfer ON access_tokens (transfer_id);
+CREATE INDEX IF NOT EXISTS access_tokens_by_agreement ON access_tokens (agreement_id);
 ";
 
 impl Agreements {
@@ -227,7 +255,136 @@ impl Agreements {
             db: Mutex::new(db),
             path: path.to_path_buf(),
             requesting: Mutex::new(()),
+            changes: tokio::sync::broadcast::channel(256).0,
         })
+    }
+
+    /// Approvals, rejections and revocations from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Agreement> {
+        self.changes.subscribe()
+    }
+
+    /// A new token-bound agreement for `offer` (a DSP negotiation's): never
+    /// an existing one, since each negotiation ends in its own agreement.
+    pub fn request_token_bound(
+        &self,
+        offer: &Offer,
+        organization: &str,
+        principal: &str,
+        purpose: &str,
+        now: SystemTime,
+    ) -> Result<Agreement, AgreementError> {
+        let agreement = self.new_agreement(offer, organization, principal, purpose, now)?;
+        let mut db = self.lock();
+        let tx = db.transaction().map_err(|e| self.store_error(e))?;
+        insert_row(&tx, &agreement).map_err(|e| self.store_error(e))?;
+        tx.execute(
+            "INSERT INTO token_bound VALUES (?1)",
+            [agreement.id.as_str()],
+        )
+        .map_err(|e| self.store_error(e))?;
+        tx.commit().map_err(|e| self.store_error(e))?;
+        Ok(agreement)
+    }
+
+    /// Whether agreement `id` can only be used with an access token.
+    pub fn is_token_bound(&self, id: &str) -> Result<bool, AgreementStoreError> {
+        self.lock()
+            .query_row(
+                "SELECT count(*) FROM token_bound WHERE agreement_id = ?1",
+                [id],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// A new access token for a transfer under agreement `agreement_id`,
+    /// usable by `principal` until `expires_at`. Only its hash is stored.
+    pub fn issue_token(
+        &self,
+        agreement_id: &str,
+        transfer_id: &str,
+        principal: &str,
+        expires_at: SystemTime,
+    ) -> Result<String, AgreementStoreError> {
+        let mut bytes = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| AgreementStoreError::Random)?;
+        let token = format!(
+            "sluice-at-{}",
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+        );
+        self.lock()
+            .execute(
+                "INSERT INTO access_tokens VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+                params![
+                    token_hash(&token),
+                    agreement_id,
+                    transfer_id,
+                    principal,
+                    ms(expires_at)
+                ],
+            )
+            .map_err(|e| self.store_error(e))?;
+        Ok(token)
+    }
+
+    /// Revokes every token a transfer issued (it was suspended, completed
+    /// or terminated).
+    pub fn revoke_tokens(&self, transfer_id: &str) -> Result<(), AgreementStoreError> {
+        self.lock()
+            .execute(
+                "UPDATE access_tokens SET revoked = 1 WHERE transfer_id = ?1",
+                [transfer_id],
+            )
+            .map(drop)
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// What `token` gives `principal` now: nothing if it is unknown,
+    /// revoked, expired or another principal's (one answer for all four, so
+    /// a holder of someone else's token learns nothing from it).
+    pub fn redeem_token(
+        &self,
+        token: &str,
+        principal: &str,
+        now: SystemTime,
+    ) -> Result<Option<TokenGrant>, AgreementStoreError> {
+        self.lock()
+            .query_row(
+                "SELECT agreement_id, transfer_id FROM access_tokens
+                 WHERE token_sha256 = ?1 AND principal = ?2 AND revoked = 0 AND expires_at_ms > ?3",
+                params![token_hash(token), principal, ms(now)],
+                |row| {
+                    Ok(TokenGrant {
+                        agreement_id: row.get(0)?,
+                        transfer_id: row.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// Whether a token-bound agreement has a live token (one not revoked,
+    /// not expired) of `principal`.
+    fn has_live_token(
+        &self,
+        agreement_id: &str,
+        principal: &str,
+        now: SystemTime,
+    ) -> Result<bool, AgreementStoreError> {
+        self.lock()
+            .query_row(
+                "SELECT count(*) FROM access_tokens
+                 WHERE agreement_id = ?1 AND principal = ?2 AND revoked = 0 AND expires_at_ms > ?3",
+                params![agreement_id, principal, ms(now)],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.store_error(e))
     }
 
     /// Requests an agreement for `offer` on behalf of `organization`.
@@ -241,7 +398,7 @@ impl Agreements {
         purpose: &str,
         now: SystemTime,
     ) -> Result<Agreement, AgreementError> {
-        let Some(terms) = &offer.agreement else {
+        let Some(_) = &offer.agreement else {
             return Err(AgreementError::Invalid(format!(
                 "offer `{}` needs no agreement: query dataset `{}` directly",
                 offer.id, offer.dataset
@@ -259,6 +416,27 @@ impl Agreements {
         {
             return Ok(existing);
         }
+        let agreement = self.new_agreement(offer, organization, principal, purpose, now)?;
+        self.insert(&agreement)?;
+        Ok(agreement)
+    }
+
+    /// A requested agreement, active at once for an automatic offer.
+    fn new_agreement(
+        &self,
+        offer: &Offer,
+        organization: &str,
+        principal: &str,
+        purpose: &str,
+        now: SystemTime,
+    ) -> Result<Agreement, AgreementError> {
+        let Some(terms) = &offer.agreement else {
+            return Err(AgreementError::Invalid(format!(
+                "offer `{}` needs no agreement: query dataset `{}` directly",
+                offer.id, offer.dataset
+            )));
+        };
+        check_purpose(offer, purpose)?;
         let mut agreement = Agreement {
             id: new_id()?,
             offer_id: offer.id.clone(),
@@ -276,7 +454,6 @@ impl Agreements {
         if terms.approval == ApprovalMode::Automatic {
             activate(&mut agreement, offer, "policy", now);
         }
-        self.insert(&agreement)?;
         Ok(agreement)
     }
 
@@ -373,16 +550,21 @@ impl Agreements {
 
     /// The agreements a query of `organization` can run under, by offer.
     /// Where several are active for one offer, the one for `purpose` wins,
-    /// else the newest.
+    /// else the newest. Token-bound agreements count only if `unlocked`
+    /// names them (the query presented one of their tokens).
     pub fn active(
         &self,
         organization: &str,
         purpose: Option<&str>,
         now: SystemTime,
+        unlocked: Option<&str>,
     ) -> Result<BTreeMap<String, ActiveAgreement>, AgreementStoreError> {
         let mut out: BTreeMap<String, ActiveAgreement> = BTreeMap::new();
         for agreement in self.list(Some(organization), None, now)? {
             if agreement.state != AgreementState::Active {
+                continue;
+            }
+            if unlocked != Some(agreement.id.as_str()) && self.is_token_bound(&agreement.id)? {
                 continue;
             }
             let better = match out.get(&agreement.offer_id) {
@@ -409,6 +591,19 @@ impl Agreements {
         Ok(self
             .get(id, now)?
             .is_some_and(|a| a.state == AgreementState::Active))
+    }
+
+    /// Whether `principal` may still use agreement `id`: it is active and,
+    /// if token-bound, one of its transfers' tokens of `principal` is still
+    /// live (suspending, completing or terminating the transfer ends it).
+    pub fn is_usable(
+        &self,
+        id: &str,
+        principal: &str,
+        now: SystemTime,
+    ) -> Result<bool, AgreementStoreError> {
+        Ok(self.is_active(id, now)?
+            && (!self.is_token_bound(id)? || self.has_live_token(id, principal, now)?))
     }
 
     fn transition(
@@ -450,29 +645,14 @@ impl Agreements {
                 "cannot {verb} agreement `{id}`: it changed concurrently; read it again"
             )));
         }
+        drop(db);
+        // Nobody listening is fine: the change is stored either way.
+        let _ = self.changes.send(agreement.clone());
         Ok(agreement)
     }
 
     fn insert(&self, a: &Agreement) -> Result<(), AgreementError> {
-        self.lock()
-            .execute(
-                "INSERT INTO agreements VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    a.id,
-                    a.offer_id,
-                    a.dataset,
-                    a.organization,
-                    a.requested_by,
-                    a.purpose,
-                    a.state.as_str(),
-                    ms(a.requested_at),
-                    a.decided_at.map(ms),
-                    a.decided_by,
-                    a.expires_at.map(ms),
-                    a.reason,
-                ],
-            )
-            .map_err(|e| self.store_error(e))?;
+        insert_row(&self.lock(), a).map_err(|e| self.store_error(e))?;
         Ok(())
     }
 
@@ -486,6 +666,33 @@ impl Agreements {
             error,
         }
     }
+}
+
+fn insert_row(db: &Connection, a: &Agreement) -> rusqlite::Result<usize> {
+    db.execute(
+        "INSERT INTO agreements (id, offer_id, dataset, organization, requested_by, purpose, state,
+         requested_at_ms, decided_at_ms, decided_by, expires_at_ms, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            a.id,
+            a.offer_id,
+            a.dataset,
+            a.organization,
+            a.requested_by,
+            a.purpose,
+            a.state.as_str(),
+            ms(a.requested_at),
+            a.decided_at.map(ms),
+            a.decided_by,
+            a.expires_at.map(ms),
+            a.reason,
+        ],
+    )
+}
+
+/// SHA-256 of a token, lowercase hex: what the store keeps.
+fn token_hash(token: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
 fn check_purpose(offer: &Offer, purpose: &str) -> Result<(), AgreementError> {
@@ -623,7 +830,7 @@ mod tests {
             .unwrap();
         assert_eq!(a.state, AgreementState::Active);
         assert_eq!(a.decided_by.as_deref(), Some("policy"));
-        let active = store.active("Org", None, now).unwrap();
+        let active = store.active("Org", None, now, None).unwrap();
         assert_eq!(active["trips/research"].id, a.id);
         // Asking again returns the same agreement.
         let again = store
@@ -635,8 +842,51 @@ mod tests {
             store.get(&a.id, later).unwrap().unwrap().state,
             AgreementState::Expired
         );
-        assert!(store.active("Org", None, later).unwrap().is_empty());
-        assert!(store.active("Other", None, now).unwrap().is_empty());
+        assert!(store.active("Org", None, later, None).unwrap().is_empty());
+        assert!(store.active("Other", None, now, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_token_bound_agreement_counts_only_with_a_live_token_of_its_principal() {
+        let (_dir, store) = store();
+        let now = SystemTime::now();
+        let offer = offer(ApprovalMode::Automatic, None);
+        let a = store
+            .request_token_bound(&offer, "Org", "p", "mobility-research", now)
+            .unwrap();
+        let again = store
+            .request_token_bound(&offer, "Org", "p", "mobility-research", now)
+            .unwrap();
+        assert_ne!(a.id, again.id, "each negotiation has its own agreement");
+        assert!(store.is_token_bound(&a.id).unwrap());
+        assert!(store.active("Org", None, now, None).unwrap().is_empty());
+        assert!(!store.is_usable(&a.id, "p", now).unwrap());
+
+        let expires = now + Duration::from_secs(60);
+        let token = store.issue_token(&a.id, "tp-1", "p", expires).unwrap();
+        let grant = store.redeem_token(&token, "p", now).unwrap().unwrap();
+        assert_eq!(grant.agreement_id, a.id);
+        let active = store.active("Org", None, now, Some(&a.id)).unwrap();
+        assert_eq!(active.values().next().unwrap().id, a.id);
+        assert!(store.is_usable(&a.id, "p", now).unwrap());
+        // Another principal, a later time, a changed token: nothing.
+        assert_eq!(store.redeem_token(&token, "q", now).unwrap(), None);
+        assert_eq!(store.redeem_token(&token, "p", expires).unwrap(), None);
+        assert_eq!(
+            store.redeem_token(&format!("{token}x"), "p", now).unwrap(),
+            None
+        );
+        assert!(!store.is_usable(&a.id, "q", now).unwrap());
+
+        store.revoke_tokens("tp-1").unwrap();
+        assert_eq!(store.redeem_token(&token, "p", now).unwrap(), None);
+        assert!(!store.is_usable(&a.id, "p", now).unwrap());
+        // The hash is kept, never the token.
+        let kept: String = store
+            .lock()
+            .query_row("SELECT token_sha256 FROM access_tokens", [], |r| r.get(0))
+            .unwrap();
+        assert!(!kept.contains(&token) && kept.len() == 64);
     }
 
     #[test]

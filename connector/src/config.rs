@@ -90,7 +90,41 @@ pub struct Config {
     /// The workers plan fragments run on (`[cluster]`); none: this
     /// connector executes every query itself.
     pub cluster: ClusterConfig,
+    /// The Dataspace Protocol endpoint (`[dsp]`; docs/dsp.md).
+    pub dsp: DspConfig,
 }
+
+/// `[dsp]`: the Dataspace Protocol (2025-1, HTTPS) endpoint.
+#[derive(Debug, Clone)]
+pub struct DspConfig {
+    /// Where it listens; `None` (no `[dsp]`, or `listen = "off"`): not served.
+    pub listen: Option<SocketAddr>,
+    /// The URL others reach it at (default `https://<bound address>`).
+    pub public_url: Option<url::Url>,
+    /// The Flight SQL endpoint data addresses name (default
+    /// `grpc+tls://<server.listen's bound address>`).
+    pub flight_endpoint: Option<String>,
+    /// This connector's participant id in the catalog and agreements
+    /// (default: the principal of its server certificate).
+    pub participant_id: Option<String>,
+    /// How long a transfer's access token is valid.
+    pub token_ttl: Duration,
+}
+
+impl Default for DspConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            public_url: None,
+            flight_endpoint: None,
+            participant_id: None,
+            token_ttl: DEFAULT_TOKEN_TTL,
+        }
+    }
+}
+
+/// A transfer's token lasts an hour unless `dsp.token_ttl` says otherwise.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 /// `[cluster]`: the `sluice worker`s this connector (their coordinator)
 /// sends plan fragments to, and the certificate it presents to them.
@@ -536,6 +570,19 @@ struct RawConfig {
     policy: Option<RawPolicy>,
     #[serde(default)]
     cluster: RawCluster,
+    #[serde(default)]
+    dsp: RawDsp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDsp {
+    /// An address, or "off".
+    listen: Option<String>,
+    public_url: Option<String>,
+    flight_endpoint: Option<String>,
+    participant_id: Option<String>,
+    token_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -722,6 +769,8 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
         addr => Some(parse_addr(addr).map_err(|r| err("metrics.listen".into(), r.to_string()))?),
     };
 
+    let dsp = parse_dsp(raw.dsp).map_err(|(f, r)| err(format!("dsp.{f}"), r))?;
+
     let level = raw.log.level.unwrap_or_else(|| "info".into());
     tracing_subscriber::EnvFilter::try_new(&level)
         .map_err(|e| err("log.level".into(), format!("invalid filter `{level}`: {e}")))?;
@@ -856,6 +905,60 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
             tls: cluster_tls,
             probe_interval,
         },
+        dsp,
+    })
+}
+
+fn parse_dsp(raw: RawDsp) -> Result<DspConfig, (String, String)> {
+    let listen = match raw.listen.as_deref() {
+        None | Some("off") => None,
+        Some(addr) => Some(parse_addr(addr).map_err(|r| ("listen".to_string(), r.to_string()))?),
+    };
+    let public_url = match raw.public_url {
+        None => None,
+        Some(text) => {
+            let url = url::Url::parse(&text)
+                .ok()
+                .filter(|u| u.scheme() == "https" && u.host().is_some())
+                .ok_or_else(|| {
+                    (
+                        "public_url".to_string(),
+                        format!(
+                            "`{text}` is not an https URL, e.g. \"https://connector.example:8443\""
+                        ),
+                    )
+                })?;
+            Some(url)
+        }
+    };
+    if let Some(endpoint) = &raw.flight_endpoint
+        && !endpoint.starts_with("grpc+tls://")
+    {
+        return Err((
+            "flight_endpoint".into(),
+            format!(
+                "`{endpoint}` is not a grpc+tls:// URL, e.g. \"grpc+tls://connector.example:50051\""
+            ),
+        ));
+    }
+    let token_ttl = match raw.token_ttl {
+        None => DEFAULT_TOKEN_TTL,
+        Some(text) => parse_duration(&text)
+            .ok()
+            .filter(|d| !d.is_zero() && *d <= Duration::from_secs(7 * 86_400))
+            .ok_or_else(|| {
+                (
+                    "token_ttl".to_string(),
+                    format!("`{text}` is not a duration between 1s and 7d, e.g. \"1h\""),
+                )
+            })?,
+    };
+    Ok(DspConfig {
+        listen,
+        public_url,
+        flight_endpoint: raw.flight_endpoint,
+        participant_id: raw.participant_id.filter(|p| !p.trim().is_empty()),
+        token_ttl,
     })
 }
 

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use ring::digest;
-use sluice_policy::{Principal, QueryContext};
+use sluice_policy::{AccessToken, Principal, QueryContext};
 use tonic::{Request, Status};
 use x509_parser::error::X509Error;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -66,7 +66,7 @@ pub fn authenticate(mut request: Request<()>) -> Result<Request<()>, Status> {
 /// A certificate of the deployment's own processes (a coordinator's, a
 /// worker's) is not a consumer: it cannot query, relay or use the control
 /// plane.
-fn refuse_roles(principal: &Principal) -> Result<(), Status> {
+pub(crate) fn refuse_roles(principal: &Principal) -> Result<(), Status> {
     match principal
         .san_uris
         .iter()
@@ -151,7 +151,33 @@ pub fn query_context<T>(request: &Request<T>) -> Result<QueryContext, Status> {
     let mut context = QueryContext::new(principal);
     context.purpose = purpose.filter(|p| !p.is_empty());
     context.epsilon = epsilon(request)?;
+    context.access_token = bearer_token(request)?;
     Ok(context)
+}
+
+/// The access token of a DSP transfer (`authorization: Bearer …`), which
+/// lets a query rest on that transfer's agreement. The token never appears
+/// in an error or a log line.
+fn bearer_token<T>(request: &Request<T>) -> Result<Option<AccessToken>, Status> {
+    let Some(value) = request.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|text| {
+            text.strip_prefix("Bearer ")
+                .or_else(|| text.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|token| !token.is_empty());
+    match token {
+        Some(token) => Ok(Some(AccessToken::new(token))),
+        None => Err(Status::invalid_argument(
+            "the authorization header must be `Bearer <token>` with the access token of a DSP \
+             transfer; your identity is your client certificate, so leave the header out otherwise",
+        )),
+    }
 }
 
 fn epsilon<T>(request: &Request<T>) -> Result<Option<f64>, Status> {
@@ -182,7 +208,7 @@ pub fn principal_from_der(der: &[u8]) -> Result<Principal, CertificateError> {
     caller_from_der(der).map(|c| c.principal)
 }
 
-fn caller_from_der(der: &[u8]) -> Result<Caller, CertificateError> {
+pub fn caller_from_der(der: &[u8]) -> Result<Caller, CertificateError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(CertificateError::Unparsable)?;
     let subject = cert.subject();
     let organization = subject

@@ -25,7 +25,8 @@
 //! GetFlightInfo is `query::issue`, DoGet `query::redeem`: each reads as
 //! its steps. The control plane: [`catalog`] and `control::catalog` (what
 //! is offered), [`agreements`] (contracts a grant may require), [`audit`]
-//! (receipts).
+//! (receipts), [`dsp`] (the Dataspace Protocol: catalog, negotiation and
+//! transfer for EDC-based data spaces).
 //!
 //! Around them: [`flight`] (the Flight SQL protocol), [`control`] (Sluice's
 //! own gRPC services), [`broker`] (federation), [`server`] (built first,
@@ -45,6 +46,7 @@ pub mod config;
 pub mod connections;
 pub mod control;
 pub mod dev;
+pub mod dsp;
 pub mod flight;
 pub mod guard;
 pub mod identity;

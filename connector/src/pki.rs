@@ -160,7 +160,16 @@ impl Authority {
                 .push(SanType::URI(role.uri().try_into()?));
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // A connector's certificate also authenticates it as a client: the
+        // DSP messages it sends to consumers' callbacks (docs/dsp.md). A
+        // worker's serves only.
+        params.extended_key_usages = match role {
+            Some(_) => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            None => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         set_validity(&mut params, validity);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
@@ -203,7 +212,19 @@ impl Authority {
             ));
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // Server authentication too: a DSP consumer serves its callback
+        // endpoint with its own certificate, which the provider pins to the
+        // principal that negotiated (it names no host, so it cannot pass
+        // for any server reached by name).
+        // A coordinator's certificate is a client's only.
+        let role = who.uris.iter().any(|u| u.starts_with(ROLE_URI_PREFIX));
+        params.extended_key_usages = match role {
+            true => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            false => vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
+        };
         set_validity(&mut params, validity);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {

@@ -166,15 +166,75 @@ impl App {
             }
             None => None,
         };
+        let dsp = match self.config.dsp.listen {
+            Some(listen) => Some(self.dsp_endpoint(listen, addr).await?),
+            None => None,
+        };
         Ok(Listening {
             app: self,
             listener,
             addr,
             metrics_addr,
+            dsp,
             stop,
             stopped,
         })
     }
+
+    /// Binds the DSP endpoint and builds its provider, now that the Flight
+    /// SQL address its data addresses name is known.
+    async fn dsp_endpoint(&self, listen: SocketAddr, flight: SocketAddr) -> Result<DspEndpoint> {
+        use crate::dsp::{auth, https, provider, store};
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen} (dsp.listen / --dsp-listen)"))?;
+        let bound = listener.local_addr()?;
+        let dsp = &self.config.dsp;
+        let root = match &dsp.public_url {
+            Some(url) => url.as_str().trim_end_matches('/').to_string(),
+            None => format!("https://{bound}"),
+        };
+        let files = https::TlsFiles {
+            cert: self.tls_files.cert.clone(),
+            key: self.tls_files.key.clone(),
+            ca: self.tls_files.client_ca.clone(),
+        };
+        let participant = match &dsp.participant_id {
+            Some(id) => id.clone(),
+            None => https::principal_of(&files.cert)?,
+        };
+        let tls = https::server_config(&files)?;
+        let provider = provider::Provider::new(
+            self.engine.clone(),
+            store::DspStore::open(&self.state.dsp_file())?,
+            https::Outbound::new(files)?,
+            Arc::new(auth::ClientCertificates),
+            provider::ProviderSettings {
+                dsp_url: format!("{root}{}", provider::BASE_PATH),
+                flight_sql: dsp
+                    .flight_endpoint
+                    .clone()
+                    .unwrap_or_else(|| format!("grpc+tls://{flight}")),
+                participant,
+                token_ttl: dsp.token_ttl,
+            },
+        );
+        Ok(DspEndpoint {
+            listener,
+            root,
+            tls,
+            provider: Arc::new(provider),
+        })
+    }
+}
+
+/// The DSP endpoint, bound and built.
+struct DspEndpoint {
+    listener: TcpListener,
+    /// `https://HOST:PORT`, where `/.well-known/dspace-version` is.
+    root: String,
+    tls: Arc<rustls::ServerConfig>,
+    provider: Arc<crate::dsp::provider::Provider>,
 }
 
 /// A bound daemon, ready to serve.
@@ -183,6 +243,7 @@ pub struct Listening {
     listener: TcpListener,
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    dsp: Option<DspEndpoint>,
     stop: watch::Sender<bool>,
     stopped: watch::Receiver<bool>,
 }
@@ -207,8 +268,8 @@ impl Listening {
         banner(
             &self.app.config,
             &self.app.state,
-            self.addr,
-            self.metrics_addr,
+            (self.addr, self.metrics_addr),
+            self.dsp.as_ref().map(|d| d.root.as_str()),
             &self.app.tls_files,
             &policy,
         )
@@ -223,10 +284,22 @@ impl Listening {
             listener,
             addr,
             metrics_addr,
+            dsp,
             stop,
             stopped,
         } = self;
         let engine = app.engine.clone();
+        if let Some(dsp) = dsp {
+            let router = crate::dsp::provider::router(dsp.provider.clone());
+            tokio::spawn(crate::dsp::https::serve(
+                dsp.listener,
+                dsp.tls,
+                router,
+                stopped.clone(),
+            ));
+            tokio::spawn(dsp.provider.follow_agreements(stopped.clone()));
+            tracing::info!(url = %dsp.root, "serving the Dataspace Protocol (2025-1) over HTTPS with mTLS");
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         report_serving(&health).await;
         spawn_background(&app, stopped.clone());
@@ -471,8 +544,8 @@ pub async fn shutdown_signal() -> &'static str {
 fn banner(
     config: &Config,
     state: &StateDir,
-    addr: SocketAddr,
-    metrics: Option<SocketAddr>,
+    (addr, metrics): (SocketAddr, Option<SocketAddr>),
+    dsp: Option<&str>,
     tls: &TlsConfig,
     policy: &str,
 ) -> String {
@@ -484,6 +557,12 @@ fn banner(
     ));
     if let Some(m) = metrics {
         out.push_str(&format!("  metrics on http://{m}/metrics\n"));
+    }
+    if let Some(root) = dsp {
+        out.push_str(&format!(
+            "  DSP 2025-1 on {root}{} (mTLS; versions at {root}/.well-known/dspace-version)\n",
+            crate::dsp::provider::BASE_PATH
+        ));
     }
     out.push_str(&format!("  config:    {}\n", config.source));
     out.push_str(&format!("  state dir: {}\n", state.root().display()));

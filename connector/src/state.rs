@@ -173,6 +173,11 @@ impl StateDir {
         self.root.join("agreements.sqlite")
     }
 
+    /// The provider's DSP negotiations and transfer processes.
+    pub fn dsp_file(&self) -> PathBuf {
+        self.root.join("dsp.sqlite")
+    }
+
     /// The audit log (`audit.jsonl`), its signing key (`signing-key.p8`)
     /// and the public key to verify it (`public-key.pem`).
     pub fn audit_dir(&self) -> PathBuf {

@@ -30,7 +30,32 @@ pub struct QueryContext {
     /// Active agreements of the principal's organization, by offer id
     /// (filled by the connector from its agreement store).
     pub agreements: BTreeMap<String, ActiveAgreement>,
+    /// A data-plane access token the query presented (a DSP transfer's,
+    /// `authorization: Bearer …`). The connector turns it into
+    /// `agreements`; no policy decision reads it.
+    pub access_token: Option<AccessToken>,
     pub at: SystemTime,
+}
+
+/// A secret bearer token: never printed, even in debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken(String);
+
+impl AccessToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself, to look it up; never log it.
+    pub fn reveal(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessToken(…)")
+    }
 }
 
 /// An agreement in force, as far as a decision needs to know.
@@ -47,6 +72,7 @@ impl QueryContext {
             purpose: None,
             epsilon: None,
             agreements: BTreeMap::new(),
+            access_token: None,
             at: SystemTime::now(),
         }
     }

@@ -38,5 +38,5 @@ pub mod rewrite;
 pub use compile::{PlanningContext, PolicyError, PolicySet};
 pub use decision::{Approval, DecisionRecord, Denial, DenialKind, PrivacyCharge, QuotaCharge};
 pub use document::{Class, Tag};
-pub use gate::{ActiveAgreement, PlanGate, PlanningView, PolicyGate, QueryContext};
+pub use gate::{AccessToken, ActiveAgreement, PlanGate, PlanningView, PolicyGate, QueryContext};
 pub use principal::Principal;

@@ -44,16 +44,21 @@ class Daemon:
         self.state_dir = state_dir
         self.proc = subprocess.Popen(
             [sluice_bin(), "serve", "--state-dir", str(state_dir), "--listen", "127.0.0.1:0",
-             "--metrics-listen", "off", *extra],
+             "--metrics-listen", "off", "--dsp-listen", "127.0.0.1:0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             preexec_fn=_die_with_parent,
         )
         self.logs: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self.dsp_url = None
         for line in self.proc.stdout:
             match = re.search(r"listening on grpc\+tls://(\S+)", line)
             if match:
                 self.address = match.group(1)
+            dsp = re.search(r"DSP 2025-1 on (https://\S+)/dsp/2025-1", line)
+            if dsp:
+                self.dsp_url = dsp.group(1)
+            if "config:" in line:  # the banner's lines before it are read
                 break
         else:
             raise RuntimeError("sluice serve exited: " + "".join(self.logs))

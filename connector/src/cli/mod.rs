@@ -11,6 +11,7 @@ mod certs;
 mod config_cmd;
 mod conn;
 mod control;
+mod dsp;
 mod generate;
 mod query;
 mod serve;
@@ -74,6 +75,9 @@ enum Command {
     /// The audit log: verify the chain offline, export it, show its head.
     #[command(subcommand)]
     Audit(control::AuditCommand),
+    /// The Dataspace Protocol (DSP 2025-1) as a consumer: catalog, negotiate, transfer, end.
+    #[command(subcommand)]
+    Dsp(dsp::DspCommand),
     /// Create a certificate authority and issue server and client certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -117,6 +121,7 @@ fn run(command: Command) -> Result<()> {
         Command::Admin(cmd) => client_runtime()?.block_on(control::admin(cmd)),
         Command::Receipt(cmd) => client_runtime()?.block_on(control::receipt(cmd)),
         Command::Audit(cmd) => client_runtime()?.block_on(control::audit(cmd)),
+        Command::Dsp(cmd) => client_runtime()?.block_on(dsp::run(cmd)),
         Command::Certs(cmd) => certs::certs(cmd),
         Command::Generate(cmd) => generate::run(cmd),
         Command::Config(cmd) => config_cmd::run(cmd),

@@ -27,6 +27,11 @@ pub struct QueryArgs {
     /// x-sluice-epsilon header), up to the policy's per-query cap.
     #[arg(long, short = 'e', env = "SLUICE_EPSILON")]
     pub epsilon: Option<f64>,
+    /// The access token of a DSP transfer (`sluice dsp transfer` prints it),
+    /// sent as `authorization: Bearer <token>`: the query runs under that
+    /// transfer's agreement.
+    #[arg(long, env = "SLUICE_ACCESS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Write the result's audit receipt (JSON) to this file, for
     /// `sluice receipt verify`.
     #[arg(long)]
@@ -63,6 +68,9 @@ pub async fn query(args: QueryArgs) -> Result<()> {
     }
     if let Some(epsilon) = args.epsilon {
         conn.set_epsilon(epsilon);
+    }
+    if let Some(token) = &args.token {
+        conn.set_header("authorization", &format!("Bearer {}", token.trim()))?;
     }
     if args.allow_partial {
         conn.set_header(sluice_proto::wire::header::ALLOW_PARTIAL, "true")?;

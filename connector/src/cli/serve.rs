@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// Prometheus endpoint address, or `off`. Overrides metrics.listen.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// DSP 2025-1 endpoint address (HTTPS, mTLS), or `off`. Overrides dsp.listen.
+    #[arg(long)]
+    pub dsp_listen: Option<String>,
     /// Log format. Overrides log.format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -67,6 +70,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             addr => Some(
                 config::parse_addr(addr).map_err(|r| anyhow::anyhow!("--metrics-listen: {r}"))?,
             ),
+        };
+    }
+    if let Some(d) = &args.dsp_listen {
+        cfg.dsp.listen = match d.as_str() {
+            "off" => None,
+            addr => {
+                Some(config::parse_addr(addr).map_err(|r| anyhow::anyhow!("--dsp-listen: {r}"))?)
+            }
         };
     }
     if let Some(format) = args.log_format {

@@ -45,40 +45,13 @@ impl AgreementDesk {
         found.ok_or_else(|| Status::not_found(format!("no agreement `{id}` of yours")))
     }
 
-    /// Appends an `agreement` record. The change is already stored: if it
-    /// cannot be recorded, the caller hears so instead of a silent success.
     fn record(
         &self,
         principal: &Principal,
         outcome: &str,
         agreement: &Agreement,
     ) -> Result<(), Status> {
-        let entry = Entry {
-            event: "agreement".into(),
-            outcome: outcome.into(),
-            principal: principal.id.clone(),
-            organization: Some(agreement.organization.clone()),
-            datasets: vec![agreement.dataset.clone()],
-            purpose: Some(agreement.purpose.clone()),
-            agreements: vec![agreement.id.clone()],
-            policy_version: self.engine.policy_version(),
-            message: agreement.reason.clone(),
-            ..Entry::default()
-        };
-        self.engine.audit().append(entry).map(drop).map_err(|e| {
-            tracing::error!(error = %e, agreement = %agreement.id, "the audit log cannot be written");
-            let unrecorded = format!(
-                "agreement `{}` is {}, but the audit log cannot be written",
-                agreement.id, agreement.state
-            );
-            match audit_disk_full(&e) {
-                true => Status::unavailable(format!(
-                    "{unrecorded} (the disk is full), so the change has no audit record yet. \
-                     The provider must {FREE_SPACE}"
-                )),
-                false => Status::internal(format!("{unrecorded} (see the connector log)")),
-            }
-        })
+        record_change(&self.engine, principal, outcome, agreement)
     }
 
     fn decide(
@@ -210,6 +183,44 @@ impl AgreementService for AgreementDesk {
         let decided = self.decide(&principal, request.into_inner(), Decision::Revoke)?;
         Ok(Response::new(message(&decided)))
     }
+}
+
+/// Appends an `agreement` record for a change `principal` made, however
+/// it came (this service or a DSP negotiation). The change is already
+/// stored: if it cannot be recorded, the caller hears so instead of a
+/// silent success.
+pub(crate) fn record_change(
+    engine: &QueryEngine,
+    principal: &Principal,
+    outcome: &str,
+    agreement: &Agreement,
+) -> Result<(), Status> {
+    let entry = Entry {
+        event: "agreement".into(),
+        outcome: outcome.into(),
+        principal: principal.id.clone(),
+        organization: Some(agreement.organization.clone()),
+        datasets: vec![agreement.dataset.clone()],
+        purpose: Some(agreement.purpose.clone()),
+        agreements: vec![agreement.id.clone()],
+        policy_version: engine.policy_version(),
+        message: agreement.reason.clone(),
+        ..Entry::default()
+    };
+    engine.audit().append(entry).map(drop).map_err(|e| {
+        tracing::error!(error = %e, agreement = %agreement.id, "the audit log cannot be written");
+        let unrecorded = format!(
+            "agreement `{}` is {}, but the audit log cannot be written",
+            agreement.id, agreement.state
+        );
+        match audit_disk_full(&e) {
+            true => Status::unavailable(format!(
+                "{unrecorded} (the disk is full), so the change has no audit record yet. \
+                 The provider must {FREE_SPACE}"
+            )),
+            false => Status::internal(format!("{unrecorded} (see the connector log)")),
+        }
+    })
 }
 
 /// What a provider admin does to an agreement.

@@ -16,6 +16,7 @@ mod catalog;
 mod connector;
 
 pub use agreements::AgreementDesk;
+pub(crate) use agreements::record_change;
 pub use audit::AuditReceipts;
 pub use budget::Budgets;
 pub use catalog::CatalogDirectory;

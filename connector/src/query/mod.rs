@@ -223,10 +223,13 @@ impl QueryEngine {
     }
 
     /// The request with the active agreements of its organization, which
-    /// the decision needs (a grant may require one).
+    /// the decision needs (a grant may require one). A token-bound (DSP)
+    /// agreement counts only for a query presenting one of its live tokens;
+    /// a token that is not live for this principal refuses the query.
     fn with_agreements(&self, request: &QueryContext) -> Result<QueryContext, QueryError> {
         let consumer = &request.principal;
-        let mut active = self.active_agreements(consumer, request)?;
+        let unlocked = self.unlocked_agreement(request)?;
+        let mut active = self.active_agreements(consumer, request, unlocked.as_deref())?;
         // A relayed query may also rest on the broker's own grant, and so on
         // the broker's agreements for the offers that grant makes; never on
         // them for the end consumer's offers.
@@ -234,7 +237,7 @@ impl QueryEngine {
             let gate = self.policy.current();
             if let Some(policy) = gate.policy_set() {
                 let direct = consumer.direct();
-                for (offer, agreement) in self.active_agreements(broker, request)? {
+                for (offer, agreement) in self.active_agreements(broker, request, None)? {
                     if policy.offer(broker, &offer).is_some()
                         && policy.offer(&direct, &offer).is_none()
                     {
@@ -249,16 +252,48 @@ impl QueryEngine {
         })
     }
 
+    /// The agreement the request's access token unlocks, if it presents
+    /// one. The same refusal for a token that is unknown, expired, revoked
+    /// or another principal's: its holder learns nothing about it.
+    fn unlocked_agreement(&self, request: &QueryContext) -> Result<Option<String>, QueryError> {
+        let Some(token) = &request.access_token else {
+            return Ok(None);
+        };
+        let refused = || {
+            QueryError::Denied(sluice_policy::Denial {
+                kind: sluice_policy::DenialKind::Forbidden,
+                rule: "access token".into(),
+                message: "the access token (authorization: Bearer …) is not valid for you: it is \
+                          unknown, expired, revoked (its transfer was suspended, completed or \
+                          terminated) or another consumer's. Start a new transfer \
+                          (`sluice dsp transfer`) for a new token"
+                    .into(),
+            })
+        };
+        if request.principal.via.is_some() {
+            return Err(refused());
+        }
+        let grant = self
+            .agreements
+            .redeem_token(token.reveal(), &request.principal.id, request.at)?
+            .ok_or_else(refused)?;
+        Ok(Some(grant.agreement_id))
+    }
+
     fn active_agreements(
         &self,
         principal: &Principal,
         request: &QueryContext,
+        unlocked: Option<&str>,
     ) -> Result<std::collections::BTreeMap<String, sluice_policy::ActiveAgreement>, QueryError>
     {
         let organization = audit::organization_key(principal);
-        Ok(self
-            .agreements
-            .active(&organization, request.purpose.as_deref(), request.at)?)
+        Ok(self.agreements.active(
+            &organization,
+            request.purpose.as_deref(),
+            request.at,
+            unlocked,
+        )?)
     }
 
     /// Tickets issued and not yet redeemed or expired.

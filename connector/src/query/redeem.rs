@@ -106,7 +106,7 @@ impl QueryEngine {
         let mut receiver = tokio_stream::wrappers::ReceiverStream::new(receiver).peekable();
         std::pin::Pin::new(&mut receiver).peek().await;
         // A revocation during the wait for a slot or the noise still counts.
-        self.check_agreements(&record)?;
+        self.check_agreements(&record, &principal.id)?;
         let release = audit::Entry {
             data_versions: if cached {
                 vec!["none read: a cached differentially private answer".into()]
@@ -154,7 +154,7 @@ impl QueryEngine {
                 "ticket rejected: it names another privacy-budget reservation".into(),
             ));
         }
-        self.check_agreements(&pending.approval.record)?;
+        self.check_agreements(&pending.approval.record, &claims.principal_id)?;
         let slot = self
             .executions
             .acquire(
@@ -171,17 +171,22 @@ impl QueryEngine {
     }
 
     /// A ticket is only as good as the agreements it was issued under: one
-    /// revoked or expired since makes it useless.
-    pub(super) fn check_agreements(&self, decision: &DecisionRecord) -> Result<(), QueryError> {
+    /// revoked or expired since, or a token-bound one whose transfer has
+    /// ended since, makes it useless.
+    pub(super) fn check_agreements(
+        &self,
+        decision: &DecisionRecord,
+        principal: &str,
+    ) -> Result<(), QueryError> {
         let now = SystemTime::now();
         for id in &decision.agreements {
-            let active = self.agreements.is_active(id, now)?;
+            let active = self.agreements.is_usable(id, principal, now)?;
             if !active {
                 return Err(QueryError::Denied(sluice_policy::Denial {
                     kind: sluice_policy::DenialKind::Precondition,
                     rule: "agreement".into(),
                     message: format!(
-                        "agreement `{id}` is no longer active (revoked or expired) since this ticket was issued; request a new agreement"
+                        "agreement `{id}` is no longer active (revoked or expired, or its transfer ended) since this ticket was issued; request a new agreement"
                     ),
                 }));
             }

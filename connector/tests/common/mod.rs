@@ -191,6 +191,8 @@ impl Daemon {
         let mut child = dies_with_parent()
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            // Tests run side by side: never the default's fixed DSP port.
+            .args(["--dsp-listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("RUST_LOG")
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -237,6 +239,8 @@ impl Daemon {
                         addr = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
                     } else if let Some(rest) = line.split("metrics on http://").nth(1) {
                         metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+                    } else if line.contains("DSP 2025-1 on ") {
+                        // Its URL is read from the banner (`dsp_url`).
                     } else if addr.is_some() {
                         break; // the banner's next line: metrics would have come by now
                     }
@@ -275,6 +279,17 @@ impl Daemon {
 
     pub fn pki(&self) -> PathBuf {
         self.state_dir.join("pki")
+    }
+
+    /// The DSP endpoint's root URL, `https://HOST:PORT`, from the banner.
+    pub fn dsp_url(&self) -> String {
+        let banner = self.banner();
+        let rest = banner
+            .split("DSP 2025-1 on ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no DSP endpoint in the banner: {banner}"));
+        let url = rest.split_whitespace().next().unwrap();
+        url.trim_end_matches("/dsp/2025-1").to_string()
     }
 
     /// An mTLS channel as demo identity `identity` (`planning` or `supplier`).
