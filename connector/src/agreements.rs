@@ -331,6 +331,17 @@ impl Agreements {
         Ok(token)
     }
 
+    /// Revokes one token (a start that lost a race keeps none alive).
+    pub fn revoke_token(&self, token: &str) -> Result<(), AgreementStoreError> {
+        self.lock()
+            .execute(
+                "UPDATE access_tokens SET revoked = 1 WHERE token_sha256 = ?1",
+                [token_hash(token)],
+            )
+            .map(drop)
+            .map_err(|e| self.store_error(e))
+    }
+
     /// Revokes every token a transfer issued (it was suspended, completed
     /// or terminated).
     pub fn revoke_tokens(&self, transfer_id: &str) -> Result<(), AgreementStoreError> {
@@ -412,6 +423,8 @@ impl Agreements {
             .find(|a| {
                 a.purpose == purpose
                     && matches!(a.state, AgreementState::Pending | AgreementState::Active)
+                    // A DSP negotiation's agreement is its negotiator's alone.
+                    && !self.is_token_bound(&a.id).unwrap_or(true)
             })
         {
             return Ok(existing);

@@ -556,4 +556,66 @@ async fn messages_the_state_machines_forbid_get_the_specifications_errors() {
         .await
         .unwrap();
     Message::Dataset.check(&dataset).unwrap();
+
+    // An offer that needs no agreement is used directly: nothing to negotiate.
+    let answer = post(
+        &planning,
+        format!("{base}/negotiations/request"),
+        &request("trips/city-planning", "trips"),
+    )
+    .await;
+    negotiation_error(answer, 400, "no-agreement-needed");
+
+    // One consumer holds at most 16 open negotiations (each may hold a
+    // delivery to its callback); the 17th is refused until some end.
+    let mut refused = None;
+    for i in 0..17 {
+        let mut asked = request("trips/city-research", "trips");
+        asked["consumerPid"] = json!(format!("urn:uuid:00000000-0000-4000-8000-{i:012}"));
+        let (status, body) = post(&research, format!("{base}/negotiations/request"), &asked).await;
+        if status != 201 {
+            refused = Some((i, body));
+            break;
+        }
+    }
+    let (at, body) = refused.expect("a cap on open negotiations");
+    assert_eq!(
+        (at, body["code"].as_str()),
+        (16, Some("too-many-processes")),
+        "{body}"
+    );
+
+    // An agreement requested over sluice.v1 is never a DSP negotiation's
+    // (that one is its negotiator's alone, usable only with its tokens).
+    let endpoint = p.daemon.endpoint();
+    let requested = p.dsp(
+        "research",
+        &[
+            "agreements",
+            "request",
+            "trips/city-research",
+            "--purpose",
+            "research",
+            "--endpoint",
+            &endpoint,
+        ],
+    );
+    assert!(requested.contains("pending"), "{requested}");
+    let pending = p.dsp(
+        "admin",
+        &[
+            "admin",
+            "agreements",
+            "list",
+            "--state",
+            "pending",
+            "--endpoint",
+            &endpoint,
+        ],
+    );
+    assert_eq!(
+        pending.lines().count(),
+        17,
+        "16 negotiations and one request: {pending}"
+    );
 }

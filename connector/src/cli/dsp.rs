@@ -39,7 +39,7 @@ pub enum DspCommand {
         #[arg(long, short = 'p')]
         purpose: Option<String>,
         /// How long to wait for each answer: a manual offer waits for the provider's administrator.
-        #[arg(long, default_value = "60s", value_parser = duration)]
+        #[arg(long, default_value = "60s", value_parser = sluice::config::parse_duration)]
         wait: Duration,
     },
     /// Start a Flight SQL pull transfer under an agreement; prints the endpoint and access token.
@@ -49,7 +49,7 @@ pub enum DspCommand {
         url: String,
         /// The agreement id the negotiation printed.
         agreement: String,
-        #[arg(long, default_value = "60s", value_parser = duration)]
+        #[arg(long, default_value = "60s", value_parser = sluice::config::parse_duration)]
         wait: Duration,
     },
     /// End a transfer: its access token stops working at once.
@@ -99,10 +99,6 @@ impl Side {
             .await
             .context("starting the DSP consumer")
     }
-}
-
-fn duration(text: &str) -> Result<Duration, String> {
-    sluice::config::parse_duration(text).map_err(|e| e.to_string())
 }
 
 pub async fn run(command: DspCommand) -> Result<()> {

@@ -13,9 +13,14 @@ use sluice_policy::Principal;
 use super::https::Peer;
 use crate::identity;
 
+/// Why a request names no principal (answered 401 with this message).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unauthenticated(pub String);
+
 /// Turns a request into the principal that sent it, or says why not.
 pub trait Authenticate: Send + Sync {
-    fn authenticate(&self, peer: &Peer, headers: &HeaderMap) -> Result<Principal, String>;
+    fn authenticate(&self, peer: &Peer, headers: &HeaderMap) -> Result<Principal, Unauthenticated>;
 }
 
 /// The default: the verified client certificate of the connection, read
@@ -23,13 +28,20 @@ pub trait Authenticate: Send + Sync {
 pub struct ClientCertificates;
 
 impl Authenticate for ClientCertificates {
-    fn authenticate(&self, peer: &Peer, _headers: &HeaderMap) -> Result<Principal, String> {
+    fn authenticate(
+        &self,
+        peer: &Peer,
+        _headers: &HeaderMap,
+    ) -> Result<Principal, Unauthenticated> {
         let caller = peer.0.as_ref().ok_or_else(|| {
-            "a client certificate is required (mTLS) for every DSP endpoint except \
-             /.well-known/dspace-version"
-                .to_string()
+            Unauthenticated(
+                "a client certificate is required (mTLS) for every DSP endpoint except \
+                 /.well-known/dspace-version"
+                    .into(),
+            )
         })?;
-        identity::refuse_roles(&caller.principal).map_err(|s| s.message().to_string())?;
+        identity::refuse_roles(&caller.principal)
+            .map_err(|s| Unauthenticated(s.message().to_string()))?;
         Ok(caller.principal.clone())
     }
 }

@@ -76,9 +76,21 @@ struct Inbound {
 pub struct Consumer {
     outbound: Outbound,
     callback_url: String,
-    inbox: mpsc::UnboundedReceiver<Inbound>,
+    inbox: mpsc::Receiver<Inbound>,
+    callbacks: Arc<Callbacks>,
     stop: watch::Sender<bool>,
 }
+
+/// What the callback endpoint shares with the command: where messages go,
+/// and the processes this command started (messages for any other are
+/// refused, so a stranger cannot fill the inbox).
+struct Callbacks {
+    inbox: mpsc::Sender<Inbound>,
+    expected: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Messages waiting for the command at most; more are refused (503).
+const INBOX: usize = 64;
 
 /// Where the negotiation ended.
 #[derive(Debug, Clone)]
@@ -124,7 +136,11 @@ impl Consumer {
                 addr: listen,
                 cause,
             })?;
-        let (tx, inbox) = mpsc::unbounded_channel();
+        let (tx, inbox) = mpsc::channel(INBOX);
+        let callbacks = Arc::new(Callbacks {
+            inbox: tx,
+            expected: Default::default(),
+        });
         let (stop, stopped) = watch::channel(false);
         let tls = https::server_config(&files)?;
         let router = Router::new()
@@ -133,14 +149,24 @@ impl Consumer {
                 post(negotiation_callback),
             )
             .route("/callback/transfers/{pid}/{kind}", post(transfer_callback))
-            .with_state(Arc::new(tx));
+            .with_state(callbacks.clone());
         tokio::spawn(https::serve(listener, tls, router, stopped));
         Ok(Self {
             outbound: Outbound::new(files)?,
             callback_url: public_url.unwrap_or_else(|| format!("https://{bound}/callback")),
             inbox,
+            callbacks,
             stop,
         })
+    }
+
+    /// Accepts callbacks for `consumer_pid` from now on.
+    fn expect(&self, consumer_pid: &str) {
+        self.callbacks
+            .expected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(consumer_pid.to_string());
     }
 
     /// The provider's DSP base URL, from its version endpoint.
@@ -211,6 +237,7 @@ impl Consumer {
             "offer": {"@type": "Offer", "@id": offer_id, "target": dataset, "permission": [permission]},
         });
         Message::ContractRequestMessage.check(&request)?;
+        self.expect(&consumer_pid);
         let (_, ack) = self
             .post(&format!("{base}/negotiations/request"), &request)
             .await?;
@@ -271,6 +298,7 @@ impl Consumer {
             "callbackAddress": self.callback_url,
         });
         Message::TransferRequestMessage.check(&request)?;
+        self.expect(&consumer_pid);
         let (_, ack) = self
             .post(&format!("{base}/transfers/request"), &request)
             .await?;
@@ -461,7 +489,7 @@ fn segment(pid: &str) -> String {
         .replace('+', "%20")
 }
 
-type Inbox = State<Arc<mpsc::UnboundedSender<Inbound>>>;
+type Inbox = State<Arc<Callbacks>>;
 
 async fn negotiation_callback(
     inbox: Inbox,
@@ -521,13 +549,24 @@ fn receive(
     if let Err(violation) = message.check(&value) {
         return (StatusCode::BAD_REQUEST, format!("{violation}\n"));
     }
-    if value["consumerPid"] != consumer_pid.as_str() {
+    let expected = inbox
+        .expected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&consumer_pid);
+    if !expected || value["consumerPid"] != consumer_pid.as_str() {
         return (StatusCode::NOT_FOUND, "no such process\n".into());
     }
-    let _ = inbox.send(Inbound {
+    let inbound = Inbound {
         consumer_pid,
         message,
         body: value,
-    });
-    (StatusCode::OK, String::new())
+    };
+    match inbox.inbox.try_send(inbound) {
+        Ok(()) => (StatusCode::OK, String::new()),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many messages\n".into(),
+        ),
+    }
 }

@@ -31,6 +31,11 @@ use crate::identity::{self, Caller};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// One outbound message, connection included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection to the DSP endpoint lasts at most this long (its messages
+/// are small): a peer that trickles bytes holds it no longer.
+const CONNECTION_LIMIT: Duration = Duration::from_secs(60);
+/// Connections served at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 512;
 
 /// The certificate and trust roots of one side.
 #[derive(Debug, Clone)]
@@ -123,7 +128,13 @@ pub async fn serve(
     mut stopped: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            permit = room.clone().acquire_owned() => permit,
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stopped.wait_for(|s| *s) => return,
@@ -137,7 +148,11 @@ pub async fn serve(
             }
         };
         let _ = socket.set_nodelay(true);
-        tokio::spawn(connection(acceptor.clone(), socket, remote, router.clone()));
+        let served = connection(acceptor.clone(), socket, remote, router.clone());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CONNECTION_LIMIT, served).await;
+            drop(permit);
+        });
     }
 }
 
@@ -244,6 +259,26 @@ impl Outbound {
     }
 }
 
+/// Whether a certificate names a DNS name or an IP address: a server's,
+/// never a consumer's. A callback presenting one is refused even if its
+/// principal (`CN=…`) matches, so no server certificate of the provider's
+/// network can answer for a consumer.
+fn names_a_host(der: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return true;
+    };
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .any(|n| matches!(n, GeneralName::DNSName(_) | GeneralName::IPAddress(_))),
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 /// Verifies a server certificate as web PKI does (chain to the roots,
 /// validity, server-auth key usage), except that instead of the host name
 /// it must name `principal`.
@@ -277,9 +312,11 @@ impl ServerCertVerifier for PinnedPrincipal {
             )) => {}
             Err(e) => return Err(e),
         }
-        match identity::principal_from_der(end_entity.as_ref()) {
-            Ok(p) if p.id == self.principal => Ok(ServerCertVerified::assertion()),
-            _ => Err(rustls::Error::InvalidCertificate(
+        let named =
+            identity::principal_from_der(end_entity.as_ref()).is_ok_and(|p| p.id == self.principal);
+        match named && !names_a_host(end_entity.as_ref()) {
+            true => Ok(ServerCertVerified::assertion()),
+            false => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             )),
         }

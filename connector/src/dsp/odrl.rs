@@ -220,10 +220,15 @@ pub fn agreement(
     })
 }
 
+/// A contract request that does not say which purpose it is for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PurposeUnstated(String);
+
 /// The purpose an offer in a contract request asks for: a `purpose`
 /// constraint `eq` (or `isAnyOf` with one value) in its permission, else
 /// the offer's only purpose. `Err` says what to send.
-pub fn requested_purpose(requested: &Value, offer: &Offer) -> Result<String, String> {
+pub fn requested_purpose(requested: &Value, offer: &Offer) -> Result<String, PurposeUnstated> {
     let constraints = requested["permission"]
         .as_array()
         .into_iter()
@@ -246,13 +251,15 @@ pub fn requested_purpose(requested: &Value, offer: &Offer) -> Result<String, Str
     }
     match offer.purposes.as_slice() {
         [only] => Ok(only.clone()),
-        [] => Err("state the purpose of use: a permission constraint \
-                   {\"leftOperand\": \"purpose\", \"operator\": \"eq\", \"rightOperand\": \"…\"}"
-            .into()),
-        several => Err(format!(
+        [] => Err(PurposeUnstated(
+            "state the purpose of use: a permission constraint \
+             {\"leftOperand\": \"purpose\", \"operator\": \"eq\", \"rightOperand\": \"…\"}"
+                .into(),
+        )),
+        several => Err(PurposeUnstated(format!(
             "the offer allows several purposes; choose one with a permission constraint \
              {{\"leftOperand\": \"purpose\", \"operator\": \"eq\", \"rightOperand\": \"…\"}}, one of: {}",
             several.join(", ")
-        )),
+        ))),
     }
 }

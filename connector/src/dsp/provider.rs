@@ -54,7 +54,18 @@ pub struct Provider {
     flight_sql: String,
     participant: String,
     token_ttl: Duration,
+    /// Messages to callbacks in flight at once, all consumers together.
+    deliveries: tokio::sync::Semaphore,
 }
+
+/// Messages in flight to callbacks at once: a consumer whose callback
+/// hangs holds at most its own processes' worth (see the caps below).
+const MAX_DELIVERIES: usize = 64;
+/// Negotiations and transfers one principal may have open at once.
+const MAX_OPEN_PER_PRINCIPAL: usize = 16;
+/// Longest process id and callback address accepted.
+const MAX_PID_CHARS: usize = 256;
+const MAX_CALLBACK_CHARS: usize = 2048;
 
 /// How a provider is set up.
 pub struct ProviderSettings {
@@ -81,6 +92,7 @@ impl Provider {
             flight_sql: settings.flight_sql,
             participant: settings.participant,
             token_ttl: settings.token_ttl,
+            deliveries: tokio::sync::Semaphore::new(MAX_DELIVERIES),
         }
     }
 
@@ -100,17 +112,48 @@ impl Provider {
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut changes = self.engine.agreements().subscribe();
+        // Changes made while the connector was down.
+        self.clone().reconcile();
         loop {
             let change = tokio::select! {
                 change = changes.recv() => change,
                 _ = stopped.wait_for(|s| *s) => return,
             };
             match change {
-                Ok(agreement) => self.clone().agreement_changed(agreement).await,
+                // Each on its own task: a slow callback holds up nobody else's.
+                Ok(agreement) => {
+                    tokio::spawn(self.clone().agreement_changed(agreement));
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "DSP: agreement changes were missed");
+                    tracing::warn!(
+                        missed = n,
+                        "DSP: agreement changes were missed; reconciling"
+                    );
+                    self.clone().reconcile();
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Brings every open negotiation and transfer in line with its
+    /// agreement, as if each agreement's last change had just happened.
+    fn reconcile(self: Arc<Self>) {
+        let agreements = self.engine.agreements();
+        let now = SystemTime::now();
+        let mut seen = std::collections::BTreeSet::new();
+        let negotiations = self.store.open_negotiations().unwrap_or_default();
+        let transfers = self.store.all_open_transfers().unwrap_or_default();
+        let ids = negotiations
+            .iter()
+            .map(|n| n.agreement_id.clone())
+            .chain(transfers.iter().map(|t| t.agreement_id.clone()));
+        for id in ids {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            if let Ok(Some(agreement)) = agreements.get(&id, now) {
+                tokio::spawn(self.clone().agreement_changed(agreement));
             }
         }
     }
@@ -160,6 +203,9 @@ impl Provider {
         message: Value,
     ) -> bool {
         let Some(url) = callback_url(callback, path) else {
+            return false;
+        };
+        let Ok(_permit) = self.deliveries.acquire().await else {
             return false;
         };
         let client = match self.outbound.pinned_to(principal) {
@@ -335,8 +381,17 @@ impl Provider {
     /// REQUESTED or SUSPENDED → STARTED with a new token, sent to the
     /// consumer in the data address; if it cannot be, the transfer ends.
     async fn start_transfer(&self, t: Transfer, from: &str) {
+        let agreements = self.engine.agreements();
+        if !agreements
+            .is_active(&t.agreement_id, SystemTime::now())
+            .unwrap_or(false)
+        {
+            return self
+                .fail_transfer(&t, "the agreement is no longer active")
+                .await;
+        }
         let expires_at = SystemTime::now() + self.token_ttl;
-        let token = match self.engine.agreements().issue_token(
+        let token = match agreements.issue_token(
             &t.agreement_id,
             &t.provider_pid,
             &t.principal,
@@ -351,7 +406,11 @@ impl Provider {
             }
         };
         if !self.moved_transfer(&t, &[from], "STARTED") {
-            return self.revoke_tokens(&t);
+            // Another message moved it first: this start never happened.
+            if let Err(e) = agreements.revoke_token(&token) {
+                tracing::error!(error = %e, transfer = %t.provider_pid, "DSP: revoking a token failed");
+            }
+            return;
         }
         let expires = chrono::DateTime::<chrono::Utc>::from(expires_at)
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -518,9 +577,7 @@ impl Provider {
     fn who(&self, family: Family, peer: &Peer, headers: &HeaderMap) -> Result<Principal, Refusal> {
         self.authenticate
             .authenticate(peer, headers)
-            .map_err(|reason| {
-                Refusal::new(family, StatusCode::UNAUTHORIZED, "unauthenticated", reason)
-            })
+            .map_err(|e| Refusal::new(family, StatusCode::UNAUTHORIZED, "unauthenticated", e.0))
     }
 
     /// The body as the message `expected`, checked against its schema.
@@ -604,6 +661,8 @@ pub fn router(provider: Arc<Provider>) -> Router {
             &base("/transfers/{pid}/termination"),
             post(transfer_termination),
         )
+        .layer(axum::middleware::from_fn(require_certificate))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -611,6 +670,38 @@ pub fn router(provider: Arc<Provider>) -> Router {
             )
         })
         .with_state(provider)
+}
+
+/// DSP messages are small; a larger body is refused before it is read.
+const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Every route but the version endpoint needs a client certificate, and
+/// is refused without one before its body is read.
+async fn require_certificate(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let anonymous = request
+        .extensions()
+        .get::<Peer>()
+        .is_none_or(|peer| peer.0.is_none());
+    let path = request.uri().path();
+    if !anonymous || path == "/.well-known/dspace-version" {
+        return next.run(request).await;
+    }
+    let family = match path {
+        p if p.contains("/negotiations") => Family::Negotiation,
+        p if p.contains("/transfers") => Family::Transfer,
+        _ => Family::Catalog,
+    };
+    Refusal::new(
+        family,
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        "a client certificate is required (mTLS) for every DSP endpoint except \
+         /.well-known/dspace-version",
+    )
+    .into_response()
 }
 
 type Shared = State<Arc<Provider>>;
@@ -707,12 +798,8 @@ async fn negotiation_request(
     let Some(callback) = request["callbackAddress"].as_str() else {
         return Err(refuse("invalid-message", "a new negotiation is requested with `callbackAddress`; a request with `providerPid` goes to /negotiations/:providerPid/request".into()));
     };
-    if callback_url(callback, &[]).is_none() {
-        return Err(refuse(
-            "invalid-callback",
-            format!("callbackAddress `{callback}` is not an https URL"),
-        ));
-    }
+    p.check_new_process(&principal, &consumer_pid, callback, Kind::Negotiation)
+        .map_err(|(code, reason)| refuse(code, reason))?;
     let offer_id = request["offer"]["@id"].as_str().unwrap_or_default();
     let gate = p.engine.policy().current();
     let offer = gate
@@ -726,6 +813,16 @@ async fn negotiation_request(
             ),
         ));
     };
+    if offer.agreement.is_none() {
+        return Err(refuse(
+            "no-agreement-needed",
+            format!(
+                "offer `{}` needs no agreement: query dataset `{}` over Flight SQL at {} with \
+                 your certificate",
+                offer.id, offer.dataset, p.flight_sql
+            ),
+        ));
+    }
     if let Some(target) = request["offer"]["target"]
         .as_str()
         .filter(|t| *t != offer.dataset)
@@ -738,11 +835,11 @@ async fn negotiation_request(
             ),
         ));
     }
-    let purpose =
-        odrl::requested_purpose(&request["offer"], &offer).map_err(|r| refuse("purpose", r))?;
+    let purpose = odrl::requested_purpose(&request["offer"], &offer)
+        .map_err(|e| refuse("purpose", e.to_string()))?;
     let agreement = p
         .request_agreement(&principal, &offer, &purpose)
-        .map_err(|r| refuse("agreement", r))?;
+        .map_err(|e| refuse("agreement", e.to_string()))?;
     let negotiation = Negotiation {
         provider_pid: new_pid().map_err(internal(Family::Negotiation))?,
         consumer_pid: consumer_pid.clone(),
@@ -781,29 +878,82 @@ impl Provider {
         principal: &Principal,
         offer: &Offer,
         purpose: &str,
-    ) -> Result<Agreement, String> {
-        let mut offer = offer.clone();
-        if offer.agreement.is_none() {
-            offer.agreement = Some(sluice_policy::compile::AgreementTerms {
-                offer: offer.id.clone(),
-                approval: sluice_policy::document::ApprovalMode::Automatic,
-                valid_for_days: None,
-            });
-        }
+    ) -> Result<Agreement, AgreementNotMade> {
         let agreement = self
             .engine
             .agreements()
             .request_token_bound(
-                &offer,
+                offer,
                 &crate::audit::organization_key(principal),
                 &principal.id,
                 purpose,
                 SystemTime::now(),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| AgreementNotMade(e.to_string()))?;
         crate::control::record_change(&self.engine, principal, "requested", &agreement)
-            .map_err(|s| s.message().to_string())?;
+            .map_err(|s| AgreementNotMade(s.message().to_string()))?;
         Ok(agreement)
+    }
+}
+
+/// The agreement store refused the request, or could not record it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct AgreementNotMade(String);
+
+/// Which kind of process a request opens.
+#[derive(Clone, Copy)]
+enum Kind {
+    Negotiation,
+    Transfer,
+}
+
+impl Provider {
+    /// What any new process must be: a sane id and callback, and room
+    /// under the principal's cap (each open process may hold a delivery
+    /// task and a callback connection).
+    fn check_new_process(
+        &self,
+        principal: &Principal,
+        consumer_pid: &str,
+        callback: &str,
+        kind: Kind,
+    ) -> Result<(), (&'static str, String)> {
+        if consumer_pid.is_empty() || consumer_pid.chars().count() > MAX_PID_CHARS {
+            return Err((
+                "invalid-message",
+                format!("consumerPid must have 1 to {MAX_PID_CHARS} characters"),
+            ));
+        }
+        if callback.chars().count() > MAX_CALLBACK_CHARS || callback_url(callback, &[]).is_none() {
+            return Err((
+                "invalid-callback",
+                format!(
+                    "callbackAddress must be an https URL of at most {MAX_CALLBACK_CHARS} characters"
+                ),
+            ));
+        }
+        let (negotiations, transfers) = self.store.open_processes(&principal.id).map_err(|e| {
+            tracing::error!(error = %e, "DSP store failed");
+            (
+                "internal",
+                "the provider's DSP store failed (see its log)".to_string(),
+            )
+        })?;
+        let (open, what) = match kind {
+            Kind::Negotiation => (negotiations, "negotiations"),
+            Kind::Transfer => (transfers, "transfers"),
+        };
+        if open >= MAX_OPEN_PER_PRINCIPAL {
+            return Err((
+                "too-many-processes",
+                format!(
+                    "you have {open} {what} open, the most one consumer may have; finish or \
+                     terminate some first"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1059,12 +1209,8 @@ async fn transfer_request(
         return Err(refuse("unsupported-format", "push transfers are not supported: data never leaves the provider; leave out `dataAddress`".into()));
     }
     let callback = request["callbackAddress"].as_str().unwrap_or_default();
-    if callback_url(callback, &[]).is_none() {
-        return Err(refuse(
-            "invalid-callback",
-            format!("callbackAddress `{callback}` is not an https URL"),
-        ));
-    }
+    p.check_new_process(&principal, &consumer_pid, callback, Kind::Transfer)
+        .map_err(|(code, reason)| refuse(code, reason))?;
     let transfer = Transfer {
         provider_pid: new_pid().map_err(internal(Family::Transfer))?,
         consumer_pid: consumer_pid.clone(),
@@ -1074,9 +1220,20 @@ async fn transfer_request(
         format: format.to_string(),
         state: "REQUESTED".into(),
     };
-    p.store
+    let inserted = p
+        .store
         .insert_transfer(&transfer)
         .map_err(internal(Family::Transfer))?;
+    if !inserted {
+        // The same request, concurrently: answered with the one stored.
+        let existing = p
+            .store
+            .transfer_by_consumer(&principal.id, &consumer_pid)
+            .map_err(internal(Family::Transfer))?;
+        if let Some(existing) = existing {
+            return ok_json(StatusCode::CREATED, transfer_ack(&existing));
+        }
+    }
     let provider = p.clone();
     let t = transfer.clone();
     tokio::spawn(async move { provider.start_transfer(t, "REQUESTED").await });
@@ -1131,6 +1288,31 @@ fn transfer_message_for(
 
 /// Moves transfer `t` from one of `from` to `to`, revoking its tokens.
 fn end_use(p: &Provider, t: &Transfer, what: &str, from: &[&str], to: &str) -> Answer {
+    if !from.contains(&t.state.as_str()) {
+        return Err(wrong_state(
+            Family::Transfer,
+            what,
+            &t.state,
+            &t.provider_pid,
+            &t.consumer_pid,
+        ));
+    }
+    // The tokens go first: if they cannot, nothing changes and the
+    // consumer hears so, rather than a TERMINATED transfer whose token
+    // still works.
+    p.engine
+        .agreements()
+        .revoke_tokens(&t.provider_pid)
+        .map_err(|e| {
+            tracing::error!(error = %e, transfer = %t.provider_pid, "DSP: revoking tokens failed");
+            Refusal::new(
+                Family::Transfer,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the provider could not revoke the transfer's token; nothing was changed (see its log)",
+            )
+            .pids(&t.provider_pid, &t.consumer_pid)
+        })?;
     if !p
         .store
         .move_transfer(&t.provider_pid, from, to)
@@ -1144,7 +1326,6 @@ fn end_use(p: &Provider, t: &Transfer, what: &str, from: &[&str], to: &str) -> A
             &t.consumer_pid,
         ));
     }
-    p.revoke_tokens(t);
     tracing::info!(transfer = %t.provider_pid, agreement = %t.agreement_id, state = to, "DSP: transfer {what}");
     ok_empty()
 }

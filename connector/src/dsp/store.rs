@@ -94,8 +94,12 @@ CREATE TABLE IF NOT EXISTS transfers (
     changed_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS transfers_by_agreement ON transfers (agreement_id);
-CREATE INDEX IF NOT EXISTS transfers_by_consumer ON transfers (principal, consumer_pid);
+CREATE UNIQUE INDEX IF NOT EXISTS transfers_one_per_consumer_pid ON transfers (principal, consumer_pid);
 ";
+
+/// Process states that are not terminal.
+const OPEN_NEGOTIATION: &str = "('REQUESTED', 'AGREED', 'VERIFIED')";
+const OPEN_TRANSFER: &str = "('REQUESTED', 'STARTED', 'SUSPENDED')";
 
 impl DspStore {
     pub fn open(path: &Path) -> Result<Self, DspStoreError> {
@@ -172,10 +176,12 @@ impl DspStore {
         self.compare_and_set("negotiations", provider_pid, from, to)
     }
 
-    pub fn insert_transfer(&self, t: &Transfer) -> Result<(), DspStoreError> {
+    /// Inserts a transfer; false if `principal` already has one with this
+    /// `consumer_pid` (a concurrent repeat of the same request).
+    pub fn insert_transfer(&self, t: &Transfer) -> Result<bool, DspStoreError> {
         self.lock()
             .execute(
-                "INSERT INTO transfers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT OR IGNORE INTO transfers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     t.provider_pid,
                     t.consumer_pid,
@@ -187,7 +193,51 @@ impl DspStore {
                     now_ms()
                 ],
             )
-            .map(drop)
+            .map(|inserted| inserted == 1)
+            .map_err(|e| self.error(e))
+    }
+
+    /// How many negotiations and transfers of `principal` are not yet over.
+    pub fn open_processes(&self, principal: &str) -> Result<(usize, usize), DspStoreError> {
+        let db = self.lock();
+        let count = |table: &str, open: &str| {
+            db.query_row(
+                &format!("SELECT count(*) FROM {table} WHERE principal = ?1 AND state IN {open}"),
+                [principal],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n as usize)
+        };
+        let negotiations = count("negotiations", OPEN_NEGOTIATION).map_err(|e| self.error(e))?;
+        let transfers = count("transfers", OPEN_TRANSFER).map_err(|e| self.error(e))?;
+        Ok((negotiations, transfers))
+    }
+
+    /// Every negotiation not yet over (to reconcile with the agreements).
+    pub fn open_negotiations(&self) -> Result<Vec<Negotiation>, DspStoreError> {
+        let db = self.lock();
+        let mut statement = db
+            .prepare(&format!(
+                "SELECT * FROM negotiations WHERE state IN {OPEN_NEGOTIATION}"
+            ))
+            .map_err(|e| self.error(e))?;
+        statement
+            .query_map([], read_negotiation)
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.error(e))
+    }
+
+    /// Every transfer not yet over.
+    pub fn all_open_transfers(&self) -> Result<Vec<Transfer>, DspStoreError> {
+        let db = self.lock();
+        let mut statement = db
+            .prepare(&format!(
+                "SELECT * FROM transfers WHERE state IN {OPEN_TRANSFER}"
+            ))
+            .map_err(|e| self.error(e))?;
+        statement
+            .query_map([], read_transfer)
+            .and_then(|rows| rows.collect())
             .map_err(|e| self.error(e))
     }
 
@@ -223,10 +273,9 @@ impl DspStore {
     pub fn open_transfers(&self, agreement_id: &str) -> Result<Vec<Transfer>, DspStoreError> {
         let db = self.lock();
         let mut statement = db
-            .prepare(
-                "SELECT * FROM transfers WHERE agreement_id = ?1
-                 AND state IN ('REQUESTED', 'STARTED', 'SUSPENDED')",
-            )
+            .prepare(&format!(
+                "SELECT * FROM transfers WHERE agreement_id = ?1 AND state IN {OPEN_TRANSFER}"
+            ))
             .map_err(|e| self.error(e))?;
         statement
             .query_map([agreement_id], read_transfer)
