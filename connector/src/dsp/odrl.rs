@@ -220,6 +220,9 @@ pub fn agreement(
     })
 }
 
+/// Longest purpose a contract request may state.
+const MAX_PURPOSE_CHARS: usize = 256;
+
 /// A contract request that does not say which purpose it is for.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -245,7 +248,12 @@ pub fn requested_purpose(requested: &Value, offer: &Offer) -> Result<String, Pur
             }
             _ => None,
         };
-        if let Some(purpose) = chosen {
+        if let Some(purpose) = chosen.map(|p| p.trim().to_string()) {
+            if purpose.is_empty() || purpose.chars().count() > MAX_PURPOSE_CHARS {
+                return Err(PurposeUnstated(format!(
+                    "a purpose has 1 to {MAX_PURPOSE_CHARS} characters"
+                )));
+            }
             return Ok(purpose);
         }
     }

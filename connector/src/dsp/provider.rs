@@ -56,11 +56,59 @@ pub struct Provider {
     token_ttl: Duration,
     /// Messages to callbacks in flight at once, all consumers together.
     deliveries: tokio::sync::Semaphore,
+    /// … and per consumer.
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// Held from a new process's cap check to its insert, so that
+    /// concurrent requests cannot all pass the check.
+    opening: tokio::sync::Mutex<()>,
+}
+
+/// One consumer's share of the messages in flight; given back on drop.
+struct InFlight {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    principal: String,
+}
+
+impl InFlight {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        principal: &str,
+    ) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(principal.to_string()).or_default();
+        if *n >= MAX_DELIVERIES_PER_PRINCIPAL {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            principal: principal.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.principal) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.principal);
+            }
+        }
+    }
 }
 
 /// Messages in flight to callbacks at once: a consumer whose callback
 /// hangs holds at most its own processes' worth (see the caps below).
 const MAX_DELIVERIES: usize = 64;
+const MAX_DELIVERIES_PER_PRINCIPAL: usize = 4;
+/// How long a message waits for a slot before it counts as undelivered.
+const DELIVERY_WAIT: Duration = Duration::from_secs(30);
+/// Every open process is reconciled with its agreement this often (an
+/// agreement's expiry is not an event).
+const RECONCILE_EVERY: Duration = Duration::from_secs(300);
+
 /// Negotiations and transfers one principal may have open at once.
 const MAX_OPEN_PER_PRINCIPAL: usize = 16;
 /// Longest process id and callback address accepted.
@@ -93,6 +141,8 @@ impl Provider {
             participant: settings.participant,
             token_ttl: settings.token_ttl,
             deliveries: tokio::sync::Semaphore::new(MAX_DELIVERIES),
+            in_flight: Default::default(),
+            opening: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -114,9 +164,15 @@ impl Provider {
         let mut changes = self.engine.agreements().subscribe();
         // Changes made while the connector was down.
         self.clone().reconcile();
+        let mut every = tokio::time::interval(RECONCILE_EVERY);
+        every.tick().await;
         loop {
             let change = tokio::select! {
                 change = changes.recv() => change,
+                _ = every.tick() => {
+                    self.clone().reconcile();
+                    continue;
+                }
                 _ = stopped.wait_for(|s| *s) => return,
             };
             match change {
@@ -205,7 +261,17 @@ impl Provider {
         let Some(url) = callback_url(callback, path) else {
             return false;
         };
-        let Ok(_permit) = self.deliveries.acquire().await else {
+        // A consumer whose callback hangs fills its own few slots, never
+        // everyone's: beyond them its messages fail at once.
+        let Some(_own) = InFlight::take(&self.in_flight, principal) else {
+            tracing::warn!(
+                consumer = principal,
+                "DSP: too many messages in flight to this consumer; not delivered"
+            );
+            return false;
+        };
+        let Ok(Ok(_permit)) = tokio::time::timeout(DELIVERY_WAIT, self.deliveries.acquire()).await
+        else {
             return false;
         };
         let client = match self.outbound.pinned_to(principal) {
@@ -271,6 +337,16 @@ impl Provider {
 
     /// VERIFIED → FINALIZED, then the event goes to the consumer.
     async fn finalize(&self, n: Negotiation) {
+        let in_force = self
+            .engine
+            .agreements()
+            .is_active(&n.agreement_id, SystemTime::now())
+            .unwrap_or(false);
+        if !in_force {
+            return self
+                .fail_negotiation(&n, "the agreement is no longer active")
+                .await;
+        }
         if !self.moved_negotiation(&n, &["VERIFIED"], "FINALIZED") {
             return;
         }
@@ -382,15 +458,22 @@ impl Provider {
     /// consumer in the data address; if it cannot be, the transfer ends.
     async fn start_transfer(&self, t: Transfer, from: &str) {
         let agreements = self.engine.agreements();
-        if !agreements
-            .is_active(&t.agreement_id, SystemTime::now())
-            .unwrap_or(false)
-        {
+        let now = SystemTime::now();
+        let agreement = agreements
+            .get(&t.agreement_id, now)
+            .ok()
+            .flatten()
+            .filter(|a| a.state == AgreementState::Active);
+        let Some(agreement) = agreement else {
             return self
                 .fail_transfer(&t, "the agreement is no longer active")
                 .await;
-        }
-        let expires_at = SystemTime::now() + self.token_ttl;
+        };
+        // Never past the agreement's own end.
+        let expires_at = match agreement.expires_at {
+            Some(end) => end.min(now + self.token_ttl),
+            None => now + self.token_ttl,
+        };
         let token = match agreements.issue_token(
             &t.agreement_id,
             &t.provider_pid,
@@ -443,7 +526,9 @@ impl Provider {
 
     async fn fail_transfer(&self, t: &Transfer, reason: &str) {
         tracing::warn!(transfer = %t.provider_pid, reason, "DSP: transfer terminated");
+        self.revoke_tokens(t);
         self.moved_transfer(t, &["REQUESTED", "STARTED", "SUSPENDED"], "TERMINATED");
+        // Again: a start racing this one may have issued a token between.
         self.revoke_tokens(t);
     }
 }
@@ -798,6 +883,7 @@ async fn negotiation_request(
     let Some(callback) = request["callbackAddress"].as_str() else {
         return Err(refuse("invalid-message", "a new negotiation is requested with `callbackAddress`; a request with `providerPid` goes to /negotiations/:providerPid/request".into()));
     };
+    let _opening = p.opening.lock().await;
     p.check_new_process(&principal, &consumer_pid, callback, Kind::Negotiation)
         .map_err(|(code, reason)| refuse(code, reason))?;
     let offer_id = request["offer"]["@id"].as_str().unwrap_or_default();
@@ -889,7 +975,14 @@ impl Provider {
                 purpose,
                 SystemTime::now(),
             )
-            .map_err(|e| AgreementNotMade(e.to_string()))?;
+            .map_err(|e| match e {
+                // The store's own failure names files: the log has it.
+                crate::agreements::AgreementError::Store(e) => {
+                    tracing::error!(error = %e, "DSP: the agreement store failed");
+                    AgreementNotMade("the provider's agreement store failed (see its log)".into())
+                }
+                refused => AgreementNotMade(refused.to_string()),
+            })?;
         crate::control::record_change(&self.engine, principal, "requested", &agreement)
             .map_err(|s| AgreementNotMade(s.message().to_string()))?;
         Ok(agreement)
@@ -1209,6 +1302,7 @@ async fn transfer_request(
         return Err(refuse("unsupported-format", "push transfers are not supported: data never leaves the provider; leave out `dataAddress`".into()));
     }
     let callback = request["callbackAddress"].as_str().unwrap_or_default();
+    let _opening = p.opening.lock().await;
     p.check_new_process(&principal, &consumer_pid, callback, Kind::Transfer)
         .map_err(|(code, reason)| refuse(code, reason))?;
     let transfer = Transfer {
@@ -1326,6 +1420,9 @@ fn end_use(p: &Provider, t: &Transfer, what: &str, from: &[&str], to: &str) -> A
             &t.consumer_pid,
         ));
     }
+    // Again, now that the state has moved: a start racing this message may
+    // have issued a token after the first revocation.
+    p.revoke_tokens(t);
     tracing::info!(transfer = %t.provider_pid, agreement = %t.agreement_id, state = to, "DSP: transfer {what}");
     ok_empty()
 }
