@@ -409,13 +409,7 @@ impl Agreements {
         purpose: &str,
         now: SystemTime,
     ) -> Result<Agreement, AgreementError> {
-        let Some(_) = &offer.agreement else {
-            return Err(AgreementError::Invalid(format!(
-                "offer `{}` needs no agreement: query dataset `{}` directly",
-                offer.id, offer.dataset
-            )));
-        };
-        check_purpose(offer, purpose)?;
+        requestable(offer, purpose)?;
         let _one_at_a_time = self.requesting.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = self
             .list(Some(organization), Some(&offer.id), now)?
@@ -443,13 +437,7 @@ impl Agreements {
         purpose: &str,
         now: SystemTime,
     ) -> Result<Agreement, AgreementError> {
-        let Some(terms) = &offer.agreement else {
-            return Err(AgreementError::Invalid(format!(
-                "offer `{}` needs no agreement: query dataset `{}` directly",
-                offer.id, offer.dataset
-            )));
-        };
-        check_purpose(offer, purpose)?;
+        requestable(offer, purpose)?;
         let mut agreement = Agreement {
             id: new_id()?,
             offer_id: offer.id.clone(),
@@ -464,7 +452,11 @@ impl Agreements {
             expires_at: None,
             reason: None,
         };
-        if terms.approval == ApprovalMode::Automatic {
+        if offer
+            .agreement
+            .as_ref()
+            .is_some_and(|terms| terms.approval == ApprovalMode::Automatic)
+        {
             activate(&mut agreement, offer, "policy", now);
         }
         Ok(agreement)
@@ -706,6 +698,17 @@ fn insert_row(db: &Connection, a: &Agreement) -> rusqlite::Result<usize> {
 /// SHA-256 of a token, lowercase hex: what the store keeps.
 fn token_hash(token: &str) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+/// Whether an agreement may be requested for `offer` with `purpose`.
+fn requestable(offer: &Offer, purpose: &str) -> Result<(), AgreementError> {
+    if offer.agreement.is_none() {
+        return Err(AgreementError::Invalid(format!(
+            "offer `{}` needs no agreement: query dataset `{}` directly",
+            offer.id, offer.dataset
+        )));
+    }
+    check_purpose(offer, purpose)
 }
 
 fn check_purpose(offer: &Offer, purpose: &str) -> Result<(), AgreementError> {
