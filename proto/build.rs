@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "sluice/v1/catalog.proto",
     "sluice/v1/agreement.proto",
     "sluice/v1/audit.proto",
+    "sluice/v1/console.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,8 +2,10 @@
 # The one test command. On a fresh machine it installs what the tests need
 # (the pinned Python clients, into a virtualenv), builds Sluice in the debug
 # profile, and runs every test: Rust unit and integration tests against the
-# real binary, then the Python interop tests (ADBC, pyarrow.flight, and
-# grpcio stubs generated from proto/ for the control plane).
+# real binary, then the Python interop tests (ADBC, pyarrow.flight,
+# grpcio stubs generated from proto/ for the control plane, and the web
+# console in headless Chromium through Selenium; screenshots go to
+# $SLUICE_ARTIFACTS/console, default tests/artifacts/console).
 #
 #   ./tests/run.sh            everything
 #   ./tests/run.sh --rust     Rust tests only
@@ -40,6 +42,13 @@ if [[ $which != --rust ]] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/d
     # (tests/services/postgres.sh).
     step "PostgreSQL (Debian package postgresql) for the database-source tests"
     apt-get update && apt-get install -y postgresql
+fi
+
+if [[ $which != --rust ]] && [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+    # tests/python/test_console.py drives the web console in a real, headless
+    # browser through Selenium, which uses these and never downloads its own.
+    step "Chromium and its WebDriver (Debian packages chromium, chromium-driver) for the web console tests"
+    apt-get update && apt-get install -y chromium chromium-driver
 fi
 
 step "cargo fmt --check"

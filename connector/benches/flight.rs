@@ -494,6 +494,7 @@ mod policy {
         let mut config = Config::embedded_default(state_dir);
         // Servers run side by side here: no DSP endpoint on its fixed port.
         config.dsp.listen = None;
+        config.console.listen = None;
         // The source tree's demo policy: the state directory keeps the copy it
         // was created with, which may be older.
         config.policy =
@@ -566,6 +567,7 @@ mod policy {
         let mut config = Config::embedded_default(state_dir);
         // Servers run side by side here: no DSP endpoint on its fixed port.
         config.dsp.listen = None;
+        config.console.listen = None;
         // The demo policy without the supplier's daily quota, which the
         // sustained run would exhaust.
         let text = std::fs::read_to_string(concat!(
@@ -1047,6 +1049,7 @@ mod privacy {
         let mut config = Config::embedded_default(state_dir);
         // Servers run side by side here: no DSP endpoint on its fixed port.
         config.dsp.listen = None;
+        config.console.listen = None;
         config.policy = Some(policy.to_path_buf());
         for dataset in &mut config.datasets {
             if dataset.name == "trips" {

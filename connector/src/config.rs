@@ -92,6 +92,37 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// The Dataspace Protocol endpoint (`[dsp]`; docs/dsp.md).
     pub dsp: DspConfig,
+    /// The web console (`[console]`; docs/console.md).
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: the web console for administrators and consumers (HTTPS).
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    /// Where it listens; `None` (no `[console]`, or `listen = "off"`): not
+    /// served.
+    pub listen: Option<SocketAddr>,
+    /// The URL browsers reach it at, e.g. behind a reverse proxy (default
+    /// `https://<bound address>`); sign-in links name it.
+    pub public_url: Option<url::Url>,
+    /// How long a sign-in link lives unless its request asks for less.
+    pub login_link_ttl: Duration,
+    /// A session ends this long after sign-in, however busy.
+    pub session_ttl: Duration,
+    /// A session unused this long ends.
+    pub session_idle: Duration,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            public_url: None,
+            login_link_ttl: Duration::from_secs(300),
+            session_ttl: Duration::from_secs(8 * 3600),
+            session_idle: Duration::from_secs(30 * 60),
+        }
+    }
 }
 
 /// `[dsp]`: the Dataspace Protocol (2025-1, HTTPS) endpoint.
@@ -572,6 +603,19 @@ struct RawConfig {
     cluster: RawCluster,
     #[serde(default)]
     dsp: RawDsp,
+    #[serde(default)]
+    console: RawConsole,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    /// An address, or "off".
+    listen: Option<String>,
+    public_url: Option<String>,
+    login_link_ttl: Option<String>,
+    session_ttl: Option<String>,
+    session_idle: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -770,6 +814,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
     };
 
     let dsp = parse_dsp(raw.dsp).map_err(|(f, r)| err(format!("dsp.{f}"), r))?;
+    let console = parse_console(raw.console).map_err(|(f, r)| err(format!("console.{f}"), r))?;
 
     let level = raw.log.level.unwrap_or_else(|| "info".into());
     tracing_subscriber::EnvFilter::try_new(&level)
@@ -906,6 +951,7 @@ fn parse(text: &str, source: Source, base: &Path) -> Result<Config, ConfigError>
             probe_interval,
         },
         dsp,
+        console,
     })
 }
 
@@ -960,6 +1006,65 @@ fn parse_dsp(raw: RawDsp) -> Result<DspConfig, (String, String)> {
         participant_id: raw.participant_id.filter(|p| !p.trim().is_empty()),
         token_ttl,
     })
+}
+
+fn parse_console(raw: RawConsole) -> Result<ConsoleConfig, (String, String)> {
+    let defaults = ConsoleConfig::default();
+    let listen = match raw.listen.as_deref() {
+        None | Some("off") => None,
+        Some(addr) => Some(parse_addr(addr).map_err(|r| ("listen".to_string(), r.to_string()))?),
+    };
+    let public_url = raw
+        .public_url
+        .map(|text| https_url(&text, "https://console.example"))
+        .transpose()
+        .map_err(|r| ("public_url".to_string(), r))?;
+    let duration = |field: &str, text: Option<String>, default: Duration, max: Duration| {
+        let Some(text) = text else { return Ok(default) };
+        parse_duration(&text)
+            .ok()
+            .filter(|d| !d.is_zero() && *d <= max)
+            .ok_or_else(|| {
+                (
+                    field.to_string(),
+                    format!(
+                        "`{text}` is not a duration between 1s and {}s",
+                        max.as_secs()
+                    ),
+                )
+            })
+    };
+    let hour = Duration::from_secs(3600);
+    Ok(ConsoleConfig {
+        listen,
+        public_url,
+        login_link_ttl: duration(
+            "login_link_ttl",
+            raw.login_link_ttl,
+            defaults.login_link_ttl,
+            hour,
+        )?,
+        session_ttl: duration(
+            "session_ttl",
+            raw.session_ttl,
+            defaults.session_ttl,
+            24 * hour,
+        )?,
+        session_idle: duration(
+            "session_idle",
+            raw.session_idle,
+            defaults.session_idle,
+            24 * hour,
+        )?,
+    })
+}
+
+/// `text` as an https URL with a host, or why not.
+fn https_url(text: &str, example: &str) -> Result<url::Url, String> {
+    url::Url::parse(text)
+        .ok()
+        .filter(|u| u.scheme() == "https" && u.host().is_some())
+        .ok_or_else(|| format!("`{text}` is not an https URL, e.g. \"{example}\""))
 }
 
 /// Where a dataset is: a local `path`, an `s3://` `path`, or a `database`

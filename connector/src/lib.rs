@@ -26,7 +26,8 @@
 //! its steps. The control plane: [`catalog`] and `control::catalog` (what
 //! is offered), [`agreements`] (contracts a grant may require), [`audit`]
 //! (receipts), [`dsp`] (the Dataspace Protocol: catalog, negotiation and
-//! transfer for EDC-based data spaces).
+//! transfer for EDC-based data spaces), [`console`] (the web console for
+//! admins and consumers, over the same operations).
 //!
 //! Around them: [`flight`] (the Flight SQL protocol), [`control`] (Sluice's
 //! own gRPC services), [`broker`] (federation), [`server`] (built first,
@@ -44,6 +45,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod connections;
+pub mod console;
 pub mod control;
 pub mod dev;
 pub mod dsp;

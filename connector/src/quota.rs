@@ -173,6 +173,36 @@ impl QuotaStore {
             .unwrap_or_default()
     }
 
+    /// Every organization's settled use on each of the `days` days up to
+    /// the day of `at`, oldest first: (organization, day as Unix days,
+    /// usage). For the web console's quota table.
+    pub fn recent(
+        &self,
+        days: u64,
+        at: SystemTime,
+    ) -> Result<Vec<(String, u64, Usage)>, QuotaError> {
+        let since = day(at).saturating_sub(days.saturating_sub(1));
+        let conn = self.conn();
+        let read = || -> rusqlite::Result<Vec<(String, u64, Usage)>> {
+            let mut stmt = conn.prepare(
+                "SELECT organization, day, queries, rows FROM quota_usage
+                 WHERE day >= ?1 ORDER BY day, organization",
+            )?;
+            let rows = stmt.query_map([since as i64], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)? as u64,
+                    Usage {
+                        queries: row.get::<_, i64>(2)? as u64,
+                        rows: row.get::<_, i64>(3)? as u64,
+                    },
+                ))
+            })?;
+            rows.collect()
+        };
+        read().map_err(|e| self.failed(e))
+    }
+
     fn usage(&self, organization: &str, today: u64) -> Result<Usage, QuotaError> {
         let conn = self.conn();
         read_usage(&conn, organization, today).map_err(|e| self.failed(e))

@@ -170,14 +170,56 @@ impl App {
             Some(listen) => Some(self.dsp_endpoint(listen, addr).await?),
             None => None,
         };
+        let console = match self.config.console.listen {
+            Some(listen) => Some(self.console_endpoint(listen).await?),
+            None => None,
+        };
         Ok(Listening {
             app: self,
             listener,
             addr,
             metrics_addr,
             dsp,
+            console,
             stop,
             stopped,
+        })
+    }
+
+    /// Binds the web console and builds it.
+    async fn console_endpoint(&self, listen: SocketAddr) -> Result<ConsoleEndpoint> {
+        use crate::console::{Console, ConsoleSettings, session::Lifetimes};
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen} (console.listen / --console-listen)"))?;
+        let bound = listener.local_addr()?;
+        let settings = &self.config.console;
+        let root = match &settings.public_url {
+            Some(url) => url.as_str().trim_end_matches('/').to_string(),
+            None => format!("https://{bound}"),
+        };
+        let tls = crate::dsp::https::server_config(&crate::dsp::https::TlsFiles {
+            cert: self.tls_files.cert.clone(),
+            key: self.tls_files.key.clone(),
+            ca: self.tls_files.client_ca.clone(),
+        })?;
+        let console = Console::new(
+            self.engine.clone(),
+            self.metrics.clone(),
+            ConsoleSettings {
+                root: root.clone(),
+                lifetimes: Lifetimes {
+                    link: settings.login_link_ttl,
+                    session: settings.session_ttl,
+                    idle: settings.session_idle,
+                },
+            },
+        );
+        Ok(ConsoleEndpoint {
+            listener,
+            root,
+            tls,
+            console: Arc::new(console),
         })
     }
 
@@ -237,6 +279,15 @@ struct DspEndpoint {
     provider: Arc<crate::dsp::provider::Provider>,
 }
 
+/// The web console, bound and built.
+struct ConsoleEndpoint {
+    listener: TcpListener,
+    /// `https://HOST:PORT`, or the configured public URL.
+    root: String,
+    tls: Arc<rustls::ServerConfig>,
+    console: Arc<crate::console::Console>,
+}
+
 /// A bound daemon, ready to serve.
 pub struct Listening {
     app: App,
@@ -244,6 +295,7 @@ pub struct Listening {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     dsp: Option<DspEndpoint>,
+    console: Option<ConsoleEndpoint>,
     stop: watch::Sender<bool>,
     stopped: watch::Receiver<bool>,
 }
@@ -269,7 +321,10 @@ impl Listening {
             &self.app.config,
             &self.app.state,
             (self.addr, self.metrics_addr),
-            self.dsp.as_ref().map(|d| d.root.as_str()),
+            (
+                self.dsp.as_ref().map(|d| d.root.as_str()),
+                self.console.as_ref().map(|c| c.root.as_str()),
+            ),
             &self.app.tls_files,
             &policy,
         )
@@ -285,10 +340,22 @@ impl Listening {
             addr,
             metrics_addr,
             dsp,
+            console,
             stop,
             stopped,
         } = self;
         let engine = app.engine.clone();
+        let console = console.map(|c| {
+            let router = crate::console::router(c.console.clone());
+            tokio::spawn(crate::dsp::https::serve(
+                c.listener,
+                c.tls,
+                router,
+                stopped.clone(),
+            ));
+            tracing::info!(url = %c.root, "serving the web console over HTTPS");
+            c.console
+        });
         if let Some(dsp) = dsp {
             let router = crate::dsp::provider::router(dsp.provider.clone());
             tokio::spawn(crate::dsp::https::serve(
@@ -334,6 +401,7 @@ impl Listening {
             .add_service(CatalogDirectory::new(engine.clone()).into_service())
             .add_service(AgreementDesk::new(engine.clone()).into_service())
             .add_service(AuditReceipts::new(engine.clone()).into_service())
+            .add_service(crate::console::grpc::ConsoleLinks::new(console).into_service())
             .serve_with_incoming_shutdown(incoming, wait(stopped));
         tracing::info!(%addr, metrics = ?metrics_addr, datasets = app.config.datasets.len(), "serving Flight SQL over mTLS");
         tokio::pin!(server);
@@ -545,7 +613,7 @@ fn banner(
     config: &Config,
     state: &StateDir,
     (addr, metrics): (SocketAddr, Option<SocketAddr>),
-    dsp: Option<&str>,
+    (dsp, console): (Option<&str>, Option<&str>),
     tls: &TlsConfig,
     policy: &str,
 ) -> String {
@@ -562,6 +630,11 @@ fn banner(
         out.push_str(&format!(
             "  DSP 2025-1 on {root}{} (mTLS; versions at {root}/.well-known/dspace-version)\n",
             crate::dsp::provider::BASE_PATH
+        ));
+    }
+    if let Some(root) = console {
+        out.push_str(&format!(
+            "  web console on {root}/ (sign in: sluice console --identity admin)\n"
         ));
     }
     out.push_str(&format!("  config:    {}\n", config.source));

@@ -61,7 +61,8 @@ def start_sluice(binary: str, state: Path) -> tuple[subprocess.Popen, str]:
     policy = ROOT / "connector" / "tests" / "policies" / "open.yaml"
     proc = subprocess.Popen(
         [binary, "serve", "--state-dir", str(state), "--listen", "127.0.0.1:0",
-         "--metrics-listen", "off", "--policy", str(policy),
+         "--metrics-listen", "off", "--dsp-listen", "off", "--console-listen", "off",
+         "--policy", str(policy),
          "--log-level", "warn,sluice::catalog::decoded=info"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:

@@ -44,13 +44,15 @@ class Daemon:
         self.state_dir = state_dir
         self.proc = subprocess.Popen(
             [sluice_bin(), "serve", "--state-dir", str(state_dir), "--listen", "127.0.0.1:0",
-             "--metrics-listen", "off", "--dsp-listen", "127.0.0.1:0", *extra],
+             "--metrics-listen", "off", "--dsp-listen", "127.0.0.1:0",
+             "--console-listen", "127.0.0.1:0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             preexec_fn=_die_with_parent,
         )
         self.logs: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.dsp_url = None
+        self.console_url = None  # e.g. https://127.0.0.1:PORT, no trailing slash
         for line in self.proc.stdout:
             match = re.search(r"listening on grpc\+tls://(\S+)", line)
             if match:
@@ -58,6 +60,9 @@ class Daemon:
             dsp = re.search(r"DSP 2025-1 on (https://\S+)/dsp/2025-1", line)
             if dsp:
                 self.dsp_url = dsp.group(1)
+            console = re.search(r"web console on (https://\S+?)/?(\s|$)", line)
+            if console:
+                self.console_url = console.group(1)
             if "config:" in line:  # the banner's lines before it are read
                 break
         else:
@@ -88,6 +93,16 @@ class Daemon:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item (`item.rep_call`), so a
+    fixture can tell in its teardown whether the test failed (test_console.py
+    then saves a screenshot)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ mod budget;
 mod certs;
 mod config_cmd;
 mod conn;
+mod console;
 mod control;
 mod dsp;
 mod generate;
@@ -78,6 +79,8 @@ enum Command {
     /// The Dataspace Protocol (DSP 2025-1) as a consumer: catalog, negotiate, transfer, end.
     #[command(subcommand)]
     Dsp(dsp::DspCommand),
+    /// A one-time link that signs a browser in to the web console as you (docs/console.md).
+    Console(console::ConsoleArgs),
     /// Create a certificate authority and issue server and client certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -122,6 +125,7 @@ fn run(command: Command) -> Result<()> {
         Command::Receipt(cmd) => client_runtime()?.block_on(control::receipt(cmd)),
         Command::Audit(cmd) => client_runtime()?.block_on(control::audit(cmd)),
         Command::Dsp(cmd) => client_runtime()?.block_on(dsp::run(cmd)),
+        Command::Console(args) => client_runtime()?.block_on(console::console(args)),
         Command::Certs(cmd) => certs::certs(cmd),
         Command::Generate(cmd) => generate::run(cmd),
         Command::Config(cmd) => config_cmd::run(cmd),

@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// DSP 2025-1 endpoint address (HTTPS, mTLS), or `off`. Overrides dsp.listen.
     #[arg(long)]
     pub dsp_listen: Option<String>,
+    /// Web console address (HTTPS), or `off`. Overrides console.listen.
+    #[arg(long)]
+    pub console_listen: Option<String>,
     /// Log format. Overrides log.format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -78,6 +81,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             addr => {
                 Some(config::parse_addr(addr).map_err(|r| anyhow::anyhow!("--dsp-listen: {r}"))?)
             }
+        };
+    }
+    if let Some(c) = &args.console_listen {
+        cfg.console.listen = match c.as_str() {
+            "off" => None,
+            addr => Some(
+                config::parse_addr(addr).map_err(|r| anyhow::anyhow!("--console-listen: {r}"))?,
+            ),
         };
     }
     if let Some(format) = args.log_format {

@@ -39,7 +39,7 @@ impl AuditReceipts {
     }
 
     /// Whether `principal` may read `record`.
-    fn readable(&self, principal: &Principal) -> impl Fn(&SignedRecord) -> bool + use<> {
+    pub(crate) fn readable(&self, principal: &Principal) -> impl Fn(&SignedRecord) -> bool + use<> {
         let admin = is_admin(&self.engine, principal);
         let organization = audit::organization_key(principal);
         move |record| admin || record.record.entry.organization.as_deref() == Some(&organization)
@@ -117,7 +117,7 @@ fn internal(e: sluice_audit::StoreError) -> Status {
 
 /// A stored record as the protobuf message, with the canonical JSON the
 /// hash covers.
-fn message(r: &SignedRecord) -> pb::AuditRecord {
+pub(crate) fn message(r: &SignedRecord) -> pb::AuditRecord {
     let e = &r.record.entry;
     pb::AuditRecord {
         receipt_id: r.record.receipt_id.clone(),

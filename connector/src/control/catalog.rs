@@ -33,7 +33,7 @@ impl CatalogDirectory {
     }
 
     /// Every dataset `principal` may see, by name, as protobuf messages.
-    fn visible(&self, principal: &Principal) -> Vec<pb::Dataset> {
+    pub(crate) fn visible(&self, principal: &Principal) -> Vec<pb::Dataset> {
         let gate = self.engine.policy().current();
         let Some(policy) = gate.policy_set() else {
             return Vec::new();

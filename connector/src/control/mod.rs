@@ -10,7 +10,7 @@
 //! | `AuditService` | receipts, chain head | [`audit`] |
 
 mod agreements;
-mod audit;
+pub(crate) mod audit;
 mod budget;
 mod catalog;
 mod connector;
@@ -28,7 +28,7 @@ use tonic::Status;
 use crate::query::QueryEngine;
 
 /// Whether the policy in force makes `principal` a provider admin.
-fn is_admin(engine: &QueryEngine, principal: &Principal) -> bool {
+pub(crate) fn is_admin(engine: &QueryEngine, principal: &Principal) -> bool {
     engine
         .policy()
         .current()

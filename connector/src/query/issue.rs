@@ -62,27 +62,13 @@ impl QueryEngine {
         if let Some(query) = explain::strip_explain_policy(sql) {
             let request = self.with_agreements(request)?;
             let plan = self.plan_sql(&request.principal, query).await?;
-            let state = self.catalog.session().state();
-            let analyzed = plan::analyze(&state, plan)?;
-            let gate = self.policy.current();
-            let decision = gate.decide(&request, analyzed);
-            let stages = match &decision {
-                Ok(approval) => match self.explain_stages(&request, approval).await {
-                    Ok(stages) => stages,
-                    Err(e) => {
-                        return self.recorded_refusal(
-                            "decision",
-                            &request,
-                            &PlanFacts::default(),
-                            e,
-                        );
-                    }
-                },
-                Err(_) => String::new(),
+            let explanation = match self.explain_plan(&request, plan).await {
+                Ok(explanation) => explanation,
+                Err(e) => {
+                    return self.recorded_refusal("decision", &request, &PlanFacts::default(), e);
+                }
             };
-            let explanation = explain::explain(decision, gate.version(), &stages, |plan| {
-                gate.describe_plan(&request.principal, plan)
-            })?;
+            let gate = self.policy.current();
             let approval = Approval {
                 plan: explanation,
                 record: DecisionRecord::explain(gate.version()),
@@ -101,6 +87,49 @@ impl QueryEngine {
             Err(e) => return self.recorded_refusal("decision", request, &PlanFacts::default(), e),
         };
         self.issue(request, plan, None)
+    }
+
+    /// The one-row `EXPLAIN POLICY` answer for `plan`: the decision on it
+    /// for `request` (whose agreements are filled in) and, when allowed,
+    /// where it would run.
+    async fn explain_plan(
+        &self,
+        request: &QueryContext,
+        plan: LogicalPlan,
+    ) -> Result<LogicalPlan, QueryError> {
+        let state = self.catalog.session().state();
+        let analyzed = plan::analyze(&state, plan)?;
+        let gate = self.policy.current();
+        let decision = gate.decide(request, analyzed);
+        let stages = match &decision {
+            Ok(approval) => self.explain_stages(request, approval).await?,
+            Err(_) => String::new(),
+        };
+        explain::explain(decision, gate.version(), &stages, |plan| {
+            gate.describe_plan(&request.principal, plan)
+        })
+    }
+
+    /// `EXPLAIN POLICY <sql>` as `request`'s principal would see it, for a
+    /// provider admin's playground (the web console): nothing is issued or
+    /// recorded for that principal, who did not ask.
+    pub async fn explain_as(
+        self: &Arc<Self>,
+        request: QueryContext,
+        sql: String,
+    ) -> Result<Vec<datafusion::arrow::record_batch::RecordBatch>, QueryError> {
+        self.planned(&request.clone(), move |engine| async move {
+            let request = engine.with_agreements(&request)?;
+            let query = explain::strip_explain_policy(&sql).unwrap_or(&sql);
+            let plan = engine.plan_sql(&request.principal, query).await?;
+            let explanation = engine.explain_plan(&request, plan).await?;
+            let state = engine.catalog.session().state();
+            datafusion::dataframe::DataFrame::new(state, explanation)
+                .collect()
+                .await
+                .map_err(|e| QueryError::Internal(format!("explaining failed: {e}")))
+        })
+        .await
     }
 
     /// Where an approved query would run, for `EXPLAIN POLICY`: the

@@ -191,8 +191,10 @@ impl Daemon {
         let mut child = dies_with_parent()
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            // Tests run side by side: never the default's fixed DSP port.
+            // Tests run side by side: never the default's fixed DSP and
+            // console ports.
             .args(["--dsp-listen", "127.0.0.1:0"])
+            .args(["--console-listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("RUST_LOG")
             .envs(env.iter().map(|(k, v)| (k, v)))
