@@ -963,17 +963,14 @@ fn parse_dsp(raw: RawDsp) -> Result<DspConfig, (String, String)> {
     let public_url = match raw.public_url {
         None => None,
         Some(text) => {
-            let url = url::Url::parse(&text)
-                .ok()
-                .filter(|u| u.scheme() == "https" && u.host().is_some())
-                .ok_or_else(|| {
-                    (
-                        "public_url".to_string(),
-                        format!(
-                            "`{text}` is not an https URL, e.g. \"https://connector.example:8443\""
-                        ),
-                    )
-                })?;
+            let url = https_url(&text).ok_or_else(|| {
+                (
+                    "public_url".to_string(),
+                    format!(
+                        "`{text}` is not an https URL, e.g. \"https://connector.example:8443\""
+                    ),
+                )
+            })?;
             Some(url)
         }
     };
@@ -1014,11 +1011,15 @@ fn parse_console(raw: RawConsole) -> Result<ConsoleConfig, (String, String)> {
         None | Some("off") => None,
         Some(addr) => Some(parse_addr(addr).map_err(|r| ("listen".to_string(), r.to_string()))?),
     };
-    let public_url = raw
-        .public_url
-        .map(|text| https_url(&text, "https://console.example"))
-        .transpose()
-        .map_err(|r| ("public_url".to_string(), r))?;
+    let public_url = match raw.public_url {
+        None => None,
+        Some(text) => Some(https_url(&text).ok_or_else(|| {
+            (
+                "public_url".to_string(),
+                format!("`{text}` is not an https URL, e.g. \"https://console.example\""),
+            )
+        })?),
+    };
     let duration = |field: &str, text: Option<String>, default: Duration, max: Duration| {
         let Some(text) = text else { return Ok(default) };
         parse_duration(&text)
@@ -1059,12 +1060,11 @@ fn parse_console(raw: RawConsole) -> Result<ConsoleConfig, (String, String)> {
     })
 }
 
-/// `text` as an https URL with a host, or why not.
-fn https_url(text: &str, example: &str) -> Result<url::Url, String> {
+/// `text` as an https URL with a host.
+fn https_url(text: &str) -> Option<url::Url> {
     url::Url::parse(text)
         .ok()
         .filter(|u| u.scheme() == "https" && u.host().is_some())
-        .ok_or_else(|| format!("`{text}` is not an https URL, e.g. \"{example}\""))
 }
 
 /// Where a dataset is: a local `path`, an `s3://` `path`, or a `database`

@@ -33,6 +33,7 @@
 //! own gRPC services), [`broker`] (federation), [`server`] (built first,
 //! then served and drained), [`config`], [`state`] (the state directory),
 //! [`dev`] (development PKI and demo data), [`pki`] (`sluice certs`),
+//! [`https`] (the HTTPS server of the console and DSP endpoints),
 //! [`metrics`], [`telemetry`], [`blocking`] and [`client`]. The command
 //! line is in the binary (`src/main.rs`, `src/cli/`).
 
@@ -51,6 +52,7 @@ pub mod dev;
 pub mod dsp;
 pub mod flight;
 pub mod guard;
+pub mod https;
 pub mod identity;
 pub mod metrics;
 pub mod pki;

@@ -198,7 +198,7 @@ impl App {
             Some(url) => url.as_str().trim_end_matches('/').to_string(),
             None => format!("https://{bound}"),
         };
-        let tls = crate::dsp::https::server_config(&crate::dsp::https::TlsFiles {
+        let tls = crate::https::server_config(&crate::https::TlsFiles {
             cert: self.tls_files.cert.clone(),
             key: self.tls_files.key.clone(),
             ca: self.tls_files.client_ca.clone(),
@@ -347,18 +347,26 @@ impl Listening {
         let engine = app.engine.clone();
         let console = console.map(|c| {
             let router = crate::console::router(c.console.clone());
-            tokio::spawn(crate::dsp::https::serve(
+            tokio::spawn(crate::https::serve(
+                "web console",
                 c.listener,
                 c.tls,
                 router,
                 stopped.clone(),
             ));
+            tokio::spawn(
+                c.console
+                    .chain
+                    .clone()
+                    .watch(engine.clone(), stopped.clone()),
+            );
             tracing::info!(url = %c.root, "serving the web console over HTTPS");
             c.console
         });
         if let Some(dsp) = dsp {
             let router = crate::dsp::provider::router(dsp.provider.clone());
-            tokio::spawn(crate::dsp::https::serve(
+            tokio::spawn(crate::https::serve(
+                "DSP endpoint",
                 dsp.listener,
                 dsp.tls,
                 router,

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -152,10 +153,9 @@ def http(daemon: Daemon, cookie: str | None = None) -> requests.Session:
 
 
 def same_origin(daemon: Daemon) -> dict:
-    """Headers of a form POST from one of the console's own pages, so that a
-    refusal is the form's doing, not an origin check's. (Chromium sends
-    `Origin: null` there, as the pages' `Referrer-Policy: no-referrer` asks;
-    Sec-Fetch-Site is `same-origin`.)"""
+    """Headers of a form POST from one of the console's own pages, as
+    Chromium sends them, so that a refusal is the form's doing, not an
+    origin check's."""
     return {"Origin": daemon.console_url, "Sec-Fetch-Site": "same-origin"}
 
 
@@ -621,3 +621,161 @@ def test_the_audit_export_has_the_timelines_filters(console, browser):
     assert not browser.all("table#timeline tr.record")
     empty = http(console, browser.cookie()).get(browser.one("a#export").get_attribute("href"), timeout=TIMEOUT)
     assert empty.status_code == 200 and not empty.text.strip()
+
+
+# --- what one user cannot do to the others -----------------------------------------
+
+def sign_in(daemon: Daemon, identity: str) -> str:
+    """A session cookie for `identity`, through a fresh link (requests)."""
+    cookie, _ = session_cookie(link_login(daemon, mint_link(daemon, identity))[1])
+    assert cookie, f"no session for {identity}"
+    return cookie
+
+
+def csrf_of(daemon: Daemon, cookie: str, path: str) -> str:
+    """The CSRF token of the forms on `path`, for the session `cookie`."""
+    page = http(daemon, cookie).get(daemon.console_url + path, timeout=TIMEOUT)
+    assert page.status_code == 200, (path, page.status_code)
+    [token] = {f["fields"]["csrf"] for f in Forms(page.text).forms if "csrf" in f["fields"]}
+    return token
+
+
+def receipts_of(daemon: Daemon, identity: str) -> list:
+    """Every audit record `identity` may read, over gRPC (AuditService)."""
+    records, token = [], ""
+    with grpc_channel(daemon, identity) as channel:
+        stub = pb.audit_pb2_grpc.AuditServiceStub(channel)
+        while True:
+            page = stub.ListReceipts(pb.audit_pb2.ListReceiptsRequest(page_size=1000, page_token=token),
+                                     timeout=TIMEOUT)
+            records.extend(page.records)
+            token = page.next_page_token
+            if not token:
+                return records
+
+
+def test_the_workbench_holds_a_bounded_answer(console):
+    """An answer of large values is cut where the console's room ends (4 MiB
+    of it, each value shown to 200 characters): the page says it shows fewer
+    rows than the query returns, and stays small. A Flight client would
+    stream all of it; the console holds what it draws."""
+    cookie = sign_in(console, "supplier")
+    rows = ",".join(f"({i})" for i in range(200))
+    sql = f"SELECT repeat('<', 100000) AS x FROM (VALUES {rows}) t(i)"
+    answer = post(console, cookie, "/workbench",
+                  {"csrf": csrf_of(console, cookie, "/workbench"), "sql": sql, "purpose": ""})
+    assert answer.status_code == 200, answer.text[:500]
+    shown = re.search(r"Showing the first (\d+) rows", answer.text)
+    assert shown, re.findall(r'id="error"[^>]*>([^<]*)', answer.text) or answer.text[-2000:]
+    assert 0 < int(shown.group(1)) < 200
+    assert len(answer.text) < 1_000_000, len(answer.text)
+    assert "&lt;" * 200 + "…" in answer.text and "&lt;" * 201 not in answer.text
+
+
+def test_explaining_as_another_principal_is_recorded_for_the_admin_only(console):
+    """The playground explains only from its form (a POST with the CSRF
+    token; a link with SQL explains nothing), and the audit record of each
+    explanation names the admin: the principal it was asked for, a consumer
+    or a made-up one claiming its organization, finds nothing new among its
+    receipts."""
+    research = principal(console, "research")
+    before = len(receipts_of(console, "research"))
+    cookie = sign_in(console, "admin")
+    subject = {"principal": research, "organization": "City Research Institute",
+               "sql": "SELECT count(*) FROM trips", "purpose": RESEARCH_PURPOSE}
+
+    linked = http(console, cookie).get(console.console_url + "/admin/datasets", params=subject, timeout=TIMEOUT)
+    assert linked.status_code == 200 and 'id="catalog-as"' in linked.text
+    assert 'id="explanation"' not in linked.text
+    refused = post(console, cookie, "/admin/datasets", subject)
+    assert refused.status_code == 403 and "CSRF" in refused.text
+
+    token = csrf_of(console, cookie, "/admin/datasets")
+    explained = post(console, cookie, "/admin/datasets", {**subject, "csrf": token})
+    assert explained.status_code == 200
+    decision = re.search(r"<dt>decision</dt><dd><pre>([^<]*)</pre>", explained.text)
+    assert decision and decision.group(1) in ("allow", "deny (precondition)"), explained.text[-3000:]
+    stranger = {**subject, "principal": "spiffe://sluice.demo/org/not-a-consumer",
+                "sql": "SELECT card_id FROM trips", "csrf": token}
+    assert post(console, cookie, "/admin/datasets", stranger).status_code == 200
+
+    assert len(receipts_of(console, "research")) == before
+    timeline = http(console, cookie).get(console.console_url + "/admin/audit", params={"event": "explain"},
+                                         timeout=TIMEOUT)
+    explains = re.findall(r'<tr class="record" data-event="explain"', timeline.text)
+    assert len(explains) >= 2, timeline.text[-3000:]
+    admin = principal(console, "admin")
+    assert all(r.principal == admin for r in receipts_of(console, "admin") if r.event == "explain")
+
+
+def test_one_principal_cannot_sign_the_others_out(console):
+    """Sign-ins of one principal end its own oldest sessions (16 at most),
+    never another principal's."""
+    admin = sign_in(console, "admin")
+    first = sign_in(console, "research")
+    for _ in range(20):
+        sign_in(console, "research")
+    home = lambda cookie: http(console, cookie).get(console.console_url + "/", allow_redirects=False,
+                                                    timeout=TIMEOUT)
+    assert home(admin).status_code == 200
+    ended = home(first)
+    assert ended.status_code == 303 and redirect_path(ended) == "/login"
+
+
+def tls_socket(daemon: Daemon):
+    """A TLS connection to the console, handshake done, nothing sent."""
+    address = urlsplit(daemon.console_url)
+    context = ssl.create_default_context(cafile=str(daemon.state_dir / "pki" / "ca.pem"))
+    raw = socket.create_connection((address.hostname, address.port), timeout=TIMEOUT)
+    return context.wrap_socket(raw, server_hostname=address.hostname)
+
+
+def test_a_trickled_body_does_not_hold_a_connection(console):
+    """A POST whose body comes a byte a second is answered (400) or closed
+    about 10 s after its headers, not when the peer is done: trickling
+    bodies cannot fill the console's connections."""
+    address = urlsplit(console.console_url)
+    connection = tls_socket(console)
+    connection.sendall(f"POST /login/link HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                       "Content-Type: application/x-www-form-urlencoded\r\n"
+                       "Content-Length: 1000\r\n\r\n".encode())
+    connection.settimeout(1)
+    started, answer = time.monotonic(), b""
+    while time.monotonic() - started < 60:
+        try:
+            connection.sendall(b"a")
+            chunk = connection.recv(4096)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        answer += chunk
+        if b"\r\n\r\n" in answer:
+            break
+    waited = time.monotonic() - started
+    connection.close()
+    assert waited < 25, f"the connection was held {waited:.0f} s"
+    assert not answer or answer.startswith(b"HTTP/1.1 4"), answer[:200]
+
+
+def test_one_address_cannot_take_every_connection(console):
+    """Connections of one address beyond its share (32) are closed at once,
+    before TLS; when they end, the address is served again."""
+    held, refused = [], None
+    try:
+        for n in range(40):
+            try:
+                held.append(tls_socket(console))
+            except (ssl.SSLError, OSError):
+                refused = n
+                break
+        assert refused is not None, "40 connections from one address were all served"
+        assert refused <= 32, refused
+    finally:
+        for connection in held:
+            connection.close()
+    time.sleep(0.5)
+    again = http(console).get(console.console_url + "/login", timeout=TIMEOUT)
+    assert again.status_code == 200

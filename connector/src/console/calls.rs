@@ -37,21 +37,31 @@ pub fn request<T>(session: &Session, message: T) -> Request<T> {
 pub struct Answer {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
-    /// Rows received; the workbench stops reading after `max_rows`.
+    /// Rows kept: at most the `max_rows` asked for.
     pub rows: usize,
+    /// Whether reading stopped before the answer ended (rows or bytes).
     pub truncated: bool,
+}
+
+/// How much of an answer the console holds: a Flight client streams it,
+/// the console keeps it in memory to draw it.
+#[derive(Clone, Copy)]
+pub struct Room {
+    pub rows: usize,
+    /// Arrow memory of the batches kept.
+    pub bytes: usize,
 }
 
 /// Runs `sql` the way a Flight SQL client does: GetFlightInfo with the
 /// declared purpose, then DoGet of its ticket, decoded from the same
-/// encoded stream a client receives. Stops after `max_rows` rows (the
+/// encoded stream a client receives. Stops reading when `room` is full (the
 /// query's completion record then says it was cancelled).
 pub async fn query(
     console: &Console,
     session: &Session,
     sql: &str,
     purpose: Option<&str>,
-    max_rows: usize,
+    room: Room,
 ) -> Result<Answer, tonic::Status> {
     let command = CommandStatementQuery {
         query: sql.to_string(),
@@ -78,12 +88,15 @@ pub async fn query(
         .into_inner();
     let mut decoded =
         FlightRecordBatchStream::new_from_flight_data(stream.map_err(FlightError::from));
-    let (mut batches, mut rows, mut truncated) = (Vec::new(), 0usize, false);
+    let (mut batches, mut rows, mut bytes, mut truncated) = (Vec::new(), 0usize, 0usize, false);
     while let Some(batch) = decoded.next().await {
         let batch = batch.map_err(flight_status)?;
-        rows += batch.num_rows();
+        let keep = batch.num_rows().min(room.rows - rows);
+        let batch = batch.slice(0, keep);
+        rows += keep;
+        bytes += batch.get_array_memory_size();
         batches.push(batch);
-        if rows >= max_rows {
+        if rows >= room.rows || bytes >= room.bytes {
             truncated = true;
             break;
         }

@@ -51,7 +51,39 @@ pub struct Console {
     pub(crate) sessions: Sessions,
     /// `https://host:port` browsers reach the console at.
     pub(crate) root: String,
-    pub(crate) chain: pages::audit::ChainStatus,
+    pub(crate) chain: Arc<pages::audit::ChainStatus>,
+    pub(crate) activity: pages::budgets::ActivityCache,
+    pub(crate) workbench: Running,
+}
+
+/// Principals with a workbench query running: one each at a time, so one
+/// principal cannot hold many answers in the console's memory at once.
+#[derive(Default)]
+pub struct Running(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl Running {
+    /// Marks `principal` running until the guard drops; `None` if it
+    /// already is.
+    pub fn begin(&self, principal: &str) -> Option<RunningGuard<'_>> {
+        let mut running = self.0.lock().expect("running lock");
+        running.insert(principal.to_string()).then(|| RunningGuard {
+            running: self,
+            principal: principal.to_string(),
+        })
+    }
+}
+
+pub struct RunningGuard<'a> {
+    running: &'a Running,
+    principal: String,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.0.lock() {
+            running.remove(&self.principal);
+        }
+    }
 }
 
 /// What the console is built from.
@@ -68,7 +100,9 @@ impl Console {
             engine,
             sessions: Sessions::new(settings.lifetimes),
             root: settings.root,
-            chain: pages::audit::ChainStatus::default(),
+            chain: Arc::default(),
+            activity: pages::budgets::ActivityCache::default(),
+            workbench: Running::default(),
         }
     }
 
@@ -81,6 +115,9 @@ impl Console {
         &self.sessions
     }
 }
+
+/// The largest form body accepted.
+const FORM_LIMIT: usize = 1 << 20;
 
 /// Every route; each response carries the console's security headers.
 pub fn router(console: Arc<Console>) -> Router {
@@ -106,8 +143,13 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/admin/audit/export", get(audit::export))
         .route("/admin/audit/{id}", get(audit::record))
         .route("/admin/budgets", get(budgets::page))
-        .route("/admin/datasets", get(datasets::page))
+        .route(
+            "/admin/datasets",
+            get(datasets::page).post(datasets::explain),
+        )
         .fallback(not_found)
+        // Forms are small; the SQL in one is capped again by the engine.
+        .layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT))
         .layer(axum::middleware::map_response(with_secure_headers))
         .with_state(console)
 }

@@ -26,8 +26,12 @@ pub const COOKIE: &str = "__Host-sluice-session";
 /// until some expire.
 const MAX_LINKS: usize = 1024;
 const MAX_LINKS_PER_PRINCIPAL: usize = 16;
-/// Sessions kept at once; beyond it the least recently used ends.
+/// Sessions kept at once: beyond it, sign-ins are refused (never someone
+/// else's session ended to make room).
 const MAX_SESSIONS: usize = 4096;
+/// Sessions of one principal: its next sign-in ends its own least
+/// recently used one.
+const MAX_SESSIONS_PER_PRINCIPAL: usize = 16;
 
 /// Why a sign-in link cannot be minted.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,13 @@ pub enum LinkError {
     #[error("the console holds {MAX_LINKS} unused sign-in links; try again when some expire")]
     TooMany,
 }
+
+/// Why a session cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the console holds {MAX_SESSIONS} sessions, its most; try again when some end (they end after console.session_idle unused)"
+)]
+pub struct SessionsFull;
 
 /// How long links and sessions live.
 #[derive(Debug, Clone, Copy)]
@@ -139,20 +150,22 @@ impl Sessions {
             .map(|link| link.caller.clone())
     }
 
-    /// Spends a link: a new session for its principal, or `None` when it is
-    /// unknown, expired or already used (one answer for all three).
-    pub fn redeem_link(&self, token: &str) -> Option<(String, Session)> {
+    /// Spends a link: whom it signs in, or `None` when it is unknown,
+    /// expired or already used (one answer for all three).
+    pub fn take_link(&self, token: &str) -> Option<Arc<Caller>> {
         let link = self
             .links
             .lock()
             .expect("links lock")
             .remove(&digest_of(token))?;
-        (link.expires > Instant::now()).then(|| self.start(link.caller))
+        (link.expires > Instant::now()).then_some(link.caller)
     }
 
     /// A new session for `caller` (a link spent, or a client certificate):
-    /// its cookie value and the session.
-    pub fn start(&self, caller: Arc<Caller>) -> (String, Session) {
+    /// its cookie value and the session. The principal's own least
+    /// recently used session ends when it has too many; when the console is
+    /// full, the sign-in is refused.
+    pub fn start(&self, caller: Arc<Caller>) -> Result<(String, Session), SessionsFull> {
         let id = random_token();
         let now = Instant::now();
         let session = Session {
@@ -163,16 +176,24 @@ impl Sessions {
         };
         let mut sessions = self.sessions.lock().expect("sessions lock");
         self.drop_stale(&mut sessions, now);
-        if sessions.len() >= MAX_SESSIONS
-            && let Some(oldest) = sessions
+        let principal = &session.caller.principal.id;
+        let theirs: Vec<(&Digest, &Session)> = sessions
+            .iter()
+            .filter(|(_, s)| &s.caller.principal.id == principal)
+            .collect();
+        if theirs.len() >= MAX_SESSIONS_PER_PRINCIPAL {
+            let oldest = theirs
                 .iter()
                 .min_by_key(|(_, s)| s.last_seen)
-                .map(|(k, _)| *k)
-        {
-            sessions.remove(&oldest);
+                .map(|(k, _)| **k);
+            if let Some(oldest) = oldest {
+                sessions.remove(&oldest);
+            }
+        } else if sessions.len() >= MAX_SESSIONS {
+            return Err(SessionsFull);
         }
         sessions.insert(digest_of(&id), session.clone());
-        (id, session)
+        Ok((id, session))
     }
 
     /// The live session a cookie names, now marked used.
@@ -288,9 +309,9 @@ mod tests {
         let s = sessions();
         let (token, _) = s.mint_link(caller("a"), Duration::ZERO).unwrap();
         assert_eq!(s.peek_link(&token).unwrap().principal.id, "a");
-        let (id, session) = s.redeem_link(&token).unwrap();
+        let (id, session) = s.start(s.take_link(&token).unwrap()).unwrap();
         assert_eq!(session.caller.principal.id, "a");
-        assert!(s.redeem_link(&token).is_none());
+        assert!(s.take_link(&token).is_none());
         assert!(s.peek_link(&token).is_none());
         assert_eq!(s.get(&id).unwrap().csrf, session.csrf);
         s.end(&id);
@@ -303,7 +324,7 @@ mod tests {
         let (token, _) = s.mint_link(caller("a"), Duration::from_millis(1)).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         assert!(s.peek_link(&token).is_none());
-        assert!(s.redeem_link(&token).is_none());
+        assert!(s.take_link(&token).is_none());
         assert!(matches!(
             s.mint_link(caller("a"), Duration::from_secs(61)),
             Err(LinkError::TooLong { max_s: 60 })
@@ -331,14 +352,29 @@ mod tests {
             certificate_sha256: String::new(),
             not_after: 1,
         });
-        let (id, _) = s.start(expired);
+        let (id, _) = s.start(expired).unwrap();
         assert!(s.get(&id).is_none());
+    }
+
+    #[test]
+    fn one_principal_cannot_push_out_the_others() {
+        let s = sessions();
+        let (admin, _) = s.start(caller("admin")).unwrap();
+        let mut first = None;
+        for _ in 0..MAX_SESSIONS + 10 {
+            let (id, _) = s.start(caller("a")).unwrap();
+            first.get_or_insert(id);
+        }
+        assert!(s.get(&admin).is_some());
+        assert!(s.get(first.as_deref().unwrap()).is_none());
+        let theirs = s.sessions.lock().unwrap().len();
+        assert_eq!(theirs, MAX_SESSIONS_PER_PRINCIPAL + 1);
     }
 
     #[test]
     fn csrf_must_match_exactly() {
         let s = sessions();
-        let (_, session) = s.start(caller("a"));
+        let (_, session) = s.start(caller("a")).unwrap();
         assert!(csrf_matches(&session, Some(&session.csrf.clone())));
         assert!(!csrf_matches(&session, None));
         assert!(!csrf_matches(&session, Some("")));

@@ -150,7 +150,7 @@ impl Consumer {
             )
             .route("/callback/transfers/{pid}/{kind}", post(transfer_callback))
             .with_state(callbacks.clone());
-        tokio::spawn(https::serve(listener, tls, router, stopped));
+        tokio::spawn(https::serve("DSP callback", listener, tls, router, stopped));
         Ok(Self {
             outbound: Outbound::new(files)?,
             callback_url: public_url.unwrap_or_else(|| format!("https://{bound}/callback")),

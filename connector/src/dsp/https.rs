@@ -1,10 +1,9 @@
 //! HTTPS for the Dataspace Protocol, both ways, on rustls with ring.
 //!
-//! - [`serve`]: the DSP endpoint. Client certificates from the connector's
-//!   trust roots are verified in the handshake and handed to the handlers
-//!   as the connection's [`Peer`]. A certificate is optional at the TLS
-//!   layer only because `/.well-known/dspace-version` must be
-//!   unauthenticated; every other route refuses a request without one.
+//! - [`serve`] (the shared server of [`crate::https`]): the DSP endpoint.
+//!   A certificate is optional at the TLS layer only because
+//!   `/.well-known/dspace-version` must be unauthenticated; every other
+//!   route refuses a request without one.
 //! - [`Outbound`]: the HTTPS client for messages to the other side. It
 //!   presents this side's certificate; a provider calling a consumer's
 //!   callback address also pins the consumer's principal: the callback
@@ -12,189 +11,19 @@
 //!   a callback address can never point the provider at anyone else (a
 //!   service inside the provider's network, say).
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
-use crate::identity::{self, Caller};
+pub use crate::https::{Peer, TlsFiles, TlsSetupError, principal_of, serve, server_config};
+use crate::https::{chain, key, provider, roots, setup_error};
+use crate::identity;
 
-/// A TLS handshake must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// One outbound message, connection included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection to the DSP endpoint lasts at most this long (its messages
-/// are small): a peer that trickles bytes holds it no longer.
-const CONNECTION_LIMIT: Duration = Duration::from_secs(60);
-/// Connections served at once; more wait in the listen queue.
-const MAX_CONNECTIONS: usize = 512;
-
-/// The certificate and trust roots of one side.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: std::path::PathBuf,
-    pub key: std::path::PathBuf,
-    pub ca: std::path::PathBuf,
-}
-
-/// Why TLS could not be set up from the files.
-#[derive(Debug, thiserror::Error)]
-#[error("{what} {path}: {reason}")]
-pub struct TlsSetupError {
-    pub what: &'static str,
-    pub path: String,
-    pub reason: String,
-}
-
-fn setup_error(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> TlsSetupError {
-    TlsSetupError {
-        what,
-        path: path.display().to_string(),
-        reason: reason.to_string(),
-    }
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
-    let chain = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| setup_error("certificate", path, e))?;
-    match chain.is_empty() {
-        true => Err(setup_error("certificate", path, "it holds no certificate")),
-        false => Ok(chain),
-    }
-}
-
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| setup_error("private key", path, e))
-}
-
-fn roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, TlsSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in chain(path)? {
-        roots
-            .add(certificate)
-            .map_err(|e| setup_error("CA certificate", path, e))?;
-    }
-    Ok(Arc::new(roots))
-}
-
-/// The principal a certificate file names (the provider's participant id
-/// defaults to its own).
-pub fn principal_of(cert: &Path) -> Result<String, TlsSetupError> {
-    let leaf = chain(cert)?.remove(0);
-    identity::principal_from_der(leaf.as_ref())
-        .map(|p| p.id)
-        .map_err(|e| setup_error("certificate", cert, e))
-}
-
-/// The server side: our certificate; client certificates verified against
-/// `ca` when presented.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| setup_error("CA certificate", &files.ca, e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| setup_error("certificate", &files.cert, e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain(&files.cert)?, key(&files.key)?)
-        .map_err(|e| setup_error("certificate", &files.cert, e))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// What the handshake established about the other side of a connection.
-#[derive(Clone, Default)]
-pub struct Peer(pub Option<Arc<Caller>>);
-
-/// Serves `router` over HTTPS on `listener` until `stopped` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    router: axum::Router,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            permit = room.clone().acquire_owned() => permit,
-            _ = stopped.wait_for(|s| *s) => return,
-        };
-        let Ok(permit) = permit else { return };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stopped.wait_for(|s| *s) => return,
-        };
-        let (socket, remote) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "DSP endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = socket.set_nodelay(true);
-        let served = connection(acceptor.clone(), socket, remote, router.clone());
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(CONNECTION_LIMIT, served).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn connection(
-    acceptor: tokio_rustls::TlsAcceptor,
-    socket: tokio::net::TcpStream,
-    remote: SocketAddr,
-    router: axum::Router,
-) {
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::debug!(%remote, error = %e, "DSP endpoint: TLS handshake refused");
-            return;
-        }
-        Err(_) => return,
-    };
-    let peer = Peer(
-        stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|leaf| identity::caller_from_der(leaf.as_ref()).ok())
-            .map(Arc::new),
-    );
-    let service =
-        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let mut request = request.map(axum::body::Body::new);
-            request.extensions_mut().insert(peer.clone());
-            tower::ServiceExt::oneshot(router.clone(), request)
-        });
-    let io = hyper_util::rt::TokioIo::new(stream);
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(io, service)
-        .await
-    {
-        tracing::debug!(%remote, error = %e, "DSP endpoint: connection ended with an error");
-    }
-}
 
 /// Sends DSP messages to the other side over HTTPS with this side's
 /// certificate.

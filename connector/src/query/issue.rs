@@ -111,25 +111,46 @@ impl QueryEngine {
     }
 
     /// `EXPLAIN POLICY <sql>` as `request`'s principal would see it, for a
-    /// provider admin's playground (the web console): nothing is issued or
-    /// recorded for that principal, who did not ask.
+    /// provider `admin`'s playground (the web console). Nothing is issued
+    /// or recorded in that principal's name (it did not ask): the audit
+    /// record names the admin, and the planning slot is the admin's.
     pub async fn explain_as(
         self: &Arc<Self>,
+        admin: &sluice_policy::Principal,
         request: QueryContext,
         sql: String,
     ) -> Result<Vec<datafusion::arrow::record_batch::RecordBatch>, QueryError> {
-        self.planned(&request.clone(), move |engine| async move {
-            let request = engine.with_agreements(&request)?;
-            let query = explain::strip_explain_policy(&sql).unwrap_or(&sql);
-            let plan = engine.plan_sql(&request.principal, query).await?;
-            let explanation = engine.explain_plan(&request, plan).await?;
-            let state = engine.catalog.session().state();
-            datafusion::dataframe::DataFrame::new(state, explanation)
-                .collect()
-                .await
-                .map_err(|e| QueryError::Internal(format!("explaining failed: {e}")))
-        })
-        .await
+        let mut entry = audit::Entry {
+            event: "explain".into(),
+            principal: admin.id.clone(),
+            organization: Some(audit::organization_key(admin)),
+            policy_version: self.policy.version(),
+            message: Some(format!("EXPLAIN POLICY as `{}`", request.principal.id)),
+            ..audit::Entry::default()
+        };
+        let organization = audit::organization_key(admin);
+        let explained = self
+            .planned_for(&organization, move |engine| async move {
+                let request = engine.with_agreements(&request)?;
+                let query = explain::strip_explain_policy(&sql).unwrap_or(&sql);
+                let plan = engine.plan_sql(&request.principal, query).await?;
+                let explanation = engine.explain_plan(&request, plan).await?;
+                let state = engine.catalog.session().state();
+                datafusion::dataframe::DataFrame::new(state, explanation)
+                    .collect()
+                    .await
+                    .map_err(|e| QueryError::Internal(format!("explaining failed: {e}")))
+            })
+            .await;
+        entry.outcome = match &explained {
+            Ok(_) => "explained".into(),
+            Err(e) => e.refusal().outcome.into(),
+        };
+        self.audit.append(entry).map_err(|e| {
+            tracing::error!(error = %e, "the audit log cannot be written");
+            QueryError::Internal("the audit log cannot be written (see the connector log)".into())
+        })?;
+        explained
     }
 
     /// Where an approved query would run, for `EXPLAIN POLICY`: the

@@ -349,7 +349,23 @@ impl QueryEngine {
         Fut: Future<Output = Result<T, QueryError>> + Send + 'static,
     {
         self.refuse_strangers(request)?;
-        let organization = audit::organization_key(&request.principal);
+        self.planned_for(&audit::organization_key(&request.principal), work)
+            .await
+    }
+
+    /// [`Self::planned`] in a planning slot of `organization`, with no
+    /// check of who asks (the caller made it).
+    async fn planned_for<T, F, Fut>(
+        self: &Arc<Self>,
+        organization: &str,
+        work: F,
+    ) -> Result<T, QueryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, QueryError>> + Send + 'static,
+    {
+        let organization = organization.to_string();
         let slot = self
             .planning
             .acquire(&organization, Instant::now() + self.limits.queue_timeout)

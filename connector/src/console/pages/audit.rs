@@ -28,11 +28,12 @@ use crate::control::audit::message;
 
 /// Records a timeline page shows.
 const SHOWN: usize = 200;
-/// Records one page view reads at most, newest first: a filter that
-/// matches little cannot make a page read the whole log.
-const MAX_SCANNED: u64 = 100_000;
-/// Records an export holds at most.
-const MAX_EXPORTED: usize = 100_000;
+/// Records one page view reads at most, newest first, as one
+/// `ListReceipts` call does: a filter that matches little cannot make a
+/// page read the whole log (*Older records* goes on).
+const MAX_SCANNED: u64 = sluice_audit::SCAN_WINDOW;
+/// Records an export reads at most, newest first (`before=` goes on).
+const MAX_EXPORTED: usize = 50_000;
 /// Records read per step backwards: what one `scan` reads at most, so a
 /// step reads exactly the records below where the last one started.
 const STEP: u64 = sluice_audit::SCAN_WINDOW;
@@ -139,17 +140,18 @@ fn log(console: &Console) -> Result<&AuditLog, ConsoleError> {
 }
 
 /// The newest records `user` may read that pass `filters`, at most
-/// `limit`, and the seq to continue before when older ones may match.
+/// `limit` of the newest `scanned`, and the seq to continue before when
+/// older ones may match.
 fn newest(
     console: &Console,
     user: &User,
     filters: &Filters,
-    limit: usize,
+    (limit, scanned): (usize, u64),
 ) -> Result<(Vec<SignedRecord>, Option<u64>), ConsoleError> {
     let log = log(console)?;
     let readable = AuditReceipts::new(console.engine.clone()).readable(user.principal());
     let mut end = filters.before.unwrap_or(u64::MAX).min(log.head().records);
-    let floor = end.saturating_sub(MAX_SCANNED);
+    let floor = end.saturating_sub(scanned);
     let mut found = Vec::new();
     while end > floor && found.len() < limit {
         let start = end.saturating_sub(STEP).max(floor);
@@ -202,13 +204,19 @@ pub fn listing(
     filters: &Filters,
     base: &str,
 ) -> Result<String, ConsoleError> {
-    let (records, older) = newest(console, user, filters, SHOWN)?;
+    let (records, older) = newest(console, user, filters, (SHOWN, MAX_SCANNED))?;
     let shown: Vec<pb::AuditRecord> = records.iter().map(message).collect();
     let more = match older {
-        Some(seq) => format!(
-            "<p><a id=\"older\" href=\"{base}?{query}&amp;before={seq}\">Older records</a></p>",
-            query = esc(&filters.query()),
-        ),
+        Some(seq) => {
+            let query = match filters.query() {
+                q if q.is_empty() => format!("before={seq}"),
+                q => format!("{q}&before={seq}"),
+            };
+            format!(
+                "<p><a id=\"older\" href=\"{base}?{}\">Older records</a></p>",
+                esc(&query)
+            )
+        }
         None => String::new(),
     };
     Ok(format!(
@@ -323,7 +331,12 @@ pub async fn export(
     Admin(user): Admin,
     Query(filters): Query<Filters>,
 ) -> Result<Response, ConsoleError> {
-    let (mut records, older) = newest(&console, &user, &filters, MAX_EXPORTED)?;
+    let (mut records, older) = newest(
+        &console,
+        &user,
+        &filters,
+        (MAX_EXPORTED, MAX_EXPORTED as u64),
+    )?;
     records.reverse();
     let mut out = String::new();
     for record in &records {
@@ -345,34 +358,176 @@ pub async fn export(
         header::CONTENT_DISPOSITION,
         HeaderValue::from_static("attachment; filename=\"sluice-audit.jsonl\""),
     );
-    if older.is_some() {
-        // Not every matching record fits: say so rather than pass for whole.
+    if let Some(before) = older {
+        // Not every matching record fits: say so rather than pass for whole,
+        // and where the next export (`before=`) starts.
         headers.insert("x-sluice-truncated", HeaderValue::from_static("true"));
+        headers.insert("x-sluice-continue-before", HeaderValue::from(before));
     }
     Ok(response)
 }
 
-/// Whether the whole chain verifies, checked at most once per
-/// [`RECHECK`] and again only when the log grew.
+/// Whether the chain verifies, as a background task last found it: the
+/// whole log when the console starts and every [`FULL_RECHECK`], the
+/// records added since every [`RECHECK`]. Never in a request: checking
+/// every signature of a large log takes minutes.
 #[derive(Default)]
 pub struct ChainStatus {
     last: Mutex<Option<Checked>>,
+    /// A page view with unchecked records asks for a check now.
+    wanted: tokio::sync::Notify,
 }
 
+#[derive(Clone)]
 struct Checked {
+    /// Records verified (the next seq to check).
     records: u64,
-    at: Instant,
-    report: String,
+    /// The hash of the last record verified.
+    hash: String,
     ok: bool,
+    report: String,
+    at: chrono::DateTime<chrono::Utc>,
+    full_at: Instant,
 }
 
 const RECHECK: Duration = Duration::from_secs(30);
+const FULL_RECHECK: Duration = Duration::from_secs(6 * 3600);
 
 impl ChainStatus {
-    /// `#chain`: verified or not, the head, and the offline command.
+    /// Checks until `stopped` turns true.
+    pub async fn watch(
+        self: Arc<Self>,
+        engine: Arc<crate::query::QueryEngine>,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let (me, engine) = (self.clone(), engine.clone());
+            let _ = tokio::task::spawn_blocking(move || me.check(&engine)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(RECHECK) => {}
+                _ = self.wanted.notified() => {}
+                _ = stopped.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    fn check(&self, engine: &crate::query::QueryEngine) {
+        let Some(log) = engine.audit().log() else {
+            return;
+        };
+        let records = log.head().records;
+        let previous = self.last.lock().expect("chain status lock").clone();
+        let checked = match previous {
+            Some(p) if p.ok && p.records == records => return,
+            Some(p) if p.ok && p.records < records && p.full_at.elapsed() < FULL_RECHECK => {
+                Self::verify_from(log, records, Some(p))
+            }
+            _ => Self::verify_from(log, records, None),
+        };
+        *self.last.lock().expect("chain status lock") = Some(checked);
+    }
+
+    /// Verifies the log from `after`'s end (all of it without `after`).
+    /// `records` is the head when the check began: a record appended
+    /// meanwhile may be half written, and a problem there is not one yet.
+    fn verify_from(log: &AuditLog, records: u64, after: Option<Checked>) -> Checked {
+        let key = log.key().public_key();
+        let from = after.as_ref().map(|a| a.records);
+        let report = sluice_audit::verify_file(log.path(), &key, from);
+        let at = chrono::Utc::now();
+        let full_at = match &after {
+            Some(a) => a.full_at,
+            None => Instant::now(),
+        };
+        let broken = |report: String| Checked {
+            records,
+            hash: String::new(),
+            ok: false,
+            report,
+            at,
+            full_at,
+        };
+        let report = match report {
+            Ok(report) => report,
+            Err(e) => return broken(format!("the log cannot be read: {e}")),
+        };
+        if let Some(problem) = &report.problem
+            && problem.line as u64 <= records
+        {
+            return broken(report.to_string());
+        }
+        // The first new record must chain to the last one verified before.
+        if let (Some(a), Some(from)) = (&after, from) {
+            let first = log
+                .scan(from, 1, |_| true)
+                .ok()
+                .and_then(|(r, _)| r.into_iter().next());
+            if first.is_some_and(|r| r.record.prev_hash != a.hash) {
+                return broken(format!(
+                    "record {from} does not chain to record {}, which verified before: the log was rewritten",
+                    from - 1
+                ));
+            }
+        }
+        let (verified, hash) = match &report.head {
+            Some(head) => (head.records, head.hash.clone()),
+            None => after
+                .as_ref()
+                .map(|a| (a.records, a.hash.clone()))
+                .unwrap_or((0, sluice_audit::ZERO_HASH.to_string())),
+        };
+        Checked {
+            records: verified,
+            report: format!(
+                "records 0 to {} verified, the last with hash {}…",
+                verified.saturating_sub(1),
+                short(&hash)
+            ),
+            hash,
+            ok: true,
+            at,
+            full_at,
+        }
+    }
+
+    /// `#chain`: what the last check found and when, the head, and the
+    /// offline command.
     fn describe(&self, log: &AuditLog) -> String {
         let head = log.head();
-        let (ok, report) = self.check(log, head.records);
+        let last = self.last.lock().expect("chain status lock").clone();
+        let (class, verdict) = match &last {
+            None => ("pending", "Checking the chain".to_string()),
+            Some(c) if c.ok => (
+                "ok",
+                format!(
+                    "Chain verified</strong> (checked {}): {}",
+                    c.at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    esc(&c.report)
+                ),
+            ),
+            Some(c) => (
+                "broken",
+                format!(
+                    "Chain does NOT verify</strong> (checked {}): {}",
+                    c.at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    esc(&c.report)
+                ),
+            ),
+        };
+        let verdict = match verdict.contains("</strong>") {
+            true => verdict,
+            false => format!("{verdict}</strong>: the first check runs in the background."),
+        };
+        let unchecked = match &last {
+            Some(c) if c.ok && head.records > c.records => {
+                self.wanted.notify_one();
+                format!(
+                    " {} newer records are being checked; reload to see.",
+                    head.records - c.records
+                )
+            }
+            _ => String::new(),
+        };
         let dir = log.path().parent().unwrap_or(log.path());
         let command = format!(
             "sluice audit verify --log {} --public-key {} --head {}",
@@ -381,46 +536,20 @@ impl ChainStatus {
             head.hash
         );
         format!(
-            "<section id=\"chain\" class=\"{class}\"><p><strong>{verdict}</strong>: {report}</p>\
+            "<section id=\"chain\" class=\"{class}\"><p><strong>{verdict}{unchecked}</p>\
              <p>Head: {records} records, last hash <code id=\"head\">{hash}</code>, signed with key <code>{key}</code>.</p>\
              <p>Verify it offline (the chain, every signature, and that this head is still in it):</p>\
              <pre><code id=\"verify-command\">{command}</code></pre></section>",
-            class = if ok { "ok" } else { "broken" },
-            verdict = if ok {
-                "Chain verified"
-            } else {
-                "Chain does NOT verify"
-            },
-            report = esc(&report),
             records = head.records,
             hash = esc(&head.hash),
             key = esc(&log.key().key_id()),
             command = esc(&command),
         )
     }
+}
 
-    fn check(&self, log: &AuditLog, records: u64) -> (bool, String) {
-        let mut last = self.last.lock().expect("chain status lock");
-        if let Some(c) = last.as_ref()
-            && c.records == records
-            && c.at.elapsed() < RECHECK
-        {
-            return (c.ok, c.report.clone());
-        }
-        let key = log.key().public_key();
-        let (ok, report) =
-            match crate::blocking::blocking(|| sluice_audit::verify_file(log.path(), &key, None)) {
-                Ok(report) => (report.problem.is_none(), report.to_string()),
-                Err(e) => (false, format!("the log cannot be read: {e}")),
-            };
-        *last = Some(Checked {
-            records,
-            at: Instant::now(),
-            report: report.clone(),
-            ok,
-        });
-        (ok, report)
-    }
+fn short(hash: &str) -> &str {
+    hash.get(..16).unwrap_or(hash)
 }
 
 #[cfg(test)]

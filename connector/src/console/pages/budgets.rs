@@ -3,8 +3,10 @@
 //! and queries and rows per day.
 //!
 //! The totals and limits are the ledger's. The steps over time come from
-//! the audit log's release records (each carries the ε and δ it spent), so
-//! a connector without an audit log shows totals only.
+//! the audit log's release records (each carries the ε and δ it spent), as
+//! do queries and rows per day for every organization; the quota store
+//! counts only grants with quotas. A connector without an audit log shows
+//! totals only.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,8 +21,8 @@ use crate::console::chart::{number, spent_over_time};
 use crate::console::html::{esc, table, td};
 use crate::console::{Admin, Console, ConsoleError};
 
-/// Records read at most for the charts, newest first.
-const MAX_SCANNED: u64 = 100_000;
+/// Audit records one page view reads at most for the charts.
+const MAX_SCANNED: u64 = 50_000;
 /// Days of quota use shown.
 const QUOTA_DAYS: u64 = 14;
 
@@ -36,11 +38,13 @@ pub async fn page(
             "reading the privacy ledger failed (see the connector log)",
         ))
     })?;
-    let releases = releases(&console)?;
+    let mut cache = console.activity.0.lock().await;
+    let unread = catch_up(&console, &mut cache)?;
+    let activity = &cache.0;
     let accounts: String = balances
         .iter()
         .enumerate()
-        .map(|(i, b)| account(i, b, &releases))
+        .map(|(i, b)| account(i, b, &activity.charges))
         .collect();
     let accounts = match accounts.is_empty() {
         true => "<p class=\"empty\">No privacy budget has been charged in the current periods.</p>"
@@ -48,9 +52,18 @@ pub async fn page(
         false => accounts,
     };
     let body = format!(
-        "<h2>Privacy budget in the current period</h2>{accounts}<h2>Queries and rows per day</h2>{}{}",
+        "{unread}<h2>Privacy budget in the current period</h2>{accounts}<h2>Queries and rows per day</h2>\
+         <p>Every organization's results released and rows delivered, from the audit log:</p>{}\
+         <h3>Counted against quotas</h3><p>Only grants with quotas are counted (the quota store):</p>{}{}",
+        daily_table(&activity.daily),
         quota_table(&console)?,
         quota_limits(&console),
+        unread = match unread {
+            0 => String::new(),
+            n => format!(
+                "<p class=\"note\">{n} newer audit records are not read yet: reload to read more.</p>"
+            ),
+        },
     );
     Ok(user.page("Budgets and quotas", &body))
 }
@@ -59,43 +72,72 @@ pub async fn page(
 /// (organization, dataset), oldest first.
 type Releases = BTreeMap<(String, String), Vec<(String, f64, f64)>>;
 
-fn releases(console: &Console) -> Result<Releases, ConsoleError> {
-    let mut out = Releases::new();
+/// Per (day, organization): results released and rows they delivered.
+type Daily = BTreeMap<(String, String), (u64, u64)>;
+
+/// What the audit log says about use: DP charges over time, and queries
+/// and rows per day for every organization (whether or not its grant has
+/// quotas).
+#[derive(Default)]
+struct Activity {
+    charges: Releases,
+    daily: Daily,
+}
+
+/// [`Activity`] kept between page views: each view reads only the records
+/// appended since the last (at most [`MAX_SCANNED`] of them).
+#[derive(Default)]
+pub struct ActivityCache(tokio::sync::Mutex<(Activity, u64)>);
+
+/// Reads the audit records after the cache's last up to the head (at most
+/// [`MAX_SCANNED`]); how many are left unread.
+fn catch_up(console: &Console, cache: &mut (Activity, u64)) -> Result<u64, ConsoleError> {
     let Some(log) = console.engine.audit().log() else {
-        return Ok(out);
+        return Ok(0);
     };
     let count = log.head().records;
-    let mut from = count.saturating_sub(MAX_SCANNED);
-    let is_charge = |r: &SignedRecord| {
-        r.record.entry.event == "release" && r.record.entry.epsilon.is_some_and(|e| e > 0.0)
+    let stop = count.min(cache.1.saturating_add(MAX_SCANNED));
+    let counted = |r: &SignedRecord| {
+        r.record.seq < stop && matches!(r.record.entry.event.as_str(), "release" | "completion")
     };
-    while from < count {
-        let (found, next) = crate::blocking::blocking(|| log.scan(from, usize::MAX, is_charge))
+    while cache.1 < stop {
+        let from = cache.1;
+        let (found, next) = crate::blocking::blocking(|| log.scan(from, usize::MAX, counted))
             .map_err(|e| {
                 tracing::error!(error = %e, "reading the audit log failed");
                 ConsoleError::Status(tonic::Status::internal(
                     "reading the audit log failed (see the connector log)",
                 ))
             })?;
-        for r in found {
-            let e = &r.record.entry;
-            let organization = e.organization.clone().unwrap_or_default();
-            for dataset in &e.datasets {
-                out.entry((organization.clone(), dataset.clone()))
-                    .or_default()
-                    .push((
-                        r.record.time.clone(),
-                        e.epsilon.unwrap_or(0.0),
-                        e.delta.unwrap_or(0.0),
-                    ));
-            }
+        for r in &found {
+            cache.0.add(r);
         }
-        match next {
-            Some(next) => from = next,
-            None => break,
+        cache.1 = next.unwrap_or(count).min(stop);
+    }
+    Ok(count - cache.1)
+}
+
+impl Activity {
+    fn add(&mut self, r: &SignedRecord) {
+        let e = &r.record.entry;
+        let organization = e.organization.clone().unwrap_or_default();
+        let day = r.record.time.get(..10).unwrap_or("").to_string();
+        let today = self.daily.entry((day, organization.clone())).or_default();
+        if e.event == "completion" {
+            today.1 += e.rows.unwrap_or(0);
+            return;
+        }
+        today.0 += 1;
+        let Some(epsilon) = e.epsilon.filter(|eps| *eps > 0.0) else {
+            return;
+        };
+        for dataset in &e.datasets {
+            self.charges
+                .entry((organization.clone(), dataset.clone()))
+                .or_default()
+                .push((r.record.time.clone(), epsilon, e.delta.unwrap_or(0.0)));
         }
     }
-    Ok(out)
 }
 
 /// Whether a record's time falls in the period a ledger key names: a day
@@ -177,6 +219,37 @@ fn seconds(rfc3339: &str) -> f64 {
     chrono::DateTime::parse_from_rfc3339(rfc3339)
         .map(|t| t.timestamp() as f64)
         .unwrap_or(0.0)
+}
+
+/// The last [`QUOTA_DAYS`] days of `daily`, newest first.
+fn daily_table(daily: &Daily) -> String {
+    let since = (chrono::Utc::now() - chrono::Duration::days(QUOTA_DAYS as i64 - 1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let rows: Vec<String> = daily
+        .iter()
+        .rev()
+        .filter(|((day, _), _)| *day >= since)
+        .map(|((day, organization), (queries, rows))| {
+            format!(
+                "<tr>{}{}{}{}</tr>",
+                td(day),
+                td(organization),
+                td(&queries.to_string()),
+                td(&rows.to_string())
+            )
+        })
+        .collect();
+    table(
+        "daily",
+        &[
+            "day (UTC)",
+            "organization",
+            "results released",
+            "rows delivered",
+        ],
+        &rows,
+    )
 }
 
 fn quota_table(console: &Console) -> Result<String, ConsoleError> {

@@ -1,11 +1,13 @@
 //! Datasets and policy for admins: each dataset with its columns and their
 //! classification, what each consumer entry of the policy may do with it,
 //! the catalog as a chosen principal sees it, and a playground that runs
-//! `EXPLAIN POLICY` for that principal.
+//! `EXPLAIN POLICY` for that principal (recorded in the admin's name).
 
 use std::sync::Arc;
 
+use axum::Form;
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::array_value_to_string;
@@ -16,8 +18,8 @@ use sluice_policy::{Principal, QueryContext};
 
 use super::consumer;
 use crate::console::error::error_paragraph;
-use crate::console::html::{esc, table, td};
-use crate::console::{Admin, Console, ConsoleError};
+use crate::console::html::{csrf_field, esc, table, td, url_part};
+use crate::console::{Admin, Console, ConsoleError, User};
 use crate::control::CatalogDirectory;
 
 /// Whom to see the catalog as, and what to explain.
@@ -32,6 +34,8 @@ pub struct Subject {
     sql: String,
     #[serde(default)]
     purpose: String,
+    /// On the POST that explains.
+    csrf: Option<String>,
 }
 
 impl Subject {
@@ -51,14 +55,17 @@ impl Subject {
         Some(principal)
     }
 
-    fn form(&self) -> String {
+    /// Showing a catalog reads; explaining is recorded (in the admin's
+    /// name), so it is a POST with the CSRF token.
+    fn form(&self, csrf: &str) -> String {
         format!(
-            "<form id=\"subject\" method=\"get\" action=\"/admin/datasets\">\
+            "<form id=\"subject\" method=\"post\" action=\"/admin/datasets\">{csrf}\
              <label>Principal (SAN URI) <input name=\"principal\" size=\"50\" value=\"{p}\" placeholder=\"spiffe://sluice.demo/org/city-research\"></label> \
              <label>Organization (O) <input name=\"organization\" value=\"{o}\" placeholder=\"City Research Institute\"></label><br>\
              <label>SQL for EXPLAIN POLICY <textarea name=\"sql\" rows=\"3\" cols=\"80\">{sql}</textarea></label><br>\
              <label>Purpose <input name=\"purpose\" value=\"{purpose}\"></label> \
              <button type=\"submit\" id=\"explain\">Show catalog and explain</button></form>",
+            csrf = csrf_field(csrf),
             p = esc(&self.principal),
             o = esc(&self.organization),
             sql = esc(&self.sql),
@@ -67,10 +74,33 @@ impl Subject {
     }
 }
 
+/// The page, with the catalog as `?principal=…&organization=…` sees it.
 pub async fn page(
     State(console): State<Arc<Console>>,
     Admin(user): Admin,
-    Query(subject): Query<Subject>,
+    Query(mut subject): Query<Subject>,
+) -> Result<Response, ConsoleError> {
+    // A link cannot explain: that takes the form.
+    subject.sql.clear();
+    render(&console, &user, &subject).await
+}
+
+/// The page with the catalog as the form's principal sees it and the
+/// explanation of its SQL.
+pub async fn explain(
+    State(console): State<Arc<Console>>,
+    Admin(user): Admin,
+    headers: HeaderMap,
+    Form(subject): Form<Subject>,
+) -> Result<Response, ConsoleError> {
+    user.check_form(&headers, subject.csrf.as_deref())?;
+    render(&console, &user, &subject).await
+}
+
+async fn render(
+    console: &Arc<Console>,
+    user: &User,
+    subject: &Subject,
 ) -> Result<Response, ConsoleError> {
     let gate = console.engine.policy().current();
     let Some(policy) = gate.policy_set() else {
@@ -82,7 +112,7 @@ pub async fn page(
     let seen_as = match subject.principal() {
         Some(principal) => {
             tracing::info!(admin = %user.principal().id, seen_as = %principal.id, explain = !subject.sql.trim().is_empty(), "web console: catalog and EXPLAIN POLICY as another principal");
-            seen_by(&console, &subject, principal).await
+            seen_by(console, user, subject, principal).await
         }
         None => {
             "<p>Name a principal to see the catalog as it does and to explain a query for it.</p>"
@@ -92,11 +122,12 @@ pub async fn page(
     let body = format!(
         "<p>Usage policy in force: <code id=\"policy-version\">{version}</code>.</p>\
          <h2>Datasets</h2>{datasets}<h2>What each consumer may do</h2>{grants}\
-         <h2>As a consumer sees it</h2>{form}{seen_as}",
+         <h2>As a consumer sees it</h2>{recent}{form}{seen_as}",
         version = esc(policy.version()),
         datasets = datasets(policy),
         grants = grants(policy),
-        form = subject.form(),
+        recent = recent_principals(console),
+        form = subject.form(&user.session.csrf),
     );
     Ok(user.page("Datasets and policy", &body))
 }
@@ -223,8 +254,59 @@ fn grant_row(c: &ConsumerRules, dataset: &str, g: &DatasetGrant) -> String {
     )
 }
 
+/// Principals seen in the newest audit records, as links that fill the
+/// form: the consumers whose view an admin most likely wants.
+fn recent_principals(console: &Console) -> String {
+    const LOOK_BACK: u64 = 10_000;
+    let Some(log) = console.engine.audit().log() else {
+        return String::new();
+    };
+    let from = log.head().records.saturating_sub(LOOK_BACK);
+    let Ok((records, _)) =
+        crate::blocking::blocking(|| log.scan(from, usize::MAX, |r| r.record.entry.via.is_none()))
+    else {
+        return String::new();
+    };
+    let seen: std::collections::BTreeSet<(String, String)> = records
+        .iter()
+        .map(|r| {
+            let e = &r.record.entry;
+            // The organization key is the principal id when there is no O.
+            let organization = e.organization.clone().filter(|o| o != &e.principal);
+            (e.principal.clone(), organization.unwrap_or_default())
+        })
+        .collect();
+    if seen.is_empty() {
+        return String::new();
+    }
+    let links: Vec<String> = seen
+        .iter()
+        .map(|(principal, organization)| {
+            format!(
+                "<li><a class=\"see-as\" href=\"/admin/datasets?principal={}&amp;organization={}\">{}{}</a></li>",
+                esc(&url_part(principal)),
+                esc(&url_part(organization)),
+                esc(principal),
+                match organization.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({})", esc(organization)),
+                },
+            )
+        })
+        .collect();
+    format!(
+        "<p>Principals in the newest audit records:</p><ul id=\"recent-principals\">{}</ul>",
+        links.concat()
+    )
+}
+
 /// The catalog as `principal` sees it and, with SQL, the explanation.
-async fn seen_by(console: &Arc<Console>, subject: &Subject, principal: Principal) -> String {
+async fn seen_by(
+    console: &Arc<Console>,
+    user: &User,
+    subject: &Subject,
+    principal: Principal,
+) -> String {
     let catalog = CatalogDirectory::new(console.engine.clone()).visible(&principal);
     let mut out = format!(
         "<div id=\"catalog-as\"><h3>Catalog of {}</h3>{}</div>",
@@ -239,7 +321,7 @@ async fn seen_by(console: &Arc<Console>, subject: &Subject, principal: Principal
     context.purpose = (!purpose.is_empty()).then(|| purpose.to_string());
     let explained = console
         .engine
-        .explain_as(context, subject.sql.clone())
+        .explain_as(user.principal(), context, subject.sql.clone())
         .await;
     out.push_str("<h3>EXPLAIN POLICY</h3>");
     out.push_str(&match explained {

@@ -13,9 +13,9 @@ use serde::Deserialize;
 
 use super::see_other;
 use crate::console::html::{self, esc};
-use crate::console::session::{clear_cookie, cookie_value, set_cookie};
+use crate::console::session::{SessionsFull, clear_cookie, cookie_value, set_cookie};
 use crate::console::{Console, ConsoleError, User, same_site};
-use crate::dsp::https::Peer;
+use crate::https::Peer;
 
 /// The sign-in page: the one page without a session.
 pub async fn page(peer: Option<Extension<Peer>>) -> Response {
@@ -56,7 +56,7 @@ pub async fn with_certificate(
         ),
     ))?;
     tracing::info!(principal = %caller.principal.id, "web console sign-in with a client certificate");
-    let (id, _) = console.sessions.start(caller);
+    let (id, _) = console.sessions.start(caller).map_err(full)?;
     Ok(see_other("/", Some(set_cookie(&id))))
 }
 
@@ -96,12 +96,17 @@ pub async fn with_link(
 ) -> Result<Response, ConsoleError> {
     // Another site must not sign a browser in as someone else.
     same_site(&headers, &console.root)?;
-    let (id, session) = console
+    let caller = console
         .sessions
-        .redeem_link(&form.token)
+        .take_link(&form.token)
         .ok_or(ConsoleError::LinkRefused)?;
-    tracing::info!(principal = %session.caller.principal.id, "web console sign-in with a one-time link");
+    tracing::info!(principal = %caller.principal.id, "web console sign-in with a one-time link");
+    let (id, _) = console.sessions.start(caller).map_err(full)?;
     Ok(see_other("/", Some(set_cookie(&id))))
+}
+
+fn full(e: SessionsFull) -> ConsoleError {
+    ConsoleError::Status(tonic::Status::resource_exhausted(e.to_string()))
 }
 
 #[derive(Deserialize)]

@@ -15,15 +15,22 @@ use datafusion::arrow::datatypes::{DataType, Field};
 use datafusion::arrow::util::display::array_value_to_string;
 use serde::Deserialize;
 
-use crate::console::calls::{self, Answer};
+use crate::console::calls::{self, Answer, Room};
 use crate::console::chart::{self, Bar, number};
 use crate::console::error::error_paragraph;
 use crate::console::html::{csrf_field, esc, table, td};
 use crate::console::{Console, ConsoleError, User};
 
-/// Rows the workbench reads and shows at most; the rest of the answer is
-/// not read (its completion record says so).
-const MAX_ROWS: usize = 10_000;
+/// What the workbench reads of an answer at most; the rest is not read
+/// (its completion record says so). A Flight client streams an answer;
+/// the console holds it to draw it, so it holds little.
+const ROOM: Room = Room {
+    rows: 10_000,
+    bytes: 4 << 20,
+};
+/// Characters of a value shown; longer ones are cut (the table is for
+/// reading, not for moving data).
+const MAX_CELL: usize = 200;
 /// Groups drawn at most; more make a chart no one reads.
 const MAX_BARS: usize = 60;
 /// The field metadata key of a noisy column's 95% half-width.
@@ -68,7 +75,12 @@ pub async fn run(
 ) -> Result<Response, ConsoleError> {
     user.check_form(&headers, ask.csrf.as_deref())?;
     let purpose = Some(ask.purpose.as_str());
-    let answer = calls::query(&console, &user.session, &ask.sql, purpose, MAX_ROWS).await;
+    let Some(_running) = console.workbench.begin(&user.principal().id) else {
+        return Err(ConsoleError::Status(tonic::Status::resource_exhausted(
+            "your previous workbench query is still running; wait for it to finish",
+        )));
+    };
+    let answer = calls::query(&console, &user.session, &ask.sql, purpose, ROOM).await;
     let result = match answer {
         Ok(answer) => render(&answer),
         Err(status) => error_paragraph(status.message()),
@@ -92,7 +104,7 @@ fn render(answer: &Answer) -> String {
                 let cells: String = batch
                     .columns()
                     .iter()
-                    .map(|column| td(&array_value_to_string(column, row).unwrap_or_default()))
+                    .map(|column| td(&cell(column, row)))
                     .collect();
                 format!("<tr>{cells}</tr>")
             })
@@ -111,6 +123,15 @@ fn render(answer: &Answer) -> String {
         privacy = privacy_notes(answer),
         table = table("result", &headers, &rows),
     )
+}
+
+/// A value as text, cut at [`MAX_CELL`] characters.
+fn cell(column: &dyn Array, row: usize) -> String {
+    let text = array_value_to_string(column, row).unwrap_or_default();
+    match text.char_indices().nth(MAX_CELL) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text,
+    }
 }
 
 /// A bar per group when the answer is a grouped aggregate: a label column
@@ -136,7 +157,7 @@ fn grouped_chart(answer: &Answer) -> Option<String> {
                 continue;
             }
             bars.push(Bar {
-                label: array_value_to_string(batch.column(label), row).unwrap_or_default(),
+                label: cell(batch.column(label), row),
                 value: values.value(row),
                 half_width,
             });
