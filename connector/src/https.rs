@@ -7,7 +7,8 @@
 //! routes need one. What one peer can hold is bounded: a handshake, the
 //! request headers and each request's body must arrive in time, a
 //! connection lives at most [`CONNECTION_LIMIT`] (then finishes its request
-//! in flight and closes), and one address holds at most
+//! in flight and closes), a peer that stops reading its responses is cut
+//! off after [`WRITE_STALL`], and one address (an IPv6 /64) holds at most
 //! [`MAX_CONNECTIONS_PER_ADDRESS`] of the [`MAX_CONNECTIONS`].
 
 use std::collections::HashMap;
@@ -38,7 +39,10 @@ pub const CONNECTION_LIMIT: Duration = Duration::from_secs(60);
 /// How long a request in flight may still take once its connection is
 /// past [`CONNECTION_LIMIT`] (a workbench query runs within the query
 /// timeout).
-const DRAIN_LIMIT: Duration = Duration::from_secs(300);
+const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+/// A response the peer does not read: when a write makes no progress for
+/// this long, the connection closes.
+const WRITE_STALL: Duration = Duration::from_secs(15);
 /// Connections served at once; more wait in the listen queue.
 pub const MAX_CONNECTIONS: usize = 512;
 /// Connections of one remote address at once: one peer cannot take every
@@ -162,7 +166,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(slot) = per_address.take(remote.ip()) else {
+        let Some(slot) = per_address.take(address_key(remote.ip())) else {
             tracing::debug!(%remote, "{name}: too many connections from one address");
             continue;
         };
@@ -172,6 +176,22 @@ pub async fn serve(
             served.await;
             drop((slot, permit));
         });
+    }
+}
+
+/// What the per-address cap counts by: an IPv4 address, or an IPv6 /64
+/// (one host commonly holds a whole /64).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
     }
 }
 
@@ -241,7 +261,7 @@ async fn connection(
         request.extensions_mut().insert(peer.clone());
         tower::ServiceExt::oneshot(router.clone(), request)
     });
-    let io = hyper_util::rt::TokioIo::new(stream);
+    let io = hyper_util::rt::TokioIo::new(WriteStall::new(stream));
     let served = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
@@ -260,6 +280,76 @@ async fn connection(
     };
     if let Err(e) = ended {
         tracing::debug!(%remote, error = %e, "{name}: connection ended with an error");
+    }
+}
+
+/// A stream whose writes fail once one has waited [`WRITE_STALL`] without
+/// progress: a peer that stops reading its responses loses its connection
+/// instead of holding it.
+struct WriteStall<S> {
+    inner: S,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteStall<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            stalled: None,
+        }
+    }
+
+    /// `written` if it made progress; otherwise pending until the stall
+    /// limit, then an error.
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if written.is_ready() {
+            self.stalled = None;
+            return written;
+        }
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStall<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progress(cx, written)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progress(cx, flushed)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -779,3 +779,57 @@ def test_one_address_cannot_take_every_connection(console):
     time.sleep(0.5)
     again = http(console).get(console.console_url + "/login", timeout=TIMEOUT)
     assert again.status_code == 200
+
+
+def test_a_principal_no_rule_admits_cannot_sign_in(console):
+    """A certificate of the connector's CA that no entry of the usage policy
+    names gets no sign-in link (PERMISSION_DENIED, saying why): the console
+    holds sessions only for admins and consumers."""
+    issued = subprocess.run(
+        [sluice_bin(), "certs", "client", "--dir", str(console.state_dir / "pki"), "--name", "stranger",
+         "--uri", "spiffe://sluice.demo/org/stranger", "--org", "Nobody Ltd", "--force"],
+        capture_output=True, text=True, timeout=60)
+    assert issued.returncode == 0, issued.stderr
+    minted = subprocess.run(
+        [sluice_bin(), "console", "--endpoint", console.uri, "--state-dir", str(console.state_dir),
+         "--identity", "stranger"], capture_output=True, text=True, timeout=60)
+    assert minted.returncode != 0 and not minted.stdout.strip(), minted.stdout
+    assert "not admitted" in minted.stderr and "PermissionDenied" in minted.stderr, minted.stderr
+
+
+def test_a_wide_answer_is_cut_by_values_not_only_bytes(console):
+    """An answer of many narrow columns (a boolean is a bit in Arrow, a cell
+    on the page) is cut at 100,000 values: 500 columns show 200 rows."""
+    cookie = sign_in(console, "supplier")
+    columns = ", ".join(f"false AS c{i}" for i in range(500))
+    answer = post(console, cookie, "/workbench",
+                  {"csrf": csrf_of(console, cookie, "/workbench"),
+                   "sql": f"SELECT {columns} FROM machine_events", "purpose": ""})
+    assert answer.status_code == 200, answer.text[:500]
+    shown = re.search(r"Showing the first (\d+) rows", answer.text)
+    assert shown, re.findall(r'id="error"[^>]*>([^<]*)', answer.text) or answer.text[-2000:]
+    assert int(shown.group(1)) == 200
+    assert len(answer.text) < 8_000_000, len(answer.text)
+
+
+def test_a_peer_that_stops_reading_loses_its_connection(console):
+    """A peer that pipelines requests and never reads the answers is cut off
+    once the server's writes stall (15 s), not held for minutes."""
+    address = urlsplit(console.console_url)
+    connection = tls_socket(console)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request = f"GET /login HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode()
+    started = time.monotonic()
+    connection.settimeout(1)
+    closed = False
+    while time.monotonic() - started < 90 and not closed:
+        try:
+            connection.sendall(request * 50)
+        except socket.timeout:
+            continue
+        except OSError:
+            closed = True
+    waited = time.monotonic() - started
+    connection.close()
+    assert closed, "the connection stayed open for 90 s"
+    assert waited < 60, f"the connection was held {waited:.0f} s"

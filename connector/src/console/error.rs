@@ -29,6 +29,11 @@ pub enum ConsoleError {
         "only provider admins may open this page; `{0}` matches no entry under `admins:` in the usage policy"
     )]
     NotAdmin(String),
+    /// A principal no rule of the usage policy admits.
+    #[error(
+        "`{0}` is not admitted by the connector's usage policy (no entry under `admins:` or `consumers:` matches it), so it cannot use the console"
+    )]
+    NotAdmitted(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -43,7 +48,9 @@ impl ConsoleError {
         match self {
             ConsoleError::SignIn => StatusCode::SEE_OTHER,
             ConsoleError::LinkRefused => StatusCode::UNAUTHORIZED,
-            ConsoleError::Csrf | ConsoleError::NotAdmin(_) => StatusCode::FORBIDDEN,
+            ConsoleError::Csrf | ConsoleError::NotAdmin(_) | ConsoleError::NotAdmitted(_) => {
+                StatusCode::FORBIDDEN
+            }
             ConsoleError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ConsoleError::NotFound(_) => StatusCode::NOT_FOUND,
             ConsoleError::Status(status) => http_status(status.code()),

@@ -41,6 +41,11 @@ impl ConsoleService for ConsoleLinks {
                 "this connector serves no web console; its operator sets [console] listen (docs/console.md)",
             )
         })?;
+        if !super::admitted(&console.engine, &caller.principal) {
+            return Err(Status::permission_denied(
+                super::ConsoleError::NotAdmitted(caller.principal.id.clone()).to_string(),
+            ));
+        }
         let ttl = Duration::from_secs(u64::from(request.into_inner().ttl_seconds));
         let principal = caller.principal.id.clone();
         let (token, expires) = console

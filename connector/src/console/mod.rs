@@ -244,12 +244,29 @@ impl FromRequestParts<Arc<Console>> for User {
         let id = session::cookie_value(&parts.headers).ok_or(ConsoleError::SignIn)?;
         let session = console.sessions.get(&id).ok_or(ConsoleError::SignIn)?;
         let admin = crate::control::is_admin(&console.engine, &session.caller.principal);
+        // A policy edit that drops a principal ends its console use at once.
+        if !admin && !admitted(&console.engine, &session.caller.principal) {
+            console.sessions.end(&id);
+            return Err(ConsoleError::NotAdmitted(
+                session.caller.principal.id.clone(),
+            ));
+        }
         Ok(User {
             session,
             admin,
             origin: console.root.clone(),
         })
     }
+}
+
+/// Whether the policy in force admits `principal` at all: an admin, or a
+/// consumer some grant names. Anyone else (a certificate from the CA that
+/// no rule mentions) may not sign in: the console is not theirs to hold
+/// sessions in.
+pub fn admitted(engine: &QueryEngine, principal: &sluice_policy::Principal) -> bool {
+    let gate = engine.policy().current();
+    gate.policy_set()
+        .is_some_and(|p| p.is_admin(principal) || !p.catalog(principal).is_empty())
 }
 
 /// A signed-in provider admin; anyone else gets 403.

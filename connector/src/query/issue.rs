@@ -62,7 +62,8 @@ impl QueryEngine {
         if let Some(query) = explain::strip_explain_policy(sql) {
             let request = self.with_agreements(request)?;
             let plan = self.plan_sql(&request.principal, query).await?;
-            let explanation = match self.explain_plan(&request, plan).await {
+            let organization = audit::organization_key(&request.principal);
+            let explanation = match self.explain_plan(&request, &organization, plan).await {
                 Ok(explanation) => explanation,
                 Err(e) => {
                     return self.recorded_refusal("decision", &request, &PlanFacts::default(), e);
@@ -92,9 +93,11 @@ impl QueryEngine {
     /// The one-row `EXPLAIN POLICY` answer for `plan`: the decision on it
     /// for `request` (whose agreements are filled in) and, when allowed,
     /// where it would run.
+    /// Its execution slot, if it takes one, is `organization`'s.
     async fn explain_plan(
         &self,
         request: &QueryContext,
+        organization: &str,
         plan: LogicalPlan,
     ) -> Result<LogicalPlan, QueryError> {
         let state = self.catalog.session().state();
@@ -102,7 +105,7 @@ impl QueryEngine {
         let gate = self.policy.current();
         let decision = gate.decide(request, analyzed);
         let stages = match &decision {
-            Ok(approval) => self.explain_stages(request, approval).await?,
+            Ok(approval) => self.explain_stages(organization, approval).await?,
             Err(_) => String::new(),
         };
         explain::explain(decision, gate.version(), &stages, |plan| {
@@ -129,12 +132,13 @@ impl QueryEngine {
             ..audit::Entry::default()
         };
         let organization = audit::organization_key(admin);
+        let slots = organization.clone();
         let explained = self
             .planned_for(&organization, move |engine| async move {
                 let request = engine.with_agreements(&request)?;
                 let query = explain::strip_explain_policy(&sql).unwrap_or(&sql);
                 let plan = engine.plan_sql(&request.principal, query).await?;
-                let explanation = engine.explain_plan(&request, plan).await?;
+                let explanation = engine.explain_plan(&request, &slots, plan).await?;
                 let state = engine.catalog.session().state();
                 datafusion::dataframe::DataFrame::new(state, explanation)
                     .collect()
@@ -159,7 +163,7 @@ impl QueryEngine {
     /// run.
     async fn explain_stages(
         &self,
-        request: &QueryContext,
+        organization: &str,
         approval: &Approval,
     ) -> Result<String, QueryError> {
         if self.executor.cluster().is_none() {
@@ -171,15 +175,14 @@ impl QueryEngine {
         };
         // As `decide` does: the rewrite's filters and masks get their types.
         let plan = plan::analyze(&self.catalog.session().state(), plan)?;
-        let organization = audit::organization_key(&request.principal);
         let slot = self
             .executions
             .acquire(
-                &organization,
+                organization,
                 tokio::time::Instant::now() + self.limits.queue_timeout,
             )
             .await
-            .map_err(|why| super::busy(&self.executions, &organization, why, "explaining"))?;
+            .map_err(|why| super::busy(&self.executions, organization, why, "explaining"))?;
         let stages = self
             .executor
             .stages(self.catalog.clone(), plan, self.limits_from_now(), slot)

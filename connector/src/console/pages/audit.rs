@@ -368,9 +368,10 @@ pub async fn export(
 }
 
 /// Whether the chain verifies, as a background task last found it: the
-/// whole log when the console starts and every [`FULL_RECHECK`], the
-/// records added since every [`RECHECK`]. Never in a request: checking
-/// every signature of a large log takes minutes.
+/// whole log when the console starts, every [`FULL_RECHECK`] and when it
+/// shrank, the records added since every [`RECHECK`] (or when a page
+/// asks). A failure stands for [`RETRY_FAILED`]. Never in a request:
+/// checking every signature of a large log takes minutes.
 #[derive(Default)]
 pub struct ChainStatus {
     last: Mutex<Option<Checked>>,
@@ -392,6 +393,7 @@ struct Checked {
 
 const RECHECK: Duration = Duration::from_secs(30);
 const FULL_RECHECK: Duration = Duration::from_secs(6 * 3600);
+const RETRY_FAILED: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 impl ChainStatus {
     /// Checks until `stopped` turns true.
@@ -418,10 +420,16 @@ impl ChainStatus {
         let records = log.head().records;
         let previous = self.last.lock().expect("chain status lock").clone();
         let checked = match previous {
-            Some(p) if p.ok && p.records == records => return,
-            Some(p) if p.ok && p.records < records && p.full_at.elapsed() < FULL_RECHECK => {
-                Self::verify_from(log, records, Some(p))
-            }
+            // Records verified before are checked again in full, however
+            // quiet the log: an edit below the last check's end shows then.
+            Some(p) if p.full_at.elapsed() >= FULL_RECHECK => Self::verify_from(log, records, None),
+            // A failure stands a while: re-reading the whole log every few
+            // seconds would not change it (an unreadable file may heal).
+            Some(p) if !p.ok && chrono::Utc::now() - p.at < RETRY_FAILED => return,
+            Some(p) if !p.ok => Self::verify_from(log, records, None),
+            Some(p) if p.records == records => return,
+            Some(p) if p.records < records => Self::verify_from(log, records, Some(p)),
+            // Fewer records than verified: the log was cut.
             _ => Self::verify_from(log, records, None),
         };
         *self.last.lock().expect("chain status lock") = Some(checked);
@@ -519,11 +527,11 @@ impl ChainStatus {
             false => format!("{verdict}</strong>: the first check runs in the background."),
         };
         let unchecked = match &last {
-            Some(c) if c.ok && head.records > c.records => {
+            Some(c) if c.ok && head.records != c.records => {
                 self.wanted.notify_one();
                 format!(
-                    " {} newer records are being checked; reload to see.",
-                    head.records - c.records
+                    " The log now holds {} records; they are being checked: reload to see.",
+                    head.records
                 )
             }
             _ => String::new(),

@@ -55,6 +55,9 @@ pub async fn with_certificate(
             "your browser presented no usable client certificate; sign in with a link from `sluice console`",
         ),
     ))?;
+    if !crate::console::admitted(&console.engine, &caller.principal) {
+        return Err(ConsoleError::NotAdmitted(caller.principal.id.clone()));
+    }
     tracing::info!(principal = %caller.principal.id, "web console sign-in with a client certificate");
     let (id, _) = console.sessions.start(caller).map_err(full)?;
     Ok(see_other("/", Some(set_cookie(&id))))
@@ -100,6 +103,9 @@ pub async fn with_link(
         .sessions
         .take_link(&form.token)
         .ok_or(ConsoleError::LinkRefused)?;
+    if !crate::console::admitted(&console.engine, &caller.principal) {
+        return Err(ConsoleError::NotAdmitted(caller.principal.id.clone()));
+    }
     tracing::info!(principal = %caller.principal.id, "web console sign-in with a one-time link");
     let (id, _) = console.sessions.start(caller).map_err(full)?;
     Ok(see_other("/", Some(set_cookie(&id))))

@@ -31,6 +31,9 @@ const ROOM: Room = Room {
 /// Characters of a value shown; longer ones are cut (the table is for
 /// reading, not for moving data).
 const MAX_CELL: usize = 200;
+/// Values and HTML bytes one answer's table holds at most.
+const MAX_CELLS: usize = 100_000;
+const MAX_TABLE_BYTES: usize = 4 << 20;
 /// Groups drawn at most; more make a chart no one reads.
 const MAX_BARS: usize = 60;
 /// The field metadata key of a noisy column's 95% half-width.
@@ -96,24 +99,12 @@ fn render(answer: &Answer) -> String {
         .iter()
         .map(|f| f.name().as_str())
         .collect();
-    let rows: Vec<String> = answer
-        .batches
-        .iter()
-        .flat_map(|batch| {
-            (0..batch.num_rows()).map(move |row| {
-                let cells: String = batch
-                    .columns()
-                    .iter()
-                    .map(|column| td(&cell(column, row)))
-                    .collect();
-                format!("<tr>{cells}</tr>")
-            })
-        })
-        .collect();
-    let truncated = match answer.truncated {
+    let (rows, shown) = table_rows(answer);
+    let truncated = match answer.truncated || shown < answer.rows {
         true => format!(
-            "<p class=\"note\">Showing the first {} rows; the rest was not read.</p>",
-            answer.rows
+            "<p class=\"note\">Showing the first {shown} rows; the rest was not read or not shown (the workbench holds at most {} rows, {} MiB of an answer and {MAX_CELLS} values; use a Flight SQL client for more).</p>",
+            ROOM.rows,
+            ROOM.bytes >> 20
         ),
         false => format!("<p class=\"note\">{} rows.</p>", answer.rows),
     };
@@ -123,6 +114,32 @@ fn render(answer: &Answer) -> String {
         privacy = privacy_notes(answer),
         table = table("result", &headers, &rows),
     )
+}
+
+/// The answer's rows as table rows, until [`MAX_CELLS`] values or
+/// [`MAX_TABLE_BYTES`] of HTML: the Arrow size of an answer says little
+/// about its page (a NULL or a boolean is a bit in Arrow, a cell on the
+/// page). How many rows that is.
+fn table_rows(answer: &Answer) -> (Vec<String>, usize) {
+    let columns = answer.schema.fields().len().max(1);
+    let max_rows = (MAX_CELLS / columns).max(1);
+    let (mut rows, mut bytes) = (Vec::new(), 0usize);
+    'batches: for batch in &answer.batches {
+        for row in 0..batch.num_rows() {
+            if rows.len() >= max_rows || bytes >= MAX_TABLE_BYTES {
+                break 'batches;
+            }
+            let cells: String = batch
+                .columns()
+                .iter()
+                .map(|column| td(&cell(column, row)))
+                .collect();
+            bytes += cells.len();
+            rows.push(format!("<tr>{cells}</tr>"));
+        }
+    }
+    let shown = rows.len();
+    (rows, shown)
 }
 
 /// A value as text, cut at [`MAX_CELL`] characters.
